@@ -1,0 +1,347 @@
+"""Cases: the inputs, parameters and upstream gradients of one check, and the strategies that draw them.
+
+A case is fully determined by a small :class:`CaseSpec` (variant, dtype, shapes, scales and a seed):
+Hypothesis draws and shrinks the spec, and :func:`build_case` turns it into arrays with NumPy's
+generator. This keeps generation fast for arrays of any size, makes every case reproducible from
+a one-line spec, and still lets Hypothesis shrink shapes and scales towards the smallest failure.
+A case can also be saved to and loaded from ``.npz`` exactly, arrays included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS
+
+__all__ = [
+    "Case",
+    "CaseSpec",
+    "WEIGHT_SCALES",
+    "build_case",
+    "case_specs",
+    "cases",
+    "load_case",
+    "register_profiles",
+    "PROFILES",
+]
+
+#: Standard deviation of the gate pre-activations each weight scale aims at. "saturating" puts most
+#: pre-activations beyond magnitude 20, where sigmoid and tanh are flat to double precision.
+WEIGHT_SCALES: dict[str, float] = {
+    "tiny": 1e-3,
+    "small": 0.1,
+    "unit": 1.0,
+    "large": 4.0,
+    "saturating": 25.0,
+}
+
+#: Scales of the variant-specific parameters: peephole weights, LayerNorm gains and shifts.
+EXTRA_SCALES: dict[str, float] = {"zero": 0.0, "tiny": 1e-3, "small": 0.1, "unit": 1.0, "large": 5.0}
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """Everything needed to rebuild a case bit for bit."""
+
+    variant: str = "vanilla"
+    dtype: str = "float64"
+    T: int = 3
+    B: int = 2
+    D: int = 3
+    H: int = 4
+    seed: int = 0
+    weight_scale: str = "unit"
+    state: str = "random"  # "zero" or "random" initial h0, c0
+    extra_scale: str = "unit"  # peephole weights / LayerNorm gains and shifts
+    gain: str = "unit"  # LayerNorm gains: "unit" around 1, "near_zero", "random"
+    upstream: str = "all"  # "all": dy, dh_T, dc_T random; "y_only": dh_T = dc_T = 0; "final_only": dy = 0
+    ln_eps: float = DEFAULT_LN_EPS
+
+    def replace(self, **changes: Any) -> CaseSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.variant} {self.dtype} T={self.T} B={self.B} D={self.D} H={self.H} seed={self.seed} "
+            f"weights={self.weight_scale} state={self.state} upstream={self.upstream}"
+        )
+
+
+@dataclass
+class Case:
+    """One check's arrays, all of dtype ``dtype``. Time-major; see :mod:`harness.contract`."""
+
+    variant: str
+    dtype: str
+    x: np.ndarray  # (T, B, D)
+    h0: np.ndarray  # (B, H)
+    c0: np.ndarray  # (B, H)
+    params: dict[str, np.ndarray]
+    dy: np.ndarray  # (T, B, H)
+    dh_T: np.ndarray  # (B, H)
+    dc_T: np.ndarray  # (B, H)
+    ln_eps: float = DEFAULT_LN_EPS
+    spec: CaseSpec | None = field(default=None, compare=False)
+
+    @property
+    def T(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def D(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def H(self) -> int:
+        return self.h0.shape[1]
+
+    @property
+    def upstream(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.dy, self.dh_T, self.dc_T
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Inputs and parameters by gradient key (x, h0, c0, W, ...)."""
+        return {"x": self.x, "h0": self.h0, "c0": self.c0, **self.params}
+
+    def astype(self, dtype: str) -> Case:
+        """The same values in another dtype. Upcasting float32 to float64 is exact, which is how an
+        oracle sees exactly the numbers the implementation received."""
+        cast = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            dtype=dtype,
+            x=cast(self.x),
+            h0=cast(self.h0),
+            c0=cast(self.c0),
+            params={k: cast(v) for k, v in self.params.items()},
+            dy=cast(self.dy),
+            dh_T=cast(self.dh_T),
+            dc_T=cast(self.dc_T),
+        )
+
+    def copy(self) -> Case:
+        return dataclasses.replace(
+            self,
+            x=self.x.copy(),
+            h0=self.h0.copy(),
+            c0=self.c0.copy(),
+            params={k: v.copy() for k, v in self.params.items()},
+            dy=self.dy.copy(),
+            dh_T=self.dh_T.copy(),
+            dc_T=self.dc_T.copy(),
+        )
+
+    def shape_text(self) -> str:
+        return f"T={self.T}, B={self.B}, D={self.D}, H={self.H}, {self.dtype}"
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write every array and the spec to ``.npz``; :func:`load_case` restores it exactly."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "variant": self.variant,
+            "dtype": self.dtype,
+            "ln_eps": self.ln_eps,
+            "spec": self.spec.to_dict() if self.spec else None,
+            "format": "lstm-harness case 1",
+        }
+        arrays = {f"param_{k}": v for k, v in self.params.items()}
+        np.savez(
+            path,
+            x=self.x, h0=self.h0, c0=self.c0, dy=self.dy, dh_T=self.dh_T, dc_T=self.dc_T,
+            meta=np.array(json.dumps(meta)),
+            **arrays,
+        )
+        return path
+
+
+def load_case(path: str | os.PathLike[str]) -> Case:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        params = {k[len("param_"):]: data[k] for k in data.files if k.startswith("param_")}
+        spec = CaseSpec(**meta["spec"]) if meta.get("spec") else None
+        return Case(
+            variant=meta["variant"],
+            dtype=meta["dtype"],
+            x=data["x"], h0=data["h0"], c0=data["c0"],
+            params=params,
+            dy=data["dy"], dh_T=data["dh_T"], dc_T=data["dc_T"],
+            ln_eps=float(meta["ln_eps"]),
+            spec=spec,
+        )
+
+
+def _check_spec(spec: CaseSpec) -> None:
+    if spec.variant not in VARIANTS:
+        raise InvalidArgument(f"variant: expected one of {sorted(VARIANTS)}, got {spec.variant!r}")
+    if spec.dtype not in DEFAULT_DTYPES:
+        raise InvalidArgument(f"dtype: expected one of {DEFAULT_DTYPES}, got {spec.dtype!r}")
+    for dim in ("T", "B", "D", "H"):
+        if getattr(spec, dim) < 1:
+            raise InvalidArgument(f"{dim}: expected >= 1, got {getattr(spec, dim)}")
+    if spec.variant == "layernorm" and spec.H < 2:
+        raise InvalidArgument(f"H: the layernorm variant normalizes over H units and needs H >= 2, got {spec.H}")
+    if spec.weight_scale not in WEIGHT_SCALES:
+        raise InvalidArgument(f"weight_scale: expected one of {sorted(WEIGHT_SCALES)}, got {spec.weight_scale!r}")
+    if spec.extra_scale not in EXTRA_SCALES:
+        raise InvalidArgument(f"extra_scale: expected one of {sorted(EXTRA_SCALES)}, got {spec.extra_scale!r}")
+
+
+def build_case(spec: CaseSpec) -> Case:
+    """Turn a spec into arrays. Deterministic: the same spec gives the same bits on every machine."""
+    _check_spec(spec)
+    rng = np.random.default_rng(spec.seed)
+    T, B, D, H = spec.T, spec.B, spec.D, spec.H
+    # Pre-activation a = W x + R h + b with x ~ N(0, 1) and |h| < 1: weights of std s / sqrt(D + H)
+    # give pre-activations of std about s.
+    s = WEIGHT_SCALES[spec.weight_scale]
+    w_std = s / np.sqrt(D + H)
+    x = rng.standard_normal((T, B, D))
+    if spec.state == "zero":
+        h0, c0 = np.zeros((B, H)), np.zeros((B, H))
+    else:
+        h0 = np.tanh(rng.standard_normal((B, H)))
+        c0 = rng.standard_normal((B, H))
+    params: dict[str, np.ndarray] = {
+        "W": rng.standard_normal((4 * H, D)) * w_std,
+        "R": rng.standard_normal((4 * H, H)) * w_std,
+    }
+    e = EXTRA_SCALES[spec.extra_scale]
+    if spec.variant in ("vanilla", "peephole"):
+        params["b"] = rng.standard_normal(4 * H) * (s / 2)
+    if spec.variant == "peephole":
+        for name in ("p_i", "p_f", "p_o"):
+            params[name] = rng.standard_normal(H) * e
+    if spec.variant == "layernorm":
+        if spec.gain == "near_zero":
+            gamma = rng.standard_normal((5, H)) * 1e-3
+        elif spec.gain == "random":
+            gamma = rng.standard_normal((5, H)) * max(e, 0.1)
+        else:
+            gamma = 1.0 + rng.standard_normal((5, H)) * 0.1
+        params["gamma"] = gamma
+        params["beta"] = rng.standard_normal((5, H)) * e
+    dy = rng.standard_normal((T, B, H))
+    dh_T = rng.standard_normal((B, H))
+    dc_T = rng.standard_normal((B, H))
+    if spec.upstream == "y_only":
+        dh_T[:] = 0.0
+        dc_T[:] = 0.0
+    elif spec.upstream == "final_only":
+        dy[:] = 0.0
+    case = Case(spec.variant, "float64", x, h0, c0, params, dy, dh_T, dc_T, ln_eps=spec.ln_eps, spec=spec)
+    case = case.astype(spec.dtype)
+    case.spec = spec
+    return case
+
+
+def _dim(name: str, lo: int, hi: int, special: tuple[int, ...] = (1,)) -> st.SearchStrategy[int]:
+    """A dimension with its small special values (1 above all) drawn often, not only by chance."""
+    specials = [v for v in special if lo <= v <= hi]
+    base = st.integers(lo, hi)
+    return st.one_of(st.sampled_from(specials), base) if specials else base
+
+
+@st.composite
+def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps):
+    variant = draw(st.sampled_from(variants), label="variant")
+    dtype = draw(st.sampled_from(dtypes), label="dtype")
+    min_H = 2 if variant == "layernorm" else 1
+    T = draw(_dim("T", 1, max_T), label="T")
+    B = draw(_dim("B", 1, max_B), label="B")
+    D = draw(_dim("D", 1, max_D), label="D")
+    # H drawn independently of D, so D != H is the common case, with H == D and H == 1 sought too.
+    H = draw(st.one_of(_dim("H", min_H, max_H), st.just(max(min_H, min(D, max_H)))), label="H")
+    return CaseSpec(
+        variant=variant,
+        dtype=dtype,
+        T=T, B=B, D=D, H=H,
+        seed=draw(st.integers(0, 2**32 - 1), label="seed"),
+        weight_scale=draw(st.sampled_from(weight_scales), label="weight_scale"),
+        state=draw(st.sampled_from(("random", "zero")), label="state"),
+        extra_scale=draw(st.sampled_from(tuple(EXTRA_SCALES)), label="extra_scale"),
+        gain=draw(st.sampled_from(("unit", "random", "near_zero")), label="gain"),
+        upstream=draw(st.sampled_from(("all", "y_only", "final_only")), label="upstream"),
+        ln_eps=ln_eps,
+    )
+
+
+def case_specs(
+    *,
+    variants: tuple[str, ...] | list[str] = ("vanilla",),
+    dtypes: tuple[str, ...] | list[str] = DEFAULT_DTYPES,
+    max_T: int = 8,
+    max_B: int = 4,
+    max_D: int = 8,
+    max_H: int = 8,
+    weight_scales: tuple[str, ...] | list[str] = tuple(WEIGHT_SCALES),
+    ln_eps: float = DEFAULT_LN_EPS,
+) -> st.SearchStrategy[CaseSpec]:
+    """Strategy for :class:`CaseSpec`. Arguments are validated up front."""
+    variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise InvalidArgument(f"variants: expected a non-empty subset of {sorted(VARIANTS)}, got {variants!r}")
+    if not dtypes or any(d not in DEFAULT_DTYPES for d in dtypes):
+        raise InvalidArgument(f"dtypes: expected a non-empty subset of {DEFAULT_DTYPES}, got {dtypes!r}")
+    if not weight_scales or any(w not in WEIGHT_SCALES for w in weight_scales):
+        raise InvalidArgument(
+            f"weight_scales: expected a non-empty subset of {sorted(WEIGHT_SCALES)}, got {weight_scales!r}"
+        )
+    for name, value in (("max_T", max_T), ("max_B", max_B), ("max_D", max_D), ("max_H", max_H)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"{name}: expected an int >= 1, got {value!r}")
+    if "layernorm" in variants and max_H < 2:
+        raise InvalidArgument(f"max_H: the layernorm variant needs H >= 2, so max_H >= 2; got {max_H}")
+    if not ln_eps > 0:
+        raise InvalidArgument(f"ln_eps: expected a positive float, got {ln_eps!r}")
+    return _specs(
+        variants=variants, dtypes=dtypes, max_T=max_T, max_B=max_B, max_D=max_D, max_H=max_H,
+        weight_scales=weight_scales, ln_eps=float(ln_eps),
+    )
+
+
+def cases(**kwargs: Any) -> st.SearchStrategy[Case]:
+    """Strategy for :class:`Case`; takes the keyword arguments of :func:`case_specs`."""
+    return case_specs(**kwargs).map(build_case)
+
+
+# Named profiles, chosen by HYPOTHESIS_PROFILE (tests) or --profile (command line).
+PROFILES: dict[str, dict[str, Any]] = {
+    "dev": dict(max_examples=25, deadline=None),
+    "ci": dict(
+        max_examples=60,
+        deadline=None,
+        derandomize=True,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    ),
+    "thorough": dict(
+        max_examples=500,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    ),
+}
+
+
+def register_profiles() -> None:
+    """Register ``dev``, ``ci`` and ``thorough`` with Hypothesis (idempotent)."""
+    for name, kwargs in PROFILES.items():
+        settings.register_profile(name, **kwargs)

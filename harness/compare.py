@@ -1,0 +1,415 @@
+"""Comparison: two arrays in, one structured :class:`Record` out.
+
+Every number a report shows comes from a Record: the terminal summary, ``report.json`` and the HTML
+are all rendered from these fields, never from text. The message in the shape of
+``torch.testing.assert_close`` is itself rendered from the fields (:func:`render_message`).
+
+Closeness, elementwise, as in ``assert_close`` but with the absolute tolerance scaled:
+
+    |actual - expected| <= atol * scale + rtol * |expected| + extra
+
+``scale`` is max(1, max |expected|) over the quantity. Gradient elements are sums over T*B terms;
+the rounding error of a small element is set by the magnitude of the terms, which the largest
+element of the same quantity measures, so an unscaled atol would flag correct float32 sums of
+large gradients. ``extra`` is an elementwise error bound an oracle may add for its own inexactness
+(the finite-difference oracle's truncation and rounding model); it is zero for framework oracles.
+
+NaN or Inf in ``actual`` where ``expected`` is finite is always a mismatch, located like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.contract import GATES, LN_ROWS, ArraySpec
+
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "tolerance",
+    "effective_dtype",
+    "Record",
+    "STATUSES",
+    "compare_arrays",
+    "compare_projections",
+    "decode_index",
+    "render_message",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    reason: str
+
+
+# One table per dtype, values (forward outputs) and gradients separately. rtol and atol go together.
+# Starting points are torch.testing's _DTYPE_PRECISIONS (float64: 1e-7/1e-7, float32: 1.3e-6/1e-5)
+# and jax's default tolerances (float32 gradients 1e-2 in check_grads). Ours differ because the
+# harness removes every source of difference but arithmetic: the oracle works in float64 on the
+# exact values the implementation received.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "float64": {
+        "values": Tolerance(
+            rtol=1e-9,
+            atol=1e-9,
+            reason="unit roundoff 1.1e-16, a few operations per gate, amplified through at most T "
+            "recurrent steps; 1e-9 leaves a factor of ~1e5 for that growth and still catches any "
+            "algebraic error, which shows at 1e-3 or above",
+        ),
+        "gradients": Tolerance(
+            rtol=1e-8,
+            atol=1e-8,
+            reason="BPTT adds a second pass over the same recurrence and sums over T*B terms "
+            "(atol is scaled by the largest element), so one order looser than values",
+        ),
+    },
+    "float32": {
+        "values": Tolerance(
+            rtol=2e-5,
+            atol=2e-5,
+            reason="unit roundoff 6e-8; torch allows 1.3e-6/1e-5 for one operation, and a "
+            "T-step recurrence in float32 accumulates and amplifies that, measured up to ~5e-6 "
+            "on 1000 generated cases; 2e-5 keeps a margin of 4 with no false alarm",
+        ),
+        "gradients": Tolerance(
+            rtol=2e-4,
+            atol=2e-4,
+            reason="float32 BPTT sums T*B products per weight element and runs the recurrence "
+            "backwards; observed errors stay below 5e-5 of the largest element on 1000 cases",
+        ),
+    },
+}
+
+_PRECISION_ORDER = ("float32", "float64")
+
+
+def effective_dtype(*dtypes: str) -> str:
+    """The lowest precision among the implementation's dtype and the oracle's compute dtype."""
+    return min(dtypes, key=_PRECISION_ORDER.index)
+
+
+def tolerance(dtype: str, kind: str) -> Tolerance:
+    """The table entry for ``dtype`` and ``kind`` ("values" or "gradients")."""
+    try:
+        table = TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: expected one of {sorted(TOLERANCES)}, got {dtype!r}") from None
+    try:
+        return table[kind]
+    except KeyError:
+        raise ValueError(f"kind: expected 'values' or 'gradients', got {kind!r}") from None
+
+
+STATUSES = ("pass", "fail", "error", "contract", "skip")
+
+
+@dataclass
+class Record:
+    """The outcome of one comparison (or of one check that could not compare). Plain data."""
+
+    implementation: str
+    oracle: str
+    variant: str
+    dtype: str
+    direction: str  # "forward" or "backward"
+    quantity: str  # y, h_T, c_T, dx, dh0, dc0, dW, ...
+    status: str  # one of STATUSES
+    method: str = "elementwise"  # or "projection" (finite differences along random directions)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    ratio: float | None = None  # worst |error| / allowed; <= 1 passes
+    mismatched: int = 0
+    total: int = 0
+    nonfinite: int = 0  # NaN/Inf in actual where expected is finite
+    worst: dict[str, Any] | None = None  # index, coords, actual, expected, allowed
+    first_bad_t: int | None = None
+    last_bad_t: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    atol_scale: float | None = None
+    tolerance_dtype: str | None = None
+    reason: str = ""  # why skipped, or the error / contract text
+    traceback: str = ""
+    case: dict[str, Any] = field(default_factory=dict)  # T, B, D, H, dtype, spec
+    error_map: dict[str, Any] | None = None  # panels of |error| / allowed, for heatmaps
+    examples: int = 1  # cases this record summarizes (the worst, or the minimal failing one)
+    case_file: str = ""
+    replay: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("pass", "skip")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.quantity} from {self.implementation} ({self.dtype}) vs {self.oracle}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return 1e300 if value > 0 else -1e300
+        return value
+    if isinstance(value, (np.floating,)):
+        return _json_safe(float(value))
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def decode_index(index: tuple[int, ...], spec: ArraySpec, H: int) -> dict[str, Any]:
+    """Name the coordinates of one element: ``gate_unit`` row 9 with H=4 is gate=g, unit=1."""
+    coords: dict[str, Any] = {}
+    for axis, i in zip(spec.axes, index):
+        i = int(i)
+        if axis == "gate_unit":
+            coords["gate"] = GATES[i // H]
+            coords["unit"] = i % H
+        elif axis == "ln_row":
+            coords["row"] = LN_ROWS[i]
+        else:
+            coords[axis] = i
+    return coords
+
+
+def format_coords(coords: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in coords.items())
+
+
+_MAP_SIDE = 48
+
+
+def _pool(a: np.ndarray) -> np.ndarray:
+    """Max-pool a 2-D map down to at most _MAP_SIDE x _MAP_SIDE cells."""
+    for axis in (0, 1):
+        n = a.shape[axis]
+        if n > _MAP_SIDE:
+            k = math.ceil(n / _MAP_SIDE)
+            pad = (-n) % k
+            widths = [(0, 0), (0, 0)]
+            widths[axis] = (0, pad)
+            a = np.pad(a, widths, constant_values=0.0)
+            shape = list(a.shape)
+            shape[axis : axis + 1] = [shape[axis] // k, k]
+            a = a.reshape(shape).max(axis=axis + 1)
+    return a
+
+
+def _panel(title: str, rows: str, cols: str, values: np.ndarray) -> dict[str, Any]:
+    v = _pool(np.atleast_2d(values))
+    return {
+        "title": title,
+        "rows": rows,
+        "cols": cols,
+        "shape": list(values.shape) if values.ndim == 2 else [1, int(values.size)],
+        "values": [[float(f"{x:.3g}") for x in row] for row in np.minimum(v, 1e9)],
+    }
+
+
+def error_map(ratio: np.ndarray, spec: ArraySpec, H: int) -> dict[str, Any]:
+    """Panels of |error| / allowed laid out the way a person reads an LSTM.
+
+    Quantities with a time axis become one time x unit (or time x input) panel, maximum over the
+    batch; stacked (4H, ...) parameter gradients become one panel per gate; the rest one panel.
+    """
+    axes = spec.axes
+    panels: list[dict[str, Any]] = []
+    if axes[0] == "t":
+        m = ratio.max(axis=tuple(range(1, ratio.ndim - 1))) if ratio.ndim > 2 else ratio
+        panels.append(_panel("all", "t", axes[-1], m))
+    elif axes[0] == "gate_unit":
+        per_gate = ratio.reshape((4, H) + ratio.shape[1:])
+        for k, gate in enumerate(GATES):
+            block = per_gate[k]
+            if block.ndim == 1:
+                panels.append(_panel(f"gate {gate}", "", "unit", block[None, :]))
+            else:
+                panels.append(_panel(f"gate {gate}", "unit", axes[1], block.reshape(H, -1)))
+    elif len(axes) == 1:
+        panels.append(_panel("all", "", axes[0], ratio[None, :]))
+    else:
+        panels.append(_panel("all", axes[0], axes[1], ratio.reshape(ratio.shape[0], -1)))
+    return {"quantity": spec.name, "panels": panels}
+
+
+def compare_arrays(
+    actual: np.ndarray,
+    expected: np.ndarray,
+    *,
+    spec: ArraySpec,
+    H: int,
+    tol: Tolerance,
+    tolerance_dtype: str,
+    extra: np.ndarray | float = 0.0,
+    base: dict[str, Any],
+) -> Record:
+    """Compare elementwise; ``base`` holds the Record's identifying fields (implementation, ...).
+
+    ``actual`` and ``expected`` must already have the same shape (shape errors are contract
+    violations, reported by the runner before any comparison).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"actual: expected shape {e.shape}, got {a.shape}")
+    finite_e = np.isfinite(e)
+    scale = float(max(1.0, np.max(np.abs(e[finite_e]), initial=0.0)))
+    allowed = tol.atol * scale + tol.rtol * np.abs(e) + np.asarray(extra, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a - e)
+        same_nonfinite = ~finite_e & ((a == e) | (np.isnan(a) & np.isnan(e)))
+        bad_nonfinite = finite_e & ~np.isfinite(a)
+        diff_for_ratio = np.where(same_nonfinite, 0.0, diff)
+        ratio = np.where(bad_nonfinite | (~finite_e & ~same_nonfinite), np.inf, diff_for_ratio / allowed)
+        rel = np.where(finite_e & (e != 0), diff / np.abs(np.where(e == 0, 1.0, e)), np.where(diff > 0, np.inf, 0.0))
+    mismatch = ratio > 1.0
+    n_bad = int(mismatch.sum())
+    worst_flat = int(np.argmax(ratio)) if ratio.size else 0
+    worst_idx = np.unravel_index(worst_flat, ratio.shape) if ratio.size else ()
+    finite_diff = diff[finite_e & np.isfinite(a)]
+    rec = Record(
+        **base,
+        status="fail" if n_bad else "pass",
+        method="elementwise",
+        max_abs_error=float(finite_diff.max()) if finite_diff.size else 0.0,
+        max_rel_error=float(np.max(rel[finite_e & np.isfinite(a)], initial=0.0)),
+        ratio=float(ratio.max()) if ratio.size else 0.0,
+        mismatched=n_bad,
+        total=int(ratio.size),
+        nonfinite=int(bad_nonfinite.sum()),
+        worst={
+            "index": [int(i) for i in worst_idx],
+            "coords": decode_index(worst_idx, spec, H),
+            "actual": float(a[worst_idx]) if ratio.size else None,
+            "expected": float(e[worst_idx]) if ratio.size else None,
+            "abs_error": float(diff[worst_idx]) if ratio.size else None,
+            "allowed": float(allowed[worst_idx]) if ratio.size else None,
+        },
+        rtol=tol.rtol,
+        atol=tol.atol,
+        atol_scale=scale,
+        tolerance_dtype=tolerance_dtype,
+    )
+    if "t" in spec.axes and n_bad:
+        t_axis = spec.axes.index("t")
+        bad_t = np.nonzero(mismatch.any(axis=tuple(i for i in range(mismatch.ndim) if i != t_axis)))[0]
+        rec.first_bad_t, rec.last_bad_t = int(bad_t[0]), int(bad_t[-1])
+    if n_bad:
+        rec.error_map = error_map(np.where(np.isfinite(ratio), ratio, 1e9), spec, H)
+    rec.message = render_message(rec)
+    return rec
+
+
+def compare_projections(
+    actual: np.ndarray,
+    expected: np.ndarray,
+    error_bound: np.ndarray,
+    *,
+    tol: Tolerance,
+    tolerance_dtype: str,
+    scale: float,
+    base: dict[str, Any],
+) -> Record:
+    """Compare directional derivatives <grad, v_k> (one per random direction k).
+
+    ``error_bound`` is the finite-difference oracle's own error model for each projection;
+    ``scale`` is the magnitude of the projected gradient terms (sum |grad_j v_kj|), which plays
+    the part of the elementwise comparison's atol scale.
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    allowed = tol.atol * max(1.0, scale) + tol.rtol * np.abs(e) + error_bound
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - e)
+        ratio = np.where(np.isfinite(a), diff / allowed, np.inf)
+    mismatch = ratio > 1.0
+    k = int(np.argmax(ratio))
+    rec = Record(
+        **base,
+        status="fail" if mismatch.any() else "pass",
+        method="projection",
+        max_abs_error=float(np.max(diff[np.isfinite(diff)], initial=0.0)),
+        max_rel_error=float(np.max(diff[np.isfinite(diff)] / np.maximum(np.abs(e[np.isfinite(diff)]), 1e-300),
+                                   initial=0.0)),
+        ratio=float(ratio.max()),
+        mismatched=int(mismatch.sum()),
+        total=int(a.size),
+        nonfinite=int((~np.isfinite(a)).sum()),
+        worst={
+            "index": [k],
+            "coords": {"direction": k},
+            "actual": float(a[k]),
+            "expected": float(e[k]),
+            "abs_error": float(diff[k]),
+            "allowed": float(allowed[k]),
+        },
+        rtol=tol.rtol,
+        atol=tol.atol,
+        atol_scale=max(1.0, scale),
+        tolerance_dtype=tolerance_dtype,
+    )
+    rec.message = render_message(rec)
+    return rec
+
+
+def render_message(rec: Record) -> str:
+    """The ``torch.testing.assert_close``-shaped text of a record, made from its fields only."""
+    head = rec.label
+    if rec.status == "skip":
+        return f"{head}: skipped ({rec.reason})"
+    if rec.status in ("error", "contract"):
+        kind = "raised an error" if rec.status == "error" else "broke the contract"
+        return f"{head}: {kind}\n{rec.reason}"
+    what = "directional derivatives" if rec.method == "projection" else "elements"
+    if rec.status == "pass":
+        return (
+            f"{head}: close (worst error {rec.ratio:.2g} of the allowed, "
+            f"{rec.max_abs_error:.2g} absolute, over {rec.total} {what})"
+        )
+    w = rec.worst or {}
+    where = format_coords(w.get("coords", {}))
+    pct = 100.0 * rec.mismatched / max(rec.total, 1)
+    lines = [
+        f"{head}: not close",
+        f"Mismatched {what}: {rec.mismatched} / {rec.total} ({pct:.1f}%)",
+    ]
+    if rec.nonfinite:
+        lines.append(f"Non-finite values where the oracle is finite: {rec.nonfinite}")
+    lines.append(
+        f"Greatest difference relative to tolerance: {w.get('abs_error', float('nan')):.3g} at {where} "
+        f"(actual {w.get('actual')!r:.10}, expected {w.get('expected')!r:.10}; "
+        f"up to {w.get('allowed', float('nan')):.3g} allowed)"
+    )
+    lines.append(f"Greatest absolute difference: {rec.max_abs_error:.3g}")
+    lines.append(f"Greatest relative difference: {rec.max_rel_error:.3g}")
+    if rec.first_bad_t is not None:
+        lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
+    scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
+    lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol:.1e}, atol={rec.atol:.1e}{scale}")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Calling an implementation under test, and turning whatever it does into plain data.
+
+An :class:`Execution` is everything one forward (and backward) call produced, with nothing left that
+belongs to the implementation: outputs converted to NumPy, exceptions turned into text with their
+traceback shortened to the implementation's own frames, contract breaches described. The runner
+then validates and compares it. Because an Execution is plain data it can come back from a worker
+process just as well (``harness.isolation``), which is how a misbehaving implementation is kept from
+taking the harness down with it.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from harness.cases import Case
+from harness.contract import ImplementationInfo, to_numpy
+
+__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback"]
+
+_HARNESS_DIRS = tuple(
+    os.path.dirname(os.path.abspath(p))
+    for p in (__file__,)
+)
+
+
+@dataclass
+class Execution:
+    """What one call into an implementation produced. ``error`` and ``contract`` are text or None."""
+
+    forward: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    forward_error: str | None = None
+    forward_contract: str | None = None
+    gradients: dict[str, np.ndarray] | None = None
+    backward_error: str | None = None
+    backward_contract: str | None = None
+    backward_ran: bool = False
+    mutated: list[str] = field(default_factory=list)  # "x (forward)", ...
+    traceback: str = ""
+    seconds: float = 0.0
+
+
+class Subject(Protocol):
+    """An implementation the runner can execute: in this process or in a worker."""
+
+    info: ImplementationInfo
+
+    def execute(self, case: Case, *, backward: bool) -> Execution: ...
+
+
+def short_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without the harness's own frames: what the implementer needs."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_HARNESS_DIRS)]
+    lines = traceback.format_list(kept or frames[-1:])
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "Traceback (implementation frames only):\n" + "".join(lines)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__module__}.{type(value).__name__}"
+
+
+def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) -> Execution:
+    """Run ``impl`` on ``case`` in this process. Never raises for anything the implementation does."""
+    import time
+
+    out = Execution()
+    inputs = case.copy()  # the implementation gets its own copies; case keeps the originals
+    start = time.perf_counter()
+    try:
+        result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
+    except Exception as exc:
+        out.forward_error = f"forward raised {type(exc).__name__}: {exc}"
+        out.traceback = short_traceback(exc)
+        out.seconds = time.perf_counter() - start
+        return out
+    out.mutated += _mutations(case, inputs, ("x", "h0", "c0", *case.params), "forward")
+    if not isinstance(result, (tuple, list)) or len(result) != 4:
+        out.forward_contract = (
+            f"forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got {_describe(result)}"
+        )
+        return out
+    try:
+        out.forward = tuple(to_numpy(r) for r in result[:3])  # type: ignore[assignment]
+    except Exception as exc:
+        out.forward_contract = f"forward: outputs must be arrays; {exc}"
+        return out
+    if backward and info.has_backward:
+        out.backward_ran = True
+        up = case.copy()
+        try:
+            grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
+        except Exception as exc:
+            out.backward_error = f"backward raised {type(exc).__name__}: {exc}"
+            out.traceback = short_traceback(exc)
+        else:
+            out.mutated += _mutations(case, up, ("dy", "dh_T", "dc_T"), "backward")
+            out.mutated += _mutations(case, inputs, ("x", "h0", "c0", *case.params), "backward")
+            if not isinstance(grads, Mapping):
+                out.backward_contract = (
+                    f"backward: expected a dict of gradients by name, got {_describe(grads)}"
+                )
+            else:
+                try:
+                    out.gradients = {str(k): to_numpy(v) for k, v in grads.items()}
+                except Exception as exc:
+                    out.backward_contract = f"backward: gradients must be arrays; {exc}"
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _get(case: Case, name: str) -> np.ndarray:
+    return case.params[name] if name in case.params else getattr(case, name)
+
+
+def _mutations(original: Case, given: Case, names, when: str) -> list[str]:
+    changed = []
+    for name in names:
+        if not np.array_equal(_get(original, name), _get(given, name), equal_nan=True):
+            changed.append(f"{name} ({when})")
+    return changed
+
+
+class InProcessSubject:
+    """Runs the implementation in this process: fast, for trusted (built-in) implementations."""
+
+    def __init__(self, impl: Any, info: ImplementationInfo):
+        self.impl = impl
+        self.info = info
+
+    def execute(self, case: Case, *, backward: bool) -> Execution:
+        return execute(self.impl, self.info, case, backward=backward)

@@ -1,0 +1,107 @@
+"""The terminal summary, rendered from records (the same records the JSON and HTML are made from)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+
+from harness.compare import Record
+
+__all__ = ["verdict", "summary_table", "details", "STATUS_ORDER"]
+
+# Worst first: the status a group of records shows is its worst member's.
+STATUS_ORDER = ("error", "contract", "fail", "pass", "skip")
+
+
+def worst_status(records: Iterable[Record]) -> str:
+    statuses = {r.status for r in records}
+    for s in STATUS_ORDER:
+        if s in statuses:
+            return s
+    return "skip"
+
+
+def verdict(records: Sequence[Record]) -> str:
+    """``certified`` (nothing failed and something passed), ``discrepancies`` or ``error``."""
+    statuses = {r.status for r in records}
+    if statuses & {"error", "contract"}:
+        return "error" if not statuses & {"fail"} else "discrepancies"
+    if "fail" in statuses:
+        return "discrepancies"
+    if "pass" not in statuses:
+        return "error"
+    return "certified"
+
+
+def _ratio_text(r: Record) -> str:
+    if r.ratio is None:
+        return "-"
+    return f"{r.ratio:.2g}x tol" if r.ratio < 1e6 else "inf"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join([line, sep, *body])
+
+
+def summary_table(records: Sequence[Record], *, per_quantity: bool = False) -> str:
+    """One row per implementation, dtype, oracle and direction (or per quantity, for certify)."""
+    def key(r: Record):
+        return (r.implementation, r.dtype, r.oracle, r.direction) + ((r.quantity,) if per_quantity else ())
+
+    rows = []
+    for k, group in groupby(records, key=key):
+        group = list(group)
+        status = worst_status(group)
+        scored = [r for r in group if r.ratio is not None]
+        worst = max(scored, key=lambda r: r.ratio or 0.0) if scored else None
+        note = ""
+        if status == "skip":
+            note = group[0].reason
+        elif status in ("error", "contract"):
+            note = next(r.reason for r in group if r.status == status).splitlines()[0][:90]
+        elif status == "fail":
+            bad = [r.quantity for r in group if r.status == "fail"]
+            note = "not close: " + ", ".join(bad)
+        elif worst is not None and worst.method == "projection":
+            note = "random-direction projections"
+        examples = str(max(r.examples for r in group))
+        cells = [k[0], k[1], k[2], k[3]]
+        if per_quantity:
+            cells.append(k[4])
+        worst_q = "" if per_quantity or worst is None else f" ({worst.quantity})"
+        cells += [status.upper() if status != "pass" else "pass",
+                  (_ratio_text(worst) + worst_q) if worst else "-", examples, note]
+        rows.append(cells)
+    headers = ["implementation", "dtype", "oracle", "direction"]
+    if per_quantity:
+        headers.append("quantity")
+    headers += ["status", "worst error", "cases", "note"]
+    return _table(headers, rows)
+
+
+def details(records: Sequence[Record]) -> str:
+    """The message of every record that did not pass, with its case and replay command."""
+    out = []
+    seen = set()
+    for r in records:
+        if r.ok:
+            continue
+        if r.status in ("error", "contract"):
+            key = (r.implementation, r.dtype, r.oracle, r.direction, r.reason)
+            if key in seen:
+                continue
+            seen.add(key)
+        lines = [r.message]
+        if r.case:
+            lines.append(f"Minimal case: T={r.case.get('T')}, B={r.case.get('B')}, D={r.case.get('D')}, "
+                         f"H={r.case.get('H')}, {r.case.get('dtype')}, seed={r.case.get('seed')}")
+        if r.traceback:
+            lines.append(r.traceback.rstrip())
+        if r.replay:
+            lines.append(f"Replay: {r.replay}")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)

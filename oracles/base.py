@@ -1,0 +1,143 @@
+"""What an oracle is: a case in, reference outputs and reference gradients out.
+
+An oracle declares the variants it covers, the dtypes it computes in, and whether it gives
+gradients. Its framework is imported lazily: a missing framework makes the oracle *unavailable* with
+the reason, it never breaks an import of the harness.
+
+Oracles receive the case in the implementation's dtype and upcast it themselves
+(:meth:`Oracle.compute_dtype_for`), so that float32 inputs reach a float64 oracle exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.cases import Case
+
+__all__ = ["Oracle", "Reference", "Availability", "Projection", "module_available"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Projection:
+    """Directional derivatives of L = <dy, y> + <dh_T, h_T> + <dc_T, c_T> along random directions.
+
+    ``directions`` (K, *shape of the input); ``values`` (K,) the derivative along each;
+    ``error_bound`` (K,) the oracle's own error model for each value.
+    """
+
+    directions: np.ndarray
+    values: np.ndarray
+    error_bound: np.ndarray
+
+
+@dataclass
+class Reference:
+    """What an oracle computed for one case.
+
+    ``outputs``: y, h_T, c_T (None if the oracle gives no forward values).
+    ``gradients``: by gradient key x, h0, c0, W, ... (None if forward only).
+    ``gradient_error``: optional elementwise error bounds of the oracle's own, added to tolerance.
+    ``projections``: by gradient key, for oracles that only give directional derivatives.
+    ``compute_dtype``: the precision the oracle worked in.
+    """
+
+    compute_dtype: str
+    outputs: dict[str, np.ndarray] | None = None
+    gradients: dict[str, np.ndarray] | None = None
+    gradient_error: dict[str, np.ndarray] | None = None
+    projections: dict[str, Projection] | None = None
+    notes: str = ""
+
+
+def module_available(*modules: str) -> Availability:
+    """Availability from importing ``modules``; the reason names the missing one."""
+    versions: dict[str, str] = {}
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a framework that fails while importing
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, ModuleNotFoundError):
+                return Availability(False, f"{name} is not installed")
+            return Availability(False, f"{name} failed to import: {first}")
+        version = getattr(mod, "__version__", None)
+        if version is None:
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                version = "unknown"
+        versions[name] = str(version)
+    return Availability(True, "", versions)
+
+
+class Oracle(ABC):
+    """Base class of every oracle. Subclasses set the class attributes and implement ``reference``."""
+
+    name: str = ""
+    description: str = ""
+    variants: tuple[str, ...] = ("vanilla",)
+    #: dtypes the oracle can compute in, best first; float64 oracles see float32 cases upcast.
+    compute_dtypes: tuple[str, ...] = ("float64",)
+    gives_forward: bool = True
+    gives_gradients: bool = True
+    #: Said in every summary that includes this oracle, e.g. "forward only".
+    limitation: str = ""
+
+    _availability: Availability | None = None
+
+    def availability(self) -> Availability:
+        if self._availability is None:
+            self._availability = self._probe()
+        return self._availability
+
+    def _probe(self) -> Availability:
+        return Availability(True)
+
+    def supports(self, variant: str, dtype: str) -> str | None:
+        """None when this oracle can check ``variant`` at ``dtype``, else the reason it cannot."""
+        avail = self.availability()
+        if not avail.available:
+            return f"{self.name} unavailable: {avail.reason}"
+        if variant not in self.variants:
+            return f"{self.name} does not support the {variant} variant (covers {', '.join(self.variants)})"
+        if self.compute_dtype_for(dtype) is None:
+            return f"{self.name} cannot compute a {dtype} case (computes in {', '.join(self.compute_dtypes)})"
+        return None
+
+    def compute_dtype_for(self, dtype: str) -> str | None:
+        """float64 whenever offered (exact upcast); otherwise the case's own dtype, if offered."""
+        if "float64" in self.compute_dtypes:
+            return "float64"
+        return dtype if dtype in self.compute_dtypes else None
+
+    @abstractmethod
+    def reference(self, case: Case) -> Reference:
+        """Reference outputs and gradients (for the case's upstream gradients) of ``case``."""
+
+    def describe(self) -> dict[str, Any]:
+        avail = self.availability()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "available": avail.available,
+            "reason": avail.reason,
+            "versions": avail.versions,
+            "variants": list(self.variants),
+            "dtypes": list(self.compute_dtypes),
+            "forward": self.gives_forward,
+            "gradients": self.gives_gradients,
+            "limitation": self.limitation,
+        }

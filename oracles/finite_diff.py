@@ -1,0 +1,179 @@
+"""The finite-difference oracle: reference gradients from nothing but a forward function.
+
+The gradient ``backward`` must return is the gradient of the scalar
+
+    L(p) = <dy, y(p)> + <dh_T, h_T(p)> + <dc_T, c_T(p)>
+
+with respect to every input and parameter p. This oracle estimates it by central differences of L in
+float64, in the manner of ``jax.test_util.check_grads`` and PyTorch's fast gradcheck:
+
+* tiny cases (at most ``full_limit`` scalars in all inputs and parameters): along every coordinate,
+  which yields the whole gradient, so a discrepancy is located (t, gate, unit) like any other;
+* larger cases: along ``directions`` random directions per input, comparing the projection
+  <grad, v> with the difference quotient.
+
+Error model, and the step it implies. For a step h along a direction scaled to the magnitude of
+the coordinate (max(1, |p_j|), or the RMS of the input for a random direction),
+
+    D(h) = (L(p + h v) - L(p - h v)) / (2h) = <grad, v> + h^2/6 L'''  +  O(eps * |L| * K / h)
+
+truncation falls with h^2 and rounding grows with 1/h; they balance at h^3 = 3 eps |L| / |L'''|.
+With the scaling above |L| / |L'''| is of order one, so h = (3 eps)^(1/3) ~ 8.7e-6 in float64.
+The value reported is the Richardson extrapolation (4 D(h) - D(2h)) / 3, whose truncation error is
+O(h^4). The error bound attached to each value is measured, not assumed: |D(h) - D(2h)| (three
+times D(h)'s own truncation error, so a generous bound on the extrapolation's) plus the rounding
+term eps * sum|terms of L| * 4(T + 1) / h. The comparison adds this bound to the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from harness.cases import Case
+from oracles.base import Oracle, Projection, Reference
+from oracles.equations import lstm_forward, objective
+
+__all__ = ["FiniteDifferenceOracle", "STEP"]
+
+EPS64 = float(np.finfo(np.float64).eps)
+#: The step from the error model above: truncation h^2/6 against rounding eps/h.
+STEP = (3.0 * EPS64) ** (1.0 / 3.0)
+
+ForwardFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class FiniteDifferenceOracle(Oracle):
+    """Central differences of any forward function, in float64.
+
+    ``forward(variant, x, h0, c0, params, *, ln_eps)`` defaults to the LSTM equations
+    (:mod:`oracles.equations`). With ``batched=True`` the forward accepts leading evaluation axes
+    and every perturbation of a chunk runs in one call; a user's own forward (``batched=False``)
+    is called once per perturbation, which checks that implementation's backward against its own
+    forward, like ``torch.autograd.gradcheck``.
+    """
+
+    name = "finite-differences"
+    description = "central differences of the LSTM equations in float64 (Richardson-extrapolated)"
+    variants = ("vanilla", "peephole", "layernorm")
+    compute_dtypes = ("float64",)
+
+    def __init__(
+        self,
+        forward: ForwardFn | None = None,
+        *,
+        batched: bool | None = None,
+        directions: int = 3,
+        full_limit: int = 4096,
+        chunk: int = 256,
+        seed: int = 0,
+        name: str | None = None,
+    ):
+        if directions < 1:
+            raise ValueError(f"directions: expected an int >= 1, got {directions!r}")
+        if full_limit < 0:
+            raise ValueError(f"full_limit: expected an int >= 0, got {full_limit!r}")
+        self.forward = forward or lstm_forward
+        self.batched = (forward is None) if batched is None else batched
+        self.directions = directions
+        self.full_limit = full_limit
+        self.chunk = chunk if self.batched else 1
+        self.seed = seed
+        if name:
+            self.name = name
+
+    def reference(self, case: Case) -> Reference:
+        c = case.astype("float64")
+        y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
+        arrays = c.arrays()
+        n = sum(a.size for a in arrays.values())
+        ref = Reference(compute_dtype="float64", outputs={"y": y, "h_T": h_T, "c_T": c_T})
+        if n <= self.full_limit:
+            ref.gradients, ref.gradient_error = self._full_gradient(c, arrays)
+            ref.notes = f"whole gradient by central differences along all {n} coordinates"
+        else:
+            ref.projections = self._projections(c, arrays)
+            ref.notes = f"{self.directions} random directions per input ({n} coordinates in all)"
+        return ref
+
+    def _forward(self, case: Case, x, h0, c0, params):
+        return self.forward(case.variant, x, h0, c0, params, ln_eps=case.ln_eps)
+
+    # Perturbations are (key, flat index or None, direction or None, step).
+    def _objective(self, case: Case, perturbations: list[tuple[str, Any, Any, float]]):
+        """L and sum |terms of L| at every perturbed point, evaluated in chunks."""
+        base = case.arrays()
+        values = np.empty(len(perturbations))
+        magnitudes = np.empty(len(perturbations))
+        for start in range(0, len(perturbations), self.chunk):
+            part = perturbations[start : start + self.chunk]
+            E = len(part)
+            batch = {k: np.repeat(v[None], E, axis=0) for k, v in base.items()}  # (E, *shape)
+            for e, (key, j, v, step) in enumerate(part):
+                if j is not None:
+                    batch[key][e].flat[j] += step
+                else:
+                    batch[key][e] += step * v
+            if self.batched:
+                out = self._forward(case, batch["x"], batch["h0"], batch["c0"], {k: batch[k] for k in case.params})
+                L, M = objective(*out, case.dy, case.dh_T, case.dc_T)
+            else:
+                L, M = np.empty(E), np.empty(E)
+                for e in range(E):
+                    params = {k: batch[k][e] for k in case.params}
+                    out = [np.asarray(o, np.float64) for o in
+                           self._forward(case, batch["x"][e], batch["h0"][e], batch["c0"][e], params)[:3]]
+                    L[e], M[e] = objective(*out, case.dy, case.dh_T, case.dc_T)
+            values[start : start + E] = L
+            magnitudes[start : start + E] = M
+        return values, magnitudes
+
+    def _differences(self, case: Case, pert: list[tuple[str, Any, Any, float]]):
+        """For each (key, j, v, h): the Richardson value and its error bound."""
+        four = []
+        for key, j, v, h in pert:
+            four += [(key, j, v, h), (key, j, v, -h), (key, j, v, 2 * h), (key, j, v, -2 * h)]
+        L, M = self._objective(case, four)
+        L = L.reshape(-1, 4)
+        M = M.reshape(-1, 4)
+        h = np.array([p[3] for p in pert])
+        d1 = (L[:, 0] - L[:, 1]) / (2 * h)
+        d2 = (L[:, 2] - L[:, 3]) / (4 * h)
+        value = (4 * d1 - d2) / 3
+        rounding = EPS64 * M.max(axis=1) * 4 * (case.T + 1) / h
+        bound = np.abs(d1 - d2) + rounding
+        return value, bound
+
+    def _full_gradient(self, case: Case, arrays: dict[str, np.ndarray]):
+        pert = []
+        for key, a in arrays.items():
+            flat = a.ravel()
+            for j in range(a.size):
+                pert.append((key, j, None, STEP * max(1.0, abs(float(flat[j])))))
+        value, bound = self._differences(case, pert)
+        grads, errors, pos = {}, {}, 0
+        for key, a in arrays.items():
+            grads[key] = value[pos : pos + a.size].reshape(a.shape)
+            # The step was scaled by max(1, |p_j|) but the difference quotient divides it back out,
+            # so value and bound are already per unit of p_j.
+            errors[key] = bound[pos : pos + a.size].reshape(a.shape)
+            pos += a.size
+        return grads, errors
+
+    def _projections(self, case: Case, arrays: dict[str, np.ndarray]) -> dict[str, Projection]:
+        rng = np.random.default_rng(self.seed)
+        pert, dirs = [], {}
+        for key, a in arrays.items():
+            scale = max(1.0, float(np.sqrt(np.mean(a**2))))
+            v = rng.standard_normal((self.directions,) + a.shape)
+            dirs[key] = v
+            pert += [(key, None, v[k], STEP * scale) for k in range(self.directions)]
+        value, bound = self._differences(case, pert)
+        out, pos = {}, 0
+        for key in arrays:
+            k = self.directions
+            out[key] = Projection(dirs[key], value[pos : pos + k], bound[pos : pos + k])
+            pos += k
+        return out
