@@ -21,6 +21,7 @@ from harness.contract import DEFAULT_DTYPES, ContractError, validate
 from harness.runner import RunSettings, run_checks
 from harness.subject import InProcessSubject
 from harness.summary import details, summary_table, verdict
+from reports.json import build_report, write_report
 
 __all__ = ["main", "build_parser"]
 
@@ -191,7 +192,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not records:
         raise UsageError("nothing to check: no available implementation was selected")
     result = print_results(records)
+    report = build_report(
+        records,
+        command="run",
+        target=", ".join(e.target for e in entries if not e.unavailable),
+        settings=_settings_dict(args, oracles),
+        implementations=[_impl_dict(e) for e in entries if not e.unavailable],
+        oracles=[o.describe() for o in oracles],
+    )
+    path = write_report(report, args.report_dir / "report.json")
+    print(f"Report: {path}")
     return EXIT_OK if result == "certified" else EXIT_DISCREPANCY
+
+
+def _settings_dict(args: argparse.Namespace, oracles) -> dict:
+    return {
+        "profile": args.profile,
+        "max_examples": args.max_examples,
+        "seed": args.seed,
+        "dtypes": args.dtype or list(DEFAULT_DTYPES),
+        "oracles": [o.name for o in oracles],
+    }
+
+
+def _impl_dict(entry) -> dict:
+    info = validate(entry.create())
+    return {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
+            "backward": info.has_backward, "target": entry.target}
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run}

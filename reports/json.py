@@ -1,0 +1,142 @@
+"""``report.json``: the versioned, documented record of one run; every other report renders from it.
+
+Schema (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "tool": {"name": "lstm-harness", "version": "0.1.0"},
+      "created": "2026-11-22T10:00:00+00:00",          # UTC, ISO 8601
+      "command": "run" | "certify",
+      "target": "impls.loop:LoopLSTM, ..." ,           # what was checked
+      "verdict": "certified" | "discrepancies" | "error",
+      "environment": {"python": ..., "platform": ..., "cpu": ..., "gpu": ... or null,
+                      "packages": {"numpy": ..., "hypothesis": ..., "torch": ... or null, ...}},
+      "settings": {"profile": ..., "max_examples": ..., "seed": ..., "dtypes": [...],
+                   "oracles": [...], "timeout": ...},
+      "tolerances": {"float64": {"values": {"rtol", "atol", "reason"}, "gradients": {...}},
+                     "float32": {...}},
+      "implementations": [{"name", "variant", "dtypes", "backward", "target"}],
+      "oracles": [{"name", "available", "reason", "versions", "variants", "dtypes",
+                   "forward", "gradients", "limitation"}],
+      "counts": {"pass": n, "fail": n, "error": n, "contract": n, "skip": n},
+      "records": [Record.to_dict(), ...]               # see harness.compare.Record
+    }
+
+A record's fields: implementation, oracle, variant, dtype, direction, quantity, status, method,
+max_abs_error, max_rel_error, ratio, mismatched, total, nonfinite, worst {index, coords, actual,
+expected, abs_error, allowed}, first_bad_t, last_bad_t, rtol, atol, atol_scale, tolerance_dtype,
+reason, traceback, case {T, B, D, H, dtype, seed, spec}, error_map {quantity, panels}, examples,
+case_file, replay, message. NaN is written as null and infinity as +-1e300 (strict JSON).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+from harness.compare import STATUSES, TOLERANCES, Record
+from harness.summary import verdict
+
+__all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment"]
+
+SCHEMA_VERSION = 1
+
+_PACKAGES = ("numpy", "hypothesis", "torch", "tensorflow", "tensorflow-cpu", "keras", "onnx", "onnxruntime",
+             "jax", "jaxlib", "cupy-cuda12x", "matplotlib", "jinja2")
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + f" ({os.cpu_count()} logical cores)"
+
+
+def _gpu() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    packages: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "gpu": _gpu(),
+        "packages": packages,
+    }
+
+
+def build_report(
+    records: Sequence[Record],
+    *,
+    command: str,
+    target: str,
+    settings: dict[str, Any],
+    implementations: Sequence[dict[str, Any]],
+    oracles: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    counts = Counter(r.status for r in records)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "lstm-harness", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "target": target,
+        "verdict": verdict(records),
+        "environment": environment(),
+        "settings": dict(settings),
+        "tolerances": {
+            dtype: {kind: {"rtol": t.rtol, "atol": t.atol, "reason": t.reason} for kind, t in table.items()}
+            for dtype, table in TOLERANCES.items()
+        },
+        "implementations": list(implementations),
+        "oracles": list(oracles),
+        "counts": {s: counts.get(s, 0) for s in STATUSES},
+        "records": [r.to_dict() for r in records],
+    }
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a report.json and check that this version of the tool can read it."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: expected a report.json with schema_version {SCHEMA_VERSION}, got {version!r}")
+    return data
+
+
+def records_of(report: dict[str, Any]) -> list[Record]:
+    return [Record.from_dict(r) for r in report["records"]]
