@@ -1,0 +1,125 @@
+"""Cases: deterministic building, save/load, strategies and their validation."""
+
+import numpy as np
+import pytest
+from hypothesis import find, given, settings
+from hypothesis.errors import InvalidArgument
+
+from harness.cases import (
+    PROFILES,
+    WEIGHT_SCALES,
+    CaseSpec,
+    build_case,
+    case_specs,
+    cases,
+    load_case,
+)
+
+
+def _arrays(case):
+    return {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
+
+
+def test_same_spec_same_bits():
+    spec = CaseSpec(T=4, B=3, D=2, H=5, seed=123)
+    a, b = build_case(spec), build_case(spec)
+    for k, v in _arrays(a).items():
+        assert np.array_equal(v, _arrays(b)[k])
+    c = build_case(spec.replace(seed=124))
+    assert not np.array_equal(a.x, c.x)
+
+
+def test_shapes_and_dtype():
+    case = build_case(CaseSpec(variant="peephole", dtype="float32", T=4, B=3, D=2, H=5))
+    assert case.x.shape == (4, 3, 2) and case.h0.shape == (3, 5) and case.dy.shape == (4, 3, 5)
+    assert case.params["W"].shape == (20, 2) and case.params["p_o"].shape == (5,)
+    assert all(v.dtype == np.float32 for v in _arrays(case).values())
+    ln = build_case(CaseSpec(variant="layernorm", H=3))
+    assert set(ln.params) == {"W", "R", "gamma", "beta"} and ln.params["gamma"].shape == (5, 3)
+
+
+def test_float32_case_holds_the_float64_values_rounded_once():
+    spec = CaseSpec(dtype="float32", seed=5)
+    c32, c64 = build_case(spec), build_case(spec.replace(dtype="float64"))
+    np.testing.assert_array_equal(c32.x, c64.x.astype(np.float32))
+    up = c32.astype("float64")
+    np.testing.assert_array_equal(up.x.astype(np.float32), c32.x)  # the upcast is exact
+
+
+def test_zero_state_and_upstream_options():
+    case = build_case(CaseSpec(state="zero", upstream="y_only"))
+    assert not case.h0.any() and not case.c0.any()
+    assert not case.dh_T.any() and not case.dc_T.any() and case.dy.any()
+    final = build_case(CaseSpec(upstream="final_only"))
+    assert not final.dy.any() and final.dh_T.any()
+
+
+def test_saturating_weights_reach_preactivations_beyond_20():
+    case = build_case(CaseSpec(T=1, B=64, D=16, H=16, weight_scale="saturating", seed=0))
+    a = case.x[0] @ case.params["W"].T + case.h0 @ case.params["R"].T + case.params["b"]
+    assert np.mean(np.abs(a) > 20) > 0.3
+    tiny = build_case(CaseSpec(T=1, B=64, D=16, H=16, weight_scale="tiny", seed=0))
+    a = tiny.x[0] @ tiny.params["W"].T + tiny.h0 @ tiny.params["R"].T + tiny.params["b"]
+    assert np.abs(a).max() < 0.02
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_save_and_load_are_exact(tmp_path, dtype):
+    case = build_case(CaseSpec(variant="layernorm", dtype=dtype, seed=9, ln_eps=1e-3))
+    loaded = load_case(case.save(tmp_path / "case.npz"))
+    assert loaded.variant == "layernorm" and loaded.dtype == dtype and loaded.ln_eps == 1e-3
+    assert loaded.spec == case.spec
+    for k, v in _arrays(case).items():
+        got = _arrays(loaded)[k]
+        assert got.dtype == v.dtype and np.array_equal(got, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variants=("gru",)), "variants: expected a non-empty subset"),
+        (dict(dtypes=("float16",)), "dtypes: expected a non-empty subset"),
+        (dict(max_T=0), "max_T: expected an int >= 1, got 0"),
+        (dict(variants=("layernorm",), max_H=1), "max_H: the layernorm variant needs H >= 2"),
+        (dict(weight_scales=("huge",)), "weight_scales: expected a non-empty subset"),
+        (dict(ln_eps=0.0), "ln_eps: expected a positive float"),
+    ],
+)
+def test_strategy_arguments_are_validated_up_front(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        case_specs(**kwargs)
+
+
+def test_build_case_rejects_bad_specs():
+    with pytest.raises(InvalidArgument, match="H: the layernorm variant normalizes over H units"):
+        build_case(CaseSpec(variant="layernorm", H=1))
+    with pytest.raises(InvalidArgument, match="T: expected >= 1, got 0"):
+        build_case(CaseSpec(T=0))
+
+
+def test_strategy_reaches_the_special_shapes():
+    """1 and D != H are well represented: Hypothesis finds each quickly."""
+    s = case_specs(max_T=8, max_D=8, max_H=8)
+    opts = settings(max_examples=200, database=None)
+    assert find(s, lambda c: c.H == 1 and c.D > 1, settings=opts).H == 1
+    assert find(s, lambda c: c.T == 1 and c.B == 1, settings=opts).T == 1
+    assert find(s, lambda c: c.D != c.H, settings=opts)
+    assert find(s, lambda c: c.D == c.H and c.H > 1, settings=opts)
+    assert find(s, lambda c: c.weight_scale == "saturating" and c.state == "zero", settings=opts)
+
+
+@given(cases(variants=("vanilla", "peephole", "layernorm"), max_T=3, max_B=2, max_D=3, max_H=3))
+@settings(max_examples=30)
+def test_drawn_cases_are_consistent(case):
+    assert case.spec is not None and case.spec.variant == case.variant
+    assert set(WEIGHT_SCALES) >= {case.spec.weight_scale}
+    assert case.x.shape == (case.T, case.B, case.D)
+    assert all(np.isfinite(v).all() for v in _arrays(case).values())
+    if case.variant == "layernorm":
+        assert case.H >= 2
+
+
+def test_profiles_are_named_and_ci_is_reproducible():
+    assert set(PROFILES) == {"dev", "ci", "thorough"}
+    assert PROFILES["ci"]["derandomize"] is True and PROFILES["ci"]["print_blob"] is True
+    assert PROFILES["ci"]["deadline"] is None

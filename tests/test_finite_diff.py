@@ -1,0 +1,119 @@
+"""The finite-difference oracle on functions whose derivatives are known in closed form."""
+
+import numpy as np
+import pytest
+
+from harness.cases import CaseSpec, build_case
+from harness.contract import validate
+from harness.runner import check_case
+from harness.subject import InProcessSubject
+from impls.loop import LoopLSTM
+from oracles.finite_diff import STEP, FiniteDifferenceOracle
+
+
+def known_forward(variant, x, h0, c0, params, *, ln_eps=1e-5):
+    """A smooth LSTM-shaped function with hand-derivable gradients (batched over leading axes).
+
+    y_t = sin(x_t W1^T) + h0 * c0,  h_T = h0^3,  c_T = exp(c0) * b1,  with W1 = W[:H], b1 = b[:H].
+    """
+    H = h0.shape[-1]
+    W1T = np.swapaxes(params["W"][..., :H, :], -1, -2)[..., None, :, :]  # (..., 1, D, H)
+    y = np.sin(x @ W1T) + (h0 * c0)[..., None, :, :]  # (..., T, B, H)
+    return y, h0**3, np.exp(c0) * params["b"][..., None, :H]
+
+
+def known_gradient(case):
+    x, h0, c0, W, b = case.x, case.h0, case.c0, case.params["W"], case.params["b"]
+    H = case.H
+    W1, b1 = W[:H], b[:H]
+    inner = case.dy * np.cos(x @ W1.T)  # (T, B, H)
+    dW = np.zeros_like(W)
+    dW[:H] = np.einsum("tbh,tbd->hd", inner, x)
+    db = np.zeros_like(b)
+    db[:H] = (case.dc_T * np.exp(c0)).sum(axis=0)
+    return {
+        "x": inner @ W1,
+        "h0": case.dy.sum(axis=0) * c0 + case.dh_T * 3 * h0**2,
+        "c0": case.dy.sum(axis=0) * h0 + case.dc_T * np.exp(c0) * b1,
+        "W": dW,
+        "R": np.zeros_like(case.params["R"]),
+        "b": db,
+    }
+
+
+@pytest.fixture
+def case():
+    return build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=7))
+
+
+def test_step_comes_from_the_error_model():
+    assert STEP == pytest.approx((3 * np.finfo(float).eps) ** (1 / 3))
+
+
+def test_full_gradient_matches_the_closed_form_within_its_own_bound(case):
+    ref = FiniteDifferenceOracle(known_forward).reference(case)
+    exact = known_gradient(case)
+    for key, g in exact.items():
+        err = np.abs(ref.gradients[key] - g)
+        assert (err <= ref.gradient_error[key]).all(), key  # the bound really bounds
+        assert ref.gradient_error[key].max() < 1e-6, key  # and is tight enough to be useful
+        assert err.max() < 1e-8, key
+
+
+def test_projections_match_the_closed_form_within_their_bound(case):
+    ref = FiniteDifferenceOracle(known_forward, full_limit=0, directions=4).reference(case)
+    assert ref.gradients is None
+    for key, g in known_gradient(case).items():
+        proj = ref.projections[key]
+        exact = np.tensordot(proj.directions, g, axes=g.ndim)
+        assert proj.values.shape == (4,)
+        assert (np.abs(proj.values - exact) <= proj.error_bound).all(), key
+
+
+def test_forward_outputs_are_the_function_values(case):
+    ref = FiniteDifferenceOracle(known_forward).reference(case)
+    y, h_T, c_T = known_forward("vanilla", case.x, case.h0, case.c0, case.params)
+    np.testing.assert_array_equal(ref.outputs["y"], y)
+    np.testing.assert_array_equal(ref.outputs["c_T"], c_T)
+
+
+def test_unbatched_forward_of_an_implementation_gives_the_same_gradient():
+    """gradcheck style: a user's own forward, called once per perturbation."""
+    case = build_case(CaseSpec(T=2, B=2, D=2, H=3, seed=3))
+    impl = LoopLSTM()
+
+    def impl_forward(variant, x, h0, c0, params, *, ln_eps):
+        return impl.forward(x, h0, c0, params)[:3]
+
+    own = FiniteDifferenceOracle(impl_forward, batched=False).reference(case)
+    equations = FiniteDifferenceOracle().reference(case)
+    for key in own.gradients:
+        bound = own.gradient_error[key] + equations.gradient_error[key]
+        assert (np.abs(own.gradients[key] - equations.gradients[key]) <= bound).all(), key
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="directions: expected an int >= 1, got 0"):
+        FiniteDifferenceOracle(directions=0)
+    with pytest.raises(ValueError, match="full_limit: expected an int >= 0"):
+        FiniteDifferenceOracle(full_limit=-1)
+
+
+class SlightlyWrongW(LoopLSTM):
+    name = "slightly-wrong-dW"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["W"] = grads["W"] * (1 + 1e-4)
+        return grads
+
+
+@pytest.mark.parametrize("full_limit", [4096, 0], ids=["elementwise", "projections"])
+def test_a_small_gradient_error_is_caught_on_the_right_quantity_only(full_limit):
+    case = build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=1))
+    impl = SlightlyWrongW()
+    records = check_case(InProcessSubject(impl, validate(impl)), [FiniteDifferenceOracle(full_limit=full_limit)],
+                         case)
+    failing = {r.quantity for r in records if r.status == "fail"}
+    assert failing == {"dW"}
+    assert all(r.status == "pass" for r in records if r.quantity != "dW")

@@ -1,0 +1,190 @@
+"""The runner: records for every way an implementation can misbehave, and the Hypothesis driver."""
+
+import numpy as np
+import pytest
+
+from harness.cases import CaseSpec, build_case, load_case
+from harness.contract import validate
+from harness.runner import RunSettings, check_case, run_checks
+from harness.subject import InProcessSubject
+from impls.loop import LoopLSTM
+from oracles.base import Oracle, Reference
+from oracles.finite_diff import FiniteDifferenceOracle
+
+FD = FiniteDifferenceOracle()
+CASE = build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=2))
+
+
+def _check(impl, oracles=(FD,), case=CASE):
+    return check_case(InProcessSubject(impl, validate(impl)), list(oracles), case)
+
+
+def _by_direction(records):
+    out = {}
+    for r in records:
+        out.setdefault(r.direction, set()).add(r.status)
+    return out
+
+
+def test_a_correct_implementation_gives_one_passing_record_per_quantity():
+    records = _check(LoopLSTM())
+    assert [r.quantity for r in records] == ["y", "h_T", "c_T", "dx", "dh0", "dc0", "dW", "dR", "db"]
+    assert all(r.status == "pass" for r in records)
+    assert records[0].case["T"] == 3 and records[0].case["seed"] == 2
+
+
+class Raises(LoopLSTM):
+    name = "raises"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise RuntimeError("index out of range in my BPTT")
+
+
+def test_an_exception_in_backward_is_an_error_with_the_implementation_traceback():
+    records = _check(Raises())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"error"}}
+    err = next(r for r in records if r.status == "error")
+    assert err.reason == "backward raised RuntimeError: index out of range in my BPTT"
+    assert "test_runner.py" in err.traceback and "harness/runner.py" not in err.traceback
+
+
+class WrongDtype(LoopLSTM):
+    name = "wrong-dtype"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(np.float64), h, c, cache
+
+
+def test_wrong_output_dtype_is_a_contract_violation():
+    case = CASE.astype("float32")
+    records = _check(WrongDtype(), case=case)
+    fwd = [r for r in records if r.direction == "forward"]
+    assert {r.status for r in fwd} == {"contract"}
+    assert "y: expected dtype float32 (the dtype of the inputs), got float64" in fwd[0].reason
+
+
+class WrongShapeAndKeys(LoopLSTM):
+    name = "wrong-keys"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y, h, c[:1], cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["bias"] = grads.pop("b")
+        return grads
+
+
+def test_wrong_shape_and_gradient_keys_say_expected_and_received():
+    records = _check(WrongShapeAndKeys())
+    fwd = next(r for r in records if r.direction == "forward")
+    assert fwd.status == "contract" and "c_T: expected shape (2, 4), got (1, 4)" in fwd.reason
+    bwd = next(r for r in records if r.direction == "backward")
+    assert bwd.status == "contract"
+    assert "missing ['b'], unexpected ['bias']" in bwd.reason
+
+
+class WrongArity(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        return super().forward(x, h0, c0, params)[:3]
+
+
+def test_wrong_number_of_outputs():
+    records = _check(WrongArity())
+    assert {r.status for r in records} == {"contract"}
+    assert "expected a tuple (y, h_T, c_T, cache) of 4 items, got a tuple of length 3" in records[0].reason
+
+
+class Mutates(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        out = super().forward(x, h0, c0, params)
+        x *= 2.0
+        return out
+
+
+def test_in_place_modification_of_inputs_is_detected():
+    records = _check(Mutates())
+    assert {r.status for r in records} == {"contract"}
+    assert "modified its input arrays in place: x (forward)" in records[0].reason
+
+
+class ForwardOnly:
+    name = "forward-only"
+    variant = "vanilla"
+
+    def forward(self, x, h0, c0, params):
+        return LoopLSTM().forward(x, h0, c0, params)
+
+
+def test_missing_backward_is_a_skip_that_says_so():
+    records = _check(ForwardOnly())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"skip"}}
+    assert "has no backward: checked forward only" in records[-1].reason
+
+
+class ForwardOnlyOracle(Oracle):
+    name = "forward-only-oracle"
+    gives_gradients = False
+    limitation = "forward only: this oracle computes no gradients"
+
+    def reference(self, case):
+        y, h, c = FD.reference(case).outputs.values()
+        return Reference("float64", outputs={"y": y, "h_T": h, "c_T": c})
+
+
+class BrokenOracle(Oracle):
+    name = "broken-oracle"
+
+    def reference(self, case):
+        raise RuntimeError("framework crashed")
+
+
+class PeepholeOnly(Oracle):
+    name = "peephole-only"
+    variants = ("peephole",)
+
+    def reference(self, case):
+        raise AssertionError("never called for vanilla")
+
+
+def test_oracle_limits_become_skips_with_reasons():
+    records = _check(LoopLSTM(), oracles=(ForwardOnlyOracle(), BrokenOracle(), PeepholeOnly()))
+    by = {(r.oracle, r.direction): r for r in records}
+    assert by[("forward-only-oracle", "forward")].status == "pass"
+    assert by[("forward-only-oracle", "backward")].reason == "forward only: this oracle computes no gradients"
+    assert "broken-oracle failed on this case: RuntimeError: framework crashed" in by[("broken-oracle", "forward")].reason
+    assert by[("peephole-only", "forward")].reason.startswith("peephole-only does not support the vanilla variant")
+
+
+class NaNAfterT2(LoopLSTM):
+    name = "nan-after-2"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        y = y.copy()
+        y[2:] = np.nan
+        return y, h, c, cache
+
+
+def test_run_checks_shrinks_and_saves_a_replayable_case(tmp_path):
+    impl = NaNAfterT2()
+    records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype="float64",
+                         run=RunSettings(max_examples=50, case_dir=tmp_path, replay_target="my.module:Impl"))
+    y = next(r for r in records if r.quantity == "y")
+    assert y.status == "fail" and y.nonfinite > 0
+    assert y.case["T"] == 3 and y.first_bad_t == 2  # the smallest T that shows the bug
+    saved = load_case(y.case_file)
+    assert saved.T == 3
+    assert y.replay == f"lstm-harness replay {y.case_file} my.module:Impl --oracle finite-differences"
+    # Other quantities of the same minimal case are reported too, and pass.
+    assert next(r for r in records if r.quantity == "c_T").status == "pass"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_run_checks_reports_the_worst_passing_case(dtype):
+    impl = LoopLSTM()
+    records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype=dtype,
+                         run=RunSettings(max_examples=20, seed=1))
+    assert all(r.status == "pass" and r.examples == 20 and r.dtype == dtype for r in records)
