@@ -385,6 +385,12 @@ def _num(value: Any) -> str:
     return "None" if value is None else f"{value:.8g}"
 
 
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "?"
+    return "infinitely many times" if ratio >= 1e300 or math.isinf(ratio) else f"{ratio:.3g} times"
+
+
 def render_message(rec: Record) -> str:
     """The ``torch.testing.assert_close``-shaped text of a record, made from its fields only."""
     head = rec.label
@@ -409,12 +415,13 @@ def render_message(rec: Record) -> str:
     if rec.nonfinite:
         lines.append(f"Non-finite values where the oracle is finite: {rec.nonfinite}")
     lines.append(
-        f"Greatest difference relative to tolerance: {w.get('abs_error', float('nan')):.3g} at {where} "
+        f"Worst element: |error| {w.get('abs_error', float('nan')):.3g} at {where} "
         f"(actual {_num(w.get('actual'))}, expected {_num(w.get('expected'))}; "
-        f"up to {w.get('allowed', float('nan')):.3g} allowed)"
+        f"{_ratio(rec.ratio)} the {w.get('allowed', float('nan')):.3g} allowed)"
     )
-    lines.append(f"Greatest absolute difference: {rec.max_abs_error:.3g}")
-    lines.append(f"Greatest relative difference: {rec.max_rel_error:.3g}")
+    among = " among finite elements" if rec.nonfinite else ""
+    lines.append(f"Greatest absolute difference{among}: {rec.max_abs_error:.3g}")
+    lines.append(f"Greatest relative difference{among}: {rec.max_rel_error:.3g}")
     if rec.first_bad_t is not None:
         lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
     scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""

@@ -1,0 +1,530 @@
+"""The HTML report: one self-contained page rendered from ``report.json`` (see :mod:`reports.json`).
+
+The page is what a person keeps and attaches to a pull request, so it must open anywhere, offline:
+CSS, script and figures are inline and the page holds no URL at all. Everything shown comes from the
+report's records; nothing here compares arrays. Text from an implementation (its name, its exception
+messages) is untrusted: the templates are Jinja2 with autoescaping on, always.
+
+Layout: header (verdict, target, versions, environment, settings, tolerance table), the matrix
+(implementations x oracle, direction, dtype), then one section per discrepancy (failing record, or
+one group of error / contract records that share their message), with heatmaps of |error| / allowed
+drawn from the record's ``error_map``. Passing checks are summarized by the matrix and listed in a
+collapsed table; only non-passing records get sections, and only the first ``max_plotted`` get
+figures, so a large run stays a reasonable size.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.compare import Record, render_message
+
+__all__ = ["render_html", "write_html", "MAX_SECTIONS", "MAX_PLOTTED"]
+
+#: Discrepancy sections written in full; the rest are listed in one table.
+MAX_SECTIONS = 200
+#: Sections that get figures (the slow, large part of the page).
+MAX_PLOTTED = 50
+
+_TEMPLATES = Path(__file__).with_name("templates")
+_STATUS_RANK = {"error": 0, "contract": 1, "fail": 2, "pass": 3, "skip": 4}
+_DIRECTIONS = ("forward", "backward")
+_DTYPES = ("float64", "float32")
+_VERDICT_TEXT = {
+    "certified": "Certified: every check agrees within tolerance",
+    "discrepancies": "Discrepancies found",
+    "error": "Error: checks could not complete",
+}
+
+
+def _jinja_env():
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError(
+            "the HTML report needs jinja2 and matplotlib: pip install 'lstm-harness[report]'",
+            name="jinja2",
+        ) from None
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+        autoescape=True,  # always, whatever the template's extension: names and messages are untrusted
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["times"] = times
+    env.filters["num"] = _num
+    env.filters["sci"] = _sci
+    return env
+
+
+def _inline_assets() -> dict[str, Any]:
+    """The page's CSS and script, and a Content-Security-Policy that allows exactly these two.
+
+    The policy is defence in depth behind autoescaping: the page may run only its own script (by
+    hash), apply only its own style sheet, show only ``data:`` images and load nothing else, so even
+    markup that slipped through could neither run nor fetch.
+    """
+    from markupsafe import Markup
+
+    css = (_TEMPLATES / "report.css").read_text(encoding="utf-8")
+    js = (_TEMPLATES / "report.js").read_text(encoding="utf-8")
+
+    def digest(text: str) -> str:
+        b64 = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+        return f"'sha256-{b64}'"
+
+    csp = (f"default-src 'none'; img-src data:; style-src {digest(css)}; script-src {digest(js)}; "
+           "base-uri 'none'; form-action 'none'")
+    return {"style": Markup(css), "script": Markup(js), "csp": csp}
+
+
+def times(ratio: float | None) -> str:
+    """A ratio |error| / allowed as a multiple of the tolerance: ``0.0093x``, ``18,326x``, ``NaN/Inf``."""
+    if ratio is None:
+        return "–"
+    if not math.isfinite(ratio) or ratio >= 1e9:
+        return "NaN/Inf"
+    if ratio == 0:
+        return "0×"
+    if ratio < 100:
+        return f"{ratio:.2g}×"
+    if ratio < 1e6:
+        return f"{ratio:,.0f}×"
+    return f"{ratio:.2e}×"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e300:
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.6g}"
+
+
+def _sci(value: Any) -> str:
+    """A tolerance: ``1.0e-09``, the way render_message writes it."""
+    return f"{value:.1e}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _num(value)
+
+
+def _level(status: str, ratio: float | None) -> str:
+    """The colour class of a matrix cell: status, graded by how close to (or far over) tolerance."""
+    if status == "pass":
+        if ratio is None or ratio < 0.1:
+            return "pass-low"
+        return "pass-mid" if ratio < 0.5 else "pass-high"
+    if status == "fail":
+        if ratio is None or ratio < 10:
+            return "fail-low"
+        return "fail-mid" if ratio < 1e3 else "fail-high"
+    return status
+
+
+@dataclass
+class Cell:
+    status: str = "none"
+    ratio: float | None = None
+    level: str = "none"
+    title: str = ""
+    failing: list[tuple[str, str]] = field(default_factory=list)  # (quantity, section id)
+    anchor: str = ""
+    count: int = 0
+    reason: str = ""  # first line of the first non-passing record's reason (why skipped, ...)
+
+
+@dataclass
+class Section:
+    id: str
+    status: str
+    title: str
+    record: Record
+    quantities: list[str]
+    oracles: list[str]
+    case_rows: list[tuple[str, str]]
+    spec_text: str
+    worst_rows: list[tuple[str, str]]
+    case_href: str | None
+    message: str = ""
+    heatmap: str | None = None
+    heatmap_alt: str = ""
+    panel_notes: list[str] = field(default_factory=list)
+    timestep: str | None = None
+    plot_note: str = ""
+
+
+def _check_report(report: Any) -> None:
+    if not isinstance(report, Mapping):
+        raise TypeError(f"report: expected a dict read from report.json, got {type(report).__name__}")
+    missing = [k for k in ("records", "verdict") if k not in report]
+    if missing:
+        raise ValueError(f"report: expected the keys of report.json (schema_version 1); missing {missing}")
+    version = report.get("schema_version")
+    if version != 1:
+        raise ValueError(f"report: expected schema_version 1, got {version!r}")
+    if not isinstance(report["records"], list):
+        raise ValueError(f"report['records']: expected a list, got {type(report['records']).__name__}")
+
+
+def _ordered(seen: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    first = [p for p in preferred if p in seen]
+    return first + [s for s in dict.fromkeys(seen) if s not in first]
+
+
+def _case_rows(case: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    rows = [(k, _num(case.get(k))) for k in ("T", "B", "D", "H") if k in case]
+    for k in ("dtype", "seed"):
+        if k in case:
+            rows.append((k, _num(case[k])))
+    spec = case.get("spec") or {}
+    spec_text = json.dumps(spec, sort_keys=False) if spec else ""
+    return rows, spec_text
+
+
+def _worst_rows(r: Record) -> list[tuple[str, str]]:
+    w = r.worst or {}
+    coords = w.get("coords") or {}
+    rows: list[tuple[str, str]] = []
+    if coords:
+        rows.append(("at", ", ".join(f"{k}={v}" for k, v in coords.items())))
+    for key, label in (("actual", "actual"), ("expected", "expected"), ("abs_error", "|error|"),
+                       ("allowed", "allowed")):
+        if w.get(key) is not None:
+            rows.append((label, _num(w[key])))
+        elif key == "actual" and r.nonfinite:
+            rows.append((label, "NaN or Inf"))
+    if r.ratio is not None:
+        rows.append(("|error| / allowed", times(r.ratio)))
+    if r.total:
+        pct = 100.0 * r.mismatched / r.total
+        rows.append(("mismatched", f"{r.mismatched} / {r.total} ({pct:.1f}%)"))
+    if r.nonfinite:
+        rows.append(("non-finite", str(r.nonfinite)))
+    if r.first_bad_t is not None:
+        rows.append(("first timestep over tolerance", f"t={r.first_bad_t}"))
+    if r.last_bad_t is not None and r.last_bad_t != r.first_bad_t:
+        rows.append(("last timestep over tolerance", f"t={r.last_bad_t}"))
+    if r.rtol is not None:
+        scale = f" × {r.atol_scale:.3g}" if r.atol_scale not in (None, 1.0) else ""
+        rows.append(("tolerance", f"{r.tolerance_dtype}: rtol={r.rtol:.1e}, atol={r.atol:.1e}{scale}"))
+    rows.append(("compared", "random-direction projections (finite differences)"
+                 if r.method == "projection" else "elementwise"))
+    return rows
+
+
+def _case_href(case_file: str, base_dir: Path | None) -> str | None:
+    """A link to the saved case: relative when it lies inside the report directory, else file URI."""
+    if not case_file:
+        return None
+    p = Path(case_file)
+    primary = (p if p.is_absolute() else Path.cwd() / p).resolve()
+    if base_dir is not None:
+        base = base_dir.resolve()
+        if primary.is_relative_to(base):
+            return _relative(primary, base)
+        # A report re-rendered from elsewhere: the case may still sit in the report's own directory.
+        for c in (base / p, base / "cases" / p.name):
+            c = c.resolve()
+            if c.is_relative_to(base) and c.exists():
+                return _relative(c, base)
+    return primary.as_uri()
+
+
+def _relative(path: Path, base: Path) -> str:
+    return urllib.parse.quote(path.relative_to(base).as_posix())
+
+
+def _figures(section: Section, r: Record, plot_error: str | None) -> None:
+    from reports import plots
+
+    if r.error_map is None:
+        if r.method == "projection":
+            section.plot_note = ("Compared along random directions (finite differences), so there is no "
+                                 "per-element map; the worst direction is shown above.")
+        return
+    panels = plots.panels_of(r.error_map)
+    section.panel_notes = [
+        f"{p.title if p.title != 'all' else r.quantity}: {p.over} of {len(p.values) * len(p.values[0])} "
+        f"cells over tolerance, worst {times(p.worst)}"
+        for p in panels
+    ]
+    pooled = [p for p in panels if p.x_step > 1 or p.y_step > 1]
+    if pooled:
+        section.panel_notes.append("Large axes are max-pooled: one cell shows the worst of a block")
+    if plot_error:
+        section.plot_note = f"No figures: {plot_error}."
+        return
+    section.heatmap = plots.heatmap_png(panels, quantity=r.quantity)
+    section.heatmap_alt = f"Heatmap of |error| / allowed for {r.quantity}: " + "; ".join(section.panel_notes)
+    section.timestep = plots.timestep_png(panels, direction=r.direction, first_bad_t=r.first_bad_t,
+                                          quantity=r.quantity)
+
+
+def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, max_plotted: int):
+    from reports import plots
+
+    records = [Record.from_dict(d) for d in report["records"]]
+    # Rows and columns: declared order first, then whatever the records add.
+    impl_names = _ordered([r.implementation for r in records],
+                          [i.get("name", "") for i in report.get("implementations", [])])
+    oracle_names = _ordered([r.oracle for r in records],
+                            [o.get("name", "") for o in report.get("oracles", [])])
+    dtypes = _ordered([r.dtype for r in records], _DTYPES)
+    columns = [(o, d, t) for o in oracle_names for d in _DIRECTIONS for t in dtypes
+               if any(r.oracle == o and r.direction == d and r.dtype == t for r in records)]
+
+    # Discrepancy sections: each failing record; and each group of error / contract records that share
+    # implementation, dtype, direction and message (the implementation raised once, whatever the
+    # oracle, so one section names every oracle and quantity it stopped).
+    sections: list[Section] = []
+    by_record: dict[int, str] = {}
+    groups: dict[tuple, Section] = {}
+    rank_impl = {n: i for i, n in enumerate(impl_names)}
+    bad = sorted((r for r in records if r.status in ("fail", "error", "contract")),
+                 key=lambda r: rank_impl.get(r.implementation, 99))
+    plot_error = plots.available()
+    for r in bad:
+        key = (r.implementation, r.dtype, r.direction, r.status, r.reason)
+        if r.status in ("error", "contract") and key in groups:
+            sec = groups[key]
+            for name, values in ((r.quantity, sec.quantities), (r.oracle, sec.oracles)):
+                if name not in values:
+                    values.append(name)
+            by_record[id(r)] = sec.id
+            continue
+        case_rows, spec_text = _case_rows(r.case or {})
+        sec = Section(
+            id=f"d{len(sections) + 1}",
+            status=r.status,
+            title="",
+            record=r,
+            quantities=[r.quantity],
+            oracles=[r.oracle],
+            case_rows=case_rows,
+            spec_text=spec_text,
+            worst_rows=_worst_rows(r) if r.status == "fail" else [],
+            case_href=_case_href(r.case_file, base_dir),
+        )
+        if r.status in ("error", "contract"):
+            groups[key] = sec
+        by_record[id(r)] = sec.id
+        sections.append(sec)
+    for sec in sections:
+        r = sec.record
+        what = {"fail": "not close", "error": "raised an error", "contract": "broke the contract"}[r.status]
+        oracles = ", ".join(sec.oracles)
+        sec.title = (f"{r.label}: {what}" if r.status == "fail" else
+                     f"{r.implementation} ({r.dtype}) vs {oracles}, {r.direction}: {what}")
+        # A group's message names all its quantities and oracles; otherwise the record's own text
+        # (notes included) is kept as it is.
+        sec.message = r.message or render_message(r)
+        if len(sec.quantities) > 1 or len(sec.oracles) > 1:
+            merged = dataclasses.replace(r, quantity=", ".join(sec.quantities), oracle=oracles)
+            sec.message = (merged.label + sec.message[len(r.label):] if sec.message.startswith(r.label)
+                           else render_message(merged))
+    plotted = 0
+    for sec in sections[:max_sections]:
+        if sec.status != "fail":
+            continue
+        if plotted < max_plotted:
+            _figures(sec, sec.record, plot_error)
+            plotted += 1 if sec.record.error_map is not None else 0
+        elif sec.record.error_map is not None:
+            sec.plot_note = f"Figures left out: only the first {max_plotted} discrepancies are plotted."
+    fail_sections = [s for s in sections[:max_sections] if s.status == "fail" and s.record.error_map]
+    not_plotted = max(0, len(fail_sections) - max_plotted)
+
+    # The matrix.
+    matrix: list[tuple[str, list[Cell]]] = []
+    for impl in impl_names:
+        cells = []
+        for o, d, t in columns:
+            group = [r for r in records if r.implementation == impl and r.oracle == o and r.direction == d
+                     and r.dtype == t]
+            cell = Cell(count=len(group))
+            if group:
+                cell.status = min((r.status for r in group), key=lambda s: _STATUS_RANK.get(s, 9))
+                scored = [r.ratio for r in group if r.ratio is not None]
+                cell.ratio = max(scored) if scored else None
+                cell.level = _level(cell.status, cell.ratio)
+                lines = []
+                for r in group:
+                    line = f"{r.quantity}: {r.status}"
+                    if r.ratio is not None:
+                        line += f", {times(r.ratio)} tol"
+                    if r.status != "pass" and r.reason:
+                        line += f" ({r.reason.splitlines()[0][:160]})"
+                    lines.append(line)
+                cell.title = "\n".join(lines)
+                cell.reason = next((r.reason.splitlines()[0] for r in group
+                                    if r.reason and r.status != "pass"), "")
+                seen_sid = []
+                for r in group:
+                    sid = by_record.get(id(r))
+                    if sid and sid not in seen_sid:
+                        seen_sid.append(sid)
+                        cell.failing.append((r.quantity if r.status == "fail" else "details", sid))
+                cell.anchor = seen_sid[0] if seen_sid else ""
+            cells.append(cell)
+        matrix.append((impl, cells))
+
+    skipped: dict[str, list[str]] = {}
+    for r in records:
+        if r.status == "skip":
+            where = f"{r.implementation} vs {r.oracle}, {r.direction}, {r.dtype}"
+            lst = skipped.setdefault(r.reason or "no reason given", [])
+            if where not in lst:
+                lst.append(where)
+
+    return {
+        "records": records,
+        "impl_names": impl_names,
+        "columns": columns,
+        "oracle_spans": _spans([c[0] for c in columns]),
+        "direction_spans": _spans([(c[0], c[1]) for c in columns]),
+        "matrix": matrix,
+        "sections": sections[:max_sections],
+        "overflow": sections[max_sections:],
+        "n_sections": len(sections),
+        "not_plotted": not_plotted,
+        "max_plotted": max_plotted,
+        "skipped": skipped,
+        "plot_error": plot_error,
+    }
+
+
+def _spans(keys: Sequence[Any]) -> list[tuple[Any, int]]:
+    out: list[tuple[Any, int]] = []
+    for k in keys:
+        if out and out[-1][0] == k:
+            out[-1] = (k, out[-1][1] + 1)
+        else:
+            out.append((k, 1))
+    return out
+
+
+def _environment_rows(env: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    rows = []
+    if env.get("python"):
+        rows.append(("Python", f"{env.get('implementation', '')} {env['python']}".strip()))
+    packages = env.get("packages") or {}
+    for name, version in packages.items():
+        if version:
+            rows.append((name, str(version)))
+    rows.append(("Platform", str(env.get("platform") or "–")))
+    rows.append(("CPU", str(env.get("cpu") or "–")))
+    rows.append(("GPU", str(env.get("gpu") or "none detected")))
+    missing = [n for n, v in packages.items() if not v]
+    return rows, missing
+
+
+def _target_rows(info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """What ``certify``'s TARGET resolved to (``target_info`` in report.json), as label / text rows."""
+    if not info:
+        return []
+    rows = []
+    if info.get("name"):
+        rows.append(("name", str(info["name"])))
+    if info.get("variant"):
+        rows.append(("variant", str(info["variant"])))
+    if info.get("dtypes"):
+        rows.append(("dtypes", ", ".join(str(d) for d in info["dtypes"])))
+    if "backward" in info:
+        rows.append(("backward", "yes" if info["backward"] else "no (forward only)"))
+    loaded = info.get("loaded") or {}
+    if loaded:
+        where = " ".join(str(loaded[k]) for k in ("kind", "location") if loaded.get(k))
+        attr = f", attribute {loaded['attribute']}" if loaded.get("attribute") else ""
+        rows.append(("loaded from", f"{where}{attr}" or str(loaded.get("text", ""))))
+    elif info.get("target"):
+        rows.append(("target", str(info["target"])))
+    if "isolated" in info:
+        rows.append(("isolated", "yes (worker process)" if info["isolated"] else "no (in process)"))
+    return rows
+
+
+def _settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    labels = {"profile": "Hypothesis profile", "max_examples": "examples per check", "seed": "seed"}
+    rows = []
+    for key, value in settings.items():
+        if key == "max_examples" and value is None:
+            text = "profile default"
+        elif key == "seed" and value is None:
+            text = "random (not fixed)"
+        elif isinstance(value, (list, tuple)):
+            text = ", ".join(str(v) for v in value) or "–"
+        else:
+            text = "–" if value is None else str(value)
+        rows.append((labels.get(key, key.replace("_", " ")), text))
+    return rows
+
+
+def render_html(report: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None,
+                max_sections: int = MAX_SECTIONS, max_plotted: int = MAX_PLOTTED) -> str:
+    """The report page as a string.
+
+    ``base_dir`` is the directory the page will be written to; saved case files inside it are linked
+    relatively, so the report directory can be moved or zipped as a whole.
+    """
+    _check_report(report)
+    for name, value in (("max_sections", max_sections), ("max_plotted", max_plotted)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    base = Path(base_dir) if base_dir is not None else None
+    data = _build(report, base, max_sections, max_plotted)
+    env_rows, env_missing = _environment_rows(report.get("environment") or {})
+    counts = report.get("counts") or {}
+    verdict = str(report.get("verdict", "error"))
+    tool = report.get("tool") or {}
+    context = {
+        "report": report,
+        "verdict": verdict,
+        "verdict_text": _VERDICT_TEXT.get(verdict, verdict),
+        "tool": tool,
+        "counts": [(s, counts.get(s, 0)) for s in ("pass", "fail", "error", "contract", "skip")],
+        "env_rows": env_rows,
+        "env_missing": env_missing,
+        "settings_rows": _settings_rows(report.get("settings") or {}),
+        "tolerances": [
+            (dtype, kind, t.get("rtol"), t.get("atol"), t.get("reason", ""))
+            for dtype, table in (report.get("tolerances") or {}).items()
+            for kind, t in table.items()
+        ],
+        "oracles": report.get("oracles") or [],
+        "notes": [str(n) for n in report.get("notes") or []],
+        "target_rows": _target_rows(report.get("target_info")),
+        "implementations": report.get("implementations") or [],
+        **data,
+        **_inline_assets(),
+    }
+    template = _jinja_env().get_template("report.html")
+    return template.render(**context)
+
+
+def write_html(report: Mapping[str, Any], path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Render ``report`` to ``path`` (directories created).
+
+    Saved case files inside the page's directory are linked relatively. Returns ``path``.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"path: expected a file name such as {path / 'index.html'}, got a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_html(report, base_dir=path.parent, **kwargs)
+    path.write_text(text, encoding="utf-8")
+    return path
