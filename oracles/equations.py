@@ -50,8 +50,11 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5):
             c = f * c + i * g
             o = _sigmoid(a_o + p_o * c)  # the output gate sees the new cell state
         elif variant == "layernorm":
-            gm, bt = params["gamma"], params["beta"]
-            ln = lambda v, k: _layer_norm(v, gm[..., k, :], bt[..., k, :], ln_eps)  # noqa: E731
+            gm, bt = params["gamma"], params["beta"]  # rows i, f, g, o, c
+
+            def ln(v, k, gm=gm, bt=bt):
+                return _layer_norm(v, gm[..., k, :], bt[..., k, :], ln_eps)
+
             i, f = _sigmoid(ln(a_i, 0)), _sigmoid(ln(a_f, 1))
             g, o = np.tanh(ln(a_g, 2)), _sigmoid(ln(a_o, 3))
             c = ln(f * c + i * g, 4)  # the normalized cell is the state carried forward

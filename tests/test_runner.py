@@ -154,7 +154,8 @@ def test_oracle_limits_become_skips_with_reasons():
     by = {(r.oracle, r.direction): r for r in records}
     assert by[("forward-only-oracle", "forward")].status == "pass"
     assert by[("forward-only-oracle", "backward")].reason == "forward only: this oracle computes no gradients"
-    assert "broken-oracle failed on this case: RuntimeError: framework crashed" in by[("broken-oracle", "forward")].reason
+    broken = by[("broken-oracle", "forward")]
+    assert "broken-oracle failed on this case: RuntimeError: framework crashed" in broken.reason
     assert by[("peephole-only", "forward")].reason.startswith("peephole-only does not support the vanilla variant")
 
 
