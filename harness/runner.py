@@ -200,11 +200,14 @@ def check_case(
         if ref is None:
             try:
                 ref = oracle.reference(case)
-            except Exception as exc:  # an oracle failure is reported, never fatal
+            except Exception as exc:
+                # Reported, never fatal; and an error, not a skip: a check that could not be made
+                # must not leave the verdict "certified".
                 for direction in ("forward", "backward"):
                     records += _records_for({**base, "direction": direction},
-                                            quantities(info.variant, direction), "skip",
-                                            f"{oracle.name} failed on this case: {type(exc).__name__}: {exc}",
+                                            quantities(info.variant, direction), "error",
+                                            f"the oracle {oracle.name} failed on this case "
+                                            f"(not the implementation): {type(exc).__name__}: {exc}",
                                             case)
                 continue
         records += compare_execution(execution, ref, case, implementation=info.name, oracle=oracle,

@@ -149,13 +149,14 @@ class PeepholeOnly(Oracle):
         raise AssertionError("never called for vanilla")
 
 
-def test_oracle_limits_become_skips_with_reasons():
+def test_oracle_limits_become_skips_and_oracle_crashes_errors():
     records = _check(LoopLSTM(), oracles=(ForwardOnlyOracle(), BrokenOracle(), PeepholeOnly()))
     by = {(r.oracle, r.direction): r for r in records}
     assert by[("forward-only-oracle", "forward")].status == "pass"
     assert by[("forward-only-oracle", "backward")].reason == "forward only: this oracle computes no gradients"
     broken = by[("broken-oracle", "forward")]
-    assert "broken-oracle failed on this case: RuntimeError: framework crashed" in broken.reason
+    assert broken.status == "error"
+    assert "the oracle broken-oracle failed on this case (not the implementation): RuntimeError" in broken.reason
     assert by[("peephole-only", "forward")].reason.startswith("peephole-only does not support the vanilla variant")
 
 

@@ -1,0 +1,541 @@
+"""Every weight layout and gate order people store an LSTM in, converted to and from the canonical one.
+
+Canonical parameters (:mod:`harness.contract`): ``W`` (4H, D), ``R`` (4H, H), ``b`` (4H,), gate blocks
+stacked in the order i, f, g, o; the peephole variant adds ``p_i``, ``p_f``, ``p_o`` (H,) and the
+LayerNorm variant has ``gamma``, ``beta`` (5, H) instead of ``b``.
+
+The same LSTM elsewhere (every gate order below was checked numerically against the framework, see
+``tests/test_layouts.py``, not taken from documentation alone):
+
+================  =====================================================  ==========  ============
+layout            arrays                                                 gate order  bias
+================  =====================================================  ==========  ============
+PyTorch nn.LSTM   weight_ih_l0 (4H, D), weight_hh_l0 (4H, H)             i f g o     ih + hh
+Keras 3 LSTM      kernel (D, 4H), recurrent_kernel (H, 4H), bias (4H,)   i f c o     one
+TF BlockLSTMV2    w (D+H, 4H) over [x, h], b (4H,), wci/wcf/wco (H,)     i f c o     one
+TF BlockLSTM/TF1  w (D+H, 4H), b (4H,); runtime forget_bias added to f   i c f o     b + fb on f
+ONNX LSTM         W (1, 4H, D), R (1, 4H, H), B (1, 8H) = [Wb, Rb],      i o f c     Wb + Rb
+                  P (1, 3H) peepholes ordered i, o, f
+bias folded       (4H, 1+D+H) over [1, x, h], or its transpose           any         column 0
+course exercise   Wx (D, 4H), Wh (H, 4H), b (4H,), batch-major x         i f o g     one
+================  =====================================================  ==========  ============
+
+Gate letters: ``c`` (Keras, cuDNN, ONNX) and ``j`` (TF1) name the same block as ``g``, the cell
+candidate. Frameworks that split the bias in two (PyTorch, ONNX) only ever use the sum; converting
+to them puts the whole bias in the first half and zeros in the second, and converting back sums.
+
+Gradients convert exactly like the arrays they are gradients of, since every conversion only moves
+and transposes blocks; the one exception is a split bias, whose two halves each have the gradient
+dL/db (use one half, not their sum). ``from_keras(dkernel, drecurrent_kernel, dbias)`` turns Keras
+gradients into canonical ones, and so on.
+
+Every function returns new NumPy arrays (never views of its input) in the input's dtype, and accepts
+NumPy arrays or anything ``np.asarray`` takes, including CPU PyTorch tensors and TensorFlow tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GATE_ORDERS",
+    "CANONICAL_ORDER",
+    "normalize_order",
+    "permute_gates",
+    "to_torch",
+    "from_torch",
+    "to_keras",
+    "from_keras",
+    "to_block_lstm_v2",
+    "from_block_lstm_v2",
+    "to_block_lstm",
+    "from_block_lstm",
+    "to_onnx",
+    "from_onnx",
+    "to_bias_folded",
+    "from_bias_folded",
+    "to_course",
+    "from_course",
+    "batch_major",
+    "time_major",
+    "fold_forget_bias_layernorm",
+]
+
+CANONICAL_ORDER = "ifgo"
+
+#: Gate orders by convention name; 'c' and 'j' are the cell candidate, 'g' in the canonical order.
+GATE_ORDERS: dict[str, str] = {
+    "canonical": "ifgo",
+    "pytorch": "ifgo",
+    "keras": "ifco",
+    "cudnn": "ifco",
+    "block_lstm_v2": "ifco",
+    "block_lstm": "icfo",
+    "tf1": "ijfo",
+    "onnx": "iofc",
+    "course": "ifog",
+}
+
+_ALIASES = {"c": "g", "j": "g"}
+_PEEPHOLES = ("p_i", "p_f", "p_o")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    """Any array-like as a NumPy array: NumPy, PyTorch (detached, on CPU), TensorFlow, lists."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, even one that requires grad
+        value = value.detach().cpu().numpy()
+    elif hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # tf.Tensor / tf.Variable
+        value = value.numpy()
+    try:
+        out = np.asarray(value)
+    except Exception as exc:
+        raise ValueError(f"{name}: expected an array, got {type(value).__name__} ({exc})") from None
+    if out.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected a real numeric array, got dtype {out.dtype}")
+    return out
+
+
+def _check_shape(a: np.ndarray, name: str, shape: tuple[int | None, ...], text: str) -> None:
+    ok = a.ndim == len(shape) and all(
+        want is None or got == want for got, want in zip(a.shape, shape, strict=True)
+    )
+    if not ok:
+        raise ValueError(f"{name}: expected shape {text}, got {tuple(a.shape)}")
+
+
+def _four_h(n: int, name: str, axis_text: str) -> int:
+    if n % 4 or n == 0:
+        raise ValueError(f"{name}: expected {axis_text} to be 4H (a positive multiple of 4), got {n}")
+    return n // 4
+
+
+def normalize_order(order: str, *, argument: str = "order") -> str:
+    """A 4-letter gate order over i, f, g, o ('c' and 'j' read as 'g'), or a name in GATE_ORDERS."""
+    if not isinstance(order, str):
+        raise ValueError(
+            f"{argument}: expected a gate order string such as 'ifgo', got {type(order).__name__}"
+        )
+    text = GATE_ORDERS.get(order, order).lower()
+    norm = "".join(_ALIASES.get(ch, ch) for ch in text)
+    if len(norm) != 4 or sorted(norm) != sorted(CANONICAL_ORDER):
+        raise ValueError(
+            f"{argument}: expected a permutation of the gates i, f, g, o (c or j may stand for g), "
+            f"or one of {sorted(GATE_ORDERS)}; got {order!r}"
+        )
+    return norm
+
+
+def permute_gates(stacked: Any, src: str, dst: str, axis: int = 0) -> np.ndarray:
+    """Reorder the four gate blocks of ``stacked`` along ``axis`` from order ``src`` to order ``dst``.
+
+    ``src`` and ``dst`` are 4-letter strings over i, f, g, o (``c`` and ``j`` are accepted for ``g``)
+    or names from :data:`GATE_ORDERS`. ``permute_gates(W, "ifgo", "iofc")`` gives ONNX's row order.
+    """
+    a = _array(stacked, "stacked")
+    s = normalize_order(src, argument="src")
+    d = normalize_order(dst, argument="dst")
+    if a.ndim == 0:
+        raise ValueError("stacked: expected an array with a 4H axis, got a scalar")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -a.ndim <= axis < a.ndim:
+        raise ValueError(f"axis: expected an axis of a {a.ndim}-dimensional array, got {axis!r}")
+    _four_h(a.shape[axis], "stacked", f"the length of axis {axis}")
+    blocks = np.split(a, 4, axis=axis)  # four (..., H, ...) blocks
+    return np.concatenate([blocks[s.index(g)] for g in d], axis=axis)
+
+
+def _canonical(
+    params: Mapping[str, Any], *, need_bias: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W (4H, D), R (4H, H), b (4H,) from a canonical params dict, validated."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict with keys 'W', 'R', 'b', got {type(params).__name__}")
+    keys = ("W", "R", "b") if need_bias else ("W", "R")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        hint = ""
+        if missing == ["b"]:
+            hint = " (the layernorm variant has no bias, so it has no layout in this convention)"
+        raise ValueError(f"params: expected keys {list(keys)}, missing {missing}{hint}")
+    W = _array(params["W"], "params['W']")
+    if W.ndim != 2:
+        raise ValueError(f"params['W']: expected shape (4H, D), got {tuple(W.shape)}")
+    H = _four_h(W.shape[0], "params['W']", "the number of rows")
+    R = _array(params["R"], "params['R']")
+    _check_shape(R, "params['R']", (4 * H, H), f"(4H, H) = ({4 * H}, {H})")
+    b = _array(params["b"], "params['b']") if need_bias else np.zeros(4 * H, W.dtype)
+    _check_shape(b, "params['b']", (4 * H,), f"(4H,) = ({4 * H},)")
+    return W, R, b
+
+
+def _peepholes(params: Mapping[str, Any], H: int) -> dict[str, np.ndarray] | None:
+    """p_i, p_f, p_o (H,) if params has all three, None if none; an error if only some."""
+    present = [k for k in _PEEPHOLES if k in params]
+    if not present:
+        return None
+    if len(present) != 3:
+        missing = [k for k in _PEEPHOLES if k not in params]
+        raise ValueError(f"params: expected all of {list(_PEEPHOLES)} or none, missing {missing}")
+    out = {}
+    for k in _PEEPHOLES:
+        out[k] = _array(params[k], f"params[{k!r}]").copy()
+        _check_shape(out[k], f"params[{k!r}]", (H,), f"(H,) = ({H},)")
+    return out
+
+
+def _result(W: np.ndarray, R: np.ndarray, b: np.ndarray, peep: dict[str, np.ndarray] | None = None):
+    out = {"W": np.ascontiguousarray(W).copy(), "R": np.ascontiguousarray(R).copy(),
+           "b": np.ascontiguousarray(b).copy()}
+    if peep is not None:
+        out.update({k: np.ascontiguousarray(v).copy() for k, v in peep.items()})
+    return out
+
+
+def _optional_peepholes(names: tuple[str, str, str], values: tuple[Any, Any, Any], H: int):
+    given = [v is not None for v in values]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError(f"{', '.join(names)}: expected all three peephole vectors or none")
+    out = {}
+    for canon, name, v in zip(_PEEPHOLES, names, values, strict=True):
+        a = _array(v, name).reshape(-1) if np.ndim(v) == 1 else _array(v, name)
+        _check_shape(a, name, (H,), f"(H,) = ({H},)")
+        out[canon] = a
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch nn.LSTM (one layer, one direction)
+
+
+def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """-> ``weight_ih_l0`` (4H, D), ``weight_hh_l0`` (4H, H), ``bias_ih_l0`` = b, ``bias_hh_l0`` = 0.
+
+    PyTorch's gate order is the canonical i, f, g, o; load with
+    ``lstm.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch(params).items()})``.
+    """
+    W, R, b = _canonical(params)
+    return {"weight_ih_l0": W.copy(), "weight_hh_l0": R.copy(), "bias_ih_l0": b.copy(),
+            "bias_hh_l0": np.zeros_like(b)}
+
+
+def from_torch(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """From an ``nn.LSTM`` state dict (or its layer-0 arrays): b = bias_ih_l0 + bias_hh_l0."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+    need = ("weight_ih_l0", "weight_hh_l0")
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"state_dict: expected keys {list(need)} (and bias_ih_l0, bias_hh_l0), missing {missing}"
+        )
+    W = _array(state_dict["weight_ih_l0"], "state_dict['weight_ih_l0']")
+    if W.ndim != 2:
+        raise ValueError(f"state_dict['weight_ih_l0']: expected shape (4H, D), got {tuple(W.shape)}")
+    H = _four_h(W.shape[0], "state_dict['weight_ih_l0']", "the number of rows")
+    R = _array(state_dict["weight_hh_l0"], "state_dict['weight_hh_l0']")
+    _check_shape(R, "state_dict['weight_hh_l0']", (4 * H, H), f"(4H, H) = ({4 * H}, {H})")
+    b = np.zeros(4 * H, W.dtype)
+    for key in ("bias_ih_l0", "bias_hh_l0"):
+        if key in state_dict and state_dict[key] is not None:
+            part = _array(state_dict[key], f"state_dict[{key!r}]")
+            _check_shape(part, f"state_dict[{key!r}]", (4 * H,), f"(4H,) = ({4 * H},)")
+            b = b + part
+    return _result(W, R, b.astype(W.dtype, copy=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras 3 LSTM
+
+
+def to_keras(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """-> ``kernel`` (D, 4H), ``recurrent_kernel`` (H, 4H), ``bias`` (4H,), gate order i, f, c, o.
+
+    Load with ``layer.set_weights([kernel, recurrent_kernel, bias])`` (the layer's weight order).
+    """
+    W, R, b = _canonical(params)
+    return {
+        "kernel": np.ascontiguousarray(permute_gates(W, CANONICAL_ORDER, "keras").T),
+        "recurrent_kernel": np.ascontiguousarray(permute_gates(R, CANONICAL_ORDER, "keras").T),
+        "bias": permute_gates(b, CANONICAL_ORDER, "keras"),
+    }
+
+
+def from_keras(kernel: Any, recurrent_kernel: Any, bias: Any = None) -> dict[str, np.ndarray]:
+    """From Keras LSTM weights (``bias`` None for ``use_bias=False``)."""
+    k = _array(kernel, "kernel")
+    if k.ndim != 2:
+        raise ValueError(f"kernel: expected shape (D, 4H), got {tuple(k.shape)}")
+    H = _four_h(k.shape[1], "kernel", "the number of columns")
+    rk = _array(recurrent_kernel, "recurrent_kernel")
+    _check_shape(rk, "recurrent_kernel", (H, 4 * H), f"(H, 4H) = ({H}, {4 * H})")
+    if bias is None:
+        b = np.zeros(4 * H, k.dtype)
+    else:
+        b = _array(bias, "bias")
+        _check_shape(b, "bias", (4 * H,), f"(4H,) = ({4 * H},)")
+    return _result(
+        permute_gates(k.T, "keras", CANONICAL_ORDER),
+        permute_gates(rk.T, "keras", CANONICAL_ORDER),
+        permute_gates(b, "keras", CANONICAL_ORDER),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow fused kernels
+
+
+def _fused(params: Mapping[str, Any], order: str) -> tuple[np.ndarray, np.ndarray, dict | None, int]:
+    W, R, b = _canonical(params)
+    H = R.shape[1]
+    w = np.concatenate([permute_gates(W, CANONICAL_ORDER, order).T,
+                        permute_gates(R, CANONICAL_ORDER, order).T], axis=0)  # (D+H, 4H)
+    return np.ascontiguousarray(w), permute_gates(b, CANONICAL_ORDER, order), _peepholes(params, H), H
+
+
+def _unfuse(w: Any, b: Any, D: Any, order: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    wa = _array(w, "w")
+    if wa.ndim != 2:
+        raise ValueError(f"w: expected shape (D+H, 4H), got {tuple(wa.shape)}")
+    H = _four_h(wa.shape[1], "w", "the number of columns")
+    if not isinstance(D, (int, np.integer)) or isinstance(D, bool) or not 1 <= D:
+        raise ValueError(f"D: expected the input size, a positive int, got {D!r}")
+    if wa.shape[0] != D + H:
+        raise ValueError(f"w: expected shape (D+H, 4H) = ({D + H}, {4 * H}) for D={D}, got {tuple(wa.shape)}")
+    ba = _array(b, "b")
+    _check_shape(ba, "b", (4 * H,), f"(4H,) = ({4 * H},)")
+    W = permute_gates(wa[:D].T, order, CANONICAL_ORDER)
+    R = permute_gates(wa[D:].T, order, CANONICAL_ORDER)
+    return W, R, permute_gates(ba, order, CANONICAL_ORDER), H
+
+
+def to_block_lstm_v2(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """-> ``w`` (D+H, 4H) over [x, h] and ``b`` (4H,), gate order i, f, c, o, for ``tf.raw_ops.BlockLSTMV2``.
+
+    With peephole params, also ``wci`` = p_i, ``wcf`` = p_f, ``wco`` = p_o (H,) (``use_peephole=True``).
+    """
+    w, b, peep, _ = _fused(params, "block_lstm_v2")
+    out = {"w": w, "b": b}
+    if peep is not None:
+        out.update(wci=peep["p_i"], wcf=peep["p_f"], wco=peep["p_o"])
+    return out
+
+
+def from_block_lstm_v2(w: Any, b: Any, D: int, *, wci: Any = None, wcf: Any = None,
+                       wco: Any = None) -> dict[str, np.ndarray]:
+    """From BlockLSTMV2's ``w`` (D+H, 4H), ``b`` (4H,) and optionally its peephole vectors."""
+    W, R, bb, H = _unfuse(w, b, D, "block_lstm_v2")
+    return _result(W, R, bb, _optional_peepholes(("wci", "wcf", "wco"), (wci, wcf, wco), H))
+
+
+def _forget_bias(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"forget_bias: expected a float, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"forget_bias: expected a finite float, got {value!r}")
+    return float(value)
+
+
+def to_block_lstm(params: Mapping[str, Any], forget_bias: float = 0.0) -> dict[str, np.ndarray]:
+    """-> ``w`` (D+H, 4H), ``b`` (4H,), gate order i, c, f, o, for ``tf.raw_ops.BlockLSTM`` and TF1 cells.
+
+    These kernels add a runtime ``forget_bias`` to the f pre-activation; pass the value the kernel
+    will be called with and it is subtracted from b's f block, so b_f + forget_bias is our b_f.
+    """
+    fb = _forget_bias(forget_bias)
+    w, b, peep, H = _fused(params, "block_lstm")
+    f = GATE_ORDERS["block_lstm"].index("f")
+    b[f * H : (f + 1) * H] -= fb
+    out = {"w": w, "b": b}
+    if peep is not None:
+        out.update(wci=peep["p_i"], wcf=peep["p_f"], wco=peep["p_o"])
+    return out
+
+
+def from_block_lstm(w: Any, b: Any, D: int, forget_bias: float = 0.0, *, wci: Any = None, wcf: Any = None,
+                    wco: Any = None) -> dict[str, np.ndarray]:
+    """From BlockLSTM weights run with ``forget_bias``: the canonical b_f is b's f block + forget_bias."""
+    fb = _forget_bias(forget_bias)
+    W, R, bb, H = _unfuse(w, b, D, "block_lstm")
+    bb = bb.copy()
+    bb[H : 2 * H] += fb  # canonical order: f is the second block
+    return _result(W, R, bb, _optional_peepholes(("wci", "wcf", "wco"), (wci, wcf, wco), H))
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX LSTM (one direction)
+
+#: ONNX's peephole vector P is [P_i, P_o, P_f].
+ONNX_PEEPHOLE_ORDER = ("p_i", "p_o", "p_f")
+
+
+def to_onnx(params: Mapping[str, Any], peepholes: Any = None) -> dict[str, np.ndarray]:
+    """-> ``W`` (1, 4H, D), ``R`` (1, 4H, H), ``B`` (1, 8H) = [Wb, Rb] with Rb = 0, and ``P`` (1, 3H).
+
+    Gate order i, o, f, c. ``peepholes``: None includes ``P`` exactly when ``params`` has p_i, p_f,
+    p_o; True requires them; False leaves ``P`` out; a mapping with p_i, p_f, p_o supplies them.
+    ``P`` is ordered i, o, f.
+    """
+    W, R, b = _canonical(params)
+    H = R.shape[1]
+    if peepholes is None:
+        peep = _peepholes(params, H)
+    elif peepholes is True:
+        peep = _peepholes(params, H)
+        if peep is None:
+            raise ValueError("peepholes: True asks for P, but params has no p_i, p_f, p_o")
+    elif peepholes is False:
+        peep = None
+    elif isinstance(peepholes, Mapping):
+        peep = _peepholes(peepholes, H)
+        if peep is None:
+            raise ValueError("peepholes: expected a mapping with p_i, p_f, p_o, got none of them")
+    else:
+        raise ValueError(f"peepholes: expected None, True, False or a mapping with p_i, p_f, p_o, "
+                         f"got {type(peepholes).__name__}")
+    out = {
+        "W": permute_gates(W, CANONICAL_ORDER, "onnx")[None],
+        "R": permute_gates(R, CANONICAL_ORDER, "onnx")[None],
+        "B": np.concatenate([permute_gates(b, CANONICAL_ORDER, "onnx"), np.zeros_like(b)])[None],
+    }
+    if peep is not None:
+        out["P"] = np.concatenate([peep[k] for k in ONNX_PEEPHOLE_ORDER])[None]
+    return out
+
+
+def from_onnx(W: Any, R: Any, B: Any = None, P: Any = None) -> dict[str, np.ndarray]:
+    """From ONNX LSTM inputs (one direction): b = Wb + Rb; P (1, 3H) ordered i, o, f if given."""
+    Wa = _array(W, "W")
+    if Wa.ndim != 3 or Wa.shape[0] != 1:
+        raise ValueError(f"W: expected shape (1, 4H, D) (one direction), got {tuple(Wa.shape)}")
+    H = _four_h(Wa.shape[1], "W", "axis 1")
+    Ra = _array(R, "R")
+    _check_shape(Ra, "R", (1, 4 * H, H), f"(1, 4H, H) = (1, {4 * H}, {H})")
+    if B is None:
+        b = np.zeros(4 * H, Wa.dtype)
+    else:
+        Ba = _array(B, "B")
+        _check_shape(Ba, "B", (1, 8 * H), f"(1, 8H) = (1, {8 * H})")
+        b = permute_gates(Ba[0, : 4 * H] + Ba[0, 4 * H :], "onnx", CANONICAL_ORDER)
+    peep = None
+    if P is not None:
+        Pa = _array(P, "P")
+        _check_shape(Pa, "P", (1, 3 * H), f"(1, 3H) = (1, {3 * H})")
+        peep = {k: Pa[0, n * H : (n + 1) * H] for n, k in enumerate(ONNX_PEEPHOLE_ORDER)}
+        peep = {k: peep[k] for k in _PEEPHOLES}
+    return _result(permute_gates(Wa[0], "onnx", CANONICAL_ORDER),
+                   permute_gates(Ra[0], "onnx", CANONICAL_ORDER), b, peep)
+
+
+# --------------------------------------------------------------------------------------------------
+# One matrix with the bias folded in, over [1, x, h]
+
+
+def to_bias_folded(params: Mapping[str, Any], transposed: bool = False, *, order: str = CANONICAL_ORDER
+                   ) -> np.ndarray:
+    """-> M (4H, 1+D+H) with a_t = M @ [1, x_t, h_{t-1}], or (1+D+H, 4H) when ``transposed``.
+
+    The well-known NumPy tutorials use the transposed form (``[1, x, h] @ M``); ``order`` picks the
+    gate order of M's 4H axis (e.g. ``"ifog"`` for the tutorials that put the tanh block last).
+    """
+    W, R, b = _canonical(params)
+    M = np.concatenate([b[:, None], W, R], axis=1)  # (4H, 1+D+H)
+    M = permute_gates(M, CANONICAL_ORDER, normalize_order(order))
+    return np.ascontiguousarray(M.T) if transposed else M
+
+
+def from_bias_folded(M: Any, D: int, H: int, transposed: bool = False, *, order: str = CANONICAL_ORDER
+                     ) -> dict[str, np.ndarray]:
+    """From a bias-folded matrix over [1, x, h] (see :func:`to_bias_folded`)."""
+    Ma = _array(M, "M")
+    for name, v in (("D", D), ("H", H)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    want = (1 + D + H, 4 * H) if transposed else (4 * H, 1 + D + H)
+    text = f"(1+D+H, 4H) = {want}" if transposed else f"(4H, 1+D+H) = {want}"
+    _check_shape(Ma, "M", want, f"{text} for D={D}, H={H}, transposed={transposed}")
+    if transposed:
+        Ma = Ma.T
+    Ma = permute_gates(Ma, normalize_order(order), CANONICAL_ORDER)
+    return _result(Ma[:, 1 : 1 + D], Ma[:, 1 + D :], Ma[:, 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The classic course exercise: Wx (D, 4H), Wh (H, 4H), b, gates i, f, o, g, batch-major
+
+
+def to_course(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """-> ``Wx`` (D, 4H), ``Wh`` (H, 4H), ``b`` (4H,), gate order i, f, o, g (a = x @ Wx + h @ Wh + b).
+
+    Its inputs are batch-major: pass ``batch_major(x)``.
+    """
+    W, R, b = _canonical(params)
+    return {
+        "Wx": np.ascontiguousarray(permute_gates(W, CANONICAL_ORDER, "course").T),
+        "Wh": np.ascontiguousarray(permute_gates(R, CANONICAL_ORDER, "course").T),
+        "b": permute_gates(b, CANONICAL_ORDER, "course"),
+    }
+
+
+def from_course(Wx: Any, Wh: Any, b: Any) -> dict[str, np.ndarray]:
+    wx = _array(Wx, "Wx")
+    if wx.ndim != 2:
+        raise ValueError(f"Wx: expected shape (D, 4H), got {tuple(wx.shape)}")
+    H = _four_h(wx.shape[1], "Wx", "the number of columns")
+    wh = _array(Wh, "Wh")
+    _check_shape(wh, "Wh", (H, 4 * H), f"(H, 4H) = ({H}, {4 * H})")
+    ba = _array(b, "b")
+    _check_shape(ba, "b", (4 * H,), f"(4H,) = ({4 * H},)")
+    return _result(permute_gates(wx.T, "course", CANONICAL_ORDER),
+                   permute_gates(wh.T, "course", CANONICAL_ORDER),
+                   permute_gates(ba, "course", CANONICAL_ORDER))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence layout
+
+
+def batch_major(x: Any) -> np.ndarray:
+    """(T, B, ...) -> (B, T, ...): time-major sequences (the contract's) to batch-major ones."""
+    a = _array(x, "x")
+    if a.ndim < 2:
+        raise ValueError(f"x: expected a sequence of shape (T, B, ...), got shape {tuple(a.shape)}")
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+def time_major(x: Any) -> np.ndarray:
+    """(B, T, ...) -> (T, B, ...): the inverse of :func:`batch_major`."""
+    a = _array(x, "x")
+    if a.ndim < 2:
+        raise ValueError(f"x: expected a sequence of shape (B, T, ...), got shape {tuple(a.shape)}")
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm variant
+
+
+def fold_forget_bias_layernorm(params: Mapping[str, Any], forget_bias: float) -> dict[str, np.ndarray]:
+    """TF1 ``LayerNormBasicLSTMCell(forget_bias=...)`` as canonical layernorm params.
+
+    The cell adds ``forget_bias`` to the *normalized* f pre-activation, which is the same as adding
+    it to ``beta[f]`` (row 1 of rows i, f, g, o, c). Returns new params; fold ``-forget_bias`` to undo.
+    """
+    fb = _forget_bias(forget_bias)
+    if not isinstance(params, Mapping) or "beta" not in params:
+        raise ValueError("params: expected layernorm params with keys 'W', 'R', 'gamma', 'beta'")
+    out = {k: _array(v, f"params[{k!r}]").copy() for k, v in params.items()}
+    beta = out["beta"]
+    if beta.ndim != 2 or beta.shape[0] != 5:
+        raise ValueError(
+            f"params['beta']: expected shape (5, H) (rows i, f, g, o, c), got {tuple(beta.shape)}"
+        )
+    beta[1] += fb
+    return out

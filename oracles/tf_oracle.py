@@ -1,0 +1,399 @@
+"""TensorFlow oracles: Keras 3's LSTM layer, the fused BlockLSTMV2 kernel, and a composite.
+
+All three compute the outputs and, inside the same ``tf.function``, the vector-Jacobian product of
+the case's upstream gradients (by ``tf.GradientTape``, or for BlockLSTMV2 by its fused backward
+kernel, see below), so one case is one graph call.
+
+* ``tf-keras``: ``keras.layers.LSTM(return_sequences=True, return_state=True)`` called with the
+  case's initial state, weights from :func:`harness.layouts.to_keras`; vanilla, float64 (Keras 3
+  runs a float64 layer when built with ``dtype="float64"``).
+* ``tf-block-lstm-v2``: ``tf.raw_ops.BlockLSTMV2``, TensorFlow's fused LSTM kernel, and its fused
+  backward kernel ``tf.raw_ops.BlockLSTMGradV2``; vanilla and peephole (``use_peephole=True``),
+  float32 only (the op accepts half and float), ``cell_clip=0`` which disables clipping in V2. Its
+  peephole semantics were checked numerically against the contract's (tests/test_oracles.py):
+  the input and forget peepholes see c_{t-1} and the output peephole the new c_t, as specified.
+
+  Why not GradientTape here: TensorFlow (checked on 2.21) registers BlockLSTMV2's gradient with
+  the *V1* backward op ``BlockLSTMGrad`` (``tensorflow/python/ops/rnn_grad.py``:
+  ``ops.RegisterGradient("BlockLSTMV2")(_block_lstm_grad)``), which reads the gate blocks in
+  BlockLSTM's i, c, f, o order while BlockLSTMV2's forward uses i, f, c, o: the f and c blocks of
+  dw and db come back swapped and every other gradient is wrong with them. The oracle therefore
+  calls the matching V2 backward kernel itself with the upstream gradients, which agrees with
+  finite differences; tests/test_oracle_tf.py pins the bug down while it lasts.
+* ``tf-composite``: the equations of every variant from TF primitives (LayerNorm with
+  ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan``; float64.
+
+Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, H, so it is traced
+once per (variant, dtype) and never again for new shapes; Keras layers are built (and their
+calls traced) once per size bucket and dtype (see :class:`KerasLSTMOracle`), their variables
+overwritten by each case. Threads are pinned small
+(:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
+``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from harness import layouts
+from harness.cases import Case
+from harness.contract import gradient_keys
+from oracles.base import Availability, Oracle, Reference, module_available
+
+__all__ = ["KerasLSTMOracle", "BlockLSTMV2Oracle", "TFCompositeOracle", "TF_THREADS"]
+
+#: Intra- and inter-op threads TensorFlow is pinned to, if it is not running yet when first used.
+TF_THREADS = 1
+
+_configured = False
+
+
+def _quiet_import(name: str) -> Any:
+    """Import ``name`` with TensorFlow's start-up chatter kept off the terminal.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` hides the C++ INFO and WARNING lines, but not the lines absl writes
+    before its logging is initialized (the "oneDNN custom operations are on" notice), so the first
+    import also runs with file descriptor 2 pointed at a temporary file; if the import fails, what
+    it wrote is passed on to stderr with the exception.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if sys.modules.get(name) is not None:
+        return sys.modules[name]
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr descriptor: import as is
+        return importlib.import_module(name)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            return importlib.import_module(name)
+        except BaseException:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            sys.stderr.write(tmp.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _tf() -> Any:
+    """Import TensorFlow quietly and pin its threads, once."""
+    global _configured
+    tf = _quiet_import("tensorflow")
+
+    if not _configured:
+        tf.get_logger().setLevel("ERROR")
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(TF_THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(TF_THREADS)
+        except RuntimeError:  # TensorFlow already ran something: its thread pools are fixed
+            pass
+        _configured = True
+    return tf
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.numpy()
+
+
+def _objective(tf: Any, y, h_T, c_T, dy, dh_T, dc_T):
+    return tf.reduce_sum(y * dy) + tf.reduce_sum(h_T * dh_T) + tf.reduce_sum(c_T * dc_T)
+
+
+class _TFBase(Oracle):
+    def _probe(self) -> Availability:
+        try:
+            _quiet_import("tensorflow")
+        except Exception:  # module_available below says why
+            pass
+        return module_available("tensorflow")
+
+    def _check(self, case: Case) -> str:
+        why = self.supports(case.variant, case.dtype)
+        if why:
+            raise ValueError(f"case: {why}")
+        dtype = self.compute_dtype_for(case.dtype)
+        assert dtype is not None
+        return dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras
+
+
+def _bucket(n: int, smallest: int) -> int:
+    """The padded size for ``n``: ``smallest``, or the next power of two above it."""
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
+def _pad_last(a: np.ndarray, n: int) -> np.ndarray:
+    """Zero-pad the last axis of ``a`` to length ``n``."""
+    return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
+
+
+def _pad_vanilla(params: dict[str, np.ndarray], Dp: int, Hp: int) -> dict[str, np.ndarray]:
+    """Canonical W, R, b of an (D, H) LSTM embedded in a (Dp, Hp) one, every new weight zero."""
+    H = params["R"].shape[1]
+    out = {}
+    for k, cols in (("W", Dp), ("R", Hp), ("b", None)):
+        blocks = np.split(params[k], 4, axis=0)  # per gate: (H, ...) each
+        padded = [np.pad(blk, [(0, Hp - H)] + ([(0, cols - blk.shape[1])] if cols else [])) for blk in blocks]
+        out[k] = np.concatenate(padded, axis=0)  # (4Hp, ...)
+    return out
+
+
+def _unpad_vanilla(grads: dict[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k, cols in (("W", D), ("R", H), ("b", None)):
+        blocks = np.split(grads[k], 4, axis=0)
+        out[k] = np.concatenate([blk[:H, :cols] if cols else blk[:H] for blk in blocks], axis=0)
+    return out
+
+
+class KerasLSTMOracle(_TFBase):
+    """``keras.layers.LSTM`` in float64 on the TensorFlow backend, gradients by GradientTape.
+
+    A Keras layer has fixed sizes and tracing its call takes about half a second, which would
+    dominate a run whose cases draw many different (D, H). With ``bucket=True`` (the default) a case
+    runs in a layer of the next bucket size (D and H rounded up to 8, 16, 32, ...), its extra inputs,
+    state units, weights and upstream gradients all zero. That embedding is exact: a padded unit
+    has pre-activation 0, so its c stays 0 and its h = sigmoid(0) * tanh(0) = 0, it feeds nothing
+    into the real units (its recurrent weights are zero) and receives no upstream gradient; only
+    the floating-point summation order of the matrix products can differ. ``bucket=False`` builds a
+    layer of exactly the case's sizes.
+    """
+
+    name = "tf-keras"
+    description = "keras.layers.LSTM (TensorFlow backend) with converted weights, GradientTape gradients"
+    variants = ("vanilla",)
+    compute_dtypes = ("float64",)
+
+    def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
+        self.bucket = bucket
+        self.smallest_bucket = smallest_bucket
+        self._built: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+
+    def _probe(self) -> Availability:
+        avail = super()._probe()
+        if not avail.available:
+            return avail
+        try:
+            _quiet_import("keras")
+        except Exception:
+            pass
+        keras_avail = module_available("keras")
+        if not keras_avail.available:
+            return keras_avail
+        import keras
+
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            return Availability(False, f"keras runs on the {backend} backend here, not tensorflow "
+                                       "(set KERAS_BACKEND=tensorflow before importing keras)")
+        return Availability(True, "", {**avail.versions, **keras_avail.versions})
+
+    def _layer(self, D: int, H: int, dtype: str) -> tuple[Any, Any]:
+        key = (D, H, dtype)
+        if key not in self._built:
+            tf = _tf()
+            import keras
+
+            layer = keras.layers.LSTM(H, return_sequences=True, return_state=True, dtype=dtype)
+            layer.build((None, None, D))
+            weights = (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias)
+            seq = tf.TensorSpec([None, None, None], dtype)  # (B, T, ...) batch-major
+            mat = tf.TensorSpec([None, None], dtype)
+
+            @tf.function(input_signature=[seq, mat, mat, seq, mat, mat])
+            def run(x, h0, c0, dy, dh_T, dc_T):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, h0, c0])
+                    y, h_T, c_T = layer(x, initial_state=[h0, c0])  # (B, T, H), (B, H), (B, H)
+                    loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
+                grads = tape.gradient(loss, [x, h0, c0, *weights],
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                return y, h_T, c_T, grads
+
+            self._built[key] = (weights, run)
+        return self._built[key]
+
+    def reference(self, case: Case) -> Reference:
+        dtype = self._check(case)
+        c = case.astype(dtype)
+        D, H = c.D, c.H
+        Dp, Hp = D, H
+        if self.bucket:
+            Dp, Hp = _bucket(D, self.smallest_bucket), _bucket(H, self.smallest_bucket)
+        weights, run = self._layer(Dp, Hp, dtype)
+        k = layouts.to_keras(_pad_vanilla(c.params, Dp, Hp))
+        for var, value in zip(weights, (k["kernel"], k["recurrent_kernel"], k["bias"]), strict=True):
+            var.assign(value)
+        y, h_T, c_T, g = run(
+            layouts.batch_major(_pad_last(c.x, Dp)),  # (B, T, Dp)
+            _pad_last(c.h0, Hp), _pad_last(c.c0, Hp),  # (B, Hp)
+            layouts.batch_major(_pad_last(c.dy, Hp)), _pad_last(c.dh_T, Hp), _pad_last(c.dc_T, Hp),
+        )
+        dparams = layouts.from_keras(*(_numpy(t) for t in g[3:]))  # gradients convert like the weights
+        return Reference(
+            compute_dtype=dtype,
+            outputs={"y": layouts.time_major(_numpy(y))[..., :H], "h_T": _numpy(h_T)[:, :H],
+                     "c_T": _numpy(c_T)[:, :H]},
+            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": _numpy(g[1])[:, :H],
+                       "c0": _numpy(g[2])[:, :H], **_unpad_vanilla(dparams, D, H)},
+            notes=f"keras.layers.LSTM in {dtype}" + (f", run in a padded (D={Dp}, H={Hp}) layer"
+                                                     if (Dp, Hp) != (D, H) else ""),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# BlockLSTMV2
+
+
+class BlockLSTMV2Oracle(_TFBase):
+    """``tf.raw_ops.BlockLSTMV2`` (float32), vanilla and peephole, backward by ``BlockLSTMGradV2``."""
+
+    name = "tf-block-lstm-v2"
+    description = "tf.raw_ops.BlockLSTMV2 and BlockLSTMGradV2, TensorFlow's fused LSTM kernels, float32"
+    variants = ("vanilla", "peephole")
+    compute_dtypes = ("float32",)
+    limitation = "float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it"
+
+    def __init__(self) -> None:
+        self._functions: dict[bool, Any] = {}
+
+    def _function(self, peephole: bool) -> Any:
+        if peephole not in self._functions:
+            tf = _tf()
+            f32 = "float32"
+            seq = tf.TensorSpec([None, None, None], f32)
+            mat = tf.TensorSpec([None, None], f32)
+            vec = tf.TensorSpec([None], f32)
+
+            @tf.function(input_signature=[seq, mat, mat, mat, vec, vec, vec, vec, seq, mat, mat])
+            def run(x, h0, c0, w, b, wci, wcf, wco, dy, dh_T, dc_T):
+                args = dict(seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x, cs_prev=c0, h_prev=h0, w=w,
+                            wci=wci, wcf=wcf, wco=wco, b=b, use_peephole=peephole)
+                i, cs, f, o, ci, co, h = tf.raw_ops.BlockLSTMV2(cell_clip=0.0, **args)  # each (T, B, H)
+                # The kernel's outputs are every h_t and c_t, so the upstream gradient of h_T and c_T
+                # lands on their last step.
+                T = tf.shape(x)[0]
+                last = tf.one_hot(T - 1, T, dtype=x.dtype)[:, None, None]  # (T, 1, 1): 1 at the last step
+                grads = tf.raw_ops.BlockLSTMGradV2(
+                    i=i, cs=cs, f=f, o=o, ci=ci, co=co, h=h,
+                    cs_grad=last * dc_T, h_grad=dy + last * dh_T, **args,
+                )  # x, cs_prev, h_prev, w, wci, wcf, wco, b
+                return h, h[-1], cs[-1], grads
+
+            self._functions[peephole] = run
+        return self._functions[peephole]
+
+    def reference(self, case: Case) -> Reference:
+        dtype = self._check(case)
+        c = case.astype(dtype)
+        peephole = c.variant == "peephole"
+        d = layouts.to_block_lstm_v2(c.params)
+        zeros = np.zeros(c.H, dtype)
+        wci, wcf, wco = (d.get(k, zeros) for k in ("wci", "wcf", "wco"))
+        y, h_T, c_T, g = self._function(peephole)(c.x, c.h0, c.c0, d["w"], d["b"], wci, wcf, wco,
+                                                  c.dy, c.dh_T, c.dc_T)
+        dx, dc0, dh0, dw, dwci, dwcf, dwco, db = (_numpy(t) for t in g)
+        peeps = dict(wci=dwci, wcf=dwcf, wco=dwco) if peephole else {}
+        dparams = layouts.from_block_lstm_v2(dw, db, c.D, **peeps)  # gradients convert like the weights
+        return Reference(
+            compute_dtype=dtype,
+            outputs={"y": _numpy(y), "h_T": _numpy(h_T), "c_T": _numpy(c_T)},
+            gradients={"x": dx, "h0": dh0, "c0": dc0, **dparams},
+            notes="tf.raw_ops.BlockLSTMV2 (float32, cell_clip disabled)",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Composite
+
+
+def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any):
+    """One time step of the contract's equations as a ``tf.scan`` body: ((h, c), x_t) -> (h, c)."""
+
+    def ln(v, k):  # LayerNorm row k: biased variance over the H units, eps inside the square root
+        mean, var = tf.nn.moments(v, axes=[-1], keepdims=True)
+        return (v - mean) * tf.math.rsqrt(var + eps) * p["gamma"][k] + p["beta"][k]
+
+    def step(state, x_t):
+        h, c = state  # (B, H) each
+        a = tf.matmul(x_t, p["W"], transpose_b=True) + tf.matmul(h, p["R"], transpose_b=True)  # (B, 4H)
+        if variant != "layernorm":
+            a = a + p["b"]
+        a_i, a_f, a_g, a_o = tf.split(a, 4, axis=1)
+        if variant == "vanilla":
+            c = tf.sigmoid(a_f) * c + tf.sigmoid(a_i) * tf.tanh(a_g)
+            o = tf.sigmoid(a_o)
+        elif variant == "peephole":
+            i = tf.sigmoid(a_i + p["p_i"] * c)
+            f = tf.sigmoid(a_f + p["p_f"] * c)
+            c = f * c + i * tf.tanh(a_g)
+            o = tf.sigmoid(a_o + p["p_o"] * c)  # the output gate sees the new cell state
+        else:
+            i, f = tf.sigmoid(ln(a_i, 0)), tf.sigmoid(ln(a_f, 1))
+            g, o = tf.tanh(ln(a_g, 2)), tf.sigmoid(ln(a_o, 3))
+            c = ln(f * c + i * g, 4)  # the normalized cell is carried forward
+        return o * tf.tanh(c), c
+
+    return step
+
+
+class TFCompositeOracle(_TFBase):
+    """The LSTM of every variant from TF primitives in a cached ``tf.function``, float64."""
+
+    name = "tf-composite"
+    description = "LSTM equations in TensorFlow primitives (tf.scan, tf.nn.moments), float64 GradientTape"
+    variants = ("vanilla", "peephole", "layernorm")
+    compute_dtypes = ("float64",)
+
+    def __init__(self) -> None:
+        self._functions: dict[tuple[str, str], Any] = {}
+
+    def _function(self, variant: str, dtype: str, param_shapes: dict[str, int]) -> Any:
+        key = (variant, dtype)
+        if key not in self._functions:
+            tf = _tf()
+            seq = tf.TensorSpec([None, None, None], dtype)
+            mat = tf.TensorSpec([None, None], dtype)
+            pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
+            eps_spec = tf.TensorSpec([], dtype)
+
+            @tf.function(input_signature=[seq, mat, mat, pspec, seq, mat, mat, eps_spec])
+            def run(x, h0, c0, params, dy, dh_T, dc_T, eps):
+                names = ["x", "h0", "c0", *params]
+                inputs = [x, h0, c0] + [params[k] for k in names[3:]]
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    hs, cs = tf.scan(_composite_step(tf, variant, params, eps), x, initializer=(h0, c0))
+                    loss = _objective(tf, hs, hs[-1], cs[-1], dy, dh_T, dc_T)
+                grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                return hs, hs[-1], cs[-1], dict(zip(names, grads, strict=True))
+
+            self._functions[key] = run
+        return self._functions[key]
+
+    def reference(self, case: Case) -> Reference:
+        dtype = self._check(case)
+        c = case.astype(dtype)
+        keys = gradient_keys(c.variant)
+        fn = self._function(c.variant, dtype, {k: v.ndim for k, v in c.params.items()})
+        y, h_T, c_T, g = fn(c.x, c.h0, c.c0, dict(c.params), c.dy, c.dh_T, c.dc_T,
+                            np.asarray(c.ln_eps, dtype))
+        return Reference(
+            compute_dtype=dtype,
+            outputs={"y": _numpy(y), "h_T": _numpy(h_T), "c_T": _numpy(c_T)},
+            gradients={k: _numpy(g[k]) for k in keys},
+            notes=f"TensorFlow primitives in {dtype}",
+        )

@@ -1,0 +1,65 @@
+"""Helpers shared by the oracle and layout tests: availability skips and assert_close-shaped checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.cases import Case
+from harness.compare import compare_arrays, effective_dtype, tolerance
+from harness.contract import gradient_keys, quantity_specs
+from oracles.base import Oracle, Reference
+
+
+def require(oracle: Oracle) -> Oracle:
+    """Skip the calling test, with the reason, when ``oracle``'s framework is missing."""
+    avail = oracle.availability()
+    if not avail.available:
+        pytest.skip(f"{oracle.name} unavailable: {avail.reason}")
+    return oracle
+
+
+def assert_close(actual, expected, *, quantity: str, variant: str, H: int, dtype: str, kind: str,
+                 actual_name: str = "actual", expected_name: str = "expected", extra=0.0) -> None:
+    """Compare like the harness does and fail with the harness's own assert_close-shaped message."""
+    spec = quantity_specs(variant)[quantity]
+    tol = tolerance(dtype, kind)
+    base = dict(implementation=actual_name, oracle=expected_name, variant=variant, dtype=dtype,
+                direction="forward" if kind == "values" else "backward", quantity=quantity)
+    rec = compare_arrays(np.asarray(actual), np.asarray(expected), spec=spec, H=H, tol=tol,
+                         tolerance_dtype=dtype, extra=extra, base=base)
+    assert rec.status == "pass", rec.message
+
+
+def is_close(actual, expected, *, quantity: str, variant: str, H: int, dtype: str, kind: str) -> bool:
+    """True when the harness's comparison passes (for tests that a wrong thing is caught)."""
+    spec = quantity_specs(variant)[quantity]
+    rec = compare_arrays(np.asarray(actual), np.asarray(expected), spec=spec, H=H, tol=tolerance(dtype, kind),
+                         tolerance_dtype=dtype,
+                         base=dict(implementation="a", oracle="b", variant=variant, dtype=dtype,
+                                   direction="forward", quantity=quantity))
+    return rec.status == "pass"
+
+
+def assert_outputs_close(y, h_T, c_T, expected: tuple, *, case: Case, dtype: str, what: str, against: str):
+    for q, a, e in zip(("y", "h_T", "c_T"), (y, h_T, c_T), expected, strict=True):
+        assert_close(a, e, quantity=q, variant=case.variant, H=case.H, dtype=dtype, kind="values",
+                     actual_name=what, expected_name=against)
+
+
+def assert_references_agree(case: Case, a: Reference, a_name: str, b: Reference, b_name: str) -> None:
+    """Every quantity both references give, compared at the lowest precision involved.
+
+    A finite-difference reference's own error bound (``gradient_error``) widens the tolerance,
+    exactly as the runner does.
+    """
+    dtype = effective_dtype(case.dtype, a.compute_dtype, b.compute_dtype)
+    if a.outputs is not None and b.outputs is not None:
+        for q in ("y", "h_T", "c_T"):
+            assert_close(a.outputs[q], b.outputs[q], quantity=q, variant=case.variant, H=case.H, dtype=dtype,
+                         kind="values", actual_name=a_name, expected_name=b_name)
+    if a.gradients is not None and b.gradients is not None:
+        for k in gradient_keys(case.variant):
+            extra = (a.gradient_error or {}).get(k, 0.0) + (b.gradient_error or {}).get(k, 0.0)
+            assert_close(a.gradients[k], b.gradients[k], quantity="d" + k, variant=case.variant, H=case.H,
+                         dtype=dtype, kind="gradients", actual_name=a_name, expected_name=b_name, extra=extra)
