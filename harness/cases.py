@@ -45,6 +45,9 @@ WEIGHT_SCALES: dict[str, float] = {
     "saturating": 25.0,
 }
 
+#: How the rows of W and R are drawn: independently, or nearly equal within each gate (layernorm only).
+ROWS: tuple[str, ...] = ("random", "near_constant")
+
 #: Scales of the variant-specific parameters: peephole weights, LayerNorm gains and shifts.
 EXTRA_SCALES: dict[str, float] = {"zero": 0.0, "tiny": 1e-3, "small": 0.1, "unit": 1.0, "large": 5.0}
 
@@ -65,6 +68,7 @@ class CaseSpec:
     extra_scale: str = "unit"  # peephole weights / LayerNorm gains and shifts
     gain: str = "unit"  # LayerNorm gains: "unit" around 1, "near_zero", "random"
     upstream: str = "all"  # "all": dy, dh_T, dc_T random; "y_only": dh_T = dc_T = 0; "final_only": dy = 0
+    rows: str = "random"  # "near_constant": each gate's W and R rows nearly equal (LayerNorm edge case)
     ln_eps: float = DEFAULT_LN_EPS
 
     def replace(self, **changes: Any) -> CaseSpec:
@@ -77,6 +81,7 @@ class CaseSpec:
         return (
             f"{self.variant} {self.dtype} T={self.T} B={self.B} D={self.D} H={self.H} seed={self.seed} "
             f"weights={self.weight_scale} state={self.state} upstream={self.upstream}"
+            + (f" rows={self.rows}" if self.rows != "random" else "")
         )
 
 
@@ -202,6 +207,8 @@ def _check_spec(spec: CaseSpec) -> None:
         raise InvalidArgument(f"weight_scale: expected one of {sorted(WEIGHT_SCALES)}, got {spec.weight_scale!r}")
     if spec.extra_scale not in EXTRA_SCALES:
         raise InvalidArgument(f"extra_scale: expected one of {sorted(EXTRA_SCALES)}, got {spec.extra_scale!r}")
+    if spec.rows not in ROWS:
+        raise InvalidArgument(f"rows: expected one of {ROWS}, got {spec.rows!r}")
 
 
 def build_case(spec: CaseSpec) -> Case:
@@ -238,6 +245,8 @@ def build_case(spec: CaseSpec) -> Case:
             gamma = 1.0 + rng.standard_normal((5, H)) * 0.1
         params["gamma"] = gamma
         params["beta"] = rng.standard_normal((5, H)) * e
+    if spec.rows == "near_constant":
+        params["W"], params["R"] = _near_constant_rows(spec, w_std)
     dy = rng.standard_normal((T, B, H))
     dh_T = rng.standard_normal((B, H))
     dc_T = rng.standard_normal((B, H))
@@ -250,6 +259,22 @@ def build_case(spec: CaseSpec) -> Case:
     case = case.astype(spec.dtype)
     case.spec = spec
     return case
+
+
+def _near_constant_rows(spec: CaseSpec, w_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """W (4H, D) and R (4H, H) whose H rows within each gate block are one shared row plus a small
+    deviation: every gate's pre-activations then agree across units up to a spread of about
+    rho * sqrt(ln_eps), rho log-uniform in [0.01, 10], while their common value keeps the weight
+    scale. These are the LayerNorm rows whose variance is comparable to eps (issue 4, section 5).
+    Drawn from their own stream, so every other array is the same as with ``rows="random"``.
+    """
+    rng = np.random.default_rng([spec.seed, 1])
+    D, H = spec.D, spec.H
+    rho = 10.0 ** rng.uniform(-2.0, 1.0)
+    dev = rho * np.sqrt(spec.ln_eps) / np.sqrt(D + H)
+    W = np.repeat(rng.standard_normal((4, 1, D)) * w_std, H, axis=1).reshape(4 * H, D)
+    R = np.repeat(rng.standard_normal((4, 1, H)) * w_std, H, axis=1).reshape(4 * H, H)
+    return W + rng.standard_normal(W.shape) * dev, R + rng.standard_normal(R.shape) * dev
 
 
 def _dim(name: str, lo: int, hi: int, special: tuple[int, ...] = (1,)) -> st.SearchStrategy[int]:
@@ -279,6 +304,7 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
         extra_scale=draw(st.sampled_from(tuple(EXTRA_SCALES)), label="extra_scale"),
         gain=draw(st.sampled_from(("unit", "random", "near_zero")), label="gain"),
         upstream=draw(st.sampled_from(("all", "y_only", "final_only")), label="upstream"),
+        rows=draw(st.sampled_from(ROWS), label="rows") if variant == "layernorm" else "random",
         ln_eps=ln_eps,
     )
 

@@ -49,6 +49,13 @@ class Tolerance:
     atol: float
     reason: str
 
+    def scaled(self, condition: float) -> Tolerance:
+        """rtol and atol times the case's condition number (:mod:`harness.conditioning`), if above 1."""
+        if not condition > 1.0:
+            return self
+        return Tolerance(self.rtol * condition, self.atol * condition,
+                         f"{self.reason}; times {condition:.3g}, the condition number of the case")
+
 
 # One table per dtype, values (forward outputs) and gradients separately. rtol and atol go together.
 # Starting points are torch.testing's _DTYPE_PRECISIONS (float64: 1e-7/1e-7, float32: 1.3e-6/1e-5)
@@ -139,6 +146,7 @@ class Record:
     atol: float | None = None
     atol_scale: float | None = None
     tolerance_dtype: str | None = None
+    condition: float = 1.0  # rtol and atol above include this factor (harness.conditioning)
     reason: str = ""  # why skipped, or the error / contract text
     traceback: str = ""
     case: dict[str, Any] = field(default_factory=dict)  # T, B, D, H, dtype, spec
@@ -425,5 +433,7 @@ def render_message(rec: Record) -> str:
     if rec.first_bad_t is not None:
         lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
     scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
-    lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol:.1e}, atol={rec.atol:.1e}{scale}")
+    cond = (f" (including x {rec.condition:.3g}, the case's LayerNorm condition number)"
+            if rec.condition > 1.0 else "")
+    lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol:.1e}, atol={rec.atol:.1e}{scale}{cond}")
     return "\n".join(lines)

@@ -9,17 +9,38 @@ line in the hand-written backward pass. Nothing is fused, nothing is clever; spe
     i = sigmoid(a_i)   f = sigmoid(a_f)   g = tanh(a_g)   o = sigmoid(a_o)
     c_t = f * c_{t-1} + i * g
     h_t = o * tanh(c_t)
+
+The time loop itself (:class:`LoopLSTM`'s ``forward`` and ``backward``) is the same for every
+variant: the peephole and LayerNorm loops (``impls/peephole.py``, ``impls/layernorm.py``) subclass
+it and replace only the three variant-specific methods ``prepare``, ``cell_forward`` and
+``cell_backward``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from harness.contract import GATES, check_inputs
 
-__all__ = ["LoopLSTM", "sigmoid", "split_gates", "cell_forward", "cell_backward"]
+__all__ = [
+    "LoopLSTM",
+    "GateWeights",
+    "StepCache",
+    "sigmoid",
+    "split_gates",
+    "join_gates",
+    "gate_weights",
+    "preactivation",
+    "cell_forward",
+    "cell_backward",
+    "preactivation_backward",
+    "check_dtype",
+    "check_upstream",
+]
 
 
 def sigmoid(a: np.ndarray) -> np.ndarray:
@@ -33,6 +54,11 @@ def split_gates(stacked: np.ndarray) -> dict[str, np.ndarray]:
     return {gate: stacked[k * H : (k + 1) * H] for k, gate in enumerate(GATES)}
 
 
+def join_gates(per_gate: Mapping[str, np.ndarray]) -> np.ndarray:
+    """{"i": (H, ...), ...} -> (4H, ...) in the canonical order i, f, g, o."""
+    return np.concatenate([per_gate[gate] for gate in GATES])
+
+
 @dataclass
 class GateWeights:
     """One gate's input weights (H, D), recurrent weights (H, H) and bias (H,)."""
@@ -42,7 +68,7 @@ class GateWeights:
     b: np.ndarray
 
 
-def gate_weights(params: dict[str, np.ndarray]) -> dict[str, GateWeights]:
+def gate_weights(params: Mapping[str, np.ndarray]) -> dict[str, GateWeights]:
     W, R, b = split_gates(params["W"]), split_gates(params["R"]), split_gates(params["b"])
     return {gate: GateWeights(W[gate], R[gate], b[gate]) for gate in GATES}
 
@@ -99,7 +125,8 @@ def cell_backward(dh, dc, cache: StepCache, weights: dict[str, GateWeights]):
 
     dh: dL/dh_t (B, H), everything that reaches h_t (from y_t and from step t+1).
     dc: dL/dc_t (B, H) arriving from step t+1 (or dc_T).
-    Returns dx_t (B, D), dh_prev (B, H), dc_prev (B, H) and the per-gate parameter gradients.
+    Returns dx_t (B, D), dh_prev (B, H), dc_prev (B, H) and this step's parameter gradients
+    {"W": (4H, D), "R": (4H, H), "b": (4H,)}.
     """
     s = cache
     # h_t = o * tanh(c_t): c_t is reached directly and through h_t.
@@ -117,56 +144,85 @@ def cell_backward(dh, dc, cache: StepCache, weights: dict[str, GateWeights]):
         "g": dg * (1.0 - s.g**2),
         "o": do * s.o * (1.0 - s.o),
     }
-    dx_t = sum(da[k] @ weights[k].W for k in GATES)  # (B, H) @ (H, D) -> (B, D)
-    dh_prev = sum(da[k] @ weights[k].R for k in GATES)  # (B, H) @ (H, H) -> (B, H)
-    grads = {
-        k: GateWeights(
-            W=da[k].T @ s.x_t,  # (H, B) @ (B, D) -> (H, D)
-            R=da[k].T @ s.h_prev,  # (H, B) @ (B, H) -> (H, H)
-            b=da[k].sum(axis=0),  # (H,)
-        )
-        for k in GATES
-    }
+    dx_t, dh_prev, grads = preactivation_backward(da, s.x_t, s.h_prev, weights)
+    grads["b"] = join_gates({k: da[k].sum(axis=0) for k in GATES})  # (4H,)
     return dx_t, dh_prev, dc_prev, grads
 
 
+def preactivation_backward(da: Mapping[str, np.ndarray], x_t, h_prev, weights: Mapping[str, Any]):
+    """Back through a_k = W_k x_t + R_k h_{t-1} (+ b_k) for every gate k; da[k] is (B, H).
+
+    Shared by every variant: returns dx_t (B, D), dh_prev (B, H) and {"W": (4H, D), "R": (4H, H)}.
+    """
+    dx_t = sum(da[k] @ weights[k].W for k in GATES)  # (B, H) @ (H, D) -> (B, D)
+    dh_prev = sum(da[k] @ weights[k].R for k in GATES)  # (B, H) @ (H, H) -> (B, H)
+    grads = {
+        "W": join_gates({k: da[k].T @ x_t for k in GATES}),  # (H, B) @ (B, D) -> (4H, D)
+        "R": join_gates({k: da[k].T @ h_prev for k in GATES}),  # (H, B) @ (B, H) -> (4H, H)
+    }
+    return dx_t, dh_prev, grads
+
+
+def check_dtype(impl: Any, x: np.ndarray) -> np.dtype:
+    """The compute dtype is the dtype of x; it must be one the implementation declares."""
+    dtype = np.dtype(x.dtype)
+    if dtype.name not in impl.dtypes:
+        raise ValueError(f"x: expected dtype {' or '.join(impl.dtypes)}, got {dtype.name}")
+    return dtype
+
+
+def check_upstream(dy, dh_T, dc_T, *, T: int, B: int, H: int) -> None:
+    """Validate backward's upstream gradients against the forward's shapes."""
+    for arg, value, want in (("dy", dy, (T, B, H)), ("dh_T", dh_T, (B, H)), ("dc_T", dc_T, (B, H))):
+        got = tuple(np.shape(value))
+        if got != want:
+            raise ValueError(f"{arg}: expected shape {want} (the shape of the forward's output), got {got}")
+
+
 class LoopLSTM:
-    """The standard LSTM, a timestep and a gate at a time, with BPTT written out by hand."""
+    """The standard LSTM, a timestep and a gate at a time, with BPTT written out by hand.
+
+    Subclasses for other variants replace ``prepare`` (canonical parameters -> per-gate weights),
+    ``cell_forward`` and ``cell_backward``; the time loops below are shared.
+    """
 
     name = "loop"
     variant = "vanilla"
     dtypes = ("float64", "float32")
 
+    def prepare(self, params: Mapping[str, np.ndarray]) -> Any:
+        return gate_weights(params)
+
+    def cell_forward(self, x_t, h_prev, c_prev, weights):
+        return cell_forward(x_t, h_prev, c_prev, weights)
+
+    def cell_backward(self, dh, dc, cache, weights):
+        return cell_backward(dh, dc, cache, weights)
+
     def forward(self, x, h0, c0, params):
         T, B, D, H = check_inputs(self.variant, x, h0, c0, params)
-        weights = gate_weights(params)
-        h, c = h0, c0
+        dtype = check_dtype(self, x)
+        params = {k: np.asarray(v, dtype) for k, v in params.items()}
+        weights = self.prepare(params)
+        h, c = np.asarray(h0, dtype), np.asarray(c0, dtype)
         ys, steps = [], []
         for t in range(T):
-            h, c, step = cell_forward(x[t], h, c, weights)
+            h, c, step = self.cell_forward(x[t], h, c, weights)
             ys.append(h)
             steps.append(step)
         y = np.stack(ys)  # (T, B, H)
-        return y, h, c, (weights, steps)
+        return y, h.copy(), c.copy(), (weights, steps, {k: v.shape for k, v in params.items()}, dtype)
 
     def backward(self, dy, dh_T, dc_T, cache):
-        weights, steps = cache
+        weights, steps, shapes, dtype = cache
         T = len(steps)
-        dx = np.empty((T,) + steps[0].x_t.shape, dtype=dy.dtype)  # (T, B, D)
-        total = {k: GateWeights(np.zeros_like(w.W), np.zeros_like(w.R), np.zeros_like(w.b))
-                 for k, w in weights.items()}
-        dh, dc = dh_T, dc_T
+        B, H = steps[0].c_prev.shape  # every variant's step cache keeps c_prev (B, H)
+        check_upstream(dy, dh_T, dc_T, T=T, B=B, H=H)
+        dy, dh, dc = (np.asarray(a, dtype) for a in (dy, dh_T, dc_T))
+        dx = np.empty((T,) + steps[0].x_t.shape, dtype=dtype)  # (T, B, D)
+        total = {k: np.zeros(shape, dtype) for k, shape in shapes.items()}
         for t in reversed(range(T)):
-            dx[t], dh, dc, grads = cell_backward(dy[t] + dh, dc, steps[t], weights)
-            for k in GATES:
-                total[k].W += grads[k].W
-                total[k].R += grads[k].R
-                total[k].b += grads[k].b
-        return {
-            "x": dx,
-            "h0": dh,
-            "c0": dc,
-            "W": np.concatenate([total[k].W for k in GATES]),  # (4H, D)
-            "R": np.concatenate([total[k].R for k in GATES]),  # (4H, H)
-            "b": np.concatenate([total[k].b for k in GATES]),  # (4H,)
-        }
+            dx[t], dh, dc, grads = self.cell_backward(dy[t] + dh, dc, steps[t], weights)
+            for k, g in grads.items():
+                total[k] += g
+        return {"x": dx, "h0": dh, "c0": dc, **total}

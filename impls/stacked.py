@@ -1,9 +1,19 @@
-"""The fast NumPy LSTM: stacked GEMMs and in-place gate math on preallocated buffers.
+"""The fast LSTM: stacked GEMMs and in-place gate math on preallocated buffers, over any array namespace.
 
 Forward: the input projection of every timestep is one (T*B, D) x (D, 4H) GEMM; each step adds one
 (B, H) x (H, 4H) recurrent GEMM and applies the gate nonlinearities in place.
 Backward: the time loop only propagates the pre-activation gradients (one (B, 4H) x (4H, H) GEMM a
-step); dW, dR and dx are each a single large GEMM over all timesteps after the loop.
+step); dW, dR and dx are each a single large GEMM over all timesteps after the loop, and so are the
+variants' own parameter gradients (reductions over T and B).
+
+The algorithm (:func:`stacked_forward`, :func:`stacked_backward`) is shared by every variant and is
+written against an *array namespace* ``xp``: NumPy here, CuPy for the GPU version. It uses only what
+both provide (``matmul`` and ufuncs with ``out=``, ``empty``, ``sum``/``mean`` with ``axis``,
+``reshape`` of contiguous buffers). What differs between variants is the pointwise gate math of one
+step, which lives in a :class:`Cell`: ``forward_step`` and ``backward_step`` are small functions of
+slices of the buffers, so a GPU version replaces each by one fused kernel and keeps everything else.
+The vanilla cell is here; the peephole and LayerNorm cells are in ``impls/peephole.py`` and
+``impls/layernorm.py``, next to their readable loop versions.
 
 Internally the gate blocks are kept in the order i, f, o, g so that the three sigmoids are one
 contiguous (B, 3H) slice; the canonical order i, f, g, o is restored at the boundary.
@@ -11,116 +21,241 @@ contiguous (B, 3H) slice; the canonical order i, f, g, o is restored at the boun
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
-from harness.contract import check_inputs
+from harness.contract import DEFAULT_LN_EPS, check_inputs
+from impls.loop import check_dtype, check_upstream
 
-__all__ = ["StackedLSTM"]
+__all__ = [
+    "StackedLSTM",
+    "Cell",
+    "VanillaCell",
+    "StackedCache",
+    "stacked_forward",
+    "stacked_backward",
+    "to_ifog",
+    "to_ifgo",
+    "sigmoid_",
+    "gate_views",
+]
 
 
-def _to_ifog(stacked: np.ndarray) -> np.ndarray:
+def to_ifog(xp: Any, stacked: Any) -> Any:
     """Canonical (4H, ...) in i, f, g, o -> internal i, f, o, g."""
-    i, f, g, o = np.split(stacked, 4, axis=0)
-    return np.concatenate([i, f, o, g], axis=0)
+    i, f, g, o = xp.split(stacked, 4, axis=0)
+    return xp.concatenate([i, f, o, g], axis=0)
 
 
-def _to_ifgo(stacked: np.ndarray) -> np.ndarray:
+def to_ifgo(xp: Any, stacked: Any) -> Any:
     """Internal (4H, ...) in i, f, o, g -> canonical i, f, g, o."""
-    i, f, o, g = np.split(stacked, 4, axis=0)
-    return np.concatenate([i, f, g, o], axis=0)
+    i, f, o, g = xp.split(stacked, 4, axis=0)
+    return xp.concatenate([i, f, g, o], axis=0)
 
 
-def _sigmoid_(a: np.ndarray) -> np.ndarray:
+def sigmoid_(xp: Any, a: Any) -> Any:
     """In-place sigmoid via 0.5 * (1 + tanh(a / 2)), which never overflows."""
     a *= 0.5
-    np.tanh(a, out=a)
+    xp.tanh(a, out=a)
     a += 1.0
     a *= 0.5
     return a
 
 
+def gate_views(a: Any, H: int) -> tuple[Any, Any, Any, Any]:
+    """(B, 4H) in the internal order -> the four (B, H) views i, f, o, g."""
+    return a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+
+
+@dataclass
+class StackedCache:
+    """What the forward keeps for the backward. ``h`` and ``c`` hold the initial state at index 0.
+
+    ``gates`` (T, B, 4H) holds the gate activations i, f, o, g of every step (the pre-activations
+    until the step's gate math overwrote them); ``saved`` the cell's own per-step arrays.
+    """
+
+    x: Any  # (T, B, D)
+    W: Any  # (4H, D), internal gate order
+    R: Any  # (4H, H), internal gate order
+    P: dict[str, Any]  # the cell's own parameters, internal layout
+    h: Any  # (T + 1, B, H)
+    c: Any  # (T + 1, B, H)
+    gates: Any  # (T, B, 4H)
+    saved: dict[str, Any] = field(default_factory=dict)
+
+
+class Cell:
+    """The pointwise math of one variant, for the stacked algorithm.
+
+    A GPU version overrides ``forward_step`` and ``backward_step`` with one fused kernel each; the
+    other methods only allocate, reorder and reduce, and work over any array namespace.
+    """
+
+    #: Whether the variant has a bias ``b`` (added once to the input projection of all steps).
+    has_bias = True
+    #: Canonical names of the cell's own parameters (beyond W, R and b).
+    param_names: tuple[str, ...] = ()
+
+    def prepare(self, xp: Any, params: Mapping[str, Any], dtype: Any, *, ln_eps: float) -> dict[str, Any]:
+        """The cell's own parameters, converted to ``xp`` and the internal layout (and constants)."""
+        return {}
+
+    def forward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
+        """Arrays the forward writes: per-step ones (leading axis T) the backward reads, and scratch."""
+        return {}
+
+    def backward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
+        """Arrays the backward writes: scratch, and per-step ones for the reductions after the loop."""
+        return {}
+
+    def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
+        """Step t. a (B, 4H): pre-activations in, activations i, f, o, g out (in place).
+
+        c_prev (B, H) is read; c, h (B, H) are written; S holds the forward buffers, P the cell's
+        parameters.
+        """
+        raise NotImplementedError
+
+    def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
+        """Step t backwards. dh (B, H): all of dL/dh_t; dc (B, H): dL/dc_t from step t+1.
+
+        Writes da (B, 4H), the gradient of the pre-activations (internal order), and turns dc into
+        dL/dc_{t-1} in place. ``a`` holds the step's activations; G the backward buffers.
+        """
+        raise NotImplementedError
+
+    def param_grads(self, xp, cache: StackedCache, da, G) -> dict[str, Any]:
+        """The cell's own parameter gradients (canonical layout), reduced after the time loop."""
+        return {}
+
+
+class VanillaCell(Cell):
+    """a_t = W x_t + R h_{t-1} + b; i, f, o = sigmoid; g = tanh; c_t = f c + i g; h_t = o tanh(c_t)."""
+
+    def forward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
+        return {"tanh_c": xp.empty((T, B, H), dtype)}
+
+    def backward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
+        return {"tmp": xp.empty((B, H), dtype)}
+
+    def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
+        H = c.shape[1]
+        sigmoid_(xp, a[:, : 3 * H])  # i, f, o
+        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])  # g
+        i, f, o, g = gate_views(a, H)
+        xp.multiply(f, c_prev, out=c)  # c_t = f * c_{t-1} + i * g
+        c += i * g
+        xp.tanh(c, out=S["tanh_c"][t])
+        xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
+
+    def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
+        H = c.shape[1]
+        i, f, o, g = gate_views(a, H)
+        di, df, do, dg = gate_views(da, H)
+        tanh_c = S["tanh_c"][t]
+        tmp = G["tmp"]
+        # dc += dh * o * (1 - tanh_c^2): c_t is reached directly and through h_t.
+        xp.multiply(tanh_c, tanh_c, out=tmp)
+        xp.subtract(1.0, tmp, out=tmp)
+        tmp *= o
+        tmp *= dh
+        dc += tmp
+        # d(pre-activation) = d(gate) * gate'(.)
+        xp.multiply(dh, tanh_c, out=do)
+        do *= o
+        do *= 1.0 - o
+        xp.multiply(dc, g, out=di)
+        di *= i
+        di *= 1.0 - i
+        xp.multiply(dc, c_prev, out=df)
+        df *= f
+        df *= 1.0 - f
+        xp.multiply(dc, i, out=dg)
+        dg *= 1.0 - g * g
+        dc *= f  # dL/dc_{t-1}
+
+
+def stacked_forward(
+    xp: Any, cell: Cell, x, h0, c0, params: Mapping[str, Any], dtype: Any, *, ln_eps: float = DEFAULT_LN_EPS
+):
+    """-> y (T, B, H), h_T (B, H), c_T (B, H), cache. Inputs may be NumPy; they are moved to ``xp``."""
+    x = xp.asarray(x, dtype=dtype)
+    T, B, D = x.shape
+    H = h0.shape[1]
+    W = to_ifog(xp, xp.asarray(params["W"], dtype=dtype))  # (4H, D)
+    R = to_ifog(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H)
+    RT = xp.ascontiguousarray(R.T)  # (H, 4H)
+    P = cell.prepare(xp, params, dtype, ln_eps=ln_eps)
+
+    # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
+    gates = (x.reshape(T * B, D) @ W.T).reshape(T, B, 4 * H)
+    if cell.has_bias:
+        gates += to_ifog(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
+    h = xp.empty((T + 1, B, H), dtype)  # h[0] = h0, h[t+1] = h_t
+    c = xp.empty((T + 1, B, H), dtype)
+    h[0] = xp.asarray(h0, dtype=dtype)
+    c[0] = xp.asarray(c0, dtype=dtype)
+    S = cell.forward_buffers(xp, T, B, H, dtype)
+    rec = xp.empty((B, 4 * H), dtype)
+    for t in range(T):
+        a = gates[t]  # (B, 4H), pre-activations until the cell's gate math overwrites them
+        xp.matmul(h[t], RT, out=rec)  # (B, H) @ (H, 4H)
+        a += rec
+        cell.forward_step(xp, t, a, c[t], c[t + 1], h[t + 1], S, P)
+    cache = StackedCache(x, W, R, P, h, c, gates, S)
+    return h[1:].copy(), h[T].copy(), c[T].copy(), cache
+
+
+def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
+    """-> {"x": dx, "h0": dh0, "c0": dc0, "W": dW, "R": dR, ...} in the canonical layout."""
+    x, R, h, c, gates = cache.x, cache.R, cache.h, cache.c, cache.gates
+    T, B, D = x.shape
+    H = h.shape[2]
+    dtype = x.dtype
+    dy = xp.asarray(dy, dtype=dtype)
+    dh = xp.array(dh_T, dtype=dtype, copy=True)
+    dc = xp.array(dc_T, dtype=dtype, copy=True)
+    da = xp.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
+    G = cell.backward_buffers(xp, T, B, H, dtype)
+    for t in reversed(range(T)):
+        dh += dy[t]
+        cell.backward_step(xp, t, dh, dc, da[t], gates[t], c[t], c[t + 1], cache.saved, G, cache.P)
+        xp.matmul(da[t], R, out=dh)  # (B, 4H) @ (4H, H) -> (B, H)
+    da2 = da.reshape(T * B, 4 * H)
+    dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
+    dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)
+    dR = da2.T @ h[:T].reshape(T * B, H)  # (4H, T*B) @ (T*B, H)
+    grads = {"x": dx, "h0": dh, "c0": dc, "W": to_ifgo(xp, dW), "R": to_ifgo(xp, dR)}
+    if cell.has_bias:
+        grads["b"] = to_ifgo(xp, da2.sum(axis=0))
+    grads.update(cell.param_grads(xp, cache, da, G))
+    return grads
+
+
 class StackedLSTM:
-    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster."""
+    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster.
+
+    ``xp`` is the array namespace the algorithm runs over and ``cell`` the variant's pointwise math;
+    the variants' stacked classes only change ``variant``, ``name`` and ``cell``.
+    """
 
     name = "stacked"
     variant = "vanilla"
     dtypes = ("float64", "float32")
+    xp: Any = np
+    cell: Cell = VanillaCell()
 
     def forward(self, x, h0, c0, params):
-        T, B, D, H = check_inputs(self.variant, x, h0, c0, params)
-        dtype = x.dtype
-        W = _to_ifog(params["W"]).astype(dtype, copy=False)  # (4H, D)
-        R = _to_ifog(params["R"]).astype(dtype, copy=False)  # (4H, H)
-        b = _to_ifog(params["b"]).astype(dtype, copy=False)  # (4H,)
-        RT = np.ascontiguousarray(R.T)  # (H, 4H)
-
-        # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
-        gates = (x.reshape(T * B, D) @ W.T).reshape(T, B, 4 * H)
-        gates += b
-        h = np.empty((T + 1, B, H), dtype)  # h[0] = h0, h[t+1] = h_t
-        c = np.empty((T + 1, B, H), dtype)
-        tanh_c = np.empty((T, B, H), dtype)
-        h[0], c[0] = h0, c0
-        rec = np.empty((B, 4 * H), dtype)
-        for t in range(T):
-            a = gates[t]  # (B, 4H), pre-activations until the gate math below overwrites them
-            np.matmul(h[t], RT, out=rec)
-            a += rec
-            _sigmoid_(a[:, : 3 * H])  # i, f, o
-            np.tanh(a[:, 3 * H :], out=a[:, 3 * H :])  # g
-            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-            np.multiply(f, c[t], out=c[t + 1])
-            c[t + 1] += i * g
-            np.tanh(c[t + 1], out=tanh_c[t])
-            np.multiply(o, tanh_c[t], out=h[t + 1])
-        cache = (x, W, R, h, c, tanh_c, gates)
-        return h[1:], h[T].copy(), c[T].copy(), cache
+        check_inputs(self.variant, x, h0, c0, params)
+        dtype = check_dtype(self, x)
+        ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
+        return stacked_forward(self.xp, self.cell, x, h0, c0, params, dtype, ln_eps=ln_eps)
 
     def backward(self, dy, dh_T, dc_T, cache):
-        x, W, R, h, c, tanh_c, gates = cache
-        T, B, D = x.shape
-        H = h.shape[2]
-        dtype = x.dtype
-        da = np.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
-        dh = dh_T.astype(dtype, copy=True)
-        dc = dc_T.astype(dtype, copy=True)
-        tmp = np.empty((B, H), dtype)
-        for t in reversed(range(T)):
-            a = gates[t]
-            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-            d = da[t]
-            di, df, do, dg = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
-            dh += dy[t]
-            # dc += dh * o * (1 - tanh_c^2)
-            np.multiply(tanh_c[t], tanh_c[t], out=tmp)
-            np.subtract(1.0, tmp, out=tmp)
-            tmp *= o
-            tmp *= dh
-            dc += tmp
-            # d(pre-activation) = d(gate) * gate'(.)
-            np.multiply(dh, tanh_c[t], out=do)
-            do *= o
-            do *= 1.0 - o
-            np.multiply(dc, g, out=di)
-            di *= i
-            di *= 1.0 - i
-            np.multiply(dc, c[t], out=df)
-            df *= f
-            df *= 1.0 - f
-            np.multiply(dc, i, out=dg)
-            dg *= 1.0 - g * g
-            dc *= f
-            np.matmul(d, R, out=dh)  # (B, 4H) @ (4H, H) -> (B, H)
-        da2 = da.reshape(T * B, 4 * H)
-        dx = (da2 @ W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
-        dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)
-        dR = da2.T @ h[:T].reshape(T * B, H)  # (4H, T*B) @ (T*B, H)
-        db = da2.sum(axis=0)
-        return {
-            "x": dx,
-            "h0": dh,
-            "c0": dc,
-            "W": _to_ifgo(dW),
-            "R": _to_ifgo(dR),
-            "b": _to_ifgo(db),
-        }
+        T, B, _ = cache.x.shape
+        check_upstream(dy, dh_T, dc_T, T=T, B=B, H=cache.h.shape[2])
+        return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)

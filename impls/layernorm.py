@@ -1,0 +1,340 @@
+"""The LayerNorm LSTM, with the semantics of TensorFlow 1's ``LayerNormBasicLSTMCell``.
+
+Parameters: ``W`` (4H, D), ``R`` (4H, H), no bias; ``gamma`` and ``beta`` (5, H), rows in the order
+i, f, g, o, c. Each gate's pre-activation is layer-normalized on its own (over its H units, biased
+variance, eps inside the square root), and so is the new cell state, which is what is carried
+forward:
+
+    a_t = W x_t + R h_{t-1}                            split into a_i, a_f, a_g, a_o
+    LN_k(v) = (v - mean(v)) / sqrt(var(v) + eps) * gamma[k] + beta[k]
+    i = sigmoid(LN_i(a_i))   f = sigmoid(LN_f(a_f))   g = tanh(LN_g(a_g))   o = sigmoid(LN_o(a_o))
+    c_t = LN_c(f * c_{t-1} + i * g)
+    h_t = o * tanh(c_t)
+
+Backward through LN, with n = (v - mean) * r the normalized row and r = 1 / sqrt(var + eps):
+
+    dgamma = sum dz * n      dbeta = sum dz      dn = dz * gamma
+    dv = r * (dn - mean(dn) - n * mean(dn * n))          (means over the H units of the row)
+
+TF1's ``forget_bias`` is the same as adding it to ``beta[f]``. ``ln_eps`` is a class attribute
+(1e-5, TensorFlow's default); oracles read the declared value.
+
+This module holds the whole variant: the layer norm itself (:func:`layer_norm`,
+:func:`layer_norm_backward`, written with array methods only, so they run on any array namespace),
+the readable loop version (one function per gate) and the pointwise step of the stacked version
+(:class:`LayerNormCell`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
+from impls.loop import LoopLSTM, preactivation_backward, sigmoid, split_gates
+from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_
+
+__all__ = [
+    "LoopLayerNormLSTM",
+    "StackedLayerNormLSTM",
+    "LayerNormCell",
+    "LNGateWeights",
+    "LNStepCache",
+    "layer_norm",
+    "layer_norm_backward",
+    "cell_forward",
+    "cell_backward",
+]
+
+#: Internal row order of gamma and beta in the stacked version: gates i, f, o, g, then the cell.
+_INTERNAL_ROWS = tuple(LN_ROWS.index(k) for k in ("i", "f", "o", "g", "c"))
+
+
+def layer_norm(v, gamma, beta, eps: float):
+    """Normalize over the last axis: v (..., H), gamma and beta broadcastable to it.
+
+    Returns (LN(v), n, r): n = (v - mean) * r the normalized rows, r = 1 / sqrt(var + eps) (..., 1).
+    """
+    centered = v - v.mean(axis=-1, keepdims=True)
+    var = (centered * centered).mean(axis=-1, keepdims=True)  # biased: divide by H
+    r = 1.0 / (var + eps) ** 0.5
+    n = centered * r
+    return n * gamma + beta, n, r
+
+
+def layer_norm_backward(dz, n, r, gamma):
+    """Back through z = n * gamma + beta, n = (v - mean) * r: returns dv (..., H).
+
+    (dgamma = sum dz * n and dbeta = sum dz are reduced by the caller, over whatever it batches.)
+    """
+    dn = dz * gamma
+    return r * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+
+
+# --- The readable loop version -------------------------------------------------------------------
+
+
+@dataclass
+class LNGateWeights:
+    """One gate's input weights (H, D), recurrent weights (H, H), gain (H,) and shift (H,)."""
+
+    W: np.ndarray
+    R: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass
+class LNWeights:
+    gates: dict[str, LNGateWeights]
+    gamma_c: np.ndarray  # (H,)
+    beta_c: np.ndarray  # (H,)
+    eps: float
+
+
+@dataclass
+class LNStats:
+    """What a layer norm keeps for its backward: the normalized row n and 1 / sqrt(var + eps)."""
+
+    n: np.ndarray  # (B, H)
+    r: np.ndarray  # (B, 1)
+
+
+def normalized_preactivation(x_t, h_prev, w: LNGateWeights, eps: float):
+    # LN_k(W_k x_t + R_k h_{t-1}): (B, D) @ (D, H) + (B, H) @ (H, H) -> (B, H), no bias
+    z, n, r = layer_norm(x_t @ w.W.T + h_prev @ w.R.T, w.gamma, w.beta, eps)
+    return z, LNStats(n, r)
+
+
+def input_gate(x_t, h_prev, w: LNGateWeights, eps):
+    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
+    return sigmoid(z), stats
+
+
+def forget_gate(x_t, h_prev, w: LNGateWeights, eps):
+    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
+    return sigmoid(z), stats
+
+
+def cell_candidate(x_t, h_prev, w: LNGateWeights, eps):
+    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
+    return np.tanh(z), stats
+
+
+def output_gate(x_t, h_prev, w: LNGateWeights, eps):
+    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
+    return sigmoid(z), stats
+
+
+def cell_state(f, c_prev, i, g, weights: LNWeights):
+    # c_t = LN_c(f * c_{t-1} + i * g)                                 (B, H)
+    c, n, r = layer_norm(f * c_prev + i * g, weights.gamma_c, weights.beta_c, weights.eps)
+    return c, LNStats(n, r)
+
+
+@dataclass
+class LNStepCache:
+    """What one step keeps for its backward pass. All (B, H) except x_t (B, D)."""
+
+    x_t: np.ndarray
+    h_prev: np.ndarray
+    c_prev: np.ndarray
+    i: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    o: np.ndarray
+    tanh_c: np.ndarray
+    stats: dict[str, LNStats]  # per LN row i, f, g, o, c
+
+
+def cell_forward(x_t, h_prev, c_prev, weights: LNWeights):
+    """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
+    w, eps = weights.gates, weights.eps
+    i, st_i = input_gate(x_t, h_prev, w["i"], eps)
+    f, st_f = forget_gate(x_t, h_prev, w["f"], eps)
+    g, st_g = cell_candidate(x_t, h_prev, w["g"], eps)
+    o, st_o = output_gate(x_t, h_prev, w["o"], eps)
+    c, st_c = cell_state(f, c_prev, i, g, weights)
+    tanh_c = np.tanh(c)
+    h = o * tanh_c
+    stats = {"i": st_i, "f": st_f, "g": st_g, "o": st_o, "c": st_c}
+    return h, c, LNStepCache(x_t, h_prev, c_prev, i, f, g, o, tanh_c, stats)
+
+
+def cell_backward(dh, dc, cache: LNStepCache, weights: LNWeights):
+    """Back through one timestep.
+
+    dh: dL/dh_t (B, H), everything that reaches h_t (from y_t and from step t+1).
+    dc: dL/dc_t (B, H) arriving from step t+1 (or dc_T); c_t is the normalized cell.
+    Returns dx_t (B, D), dh_prev (B, H), dc_prev (B, H) and this step's parameter gradients.
+    """
+    s, w = cache, weights.gates
+    # h_t = o * tanh(c_t): c_t is reached directly and through h_t.
+    dz = {"o": dh * s.tanh_c * s.o * (1.0 - s.o)}  # gradients of the normalized pre-activations
+    dz_c = dc + dh * s.o * (1.0 - s.tanh_c**2)
+    # c_t = LN_c(s_t), s_t = f * c_{t-1} + i * g
+    ds = layer_norm_backward(dz_c, s.stats["c"].n, s.stats["c"].r, weights.gamma_c)
+    dz["i"] = ds * s.g * s.i * (1.0 - s.i)
+    dz["f"] = ds * s.c_prev * s.f * (1.0 - s.f)
+    dz["g"] = ds * s.i * (1.0 - s.g**2)
+    dc_prev = ds * s.f
+    # Back through each gate's layer norm to its pre-activation a_k = W_k x_t + R_k h_{t-1}.
+    da = {k: layer_norm_backward(dz[k], s.stats[k].n, s.stats[k].r, w[k].gamma) for k in GATES}
+    dx_t, dh_prev, grads = preactivation_backward(da, s.x_t, s.h_prev, w)
+    dz["c"] = dz_c
+    grads["gamma"] = np.stack([(dz[k] * s.stats[k].n).sum(axis=0) for k in LN_ROWS])  # (5, H)
+    grads["beta"] = np.stack([dz[k].sum(axis=0) for k in LN_ROWS])  # (5, H)
+    return dx_t, dh_prev, dc_prev, grads
+
+
+class LoopLayerNormLSTM(LoopLSTM):
+    """The LayerNorm LSTM, a timestep and a gate at a time, with BPTT written out by hand."""
+
+    name = "loop-layernorm"
+    variant = "layernorm"
+    ln_eps = DEFAULT_LN_EPS
+
+    def prepare(self, params: Mapping[str, np.ndarray]) -> LNWeights:
+        W, R = split_gates(params["W"]), split_gates(params["R"])
+        gamma = dict(zip(LN_ROWS, params["gamma"]))
+        beta = dict(zip(LN_ROWS, params["beta"]))
+        gates = {k: LNGateWeights(W[k], R[k], gamma[k], beta[k]) for k in GATES}
+        return LNWeights(gates, gamma["c"], beta["c"], float(self.ln_eps))
+
+    def cell_forward(self, x_t, h_prev, c_prev, weights):
+        return cell_forward(x_t, h_prev, c_prev, weights)
+
+    def cell_backward(self, dh, dc, cache, weights):
+        return cell_backward(dh, dc, cache, weights)
+
+
+# --- The stacked version's pointwise step --------------------------------------------------------
+
+
+class LayerNormCell(Cell):
+    """The LayerNorm gate math of one step on the stacked buffers (internal order i, f, o, g).
+
+    The four gate rows of a step are normalized together as a (B, 4, H) view; gamma and beta are
+    kept as (5, H) in the internal row order i, f, o, g, c.
+    """
+
+    has_bias = False
+    param_names = ("gamma", "beta")
+
+    def prepare(self, xp, params, dtype, *, ln_eps):
+        rows = list(_INTERNAL_ROWS)
+        return {
+            "gamma": xp.asarray(params["gamma"], dtype=dtype)[rows],  # (5, H)
+            "beta": xp.asarray(params["beta"], dtype=dtype)[rows],
+            "eps": float(ln_eps),
+        }
+
+    def forward_buffers(self, xp, T, B, H, dtype):
+        return {
+            "n": xp.empty((T, B, 4 * H), dtype),  # normalized gate pre-activations
+            "r": xp.empty((T, B, 4, 1), dtype),  # 1 / sqrt(var + eps) per gate row
+            "n_c": xp.empty((T, B, H), dtype),  # normalized f * c_{t-1} + i * g
+            "r_c": xp.empty((T, B, 1), dtype),
+            "tanh_c": xp.empty((T, B, H), dtype),
+            "tmp": xp.empty((B, H), dtype),
+        }
+
+    @staticmethod
+    def _normalize_(xp, v, n_out, r_out, eps) -> None:
+        """v (..., H) -> (v - mean) * r in place, also copied to n_out; r = 1 / sqrt(var + eps) to r_out."""
+        v -= v.mean(axis=-1, keepdims=True)
+        xp.multiply(v, v, out=n_out)  # n_out as scratch for the squares
+        var = n_out.mean(axis=-1, keepdims=True)
+        var += eps
+        xp.sqrt(var, out=var)
+        xp.divide(1.0, var, out=r_out)
+        v *= r_out
+        n_out[...] = v
+
+    def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
+        B, H = c.shape
+        gamma, beta = P["gamma"], P["beta"]
+        a3 = a.reshape(B, 4, H)  # a is a contiguous (B, 4H) row block: a view
+        self._normalize_(xp, a3, S["n"][t].reshape(B, 4, H), S["r"][t], P["eps"])
+        a3 *= gamma[:4]  # LN_k(a_k) for k = i, f, o, g
+        a3 += beta[:4]
+        sigmoid_(xp, a[:, : 3 * H])  # i, f, o
+        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])  # g
+        i, f, o, g = gate_views(a, H)
+        xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g
+        xp.multiply(i, g, out=S["tmp"])
+        c += S["tmp"]
+        self._normalize_(xp, c, S["n_c"][t], S["r_c"][t], P["eps"])
+        c *= gamma[4]  # c_t = LN_c(s_t)
+        c += beta[4]
+        xp.tanh(c, out=S["tanh_c"][t])
+        xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
+
+    def backward_buffers(self, xp, T, B, H, dtype):
+        return {
+            "dz": xp.empty((T, B, 4 * H), dtype),  # gradients of the normalized gate pre-activations
+            "dz_c": xp.empty((T, B, H), dtype),  # gradients of c_t = LN_c(s_t)
+            "tmp": xp.empty((B, H), dtype),
+        }
+
+    def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
+        B, H = c.shape
+        gamma = P["gamma"]
+        i, f, o, g = gate_views(a, H)
+        dz = G["dz"][t]
+        dz_i, dz_f, dz_o, dz_g = gate_views(dz, H)
+        tmp, tanh_c = G["tmp"], S["tanh_c"][t]
+        # dz_o = dh * tanh(c_t) * o * (1 - o)
+        xp.multiply(dh, tanh_c, out=dz_o)
+        dz_o *= o
+        xp.subtract(1.0, o, out=tmp)
+        dz_o *= tmp
+        # dz_c = dc + dh * o * (1 - tanh_c^2): c_t is reached directly and through h_t.
+        xp.multiply(tanh_c, tanh_c, out=tmp)
+        xp.subtract(1.0, tmp, out=tmp)
+        tmp *= o
+        tmp *= dh
+        dz_c = G["dz_c"][t]
+        xp.add(dc, tmp, out=dz_c)
+        # ds = LN_c backward; dc (now free) holds it.
+        dc[...] = layer_norm_backward(dz_c, S["n_c"][t], S["r_c"][t], gamma[4])
+        ds = dc
+        # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f);  dz_g = ds * i * (1 - g^2)
+        xp.multiply(ds, g, out=dz_i)
+        dz_i *= i
+        xp.subtract(1.0, i, out=tmp)
+        dz_i *= tmp
+        xp.multiply(ds, c_prev, out=dz_f)
+        dz_f *= f
+        xp.subtract(1.0, f, out=tmp)
+        dz_f *= tmp
+        xp.multiply(g, g, out=tmp)
+        xp.subtract(1.0, tmp, out=tmp)
+        tmp *= i
+        xp.multiply(ds, tmp, out=dz_g)
+        ds *= f  # dc_{t-1}
+        # Back through the four gate layer norms at once, (B, 4, H).
+        da.reshape(B, 4, H)[...] = layer_norm_backward(
+            dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4]
+        )
+
+    def param_grads(self, xp, cache: StackedCache, da, G):
+        T, B, H = cache.c.shape[0] - 1, cache.c.shape[1], cache.c.shape[2]
+        S = cache.saved
+        n = S["n"].reshape(T, B, 4, H)
+        dz = G["dz"].reshape(T, B, 4, H)
+        dgamma = xp.concatenate([(dz * n).sum(axis=(0, 1)), (G["dz_c"] * S["n_c"]).sum(axis=(0, 1))[None]])
+        dbeta = xp.concatenate([dz.sum(axis=(0, 1)), G["dz_c"].sum(axis=(0, 1))[None]])
+        back = [_INTERNAL_ROWS.index(k) for k in range(5)]  # internal rows -> canonical i, f, g, o, c
+        return {"gamma": dgamma[back], "beta": dbeta[back]}
+
+
+class StackedLayerNormLSTM(StackedLSTM):
+    """The LayerNorm LSTM with stacked-gate GEMMs; same results as ``loop-layernorm``, much faster."""
+
+    name = "stacked-layernorm"
+    variant = "layernorm"
+    ln_eps = DEFAULT_LN_EPS
+    cell = LayerNormCell()
