@@ -16,6 +16,11 @@ from harness.contract import (
 )
 from harness.runner import RunSettings, check_case, run_checks
 
+__version__ = "0.1.0"  # before the imports below: reports.json reads it
+
+from harness.adapt import adapt  # noqa: E402
+from harness.api import CertifyResult, certify, replay  # noqa: E402
+
 __all__ = [
     "Case",
     "CaseSpec",
@@ -38,6 +43,8 @@ __all__ = [
     "RunSettings",
     "check_case",
     "run_checks",
+    "certify",
+    "replay",
+    "CertifyResult",
+    "adapt",
 ]
-
-__version__ = "0.1.0"

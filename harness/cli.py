@@ -1,7 +1,8 @@
-"""The ``lstm-harness`` command line: ``list`` and ``run``.
+"""The ``lstm-harness`` command line: ``list``, ``run``, ``certify``, ``diagnose``, ``replay``, ``report``.
 
-Exit codes: 0 everything checked agrees; 1 discrepancies (or an implementation errored on valid
-input); 2 bad usage, or a target that cannot be loaded or does not meet the contract.
+Exit codes: 0 everything checked agrees; 1 discrepancies (or an implementation errored, broke the
+contract at run time or hung on valid input); 2 bad usage, or a target that cannot be loaded or does
+not meet the contract (missing ``forward``, unknown variant, wrong signature).
 """
 
 from __future__ import annotations
@@ -10,47 +11,65 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from harness import registry
 from harness.cases import PROFILES
 from harness.compare import Record
-from harness.contract import DEFAULT_DTYPES, ContractError, validate
-from harness.runner import RunSettings, run_checks
-from harness.subject import InProcessSubject
+from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
 from harness.summary import details, summary_table, verdict
-from reports.json import build_report, write_report
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_DISCREPANCY, EXIT_USAGE = 0, 1, 2
+
+_GIB = 1024**3
+DEFAULT_TIMEOUT = 60.0  # seconds per call into an isolated implementation
+
+_EXIT_TEXT = """exit codes:
+  0  certified: every check agrees with every oracle
+  1  discrepancies, or the implementation raised, crashed, hung or broke the contract on valid input
+  2  bad usage, or TARGET could not be loaded or does not meet the contract
+"""
+
+_TARGET_TEXT = """TARGET is one of:
+  package.module:attribute     imported as `python -m` would (the current directory is searched)
+  path/to/file.py:attribute    the file is run as a module (its directory is on sys.path)
+  NAME                         an entry point in the group lstm_harness.implementations
+The attribute may be an implementation object, a class (created with no arguments) or a
+zero-argument factory.
+"""
 
 
 class UsageError(Exception):
     """Bad usage or an unloadable target: exit code 2 with this message."""
 
 
-def _progress(label: str, total: int):
-    """A one-line progress display on stderr, so that a long run does not look hung."""
-    start = time.monotonic()
-    interactive = sys.stderr.isatty()
-    last = [0.0]
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
-    def update(n: int) -> None:
-        now = time.monotonic()
-        if interactive and now - last[0] > 0.2:
-            last[0] = now
-            sys.stderr.write(f"\r  {label}: {n} cases ({now - start:.0f}s)   ")
-            sys.stderr.flush()
 
-    def done(n: int) -> None:
-        msg = f"  {label}: {n} cases in {time.monotonic() - start:.1f}s"
-        sys.stderr.write(("\r" if interactive else "") + msg + " " * 10 + "\n")
-        sys.stderr.flush()
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
-    return update, done
+
+def _jobs(text: str) -> int:
+    if text == "auto":
+        return max(1, os.cpu_count() or 1)
+    return _positive_int(text)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -64,31 +83,94 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=_positive_int, metavar="N", help="cases per check")
     p.add_argument("--seed", type=int, metavar="N", help="Hypothesis seed, for a reproducible run")
     p.add_argument("--report-dir", type=Path, default=Path("lstm-report"), metavar="DIR",
-                   help="where report.json and failing cases go (default: lstm-report/)")
+                   help="where report.json, index.html and the failing cases (cases/*.npz) go "
+                        "(default: lstm-report/)")
+    p.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write a JUnit XML report here")
+    p.add_argument("-n", "--jobs", type=_jobs, default=1, metavar="N",
+                   help="parallel worker processes, or 'auto' for one per CPU. The work is cut into units, one "
+                        "per implementation, dtype and oracle, and each of N worker processes (fresh "
+                        "interpreters) checks one unit after another, each with its own Hypothesis search. "
+                        "Default 1: every unit in this process, all oracles sharing each call into the "
+                        "implementation")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _add_isolation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   help="limit per call into the implementation (forward, then backward); a call that "
+                        f"takes longer is stopped and reported as a hang (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--memory-limit", type=_positive_float, metavar="GIB",
+                   help="memory the implementation may reserve beyond what loading it took, in GiB (default: "
+                        "half this machine's memory, at least 4); beyond it the implementation gets a "
+                        "MemoryError (the worker's address space is capped)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the implementation in this process instead of a worker process: faster to "
+                        "start, but a crash or hang of the implementation ends the run, and --timeout "
+                        "and --memory-limit do not apply")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-harness",
         description="Cross-check LSTM implementations, forward and backward, against oracles.",
+        epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_list = sub.add_parser("list", help="implementations and oracles, with availability")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
-    p_run = sub.add_parser("run", help="cross-check every built-in implementation against every oracle")
+
+    p_run = sub.add_parser("run", help="cross-check every built-in implementation against every oracle",
+                           epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_run.add_argument("--impl", action="append", metavar="NAME",
                        help="built-in implementation to check (repeatable; default: all available)")
     add_run_options(p_run)
+
+    p_cert = sub.add_parser(
+        "certify", help="certify one implementation (yours): every check, a verdict, a report",
+        description="Certify TARGET: forward and backward, every dtype it declares, against every oracle "
+                    "that covers its variant, on Hypothesis cases; each failure is shrunk to a minimal "
+                    "case that is saved and can be replayed.",
+        epilog=_TARGET_TEXT + "\n" + _EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_cert.add_argument("target", metavar="TARGET", help="the implementation (see below)")
+    p_cert.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant it declares")
+    add_run_options(p_cert)
+    _add_isolation_options(p_cert)
+
+    p_diag = sub.add_parser(
+        "diagnose", help="find the convention (gate order, layout, variant) under which TARGET matches",
+        description="Try TARGET under the 24 gate orders, transposed weights, batch-major input, a forget "
+                    "bias of +1 and the other variants, and say under which convention it computes the "
+                    "standard LSTM, or where the closest one first departs.",
+        epilog=_TARGET_TEXT + "\nexit codes:\n  0  it matches the standard LSTM as declared\n"
+               "  1  it matches only under another convention, or under none\n"
+               "  2  bad usage, or TARGET could not be loaded\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_diag.add_argument("target", metavar="TARGET")
+    p_diag.add_argument("--variant", choices=sorted(VARIANTS), help="the variant it is meant to be")
+    p_diag.add_argument("--dtype", choices=DEFAULT_DTYPES, help="dtype of the trial cases (default: the "
+                                                                 "most precise it declares)")
+    p_diag.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_isolation_options(p_diag)
+
+    p_replay = sub.add_parser(
+        "replay", help="run one saved case (.npz) through TARGET and the oracles again",
+        description="Reproduce exactly the comparison a report recorded: the case file and the TARGET "
+                    "come from the record's replay command.",
+        epilog=_TARGET_TEXT + "\nexit codes:\n  0  the case passes\n  1  the discrepancy (or error) "
+               "reproduces\n  2  bad usage, or the case or TARGET could not be loaded\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_replay.add_argument("case", metavar="CASE.npz", type=Path)
+    p_replay.add_argument("target", metavar="TARGET")
+    p_replay.add_argument("--oracle", action="append", metavar="NAME",
+                          help="oracle to compare with (repeatable; default: every available one)")
+    p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
+                                                                      "case's)")
+    _add_isolation_options(p_replay)
+
+    p_report = sub.add_parser("report", help="render the HTML report from a report.json again")
+    p_report.add_argument("json_path", metavar="report.json", type=Path)
+    p_report.add_argument("-o", "--output", type=Path, metavar="OUT.html",
+                          help="where to write it (default: index.html beside report.json)")
+    p_report.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write JUnit XML here")
     return parser
 
 
@@ -104,6 +186,8 @@ def select_oracles(names: Sequence[str] | None) -> list:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from harness.plugins import entry_points
+
     impls = []
     for entry in registry.implementations():
         row = {"name": entry.name, "target": entry.target, "available": entry.unavailable is None,
@@ -112,9 +196,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             info = validate(entry.create())
             row.update(variant=info.variant, dtypes=list(info.dtypes), backward=info.has_backward)
         impls.append(row)
+    builtin_targets = {e.target for e in registry.implementations()}
+    plugins = [{"name": n, "target": t} for n, t in sorted(entry_points().items()) if t not in builtin_targets]
     oracles = [o.describe() for o in registry.oracles()]
     if args.json:
-        print(json.dumps({"implementations": impls, "oracles": oracles}, indent=2))
+        print(json.dumps({"implementations": impls, "plugins": plugins, "oracles": oracles}, indent=2))
         return EXIT_OK
     print("Implementations:")
     for r in impls:
@@ -123,6 +209,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                   f"{'forward+backward' if r['backward'] else 'forward only'}")
         else:
             print(f"  {r['name']:<22} unavailable  {r['reason']}")
+    if plugins:
+        print("\nRegistered by other packages (certify them with `lstm-harness certify NAME`):")
+        for p in plugins:
+            print(f"  {p['name']:<22} {p['target']}")
     print("\nOracles:")
     for o in oracles:
         if o["available"]:
@@ -137,31 +227,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_subject(subject, oracles, args, *, replay_target: str | None = None) -> list[Record]:
-    """Every dtype of one subject against ``oracles``; progress on stderr."""
-    info = subject.info
-    dtypes = [d for d in info.dtypes if not args.dtype or d in args.dtype]
-    settings = RunSettings(profile=args.profile, max_examples=args.max_examples, seed=args.seed,
-                           case_dir=args.report_dir / "cases", replay_target=replay_target)
-    records: list[Record] = []
-    for dtype in dtypes:
-        update, done = _progress(f"{info.name} {dtype}", 0)
-        counted = [0]
-
-        def progress(n: int, update=update) -> None:
-            counted[0] = n
-            update(n)
-
-        records += run_checks(subject, oracles, dtype=dtype, run=settings, progress=progress)
-        done(counted[0])
-    return records
-
-
-def print_results(records: Sequence[Record], *, per_quantity: bool = False) -> str:
+def print_results(records: Sequence[Record], *, per_quantity: bool = False, notes: Sequence[str] = ()) -> str:
     print(summary_table(records, per_quantity=per_quantity))
     limited = sorted({f"{r.oracle}: {r.reason}" for r in records
                       if r.status == "skip" and r.direction == "backward" and "forward" in r.reason})
     for line in limited:
+        print(f"note: {line}")
+    for line in notes:
         print(f"note: {line}")
     text = details(records)
     if text:
@@ -172,7 +244,17 @@ def print_results(records: Sequence[Record], *, per_quantity: bool = False) -> s
     return result
 
 
+def _write_outputs(report: dict, args: argparse.Namespace) -> None:
+    from harness.api import write_reports
+
+    problems: list[str] = []
+    paths = write_reports(report, args.report_dir, junit=getattr(args, "junit_xml", None), note=problems.append)
+    _print_files(paths, problems)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.api import certify_many
+
     oracles = select_oracles(args.oracle)
     entries = registry.implementations()
     if args.impl:
@@ -181,50 +263,177 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"--impl: expected one of {', '.join(known)}, got {', '.join(unknown)}")
         entries = [known[n] for n in args.impl]
-    records: list[Record] = []
+    selected = []
     for entry in entries:
         if entry.unavailable:
             print(f"{entry.name}: unavailable ({entry.unavailable})", file=sys.stderr)
             continue
-        impl = entry.create()
-        subject = InProcessSubject(impl, validate(impl))
-        records += run_subject(subject, oracles, args)
-    if not records:
+        info = validate(entry.create())
+        if args.dtype and not set(args.dtype) & set(info.dtypes):
+            print(f"{entry.name}: skipped (declares {', '.join(info.dtypes)} only)", file=sys.stderr)
+            continue
+        selected.append(entry)
+    if not selected:
         raise UsageError("nothing to check: no available implementation was selected")
-    result = print_results(records)
+    results = certify_many([e.target for e in selected], oracles=oracles, dtypes=args.dtype,
+                           max_examples=args.max_examples, profile=args.profile, seed=args.seed, jobs=args.jobs,
+                           isolate=False, report_dir=args.report_dir, write_report=False, progress=True,
+                           command="run")
+    records: list[Record] = [r for result in results for r in result.records]
+    notes = sorted({n for result in results for n in result.notes})
+    checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
+    result_text = print_results(records, notes=notes)
+    from reports.json import build_report
+
     report = build_report(
         records,
         command="run",
-        target=", ".join(e.target for e in entries if not e.unavailable),
-        settings=_settings_dict(args, oracles),
-        implementations=[_impl_dict(e) for e in entries if not e.unavailable],
+        target=", ".join(c["target"] for c in checked),
+        settings={"profile": args.profile, "max_examples": args.max_examples, "seed": args.seed,
+                  "dtypes": args.dtype or list(DEFAULT_DTYPES), "oracles": [o.name for o in oracles],
+                  "timeout": None, "jobs": args.jobs},
+        implementations=checked,
         oracles=[o.describe() for o in oracles],
+        notes=notes,
     )
-    path = write_report(report, args.report_dir / "report.json")
-    print(f"Report: {path}")
-    return EXIT_OK if result == "certified" else EXIT_DISCREPANCY
+    _write_outputs(report, args)
+    return EXIT_OK if result_text == "certified" else EXIT_DISCREPANCY
 
 
-def _settings_dict(args: argparse.Namespace, oracles) -> dict:
-    return {
-        "profile": args.profile,
-        "max_examples": args.max_examples,
-        "seed": args.seed,
-        "dtypes": args.dtype or list(DEFAULT_DTYPES),
-        "oracles": [o.name for o in oracles],
-    }
+def _memory_limit(args: argparse.Namespace) -> int | None:
+    from harness.isolation import default_memory_limit
+
+    if args.in_process:
+        return None
+    return int(args.memory_limit * _GIB) if args.memory_limit else default_memory_limit()
 
 
-def _impl_dict(entry) -> dict:
-    info = validate(entry.create())
-    return {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
-            "backward": info.has_backward, "target": entry.target}
+def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
+    """(isolate, timeout) from --in-process and --timeout."""
+    if args.in_process:
+        if args.timeout is not None:
+            raise UsageError("--timeout: a per-call timeout needs the implementation in a worker process; "
+                             "drop --in-process")
+        if args.memory_limit is not None:
+            raise UsageError("--memory-limit: needs the implementation in a worker process; drop --in-process")
+        return False, None
+    return True, args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run}
+_OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "timeout:": "--timeout:",
+                 "variant:": "--variant:", "case:": "CASE.npz:"}
+
+
+def _usage(exc: Exception) -> UsageError:
+    text = str(exc)
+    for api_name, option in _OPTION_NAMES.items():
+        if text.startswith(api_name):
+            text = option + text[len(api_name):]
+    return UsageError(text)
+
+
+def _print_files(result_files: dict, problems: Sequence[str]) -> None:
+    for line in problems:
+        print(line, file=sys.stderr)
+    if "json" in result_files:
+        print(f"Report: {result_files['json']}" + (f" and {result_files['html']}" if "html" in result_files
+                                                   else ""))
+    if "junit" in result_files:
+        print(f"JUnit XML: {result_files['junit']}")
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from harness.api import certify
+
+    isolate, timeout = _isolation(args)
+    try:
+        result = certify(
+            args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
+            max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
+            isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
+            memory_limit=_memory_limit(args), progress=True,
+        )
+    except ValueError as exc:
+        raise _usage(exc) from None
+    impl = result.implementation
+    print(f"Certifying {impl['name']} ({impl['target']}): variant {impl['variant']}, "
+          f"dtypes {', '.join(result.settings['dtypes'])}, "
+          f"{'forward and backward' if impl['backward'] else 'forward only (no backward)'}, "
+          f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
+    text = print_results(result.records, per_quantity=True, notes=result.notes)
+    _print_files(result.report_files, result.report_problems)
+    return EXIT_OK if text == "certified" else EXIT_DISCREPANCY
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from harness.diagnose import diagnose
+
+    isolate, timeout = _isolation(args)
+    try:
+        result = diagnose(args.target, variant=args.variant, dtype=args.dtype, isolate=isolate,
+                          timeout=timeout, memory_limit=_memory_limit(args))
+    except ValueError as exc:
+        raise _usage(exc) from None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.text())
+    return EXIT_OK if result.status == "standard" else EXIT_DISCREPANCY
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from harness.api import replay
+
+    isolate, timeout = _isolation(args)
+    try:
+        result = replay(args.case, args.target, oracles=args.oracle, variant=args.variant, isolate=isolate,
+                        timeout=timeout, memory_limit=_memory_limit(args))
+    except ValueError as exc:
+        raise _usage(exc) from None
+    case = result.case
+    print(f"Replaying {args.case}: {case.variant}, T={case.T}, B={case.B}, D={case.D}, H={case.H}, "
+          f"{case.dtype}" + (f", seed={case.spec.seed}" if case.spec else ""))
+    print(summary_table(result.records, per_quantity=True))
+    text = details(result.records)
+    if text:
+        print("\nDiscrepancies and errors:\n")
+        print(text)
+        print("\nReproduced: the case still fails.")
+        return EXIT_DISCREPANCY
+    print("\nThe case passes: every comparison is within tolerance.")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.api import write_html_report
+    from reports.json import read_report
+
+    try:
+        report = read_report(args.json_path)
+    except FileNotFoundError:
+        raise UsageError(f"report.json: expected an existing file, got {str(args.json_path)!r}") from None
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"report.json: {exc}") from None
+    out = args.output or args.json_path.parent / "index.html"
+    problems: list[str] = []
+    path = write_html_report(report, out, note=problems.append)
+    if args.junit_xml:
+        from reports.junit import write_junit
+
+        print(f"JUnit XML: {write_junit(report, args.junit_xml)}")
+    if path is None:
+        raise UsageError(problems[0] if problems else "the HTML report could not be written")
+    print(f"HTML report: {path}")
+    return EXIT_OK
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "certify": cmd_certify, "diagnose": cmd_diagnose,
+            "replay": cmd_replay, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from harness.plugins import LoadError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -232,10 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
-    except UsageError as exc:
-        print(f"lstm-harness {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ContractError as exc:
+    except (UsageError, LoadError, ContractError) as exc:
         print(f"lstm-harness {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

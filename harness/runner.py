@@ -27,6 +27,7 @@ from harness.compare import (
     render_message,
     tolerance,
 )
+from harness.conditioning import condition_number
 from harness.contract import gradient_keys, output_specs, quantity_specs
 from harness.subject import Execution, Subject
 from oracles.base import Oracle, Reference
@@ -84,6 +85,7 @@ def compare_execution(
     variant, T, B, H = case.variant, case.T, case.B, case.H
     specs = quantity_specs(variant)
     records: list[Record] = []
+    condition: float | None = None  # computed once, when the first comparison needs it
     for direction in directions:
         base = dict(implementation=implementation, oracle=oracle.name, variant=variant,
                     dtype=case.dtype, direction=direction)
@@ -118,6 +120,8 @@ def compare_execution(
             records += _records_for(base, names, "error", f"{oracle.name} produced no reference", case)
             continue
         tol_dtype = effective_dtype(case.dtype, reference.compute_dtype)
+        if condition is None:
+            condition = condition_number(case)
         if direction == "forward":
             assert execution.forward is not None and reference.outputs is not None
             actual = dict(zip(FORWARD_QUANTITIES, execution.forward))
@@ -129,11 +133,12 @@ def compare_execution(
             if problems:
                 records += _records_for(base, names, "contract", "; ".join(problems), case)
                 continue
-            tol = tolerance(tol_dtype, "values")
+            tol = tolerance(tol_dtype, "values").scaled(condition)
             for q in names:
                 rec = compare_arrays(actual[q], reference.outputs[q], spec=specs[q], H=H, tol=tol,
                                      tolerance_dtype=tol_dtype, base={**base, "quantity": q})
                 rec.case = _case_info(case)
+                rec.condition = condition
                 records.append(rec)
             continue
         grads = execution.gradients or {}
@@ -151,7 +156,7 @@ def compare_execution(
         if problems:
             records += _records_for(base, names, "contract", "; ".join(problems), case)
             continue
-        tol = tolerance(tol_dtype, "gradients")
+        tol = tolerance(tol_dtype, "gradients").scaled(condition)
         for k in keys:
             q = "d" + k
             qbase = {**base, "quantity": q}
@@ -171,6 +176,7 @@ def compare_execution(
                                           tolerance_dtype=tol_dtype,
                                           scale=scale if np.isfinite(scale) else 1.0, base=qbase)
             rec.case = _case_info(case)
+            rec.condition = condition
             records.append(rec)
     return records
 
@@ -248,11 +254,62 @@ class CheckFailed(Exception):
 
 _Key = tuple[str, str, str]  # oracle, direction, quantity
 
+#: Searches per check: after a failure is shrunk, the search starts again blind to the quantities
+#: already known to fail, so that a second, independent discrepancy (another gradient, another
+#: oracle) gets a minimal case of its own instead of hiding behind the first.
+MAX_SEARCHES = 4
+
+
+def _key(r: Record) -> _Key:
+    return (r.oracle, r.direction, r.quantity)
+
 
 @dataclass
-class _Tally:
+class _Search:
+    """One Hypothesis search: the worst passing record per key, and the shrunk failure if any."""
+
     worst: dict[_Key, Record] = field(default_factory=dict)
-    examples: int = 0
+    examples: int = 0  # cases generated before the failure; shrinking attempts are not counted
+    failure: CheckFailed | None = None
+    flaky: str = ""
+
+
+def _search(subject: Subject, oracles: Sequence[Oracle], strategy, run: RunSettings, ignore: set[_Key],
+            progress: Callable[[int], None] | None, counted: int) -> _Search:
+    out = _Search()
+
+    def one(spec: CaseSpec) -> None:
+        case = build_case(spec)
+        records = check_case(subject, oracles, case)
+        failing = [r for r in records if not r.ok and _key(r) not in ignore]
+        if out.failure is None and not failing:
+            out.examples += 1
+            if progress:
+                progress(counted + out.examples)
+        if failing:
+            raise CheckFailed(records, case)
+        for r in records:
+            old = out.worst.get(_key(r))
+            if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or old.status == "skip" and r.status == "pass":
+                out.worst[_key(r)] = r
+
+    test = given(strategy)(one)
+    test = run.hypothesis_settings()(test)
+    if run.seed is not None:
+        test = hypothesis_seed(run.seed)(test)
+    try:
+        test()
+    except CheckFailed as exc:
+        out.failure = exc
+    except Flaky as exc:  # the implementation gave different verdicts for the same case
+        out.failure = _find_check_failed(exc)
+        out.flaky = ("the failure did not reproduce when the same case ran again: the implementation is "
+                     "nondeterministic or keeps state between calls")
+        if out.failure is None:
+            raise
+    if out.failure is not None:
+        out.examples += 1  # the case that failed first
+    return out
 
 
 def run_checks(
@@ -263,67 +320,50 @@ def run_checks(
     run: RunSettings | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Record]:
-    """Cross-check one implementation in one dtype against ``oracles`` on Hypothesis cases."""
+    """Cross-check one implementation in one dtype against ``oracles`` on Hypothesis cases.
+
+    Returns one record per (oracle, direction, quantity): for a quantity that failed, the record of
+    its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set); otherwise the worst
+    passing record seen. ``examples`` on each record counts the cases generated, not shrinking.
+    """
     run = run or RunSettings()
     info = subject.info
-    tally = _Tally()
     strategy = case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps)
-
-    def one(spec: CaseSpec) -> None:
-        case = build_case(spec)
-        records = check_case(subject, oracles, case)
-        tally.examples += 1
-        if progress:
-            progress(tally.examples)
-        if any(not r.ok for r in records):
-            raise CheckFailed(records, case)
-        for r in records:
-            key = (r.oracle, r.direction, r.quantity)
-            old = tally.worst.get(key)
+    worst: dict[_Key, Record] = {}
+    failed: dict[_Key, Record] = {}
+    examples = 0
+    for _ in range(MAX_SEARCHES):
+        search = _search(subject, oracles, strategy, run, set(failed), progress, examples)
+        examples += search.examples
+        for key, r in search.worst.items():
+            old = worst.get(key)
             if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or old.status == "skip" and r.status == "pass":
-                tally.worst[key] = r
-
-    test = given(strategy)(one)
-    test = run.hypothesis_settings()(test)
-    if run.seed is not None:
-        test = hypothesis_seed(run.seed)(test)
-    failure: CheckFailed | None = None
-    flaky = ""
-    try:
-        test()
-    except CheckFailed as exc:
-        failure = exc
-    except Flaky as exc:  # the implementation gave different verdicts for the same case
-        inner = _find_check_failed(exc)
-        failure = inner
-        flaky = ("the failure did not reproduce when the same case ran again: the implementation is "
-                 "nondeterministic or keeps state between calls")
-        if failure is None:
-            raise
-    results: dict[_Key, Record] = dict(tally.worst)
-    if failure is not None:
+                worst[key] = r
+        if search.failure is None:
+            break
+        case = search.failure.case
         case_file = ""
         if run.case_dir is not None:
             run.case_dir.mkdir(parents=True, exist_ok=True)
-            path = run.case_dir / f"{_slug(info.name)}-{dtype}-{failure.case.spec.seed if failure.case.spec else 0}.npz"
-            failure.case.save(path)
+            path = run.case_dir / f"{_slug(info.name)}-{_case_tag(case)}.npz"
+            case.save(path)
             case_file = str(path)
-        for r in failure.records:
-            key = (r.oracle, r.direction, r.quantity)
-            if r.ok and key in results:
+        for r in search.failure.records:
+            if r.ok or _key(r) in failed:
                 continue
-            if not r.ok:
-                r.case_file = case_file
-                if case_file:
-                    target = run.replay_target or info.name
-                    r.replay = f"lstm-harness replay {case_file} {target} --oracle {r.oracle}"
-                if flaky:
-                    r.reason = (r.reason + "; " if r.reason else "") + flaky
-                    r.message = render_message(r) + f"\nNote: {flaky}"
-            results[key] = r
+            r.case_file = case_file
+            if case_file:
+                r.replay = f"lstm-harness replay {case_file} {run.replay_target or info.name} --oracle {r.oracle}"
+            if search.flaky:
+                r.reason = (r.reason + "; " if r.reason else "") + search.flaky
+                r.message = render_message(r) + f"\nNote: {search.flaky}"
+            failed[_key(r)] = r
+        if {_key(r) for r in search.failure.records} <= failed.keys():
+            break  # every quantity already fails: nothing left to find
+    results = {**worst, **failed}
     for r in results.values():
-        r.examples = tally.examples
+        r.examples = examples
     order = {o.name: i for i, o in enumerate(oracles)}
     qorder = {q: i for d in ("forward", "backward") for i, q in enumerate(quantities(info.variant, d))}
     return sorted(results.values(),
@@ -342,6 +382,12 @@ def _find_check_failed(exc: BaseException) -> CheckFailed | None:
         if e.__context__ is not None:
             seen.append(e.__context__)
     return None
+
+
+def _case_tag(case: Case) -> str:
+    """A file-name tag that tells cases apart: dtype, shape and seed."""
+    seed = case.spec.seed if case.spec else 0
+    return f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}-seed{seed}"
 
 
 def _slug(name: str) -> str:

@@ -11,21 +11,29 @@ Schema (``schema_version`` 1)::
       "verdict": "certified" | "discrepancies" | "error",
       "environment": {"python": ..., "platform": ..., "cpu": ..., "gpu": ... or null,
                       "packages": {"numpy": ..., "hypothesis": ..., "torch": ... or null, ...}},
+      "target_info": {"name", "variant", "dtypes", "backward", "target", "loaded", "isolated"} or null,
+                                                       # certify: what TARGET resolved to; "loaded" is
+                                                       # {"text", "kind" (module | file | entry point),
+                                                       #  "location", "attribute"} or null (an object)
       "settings": {"profile": ..., "max_examples": ..., "seed": ..., "dtypes": [...],
-                   "oracles": [...], "timeout": ...},
+                   "oracles": [...], "timeout": ..., "jobs": ...,
+                   # certify also: "isolate", "memory_limit" (bytes or null), "variant" (override or null)
+                  },
       "tolerances": {"float64": {"values": {"rtol", "atol", "reason"}, "gradients": {...}},
                      "float32": {...}},
       "implementations": [{"name", "variant", "dtypes", "backward", "target"}],
       "oracles": [{"name", "available", "reason", "versions", "variants", "dtypes",
                    "forward", "gradients", "limitation"}],
       "counts": {"pass": n, "fail": n, "error": n, "contract": n, "skip": n},
+      "notes": ["...", ...],                           # run-wide remarks, e.g. last-bit nondeterminism
       "records": [Record.to_dict(), ...]               # see harness.compare.Record
     }
 
 A record's fields: implementation, oracle, variant, dtype, direction, quantity, status, method,
 max_abs_error, max_rel_error, ratio, mismatched, total, nonfinite, worst {index, coords, actual,
 expected, abs_error, allowed}, first_bad_t, last_bad_t, rtol, atol, atol_scale, tolerance_dtype,
-reason, traceback, case {T, B, D, H, dtype, seed, spec}, error_map {quantity, panels}, examples,
+condition (the LayerNorm condition number rtol and atol were multiplied by; 1.0 otherwise), reason,
+traceback, case {T, B, D, H, dtype, seed, spec}, error_map {quantity, panels}, examples,
 case_file, replay, message. NaN is written as null and infinity as +-1e300 (strict JSON).
 """
 
@@ -100,6 +108,8 @@ def build_report(
     settings: dict[str, Any],
     implementations: Sequence[dict[str, Any]],
     oracles: Sequence[dict[str, Any]],
+    target_info: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     counts = Counter(r.status for r in records)
     return {
@@ -108,6 +118,7 @@ def build_report(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "target": target,
+        "target_info": dict(target_info) if target_info is not None else None,
         "verdict": verdict(records),
         "environment": environment(),
         "settings": dict(settings),
@@ -118,6 +129,7 @@ def build_report(
         "implementations": list(implementations),
         "oracles": list(oracles),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
+        "notes": list(notes),
         "records": [r.to_dict() for r in records],
     }
 

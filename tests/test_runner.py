@@ -190,3 +190,40 @@ def test_run_checks_reports_the_worst_passing_case(dtype):
     records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype=dtype,
                          run=RunSettings(max_examples=20, seed=1))
     assert all(r.status == "pass" and r.examples == 20 and r.dtype == dtype for r in records)
+
+
+class TwoIndependentBugs(LoopLSTM):
+    """dW is wrong on every case; y only when T >= 3: the first must not hide the second."""
+
+    name = "two-bugs"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        if x.shape[0] >= 3:
+            y = y.copy()
+            y[2] += 0.1
+        return y, h, c, cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["W"] = grads["W"] * 1.01
+        return grads
+
+
+def test_a_second_independent_discrepancy_gets_its_own_minimal_case(tmp_path):
+    impl = TwoIndependentBugs()
+    records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype="float64",
+                         run=RunSettings(max_examples=40, case_dir=tmp_path))
+    by = {r.quantity: r for r in records}
+    assert by["dW"].status == "fail" and by["y"].status == "fail"
+    assert by["y"].case["T"] == 3 and by["y"].first_bad_t == 2
+    assert by["dW"].case_file and by["y"].case_file and by["dW"].case_file != by["y"].case_file
+
+
+def test_examples_count_generated_cases_not_shrinking():
+    impl = NaNAfterT2()
+    records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype="float64",
+                         run=RunSettings(max_examples=10))
+    # The bug shows from T=3 on; whatever Hypothesis tried while shrinking is not a generated case.
+    assert all(1 <= r.examples <= 10 * 4 for r in records)
+    assert len({r.examples for r in records}) == 1

@@ -1,0 +1,517 @@
+"""Adapters: certify an LSTM written in another convention, as it is.
+
+:func:`adapt` wraps an implementation (an object, a pair of functions, or a PyTorch ``nn.Module``)
+written in its own convention into one that speaks the harness's contract. Every conversion comes
+from :mod:`harness.layouts`; what this module adds is the wiring: parameters in, outputs and
+gradients back.
+
+The conventions an adapter knows (all combinable):
+
+=====================  =============================================================================
+``gate_order``         order of the four gate blocks in every stacked weight, e.g. ``"ifog"``
+                       (the course exercise), ``"icfo"`` (TF1), ``"iofc"`` (ONNX); ``c``/``j`` = ``g``
+``transposed``         weights stored as (D, 4H) and (H, 4H) and used as ``x @ Wx + h @ Wh``
+``bias``               ``"single"`` b (4H,); ``"separate"`` b_ih and b_hh (added, as PyTorch does);
+                       ``"folded"`` one matrix over [1, x, h] (``transposed``: (1+D+H, 4H))
+``forget_bias``        a constant the implementation adds to the forget gate (TF1's ``forget_bias``);
+                       for the LayerNorm variant it is added after normalization, i.e. to beta[f]
+``batch_major``        x (B, T, D) and y (B, T, H)
+``initial_cell=False`` no c0 argument: the cell starts at zero. Checked with c0 = 0; dc0 not compared
+``final_cell=False``   the forward does not return c_T: c_T not compared, checked with dc_T = 0
+``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
+=====================  =============================================================================
+
+Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``c0`` left out when
+``initial_cell=False``; the parameters positionally in the order W, R, b (or W, R, b_ih, b_hh; or the
+folded matrix; then p_i, p_f, p_o or gamma, beta)) returning ``(y, h_T, c_T, cache)``, ``(y, h_T,
+c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``; h_T is read off y); and
+``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict of gradients by name (``"x"``/``"dx"``,
+``"h0"``, ...) or a tuple (dx, dh0, [dc0,] *dparams) in the same order. ``backward_takes`` names the
+upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
+is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
+
+Quantities an adapter cannot produce are declared in ``lstm_harness_limits`` and reported by
+:func:`harness.certify` as skipped with the reason, never compared against a placeholder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from harness import layouts
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, to_numpy
+
+__all__ = ["adapt", "Convention", "Adapted"]
+
+_BIASES = ("single", "separate", "folded")
+_UPSTREAM = ("dy", "dh_T", "dc_T", "cache")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How an implementation stores its parameters and sequences (see the module docstring)."""
+
+    gate_order: str = "ifgo"
+    transposed: bool = False
+    bias: str = "single"
+    forget_bias: float = 0.0
+    batch_major: bool = False
+    initial_cell: bool = True
+    final_cell: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gate_order", layouts.normalize_order(self.gate_order, argument="gate_order"))
+        if self.bias not in _BIASES:
+            raise ValueError(f"bias: expected one of {_BIASES}, got {self.bias!r}")
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
+                or not np.isfinite(self.forget_bias):
+            raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
+
+    @property
+    def is_standard(self) -> bool:
+        return self == Convention()
+
+    def describe(self) -> str:
+        """In words, what differs from the standard convention ("" when nothing does)."""
+        parts = []
+        if self.gate_order != "ifgo":
+            parts.append("its gate blocks are read as " + ", ".join(self.gate_order))
+        if self.transposed:
+            parts.append("its weights are transposed ((D, 4H) and (H, 4H), used as x @ W)")
+        if self.bias == "separate":
+            parts.append("it has separate input and hidden biases")
+        if self.bias == "folded":
+            parts.append("its bias is folded into one weight matrix over [1, x, h]")
+        if self.forget_bias:
+            parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
+        if self.batch_major:
+            parts.append("its sequences are batch-major ((B, T, D) in, (B, T, H) out)")
+        if not self.initial_cell:
+            parts.append("it has no initial cell state (c0 = 0)")
+        if not self.final_cell:
+            parts.append("it does not return the final cell state")
+        return "; ".join(parts)
+
+    def keywords(self) -> dict[str, Any]:
+        """The :func:`adapt` keywords that select this convention (only those that differ)."""
+        default = asdict(Convention())
+        return {k: v for k, v in asdict(self).items() if v != default[k]}
+
+    # -- parameters
+
+    def param_keys(self, variant: str) -> tuple[str, ...]:
+        """The implementation's parameters in this convention, by their default names, in order."""
+        if variant == "layernorm":
+            return ("W", "R", "gamma", "beta")
+        base = {"single": ("W", "R", "b"), "separate": ("W", "R", "b_ih", "b_hh"), "folded": ("W",)}[self.bias]
+        return base + (("p_i", "p_f", "p_o") if variant == "peephole" else ())
+
+    def _stack(self, a: np.ndarray) -> np.ndarray:
+        """Canonical (4H, ...) -> this convention's gate order (and transposition for matrices)."""
+        out = layouts.permute_gates(a, "ifgo", self.gate_order)
+        return np.ascontiguousarray(out.T) if self.transposed and out.ndim == 2 else out
+
+    def _unstack(self, a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        if self.transposed and a.ndim == 2:
+            a = a.T
+        return layouts.permute_gates(a, self.gate_order, "ifgo")
+
+    def params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
+        """Canonical parameters -> this convention's, by default names."""
+        H = params["R"].shape[1]
+        f = self.gate_order.index("f")
+        if variant == "layernorm":
+            if self.bias != "single":
+                raise ValueError(f"bias: the layernorm variant has no bias, so bias={self.bias!r} does not apply")
+            out = {"W": self._stack(params["W"]), "R": self._stack(params["R"])}
+            for key in ("gamma", "beta"):
+                rows = np.asarray(params[key])
+                gates = layouts.permute_gates(rows[:4].reshape(-1), "ifgo", self.gate_order).reshape(4, H)
+                out[key] = np.concatenate([gates, rows[4:]], axis=0)
+            if self.forget_bias:
+                out["beta"][f] = out["beta"][f] - self.forget_bias
+            return out
+        b = np.asarray(params["b"])
+        if self.forget_bias:
+            b = b.copy()
+            b[H : 2 * H] = b[H : 2 * H] - self.forget_bias  # canonical order: f is the second block
+        if self.bias == "folded":
+            out = {"W": layouts.to_bias_folded({"W": params["W"], "R": params["R"], "b": b},
+                                               transposed=self.transposed, order=self.gate_order)}
+        else:
+            out = {"W": self._stack(params["W"]), "R": self._stack(params["R"])}
+            if self.bias == "single":
+                out["b"] = self._stack(b)
+            else:
+                out["b_ih"] = self._stack(b)
+                out["b_hh"] = np.zeros_like(out["b_ih"])
+        for key in ("p_i", "p_f", "p_o"):
+            if key in params:
+                out[key] = np.array(params[key], copy=True)
+        return out
+
+    def grads_from(self, grads: Mapping[str, np.ndarray], variant: str, D: int, H: int) -> dict[str, np.ndarray]:
+        """The implementation's parameter gradients (default names) -> canonical ones."""
+        out: dict[str, np.ndarray] = {}
+        if variant == "layernorm":
+            out["W"], out["R"] = self._unstack(grads["W"]), self._unstack(grads["R"])
+            for key in ("gamma", "beta"):
+                rows = np.asarray(grads[key])
+                gates = layouts.permute_gates(rows[:4].reshape(-1), self.gate_order, "ifgo").reshape(4, H)
+                out[key] = np.concatenate([gates, rows[4:]], axis=0)
+            return out
+        if self.bias == "folded":
+            out.update(layouts.from_bias_folded(grads["W"], D, H, transposed=self.transposed, order=self.gate_order))
+        else:
+            out["W"], out["R"] = self._unstack(grads["W"]), self._unstack(grads["R"])
+            if self.bias == "single":
+                out["b"] = self._unstack(grads["b"])
+            else:
+                # b = b_ih + b_hh, so each gets the whole of db; the mean catches a mistake in either.
+                dih, dhh = np.asarray(grads["b_ih"]), np.asarray(grads["b_hh"])
+                out["b"] = self._unstack((dih + dhh) / dih.dtype.type(2))
+        for key in ("p_i", "p_f", "p_o"):
+            if key in grads:
+                out[key] = np.asarray(grads[key])
+        return out
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+class Adapted:
+    """An implementation in another convention, presented through the harness's contract.
+
+    Made by :func:`adapt`; ``backward`` exists only when the wrapped implementation has one.
+    """
+
+    def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
+                 ln_eps: float, names: dict[str, str], forward: Callable[..., Any],
+                 backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
+                 torch_module: Any = None, call: Callable[..., Any] | None = None):
+        self.convention = convention
+        self.variant = variant
+        self.name = name
+        self.dtypes = dtypes
+        self.ln_eps = ln_eps
+        self._names = names
+        self._forward = forward
+        self._backward = backward
+        self._params_as = params_as
+        self._upstream = upstream
+        self._module = torch_module
+        self._call = call
+        if backward is not None or torch_module is not None:
+            self.backward = self._run_backward
+        zero, unchecked = [], {}
+        if not convention.initial_cell:
+            zero.append("c0")
+            unchecked["dc0"] = "the implementation has no initial cell state (adapted with initial_cell=False)"
+        if not convention.final_cell:
+            unchecked["c_T"] = "the implementation does not return the final cell state (final_cell=False)"
+        if not convention.final_cell or "dc_T" not in upstream:
+            zero.append("dc_T")
+        self.lstm_harness_limits = {"zero": zero, "unchecked": unchecked} if zero or unchecked else None
+
+    def __repr__(self) -> str:
+        extra = self.convention.describe() or "standard convention"
+        return f"<adapted {self.name}: {extra}>"
+
+    # -- forward
+
+    def forward(self, x, h0, c0, params):
+        conv = self.convention
+        H = h0.shape[1]
+        mine = conv.params_to(params, self.variant)
+        xs = layouts.batch_major(x) if conv.batch_major else x
+        if self._module is not None:
+            y, h_T, c_T, cache = self._torch_forward(xs, h0, c0, mine)
+        else:
+            args: list[Any] = [xs, h0] + ([c0] if conv.initial_cell else [])
+            if self._params_as == "dict":
+                out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
+            else:
+                out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
+            y, h_T, c_T, cache = self._split_forward(out)
+        y = to_numpy(y)
+        if conv.batch_major:
+            y = layouts.time_major(y)
+        if h_T is None:
+            h_T = y[-1]
+        if c_T is None:
+            c_T = np.zeros((y.shape[1], H), dtype=y.dtype)
+        return y, h_T, c_T, (cache, x.shape, H)
+
+    def _split_forward(self, out: Any) -> tuple[Any, Any, Any, Any]:
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"forward: expected a tuple (y, h_T, c_T, cache), (y, h_T, c_T) or (y, cache), got "
+                            f"{type(out).__name__}")
+        if len(out) == 4:
+            return tuple(out)  # type: ignore[return-value]
+        if len(out) == 3:
+            return out[0], out[1], out[2], None
+        if len(out) == 2:
+            if self.convention.final_cell:
+                raise TypeError("forward: returned 2 items (y, cache) with no final cell state; adapt it with "
+                                "final_cell=False, or return (y, h_T, c_T, cache)")
+            return out[0], None, None, out[1]
+        raise TypeError(f"forward: expected 4, 3 or 2 items, got {len(out)}")
+
+    # -- backward
+
+    def _run_backward(self, dy, dh_T, dc_T, cache):
+        inner, x_shape, H = cache
+        conv = self.convention
+        T, B, D = x_shape
+        if "dh_T" not in self._upstream:
+            dy = dy.copy()
+            dy[-1] += dh_T  # h_T is y[T-1]: its upstream gradient joins dy's last step
+        dys = layouts.batch_major(dy) if conv.batch_major else dy
+        if self._module is not None:
+            raw = self._torch_backward(inner, dys, dh_T, dc_T)
+        else:
+            given = {"dy": dys, "dh_T": dh_T, "dc_T": dc_T, "cache": inner}
+            raw = self._backward(*[given[k] for k in self._upstream])
+        grads = self._gradients_by_key(raw)
+        out: dict[str, Any] = {}
+        dx = to_numpy(grads.pop("x"))
+        out["x"] = layouts.time_major(dx) if conv.batch_major else dx
+        out["h0"] = to_numpy(grads.pop("h0"))
+        if conv.initial_cell:
+            out["c0"] = to_numpy(grads.pop("c0"))
+        else:
+            out["c0"] = np.zeros_like(out["h0"])
+        params = {k: to_numpy(v) for k, v in grads.items()}
+        out.update(conv.grads_from(params, self.variant, D, H))
+        return out
+
+    def _gradients_by_key(self, raw: Any) -> dict[str, Any]:
+        """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...)."""
+        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(
+            self.convention.param_keys(self.variant))
+        if isinstance(raw, Mapping):
+            by_name = {v: k for k, v in self._names.items()}
+            out = {}
+            for name, value in raw.items():
+                key = by_name.get(name, name)
+                if key not in keys and isinstance(name, str) and name.startswith("d") and name[1:] in keys:
+                    key = name[1:]
+                if key not in keys and isinstance(name, str) and name.startswith("d") and name[1:] in by_name:
+                    key = by_name[name[1:]]
+                out[key] = value
+            missing = [k for k in keys if k not in out]
+            if missing:
+                wanted = [self._names.get(k, k) for k in keys]
+                raise KeyError(f"backward: expected gradients named {wanted}, missing "
+                               f"{[self._names.get(k, k) for k in missing]}; got {list(raw)}")
+            return out
+        if isinstance(raw, (tuple, list)):
+            if len(raw) != len(keys):
+                raise ValueError(f"backward: expected {len(keys)} gradients in the order "
+                                 f"{[self._names.get(k, k) for k in keys]}, got {len(raw)}")
+            return dict(zip(keys, raw))
+        raise TypeError(f"backward: expected a dict or tuple of gradients, got {type(raw).__name__}")
+
+    # -- PyTorch modules: forward by functional_call, backward by autograd
+
+    def _torch_forward(self, xs, h0, c0, mine):
+        import torch
+
+        tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in
+                   (("x", xs), ("h0", h0), ("c0", c0))}
+        params = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in mine.items()}
+        named = {self._names[k]: v for k, v in params.items()}
+        x, h, c = tensors["x"], tensors["h0"], tensors["c0"]
+        with _swapped_parameters(self._module, named), torch.enable_grad():
+            if self._call is not None:
+                result = self._call(self._module, x, h, c) if self.convention.initial_cell \
+                    else self._call(self._module, x, h)
+            else:
+                result = self._module(x, (h, c)) if self.convention.initial_cell else self._module(x, h)
+        y, h_T, c_T = _torch_outputs(result)
+        cache = (tensors, params, (y, h_T, c_T))
+        as_np = []
+        for t in (y, h_T, c_T):
+            a = t.detach().cpu().numpy() if t is not None else None
+            if a is not None and t is not y and a.ndim == 3 and a.shape[0] == 1:
+                a = a[0]  # nn.LSTM's (num_layers * directions, B, H) with one layer
+            as_np.append(a)
+        return as_np[0], as_np[1], as_np[2], cache
+
+    def _torch_backward(self, cache, dys, dh_T, dc_T):
+        import torch
+
+        tensors, params, outs = cache
+        pairs = []
+        for out, grad in zip(outs, (dys, dh_T, dc_T)):
+            if out is None or not out.requires_grad:
+                continue
+            g = torch.tensor(np.asarray(grad), dtype=out.dtype)
+            pairs.append((out, g.reshape(out.shape)))
+        leaves = [tensors["x"], tensors["h0"]] + ([tensors["c0"]] if self.convention.initial_cell else [])
+        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(params)
+        leaves += [params[k] for k in params]
+        grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
+        out = {}
+        for key, leaf, g in zip(keys, leaves, grads):
+            out[key] = (g if g is not None else torch.zeros_like(leaf)).detach().cpu().numpy()
+        return out
+
+
+def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:
+    """(y, h_T, c_T) from what a module returned: (y, (h, c)), (y, h, c) or y."""
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return result, None, None
+    if isinstance(result, (tuple, list)):
+        if len(result) == 2 and isinstance(result[1], (tuple, list)) and len(result[1]) == 2:
+            return result[0], result[1][0], result[1][1]
+        if len(result) == 3:
+            return result[0], result[1], result[2]
+        if len(result) == 2:
+            return result[0], result[1], None
+    raise TypeError(f"the module returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T); "
+                    f"pass call=... to adapt() to say how to call it")
+
+
+class _swapped_parameters:
+    """Within the block, the module's parameters named (dotted) in ``named`` are the given tensors.
+
+    A parameter is taken out of its module's ``_parameters`` and a plain tensor put in the instance
+    dict, where attribute lookup finds it first; everything is put back on exit, even after an error.
+    """
+
+    def __init__(self, module: Any, named: dict[str, Any]):
+        self.module = module
+        self.named = named
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> None:
+        known = dict(self.module.named_parameters())
+        for dotted, tensor in self.named.items():
+            if dotted not in known:
+                self.__exit__()
+                raise ValueError(f"names: the module has no parameter {dotted!r}; its parameters are "
+                                 f"{sorted(known)}")
+            owner = self.module
+            *path, leaf = dotted.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            self.saved.append((owner, leaf, owner._parameters.pop(leaf)))
+            owner.__dict__[leaf] = tensor
+
+    def __exit__(self, *exc: Any) -> None:
+        while self.saved:
+            owner, leaf, old = self.saved.pop()
+            owner.__dict__.pop(leaf, None)
+            owner._parameters[leaf] = old
+
+
+def adapt(
+    impl: Any = None,
+    *,
+    forward_fn: Callable[..., Any] | None = None,
+    backward_fn: Callable[..., Any] | None = None,
+    variant: str | None = None,
+    name: str | None = None,
+    dtypes: Sequence[str] | None = None,
+    ln_eps: float | None = None,
+    gate_order: str = "ifgo",
+    transposed: bool = False,
+    bias: str = "single",
+    forget_bias: float = 0.0,
+    batch_major: bool = False,
+    initial_cell: bool = True,
+    final_cell: bool = True,
+    names: Mapping[str, str] | None = None,
+    backward_takes: Sequence[str] = _UPSTREAM,
+    call: Callable[..., Any] | None = None,
+) -> Adapted:
+    """Wrap an implementation written in another convention so that it can be certified as it is.
+
+    ``impl`` is an object with ``forward(x, h0, c0, params)`` and optionally
+    ``backward(dy, dh_T, dc_T, cache)`` in its own convention (params and gradients keyed by its
+    own names), or a PyTorch ``nn.Module`` (called as ``module(x, (h0, c0))``, or by ``call(module,
+    x, h0, c0)``; parameters substituted by name; backward by autograd). Give ``forward_fn`` (and
+    ``backward_fn``) instead of ``impl`` for plain functions. See the module docstring for the
+    conventions. ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
+    """
+    if (impl is None) == (forward_fn is None):
+        raise ValueError("adapt: expected either impl (an object or nn.Module) or forward_fn, not "
+                         + ("both" if impl is not None else "neither"))
+    if backward_fn is not None and impl is not None:
+        raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used")
+    convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
+                            batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell)
+    source = impl if impl is not None else forward_fn
+    variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    if variant == "layernorm" and bias != "single":
+        raise ValueError(f"bias: the layernorm variant has no bias, so bias={bias!r} does not apply")
+    upstream = tuple(backward_takes)
+    bad = [u for u in upstream if u not in _UPSTREAM]
+    if bad or "dy" not in upstream or "cache" not in upstream:
+        raise ValueError(f"backward_takes: expected names from {_UPSTREAM} including 'dy' and 'cache', "
+                         f"got {upstream!r}")
+    keys = convention.param_keys(variant)
+    names_map = {k: k for k in keys}
+    if names:
+        if not isinstance(names, Mapping):
+            raise ValueError(f"names: expected a dict from {list(keys)} to the implementation's names, "
+                             f"got {type(names).__name__}")
+        unknown = [k for k in names if k not in keys]
+        if unknown:
+            raise ValueError(f"names: expected keys among {list(keys)} (the parameters of the {variant} "
+                             f"variant with bias={bias!r}), got {unknown}")
+        names_map.update({k: str(v) for k, v in names.items()})
+    declared_name = name or getattr(impl, "name", None) or getattr(source, "__name__", None) \
+        or type(source).__name__
+    declared_dtypes = tuple(dtypes) if dtypes is not None else tuple(getattr(impl, "dtypes", DEFAULT_DTYPES))
+    eps = ln_eps if ln_eps is not None else getattr(impl, "ln_eps", DEFAULT_LN_EPS)
+    common = dict(convention=convention, variant=variant, name=str(declared_name), dtypes=declared_dtypes,
+                  ln_eps=eps, names=names_map, upstream=upstream)
+    if impl is not None and _is_torch_module(impl):
+        return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
+    if call is not None:
+        raise ValueError("call: only for a PyTorch nn.Module")
+    if impl is not None:
+        fwd = getattr(impl, "forward", None)
+        if not callable(fwd):
+            raise ValueError(f"impl: expected an object with a forward method (or an nn.Module), got "
+                             f"{type(impl).__name__} without one")
+        bwd = getattr(impl, "backward", None)
+        return Adapted(**common, forward=fwd, backward=bwd if callable(bwd) else None, params_as="dict")
+    if not callable(forward_fn):
+        raise ValueError(f"forward_fn: expected a function, got {type(forward_fn).__name__}")
+    if backward_fn is not None and not callable(backward_fn):
+        raise ValueError(f"backward_fn: expected a function or None, got {type(backward_fn).__name__}")
+    _check_arity(forward_fn, 2 + int(initial_cell) + len(keys), "forward_fn",
+                 "x, h0" + (", c0" if initial_cell else "") + ", " + ", ".join(names_map[k] for k in keys))
+    if backward_fn is not None:
+        _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
+    return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
+
+
+def _check_arity(fn: Callable[..., Any], n: int, what: str, expected: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        raise ValueError(f"{what}: expected a function taking ({expected}), got one taking {sig}") from None

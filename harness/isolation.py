@@ -1,0 +1,575 @@
+"""Running an implementation under test in a worker process, so that nothing it does can take the
+harness down.
+
+:class:`IsolatedSubject` is a :class:`~harness.subject.Subject`: the runner hands it a case, it sends
+the case to a worker process, the worker calls the very same :func:`harness.subject.execute` an
+in-process run would, and the plain-data :class:`~harness.subject.Execution` comes back through a
+socket. What the worker cannot send back is described instead, as an error of the call that was
+running:
+
+* a call that does not return within ``timeout`` seconds: the worker is killed ("hang");
+* a worker that dies: a signal (segmentation fault in native code, abort) or an exit status
+  (``os._exit``, ``sys.exit`` is caught before it gets that far); the Python stack at the moment of a
+  fatal signal comes back too, from :mod:`faulthandler`;
+* memory exhaustion: once the implementation is loaded, the worker's address space is capped
+  (``RLIMIT_AS``) at what it has mapped plus ``memory_limit``, so a runaway allocation raises
+  ``MemoryError`` in the implementation instead of taking the machine's memory.
+
+The worker is kept between cases (starting one costs about half a second) and started again, lazily,
+after it died or was killed. Such failures come back as a :class:`WorkerFailure`, an Execution that
+says what happened, so that the caller can stop shrinking a case whose every attempt costs a restart
+or a full timeout.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from harness.cases import Case
+from harness.contract import ContractError, ImplementationInfo, validate
+from harness.subject import Execution, execute
+
+__all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "default_memory_limit", "describe_exit"]
+
+_GIB = 1024**3
+
+
+def default_memory_limit() -> int:
+    """Bytes of address space an implementation may add once loaded: half the machine's memory, at
+    least 4 GiB.
+
+    The cap is on address space (``RLIMIT_AS``), which counts memory that was reserved and never
+    touched, so it is generous; what it must prevent is one implementation taking all the memory of
+    a machine that others share.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * _GIB
+    return max(4 * _GIB, total // 2)
+
+
+@dataclass
+class WorkerFailure(Execution):
+    """The worker could not report an Execution: it was killed after a timeout, or it died."""
+
+    failure: str = ""  # "timeout" or "crash"
+
+
+class WorkerLoadError(Exception):
+    """The worker could not load the implementation; ``kind`` is "load" or "contract"."""
+
+    def __init__(self, kind: str, message: str, problems: list[str] | None = None,
+                 subject: str = "implementation"):
+        super().__init__(message)
+        self.kind = kind
+        self.problems = problems or []
+        self.subject = subject
+
+
+_SIGNALS = {
+    signal.SIGSEGV: "a segmentation fault: native code read or wrote memory it does not own",
+    signal.SIGABRT: "an abort, e.g. a failed assertion in native code",
+    signal.SIGFPE: "a floating-point exception in native code",
+    signal.SIGILL: "an illegal instruction in native code",
+    signal.SIGKILL: "killed from outside, e.g. by the system when memory ran out",
+}
+if hasattr(signal, "SIGBUS"):
+    _SIGNALS[signal.SIGBUS] = "a bus error in native code"
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """What a worker's exit code means, in words."""
+    if exitcode is None:
+        return "it stopped responding"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        why = _SIGNALS.get(-exitcode, "")
+        return f"killed by {name} (signal {-exitcode}{': ' + why if why else ''})"
+    return (f"it exited with status {exitcode} (the implementation ended the process itself, "
+            f"e.g. with os._exit({exitcode}))")
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker side
+
+
+class _Watched:
+    """Wraps the implementation in the worker: remembers the forward result, and tells the parent
+    when backward starts (with the forward outputs), so that a hang or crash is blamed on the right
+    call and the forward outputs are still compared."""
+
+    def __init__(self, impl: Any, conn: Any):
+        self._impl = impl
+        self._conn = conn
+        self.phase = "forward"
+        self._result: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._impl, name)
+
+    def forward(self, *args: Any) -> Any:
+        self.phase = "forward"
+        self._result = self._impl.forward(*args)
+        return self._result
+
+    def backward(self, *args: Any) -> Any:
+        from harness.contract import to_numpy
+
+        outputs = None
+        try:
+            if isinstance(self._result, (tuple, list)) and len(self._result) == 4:
+                outputs = tuple(to_numpy(r) for r in self._result[:3])
+        except Exception:
+            outputs = None
+        self.phase = "backward"
+        self._conn.send(("phase", "backward", outputs))
+        return self._impl.backward(*args)
+
+
+def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, dict | None]:
+    from harness.plugins import load_target
+
+    if source.get("target") is not None:
+        obj, target = load_target(source["target"])
+        target_dict = target.to_dict()
+    else:
+        obj = pickle.loads(source["pickled"])
+        target_dict = None
+    return obj, validate(obj, variant=source.get("variant")), target_dict
+
+
+def _address_space() -> int:
+    """Bytes of address space this process has mapped now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cap_memory(extra: int) -> None:
+    """Cap the address space at what is mapped now plus ``extra`` bytes.
+
+    Applied after the implementation is loaded, so that what importing it reserves (frameworks map
+    gigabytes they never touch, BLAS maps a buffer per thread) does not count against the budget.
+    """
+    try:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = _address_space() + extra
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # no resource module (Windows), or not permitted: run without the cap
+
+
+def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> None:
+    """Load the implementation, then execute cases until told to stop or killed."""
+    source, memory_limit, fault_path = payload
+    fault_file = open(fault_path, "w")  # noqa: SIM115 - kept open for faulthandler until the end
+    faulthandler.enable(file=fault_file, all_threads=False)
+    from harness.plugins import LoadError
+
+    try:
+        impl, info, target = _load_in_worker(source)
+    except LoadError as exc:
+        conn.send(("load-error", "load", str(exc), [], ""))
+        return
+    except ContractError as exc:
+        conn.send(("load-error", "contract", str(exc), exc.problems, exc.subject))
+        return
+    except BaseException as exc:  # noqa: BLE001 - anything the user's module does while loading
+        text = f"loading the implementation raised {type(exc).__name__}: {exc}"
+        conn.send(("load-error", "load", text, [], ""))
+        return
+    if memory_limit:
+        _cap_memory(memory_limit)
+    adapted: dict[Any, tuple[Any, ImplementationInfo]] = {}
+    conn.send(("ready", info, target, getattr(impl, "lstm_harness_limits", None)))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        if message[0] == "adapt":
+            problem = _adapt_into(adapted, impl, message[1])
+            if problem:
+                conn.send(("adapt-error", problem))
+            else:
+                wrapped, wrapped_info = adapted[message[1]]
+                conn.send(("adapted", wrapped_info, getattr(wrapped, "lstm_harness_limits", None)))
+            continue
+        _, case, backward, key = message
+        if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
+            problem = _adapt_into(adapted, impl, key)
+            if problem:
+                conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
+                continue
+        obj, obj_info = adapted[key] if key is not None else (impl, info)
+        watched = _Watched(obj, conn)
+        try:
+            execution = execute(watched, obj_info, case, backward=backward)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt from the implementation
+            execution = _exit_execution(watched.phase, exc)
+        try:
+            conn.send(("result", execution))
+        except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
+            conn.send(("result", Execution(forward_error=f"the worker could not send the result back: "
+                                                        f"{type(exc).__name__}: {exc}")))
+
+
+def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, key: Any) -> str:
+    """``harness.adapt(impl, **dict(key))`` into ``adapted``; "" on success, else what went wrong."""
+    from harness.adapt import adapt
+
+    try:
+        wrapped = adapt(impl, **dict(key))
+        adapted[key] = (wrapped, validate(wrapped))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _exit_execution(phase: str, exc: BaseException) -> Execution:
+    from harness.subject import short_traceback
+
+    if isinstance(exc, SystemExit):
+        what = f"{phase} called sys.exit({exc.code!r})"
+    else:
+        what = f"{phase} raised {type(exc).__name__}: {exc}"
+    out = Execution(traceback=short_traceback(exc))
+    if phase == "backward":
+        out.backward_ran = True
+        out.backward_error = what
+    else:
+        out.forward_error = what
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent side
+
+
+class ChildProcess:
+    """A fresh Python interpreter running ``module.function(conn)``, talking over a socket pair.
+
+    Started with ``subprocess``, not :mod:`multiprocessing`: nothing of the parent is inherited (no
+    threads of a framework oracle, no OpenMP pool that a fork could deadlock) and the parent's
+    ``__main__`` is never re-imported, so a user's script needs no ``if __name__ == "__main__"`` guard.
+    The child gets the parent's ``sys.path`` first thing, so it finds what the parent finds. On Linux
+    it dies with the parent (``PR_SET_PDEATHSIG``), even while stuck in a hanging implementation.
+    """
+
+    def __init__(self, module: str, function: str, payload: Any):
+        parent_sock, child_sock = socket.socketpair()
+        fd = child_sock.fileno()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = ("import sys; from harness.isolation import _child_main; "
+                f"_child_main(int(sys.argv[1]), {module!r}, {function!r})")
+        self.popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), env=env,
+                                      stdin=subprocess.DEVNULL)
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.conn.send((list(sys.path), payload))
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.join(5.0)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def _child_main(fd: int, module: str, function: str) -> None:
+    """Entry point of a :class:`ChildProcess`."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+        except Exception:
+            pass
+    conn = Connection(fd)
+    path, payload = conn.recv()
+    sys.path[:] = path + [p for p in sys.path if p not in path]
+    import importlib
+
+    getattr(importlib.import_module(module), function)(conn, payload)
+
+
+class IsolatedSubject:
+    """A Subject whose implementation runs in a worker process.
+
+    ``impl`` is a TARGET string (loaded in the worker, see :mod:`harness.plugins`) or an object that
+    can be pickled. ``timeout`` is in seconds per call (forward, then backward), None for no limit.
+    ``memory_limit`` is in bytes (None: no cap). Raises :class:`WorkerLoadError` (or
+    :class:`~harness.plugins.LoadError` / :class:`~harness.contract.ContractError` translated by the
+    caller) when the implementation cannot be loaded.
+    """
+
+    def __init__(self, impl: Any, *, variant: str | None = None, timeout: float | None = None,
+                 memory_limit: int | None = None, load_timeout: float = 120.0):
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+        if isinstance(impl, str):
+            self._source: dict[str, Any] = {"target": impl, "variant": variant}
+        else:
+            try:
+                self._source = {"pickled": pickle.dumps(impl), "variant": variant}
+            except Exception as exc:
+                raise ValueError(
+                    f"impl: running an implementation in a worker process needs a TARGET string "
+                    f"('package.module:attribute' or 'path/to/file.py:attribute') or an object that can be "
+                    f"pickled; {type(impl).__name__} cannot be pickled ({type(exc).__name__}: {exc}). "
+                    f"Pass the target string, or isolate=False"
+                ) from None
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self.load_timeout = load_timeout
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: Any = None
+        fd, self._fault_path = tempfile.mkstemp(prefix="lstm-harness-fault-", suffix=".txt")
+        os.close(fd)
+        self.target: dict | None = None
+        self.limits: dict | None = None
+        self._adapted: dict[Any, tuple[ImplementationInfo, dict | None]] = {}
+        self.info: ImplementationInfo = self._start()
+
+    # -- lifecycle
+
+    def _start(self) -> ImplementationInfo:
+        open(self._fault_path, "w").close()
+        proc = ChildProcess("harness.isolation", "_worker_main",
+                            (self._source, self.memory_limit, self._fault_path))
+        parent = proc.conn
+        self._proc, self._conn = proc, parent
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            if parent.poll(0.05):
+                try:
+                    message = parent.recv()
+                except (EOFError, OSError):
+                    message = None
+                break
+            if not proc.is_alive() and not parent.poll(0):
+                message = None
+                break
+            if time.monotonic() > deadline:
+                self._kill()
+                raise WorkerLoadError("load", f"loading the implementation took longer than "
+                                              f"{self.load_timeout:.0f} s in the worker process")
+        if message is None:
+            proc.join(1.0)
+            text = describe_exit(proc.exitcode)
+            fault = self._fault_text()
+            self._kill()
+            raise WorkerLoadError("load", f"the worker process died while loading the implementation: "
+                                          f"{text}" + (f"\n{fault}" if fault else ""))
+        if message[0] == "load-error":
+            self._kill()
+            raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
+        _, info, target, limits = message
+        self.target, self.limits = target, limits
+        return info
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        self._conn = None
+        if proc is not None:
+            proc.kill()
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and remove its files."""
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+                self._proc.join(2.0)
+            except (OSError, BrokenPipeError):
+                pass
+        self._kill()
+        try:
+            os.unlink(self._fault_path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> IsolatedSubject:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten subject must not leave a worker behind
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        raise TypeError("an IsolatedSubject owns a worker process and cannot be pickled; pass the target")
+
+    # -- conventions (used by harness.diagnose)
+
+    def adapted(self, **convention: Any) -> _View:
+        """A Subject that runs ``harness.adapt(impl, **convention)`` in the same worker."""
+        key = tuple(sorted(convention.items()))
+        if key not in self._adapted:
+            self._ensure()
+            self._conn.send(("adapt", key))
+            reply = self._conn.recv()
+            if reply[0] != "adapted":
+                raise ValueError(reply[1])
+            self._adapted[key] = (reply[1], reply[2])
+        info, limits = self._adapted[key]
+        return _View(self, key, info, limits)
+
+    # -- execution
+
+    def _ensure(self) -> None:
+        if self._proc is None or not self._proc.is_alive():
+            self._kill()
+            self.restarts += 1
+            self.info = self._start()
+
+    def _fault_text(self) -> str:
+        try:
+            with open(self._fault_path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read().strip()
+        except OSError:
+            return ""
+        here = os.path.dirname(os.path.abspath(__file__))
+        lines = [ln for ln in text.splitlines() if here not in ln and "multiprocessing" not in ln]
+        return "\n".join(lines)
+
+    def execute(self, case: Case, *, backward: bool, _key: Any = None) -> Execution:
+        try:
+            self._ensure()
+        except WorkerLoadError as exc:
+            return WorkerFailure(forward_error=f"the worker process could not be restarted: {exc}",
+                                 failure="crash")
+        conn, proc = self._conn, self._proc
+        start = time.monotonic()
+        try:
+            conn.send(("execute", case, backward, _key))
+        except (OSError, BrokenPipeError):
+            return self._died("forward", None, start)
+        phase, outputs = "forward", None
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            ready = False
+            try:
+                ready = conn.poll(wait)
+            except (OSError, EOFError):
+                return self._died(phase, outputs, start)
+            if ready:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    return self._died(phase, outputs, start)
+                if message[0] == "phase":
+                    phase, outputs = message[1], message[2]
+                    if self.timeout is not None:
+                        deadline = time.monotonic() + self.timeout
+                    continue
+                execution = message[1]
+                self._note_memory(execution)
+                return execution
+            if not proc.is_alive():
+                if conn.poll(0):
+                    continue  # the result arrived just before the exit
+                return self._died(phase, outputs, start)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._kill()
+                why = (f"{phase} did not return within {self.timeout:g} s (the timeout per call); the worker "
+                       f"process running it was stopped. The implementation hangs, or is far too slow for "
+                       f"this case")
+                return self._failure(phase, outputs, why, "timeout", start)
+
+    def _note_memory(self, execution: Execution) -> None:
+        if not self.memory_limit:
+            return
+        note = (f" (the implementation may reserve {self.memory_limit / _GIB:.1f} GiB beyond what loading it "
+                f"took: the worker's address space is limited to that; it tried to use more)")
+        for attr in ("forward_error", "backward_error"):
+            text = getattr(execution, attr)
+            if text and "MemoryError" in text and "limited to" not in text:
+                setattr(execution, attr, text + note)
+
+    def _died(self, phase: str, outputs: Any, start: float) -> WorkerFailure:
+        proc = self._proc
+        if proc is not None:
+            proc.join(2.0)
+        exitcode = proc.exitcode if proc is not None else None
+        fault = self._fault_text()
+        self._kill()
+        why = f"the worker process running {phase} died: {describe_exit(exitcode)}"
+        out = self._failure(phase, outputs, why, "crash", start)
+        if fault:
+            out.traceback = "Stack of the worker when it died (faulthandler):\n" + fault
+        return out
+
+    @staticmethod
+    def _failure(phase: str, outputs: Any, why: str, kind: str, start: float) -> WorkerFailure:
+        out = WorkerFailure(failure=kind, seconds=time.monotonic() - start)
+        if phase == "backward":
+            out.forward = outputs
+            if outputs is None:
+                out.forward_contract = "forward: expected a tuple (y, h_T, c_T, cache) of 4 arrays"
+            out.backward_ran = True
+            out.backward_error = why
+        else:
+            out.forward_error = why
+        return out
+
+
+class _View:
+    """An adapted implementation that runs in the same worker as its :class:`IsolatedSubject`."""
+
+    def __init__(self, parent: IsolatedSubject, key: Any, info: ImplementationInfo, limits: dict | None):
+        self._parent = parent
+        self._key = key
+        self.info = info
+        self.limits = limits
+
+    def execute(self, case: Case, *, backward: bool) -> Execution:
+        return self._parent.execute(case, backward=backward, _key=self._key)

@@ -1,0 +1,135 @@
+"""Plugins that misbehave in every way issue 5 lists, and the planted bugs of issues 2 and 4 loaded
+as plugins: each gets the right verdict on the right quantity, and the run always finishes with a
+record for every quantity (the report is never cut short)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.api import certify
+from harness.runner import quantities
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+MISBEHAVING = PLUGINS / "misbehaving.py"
+PLANTED = PLUGINS / "planted.py"
+
+FORWARD = set(quantities("vanilla", "forward"))
+BACKWARD = set(quantities("vanilla", "backward"))
+ALL = FORWARD | BACKWARD
+
+ISOLATED = {"isolate": True, "timeout": 0.5, "memory_limit": 1024**3}
+
+# name, certify options, verdict, {quantity: status} that must hold, text the reason must contain
+CASES = [
+    ("Raises", {}, "error", dict.fromkeys(ALL, "error"), "forward raised ValueError: cannot handle an input"),
+    ("RaisesInBackward", {}, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")},
+     "backward raised RuntimeError: backward is not written yet"),
+    ("ReturnsNaN", {}, "discrepancies", {"y": "fail", "h_T": "pass", "dW": "pass"}, ""),
+    ("WrongShape", {}, "error", {**dict.fromkeys(FORWARD, "contract"), **dict.fromkeys(BACKWARD, "pass")},
+     "y: expected shape ("),
+    ("WrongDtype", {"dtypes": ["float32"]}, "error", dict.fromkeys(FORWARD, "contract"),
+     "y: expected dtype float32 (the dtype of the inputs), got float64"),
+    ("WrongCount", {}, "error", dict.fromkeys(ALL, "contract"),
+     "forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got a tuple of length 3"),
+    ("NotArrays", {}, "error", dict.fromkeys(FORWARD, "contract"), "forward: outputs must be arrays"),
+    ("MissingGradient", {}, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "contract")},
+     "missing ['c0'], unexpected []"),
+    ("ExtraGradient", {}, "error", dict.fromkeys(BACKWARD, "contract"), "missing [], unexpected ['bias']"),
+    ("GradientsAsList", {}, "error", dict.fromkeys(BACKWARD, "contract"),
+     "backward: expected a dict of gradients by name, got a list of length 6"),
+    ("MutatesInput", {}, "error", dict.fromkeys(FORWARD, "contract"),
+     "modified its input arrays in place: x (forward)"),
+    ("MutatesUpstream", {}, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "contract")},
+     "dy (backward)"),
+    ("Nondeterministic", {}, "error", {"y": "contract"}, "gives different results for the same input"),
+    ("Stateful", {}, "error", {"h_T": "contract", "y": "pass"}, "keeps state between calls"),
+    ("Hangs", ISOLATED, "error", dict.fromkeys(ALL, "error"), "forward did not return within 0.5 s"),
+    ("HangsInBackward", ISOLATED, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")},
+     "backward did not return within 0.5 s"),
+    ("Segfaults", ISOLATED, "error", dict.fromkeys(ALL, "error"), "killed by SIGSEGV"),
+    ("Exits", ISOLATED, "error", dict.fromkeys(ALL, "error"), "exited with status 3"),
+    ("CallsSysExit", ISOLATED, "error", dict.fromkeys(ALL, "error"), "forward called sys.exit('giving up')"),
+    ("ExhaustsMemory", ISOLATED, "error", dict.fromkeys(ALL, "error"), "MemoryError"),
+]
+
+
+def _run(target: str, **options):
+    options = {"dtypes": ["float64"], "max_examples": 8, "oracles": ["finite-differences"], "profile": "ci",
+               **options}
+    return certify(target, **options)
+
+
+@pytest.mark.parametrize("name, options, verdict, statuses, reason", CASES, ids=[c[0] for c in CASES])
+def test_misbehaviour_gets_a_clear_verdict(name, options, verdict, statuses, reason, tmp_path):
+    result = _run(f"{MISBEHAVING}:{name}", report_dir=tmp_path, **options)
+    assert result.verdict == verdict
+    by_quantity = {r.quantity: r for r in result.records}
+    assert set(by_quantity) == ALL  # every quantity has its record: the run went on to the end
+    for quantity, status in statuses.items():
+        assert by_quantity[quantity].status == status, (quantity, by_quantity[quantity].message)
+    if reason:
+        assert any(reason in r.reason for r in result.records if not r.ok)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verdict"] == verdict and len(report["records"]) == len(result.records)
+    bad = [r for r in result.records if not r.ok]
+    assert all(r.replay.startswith("lstm-harness replay ") and Path(r.case_file).is_file() for r in bad)
+
+
+def test_exception_traceback_is_shortened_to_the_implementation():
+    result = _run(f"{MISBEHAVING}:Raises")
+    tb = result.records[0].traceback
+    assert "_deep_helper" in tb and "harness/" not in tb.replace("tests/plugins", "")
+
+
+def test_nan_is_located():
+    result = _run(f"{MISBEHAVING}:ReturnsNaN")
+    y = next(r for r in result.records if r.quantity == "y")
+    assert y.nonfinite == 1
+    assert y.worst["coords"]["batch"] == 0 and y.worst["coords"]["unit"] == 0
+    assert y.worst["coords"]["t"] == y.case["T"] - 1  # the NaN was planted at the last timestep
+
+
+def test_a_crash_in_one_dtype_does_not_stop_the_other():
+    result = certify(f"{MISBEHAVING}:CrashesOnLongSequences", isolate=True, max_examples=30,
+                     oracles=["finite-differences"], profile="ci")
+    dtypes = {r.dtype for r in result.records}
+    assert dtypes == {"float64", "float32"}
+    crashed = [r for r in result.records if r.status == "error"]
+    assert crashed and all("SIGSEGV" in r.reason for r in crashed)
+    assert all(r.case["T"] >= 6 for r in crashed)  # the case that crashed it, reported as it was
+
+
+# Planted bugs: name -> (quantities that must fail, quantities that must pass)
+PLANTED_BUGS = {
+    "gates_swapped": ({"y"}, set()),
+    "no_h_to_c": ({"dW"}, FORWARD),
+    "tanh_derivative": ({"dx"}, FORWARD),
+    "dR_uses_h_t": ({"dR"}, ALL - {"dR"}),
+    "db_one_batch_row": ({"db"}, ALL - {"db"}),
+    "dc0_without_f": ({"dc0"}, ALL - {"dc0"}),
+    "peephole_o_sees_prev": ({"dp_o"}, set()),
+    "peephole_no_gate_path": ({"dc0"}, FORWARD),
+    "ln_unbiased": ({"y"}, set()),
+    "ln_eps_outside": ({"y"}, set()),
+    "ln_skip_c_backward": ({"dx"}, FORWARD),
+}
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "peephole", "layernorm"])
+def test_the_planted_bug_base_is_correct(variant):
+    assert _run(f"{PLANTED}:correct_{variant}", max_examples=20).verdict == "certified"
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
+def test_planted_bug_is_caught_on_the_right_quantity(bug):
+    must_fail, must_pass = PLANTED_BUGS[bug]
+    result = _run(f"{PLANTED}:{bug}", max_examples=15)
+    assert result.verdict == "discrepancies"
+    status = {r.quantity: r.status for r in result.records}
+    failing = {q for q, s in status.items() if s == "fail"}
+    assert must_fail <= failing, result.summary()
+    assert not (must_pass & failing), result.summary()
+    assert all(s in ("pass", "fail") for s in status.values())

@@ -1,0 +1,258 @@
+"""Implementations that misbehave in every way issue 5 lists; each must get a clear verdict.
+
+They are built on the readable reference (``impls.loop``) so that the only thing wrong with each is
+the misbehaviour it is named for. Loaded by path in the tests: ``tests/plugins/misbehaving.py:Raises``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+from impls.loop import LoopLSTM
+
+
+def _deep_helper(x):
+    # A frame of the implementation's own, which the shortened traceback must keep.
+    raise ValueError(f"cannot handle an input of shape {x.shape}")
+
+
+class Correct(LoopLSTM):
+    name = "correct"
+
+
+class Raises(LoopLSTM):
+    name = "raises"
+
+    def forward(self, x, h0, c0, params):
+        return _deep_helper(x)
+
+
+class RaisesInBackward(LoopLSTM):
+    name = "raises-in-backward"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise RuntimeError("backward is not written yet")
+
+
+class ReturnsNaN(LoopLSTM):
+    name = "returns-nan"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        y = y.copy()
+        y[-1, 0, 0] = np.nan  # the last timestep, first batch row, first unit
+        return y, h, c, cache
+
+
+class WrongShape(LoopLSTM):
+    name = "wrong-shape"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return np.ascontiguousarray(y.transpose(1, 0, 2))[:, :, :, None], h, c, cache
+
+
+class WrongDtype(LoopLSTM):
+    name = "wrong-dtype"
+    dtypes = ("float32",)
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(np.float64), h, c, cache
+
+
+class WrongCount(LoopLSTM):
+    name = "wrong-count"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y, h, c
+
+
+class NotArrays(LoopLSTM):
+    name = "not-arrays"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y, "h_T", c, cache
+
+
+class MissingGradient(LoopLSTM):
+    name = "missing-gradient"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        del grads["c0"]
+        return grads
+
+
+class ExtraGradient(LoopLSTM):
+    name = "extra-gradient"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["bias"] = grads["b"]
+        return grads
+
+
+class GradientsAsList(LoopLSTM):
+    name = "gradients-as-list"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return list(super().backward(dy, dh_T, dc_T, cache).values())
+
+
+class MutatesInput(LoopLSTM):
+    name = "mutates-input"
+
+    def forward(self, x, h0, c0, params):
+        out = super().forward(x, h0, c0, params)
+        x *= 0.5  # scales the caller's array in place after using it
+        return out
+
+
+class MutatesUpstream(LoopLSTM):
+    name = "mutates-upstream"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        dy[...] = 0.0
+        return grads
+
+
+class Nondeterministic(LoopLSTM):
+    name = "nondeterministic"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        noise = np.random.default_rng().standard_normal(y.shape).astype(y.dtype) * 1e-3
+        return y + noise, h, c, cache
+
+
+class Stateful(LoopLSTM):
+    """Carries its last final state into the next call instead of starting from h0."""
+
+    name = "stateful"
+
+    def __init__(self):
+        self.calls = 0
+
+    def forward(self, x, h0, c0, params):
+        self.calls += 1
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y, h + 1e-3 * self.calls, c, cache
+
+
+class Hangs(LoopLSTM):
+    name = "hangs"
+
+    def forward(self, x, h0, c0, params):
+        while True:
+            time.sleep(0.05)
+
+
+class HangsInBackward(LoopLSTM):
+    name = "hangs-in-backward"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        time.sleep(3600)
+
+
+class Segfaults(LoopLSTM):
+    name = "segfaults"
+
+    def forward(self, x, h0, c0, params):
+        return ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+class SegfaultsInBackward(LoopLSTM):
+    name = "segfaults-in-backward"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return ctypes.string_at(0)
+
+
+class Exits(LoopLSTM):
+    name = "exits"
+
+    def forward(self, x, h0, c0, params):
+        os._exit(3)
+
+
+class CallsSysExit(LoopLSTM):
+    name = "calls-sys-exit"
+
+    def forward(self, x, h0, c0, params):
+        sys.exit("giving up")
+
+
+class ExhaustsMemory(LoopLSTM):
+    """Reserves 256 MiB blocks until the allocation fails (np.empty does not touch the pages)."""
+
+    name = "exhausts-memory"
+
+    def forward(self, x, h0, c0, params):
+        hoard = []
+        while True:
+            hoard.append(np.empty(2**25))
+
+
+class NoForward:
+    variant = "vanilla"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return {}
+
+
+class NeedsArguments(LoopLSTM):
+    def __init__(self, hidden_size):
+        self.hidden_size = hidden_size
+
+
+def forward_function(x, h0, c0, params):
+    return LoopLSTM().forward(x, h0, c0, params)
+
+
+def make_correct():
+    return Correct()
+
+
+class UnknownVariant(LoopLSTM):
+    variant = "gru"
+
+
+correct_instance = Correct()
+
+
+class CrashesOnLongSequences(LoopLSTM):
+    """Correct for T < 6; a segmentation fault for longer sequences."""
+
+    name = "crashes-on-long-sequences"
+
+    def forward(self, x, h0, c0, params):
+        if x.shape[0] >= 6:
+            ctypes.string_at(0)
+        return super().forward(x, h0, c0, params)
+
+
+class HangsOnLongSequences(LoopLSTM):
+    """Correct for T < 6; never returns for longer sequences."""
+
+    name = "hangs-on-long-sequences"
+
+    def forward(self, x, h0, c0, params):
+        if x.shape[0] >= 6:
+            time.sleep(3600)
+        return super().forward(x, h0, c0, params)
+
+
+class WrongSignature:
+    variant = "vanilla"
+
+    def forward(self, x):
+        return x

@@ -1,0 +1,152 @@
+"""`lstm-harness certify`, `replay`, `report` and `run` from the command line: exit codes, the report
+files, replayable cases, parallel jobs, usage errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import registry
+from harness.cli import main
+
+MISBEHAVING = Path(__file__).parent / "plugins" / "misbehaving.py"
+FD = ["--oracle", "finite-differences"]
+HAVE_HTML = importlib.util.find_spec("jinja2") is not None and importlib.util.find_spec("matplotlib") is not None
+
+
+def _available_builtins():
+    return [e.name for e in registry.implementations() if e.unavailable is None]
+
+
+@pytest.mark.parametrize("name", _available_builtins())
+def test_builtins_certify(name, tmp_path, capsys):
+    code = main(["certify", name, "--in-process", "--max-examples", "5", *FD, "--report-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Verdict: certified" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verdict"] == "certified" and report["command"] == "certify"
+
+
+def test_certify_with_every_default_writes_the_documented_report(tmp_path, capsys):
+    """Isolated (the default), every available oracle; report.json, index.html and JUnit XML."""
+    junit = tmp_path / "junit.xml"
+    code = main(["certify", "loop", "--max-examples", "3", "--report-dir", str(tmp_path), "--junit-xml", str(junit)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["tool"]["name"] == "lstm-harness"
+    assert report["verdict"] == "certified"
+    assert report["target_info"]["target"] == "loop" and report["target_info"]["isolated"] is True
+    assert report["target_info"]["loaded"]["kind"] == "entry point"
+    assert report["settings"]["timeout"] == 60.0 and report["settings"]["isolate"] is True
+    assert {"python", "cpu", "packages"} <= set(report["environment"])
+    expected = {o.name for o in registry.oracles() if o.availability().available and "vanilla" in o.variants}
+    assert set(report["settings"]["oracles"]) == expected
+    record = report["records"][0]
+    for key in ("implementation", "oracle", "variant", "dtype", "direction", "quantity", "status", "rtol",
+                "atol", "case", "replay"):
+        assert key in record
+    assert junit.is_file() and "<testsuite" in junit.read_text()
+    if HAVE_HTML:
+        assert (tmp_path / "index.html").is_file()
+    else:
+        assert "report extra" in captured.err
+    assert "cases in" in captured.err  # the progress display
+
+
+def test_discrepancy_exit_1_and_the_case_replays(tmp_path, capsys):
+    target = f"{MISBEHAVING}:ReturnsNaN"
+    assert main(["certify", target, "--in-process", "--max-examples", "5", *FD, "--dtype", "float64",
+                 "--report-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "Verdict: discrepancies" in out and "FAIL" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    failing = [r for r in report["records"] if r["status"] == "fail"]
+    assert failing and all(r["quantity"] == "y" for r in failing)
+    command = shlex.split(failing[0]["replay"])
+    assert command[:2] == ["lstm-harness", "replay"] and Path(command[2]).is_file()
+    assert main(command[1:]) == 1  # reproduces
+    assert "Reproduced: the case still fails." in capsys.readouterr().out
+    assert main(["replay", command[2], "loop", "--in-process", *FD]) == 0  # a correct one passes it
+    assert "The case passes" in capsys.readouterr().out
+
+
+def test_nondeterminism_replays(tmp_path, capsys):
+    assert main(["certify", f"{MISBEHAVING}:Nondeterministic", "--in-process", "--max-examples", "3", *FD,
+                 "--dtype", "float64", "--report-dir", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    record = next(r for r in report["records"] if "different results" in r["reason"])
+    capsys.readouterr()
+    assert main(shlex.split(record["replay"])[1:]) == 1
+    assert "gives different results for the same input" in capsys.readouterr().out
+
+
+def test_crash_and_hang_exit_1_with_report(tmp_path, capsys):
+    assert main(["certify", f"{MISBEHAVING}:Segfaults", "--max-examples", "3", *FD, "--dtype", "float32",
+                 "--report-dir", str(tmp_path / "a")]) == 1
+    assert "killed by SIGSEGV" in capsys.readouterr().out
+    assert main(["certify", f"{MISBEHAVING}:Hangs", "--timeout", "0.5", "--max-examples", "3", *FD,
+                 "--dtype", "float64", "--report-dir", str(tmp_path / "b")]) == 1
+    assert "did not return within 0.5 s" in capsys.readouterr().out
+    for sub in ("a", "b"):
+        assert json.loads((tmp_path / sub / "report.json").read_text())["verdict"] == "error"
+
+
+def test_parallel_jobs_give_the_same_records(tmp_path, capsys):
+    args = ["certify", f"{MISBEHAVING}:RaisesInBackward", "--in-process", "--max-examples", "4", *FD]
+    assert main([*args, "--report-dir", str(tmp_path / "one")]) == 1
+    assert main([*args, "-n", "2", "--report-dir", str(tmp_path / "two")]) == 1
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+
+    def key(report):
+        return sorted((r["dtype"], r["oracle"], r["quantity"], r["status"], r["reason"]) for r in report["records"])
+
+    assert key(one) == key(two)
+    assert two["settings"]["jobs"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["certify", "loop", "--in-process", "--timeout", "3"], "--timeout: a per-call timeout needs"),
+    (["certify", "loop", "--in-process", "--oracle", "no-such-oracle"], "--oracle: expected names from"),
+    (["certify", f"{MISBEHAVING}:WrongDtype", "--in-process", "--dtype", "float64"], "--dtype: wrong-dtype declares"),
+    (["replay", "no_such_case.npz", "loop", "--in-process"], "CASE.npz: expected a .npz case file"),
+    (["report", "no_such_report.json"], "report.json: expected an existing file"),
+])
+def test_usage_errors_exit_2(args, message, capsys, tmp_path):
+    assert main([*args, "--report-dir", str(tmp_path)] if args[0] == "certify" else args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_report_rerenders(tmp_path, capsys):
+    pytest.importorskip("jinja2", reason="the HTML report needs the report extra")
+    pytest.importorskip("matplotlib", reason="the HTML report needs the report extra")
+    assert main(["certify", "loop", "--in-process", "--max-examples", "2", *FD, "--report-dir", str(tmp_path)]) == 0
+    out = tmp_path / "again.html"
+    assert main(["report", str(tmp_path / "report.json"), "-o", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 0
+
+
+def test_run_still_works_and_writes_both_reports(tmp_path, capsys):
+    code = main(["run", "--impl", "loop", *FD, "--max-examples", "3", "--report-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "Verdict: certified" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["command"] == "run" and report["implementations"][0]["target"] == "impls.loop:LoopLSTM"
+    if HAVE_HTML:
+        assert (tmp_path / "index.html").is_file()
+
+
+def test_console_entry_point_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness", "certify", f"{MISBEHAVING}:Exits", "--max-examples",
+                           "2", *FD, "--dtype", "float64", "--report-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "exited with status 3" in proc.stdout
+    assert "exits float64" in proc.stderr  # progress goes to stderr, results to stdout

@@ -1,0 +1,78 @@
+"""The pytest plugin: a TARGET named on the command line or in the ini file becomes a test of the
+session; the lstm_certify fixture and harness.certify work inside a user's own tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+pytest_plugins = ["pytester"]
+
+PLUGINS = Path(__file__).parent / "plugins"
+FAST = ["--lstm-max-examples", "3", "--lstm-oracle", "finite-differences", "-p", "no:randomly",
+        "-p", "no:cacheprovider"]
+
+
+def test_certify_option_adds_a_passing_test(pytester):
+    result = pytester.runpytest("--lstm-certify", "loop", "-v", *FAST)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*lstm-certify?loop?*PASSED*"])
+
+
+def test_keyword_selection_applies(pytester):
+    pytester.makepyfile(test_other="def test_other():\n    pass\n")
+    result = pytester.runpytest("--lstm-certify", "loop", "-k", "test_other", *FAST)
+    result.assert_outcomes(passed=1, deselected=1)
+
+
+def test_broken_implementation_fails_with_the_summary(pytester):
+    result = pytester.runpytest("--lstm-certify", f"{PLUGINS / 'planted.py'}:dc0_without_f", *FAST)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*is not certified (verdict: discrepancies)*", "*dc0*FAIL*"])
+
+
+def test_unloadable_target_fails_with_what_to_fix(pytester):
+    result = pytester.runpytest("--lstm-certify", "no_such_module_xyz:LSTM", *FAST)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*could not be certified: cannot import module 'no_such_module_xyz'*"])
+
+
+def test_ini_setting(pytester):
+    pytester.makeini("[pytest]\nlstm_certify = stacked\nlstm_max_examples = 3\nlstm_oracles = finite-differences\n")
+    result = pytester.runpytest("-p", "no:randomly", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*lstm-certify?stacked?*PASSED*"])
+
+
+def test_fixture_and_public_function_in_a_users_test(pytester):
+    pytester.makepyfile(test_mine=f"""
+        import pytest
+        import harness
+        from impls.loop import LoopLSTM
+
+        def test_fixture_with_an_object(lstm_certify):
+            result = lstm_certify(LoopLSTM())
+            result.assert_certified()
+            assert result.settings["max_examples"] == 3
+
+        def test_fixture_defaults_to_the_configured_target(lstm_certify):
+            assert lstm_certify().implementation["name"] == "loop"
+
+        def test_public_function_reports_a_broken_one():
+            result = harness.certify({str(PLUGINS / 'planted.py')!r} + ":db_one_batch_row", max_examples=10,
+                                     oracles=["finite-differences"], dtypes=["float64"])
+            assert not result.ok
+            assert {{r.quantity for r in result.failures}} == {{"db"}}
+            with pytest.raises(AssertionError, match="not certified"):
+                result.assert_certified()
+    """)
+    result = pytester.runpytest("--lstm-certify", "loop", *FAST)
+    result.assert_outcomes(passed=4)  # three of the file's, and the configured target's own
+
+
+def test_fixture_skips_without_a_target(pytester):
+    pytester.makepyfile(test_mine="""
+        def test_needs_target(lstm_certify):
+            lstm_certify()
+    """)
+    result = pytester.runpytest(*FAST)
+    result.assert_outcomes(skipped=1)
