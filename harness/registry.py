@@ -18,11 +18,23 @@ __all__ = ["BUILTIN_IMPLEMENTATIONS", "ORACLES", "ImplementationEntry", "impleme
 BUILTIN_IMPLEMENTATIONS: dict[str, str] = {
     "loop": "impls.loop:LoopLSTM",
     "stacked": "impls.stacked:StackedLSTM",
+    "loop-peephole": "impls.peephole:LoopPeepholeLSTM",
+    "stacked-peephole": "impls.peephole:StackedPeepholeLSTM",
+    "loop-layernorm": "impls.layernorm:LoopLayerNormLSTM",
+    "stacked-layernorm": "impls.layernorm:StackedLayerNormLSTM",
 }
 
 #: Oracles in the order reports list them. Each module imports its framework lazily.
 ORACLES: tuple[str, ...] = (
     "oracles.finite_diff:FiniteDifferenceOracle",
+    "oracles.torch_oracle:TorchLSTMOracle",
+    "oracles.torch_oracle:TorchCompositeOracle",
+    "oracles.tf_oracle:KerasLSTMOracle",
+    "oracles.tf_oracle:BlockLSTMV2Oracle",
+    "oracles.tf_oracle:TFCompositeOracle",
+    "oracles.onnx_oracle:OnnxRuntimeOracle",
+    "oracles.onnx_oracle:OnnxReferenceOracle",
+    "oracles.jax_oracle:JaxCompositeOracle",
 )
 
 

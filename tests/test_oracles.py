@@ -25,6 +25,7 @@ from harness.runner import check_case
 from harness.subject import InProcessSubject
 from oracles.base import Oracle
 from oracles.finite_diff import FiniteDifferenceOracle
+from oracles.jax_oracle import JaxCompositeOracle
 from oracles.onnx_oracle import OnnxReferenceOracle, OnnxRuntimeOracle
 from oracles.tf_oracle import BlockLSTMV2Oracle, KerasLSTMOracle, TFCompositeOracle
 from oracles.torch_oracle import TorchCompositeOracle, TorchLSTMOracle
@@ -38,6 +39,7 @@ FRAMEWORK_ORACLES = [
     TFCompositeOracle,
     OnnxRuntimeOracle,
     OnnxReferenceOracle,
+    JaxCompositeOracle,
 ]
 VARIANTS = ("vanilla", "peephole", "layernorm")
 DTYPES = ("float64", "float32")
@@ -201,6 +203,7 @@ def test_declared_coverage():
     assert set(o["torch-nn-lstm"].compute_dtypes) == {"float64", "float32"}
     assert o["torch-composite"].variants == VARIANTS
     assert o["tf-composite"].variants == VARIANTS
+    assert o["jax-composite"].variants == VARIANTS
     assert o["tf-keras"].variants == ("vanilla",)
     assert o["tf-block-lstm-v2"].variants == ("vanilla", "peephole")
     assert o["tf-block-lstm-v2"].compute_dtypes == ("float32",)

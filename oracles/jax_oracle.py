@@ -1,0 +1,267 @@
+"""JAX oracle: the LSTM equations in ``jax.numpy``, gradients by ``jax.vjp``, compiled once per shape bucket.
+
+A third automatic-differentiation system beside PyTorch's and TensorFlow's, for every variant, in
+float64 (``jax_enable_x64``, set when the oracle is first used; a process-wide JAX setting, harmless
+to the harness and to worker processes).
+
+Why buckets. Run eagerly, op by op, the equations cost hundreds of milliseconds a case in dispatch
+alone; compiled with ``jax.jit`` they cost microseconds, but ``jit`` compiles once per distinct
+(T, B, D, H), a few hundred milliseconds each, and a Hypothesis run draws a new shape almost every
+case. So every case is zero-padded up to a *bucket* (each of T, B, D, H rounded up to a power of
+two, at least :data:`FLOORS`), and one function per (variant, bucket) computes the outputs and the
+vector-Jacobian product together; the results are sliced back to the real shapes. Every case the
+harness draws by default (T, D, H <= 16, B <= 8) falls in a single bucket per variant.
+
+Why padding changes nothing but rounding. Padded entries of x, W, R, b, the peepholes, gamma,
+beta, h0, c0, dy, dh_T and dc_T are zero (W, R, b, gamma, beta padded block by block, so the
+gate blocks i, f, g, o stay aligned), and
+
+* a padded hidden unit has pre-activation 0, so i = f = o = 1/2 and g = 0; from c0 = 0 its cell
+  stays c = 0 and h = tanh(0) / 2 = 0, and since its columns of R are zero it feeds nothing into
+  a real unit; for LayerNorm its gain and shift are zero, so its normalized value is 0 as well;
+* LayerNorm takes the mean and the (biased) variance over the real H units only: a unit mask and
+  the true H are traced inputs, not shapes, so a padded unit never enters a statistic;
+* a padded input column of x meets zero columns of W; a padded batch row is all zero, is
+  independent of the real rows in the forward pass, and receives zero cotangents (its dy, dh_T,
+  dc_T are zero), so it adds exact zeros to the parameter gradients;
+* ``lax.scan`` runs over the bucketed T and keeps the carry (h, c) unchanged at steps t >= T (a
+  ``where`` on the traced true T), so h_T and c_T are the states at the real T; the discarded
+  branch gets a zero cotangent and every quantity in it is finite (x = 0 there, eps > 0 in the
+  root), so it contributes exact zeros to the gradients.
+
+So every real quantity is the unpadded value plus exact zeros; only the order of floating-point
+summation inside matmuls and reductions may differ, which moves results by a few units in the last
+place (``tests/test_oracle_jax.py`` checks 1e-13 against the eager, unpadded path at bucket
+boundaries, and agreement with finite differences). ``JaxCompositeOracle(bucketed=False)`` is that
+eager path: the same equations on the exact shapes, op by op, slow, kept as the baseline.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from harness.cases import Case
+from harness.contract import VARIANTS, ArraySpec, gradient_keys, input_specs, output_specs
+from oracles.base import Availability, Oracle, Reference, module_available
+
+__all__ = ["JaxCompositeOracle", "FLOORS", "bucket", "bucket_sizes", "compilations"]
+
+#: Smallest bucket per dimension. Above it a dimension is rounded up to the next power of two.
+#: At these sizes a padded step costs microseconds, far less than a compilation (~0.5 s), so one
+#: bucket that holds every default Hypothesis case is worth the wasted arithmetic.
+FLOORS: dict[str, int] = {"T": 16, "B": 8, "D": 16, "H": 16}
+
+#: How many times each (variant, T, B, D, H) bucket was traced, i.e. compiled. Tests read it.
+_TRACES: Counter[tuple[str, int, int, int, int]] = Counter()
+
+_JITTED: Any = None  # the jitted bucketed function, built on first use (JAX is imported lazily)
+
+
+def bucket(n: int, floor: int) -> int:
+    """``n`` rounded up to a power of two, at least ``floor``."""
+    if n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+def bucket_sizes(T: int, B: int, D: int, H: int) -> dict[str, int]:
+    """The padded sizes a case of shape (T, B, D, H) is computed at."""
+    return {k: bucket(n, FLOORS[k]) for k, n in (("T", T), ("B", B), ("D", D), ("H", H))}
+
+
+def compilations(variant: str | None = None) -> int:
+    """How many buckets have been compiled in this process (for ``variant``, or all)."""
+    return sum(n for key, n in _TRACES.items() if variant is None or key[0] == variant)
+
+
+def _jax() -> tuple[Any, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    if not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    return jax, jnp
+
+
+def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
+          norm: Callable[[Any, int], Any]) -> tuple[Any, Any]:
+    """One step of the contract's equations: x_t (B, D), h, c (B, H) -> h_t, c_t (B, H).
+
+    ``norm(v, k)`` is LayerNorm with row k of gamma and beta (rows i, f, g, o, c).
+    """
+    H = h.shape[-1]
+
+    def sigmoid(v):
+        return 0.5 * (1.0 + jnp.tanh(0.5 * v))
+
+    z = x_t @ p["W"].T + h @ p["R"].T  # (B, 4H)
+    if variant != "layernorm":
+        z = z + p["b"]
+    z_i, z_f, z_g, z_o = (z[:, k * H : (k + 1) * H] for k in range(4))  # (B, H) each
+    if variant == "vanilla":
+        i, f, g = sigmoid(z_i), sigmoid(z_f), jnp.tanh(z_g)
+        c = f * c + i * g
+        o = sigmoid(z_o)
+    elif variant == "peephole":
+        i = sigmoid(z_i + p["p_i"] * c)
+        f = sigmoid(z_f + p["p_f"] * c)
+        c = f * c + i * jnp.tanh(z_g)
+        o = sigmoid(z_o + p["p_o"] * c)  # the output gate sees the new cell state
+    else:
+        i, f = sigmoid(norm(z_i, 0)), sigmoid(norm(z_f, 1))
+        g, o = jnp.tanh(norm(z_g, 2)), sigmoid(norm(z_o, 3))
+        c = norm(f * c + i * g, 4)  # the normalized cell is carried forward
+    return o * jnp.tanh(c), c
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager, exact shapes: the baseline the bucketed path is tested against.
+
+
+def _eager_forward(jnp: Any, variant: str, a: dict[str, Any], ln_eps: float):
+    """-> y (T, B, H), h_T (B, H), c_T (B, H), a Python loop over t."""
+
+    def norm(v, k):  # biased variance over the H units, eps inside the root
+        mean = v.mean(axis=-1, keepdims=True)
+        var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
+        return (v - mean) / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
+
+    h, c = a["h0"], a["c0"]
+    ys = []
+    for t in range(a["x"].shape[0]):
+        h, c = _cell(jnp, variant, a, a["x"][t], h, c, norm)
+        ys.append(h)
+    return jnp.stack(ys), h, c
+
+
+def _eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
+    jax, jnp = _jax()
+    arrays = {k: jnp.asarray(v) for k, v in case.arrays().items()}
+    outputs, vjp = jax.vjp(lambda a: _eager_forward(jnp, case.variant, a, case.ln_eps), arrays)
+    (grads,) = vjp(tuple(jnp.asarray(u) for u in case.upstream))
+    return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bucketed: zero-padded to a bucket, one compiled function per (variant, bucket).
+
+
+def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
+    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
+    Hb = a["h0"].shape[1]
+    unit = jnp.arange(Hb) < H  # (Hb,) the real units
+    n_units = H.astype(a["h0"].dtype)
+
+    def norm(v, k):  # statistics over the real units only; padded units have gamma = beta = 0
+        mean = jnp.where(unit, v, 0.0).sum(axis=-1, keepdims=True) / n_units
+        dev = jnp.where(unit, v - mean, 0.0)
+        var = (dev * dev).sum(axis=-1, keepdims=True) / n_units
+        return dev / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, t = inputs
+        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm)
+        live = t < T  # steps past the true T leave the state as it was
+        h, c = jnp.where(live, h_new, h), jnp.where(live, c_new, c)
+        return (h, c), h
+
+    Tb = a["x"].shape[0]
+    (h, c), y = jax.lax.scan(step, (a["h0"], a["c0"]), (a["x"], jnp.arange(Tb)))
+    return y, h, c
+
+
+def _bucketed_vjp(variant: str, arrays: dict[str, Any], upstream: tuple[Any, Any, Any], T: Any, H: Any,
+                  ln_eps: Any):
+    """Outputs and input/parameter gradients, in one compiled call."""
+    jax, jnp = _jax()
+    Tb, Bb, Db = arrays["x"].shape
+    _TRACES[(variant, Tb, Bb, Db, arrays["h0"].shape[1])] += 1  # runs once per trace, i.e. per compile
+    outputs, vjp = jax.vjp(lambda a: _padded_forward(jax, jnp, variant, a, T, H, ln_eps), arrays)
+    (grads,) = vjp(upstream)
+    return outputs, grads
+
+
+def _jitted() -> Any:
+    global _JITTED
+    if _JITTED is None:
+        jax, _ = _jax()
+        _JITTED = jax.jit(_bucketed_vjp, static_argnames=("variant",))
+    return _JITTED
+
+
+def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape of ``spec`` with every (4H) axis split into its gate blocks (4, H)."""
+    out: list[int] = []
+    for s in spec.shape:
+        if s == "4H":
+            out += [4, sizes["H"]]
+        else:
+            out.append(sizes[s] if s in sizes else int(s))
+    return tuple(out)
+
+
+def _pad(a: np.ndarray, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    out = np.zeros(_blocked(spec, padded), dtype=np.float64)
+    block = a.reshape(_blocked(spec, real))
+    out[tuple(slice(0, n) for n in block.shape)] = block
+    return out.reshape(spec.concrete_shape(**padded))
+
+
+def _unpad(a: Any, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    block = np.asarray(a).reshape(_blocked(spec, padded))
+    return np.ascontiguousarray(block[tuple(slice(0, n) for n in _blocked(spec, real))]).reshape(
+        spec.concrete_shape(**real))
+
+
+def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
+    _jax()
+    real = {"T": case.T, "B": case.B, "D": case.D, "H": case.H}
+    padded = bucket_sizes(**real)
+    specs = {s.name: s for s in input_specs() + VARIANTS[case.variant].params}
+    arrays = {k: _pad(v, specs[k], real, padded) for k, v in case.arrays().items()}
+    outs = output_specs()
+    upstream = tuple(_pad(u, s, real, padded) for u, s in zip(case.upstream, outs, strict=True))
+    outputs, grads = _jitted()(case.variant, arrays, upstream, np.int64(case.T), np.int64(case.H),
+                               np.float64(case.ln_eps))
+    return (tuple(_unpad(o, s, real, padded) for o, s in zip(outputs, outs, strict=True)),
+            {k: _unpad(g, specs[k], real, padded) for k, g in grads.items()})
+
+
+class JaxCompositeOracle(Oracle):
+    """Every variant in jax.numpy, float64, vector-Jacobian products by ``jax.vjp``.
+
+    ``bucketed=False`` runs the same equations eagerly on the exact shapes (slow; the baseline).
+    """
+
+    name = "jax-composite"
+    description = "LSTM equations in jax.numpy, float64 (jax_enable_x64), gradients by jax.vjp"
+    variants = ("vanilla", "peephole", "layernorm")
+    compute_dtypes = ("float64",)
+
+    def __init__(self, *, bucketed: bool = True):
+        if not isinstance(bucketed, bool):
+            raise TypeError(f"bucketed: expected a bool, got {type(bucketed).__name__}")
+        self.bucketed = bucketed
+
+    def _probe(self) -> Availability:
+        return module_available("jax", "jaxlib")
+
+    def reference(self, case: Case) -> Reference:
+        why = self.supports(case.variant, case.dtype)
+        if why:
+            raise ValueError(f"case: {why}")
+        c = case.astype("float64")
+        (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
+        how = ("jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)" if self.bucketed
+               else "eager on the exact shapes")
+        return Reference(
+            compute_dtype="float64",
+            outputs={"y": y, "h_T": h_T, "c_T": c_T},
+            gradients={k: grads[k] for k in gradient_keys(c.variant)},
+            notes=f"jax.numpy in float64, {how}, jax.vjp",
+        )
