@@ -229,10 +229,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def print_results(records: Sequence[Record], *, per_quantity: bool = False, notes: Sequence[str] = ()) -> str:
     print(summary_table(records, per_quantity=per_quantity))
-    limited = sorted({f"{r.oracle}: {r.reason}" for r in records
-                      if r.status == "skip" and r.direction == "backward" and "forward" in r.reason})
-    for line in limited:
-        print(f"note: {line}")
     for line in notes:
         print(f"note: {line}")
     text = details(records)

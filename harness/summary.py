@@ -43,31 +43,42 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([line, sep, *body])
 
 
 def summary_table(records: Sequence[Record], *, per_quantity: bool = False) -> str:
-    """One row per implementation, dtype, oracle and direction (or per quantity, for certify)."""
+    """One row per implementation, dtype, oracle and direction (or per quantity, for certify).
+
+    Rows where nothing was compared (every record a skip) are left out of the table and listed
+    once per reason underneath, so that what was checked stays readable; the JSON and HTML keep
+    every skip record.
+    """
     def key(r: Record):
         return (r.implementation, r.dtype, r.oracle, r.direction) + ((r.quantity,) if per_quantity else ())
 
     rows = []
+    skipped: dict[str, int] = {}
     for k, group in groupby(records, key=key):
         group = list(group)
         status = worst_status(group)
+        if status == "skip":
+            reason = group[0].reason or "skipped"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
         scored = [r for r in group if r.ratio is not None]
         worst = max(scored, key=lambda r: r.ratio or 0.0) if scored else None
         note = ""
-        if status == "skip":
-            note = group[0].reason
-        elif status in ("error", "contract"):
+        if status in ("error", "contract"):
             note = next(r.reason for r in group if r.status == status).splitlines()[0][:90]
         elif status == "fail":
             bad = [r.quantity for r in group if r.status == "fail"]
             note = "not close: " + ", ".join(bad)
         elif worst is not None and worst.method == "projection":
             note = "random-direction projections"
+        partial = sorted({r.reason for r in group if r.status == "skip" and r.reason})
+        if partial and not note:
+            note = "; ".join(partial)[:90]
         examples = str(max(r.examples for r in group))
         cells = [k[0], k[1], k[2], k[3]]
         if per_quantity:
@@ -80,7 +91,12 @@ def summary_table(records: Sequence[Record], *, per_quantity: bool = False) -> s
     if per_quantity:
         headers.append("quantity")
     headers += ["status", "worst error", "cases", "note"]
-    return _table(headers, rows)
+    parts = [_table(headers, rows)] if rows else ["(nothing was compared)"]
+    if skipped:
+        unit = "quantities" if per_quantity else "rows"
+        parts.append("\nNot checked (skipped, with the reason):")
+        parts += [f"  - {reason} ({n} {unit})" for reason, n in skipped.items()]
+    return "\n".join(parts)
 
 
 def details(records: Sequence[Record]) -> str:
