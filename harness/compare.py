@@ -49,13 +49,11 @@ class Tolerance:
     atol: float
     reason: str
 
-    def scaled(self, condition: float) -> Tolerance:
-        """rtol and atol times the case's condition number (:mod:`harness.conditioning`), if above 1."""
-        if not condition > 1.0:
+    def scaled(self, factor: float, why: str) -> Tolerance:
+        """rtol and atol times ``factor`` (when above 1), with the reason appended."""
+        if not factor > 1.0:
             return self
-        return Tolerance(self.rtol * condition, self.atol * condition,
-                         f"{self.reason}; times {condition:.3g}, the condition number of the case")
-
+        return Tolerance(self.rtol * factor, self.atol * factor, f"{self.reason}; times {factor:.3g}: {why}")
 
 # One table per dtype, values (forward outputs) and gradients separately. rtol and atol go together.
 # Starting points are torch.testing's _DTYPE_PRECISIONS (float64: 1e-7/1e-7, float32: 1.3e-6/1e-5)
@@ -82,18 +80,20 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     },
     "float32": {
         "values": Tolerance(
-            rtol=2e-5,
-            atol=2e-5,
-            reason="unit roundoff 6e-8; torch allows 1.3e-6/1e-5 for a single operation, a T-step "
-            "recurrence accumulates and amplifies it: measured worst 2.4e-6 (ratio 0.10) on 2000 "
-            "generated cases with saturating weights included",
+            rtol=5e-5,
+            atol=5e-5,
+            reason="unit roundoff 6e-8; torch allows 1.3e-6/1e-5 for a single operation, and a T-step "
+            "recurrence through large or saturating weights amplifies rounding: against the "
+            "implementations' own float64 results, worst 6.5e-6 over 6000 large/saturating cases "
+            "(p99.9 2.6e-6), so a margin of about 8",
         ),
         "gradients": Tolerance(
-            rtol=2e-4,
-            atol=2e-4,
-            reason="float32 BPTT sums T*B products per weight element and runs the recurrence "
-            "backwards through saturated gates: measured worst 6.2e-5 of the largest element "
-            "(ratio 0.17) on 2000 generated cases",
+            rtol=1e-3,
+            atol=1e-3,
+            reason="float32 BPTT through saturating gates (pre-activations near 25, weights near "
+            "17) loses about three digits: worst 1.7e-4 relative seen (p99.9 2.2e-5 over 6000 "
+            "large/saturating cases), so a margin of about 6. JAX's check_grads allows 1e-2 in "
+            "float32; planted bugs err by 1e-2 and more",
         ),
     },
 }
@@ -146,7 +146,10 @@ class Record:
     atol: float | None = None
     atol_scale: float | None = None
     tolerance_dtype: str | None = None
-    condition: float = 1.0  # rtol and atol above include this factor (harness.conditioning)
+    #: Factors rtol and atol above already include, by reason: the case's LayerNorm condition number
+    #: (harness.conditioning), and 2 when the oracle computes in the same low precision as the
+    #: implementation (both sides then carry that precision's rounding).
+    tolerance_factors: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why skipped, or the error / contract text
     traceback: str = ""
     case: dict[str, Any] = field(default_factory=dict)  # T, B, D, H, dtype, spec
@@ -433,7 +436,7 @@ def render_message(rec: Record) -> str:
     if rec.first_bad_t is not None:
         lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
     scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
-    cond = (f" (including x {rec.condition:.3g}, the case's LayerNorm condition number)"
-            if rec.condition > 1.0 else "")
+    factors = "; ".join(f"x {v:.3g} for {k}" for k, v in rec.tolerance_factors.items())
+    cond = f" (including {factors})" if factors else ""
     lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol:.1e}, atol={rec.atol:.1e}{scale}{cond}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ Schema (``schema_version`` 1)::
 A record's fields: implementation, oracle, variant, dtype, direction, quantity, status, method,
 max_abs_error, max_rel_error, ratio, mismatched, total, nonfinite, worst {index, coords, actual,
 expected, abs_error, allowed}, first_bad_t, last_bad_t, rtol, atol, atol_scale, tolerance_dtype,
-condition (the LayerNorm condition number rtol and atol were multiplied by; 1.0 otherwise), reason,
+tolerance_factors (what rtol and atol above were multiplied by, by reason), reason,
 traceback, case {T, B, D, H, dtype, seed, spec}, error_map {quantity, panels}, examples,
 case_file, replay, message. NaN is written as null and infinity as +-1e300 (strict JSON).
 """
