@@ -27,7 +27,7 @@ from harness.cases import WEIGHT_SCALES, CaseSpec, build_case
 __all__ = ["oracle_rates", "bench_cases", "TARGETS", "main"]
 
 #: Minimum cases per second, by oracle name prefix (the issue's targets).
-TARGETS: dict[str, float] = {"torch-": 100.0, "tf-": 30.0}
+TARGETS: dict[str, float] = {"torch-": 100.0, "tf-": 30.0, "jax-": 100.0}
 
 MAX_T, MAX_B, MAX_D, MAX_H = 10, 4, 16, 16
 

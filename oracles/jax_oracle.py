@@ -9,8 +9,9 @@ alone; compiled with ``jax.jit`` they cost microseconds, but ``jit`` compiles on
 (T, B, D, H), a few hundred milliseconds each, and a Hypothesis run draws a new shape almost every
 case. So every case is zero-padded up to a *bucket* (each of T, B, D, H rounded up to a power of
 two, at least :data:`FLOORS`), and one function per (variant, bucket) computes the outputs and the
-vector-Jacobian product together; the results are sliced back to the real shapes. Every case the
-harness draws by default (T, D, H <= 16, B <= 8) falls in a single bucket per variant.
+vector-Jacobian product together; the results are sliced back to the real shapes. Every case with
+T, D, H <= 16 and B <= 8 (the harness's default draws are smaller) falls in one bucket per variant, so
+a whole Hypothesis run compiles once per variant; larger cases add one bucket per doubling.
 
 Why padding changes nothing but rounding. Padded entries of x, W, R, b, the peepholes, gamma,
 beta, h0, c0, dy, dh_T and dc_T are zero (W, R, b, gamma, beta padded block by block, so the
