@@ -314,9 +314,7 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy, run: RunSetti
         if failing:
             raise CheckFailed(records, case)
         for r in records:
-            old = out.worst.get(_key(r))
-            if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or old.status == "skip" and r.status == "pass":
-                out.worst[_key(r)] = r
+            _keep_worst(out.worst, r)
 
     test = given(strategy)(one)
     test = run.hypothesis_settings()(test)
@@ -359,12 +357,16 @@ def run_checks(
     failed: dict[_Key, Record] = {}
     examples = 0
     for _ in range(MAX_SEARCHES):
-        search = _search(subject, oracles, strategy, run, set(failed), progress, examples)
+        try:
+            search = _search(subject, oracles, strategy, run, set(failed), progress, examples)
+        except BaseException as exc:
+            # Something outside the comparison stopped the search (a crashed or hung worker, an
+            # interrupt): what earlier searches found is still true; hand it to the caller.
+            exc.partial_records = _ordered({**worst, **failed}, examples, oracles, info.variant)  # type: ignore[attr-defined]
+            raise
         examples += search.examples
-        for key, r in search.worst.items():
-            old = worst.get(key)
-            if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or old.status == "skip" and r.status == "pass":
-                worst[key] = r
+        for r in search.worst.values():
+            _keep_worst(worst, r)
         if search.failure is None:
             break
         case = search.failure.case
@@ -386,11 +388,22 @@ def run_checks(
             failed[_key(r)] = r
         if {_key(r) for r in search.failure.records} <= failed.keys():
             break  # every quantity already fails: nothing left to find
-    results = {**worst, **failed}
+    return _ordered({**worst, **failed}, examples, oracles, info.variant)
+
+
+def _keep_worst(worst: dict[_Key, Record], r: Record) -> None:
+    """Keep ``r`` if it is the worst record of its key so far (a comparison beats a skip)."""
+    old = worst.get(_key(r))
+    if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or (old.status == "skip" and r.status == "pass"):
+        worst[_key(r)] = r
+
+
+def _ordered(results: dict[_Key, Record], examples: int, oracles: Sequence[Oracle], variant: str) -> list[Record]:
+    """Records in report order (oracle, forward first, quantity), each stamped with the case count."""
     for r in results.values():
         r.examples = examples
     order = {o.name: i for i, o in enumerate(oracles)}
-    qorder = {q: i for d in ("forward", "backward") for i, q in enumerate(quantities(info.variant, d))}
+    qorder = {q: i for d in ("forward", "backward") for i, q in enumerate(quantities(variant, d))}
     return sorted(results.values(),
                   key=lambda r: (order.get(r.oracle, 99), r.direction != "forward", qorder.get(r.quantity, 99)))
 

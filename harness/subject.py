@@ -23,10 +23,8 @@ from harness.contract import ImplementationInfo, to_numpy
 
 __all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback"]
 
-_HARNESS_DIRS = tuple(
-    os.path.dirname(os.path.abspath(p))
-    for p in (__file__,)
-)
+# The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
+_HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
 @dataclass
@@ -56,7 +54,7 @@ class Subject(Protocol):
 def short_traceback(exc: BaseException) -> str:
     """The traceback of ``exc`` without the harness's own frames: what the implementer needs."""
     frames = traceback.extract_tb(exc.__traceback__)
-    kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_HARNESS_DIRS)]
+    kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_HARNESS_DIR)]
     lines = traceback.format_list(kept or frames[-1:])
     lines += traceback.format_exception_only(type(exc), exc)
     return "Traceback (implementation frames only):\n" + "".join(lines)
@@ -68,51 +66,83 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__module__}.{type(value).__name__}"
 
 
+def _raised(call: str, exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"{call} called sys.exit({exc.code!r})"
+    return f"{call} raised {type(exc).__name__}: {exc}"
+
+
+def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """Owned float NumPy copies of an implementation's outputs, or the contract problem.
+
+    Copies, because an implementation may hand out (and later overwrite) its own buffers; floats
+    only, because anything else cannot be compared and may not even cross a process boundary.
+    """
+    out = {}
+    for name, value in zip(names, values):
+        try:
+            array = np.array(to_numpy(value), copy=True)
+        except Exception as exc:
+            return None, f"{name}: expected an array; {exc}"
+        if array.dtype.kind != "f":
+            return None, f"{name}: expected a floating-point array, got dtype {array.dtype}"
+        out[name] = array
+    return out, None
+
+
 def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) -> Execution:
-    """Run ``impl`` on ``case`` in this process. Never raises for anything the implementation does."""
+    """Run ``impl`` on ``case`` in this process. Never raises for anything the implementation does.
+
+    ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
+    caught, so that a person can still stop a run.
+    """
     import time
 
     out = Execution()
     inputs = case.copy()  # the implementation gets its own copies; case keeps the originals
+    names = ("x", "h0", "c0", *case.params)
     start = time.perf_counter()
     try:
         result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
-    except Exception as exc:
-        out.forward_error = f"forward raised {type(exc).__name__}: {exc}"
+    except (Exception, SystemExit) as exc:
+        out.forward_error = _raised("forward", exc)
         out.traceback = short_traceback(exc)
         out.seconds = time.perf_counter() - start
         return out
-    out.mutated += _mutations(case, inputs, ("x", "h0", "c0", *case.params), "forward")
+    out.mutated += _mutations(case, inputs, names, "forward")
+    after_forward = inputs.copy()  # so that backward is blamed only for what backward changes
     if not isinstance(result, (tuple, list)) or len(result) != 4:
         out.forward_contract = (
             f"forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got {_describe(result)}"
         )
         return out
-    try:
-        out.forward = tuple(to_numpy(r) for r in result[:3])  # type: ignore[assignment]
-    except Exception as exc:
-        out.forward_contract = f"forward: outputs must be arrays; {exc}"
+    outputs, problem = _arrays(result[:3], ("y", "h_T", "c_T"))
+    if problem:
+        out.forward_contract = f"forward: {problem}"
         return out
+    out.forward = tuple(outputs.values())  # type: ignore[union-attr,assignment]
     if backward and info.has_backward:
         out.backward_ran = True
         up = case.copy()
         try:
             grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
-        except Exception as exc:
-            out.backward_error = f"backward raised {type(exc).__name__}: {exc}"
+        except (Exception, SystemExit) as exc:
+            out.backward_error = _raised("backward", exc)
             out.traceback = short_traceback(exc)
         else:
             out.mutated += _mutations(case, up, ("dy", "dh_T", "dc_T"), "backward")
-            out.mutated += _mutations(case, inputs, ("x", "h0", "c0", *case.params), "backward")
+            out.mutated += _mutations(after_forward, inputs, names, "backward")
             if not isinstance(grads, Mapping):
                 out.backward_contract = (
                     f"backward: expected a dict of gradients by name, got {_describe(grads)}"
                 )
             else:
-                try:
-                    out.gradients = {str(k): to_numpy(v) for k, v in grads.items()}
-                except Exception as exc:
-                    out.backward_contract = f"backward: gradients must be arrays; {exc}"
+                keys = [str(k) for k in grads]
+                gradients, problem = _arrays(grads.values(), [f"gradient {k!r}" for k in keys])
+                if problem:
+                    out.backward_contract = f"backward: {problem}"
+                else:
+                    out.gradients = dict(zip(keys, gradients.values()))  # type: ignore[union-attr]
     out.seconds = time.perf_counter() - start
     return out
 

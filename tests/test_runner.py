@@ -227,3 +227,79 @@ def test_examples_count_generated_cases_not_shrinking():
     # The bug shows from T=3 on; whatever Hypothesis tried while shrinking is not a generated case.
     assert all(1 <= r.examples <= 10 * 4 for r in records)
     assert len({r.examples for r in records}) == 1
+
+
+class ExitsInBackward(LoopLSTM):
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise SystemExit(0)
+
+
+class ObjectOutput(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(object), h, c, cache
+
+
+class SharedBuffer(LoopLSTM):
+    """Hands out one buffer and overwrites it on the next call."""
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        if not hasattr(self, "buf") or self.buf.shape != y.shape:
+            self.buf = np.empty_like(y)
+        self.buf[...] = y
+        return self.buf, h, c, cache
+
+
+def test_sys_exit_in_backward_is_an_error_and_forward_is_still_compared():
+    records = _check(ExitsInBackward())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"error"}}
+    assert next(r for r in records if r.status == "error").reason == "backward called sys.exit(0)"
+
+
+def test_non_numeric_outputs_are_a_contract_violation():
+    records = _check(ObjectOutput())
+    assert {r.status for r in records} == {"contract"}
+    assert "y: expected a floating-point array, got dtype object" in records[0].reason
+
+
+def test_outputs_are_copied_so_a_reused_buffer_cannot_alias_earlier_results():
+    impl = SharedBuffer()
+    subject = InProcessSubject(impl, validate(impl))
+    first = subject.execute(CASE, backward=False).forward[0]
+    subject.execute(build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=99)), backward=False)
+    assert np.array_equal(first, LoopLSTM().forward(CASE.x, CASE.h0, CASE.c0, CASE.params)[0])
+
+
+class MutatesInForwardOnly(Mutates):
+    pass
+
+
+def test_a_forward_mutation_is_not_blamed_on_backward():
+    execution = InProcessSubject(MutatesInForwardOnly(), validate(MutatesInForwardOnly())).execute(CASE, backward=True)
+    assert execution.mutated == ["x (forward)"]
+
+
+class CrashesOnLongSequences(LoopLSTM):
+    """dW wrong everywhere; 'crashes' (an exception the runner does not handle) for T >= 6."""
+
+    name = "bug-and-crash"
+
+    def forward(self, x, h0, c0, params):
+        if x.shape[0] >= 6:
+            raise KeyboardInterrupt  # stands for a worker crash surfacing from the subject
+        return super().forward(x, h0, c0, params)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["W"] = grads["W"] * 1.1
+        return grads
+
+
+def test_an_interrupted_run_keeps_what_it_already_found():
+    impl = CrashesOnLongSequences()
+    with pytest.raises(KeyboardInterrupt) as err:
+        run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype="float64", run=RunSettings(max_examples=60))
+    partial = err.value.partial_records
+    dW = next(r for r in partial if r.quantity == "dW")
+    assert dW.status == "fail" and dW.case["T"] < 6
