@@ -8,6 +8,7 @@ import pytest
 from harness.cases import Case
 from harness.compare import compare_arrays, effective_dtype, tolerance
 from harness.contract import gradient_keys, quantity_specs
+from harness.runner import tolerance_factors
 from oracles.base import Oracle, Reference
 
 
@@ -20,10 +21,16 @@ def require(oracle: Oracle) -> Oracle:
 
 
 def assert_close(actual, expected, *, quantity: str, variant: str, H: int, dtype: str, kind: str,
-                 actual_name: str = "actual", expected_name: str = "expected", extra=0.0) -> None:
-    """Compare like the harness does and fail with the harness's own assert_close-shaped message."""
+                 actual_name: str = "actual", expected_name: str = "expected", extra=0.0,
+                 factors: dict[str, float] | None = None) -> None:
+    """Compare like the harness does and fail with the harness's own assert_close-shaped message.
+
+    ``factors`` are the runner's tolerance factors for the case (:func:`harness.runner.tolerance_factors`).
+    """
     spec = quantity_specs(variant)[quantity]
     tol = tolerance(dtype, kind)
+    for why, factor in (factors or {}).items():
+        tol = tol.scaled(factor, why)
     base = dict(implementation=actual_name, oracle=expected_name, variant=variant, dtype=dtype,
                 direction="forward" if kind == "values" else "backward", quantity=quantity)
     rec = compare_arrays(np.asarray(actual), np.asarray(expected), spec=spec, H=H, tol=tol,
@@ -54,12 +61,16 @@ def assert_references_agree(case: Case, a: Reference, a_name: str, b: Reference,
     exactly as the runner does.
     """
     dtype = effective_dtype(case.dtype, a.compute_dtype, b.compute_dtype)
+    # The same widening the runner applies (LayerNorm conditioning; both sides in float32).
+    # a plays the implementation (its compute dtype), b the oracle: x2 only when both are float32.
+    factors = tolerance_factors(case.astype(a.compute_dtype), b)
     if a.outputs is not None and b.outputs is not None:
         for q in ("y", "h_T", "c_T"):
             assert_close(a.outputs[q], b.outputs[q], quantity=q, variant=case.variant, H=case.H, dtype=dtype,
-                         kind="values", actual_name=a_name, expected_name=b_name)
+                         kind="values", actual_name=a_name, expected_name=b_name, factors=factors)
     if a.gradients is not None and b.gradients is not None:
         for k in gradient_keys(case.variant):
             extra = (a.gradient_error or {}).get(k, 0.0) + (b.gradient_error or {}).get(k, 0.0)
             assert_close(a.gradients[k], b.gradients[k], quantity="d" + k, variant=case.variant, H=case.H,
-                         dtype=dtype, kind="gradients", actual_name=a_name, expected_name=b_name, extra=extra)
+                         dtype=dtype, kind="gradients", actual_name=a_name, expected_name=b_name, extra=extra,
+                         factors=factors)
