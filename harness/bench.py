@@ -60,6 +60,38 @@ def matmul_rate(dtype: str = "float32", n: int = 2048) -> float:
     return 2.0 * n**3 / seconds / 1e9
 
 
+def target_fraction(rounds: int = 9) -> tuple[float, float, float]:
+    """stacked fwd+bwd rate over the matmul rate at the target shape, timed in alternating rounds.
+
+    On a shared machine the load changes from second to second; alternating the two measurements
+    and taking the best of each compares them under the same conditions.
+    Returns (fraction, matmul GFLOP/s, stacked GFLOP/s).
+    """
+    from impls.stacked import StackedLSTM
+
+    T, B, D, H, dtype = TARGET_SHAPE
+    impl = StackedLSTM()
+    case = build_case(CaseSpec(dtype=dtype, T=T, B=B, D=D, H=H, seed=0))
+    rng = np.random.default_rng(0)
+    n = 2048
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+
+    def forward_backward():
+        *_, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+        impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+
+    best_mm = best_st = float("inf")
+    forward_backward()
+    a @ b
+    for _ in range(rounds):
+        best_mm = min(best_mm, time_best(lambda: a @ b, repeats=1, warmup=0))
+        best_st = min(best_st, time_best(forward_backward, repeats=1, warmup=0))
+    mm_rate = 2.0 * n**3 / best_mm / 1e9
+    st_rate = lstm_flops(T, B, D, H, backward=True) / best_st / 1e9
+    return st_rate / mm_rate, mm_rate, st_rate
+
+
 def lstm_flops(T: int, B: int, D: int, H: int, *, backward: bool) -> float:
     forward = 8.0 * T * B * H * (D + H)
     return forward * 3 if backward else forward
@@ -137,19 +169,19 @@ def run_impl_bench(shapes, names: Sequence[str] | None, repeats: int) -> tuple[s
                 "fwd+bwd GFLOP/s", "of matmul"], rows),
     ]
     met = None
-    target = [r for r in results if r.impl == "stacked" and r.shape == TARGET_SHAPE]
-    loop = [r for r in results if r.impl == "loop" and r.shape == TARGET_SHAPE]
-    if target:
-        frac = target[0].total_gflops / rates["float32"]
+    if any(r.impl == "stacked" and r.shape == TARGET_SHAPE for r in results):
+        frac, mm_rate, st_rate = target_fraction()
         met = frac >= TARGET_FRACTION
         lines.append("")
         lines.append(
-            f"Target: stacked fwd+bwd at T=100 B=32 D=H=256 float32 reaches {frac:.0%} of the matmul rate "
+            f"Target (interleaved rounds, best of each): stacked fwd+bwd at T=100 B=32 D=H=256 float32 runs at "
+            f"{st_rate:.1f} GFLOP/s, {frac:.0%} of the {mm_rate:.1f} GFLOP/s matmul rate "
             f"(target {TARGET_FRACTION:.0%}): {'MET' if met else 'NOT MET'}"
         )
+        target = [r for r in results if r.impl == "stacked" and r.shape == TARGET_SHAPE]
+        loop = [r for r in results if r.impl == "loop" and r.shape == TARGET_SHAPE]
         if loop:
-            lines.append(f"stacked is {loop[0].total_s / target[0].total_s:.1f}x faster than loop there "
-                         f"(fwd+bwd).")
+            lines.append(f"stacked is {loop[0].total_s / target[0].total_s:.1f}x faster than loop there (fwd+bwd).")
     return "\n".join(lines), met
 
 
