@@ -22,6 +22,10 @@ BUILTIN_IMPLEMENTATIONS: dict[str, str] = {
     "stacked-peephole": "impls.peephole:StackedPeepholeLSTM",
     "loop-layernorm": "impls.layernorm:LoopLayerNormLSTM",
     "stacked-layernorm": "impls.layernorm:StackedLayerNormLSTM",
+    # The GPU versions: listed everywhere, unavailable (with the reason) without CuPy and a CUDA GPU.
+    "cupy": "impls.gpu:CupyLSTM",
+    "cupy-peephole": "impls.gpu:CupyPeepholeLSTM",
+    "cupy-layernorm": "impls.gpu:CupyLayerNormLSTM",
 }
 
 #: Oracles in the order reports list them. Each module imports its framework lazily.
@@ -29,6 +33,7 @@ ORACLES: tuple[str, ...] = (
     "oracles.finite_diff:FiniteDifferenceOracle",
     "oracles.torch_oracle:TorchLSTMOracle",
     "oracles.torch_oracle:TorchCompositeOracle",
+    "oracles.torch_cuda_oracle:TorchCudaLSTMOracle",
     "oracles.tf_oracle:KerasLSTMOracle",
     "oracles.tf_oracle:BlockLSTMV2Oracle",
     "oracles.tf_oracle:TFCompositeOracle",

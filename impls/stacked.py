@@ -91,8 +91,10 @@ class StackedCache:
 class Cell:
     """The pointwise math of one variant, for the stacked algorithm.
 
-    A GPU version overrides ``forward_step`` and ``backward_step`` with one fused kernel each; the
-    other methods only allocate, reorder and reduce, and work over any array namespace.
+    A GPU version overrides ``forward_step`` and ``backward_step`` with one fused kernel each, and
+    ``step`` and ``step_backward`` (a step's GEMM plus its gate math) so that the kernel also does
+    the step's one remaining addition; the other methods only allocate, reorder and reduce, and work
+    over any array namespace.
     """
 
     #: Whether the variant has a bias ``b`` (added once to the input projection of all steps).
@@ -131,6 +133,26 @@ class Cell:
     def param_grads(self, xp, cache: StackedCache, da, G) -> dict[str, Any]:
         """The cell's own parameter gradients (canonical layout), reduced after the time loop."""
         return {}
+
+    def step(self, xp, t, a, rec, h_prev, RT, c_prev, c, h, S, P) -> None:
+        """Forward step t: a += h_{t-1} @ R^T (one GEMM into the scratch rec (B, 4H)), then the gate math.
+
+        a (B, 4H) holds the step's input projection on entry. A GPU cell overrides this to add ``rec``
+        inside its fused gate kernel rather than in a pass of its own.
+        """
+        xp.matmul(h_prev, RT, out=rec)  # (B, H) @ (H, 4H)
+        a += rec
+        self.forward_step(xp, t, a, c_prev, c, h, S, P)
+
+    def step_backward(self, xp, t, dy_t, dh, dc, da, a, c_prev, c, R, S, G, P) -> None:
+        """Backward step t: dh += dy_t, the gate math backwards, then dh = da @ R, which is dL/dh_{t-1}.
+
+        On entry dh (B, H) holds what step t+1 sent back to h_t; dy_t (B, H) is the upstream gradient
+        of y_t. A GPU cell overrides this to add dy_t inside its fused kernel.
+        """
+        dh += dy_t
+        self.backward_step(xp, t, dh, dc, da, a, c_prev, c, S, G, P)
+        xp.matmul(da, R, out=dh)  # (B, 4H) @ (4H, H) -> (B, H)
 
 
 class VanillaCell(Cell):
@@ -202,10 +224,8 @@ def stacked_forward(
     S = cell.forward_buffers(xp, T, B, H, dtype)
     rec = xp.empty((B, 4 * H), dtype)
     for t in range(T):
-        a = gates[t]  # (B, 4H), pre-activations until the cell's gate math overwrites them
-        xp.matmul(h[t], RT, out=rec)  # (B, H) @ (H, 4H)
-        a += rec
-        cell.forward_step(xp, t, a, c[t], c[t + 1], h[t + 1], S, P)
+        # gates[t] (B, 4H): pre-activations until the cell's gate math overwrites them
+        cell.step(xp, t, gates[t], rec, h[t], RT, c[t], c[t + 1], h[t + 1], S, P)
     cache = StackedCache(x, W, R, P, h, c, gates, S)
     return h[1:].copy(), h[T].copy(), c[T].copy(), cache
 
@@ -222,9 +242,7 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     da = xp.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
     G = cell.backward_buffers(xp, T, B, H, dtype)
     for t in reversed(range(T)):
-        dh += dy[t]
-        cell.backward_step(xp, t, dh, dc, da[t], gates[t], c[t], c[t + 1], cache.saved, G, cache.P)
-        xp.matmul(da[t], R, out=dh)  # (B, 4H) @ (4H, H) -> (B, H)
+        cell.step_backward(xp, t, dy[t], dh, dc, da[t], gates[t], c[t], c[t + 1], R, cache.saved, G, cache.P)
     da2 = da.reshape(T * B, 4 * H)
     dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
     dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)

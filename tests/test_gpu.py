@@ -1,0 +1,760 @@
+"""The CuPy implementations (impls/gpu.py): what can be checked anywhere, and what needs a GPU.
+
+Everywhere (no GPU, no CuPy needed):
+* the three are registered and, without CuPy and a GPU, listed unavailable with the reason;
+  importing impls.gpu imports no CuPy; every reason ``unavailable_reason`` can give;
+* the fused kernels, emulated by NumPy from the same statement tables the CUDA source is generated
+  from, agree bit for bit with the NumPy cells (the GPU math is the NumPy math), and the whole GPU
+  implementation run over NumPy (``impl.xp = numpy``: GEMM wiring, buffers, indices, every
+  expression) certifies against the finite-difference oracle and equals the NumPy stacked version;
+* the kernel language refuses what would be wrong or racy on a GPU, and the emulation detects races
+  and out-of-bounds indices; planted bugs in the kernel tables are caught;
+* the launcher passes each kernel exactly what its generated C signature declares (a stand-in for
+  the compiled kernel checks every argument's type and the launch shape, then emulates);
+* where CuPy and libnvrtc are installed (no GPU needed): the generated CUDA source compiles for
+  float and double, the float kernels contain no double arithmetic, and CuPy accepts the module.
+
+On a GPU (marked ``gpu``, skipped with the reason elsewhere; ``tox -e gpu``): every kernel against
+the NumPy cell, every implementation against the finite-difference oracle, its NumPy counterpart,
+every available oracle (cuDNN included) in both dtypes, and the benchmark's smoke run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tests.test_impls as test_impls
+from harness import registry
+from harness.cases import CaseSpec, build_case, case_specs
+from harness.contract import DEFAULT_DTYPES, validate
+from harness.runner import check_case, quantities
+from harness.subject import InProcessSubject
+from impls import gpu
+from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum
+from impls.layernorm import LayerNormCell, StackedLayerNormLSTM
+from impls.peephole import PeepholeCell, StackedPeepholeLSTM
+from impls.stacked import StackedLSTM, VanillaCell
+from oracles.base import Oracle, Reference
+from oracles.finite_diff import FiniteDifferenceOracle
+
+ROOT = Path(__file__).resolve().parent.parent
+ORACLE = FiniteDifferenceOracle()
+GPU_NAMES = ("cupy", "cupy-peephole", "cupy-layernorm")
+CLASSES = {"cupy": gpu.CupyLSTM, "cupy-peephole": gpu.CupyPeepholeLSTM, "cupy-layernorm": gpu.CupyLayerNormLSTM}
+NUMPY_TWIN = {"cupy": StackedLSTM, "cupy-peephole": StackedPeepholeLSTM, "cupy-layernorm": StackedLayerNormLSTM}
+CELLS = {
+    "vanilla": (VanillaCell(), gpu.FusedVanillaCell()),
+    "peephole": (PeepholeCell(), gpu.FusedPeepholeCell()),
+    "layernorm": (LayerNormCell(), gpu.FusedLayerNormCell()),
+}
+SIZES = test_impls.SIZES
+REASON = gpu.unavailable_reason()
+KNOWN_REASONS = (r"cupy is not installed", r"cupy failed to import: .+",
+                 r"no CUDA GPU is visible \(cupy\.cuda\.runtime\.getDeviceCount\(\) (== 0|raised .+)\)")
+
+
+def emulated(name: str):
+    """The GPU implementation ``name`` with NumPy as its namespace: every kernel emulated."""
+    impl = CLASSES[name]()
+    impl.xp = np
+    return impl, validate(impl)
+
+
+def check(impl, info, spec: CaseSpec, oracles=(ORACLE,)):
+    records = check_case(InProcessSubject(impl, info), list(oracles), build_case(spec))
+    bad = [r for r in records if not r.ok]
+    assert not bad, "\n\n".join(r.message for r in bad)
+    return records
+
+
+# --- Registration and availability ----------------------------------------------------------------
+
+
+def test_the_three_are_registered_with_their_variants():
+    entries = {e.name: e for e in registry.implementations()}
+    for name in GPU_NAMES:
+        assert entries[name].target == registry.BUILTIN_IMPLEMENTATIONS[name]
+        info = validate(entries[name].create())  # creating one imports no CuPy and needs no GPU
+        assert info.name == name and info.dtypes == DEFAULT_DTYPES and info.has_backward
+        assert entries[name].unavailable == REASON
+    assert {n: validate(entries[n].create()).variant for n in GPU_NAMES} == {
+        "cupy": "vanilla", "cupy-peephole": "peephole", "cupy-layernorm": "layernorm"}
+
+
+def test_pyproject_registers_the_same_entry_points():
+    import tomllib
+
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    points = table["lstm_harness.implementations"]
+    assert {n: points[n] for n in GPU_NAMES} == {n: registry.BUILTIN_IMPLEMENTATIONS[n] for n in GPU_NAMES}
+
+
+@pytest.mark.skipif(REASON is None, reason="a CUDA GPU is visible here: the implementations are available")
+def test_listed_unavailable_with_the_reason(capsys):
+    from harness.cli import main
+
+    assert any(re.fullmatch(p, REASON) for p in KNOWN_REASONS), REASON
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in GPU_NAMES:
+        assert re.search(rf"^  {re.escape(name)} +unavailable  {re.escape(REASON)}$", out, re.M), out
+    for name in ("loop", "stacked", "stacked-layernorm"):
+        assert re.search(rf"^  {re.escape(name)} +available ", out, re.M)
+
+
+@pytest.mark.skipif(REASON is None, reason="a CUDA GPU is visible here")
+def test_running_without_a_gpu_raises_a_clear_error():
+    impl = gpu.CupyLSTM()
+    case = build_case(CaseSpec(T=2, B=2, D=3, H=4))
+    with pytest.raises(RuntimeError, match=re.escape(f"the CuPy LSTM cannot run here: {REASON}")):
+        impl.forward(case.x, case.h0, case.c0, case.params)
+
+
+def _python(code: str, *, path: Path | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (``path`` first on its import path); its stdout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(([str(path)] if path else []) + [str(ROOT)])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_impls_gpu_imports_no_cupy():
+    out = _python("""
+        import sys
+        import impls.gpu
+        from harness import registry
+        registry.load_object(registry.BUILTIN_IMPLEMENTATIONS["cupy-layernorm"])()
+        print("cupy" in sys.modules)
+    """)
+    assert out == "False"
+
+
+def test_without_cupy_the_reason_is_that_it_is_not_installed():
+    out = _python("""
+        import sys
+        sys.modules["cupy"] = None  # an import of cupy now fails as if it were not installed
+        from harness import registry
+        print({e.name: e.unavailable for e in registry.implementations()}["cupy"])
+    """)
+    assert out == "cupy is not installed"
+
+
+FAKE_CUPY = {
+    "no_gpu": "class cuda:\n    class runtime:\n        getDeviceCount = staticmethod(lambda: 0)\n",
+    "no_driver": ("class cuda:\n    class runtime:\n        @staticmethod\n        def getDeviceCount():\n"
+                  "            raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device is detected')\n"),
+    "broken": "raise ImportError('libcudart.so.12: cannot open shared object file')\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAKE_CUPY))
+def test_each_reason_a_fake_cupy_gives(kind, tmp_path):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(FAKE_CUPY[kind])
+    out = _python("""
+        import impls.gpu
+        print(impls.gpu.unavailable_reason())
+    """, path=tmp_path)
+    assert out == {
+        "no_gpu": "no CUDA GPU is visible (cupy.cuda.runtime.getDeviceCount() == 0)",
+        "no_driver": "no CUDA GPU is visible (cupy.cuda.runtime.getDeviceCount() raised RuntimeError: "
+                     "cudaErrorNoDevice: no CUDA-capable device is detected)",
+        "broken": "cupy failed to import: libcudart.so.12: cannot open shared object file",
+    }[kind]
+    assert any(re.fullmatch(p, out) for p in KNOWN_REASONS)
+
+
+# --- The GPU math, emulated: the same statements as the CUDA source --------------------------------
+
+
+def _step_data(variant: str, dtype: str, B: int, H: int, seed: int):
+    """Random buffers for one forward and one backward step at t = 1 of T = 3, as the stacked loop has them."""
+    rng = np.random.default_rng(seed)
+    T, t = 3, 1
+    np_cell, _ = CELLS[variant]
+    params = build_case(CaseSpec(variant=variant, dtype=dtype, T=1, B=1, D=1, H=H, seed=seed)).params
+    P = np_cell.prepare(np, params, np.dtype(dtype), ln_eps=1e-5)
+
+    def r(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    return dict(T=T, t=t, P=P, params=params, a=r(B, 4 * H, scale=2.0), rec=r(B, 4 * H), c_prev=r(B, H),
+                dh=r(B, H), dc=r(B, H), dy=r(B, H), R=r(4 * H, H, scale=0.3), h_prev=r(B, H))
+
+
+def _run_steps(cell, variant, dtype, B, H, seed, *, fused_step: bool):
+    """Forward step then backward step of ``cell`` on fresh copies of the same data -> every buffer written."""
+    d = _step_data(variant, dtype, B, H, seed)
+    T, t, P = d["T"], d["t"], d["P"]
+    S = cell.forward_buffers(np, T, B, H, np.dtype(dtype))
+    G = cell.backward_buffers(np, T, B, H, np.dtype(dtype))
+    a, c, h = d["a"].copy(), np.empty((B, H), dtype), np.empty((B, H), dtype)
+    dh, dc, da = d["dh"].copy(), d["dc"].copy(), np.empty((B, 4 * H), dtype)
+    if fused_step:
+        RT = np.ascontiguousarray(d["R"].T)
+        cell.step(np, t, a, np.empty_like(a), d["h_prev"], RT, d["c_prev"], c, h, S, P)
+        cell.step_backward(np, t, d["dy"], dh, dc, da, a, d["c_prev"], c, d["R"], S, G, P)
+    else:
+        a += d["rec"]
+        cell.forward_step(np, t, a, d["c_prev"], c, h, S, P)
+        cell.backward_step(np, t, dh, dc, da, a, d["c_prev"], c, S, G, P)
+    return _written(t, a, c, h, dh if fused_step else None, dc, da, S, G)
+
+
+def _written(t, a, c, h, dh, dc, da, S, G) -> dict:
+    """Every buffer a forward and a backward step write (step t of the per-step buffers; not scratch)."""
+    out = {"a": a, "c": c, "h": h, "dc": dc, "da": da}
+    out.update({f"S.{k}": v[t] for k, v in S.items() if k != "tmp"})
+    out.update({f"G.{k}": v[t] for k, v in G.items() if k != "tmp"})
+    if dh is not None:
+        out["dh"] = dh
+    return out
+
+
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("variant", sorted(CELLS))
+@pytest.mark.parametrize("fused_step", [False, True], ids=["kernel", "gemm+kernel"])
+def test_emulated_kernels_equal_the_numpy_cells_bit_for_bit(variant, dtype, fused_step):
+    """The kernel expressions follow the NumPy cells' association order, so the results are identical."""
+    np_cell, fused = CELLS[variant]
+    for B, H, seed in ((1, 1, 0), (3, 7, 1), (2, 40, 2)):
+        if variant == "layernorm" and H < 2:
+            continue
+        want = _run_steps(np_cell, variant, dtype, B, H, seed, fused_step=fused_step)
+        got = _run_steps(fused, variant, dtype, B, H, seed, fused_step=fused_step)
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].dtype == np.dtype(dtype), key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{variant} {key} B={B} H={H}")
+
+
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@given(data=st.data())
+def test_emulated_implementation_matches_finite_differences(name, dtype, data):
+    impl, info = emulated(name)
+    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
+    records = check(impl, info, spec)
+    compared = {(r.direction, r.quantity) for r in records if r.status == "pass"}
+    assert compared == {(d, q) for d in ("forward", "backward") for q in quantities(info.variant, d)}
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+@given(data=st.data())
+def test_emulated_implementation_equals_its_numpy_twin_bit_for_bit(name, data):
+    impl, info = emulated(name)
+    twin = NUMPY_TWIN[name]()
+    spec = data.draw(case_specs(variants=(info.variant,), max_T=6, max_B=4, max_D=6, max_H=40), label="spec")
+    case = build_case(spec)
+    out, ref = impl.forward(case.x, case.h0, case.c0, case.params), twin.forward(case.x, case.h0, case.c0, case.params)
+    for key, a, b in zip(("y", "h_T", "c_T"), out[:3], ref[:3]):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+    grads = impl.backward(case.dy, case.dh_T, case.dc_T, out[3])
+    want = twin.backward(case.dy, case.dh_T, case.dc_T, ref[3])
+    assert set(grads) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(grads[key], want[key], err_msg=f"d{key}")
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_emulated_implementation_uses_only_what_cupy_provides(name):
+    impl, info = emulated(name)
+    impl.xp = test_impls.RestrictedNamespace()
+    check(impl, info, CaseSpec(variant=info.variant, dtype="float32", T=3, B=2, D=3, H=4, seed=4))
+
+
+def test_emulated_layernorm_uses_its_declared_eps():
+    impl, _ = emulated("cupy-layernorm")
+    impl.ln_eps = 0.5
+    info = validate(impl)
+    spec = CaseSpec(variant="layernorm", dtype="float64", T=3, B=2, D=3, H=4, seed=1, weight_scale="unit", ln_eps=0.5)
+    check(impl, info, spec)
+    records = check_case(InProcessSubject(impl, info), [ORACLE], build_case(spec.replace(ln_eps=1e-5)))
+    assert {r.quantity for r in records if r.status == "fail"} >= {"y", "h_T", "c_T"}
+
+
+def test_upstream_gradients_that_are_not_contiguous_are_accepted():
+    """dy is indexed as flat (B, H) blocks by the kernels: backward makes it contiguous first."""
+    impl, _ = emulated("cupy")
+    case = build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=6))
+    *_, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+    dy_f = np.asfortranarray(case.dy)
+    assert not dy_f.flags.c_contiguous
+    got = impl.backward(dy_f, case.dh_T, case.dc_T, cache)
+    *_, cache2 = impl.forward(case.x, case.h0, case.c0, case.params)
+    want = impl.backward(case.dy, case.dh_T, case.dc_T, cache2)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# --- Planted bugs in the kernel tables are caught ----------------------------------------------------
+
+
+def _replace_expr(kernel: Kernel, old: str, new: str) -> Kernel:
+    """``kernel`` with the one statement whose expression is ``old`` changed to ``new``."""
+    hits = 0
+    steps = []
+    for step in kernel.steps:
+        body = []
+        for s in step.body:
+            if getattr(s, "expr", None) == old:
+                s = dataclasses.replace(s, expr=new)
+                hits += 1
+            body.append(s)
+        steps.append(dataclasses.replace(step, body=tuple(body)))
+    assert hits == 1, f"{old!r} occurs {hits} times in {kernel.name}"
+    return dataclasses.replace(kernel, steps=tuple(steps))
+
+
+PLANTED = {
+    "vanilla: dL/dc_{t-1} through the input gate": ("cupy", 1, "dc_t * f", "dc_t * i"),
+    "vanilla: tanh' written as 1 - tanh": ("cupy", 1, "dc + (1 - tc * tc) * o * dh_all", "dc + (1 - tc) * o * dh_all"),
+    "peephole: o sees c_{t-1}": ("cupy-peephole", 0, "sigmoid(a_o + r_o + c_t * p_o)",
+                                 "sigmoid(a_o + r_o + c_prev * p_o)"),
+    "peephole: the p_f path of dc_{t-1} left out": ("cupy-peephole", 1, "dc_t * f + da_i * p_i + da_f * p_f",
+                                                    "dc_t * f + da_i * p_i"),
+    "layernorm: unbiased variance": ("cupy-layernorm", 0, "1 / sqrt(sq_c / H + eps)", "1 / sqrt(sq_c / (H - 1) + eps)"),
+    "layernorm: LN backward without the mean(dn * n) term": (
+        "cupy-layernorm", 1, "r_cell * (dn - m1_c - n_cell * m2_c)", "r_cell * (dn - m1_c)"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_a_planted_bug_in_a_kernel_table_is_caught(bug):
+    name, which, old, new = PLANTED[bug]
+    impl, info = emulated(name)
+    cell = type(impl.cell)()
+    kernels = [cell.forward_kernel, cell.backward_kernel]
+    kernels[which] = _replace_expr(kernels[which], old, new)
+    cell.forward_kernel, cell.backward_kernel = kernels
+    impl.cell = cell
+    spec = CaseSpec(variant=info.variant, dtype="float64", T=4, B=2, D=3, H=5, seed=7, weight_scale="unit")
+    records = check_case(InProcessSubject(impl, info), [ORACLE], build_case(spec))
+    assert any(r.status == "fail" for r in records), [(r.quantity, r.status) for r in records]
+    # and the table as written passes the same case
+    check(*emulated(name), spec)
+
+
+# --- The kernel language refuses what would be wrong on a GPU ----------------------------------------
+
+
+def _kernel(*steps, arrays=(("x", "in"), ("y", "out")), scalars=()):
+    return Kernel("k", arrays=arrays, steps=tuple(steps), scalars=scalars)
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ((Phase((Load("v", "x", "b * H + j"), Store("y", "b * H + j", "v * 0.5"))),), "non-negative integer constants"),
+    ((Phase((Store("y", "b * H + j", "w"),)),), r"\['w'\] used before being defined"),
+    ((Phase((Load("v", "x", "b * H + j"), Store("x", "b * H + j", "v"))),), "'x' is an 'in' array"),
+    ((Phase((Load("v", "z", "j"),)),), "unknown array 'z'"),
+    ((Phase((Load("v", "x", "b * H - j"),)),), r"only the operators \+ \*"),
+    ((Phase((Load("v", "x", "b * H + k"),)),), "an index may use only"),
+    ((Phase((Load("v", "x", "j"), Store("y", "j", "v ** 2"))),), r"only the operators \+ - \* /"),
+    ((Phase((Load("v", "x", "j"), Store("y", "j", "exp(v)"))),), "calls of one argument to"),
+    ((Phase((Load("v", "x", "j"), Let("v", "v + v"))),), "'v' is already defined"),
+    ((Phase((Load("b", "x", "j"),)),), "'b' cannot be a variable name"),
+    ((Phase((Load("buf_x", "x", "j"),)),), "'buf_x' cannot be a variable name"),
+    ((Row((Load("v", "x", "b * H + j"),)),), "a Row index cannot use the unit j"),
+    ((Phase((Load("v", "x", "j"), Sum("s", "v"))), Row((Sum("s2", "s"),))), "a Sum belongs in a Phase"),
+    ((Phase((Load("v", "x", "j"), Sum("s", "v"))), Phase((Load("s", "x", "j"),))), "'s' is already defined"),
+    ((Phase((Load("v", "x", "j"), Store("y", "b * H + j", "v"), Load("w", "y", "b * H"))),),
+     "after this phase stored it"),
+    ((Row((Load("v", "x", "b"), Store("y", "b", "v"))), Phase((Load("w", "y", "b * H + j"),))),
+     "stored from a Row"),
+    ((Row((Let("m", "H / B"),)),), "integer arithmetic of t, B, H"),
+    ((Row((Let("m", "H"),)),), "integer arithmetic of t, B, H"),
+])
+def test_the_kernel_language_refuses(steps, message):
+    with pytest.raises(ValueError, match=message):
+        _kernel(*steps)
+
+
+def test_emulation_detects_races_and_out_of_bounds_indices():
+    x, y = np.arange(6.0).reshape(2, 3), np.zeros((2, 3))
+    # every block stores y[j]: blocks never synchronize, so the result depends on their order
+    k = _kernel(Phase((Load("v", "x", "b * H + j"), Store("y", "j", "v"))))
+    with pytest.raises(AssertionError, match="two blocks store"):
+        gpu.emulate(k, {"x": x, "y": y}, t=0, B=2, H=3)
+    # a thread reads an element another thread of the same phase stores
+    k = _kernel(Phase((Load("v", "y", "b * H"), Store("y", "b * H + j", "v + v"))), arrays=(("y", "out"),))
+    with pytest.raises(AssertionError, match="one thread loads what another stores"):
+        gpu.emulate(k, {"y": y}, t=0, B=2, H=3)
+    # an index past the end
+    k = _kernel(Phase((Load("v", "x", "b * H + j + 1"), Store("y", "b * H + j", "v"))))
+    with pytest.raises(IndexError, match=r"reaches \[1, 6\], outside its 6 elements"):
+        gpu.emulate(k, {"x": x, "y": y}, t=0, B=2, H=3)
+    # a non-contiguous buffer
+    k = _kernel(Phase((Load("v", "x", "b * H + j"), Store("y", "b * H + j", "v"))))
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        gpu.emulate(k, {"x": np.asfortranarray(x), "y": y}, t=0, B=2, H=3)
+    # and the same kernel, correct, runs: y = x
+    gpu.emulate(k, {"x": x, "y": y}, t=0, B=2, H=3)
+    np.testing.assert_array_equal(y, x)
+
+
+def test_emulated_sum_is_a_row_reduction_visible_to_later_phases():
+    x = np.arange(8.0).reshape(2, 4)
+    y = np.zeros_like(x)
+    k = _kernel(Phase((Load("v", "x", "b * H + j"), Sum("s", "v"))), Row((Let("m", "s / H"),)),
+                Phase((Load("v", "x", "b * H + j"), Store("y", "b * H + j", "v - m"))))
+    gpu.emulate(k, {"x": x, "y": y}, t=0, B=2, H=4)
+    np.testing.assert_array_equal(y, x - x.mean(axis=1, keepdims=True))
+
+
+# --- The generated CUDA source ------------------------------------------------------------------------
+
+ALL_KERNELS = [k for pair in gpu.KERNELS.values() for k in pair]
+
+
+def test_block_size_is_whole_warps_and_covers_small_rows():
+    for H in (1, 5, 31, 32, 33, 100, 256, 257, 600, 4096):
+        n = gpu.block_size(H)
+        assert n % 32 == 0 and 32 <= n <= gpu.MAX_THREADS
+        assert n >= min(H, gpu.MAX_THREADS)
+    assert gpu.MAX_THREADS // 32 <= 32  # lstm_block_sum keeps one partial per warp in 32 slots
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS, ids=lambda k: k.name)
+def test_source_parameters_are_in_the_order_the_launcher_passes(kernel):
+    src = gpu.cuda_source([kernel])
+    head = re.search(rf"__global__ void {kernel.name}\((.*?)\) {{", src).group(1)
+    params = head.split(", ")
+    assert [p.split()[-1] for p in params] == [f"buf_{n}" for n in kernel.array_names] + ["t", "B", "H",
+                                                                                         *kernel.scalars]
+    assert params[:len(kernel.arrays)] == [f"{'const ' if kind == 'in' else ''}T* buf_{n}" for n, kind in kernel.arrays]
+    assert params[len(kernel.arrays):] == ["const long long t", "const long long B", "const long long H",
+                                           *(f"const T {s}" for s in kernel.scalars)]
+    body = src[src.index(f"// {kernel.name}:"):]
+    assert re.search(r"\d\.\d|\d[eE]-?\d|\d[fF]\b", body) is None, "a float literal: double arithmetic in float kernels"
+    phases = [s for s in kernel.steps if isinstance(s, Phase)]
+    reductions = sum(any(isinstance(x, Sum) for x in p.body) for p in phases)
+    assert body.count("lstm_block_sum<T,") == reductions
+    # a barrier after every phase that another follows: in the reduction, or on its own
+    plain = sum(not any(isinstance(x, Sum) for x in p.body) for p in phases[:-1])
+    assert body.count("__syncthreads();") == plain
+    assert body.count("for (long long j = threadIdx.x; j < H; j += blockDim.x)") == len(phases)
+
+
+class FakeCompiledKernel:
+    """Stands for the compiled kernel: checks each positional argument against the C signature in the
+    generated source (pointer -> an array of the dtype, long long -> numpy.int64, T -> the dtype's
+    scalar) and the launch shape, then runs the emulation with the arguments bound by those names."""
+
+    calls = 0
+
+    def __init__(self, kernel: Kernel, dtype: np.dtype):
+        self.kernel, self.dtype = kernel, np.dtype(dtype)
+        head = re.search(rf"__global__ void {kernel.name}\((.*?)\) {{", gpu.cuda_source([kernel])).group(1)
+        self.params = [(p.rsplit(" ", 1)[0], p.rsplit(" ", 1)[1]) for p in head.split(", ")]
+
+    def __call__(self, grid, block, args):
+        type(self).calls += 1
+        assert len(args) == len(self.params)
+        arrays, ints, scalars = {}, {}, {}
+        for (ctype, name), arg in zip(self.params, args):
+            if ctype.endswith("T*"):
+                assert isinstance(arg, np.ndarray) and arg.dtype == self.dtype, (name, type(arg))
+                arrays[name.removeprefix("buf_")] = arg
+            elif ctype == "const long long":
+                assert type(arg) is np.int64, (name, type(arg))
+                ints[name] = int(arg)
+            else:
+                assert ctype == "const T" and type(arg) is self.dtype.type, (name, ctype, type(arg))
+                scalars[name] = arg
+        assert grid == (ints["B"],)
+        assert len(block) == 1 and block[0] % 32 == 0 and 32 <= block[0] <= 1024
+        gpu.emulate(self.kernel, arrays, t=ints["t"], B=ints["B"], H=ints["H"], scalars=scalars)
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_the_launch_path_passes_what_the_cuda_signature_expects(name, monkeypatch):
+    """Every kernel call goes through the launcher (_launch) to a stand-in for the compiled kernel."""
+    monkeypatch.setattr(gpu, "_function", FakeCompiledKernel)
+    monkeypatch.setattr(gpu, "run_kernel", gpu._launch)
+    FakeCompiledKernel.calls = 0
+    impl, info = emulated(name)
+    for dtype in DEFAULT_DTYPES:
+        spec = CaseSpec(variant=info.variant, dtype=dtype, T=3, B=2, D=3, H=5, seed=8)
+        check(impl, info, spec)
+    assert FakeCompiledKernel.calls == 2 * 2 * 3  # dtypes x directions x steps
+
+
+def _nvrtc():
+    pytest.importorskip("cupy", reason="cupy is not installed: the CUDA source is not compiled here")
+    from cupy.cuda import nvrtc
+
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:
+        pytest.skip(f"NVRTC is not available ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                    f"pip install nvidia-cuda-nvrtc-cu12 to compile the kernels without a GPU")
+    return nvrtc
+
+
+@pytest.mark.parametrize("arch", ["compute_75", "compute_90"])
+@pytest.mark.parametrize("ctype", ["float", "double"])
+def test_generated_source_compiles_with_nvrtc_without_a_gpu(ctype, arch):
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(gpu.cuda_source(ALL_KERNELS), "lstm_kernels.cu", (), ())
+    try:
+        for k in ALL_KERNELS:
+            nvrtc.addNameExpression(prog, f"{k.name}<{ctype}>")
+        try:
+            nvrtc.compileProgram(prog, (f"--gpu-architecture={arch}", "--device-as-default-execution-space"))
+        except nvrtc.NVRTCError:
+            pytest.fail("the generated CUDA source does not compile:\n" + nvrtc.getProgramLog(prog))
+        log = nvrtc.getProgramLog(prog).strip()
+        assert not log, f"NVRTC warnings:\n{log}"
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        for k in ALL_KERNELS:
+            assert nvrtc.getLoweredName(prog, f"{k.name}<{ctype}>") in ptx
+    finally:
+        nvrtc.destroyProgram(prog)
+    f64 = re.findall(r"^\s*\S+\.f64\b.*$", ptx, re.M)
+    if ctype == "float":
+        assert not f64, "double arithmetic in the float kernels:\n" + "\n".join(f64[:10])
+    else:
+        assert f64
+
+
+def test_cupy_accepts_the_module_without_compiling_it():
+    """Constructing the RawModule the launcher builds needs no GPU (compilation waits for first use)."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
+    for k in ALL_KERNELS:
+        module = cupy.RawModule(code=gpu.cuda_source([k]), name_expressions=k.name_expressions())
+        assert module.code == gpu.cuda_source([k])
+        assert tuple(module.name_expressions) == (f"{k.name}<float>", f"{k.name}<double>")
+
+
+# --- The CUDA PyTorch oracle and the benchmark, without a GPU ----------------------------------------
+
+
+def test_torch_cuda_oracle_reports_its_availability():
+    from oracles.torch_cuda_oracle import TorchCudaLSTMOracle
+
+    avail = TorchCudaLSTMOracle().availability()
+    if importlib.util.find_spec("torch") is None:
+        assert avail.reason == "torch is not installed"
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        assert avail.available and "cudnn" in avail.versions
+    else:
+        assert not avail.available
+        assert avail.reason == "torch CUDA is not available (torch.cuda.is_available() is False)"
+        assert TorchCudaLSTMOracle().supports("vanilla", "float32") == f"torch-cuda-lstm unavailable: {avail.reason}"
+
+
+def test_strict_fp32_turns_tf32_off_and_restores_the_setting():
+    torch = pytest.importorskip("torch")
+    from oracles.torch_cuda_oracle import strict_fp32
+
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is not None and hasattr(rnn, "fp32_precision"):
+        before = rnn.fp32_precision
+        with strict_fp32(torch):
+            assert rnn.fp32_precision == "ieee"
+        assert rnn.fp32_precision == before
+    else:
+        before = torch.backends.cudnn.allow_tf32
+        with strict_fp32(torch):
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 == before
+
+
+@pytest.mark.skipif(REASON is None, reason="a CUDA GPU is visible here: the benchmark runs (see the gpu tests)")
+def test_benchmark_prints_one_skip_line_without_a_gpu(capsys):
+    from harness.bench_gpu import main
+
+    assert main(["--T", "2", "--B", "2", "--D", "4", "--H", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"GPU benchmark skipped: the CuPy LSTM is unavailable here: {REASON}"
+
+
+# --- On a GPU -----------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"needs CuPy and a CUDA GPU: {REASON}")
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+class NumpyTwinOracle(Oracle):
+    """The NumPy stacked implementation of a variant as an oracle, computing in the case's own dtype."""
+
+    compute_dtypes = ("float64", "float32")
+
+    def __init__(self, name: str):
+        self.twin = NUMPY_TWIN[name]()
+        self.name = f"numpy-{self.twin.name}"
+        self.variants = (self.twin.variant,)
+
+    def compute_dtype_for(self, dtype):
+        return dtype
+
+    def reference(self, case) -> Reference:
+        if hasattr(self.twin, "ln_eps"):
+            self.twin.ln_eps = case.ln_eps
+        y, h_T, c_T, cache = self.twin.forward(case.x, case.h0, case.c0, case.params)
+        grads = self.twin.backward(case.dy, case.dh_T, case.dc_T, cache)
+        return Reference(compute_dtype=case.dtype, outputs={"y": y, "h_T": h_T, "c_T": c_T}, gradients=grads)
+
+
+def _on_device(name: str):
+    impl = CLASSES[name]()
+    return impl, validate(impl)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("variant", sorted(CELLS))
+@pytest.mark.parametrize("fused_step", [False, True], ids=["kernel", "gemm+kernel"])
+@pytest.mark.parametrize(("B", "H"), [(1, 2), (3, 7), (2, 33), (4, 257), (2, 600), (64, 512)])
+def test_gpu_kernel_against_the_numpy_cell(variant, dtype, fused_step, B, H):
+    """Each fused kernel (and each step: GEMM + kernel) on the GPU against the NumPy cell, every buffer
+    it writes, with the harness's tolerance for the dtype (values forward, gradients backward). H from
+    2 to 600: one partial warp, several warps, and threads that take several units."""
+    from harness.compare import tolerance
+
+    cupy = _cupy()
+    np_cell, fused = CELLS[variant]
+    seed = B * 1000 + H
+    want = _run_steps(np_cell, variant, dtype, B, H, seed, fused_step=fused_step)
+    d = _step_data(variant, dtype, B, H, seed)
+    T, t = d["T"], d["t"]
+    dev = {k: cupy.asarray(v) for k, v in d.items() if isinstance(v, np.ndarray)}
+    P = fused.prepare(cupy, d["params"], np.dtype(dtype), ln_eps=1e-5)
+    S = fused.forward_buffers(cupy, T, B, H, np.dtype(dtype))
+    G = fused.backward_buffers(cupy, T, B, H, np.dtype(dtype))
+    a, c, h = dev["a"].copy(), cupy.empty((B, H), dtype), cupy.empty((B, H), dtype)
+    dh, dc, da = dev["dh"].copy(), dev["dc"].copy(), cupy.empty((B, 4 * H), dtype)
+    if fused_step:
+        RT = cupy.ascontiguousarray(dev["R"].T)
+        fused.step(cupy, t, a, cupy.empty_like(a), dev["h_prev"], RT, dev["c_prev"], c, h, S, P)
+        fused.step_backward(cupy, t, dev["dy"], dh, dc, da, a, dev["c_prev"], c, dev["R"], S, G, P)
+    else:
+        a += dev["rec"]
+        fused.forward_step(cupy, t, a, dev["c_prev"], c, h, S, P)
+        fused.backward_step(cupy, t, dh, dc, da, a, dev["c_prev"], c, S, G, P)
+    cupy.cuda.Device().synchronize()
+    got = _written(t, a, c, h, dh if fused_step else None, dc, da, S, G)
+    assert set(got) == set(want)
+    for key in want:
+        kind = "gradients" if key in ("dh", "dc", "da") or key.startswith("G.") else "values"
+        tol = tolerance(dtype, kind)
+        scale = max(1.0, float(np.abs(want[key]).max(initial=0.0)))
+        np.testing.assert_allclose(cupy.asnumpy(got[key]), want[key], rtol=tol.rtol, atol=tol.atol * scale,
+                                   err_msg=f"{variant} {dtype} {key} B={B} H={H}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@given(data=st.data())
+def test_gpu_matches_finite_differences(name, dtype, data):
+    impl, info = _on_device(name)
+    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
+    records = check(impl, info, spec)
+    compared = {(r.direction, r.quantity) for r in records if r.status == "pass"}
+    assert compared == {(d, q) for d in ("forward", "backward") for q in quantities(info.variant, d)}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@settings(max_examples=25)
+@given(data=st.data())
+def test_gpu_matches_its_numpy_twin(name, dtype, data):
+    """Against the NumPy stacked version in the same dtype, with the harness's tolerance for the dtype;
+    H up to 300 so that rows span several warps and threads take several units."""
+    impl, info = _on_device(name)
+    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=6, max_B=5, max_D=40, max_H=300,
+                                ln_eps=info.ln_eps), label="spec")
+    check(impl, info, spec, oracles=(NumpyTwinOracle(name),))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_gpu_agrees_with_every_available_oracle(name, dtype, data):
+    """Every CPU oracle that is installed, and cuDNN (torch-cuda-lstm) where a CUDA PyTorch is."""
+    from oracles.torch_cuda_oracle import TorchCudaLSTMOracle
+
+    impl, info = _on_device(name)
+    oracles = [o for o in [*registry.oracles(), TorchCudaLSTMOracle()] if o.availability().available]
+    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
+    records = check(impl, info, spec, oracles=oracles)
+    compared = {r.oracle for r in records if r.status == "pass"}
+    assert compared == {o.name for o in oracles if o.supports(info.variant, dtype) is None}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_gpu_contract_details(name):
+    """Outputs are CuPy arrays of the input dtype, inputs are not modified, a second backward on the
+    same forward is bit for bit the first, and a large case agrees with the NumPy twin."""
+    cupy = _cupy()
+    impl, info = _on_device(name)
+    for dtype in DEFAULT_DTYPES:
+        case = build_case(CaseSpec(variant=info.variant, dtype=dtype, T=3, B=2, D=3, H=4, seed=5))
+        before = case.copy()
+        y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+        first = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+        second = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+        assert all(isinstance(a, cupy.ndarray) and a.dtype == np.dtype(dtype) for a in (y, h_T, c_T, *first.values()))
+        for k in first:
+            np.testing.assert_array_equal(cupy.asnumpy(first[k]), cupy.asnumpy(second[k]), err_msg=k)
+        for key, value in before.arrays().items():
+            np.testing.assert_array_equal(case.arrays()[key], value, err_msg=key)
+    spec = CaseSpec(variant=info.variant, dtype="float64", T=5, B=64, D=96, H=512, seed=9)
+    check(impl, info, spec, oracles=(NumpyTwinOracle(name),))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_layernorm_uses_its_declared_eps():
+    impl, _ = _on_device("cupy-layernorm")
+    impl.ln_eps = 0.5
+    info = validate(impl)
+    spec = CaseSpec(variant="layernorm", dtype="float64", T=3, B=2, D=3, H=4, seed=1, weight_scale="unit", ln_eps=0.5)
+    check(impl, info, spec)
+    records = check_case(InProcessSubject(impl, info), [ORACLE], build_case(spec.replace(ln_eps=1e-5)))
+    assert {r.quantity for r in records if r.status == "fail"} >= {"y", "h_T", "c_T"}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_benchmark_smoke_run(capsys):
+    from harness.bench_gpu import main
+
+    assert main(["--T", "4", "--B", "4", "--D", "16", "--H", "16", "--repeats", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in GPU_NAMES:
+        assert re.search(rf"^ *{re.escape(name)} ", out, re.M), out
+    assert ("Target: cupy fwd+bwd within 2x" in out) or ("cuDNN rows skipped: " in out)
