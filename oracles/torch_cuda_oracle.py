@@ -16,11 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
-
-from harness import layouts
-from harness.cases import Case
-from oracles.base import Availability, Reference, module_available
+from oracles.base import Availability, module_available
 from oracles.torch_oracle import TorchLSTMOracle
 
 __all__ = ["TorchCudaLSTMOracle", "strict_fp32"]
@@ -58,6 +54,7 @@ class TorchCudaLSTMOracle(TorchLSTMOracle):
     description = "torch.nn.LSTM on CUDA (cuDNN) with converted weights, autograd gradients, TF32 off"
     variants = ("vanilla",)
     compute_dtypes = ("float64", "float32")
+    device = "cuda"
 
     def _probe(self) -> Availability:
         avail = module_available("torch")
@@ -77,54 +74,5 @@ class TorchCudaLSTMOracle(TorchLSTMOracle):
         versions["device"] = torch.cuda.get_device_name(0)
         return Availability(True, "", versions)
 
-    def _module(self, D: int, H: int, dtype: str) -> Any:
-        key = (D, H, dtype)
-        module = self._modules.get(key)
-        if module is None:
-            import torch
-
-            module = torch.nn.LSTM(D, H, num_layers=1, bias=True, batch_first=False, bidirectional=False)
-            module = module.to(device="cuda", dtype=getattr(torch, dtype))
-            self._modules[key] = module
-        return module
-
-    def reference(self, case: Case) -> Reference:
-        why = self.supports(case.variant, case.dtype)
-        if why:
-            raise ValueError(f"case: {why}")
-        import torch
-
-        dtype = self.compute_dtype_for(case.dtype)
-        assert dtype is not None
-        c = case.astype(dtype)
-        module = self._module(c.D, c.H, dtype)
-        state = layouts.to_torch(c.params)
-        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-        weights = [getattr(module, n) for n in names]
-
-        def tensor(a: np.ndarray, grad: bool = False) -> Any:
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to("cuda").requires_grad_(grad)
-
-        def host(t: Any) -> np.ndarray:
-            return t.detach().cpu().numpy()
-
-        with strict_fp32(torch):
-            with torch.no_grad():
-                for w, n in zip(weights, names, strict=True):
-                    w.copy_(torch.from_numpy(state[n]))
-            module.flatten_parameters()
-            x = tensor(c.x, grad=True)  # (T, B, D)
-            h0 = tensor(c.h0[None], grad=True)  # (1, B, H)
-            c0 = tensor(c.c0[None], grad=True)
-            y, (h_T, c_T) = module(x, (h0, c0))
-            grads = torch.autograd.grad(
-                (y, h_T, c_T), (x, h0, c0, *weights),
-                grad_outputs=(tensor(c.dy), tensor(c.dh_T[None]), tensor(c.dc_T[None])),
-            )
-        dx, dh0, dc0, dW, dR, db_ih, _db_hh = (host(g) for g in grads)
-        return Reference(
-            compute_dtype=dtype,
-            outputs={"y": host(y), "h_T": host(h_T)[0], "c_T": host(c_T)[0]},
-            gradients={"x": dx, "h0": dh0[0], "c0": dc0[0], "W": dW, "R": dR, "b": db_ih},
-            notes=f"torch.nn.LSTM on CUDA (cuDNN {torch.backends.cudnn.version()}) in {dtype}, TF32 off",
-        )
+    def _precision(self, torch: Any) -> Any:
+        return strict_fp32(torch)

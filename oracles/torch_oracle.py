@@ -21,6 +21,7 @@ are small and many, where threads only add scheduling noise.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -81,15 +82,22 @@ class TorchLSTMOracle(_TorchBase):
             return super().compute_dtype_for(dtype)
         return dtype if dtype in self.compute_dtypes else None
 
+    #: Where the module and the tensors live; the CUDA (cuDNN) oracle overrides it.
+    device = "cpu"
+
     def _module(self, D: int, H: int, dtype: str) -> Any:
         key = (D, H, dtype)
         module = self._modules.get(key)
         if module is None:
             torch = _torch()
             module = torch.nn.LSTM(D, H, num_layers=1, bias=True, batch_first=False, bidirectional=False)
-            module = module.to(getattr(torch, dtype))
+            module = module.to(device=self.device, dtype=getattr(torch, dtype))
             self._modules[key] = module
         return module
+
+    def _precision(self, torch: Any) -> Any:
+        """A context the forward and backward run in; the CUDA oracle switches TF32 off there."""
+        return contextlib.nullcontext()
 
     def reference(self, case: Case) -> Reference:
         why = self.supports(case.variant, case.dtype)
@@ -103,26 +111,31 @@ class TorchLSTMOracle(_TorchBase):
         state = layouts.to_torch(c.params)
         names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
         weights = [getattr(module, n) for n in names]
-        with torch.no_grad():
-            for w, n in zip(weights, names, strict=True):
-                w.copy_(torch.from_numpy(state[n]))
-        x = _tensor(torch, c.x, dtype, grad=True)  # (T, B, D)
-        h0 = _tensor(torch, c.h0[None], dtype, grad=True)  # (1, B, H)
-        c0 = _tensor(torch, c.c0[None], dtype, grad=True)
-        y, (h_T, c_T) = module(x, (h0, c0))  # (T, B, H), (1, B, H), (1, B, H)
-        grads = torch.autograd.grad(
-            (y, h_T, c_T),
-            (x, h0, c0, *weights),
-            grad_outputs=(_tensor(torch, c.dy, dtype), _tensor(torch, c.dh_T[None], dtype),
-                          _tensor(torch, c.dc_T[None], dtype)),
-        )
+
+        def tensor(a: np.ndarray, grad: bool = False) -> Any:
+            return _tensor(torch, a, dtype).to(self.device).requires_grad_(grad)
+
+        with self._precision(torch):
+            with torch.no_grad():
+                for w, n in zip(weights, names, strict=True):
+                    w.copy_(torch.from_numpy(state[n]))
+            module.flatten_parameters()  # cuDNN wants its weights in one block; a no-op on the CPU
+            x = tensor(c.x, grad=True)  # (T, B, D)
+            h0 = tensor(c.h0[None], grad=True)  # (1, B, H)
+            c0 = tensor(c.c0[None], grad=True)
+            y, (h_T, c_T) = module(x, (h0, c0))  # (T, B, H), (1, B, H), (1, B, H)
+            grads = torch.autograd.grad(
+                (y, h_T, c_T),
+                (x, h0, c0, *weights),
+                grad_outputs=(tensor(c.dy), tensor(c.dh_T[None]), tensor(c.dc_T[None])),
+            )
         dx, dh0, dc0, dW, dR, db_ih, _db_hh = (_numpy(g) for g in grads)
         # b = bias_ih + bias_hh, so dL/db is the gradient of either half (they are equal).
         return Reference(
             compute_dtype=dtype,
             outputs={"y": _numpy(y), "h_T": _numpy(h_T)[0], "c_T": _numpy(c_T)[0]},
             gradients={"x": dx, "h0": dh0[0], "c0": dc0[0], "W": dW, "R": dR, "b": db_ih},
-            notes=f"torch.nn.LSTM in {dtype}",
+            notes=f"torch.nn.LSTM on {self.device} in {dtype}",
         )
 
 
