@@ -11,8 +11,9 @@ The conventions an adapter knows (all combinable):
 ``gate_order``         order of the four gate blocks in every stacked weight, e.g. ``"ifog"``
                        (the course exercise), ``"icfo"`` (TF1), ``"iofc"`` (ONNX); ``c``/``j`` = ``g``
 ``transposed``         weights stored as (D, 4H) and (H, 4H) and used as ``x @ Wx + h @ Wh``
-``bias``               ``"single"`` b (4H,); ``"separate"`` b_ih and b_hh (added, as PyTorch does);
-                       ``"folded"`` one matrix over [1, x, h] (``transposed``: (1+D+H, 4H))
+``bias``               ``"single"`` b (4H,); ``"separate"`` b_ih and b_hh (added, as PyTorch does; given
+                       uneven shares of b, and each gradient must be db); ``"folded"`` one matrix
+                       over [1, x, h] (``transposed``: (1+D+H, 4H))
 ``forget_bias``        a constant the implementation adds to the forget gate (TF1's ``forget_bias``);
                        for the LayerNorm variant it is added after normalization, i.e. to beta[f]
 ``batch_major``        x (B, T, D) and y (B, T, H)
@@ -32,6 +33,12 @@ is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held a
 
 Quantities an adapter cannot produce are declared in ``lstm_harness_limits`` and reported by
 :func:`harness.certify` as skipped with the reason, never compared against a placeholder.
+
+An adapter hides no contract violation of what it wraps. The implementation receives converted
+copies; if it modifies one in place, the change is converted back and written into the adapter's
+own input array, so the harness reports "modified its input arrays in place" under the canonical
+name, as it would without the adapter. Gradients beyond the ones its convention has are passed on
+under their own names, so that the harness reports them as unexpected keys.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from harness import layouts
-from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, to_numpy
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, to_numpy
 
 __all__ = ["adapt", "Convention", "Adapted"]
 
@@ -117,73 +124,125 @@ class Convention:
 
     def _stack(self, a: np.ndarray) -> np.ndarray:
         """Canonical (4H, ...) -> this convention's gate order (and transposition for matrices)."""
-        out = layouts.permute_gates(a, "ifgo", self.gate_order)
+        out = layouts.permute_gates(a, layouts.CANONICAL_ORDER, self.gate_order)
         return np.ascontiguousarray(out.T) if self.transposed and out.ndim == 2 else out
 
     def _unstack(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
         if self.transposed and a.ndim == 2:
             a = a.T
-        return layouts.permute_gates(a, self.gate_order, "ifgo")
+        return layouts.permute_gates(a, self.gate_order, layouts.CANONICAL_ORDER)
 
     def params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
-        """Canonical parameters -> this convention's, by default names."""
-        H = params["R"].shape[1]
-        f = self.gate_order.index("f")
+        """Canonical parameters -> this convention's, by default names.
+
+        Separate biases get uneven shares of b (b_hh = b / 4, b_ih = b - b_hh): with b_hh = 0 an
+        implementation that forgets b_hh would compute the right values.
+        """
         if variant == "layernorm":
             if self.bias != "single":
                 raise ValueError(f"bias: the layernorm variant has no bias, so bias={self.bias!r} does not apply")
-            out = {"W": self._stack(params["W"]), "R": self._stack(params["R"])}
+            # The implementation adds forget_bias after normalizing, i.e. to beta[f]: take it off first.
+            canon = layouts.fold_forget_bias_layernorm(params, -self.forget_bias) if self.forget_bias else params
+            out = {"W": self._stack(canon["W"]), "R": self._stack(canon["R"])}
             for key in ("gamma", "beta"):
-                rows = np.asarray(params[key])
-                gates = layouts.permute_gates(rows[:4].reshape(-1), "ifgo", self.gate_order).reshape(4, H)
-                out[key] = np.concatenate([gates, rows[4:]], axis=0)
-            if self.forget_bias:
-                out["beta"][f] = out["beta"][f] - self.forget_bias
+                out[key] = layouts.permute_layernorm_rows(canon[key], layouts.CANONICAL_ORDER, self.gate_order)
             return out
-        b = np.asarray(params["b"])
-        if self.forget_bias:
-            b = b.copy()
-            b[H : 2 * H] = b[H : 2 * H] - self.forget_bias  # canonical order: f is the second block
+        canon = layouts.fold_forget_bias(params, -self.forget_bias) if self.forget_bias else params
         if self.bias == "folded":
-            out = {"W": layouts.to_bias_folded({"W": params["W"], "R": params["R"], "b": b},
-                                               transposed=self.transposed, order=self.gate_order)}
+            out = {"W": layouts.to_bias_folded(canon, transposed=self.transposed, order=self.gate_order)}
         else:
-            out = {"W": self._stack(params["W"]), "R": self._stack(params["R"])}
+            out = {"W": self._stack(canon["W"]), "R": self._stack(canon["R"])}
+            b = self._stack(canon["b"])  # (4H,)
             if self.bias == "single":
-                out["b"] = self._stack(b)
+                out["b"] = b
             else:
-                out["b_ih"] = self._stack(b)
-                out["b_hh"] = np.zeros_like(out["b_ih"])
+                out["b_hh"] = b * b.dtype.type(HIDDEN_BIAS_SHARE)
+                out["b_ih"] = b - out["b_hh"]
         for key in ("p_i", "p_f", "p_o"):
             if key in params:
                 out[key] = np.array(params[key], copy=True)
         return out
 
+    def params_from(self, mine: Mapping[str, np.ndarray], variant: str, D: int, H: int) -> dict[str, np.ndarray]:
+        """This convention's parameters (default names) -> canonical ones: the inverse of :meth:`params_to`."""
+        out = self._from(mine, variant, D, H, b=lambda: mine["b_ih"] + mine["b_hh"])
+        if not self.forget_bias:
+            return out
+        if variant == "layernorm":
+            return layouts.fold_forget_bias_layernorm(out, self.forget_bias)
+        return layouts.fold_forget_bias(out, self.forget_bias)
+
     def grads_from(self, grads: Mapping[str, np.ndarray], variant: str, D: int, H: int) -> dict[str, np.ndarray]:
-        """The implementation's parameter gradients (default names) -> canonical ones."""
+        """The implementation's parameter gradients (default names) -> canonical ones.
+
+        Gradients convert like the parameters, but for two things: a constant forget bias has no
+        gradient, and with separate biases (b = b_ih + b_hh) each of d b_ih and d b_hh is the whole
+        of db. d b_ih is compared with db; d b_hh must agree with it, which is checked here with the
+        harness's gradient tolerance, since the comparison has one db to compare.
+        """
+
+        def split_bias() -> np.ndarray:
+            d_ih, d_hh = np.asarray(grads["b_ih"]), np.asarray(grads["b_hh"])
+            if d_ih.shape != d_hh.shape:
+                raise ValueError(f"backward: expected gradients of b_ih and b_hh of the same shape, got "
+                                 f"{d_ih.shape} and {d_hh.shape}")
+            _check_bias_gradients(self._unstack(d_ih), self._unstack(d_hh), variant, H)
+            return d_ih
+
+        return self._from(grads, variant, D, H, b=split_bias)
+
+    def _from(self, mine: Mapping[str, np.ndarray], variant: str, D: int, H: int,
+              b: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+        """Parameter-shaped arrays in this convention -> canonical, with ``b()`` the stacked bias when
+        the biases are separate."""
         out: dict[str, np.ndarray] = {}
         if variant == "layernorm":
-            out["W"], out["R"] = self._unstack(grads["W"]), self._unstack(grads["R"])
+            out["W"], out["R"] = self._unstack(mine["W"]), self._unstack(mine["R"])
             for key in ("gamma", "beta"):
-                rows = np.asarray(grads[key])
-                gates = layouts.permute_gates(rows[:4].reshape(-1), self.gate_order, "ifgo").reshape(4, H)
-                out[key] = np.concatenate([gates, rows[4:]], axis=0)
+                out[key] = layouts.permute_layernorm_rows(mine[key], self.gate_order, layouts.CANONICAL_ORDER)
             return out
         if self.bias == "folded":
-            out.update(layouts.from_bias_folded(grads["W"], D, H, transposed=self.transposed, order=self.gate_order))
+            out.update(layouts.from_bias_folded(mine["W"], D, H, transposed=self.transposed, order=self.gate_order))
         else:
-            out["W"], out["R"] = self._unstack(grads["W"]), self._unstack(grads["R"])
-            if self.bias == "single":
-                out["b"] = self._unstack(grads["b"])
-            else:
-                # b = b_ih + b_hh, so each gets the whole of db; the mean catches a mistake in either.
-                dih, dhh = np.asarray(grads["b_ih"]), np.asarray(grads["b_hh"])
-                out["b"] = self._unstack((dih + dhh) / dih.dtype.type(2))
+            out["W"], out["R"] = self._unstack(mine["W"]), self._unstack(mine["R"])
+            out["b"] = self._unstack(mine["b"] if self.bias == "single" else b())
         for key in ("p_i", "p_f", "p_o"):
-            if key in grads:
-                out[key] = np.asarray(grads[key])
+            if key in mine:
+                out[key] = np.array(mine[key], copy=True)
         return out
+
+    def canonical_names(self, name: str, variant: str) -> tuple[str, ...]:
+        """The canonical arrays one of this convention's arrays (by default name) is made from."""
+        if name in ("b_ih", "b_hh"):
+            return ("b",)
+        if name == "W" and self.bias == "folded" and variant != "layernorm":
+            return ("W", "R", "b")
+        return (name,)
+
+
+#: The share of b given to b_hh when an implementation has separate biases (see Convention.params_to).
+HIDDEN_BIAS_SHARE = 0.25
+
+
+def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: int) -> None:
+    """d b_ih and d b_hh (canonical gate order) must both be dL/db, since b = b_ih + b_hh; raise,
+    saying where they differ, when they do beyond the harness's gradient tolerance."""
+    from harness.compare import TOLERANCES, compare_arrays, format_coords
+    from harness.contract import quantity_specs
+
+    dtype = d_ih.dtype.name if d_ih.dtype.name in TOLERANCES else "float32"
+    rec = compare_arrays(d_hh, d_ih, spec=quantity_specs(variant)["db"], H=H, tol=TOLERANCES[dtype]["gradients"],
+                         tolerance_dtype=dtype, base=dict(implementation="", oracle="b_ih", variant=variant,
+                                                          dtype=dtype, direction="backward", quantity="db"))
+    if rec.status == "pass":
+        return
+    worst = rec.worst or {}
+    raise ValueError(
+        f"backward: the gradients of b_ih and b_hh differ: {rec.mismatched} of {rec.total} elements beyond the "
+        f"{dtype} gradient tolerance, worst at {format_coords(worst.get('coords', {}))} (b_ih "
+        f"{worst.get('expected'):.6g}, b_hh {worst.get('actual'):.6g}). The two biases are added, so the "
+        f"gradient of each must be dL/db")
 
 
 def _is_torch_module(obj: Any) -> bool:
@@ -233,26 +292,39 @@ class Adapted:
 
     def forward(self, x, h0, c0, params):
         conv = self.convention
+        T, B, D = x.shape
         H = h0.shape[1]
         mine = conv.params_to(params, self.variant)
         xs = layouts.batch_major(x) if conv.batch_major else x
         if self._module is not None:
-            y, h_T, c_T, cache = self._torch_forward(xs, h0, c0, mine)
+            y, h_T, c_T, cache, handed = self._torch_forward(x, xs, h0, c0, mine, params)
         else:
+            # Converted copies (the parameters, a batch-major x) are watched; what is passed as it is,
+            # the caller (harness.subject.execute) watches itself.
+            watched: dict[str, Any] = dict(mine)
+            back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
+            if conv.batch_major:
+                watched["x"], back["x"] = xs, (x, layouts.time_major)
+            handed = _Handed(self, watched, back, params, D, H)
             args: list[Any] = [xs, h0] + ([c0] if conv.initial_cell else [])
             if self._params_as == "dict":
                 out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
             else:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
             y, h_T, c_T, cache = self._split_forward(out)
+        handed.sync("forward")
         y = to_numpy(y)
         if conv.batch_major:
             y = layouts.time_major(y)
-        if h_T is None:
-            h_T = y[-1]
+        h_from_y = h_T is None
+        if h_from_y:
+            h_T = y[-1]  # (B, H): the last step of y is the final hidden state
         if c_T is None:
-            c_T = np.zeros((y.shape[1], H), dtype=y.dtype)
-        return y, h_T, c_T, (cache, x.shape, H)
+            if conv.final_cell:
+                raise ContractError(["forward: returned no final cell state c_T; adapt it with final_cell=False "
+                                     "(c_T is then not compared), or return c_T"], subject=f"adapted {self.name}")
+            c_T = np.zeros((B, H), dtype=y.dtype)  # a placeholder: reported as not compared
+        return y, h_T, c_T, _Cache(cache, (T, B, D), H, h_from_y, handed)
 
     def _split_forward(self, out: Any) -> tuple[Any, Any, Any, Any]:
         if not isinstance(out, (tuple, list)):
@@ -272,19 +344,32 @@ class Adapted:
     # -- backward
 
     def _run_backward(self, dy, dh_T, dc_T, cache):
-        inner, x_shape, H = cache
+        if not isinstance(cache, _Cache):
+            raise TypeError(f"cache: expected what this adapter's forward returned, got {type(cache).__name__}")
         conv = self.convention
-        T, B, D = x_shape
-        if "dh_T" not in self._upstream:
-            dy = dy.copy()
-            dy[-1] += dh_T  # h_T is y[T-1]: its upstream gradient joins dy's last step
-        dys = layouts.batch_major(dy) if conv.batch_major else dy
+        T, B, D = cache.x_shape
+        H = cache.H
+        # h_T is y[T-1]: when the implementation does not take dh_T, or autograd has no h_T of the
+        # module's to send it to, its upstream gradient joins dy's last step (exact).
+        fold = "dh_T" not in self._upstream or (self._module is not None and cache.h_from_y)
+        dys = dy
+        if fold:
+            dys = dy.copy()
+            dys[-1] += dh_T
+        if conv.batch_major:
+            dys = layouts.batch_major(dys)
         if self._module is not None:
-            raw = self._torch_backward(inner, dys, dh_T, dc_T)
+            raw = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_T, dc_T)
         else:
-            given = {"dy": dys, "dh_T": dh_T, "dc_T": dc_T, "cache": inner}
+            back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
+            if dys is not dy:  # a converted copy: changes to it are the caller's dy's, converted back
+                back["dy"] = (dy, lambda v: _undo_dy(v, dh_T if fold else None, conv.batch_major))
+            upstream = _Handed(self, {"dy": dys} if back else {}, back)
+            given = {"dy": dys, "dh_T": dh_T, "dc_T": dc_T, "cache": cache.inner}
             raw = self._backward(*[given[k] for k in self._upstream])
-        grads = self._gradients_by_key(raw)
+            upstream.sync("backward")
+        cache.handed.sync("backward")  # what forward was given may have been kept in the cache
+        grads, extra = self._gradients_by_key(raw)
         out: dict[str, Any] = {}
         dx = to_numpy(grads.pop("x"))
         out["x"] = layouts.time_major(dx) if conv.batch_major else dx
@@ -292,48 +377,61 @@ class Adapted:
         if conv.initial_cell:
             out["c0"] = to_numpy(grads.pop("c0"))
         else:
-            out["c0"] = np.zeros_like(out["h0"])
+            out["c0"] = np.zeros_like(out["h0"])  # a placeholder: reported as not compared
         params = {k: to_numpy(v) for k, v in grads.items()}
         out.update(conv.grads_from(params, self.variant, D, H))
+        # Gradients the contract does not expect are passed on under their own names, so that the
+        # harness reports them ("unexpected [...]") instead of this adapter dropping them.
+        for name, value in extra.items():
+            out[name if name not in out else f"{name} (extra)"] = value
         return out
 
-    def _gradients_by_key(self, raw: Any) -> dict[str, Any]:
-        """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...)."""
+    def _gradients_by_key(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...), and the ones
+        it returned beyond those, by the names it gave them."""
         keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(
             self.convention.param_keys(self.variant))
         if isinstance(raw, Mapping):
             by_name = {v: k for k, v in self._names.items()}
-            out = {}
+            out: dict[str, Any] = {}
+            extra: dict[str, Any] = {}
             for name, value in raw.items():
                 key = by_name.get(name, name)
                 if key not in keys and isinstance(name, str) and name.startswith("d") and name[1:] in keys:
                     key = name[1:]
                 if key not in keys and isinstance(name, str) and name.startswith("d") and name[1:] in by_name:
                     key = by_name[name[1:]]
-                out[key] = value
+                if key in keys:
+                    out[key] = value
+                else:
+                    extra[str(name)] = value
             missing = [k for k in keys if k not in out]
             if missing:
                 wanted = [self._names.get(k, k) for k in keys]
                 raise KeyError(f"backward: expected gradients named {wanted}, missing "
                                f"{[self._names.get(k, k) for k in missing]}; got {list(raw)}")
-            return out
+            return out, extra
         if isinstance(raw, (tuple, list)):
             if len(raw) != len(keys):
                 raise ValueError(f"backward: expected {len(keys)} gradients in the order "
                                  f"{[self._names.get(k, k) for k in keys]}, got {len(raw)}")
-            return dict(zip(keys, raw))
+            return dict(zip(keys, raw)), {}
         raise TypeError(f"backward: expected a dict or tuple of gradients, got {type(raw).__name__}")
 
     # -- PyTorch modules: forward by functional_call, backward by autograd
 
-    def _torch_forward(self, xs, h0, c0, mine):
+    def _torch_forward(self, x_given, xs, h0, c0, mine, params):
         import torch
 
         tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in
                    (("x", xs), ("h0", h0), ("c0", c0))}
-        params = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in mine.items()}
-        named = {self._names[k]: v for k, v in params.items()}
+        weights = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in mine.items()}
         x, h, c = tensors["x"], tensors["h0"], tensors["c0"]
+        # Every tensor is a copy: changes to any of them are the caller's arrays', converted back.
+        back = {"x": (x_given, layouts.time_major if self.convention.batch_major else np.copy),
+                "h0": (h0, np.copy), "c0": (c0, np.copy)}
+        handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], h0.shape[1])
+        named = {self._names[k]: v for k, v in weights.items()}
         with _swapped_parameters(self._module, named), torch.enable_grad():
             if self._call is not None:
                 result = self._call(self._module, x, h, c) if self.convention.initial_cell \
@@ -341,14 +439,14 @@ class Adapted:
             else:
                 result = self._module(x, (h, c)) if self.convention.initial_cell else self._module(x, h)
         y, h_T, c_T = _torch_outputs(result)
-        cache = (tensors, params, (y, h_T, c_T))
+        cache = (tensors, weights, (y, h_T, c_T))
         as_np = []
         for t in (y, h_T, c_T):
             a = t.detach().cpu().numpy() if t is not None else None
             if a is not None and t is not y and a.ndim == 3 and a.shape[0] == 1:
                 a = a[0]  # nn.LSTM's (num_layers * directions, B, H) with one layer
             as_np.append(a)
-        return as_np[0], as_np[1], as_np[2], cache
+        return as_np[0], as_np[1], as_np[2], cache, handed
 
     def _torch_backward(self, cache, dys, dh_T, dc_T):
         import torch
@@ -356,7 +454,7 @@ class Adapted:
         tensors, params, outs = cache
         pairs = []
         for out, grad in zip(outs, (dys, dh_T, dc_T)):
-            if out is None or not out.requires_grad:
+            if out is None or grad is None or not out.requires_grad:
                 continue
             g = torch.tensor(np.asarray(grad), dtype=out.dtype)
             pairs.append((out, g.reshape(out.shape)))
@@ -368,6 +466,84 @@ class Adapted:
         for key, leaf, g in zip(keys, leaves, grads):
             out[key] = (g if g is not None else torch.zeros_like(leaf)).detach().cpu().numpy()
         return out
+
+
+@dataclass
+class _Cache:
+    """What an adapter's forward hands to its backward (the contract's opaque cache)."""
+
+    inner: Any  # the implementation's own cache, or the autograd graph
+    x_shape: tuple[int, int, int]  # (T, B, D)
+    H: int
+    h_from_y: bool  # the implementation returned no h_T: it was read off y's last step
+    handed: _Handed  # what forward gave the implementation, still watched in backward
+
+
+def _undo_dy(v: np.ndarray, folded_dh_T: np.ndarray | None, batch_major: bool) -> np.ndarray:
+    """The caller's dy from the (possibly changed) one the implementation was given."""
+    out = layouts.time_major(v) if batch_major else np.array(v, copy=True)
+    if folded_dh_T is not None:
+        out[-1] -= folded_dh_T
+    return out
+
+
+def _numpy_view(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor: its current values, without a copy on the CPU
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class _Handed:
+    """The converted copies an adapter handed its implementation, watched for changes in place.
+
+    The contract forbids an implementation to modify its inputs, and :func:`harness.subject.execute`
+    finds out by comparing the arrays it passed with copies; but an adapted implementation receives
+    converted copies, so execute would never see a change. Chosen remedy: a change is converted
+    back and written into the caller's array, so that execute reports the contract violation under
+    the canonical name ("x (forward)", "W (backward)") exactly as for an implementation in the
+    standard convention. A change that converts back to no visible difference (e.g. +d on b_ih and
+    -d on b_hh) is raised as an error instead, naming the implementation's arrays.
+    """
+
+    def __init__(self, adapted: Adapted, watched: dict[str, Any],
+                 back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]],
+                 params: Mapping[str, np.ndarray] | None = None, D: int = 0, H: int = 0):
+        self.adapted = adapted
+        self.watched = watched  # name -> array (or tensor) handed over; param names are the default ones
+        self.back = back  # name -> (the caller's array, implementation's form -> the caller's)
+        self.params = params  # the caller's canonical params (for watched names not in ``back``)
+        self.D, self.H = D, H
+        self.pristine = {k: np.array(_numpy_view(v), copy=True) for k, v in watched.items()}
+
+    def sync(self, call: str) -> None:
+        now = {k: _numpy_view(v) for k, v in self.watched.items()}
+        changed = [k for k in now if not np.array_equal(now[k], self.pristine[k], equal_nan=True)]
+        if not changed:
+            return
+        written: set[str] = set()
+        for k in changed:
+            if k in self.back:
+                target, convert = self.back[k]
+                restored = convert(now[k])
+                if not np.array_equal(restored, target, equal_nan=True):
+                    target[...] = restored
+                written.add(k)  # these conversions are one to one: the caller's array shows the change
+        in_params = [k for k in changed if k not in self.back]
+        if in_params and self.params is not None:
+            conv, variant = self.adapted.convention, self.adapted.variant
+            canon = conv.params_from({k: now[k] for k in conv.param_keys(variant)}, variant, self.D, self.H)
+            touched = {c for k in in_params for c in conv.canonical_names(k, variant)}
+            differ = {c for c in touched if not np.array_equal(canon[c], self.params[c], equal_nan=True)}
+            for c in differ:
+                self.params[c][...] = canon[c]
+            written.update(k for k in in_params if differ & set(conv.canonical_names(k, variant)))
+        for k in changed:
+            self.pristine[k] = np.array(now[k], copy=True)  # each change is passed on once
+        hidden = [k for k in changed if k not in written]
+        if hidden:
+            names = ", ".join(self.adapted._names.get(k, k) for k in hidden)
+            raise ContractError([f"{call} modified its input arrays in place: {names} (in its own convention)"],
+                                subject=f"adapted {self.adapted.name}")
 
 
 def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:

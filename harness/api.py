@@ -26,6 +26,7 @@ import os
 import pickle
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,12 +39,28 @@ import numpy as np
 from harness.cases import PROFILES, Case, CaseSpec, build_case, load_case
 from harness.compare import Record, compare_arrays, render_message, tolerance
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, ImplementationInfo, quantity_specs, validate
-from harness.runner import FORWARD_QUANTITIES, RunSettings, check_case, quantities, run_checks
+from harness.runner import (
+    FORWARD_QUANTITIES,
+    RunSettings,
+    _case_info,
+    _case_tag,
+    _keep_worst,
+    _key,
+    _slug,
+    check_case,
+    quantities,
+    run_checks,
+)
 from harness.subject import Execution, InProcessSubject
 from harness.summary import STATUS_ORDER, details, summary_table, verdict
 
-__all__ = ["certify", "replay", "CertifyResult", "ReplayResult", "open_subject", "select_oracles",
-           "write_reports", "Progress"]
+__all__ = ["certify", "replay", "CertifyResult", "ReplayResult", "InvalidArgument", "open_subject",
+           "select_oracles", "write_reports", "Progress"]
+
+
+class InvalidArgument(ValueError):
+    """A bad argument to :func:`certify` or :func:`replay` (found before any check runs); the
+    command line turns it into exit code 2. Any other error comes from the run itself."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +115,8 @@ class ReplayResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.records)
+        """The case passes: something was compared and nothing failed (all skips is not a pass)."""
+        return self.verdict == "certified"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,9 +203,7 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
 
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)} or None, got {variant!r}")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
-    if isolate:
+    if isolate:  # the timeout is checked by IsolatedSubject
         from harness.isolation import IsolatedSubject, WorkerLoadError
 
         guessed = impl if isinstance(impl, str) else _guess_target(impl)
@@ -372,17 +388,6 @@ class _Stored:
         return self.execution
 
 
-def _contains(exc: BaseException, kind: type) -> bool:
-    seen: list[BaseException] = [exc]
-    while seen:
-        e = seen.pop()
-        if isinstance(e, kind):
-            return True
-        seen += list(getattr(e, "exceptions", ()))
-        seen += [x for x in (e.__cause__, e.__context__) if x is not None]
-    return False
-
-
 # --------------------------------------------------------------------------------------------------
 # Determinism
 
@@ -460,23 +465,30 @@ class _UnitSettings:
                            replay_target=self.replay_target)
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:60] or "impl"
-
-
-def _save_case(case: Case, settings: _UnitSettings, info: ImplementationInfo, tag: str) -> str:
+def _save_case(case: Case, settings: _UnitSettings, info: ImplementationInfo, what: str) -> str:
+    """Save a case the search did not save itself (the probe's, a crash's), named like the runner's
+    minimal cases, with ``what`` it shows; "" when there is nowhere to save it."""
     if not settings.case_dir:
         return ""
-    path = Path(settings.case_dir) / f"{_slug(info.name)}-{case.dtype}-{tag}.npz"
+    path = Path(settings.case_dir) / f"{_slug(info.name)}-{_case_tag(case)}-{what}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
     case.save(path)
     return str(path)
 
 
-def _replay_command(case_file: str, settings: _UnitSettings, info: ImplementationInfo, oracle: str) -> str:
+#: What the replay commands name when no TARGET string loads the implementation (an object defined
+#: in a script, or with state of its own).
+NO_TARGET = "MODULE:ATTRIBUTE"
+
+
+def _replay_command(case_file: str, settings: _UnitSettings, oracle: str) -> str:
     if not case_file:
         return ""
-    target = settings.replay_target or info.name
-    return f"lstm-harness replay {shlex.quote(case_file)} {target} --oracle {shlex.quote(oracle)}"
+    command = (f"lstm-harness replay {shlex.quote(case_file)} {settings.replay_target or NO_TARGET} "
+               f"--oracle {shlex.quote(oracle)}")
+    if settings.replay_target:
+        return command
+    return f"save your implementation in a module to replay: {command}"
 
 
 def _rank(status: str) -> int:
@@ -485,7 +497,12 @@ def _rank(status: str) -> int:
 
 def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: _UnitSettings,
              progress: Callable[[int], None] | None = None) -> tuple[list[Record], list[str]]:
-    """Probe, Hypothesis run, re-run of the minimal failure: records and notes for one dtype."""
+    """Probe, Hypothesis run, re-run of the minimal failure: records and notes for one dtype.
+
+    Never raises for anything the implementation does: a crash or hang ends the unit with records
+    (merged with what the search had found before it), and a failure of the harness itself becomes
+    error records that say so.
+    """
     limits = _limits_of(subject)
     info = subject.info
     inner: Any = _RestrictedSubject(subject, limits) if limits else subject
@@ -500,6 +517,14 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: _UnitSe
         if progress:
             progress(n)
 
+    def finish(records: list[Record]) -> tuple[list[Record], list[str]]:
+        if unchecked:
+            _mark_unchecked(records, unchecked)
+        for r in records:
+            if r.case_file:  # one way to write the command, whoever saved the case
+                r.replay = _replay_command(r.case_file, settings, r.oracle)
+        return records, sorted(set(notes))
+
     # 1. The probe: A, B, A.
     spec_a = _probe_spec(info, dtype, settings.seed)
     case_a, case_b = build_case(spec_a), build_case(spec_a.replace(seed=(spec_a.seed + 1) % 2**32))
@@ -508,35 +533,38 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: _UnitSe
         first = guard.execute(case_a, backward=info.has_backward)
         guard.execute(case_b, backward=info.has_backward)
         again = guard.execute(case_a, backward=info.has_backward)
+        for oracle in oracles:
+            if oracle.supports(info.variant, dtype):
+                continue
+            base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype)
+            for rec in _disagreement(first, again, case_a, base):
+                if rec.quantity in unchecked:
+                    continue
+                if rec.status == "pass":
+                    notes.append(f"{info.name} ({dtype}): {rec.quantity}: {rec.reason}")
+                    continue
+                probe.append(rec)
     except _Fatal:
-        return _fatal_records(guard, oracles, settings, 1, unchecked), notes
-    for oracle in oracles:
-        if oracle.supports(info.variant, dtype):
-            continue
-        base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype)
-        for rec in _disagreement(first, again, case_a, base):
-            if rec.quantity in unchecked:
-                continue
-            if rec.status == "pass":
-                notes.append(f"{info.name} ({dtype}): {rec.quantity}: {rec.reason}")
-                continue
-            probe.append(rec)
-    notes[:] = sorted(set(notes))
+        return finish(_fatal_records(guard, oracles, settings, 1))
+    except Exception as exc:  # the harness's own failure: reported, never a traceback instead of a report
+        return finish(_internal_error(info, oracles, dtype, exc, 1))
     if probe:
         case_file = _save_case(case_a, settings, info, "nondeterministic")
         for rec in probe:
-            rec.case = {"T": case_a.T, "B": case_a.B, "D": case_a.D, "H": case_a.H, "dtype": dtype,
-                        "seed": spec_a.seed, "spec": spec_a.to_dict()}
+            rec.case = _case_info(case_a)
             rec.case_file = case_file
-            rec.replay = _replay_command(case_file, settings, info, rec.oracle)
 
     # 2. Hypothesis.
     try:
         records = run_checks(guard, oracles, dtype=dtype, run=settings.run_settings(), progress=count)
     except Exception as exc:
-        if _contains(exc, _Fatal):
-            return _fatal_records(guard, oracles, settings, seen[0], unchecked), notes
-        return _internal_error(info, oracles, dtype, exc, seen[0]), notes
+        # What the searches before this one found is still true (run_checks hands it over).
+        partial = list(getattr(exc, "partial_records", None) or [])
+        if guard.fatal is not None:
+            stopped = _fatal_records(guard, oracles, settings, seen[0])
+        else:
+            stopped = _internal_error(info, oracles, dtype, exc, seen[0])
+        records = _merge_partial(partial, stopped)
     # 3. The minimal failing case, twice more.
     failing = next((r for r in records if not r.ok and r.case_file), None)
     if failing is not None and guard.fatal is None:
@@ -554,13 +582,13 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: _UnitSe
                     if not r.ok and note not in r.reason:
                         r.reason = (r.reason + "; " if r.reason else "") + note
                         r.message = render_message(r) + "\n" + note
-        except (_Fatal, OSError, ValueError):
+        except Exception:  # noqa: BLE001 - only a note is lost; the records stand
             pass
     # Merge the probe's contract records.
-    by_key = {(r.oracle, r.direction, r.quantity): i for i, r in enumerate(records)}
+    by_key = {_key(r): i for i, r in enumerate(records)}
     for rec in probe:
         rec.examples = seen[0]
-        i = by_key.get((rec.oracle, rec.direction, rec.quantity))
+        i = by_key.get(_key(rec))
         if i is None:
             records.append(rec)
         elif _rank(rec.status) < _rank(records[i].status):
@@ -569,13 +597,36 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: _UnitSe
                 rec.reason += f" (the comparison with {old.oracle} also failed on its own minimal case)"
                 rec.message = render_message(rec)
             records[i] = rec
-    if unchecked:
-        _mark_unchecked(records, unchecked)
-    return records, notes
+    return finish(records)
 
 
-def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: _UnitSettings, examples: int,
-                   unchecked: dict[str, str]) -> list[Record]:
+def _merge_partial(partial: Sequence[Record], stopped: Sequence[Record]) -> list[Record]:
+    """One record per quantity after a search was stopped (a crash, a hang, the harness's own error).
+
+    ``partial`` is what the searches before it found: a discrepancy found there (with its own
+    minimal case) stands; for every other quantity the record of what stopped the search does,
+    unless both passed, when the worse of the two does.
+    """
+    found = {_key(r): r for r in partial}
+    out: dict[Any, Record] = {}
+    for r in stopped:
+        earlier = found.pop(_key(r), None)
+        if earlier is not None and not earlier.ok:
+            out[_key(r)] = earlier
+        elif earlier is not None and r.status == "pass" and earlier.status == "pass":
+            worst: dict[Any, Record] = {_key(r): r}
+            _keep_worst(worst, earlier)
+            out[_key(r)] = worst[_key(r)]
+        else:
+            out[_key(r)] = r
+    out.update({k: r for k, r in found.items() if not r.ok})
+    examples = max((r.examples for r in out.values()), default=0)
+    for r in out.values():
+        r.examples = examples
+    return list(out.values())
+
+
+def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: _UnitSettings, examples: int) -> list[Record]:
     assert guard.fatal is not None
     case, execution = guard.fatal
     info = guard.info
@@ -588,12 +639,9 @@ def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: _UnitSetting
         r.examples = max(1, examples)
         if not r.ok:
             r.case_file = case_file
-            r.replay = _replay_command(case_file, settings, info, r.oracle)
             if note not in r.reason:
                 r.reason = f"{r.reason}\n{note}"
                 r.message = render_message(r)
-    if unchecked:
-        _mark_unchecked(records, unchecked)
     return records
 
 
@@ -637,6 +685,16 @@ def _oracle_payload(oracle: Any) -> Any:
     return ("pickled", pickle.dumps(oracle))
 
 
+def _oracle_portable(oracle: Any) -> bool:
+    """Whether a parallel child process can make the same oracle: a registry one by its name, any
+    other one only when it pickles by reference to an importable module (not ``__main__``)."""
+    try:
+        kind, _ = _oracle_payload(oracle)
+    except Exception:
+        return False
+    return kind == "name" or _portable(oracle, None) is not None
+
+
 def _oracle_from_payload(payload: Any) -> Any:
     kind, value = payload
     if kind == "name":
@@ -652,6 +710,8 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
     Subjects are opened on first use and kept, so a child that is sent several units of the same
     implementation loads it once.
     """
+    from harness.plugins import LoadError
+
     oracles = {name: _oracle_from_payload(p) for name, p in payload["oracles"].items()}
     subjects: dict[bytes, Any] = {}
     conn.send(("ready",))
@@ -668,7 +728,8 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
                                                     isolate=opening["isolate"], timeout=opening["timeout"],
                                                     memory_limit=opening["memory_limit"])
                 except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-                    conn.send(("failed", unit_id, f"{type(exc).__name__}: {exc}"))
+                    conn.send(("failed", unit_id, str(exc) if isinstance(exc, (LoadError, ContractError))
+                               else f"{type(exc).__name__}: {exc}"))
                     continue
 
             def progress(n: int, unit_id: int = unit_id) -> None:
@@ -682,10 +743,6 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
             close = getattr(subject, "close", None)
             if close:
                 close()
-
-
-class _ChildLoadFailure(Exception):
-    pass
 
 
 @dataclass
@@ -730,8 +787,11 @@ def _prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, or
             close()
         raise
     target = described["target"]
-    settings = _UnitSettings(profile=profile, max_examples=max_examples, seed=seed,
-                             case_dir=str(Path(report_dir) / "cases") if report_dir is not None else None,
+    # Every failure gets a saved case and a replay command: beside the report, or in a fresh
+    # temporary directory (made only when a case is saved; CertifyResult.notes says where).
+    case_dir = (Path(report_dir) / "cases" if report_dir is not None
+                else Path(tempfile.gettempdir()) / f"lstm-harness-cases-{os.getpid()}-{time.time_ns():x}")
+    settings = _UnitSettings(profile=profile, max_examples=max_examples, seed=seed, case_dir=str(case_dir),
                              replay_target=_replay_target(target, variant, isolate, timeout))
     portable = _portable(impl, target)
     opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
@@ -741,7 +801,8 @@ def _prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, or
 
 def _run_jobs(jobs_list: list[_Job], jobs: int, display: Progress) -> list[tuple[list[Record], list[str]]]:
     """Every unit of every job: here, one after another, or spread over ``jobs`` child processes."""
-    parallel = jobs > 1 and all(j.parallel for j in jobs_list)
+    portable_oracles = all(_oracle_portable(o) for j in jobs_list for o in j.oracles)
+    parallel = jobs > 1 and all(j.parallel for j in jobs_list) and portable_oracles
     named = len(jobs_list) > 1
     units: list[tuple[int, str, list[Any], str]] = []  # job index, dtype, oracles, label
     for index, job in enumerate(jobs_list):
@@ -757,13 +818,15 @@ def _run_jobs(jobs_list: list[_Job], jobs: int, display: Progress) -> list[tuple
             if not job.parallel:
                 notes.append("jobs: the implementation object cannot be sent to other processes (pass a TARGET "
                              "string instead); everything was checked in this process")
+            stuck = [o.name for o in job.oracles if not _oracle_portable(o)]
+            if stuck:
+                notes.append(f"jobs: the oracle {', '.join(stuck)} cannot be sent to other processes (define its "
+                             f"class in an importable module, not in __main__); everything was checked in this "
+                             f"process")
     if parallel and len(units) > 1:
         for job in jobs_list:
             job.close()  # the children open their own
-        try:
-            done = _run_parallel(jobs_list, units, jobs, display)
-        except _ChildLoadFailure as exc:
-            raise RuntimeError(f"a parallel worker could not load the implementation: {exc}") from None
+        done = _run_parallel(jobs_list, units, jobs, display)
         for (index, _, _, _), (records, notes) in zip(units, done):
             results[index][0].extend(records)
             results[index][1].extend(notes)
@@ -779,10 +842,22 @@ def _run_jobs(jobs_list: list[_Job], jobs: int, display: Progress) -> list[tuple
     return results
 
 
+#: Parallel child processes that may die one after another, none finishing a unit in between, before
+#: the remaining units are given up (reported as errors) instead of starting yet another child.
+MAX_CHILD_DEATHS = 3
+
+
 def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], str]], jobs: int,
                   display: Progress) -> list[tuple[list[Record], list[str]]]:
-    """Hand the units to up to ``jobs`` child processes, each taking the next one when it is done."""
+    """Hand the units to up to ``jobs`` child processes, each taking the next one when it is done.
+
+    A child that dies costs the unit it was running (error records that say so) and is replaced;
+    after :data:`MAX_CHILD_DEATHS` deaths in a row with no unit finished, the units left are given
+    up the same way. Raises :class:`harness.plugins.LoadError` when a child cannot load the
+    implementation.
+    """
     from harness.isolation import ChildProcess, describe_exit
+    from harness.plugins import LoadError
 
     oracles = {o.name: o for job in jobs_list for o in job.oracles}
     payload = {"oracles": {name: _oracle_payload(o) for name, o in oracles.items()}}
@@ -790,12 +865,15 @@ def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], 
     done: dict[int, tuple[list[Record], list[str]]] = {}
     counts: dict[int, int] = {}
     busy: dict[Any, int] = {}
+    stopped: set[Any] = set()  # children told to stop: their end is not a death
+    deaths = 0  # in a row, with no unit finished in between
 
     def start() -> Any:
         return ChildProcess("harness.api", "_unit_child", payload)
 
     def assign(child: Any) -> None:
         if not pending:
+            stopped.add(child)
             child.conn.send(("stop",))
             return
         unit_id = pending.pop(0)
@@ -806,6 +884,12 @@ def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], 
         child.conn.send(("run", unit_id, job.opening, dtype, [o.name for o in group],
                          dataclasses.asdict(job.settings)))
 
+    def lose(unit_id: int, why: str) -> None:
+        index, dtype, group, label = units[unit_id]
+        records = _internal_error(jobs_list[index].info, group, dtype, RuntimeError(why), counts.get(unit_id, 0))
+        done[unit_id] = (records, [])
+        display.end(label, counts.get(unit_id, 0), "error")
+
     children = [start() for _ in range(min(jobs, len(units)))]
     alive = list(children)
     try:
@@ -815,7 +899,7 @@ def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], 
                 child = by_conn[conn]
                 try:
                     message = conn.recv()
-                except (EOFError, OSError):
+                except Exception:  # noqa: BLE001 - the end of the child, or a message that cannot be read
                     message = ("died",)
                 kind = message[0]
                 if kind == "ready":
@@ -824,24 +908,36 @@ def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], 
                     counts[message[1]] = message[2]
                     display.update(units[message[1]][3], message[2])
                 elif kind == "done":
+                    deaths = 0
                     unit_id = busy.pop(child)
                     done[unit_id] = (message[2], message[3])
                     display.end(units[unit_id][3], counts.get(unit_id, 0), verdict(message[2]))
                     assign(child)
                 elif kind == "failed":
-                    raise _ChildLoadFailure(message[2])
-                else:  # the child process died (it runs no implementation code unless isolate=False)
+                    raise LoadError(f"a parallel worker process could not load the implementation: {message[2]}\n"
+                                    f"It loaded in this process: run with one job (-n 1) to check it here")
+                else:
                     alive.remove(child)
                     child.join(1.0)
-                    why = describe_exit(child.exitcode)
+                    child.kill()
+                    if child in stopped:
+                        continue
+                    deaths += 1
+                    why = (f"the parallel worker process died: {describe_exit(child.exitcode)} (what it printed "
+                           f"on standard error says why)")
                     if child in busy:
-                        unit_id = busy.pop(child)
-                        index, dtype, group, label = units[unit_id]
-                        records = _internal_error(jobs_list[index].info, group, dtype,
-                                                  RuntimeError(f"the parallel worker process died: {why}"), 0)
-                        done[unit_id] = (records, [])
-                        display.end(label, counts.get(unit_id, 0), "error")
-                    if pending and not alive:
+                        lose(busy.pop(child), why)
+                    if deaths >= MAX_CHILD_DEATHS:
+                        gave_up = (f"{why}; the parallel worker processes died {deaths} times in a row without "
+                                   f"finishing a unit, so this unit was not checked: run with one job (jobs=1, "
+                                   f"-n 1) to check it in this process")
+                        for unit_id in pending + list(busy.values()):
+                            lose(unit_id, gave_up)
+                        pending.clear()
+                        busy.clear()
+                        alive.clear()
+                        break
+                    if pending and len(alive) < min(jobs, len(pending)):
                         children.append(start())
                         alive.append(children[-1])
     finally:
@@ -894,11 +990,14 @@ def certify(
     a worker process (needed for ``timeout``, seconds per call, and ``memory_limit``, bytes), which
     survives crashes and hangs. ``jobs`` > 1 checks each (dtype, oracle) pair in up to ``jobs``
     parallel processes. ``report_dir`` receives ``report.json``, ``index.html`` and the failing cases
-    (``cases/*.npz``; only the cases with ``write_report=False``); ``junit_xml`` a JUnit XML file.
-    ``progress=True`` shows progress on stderr.
+    (``cases/*.npz``; only the cases with ``write_report=False``); without it the failing cases go
+    to a fresh temporary directory that ``notes`` names, so that every failure can be replayed.
+    ``junit_xml`` names a JUnit XML file. ``progress=True`` shows progress on stderr.
 
     Raises :class:`harness.plugins.LoadError` or :class:`harness.contract.ContractError` when the
-    implementation cannot be loaded or does not meet the contract, ``ValueError`` for bad arguments.
+    implementation cannot be loaded or does not meet the contract, :class:`InvalidArgument` (a
+    ``ValueError``) for bad arguments, all before any check runs. Nothing the implementation does
+    while it is checked raises: it becomes records.
     """
     return certify_many([impl], variant=variant, dtypes=dtypes, oracles=oracles, max_examples=max_examples,
                         profile=profile, seed=seed, timeout=timeout, isolate=isolate, report_dir=report_dir,
@@ -915,16 +1014,20 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
     """:func:`certify` for several implementations at once (what ``lstm-harness run`` does): with
     ``jobs`` > 1 every (implementation, dtype, oracle) unit goes to one shared pool of processes.
     Each result has its own report; ``report_dir`` and ``junit_xml`` are for a single implementation."""
-    _check_settings(profile, max_examples, seed, jobs)
-    if len(impls) > 1 and write_report and (report_dir is not None or junit_xml is not None):
-        raise ValueError("report_dir: one report per directory; with several implementations pass "
-                         "write_report=False and build the combined report from the results")
     prepared: list[_Job] = []
     try:
-        for impl in impls:
-            prepared.append(_prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles,
-                                     max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
-                                     isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
+        # Everything that can be wrong with the arguments shows here, before any check runs.
+        try:
+            _check_settings(profile, max_examples, seed, jobs)
+            if len(impls) > 1 and write_report and (report_dir is not None or junit_xml is not None):
+                raise ValueError("report_dir: one report per directory; with several implementations pass "
+                                 "write_report=False and build the combined report from the results")
+            for impl in impls:
+                prepared.append(_prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles,
+                                         max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
+                                         isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
+        except ValueError as exc:  # InvalidArgument included: the same message, one type for the caller
+            raise InvalidArgument(str(exc)) from None
         label = f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
         outcomes = _run_jobs(prepared, jobs, display)
@@ -949,6 +1052,9 @@ def _finish(job: _Job, records: list[Record], notes: list[str], settings_base: d
     notes = sorted(set(notes))
     if not job.oracles:
         notes.append(f"no available oracle covers the {info.variant} variant: nothing could be compared")
+    if report_dir is None and any(r.case_file for r in records):
+        notes.append(f"the minimal failing cases were saved in {job.settings.case_dir} (give a report directory "
+                     f"to keep them beside the report)")
     settings_dict = {**settings_base, "dtypes": job.dtypes, "oracles": [o.name for o in job.oracles]}
     result = CertifyResult(records=records, verdict=verdict(records), implementation=impl_dict,
                            settings=settings_dict, notes=notes)
@@ -1066,18 +1172,24 @@ def replay(case: str | os.PathLike[str] | Case, impl: Any, *, oracles: Sequence[
     if not isinstance(case, Case):
         path = Path(case)
         if not path.is_file():
-            raise ValueError(f"case: expected a .npz case file written by lstm-harness, got {str(case)!r} "
-                             f"(no such file)")
+            raise InvalidArgument(f"case: expected a .npz case file written by lstm-harness, got {str(case)!r} "
+                                  f"(no such file)")
         try:
             case = load_case(path)
         except Exception as exc:
-            raise ValueError(f"case: {path} is not a case file written by lstm-harness "
-                             f"({type(exc).__name__}: {exc})") from None
-    subject, _ = open_subject(impl, variant=variant or case.variant, isolate=isolate, timeout=timeout,
-                              memory_limit=memory_limit)
+            raise InvalidArgument(f"case: {path} is not a case file written by lstm-harness "
+                                  f"({type(exc).__name__}: {exc})") from None
+    try:
+        subject, _ = open_subject(impl, variant=variant or case.variant, isolate=isolate, timeout=timeout,
+                                  memory_limit=memory_limit)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
     try:
         info = subject.info
-        selected = select_oracles(oracles, info.variant)
+        try:
+            selected = select_oracles(oracles, info.variant)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         limits = _limits_of(subject)
         inner: Any = _RestrictedSubject(subject, limits) if limits else subject
         wrapped = [_RestrictedOracle(o, limits) for o in selected] if limits else selected
@@ -1102,6 +1214,5 @@ def replay(case: str | os.PathLike[str] | Case, impl: Any, *, oracles: Sequence[
         if close:
             close()
     for r in records:
-        r.case = {"T": case.T, "B": case.B, "D": case.D, "H": case.H, "dtype": case.dtype,
-                  "seed": case.spec.seed if case.spec else None}
+        r.case = _case_info(case)
     return ReplayResult(records=_order(records, selected, info.variant), case=case, verdict=verdict(records))

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproduce exactly the comparison a report recorded: the case file and the TARGET "
                     "come from the record's replay command.",
         epilog=_TARGET_TEXT + "\nexit codes:\n  0  the case passes\n  1  the discrepancy (or error) "
-               "reproduces\n  2  bad usage, or the case or TARGET could not be loaded\n",
+               "reproduces, or nothing could be compared\n  2  bad usage, or the case or TARGET could not be "
+               "loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_replay.add_argument("case", metavar="CASE.npz", type=Path)
     p_replay.add_argument("target", metavar="TARGET")
@@ -172,17 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where to write it (default: index.html beside report.json)")
     p_report.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write JUnit XML here")
     return parser
-
-
-def select_oracles(names: Sequence[str] | None) -> list:
-    all_oracles = registry.oracles()
-    if not names:
-        return all_oracles
-    by_name = {o.name: o for o in all_oracles}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise UsageError(f"--oracle: expected one of {', '.join(by_name)}, got {', '.join(unknown)}")
-    return [by_name[n] for n in names]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -249,9 +239,8 @@ def _write_outputs(report: dict, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.api import certify_many
+    from harness.api import InvalidArgument, certify_many
 
-    oracles = select_oracles(args.oracle)
     entries = registry.implementations()
     if args.impl:
         known = {e.name: e for e in entries}
@@ -271,10 +260,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         selected.append(entry)
     if not selected:
         raise UsageError("nothing to check: no available implementation was selected")
-    results = certify_many([e.target for e in selected], oracles=oracles, dtypes=args.dtype,
-                           max_examples=args.max_examples, profile=args.profile, seed=args.seed, jobs=args.jobs,
-                           isolate=False, report_dir=args.report_dir, write_report=False, progress=True,
-                           command="run")
+    try:
+        results = certify_many([e.target for e in selected], oracles=args.oracle, dtypes=args.dtype,
+                               max_examples=args.max_examples, profile=args.profile, seed=args.seed,
+                               jobs=args.jobs, isolate=False, report_dir=args.report_dir, write_report=False,
+                               progress=True, command="run")
+    except InvalidArgument as exc:
+        raise _usage(exc) from None
+    # The oracles each implementation was checked against (api.select_oracles chose them).
+    names = list(dict.fromkeys(n for result in results for n in result.settings["oracles"]))
+    known = {o.name: o for o in registry.oracles()}
+    oracles = [known[n] for n in names if n in known]
     records: list[Record] = [r for result in results for r in result.records]
     notes = sorted({n for result in results for n in result.notes})
     checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
@@ -316,7 +312,7 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
     return True, args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
 
 
-_OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "timeout:": "--timeout:",
+_OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
                  "variant:": "--variant:", "case:": "CASE.npz:"}
 
 
@@ -339,7 +335,7 @@ def _print_files(result_files: dict, problems: Sequence[str]) -> None:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from harness.api import certify
+    from harness.api import InvalidArgument, certify
 
     isolate, timeout = _isolation(args)
     try:
@@ -349,7 +345,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
             memory_limit=_memory_limit(args), progress=True,
         )
-    except ValueError as exc:
+    except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
     impl = result.implementation
     print(f"Certifying {impl['name']} ({impl['target']}): variant {impl['variant']}, "
@@ -362,13 +358,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    from harness.api import InvalidArgument
     from harness.diagnose import diagnose
 
     isolate, timeout = _isolation(args)
     try:
         result = diagnose(args.target, variant=args.variant, dtype=args.dtype, isolate=isolate,
                           timeout=timeout, memory_limit=_memory_limit(args))
-    except ValueError as exc:
+    except InvalidArgument as exc:
         raise _usage(exc) from None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -378,13 +375,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from harness.api import replay
+    from harness.api import InvalidArgument, replay
 
     isolate, timeout = _isolation(args)
     try:
         result = replay(args.case, args.target, oracles=args.oracle, variant=args.variant, isolate=isolate,
                         timeout=timeout, memory_limit=_memory_limit(args))
-    except ValueError as exc:
+    except InvalidArgument as exc:
         raise _usage(exc) from None
     case = result.case
     print(f"Replaying {args.case}: {case.variant}, T={case.T}, B={case.B}, D={case.D}, H={case.H}, "
@@ -395,9 +392,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("\nDiscrepancies and errors:\n")
         print(text)
         print("\nReproduced: the case still fails.")
-        return EXIT_DISCREPANCY
-    print("\nThe case passes: every comparison is within tolerance.")
-    return EXIT_OK
+    elif result.verdict != "certified":
+        print("\nNothing was compared: every check was skipped (see the reasons above), so this replay shows "
+              "nothing either way. Choose an oracle that covers the case with --oracle.")
+    else:
+        print("\nThe case passes: every comparison is within tolerance.")
+    return EXIT_OK if result.verdict == "certified" else EXIT_DISCREPANCY
 
 
 def cmd_report(args: argparse.Namespace) -> int:

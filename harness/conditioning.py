@@ -33,31 +33,20 @@ from harness.cases import Case
 __all__ = ["condition_number"]
 
 
-def _sigmoid(a):
-    return 0.5 * (1.0 + np.tanh(0.5 * a))
-
-
 def condition_number(case: Case) -> float:
     """kappa of ``case`` (see the module docstring); 1.0 for variants without LayerNorm."""
     if case.variant != "layernorm":
         return 1.0
+    from oracles.equations import lstm_forward  # the equations every oracle's forward is checked against
+
     c64 = case.astype("float64")
-    p, eps, H = c64.params, c64.ln_eps, c64.H
-    gamma, beta = p["gamma"], p["beta"]
     kappa = 1.0
 
-    def ln(v, k):  # v (B, H); also records the row's condition
+    def observe(v: np.ndarray) -> None:  # v (B, H): one LayerNorm input, before normalizing
         nonlocal kappa
         mean = v.mean(axis=-1, keepdims=True)
         var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
-        kappa = max(kappa, float(np.sqrt((v**2).mean(axis=-1, keepdims=True) / (var + eps)).max()))
-        return (v - mean) / np.sqrt(var + eps) * gamma[k] + beta[k]
+        kappa = max(kappa, float(np.sqrt((v**2).mean(axis=-1, keepdims=True) / (var + c64.ln_eps)).max()))
 
-    h, c = c64.h0, c64.c0
-    for t in range(c64.T):
-        a = c64.x[t] @ p["W"].T + h @ p["R"].T  # (B, 4H), gate order i, f, g, o
-        i, f = _sigmoid(ln(a[:, :H], 0)), _sigmoid(ln(a[:, H : 2 * H], 1))
-        g, o = np.tanh(ln(a[:, 2 * H : 3 * H], 2)), _sigmoid(ln(a[:, 3 * H :], 3))
-        c = ln(f * c + i * g, 4)
-        h = o * np.tanh(c)
+    lstm_forward("layernorm", c64.x, c64.h0, c64.c0, c64.params, ln_eps=c64.ln_eps, observe=observe)
     return kappa

@@ -187,21 +187,26 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
 
     ``variant`` is what it is meant to be (default: what it declares). ``dtype`` of the trial cases
     defaults to the most precise one it declares. With ``isolate=True`` it runs in a worker process.
+    Bad arguments raise :class:`harness.api.InvalidArgument` (a ``ValueError``).
     """
     from harness.adapt import adapt
-    from harness.api import open_subject
+    from harness.api import InvalidArgument, open_subject
     from harness.contract import validate
     from harness.isolation import WorkerFailure
     from harness.subject import InProcessSubject
     from oracles.finite_diff import FiniteDifferenceOracle
 
-    subject, _ = open_subject(impl, variant=variant, isolate=isolate, timeout=timeout, memory_limit=memory_limit)
+    try:
+        subject, _ = open_subject(impl, variant=variant, isolate=isolate, timeout=timeout,
+                                  memory_limit=memory_limit)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
     oracle = FiniteDifferenceOracle()
     try:
         info = subject.info
         declared = info.variant
         if dtype is not None and dtype not in info.dtypes:
-            raise ValueError(f"dtype: {info.name} declares {', '.join(info.dtypes)}; got {dtype!r}")
+            raise InvalidArgument(f"dtype: {info.name} declares {', '.join(info.dtypes)}; got {dtype!r}")
         use_dtype = dtype or ("float64" if "float64" in info.dtypes else info.dtypes[0])
         cases = {v: _trial_cases(v, use_dtype, info.ln_eps) for v in VARIANTS}
         references = {v: [oracle.reference(c) for c in cs] for v, cs in cases.items()}
@@ -223,8 +228,14 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
             trials.append(trial)
             try:
                 run = runner(v, conv)
-            except Exception as exc:  # adapt() refused this combination
+            except Exception as exc:  # adapt() refused this combination, or the worker died adapting it
                 trial.error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, RuntimeError):
+                    failures += 1
+                    if failures >= MAX_WORKER_FAILURES:
+                        note = (f"Stopped after {failures} crashes or timeouts of the implementation; the "
+                                f"conventions not yet tried were not diagnosed.")
+                        break
                 continue
             worst = 0.0
             for case, ref in zip(cases[v], references[v]):

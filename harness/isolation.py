@@ -36,11 +36,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.subject import Execution, execute
 
-__all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "default_memory_limit", "describe_exit"]
+__all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "check_timeout", "default_memory_limit",
+           "describe_exit"]
 
 _GIB = 1024**3
 
@@ -118,6 +121,7 @@ class _Watched:
         self._conn = conn
         self.phase = "forward"
         self._result: Any = None
+        self.outputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # forward's, once backward starts
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._impl, name)
@@ -130,14 +134,15 @@ class _Watched:
     def backward(self, *args: Any) -> Any:
         from harness.contract import to_numpy
 
-        outputs = None
+        # Plain float ndarray copies (no subclass of the implementation's, which the parent could not
+        # unpickle): execute() has already checked that forward returned float arrays.
         try:
-            if isinstance(self._result, (tuple, list)) and len(self._result) == 4:
-                outputs = tuple(to_numpy(r) for r in self._result[:3])
+            outputs = tuple(np.array(to_numpy(r), copy=True, subok=False) for r in self._result[:3])
+            self.outputs = outputs if all(o.dtype.kind == "f" for o in outputs) else None  # type: ignore[assignment]
         except Exception:
-            outputs = None
+            self.outputs = None
         self.phase = "backward"
-        self._conn.send(("phase", "backward", outputs))
+        self._conn.send(("phase", "backward", self.outputs))
         return self._impl.backward(*args)
 
 
@@ -231,8 +236,8 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
         watched = _Watched(obj, conn)
         try:
             execution = execute(watched, obj_info, case, backward=backward)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt from the implementation
-            execution = _exit_execution(watched.phase, exc)
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
+            execution = _exit_execution(watched.phase, exc, watched.outputs)
         try:
             conn.send(("result", execution))
         except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
@@ -252,19 +257,28 @@ def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, k
     return ""
 
 
-def _exit_execution(phase: str, exc: BaseException) -> Execution:
+def _exit_execution(phase: str, exc: BaseException, outputs: Any) -> Execution:
+    """What an exception that execute() lets through (KeyboardInterrupt, GeneratorExit) came to, for
+    the call that raised it; forward's outputs are kept when it was backward, so forward is still
+    compared."""
     from harness.subject import short_traceback
 
-    if isinstance(exc, SystemExit):
-        what = f"{phase} called sys.exit({exc.code!r})"
-    else:
-        what = f"{phase} raised {type(exc).__name__}: {exc}"
-    out = Execution(traceback=short_traceback(exc))
+    out = _phase_failure(phase, outputs, f"{phase} raised {type(exc).__name__}: {exc}", Execution())
+    out.traceback = short_traceback(exc)
+    return out
+
+
+def _phase_failure(phase: str, outputs: Any, why: str, out: Execution) -> Execution:
+    """``out`` made into the failure of ``phase``: an error of forward, or of backward after a
+    forward whose ``outputs`` (y, h_T, c_T) are still compared."""
     if phase == "backward":
+        out.forward = outputs
+        if outputs is None:
+            out.forward_contract = "forward: expected a tuple (y, h_T, c_T, cache) of 4 arrays"
         out.backward_ran = True
-        out.backward_error = what
+        out.backward_error = why
     else:
-        out.forward_error = what
+        out.forward_error = why
     return out
 
 
@@ -280,6 +294,11 @@ class ChildProcess:
     ``__main__`` is never re-imported, so a user's script needs no ``if __name__ == "__main__"`` guard.
     The child gets the parent's ``sys.path`` first thing, so it finds what the parent finds. On Linux
     it dies with the parent (``PR_SET_PDEATHSIG``), even while stuck in a hanging implementation.
+
+    The child leads a process group of its own (a new session), and :meth:`kill` kills the whole
+    group: processes the implementation started (which do not inherit ``PR_SET_PDEATHSIG``) go with
+    it. Its standard output goes to the parent's standard error: whatever an implementation prints
+    must not mix with the harness's own output (``--json``).
     """
 
     def __init__(self, module: str, function: str, payload: Any):
@@ -291,7 +310,8 @@ class ChildProcess:
         code = ("import sys; from harness.isolation import _child_main; "
                 f"_child_main(int(sys.argv[1]), {module!r}, {function!r})")
         self.popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), env=env,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, stdout=_stderr_fd(),
+                                      start_new_session=hasattr(os, "killpg"))
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
         self.conn.send((list(sys.path), payload))
@@ -310,6 +330,12 @@ class ChildProcess:
             pass
 
     def kill(self) -> None:
+        """Kill the child and every process in its group (what the implementation started too)."""
+        if hasattr(os, "killpg"):
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # the group outlives its leader while members remain
+            except (ProcessLookupError, PermissionError):
+                pass
         if self.popen.poll() is None:
             self.popen.kill()
         self.join(5.0)
@@ -317,6 +343,18 @@ class ChildProcess:
             self.conn.close()
         except OSError:
             pass
+
+
+def _stderr_fd() -> int:
+    """Where a child's standard output goes: this process's standard error."""
+    for get in (lambda: sys.stderr.fileno(), lambda: 2):
+        try:
+            fd = get()
+            os.fstat(fd)
+            return fd
+        except (AttributeError, OSError, ValueError):  # no stderr, or one without a file descriptor
+            continue
+    return subprocess.DEVNULL
 
 
 def _child_main(fd: int, module: str, function: str) -> None:
@@ -336,6 +374,13 @@ def _child_main(fd: int, module: str, function: str) -> None:
     getattr(importlib.import_module(module), function)(conn, payload)
 
 
+def check_timeout(timeout: Any) -> None:
+    """A per-call timeout is a positive number of seconds, or None for no limit."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+
+
 class IsolatedSubject:
     """A Subject whose implementation runs in a worker process.
 
@@ -348,8 +393,7 @@ class IsolatedSubject:
 
     def __init__(self, impl: Any, *, variant: str | None = None, timeout: float | None = None,
                  memory_limit: int | None = None, load_timeout: float = 120.0):
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+        check_timeout(timeout)
         if isinstance(impl, str):
             self._source: dict[str, Any] = {"target": impl, "variant": variant}
         else:
@@ -390,6 +434,10 @@ class IsolatedSubject:
                     message = parent.recv()
                 except (EOFError, OSError):
                     message = None
+                except Exception as exc:  # a reply this process cannot unpickle
+                    self._kill()
+                    raise WorkerLoadError("load", f"the worker process loaded the implementation, but its "
+                                                  f"description could not be read back: {_unreadable(exc)}") from None
                 break
             if not proc.is_alive() and not parent.poll(0):
                 message = None
@@ -408,6 +456,10 @@ class IsolatedSubject:
         if message[0] == "load-error":
             self._kill()
             raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
+        if message[0] != "ready" or not isinstance(message[1], ImplementationInfo):
+            self._kill()
+            raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
+                                          f"{message!r:.200}")
         _, info, target, limits = message
         self.target, self.limits = target, limits
         return info
@@ -454,13 +506,39 @@ class IsolatedSubject:
         key = tuple(sorted(convention.items()))
         if key not in self._adapted:
             self._ensure()
-            self._conn.send(("adapt", key))
-            reply = self._conn.recv()
-            if reply[0] != "adapted":
+            reply = self._request(("adapt", key), self.load_timeout, "adapting the implementation")
+            if reply[0] == "adapt-error":
                 raise ValueError(reply[1])
+            if reply[0] != "adapted" or not isinstance(reply[1], ImplementationInfo):
+                self._kill()
+                raise RuntimeError(f"adapting the implementation: the worker process sent an unexpected reply "
+                                   f"{reply!r:.200}; it was stopped")
             self._adapted[key] = (reply[1], reply[2])
         info, limits = self._adapted[key]
         return _View(self, key, info, limits)
+
+    def _request(self, message: Any, timeout: float, what: str) -> Any:
+        """Send ``message`` and wait for the reply; a worker that dies, does not answer within
+        ``timeout`` or answers something unreadable is stopped, and RuntimeError says which."""
+        conn, proc = self._conn, self._proc
+        deadline = time.monotonic() + timeout
+        why = ""
+        try:
+            conn.send(message)
+            while not why:
+                if conn.poll(0.05):
+                    return conn.recv()
+                if not proc.is_alive() and not conn.poll(0):
+                    why = f"the worker process died: {describe_exit(proc.exitcode)}"
+                elif time.monotonic() > deadline:
+                    why = f"the worker process did not answer within {timeout:g} s"
+        except (EOFError, OSError):
+            proc.join(1.0)
+            why = f"the worker process died: {describe_exit(proc.exitcode)}"
+        except Exception as exc:
+            why = f"the worker's reply could not be read: {_unreadable(exc)}"
+        self._kill()
+        raise RuntimeError(f"{what}: {why}; it was stopped")
 
     # -- execution
 
@@ -506,11 +584,16 @@ class IsolatedSubject:
                     message = conn.recv()
                 except (EOFError, OSError):
                     return self._died(phase, outputs, start)
-                if message[0] == "phase":
+                except Exception as exc:  # e.g. an object this process cannot unpickle
+                    return self._unreadable(phase, outputs, start, _unreadable(exc))
+                if _is_phase(message):
                     phase, outputs = message[1], message[2]
                     if self.timeout is not None:
                         deadline = time.monotonic() + self.timeout
                     continue
+                if not (isinstance(message, tuple) and len(message) == 2 and message[0] == "result"
+                        and isinstance(message[1], Execution)):
+                    return self._unreadable(phase, outputs, start, f"an unexpected message {message!r:.200}")
                 execution = message[1]
                 self._note_memory(execution)
                 return execution
@@ -548,18 +631,30 @@ class IsolatedSubject:
             out.traceback = "Stack of the worker when it died (faulthandler):\n" + fault
         return out
 
+    def _unreadable(self, phase: str, outputs: Any, start: float, what: str) -> WorkerFailure:
+        self._kill()
+        why = (f"the worker process running {phase} sent back a reply that could not be read ({what}); the "
+               f"worker was stopped")
+        return self._failure(phase, outputs, why, "crash", start)
+
     @staticmethod
     def _failure(phase: str, outputs: Any, why: str, kind: str, start: float) -> WorkerFailure:
         out = WorkerFailure(failure=kind, seconds=time.monotonic() - start)
-        if phase == "backward":
-            out.forward = outputs
-            if outputs is None:
-                out.forward_contract = "forward: expected a tuple (y, h_T, c_T, cache) of 4 arrays"
-            out.backward_ran = True
-            out.backward_error = why
-        else:
-            out.forward_error = why
-        return out
+        return _phase_failure(phase, outputs, why, out)  # type: ignore[return-value]
+
+
+def _unreadable(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_phase(message: Any) -> bool:
+    """("phase", "backward", outputs), outputs None or three float arrays."""
+    if not (isinstance(message, tuple) and len(message) == 3 and message[0] == "phase"
+            and message[1] == "backward"):
+        return False
+    outputs = message[2]
+    return outputs is None or (isinstance(outputs, tuple) and len(outputs) == 3
+                               and all(isinstance(o, np.ndarray) for o in outputs))
 
 
 class _View:

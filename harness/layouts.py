@@ -61,7 +61,9 @@ __all__ = [
     "from_course",
     "batch_major",
     "time_major",
+    "fold_forget_bias",
     "fold_forget_bias_layernorm",
+    "permute_layernorm_rows",
 ]
 
 CANONICAL_ORDER = "ifgo"
@@ -369,6 +371,19 @@ def from_block_lstm(w: Any, b: Any, D: int, forget_bias: float = 0.0, *, wci: An
     return _result(W, R, bb, _optional_peepholes(("wci", "wcf", "wco"), (wci, wcf, wco), H))
 
 
+def fold_forget_bias(params: Mapping[str, Any], forget_bias: float) -> dict[str, np.ndarray]:
+    """Canonical params (vanilla or peephole) of a cell that adds ``forget_bias`` to the f
+    pre-activation itself (TF1's ``forget_bias``), as params of one that does not: ``forget_bias``
+    is added to b's f block. Returns new params; fold ``-forget_bias`` to undo.
+    """
+    fb = _forget_bias(forget_bias)
+    W, R, b = _canonical(params)
+    H = R.shape[1]
+    b = b.copy()
+    b[H : 2 * H] += fb  # canonical order: f is the second block
+    return _result(W, R, b, _peepholes(params, H))
+
+
 # --------------------------------------------------------------------------------------------------
 # ONNX LSTM (one direction)
 
@@ -507,7 +522,7 @@ def batch_major(x: Any) -> np.ndarray:
     a = _array(x, "x")
     if a.ndim < 2:
         raise ValueError(f"x: expected a sequence of shape (T, B, ...), got shape {tuple(a.shape)}")
-    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+    return np.swapaxes(a, 0, 1).copy(order="C")  # a copy even where the swap is already contiguous
 
 
 def time_major(x: Any) -> np.ndarray:
@@ -515,7 +530,7 @@ def time_major(x: Any) -> np.ndarray:
     a = _array(x, "x")
     if a.ndim < 2:
         raise ValueError(f"x: expected a sequence of shape (B, T, ...), got shape {tuple(a.shape)}")
-    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+    return np.swapaxes(a, 0, 1).copy(order="C")  # a copy even where the swap is already contiguous
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,3 +554,16 @@ def fold_forget_bias_layernorm(params: Mapping[str, Any], forget_bias: float) ->
         )
     beta[1] += fb
     return out
+
+
+def permute_layernorm_rows(rows: Any, src: str, dst: str) -> np.ndarray:
+    """Reorder the gate rows of LayerNorm gains or shifts (5, H) from gate order ``src`` to ``dst``.
+
+    Rows 0-3 are one per gate, in the gate order; row 4 is the cell state's and stays last in every
+    convention. ``src``/``dst`` as in :func:`permute_gates`.
+    """
+    a = _array(rows, "rows")
+    if a.ndim != 2 or a.shape[0] != 5:
+        raise ValueError(f"rows: expected shape (5, H) (four gate rows, then the cell row), got {tuple(a.shape)}")
+    gates = permute_gates(a[:4], src, dst, axis=0)  # (4, H): one block per gate row
+    return np.concatenate([gates, a[4:]], axis=0)

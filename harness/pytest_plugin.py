@@ -16,6 +16,12 @@ installed). It puts certification into a project's own test suite, two ways:
       def test_my_lstm(lstm_certify):
           lstm_certify(MyLSTM()).assert_certified()
 
+A TARGET string is certified in a worker process with a per-call timeout (60 s, ``--lstm-timeout``)
+and a memory cap, as ``lstm-harness certify`` does, so that an implementation that hangs or crashes
+fails its test instead of hanging or ending the session; ``--lstm-in-process`` (ini
+``lstm_in_process = true``) runs it in the session's own process instead. Objects passed to the
+fixture run in process unless ``--lstm-isolate`` is given (they may not be picklable).
+
 Importing this module imports nothing of the harness: every pytest session in an environment with
 lstm-harness installed loads it, so it must cost nothing when unused.
 """
@@ -26,7 +32,10 @@ from typing import Any
 
 import pytest
 
-__all__ = ["CertifyItem", "certify_settings"]
+__all__ = ["CertifyItem", "certify_settings", "DEFAULT_TIMEOUT"]
+
+#: Seconds per call into an implementation named by a TARGET string (the command line's default too).
+DEFAULT_TIMEOUT = 60.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,7 +51,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lstm-isolate", action="store_true", default=None,
                     help="run the implementation in a worker process (survives crashes and hangs)")
     group.addoption("--lstm-timeout", type=float, default=None, metavar="SECONDS",
-                    help="per-call timeout; implies --lstm-isolate")
+                    help=f"per-call timeout; implies --lstm-isolate (default for TARGET strings: "
+                         f"{DEFAULT_TIMEOUT:g})")
+    group.addoption("--lstm-in-process", action="store_true", default=None,
+                    help="run TARGET strings in this process (no timeout, no protection against crashes) "
+                         "instead of a worker process")
     group.addoption("--lstm-report-dir", default=None, metavar="DIR",
                     help="write report.json, index.html and the failing cases here")
     parser.addini("lstm_certify", type="linelist", default=[],
@@ -51,6 +64,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("lstm_profile", default="", help="Hypothesis profile for certification: dev, ci or thorough")
     parser.addini("lstm_oracles", type="linelist", default=[], help="oracles to certify against")
     parser.addini("lstm_timeout", default="", help="per-call timeout in seconds (implies isolation)")
+    parser.addini("lstm_in_process", type="bool", default=False,
+                  help="run TARGET strings in the session's own process instead of a worker process")
 
 
 def _targets(config: pytest.Config) -> list[str]:
@@ -87,14 +102,33 @@ def certify_settings(config: pytest.Config) -> dict[str, Any]:
         out["oracles"] = list(oracles)
     timeout = pick("lstm_timeout", "lstm_timeout", float)
     if timeout is not None:
+        if _in_process(config):
+            raise pytest.UsageError("--lstm-timeout: a per-call timeout needs a worker process; drop "
+                                    "--lstm-in-process (or lstm_in_process)")
         out["timeout"] = timeout
         out["isolate"] = True
     if config.getoption("lstm_isolate"):
         out["isolate"] = True
+    elif _in_process(config):
+        out["isolate"] = False
     report_dir = config.getoption("lstm_report_dir")
     if report_dir:
         out["report_dir"] = report_dir
     return out
+
+
+def _in_process(config: pytest.Config) -> bool:
+    return bool(config.getoption("lstm_in_process") or config.getini("lstm_in_process"))
+
+
+def _worker_defaults(impl: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """For a TARGET string, unless told otherwise: a worker process, a timeout per call and a memory
+    cap, so that a hanging or crashing implementation fails its test instead of the session."""
+    if not isinstance(impl, str) or given.get("isolate") is False:
+        return {}
+    from harness.isolation import default_memory_limit
+
+    return {"isolate": True, "timeout": DEFAULT_TIMEOUT, "memory_limit": default_memory_limit()}
 
 
 class CertifyFailed(Exception):
@@ -115,10 +149,10 @@ class CertifyItem(pytest.Item):
 
         settings = certify_settings(self.config)
         if "report_dir" in settings and len(_targets(self.config)) > 1:
-            from harness.api import _slug
+            from harness.runner import _slug
 
             settings["report_dir"] = f"{settings['report_dir']}/{_slug(self.target)}"
-        result = certify(self.target, **settings)
+        result = certify(self.target, **{**_worker_defaults(self.target, settings), **settings})
         self.user_properties.append(("verdict", result.verdict))
         if not result.ok:
             raise CertifyFailed(result)
@@ -161,6 +195,7 @@ def lstm_certify(request: pytest.FixtureRequest) -> Any:
                 pytest.skip("no implementation given: pass one, or configure exactly one with --lstm-certify "
                             "or the lstm_certify ini setting")
             impl = targets[0]
-        return certify(impl, **{**defaults, **kwargs})
+        given = {**defaults, **kwargs}
+        return certify(impl, **{**_worker_defaults(impl, given), **given})
 
     return run

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from harness.cases import Case
-from harness.contract import ImplementationInfo, to_numpy
+from harness.contract import ContractError, ImplementationInfo, to_numpy
 
 __all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback"]
 
@@ -104,6 +104,10 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     start = time.perf_counter()
     try:
         result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
+    except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
+        out.forward_contract = "forward: " + "; ".join(exc.problems)
+        out.seconds = time.perf_counter() - start
+        return out
     except (Exception, SystemExit) as exc:
         out.forward_error = _raised("forward", exc)
         out.traceback = short_traceback(exc)
@@ -126,6 +130,8 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
         up = case.copy()
         try:
             grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
+        except ContractError as exc:
+            out.backward_contract = "backward: " + "; ".join(exc.problems)
         except (Exception, SystemExit) as exc:
             out.backward_error = _raised("backward", exc)
             out.traceback = short_traceback(exc)

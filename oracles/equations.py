@@ -24,8 +24,13 @@ def _layer_norm(v, gamma, beta, eps):
     return (v - mean) / np.sqrt(var + eps) * gamma[..., None, :] + beta[..., None, :]
 
 
-def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5):
-    """-> y (..., T, B, H), h_T (..., B, H), c_T (..., B, H)."""
+def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, observe=None):
+    """-> y (..., T, B, H), h_T (..., B, H), c_T (..., B, H).
+
+    ``observe``, if given, is called with every LayerNorm input ``v`` (..., B, H) just before it is
+    normalized (four gate pre-activations, then the cell state, per timestep): how
+    :mod:`harness.conditioning` measures the rounding a case amplifies, on these very equations.
+    """
     T = x.shape[-3]
     H = h0.shape[-1]
     W, R = params["W"], params["R"]
@@ -53,6 +58,8 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5):
             gm, bt = params["gamma"], params["beta"]  # rows i, f, g, o, c
 
             def ln(v, k, gm=gm, bt=bt):
+                if observe is not None:
+                    observe(v)
                 return _layer_norm(v, gm[..., k, :], bt[..., k, :], ln_eps)
 
             i, f = _sigmoid(ln(a_i, 0)), _sigmoid(ln(a_f, 1))

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness import layouts as L
 from harness.adapt import Adapted, Convention, adapt
 from harness.api import certify
 from harness.cases import CaseSpec, build_case
+from harness.contract import ContractError
 
 PLUGINS = Path(__file__).parent / "plugins"
 FOREIGN = PLUGINS / "foreign.py"
@@ -97,12 +99,71 @@ def test_gradient_conversion_inverts_the_parameter_conversion(variant, order, tr
     mine = conv.params_to(params, variant)
     assert set(mine) == set(conv.param_keys(variant))
     if bias == "separate":
-        mine["b_hh"] = mine["b_ih"]  # each bias receives the whole gradient
+        # The parameters split b; the gradient of each is the whole of db.
+        mine["b_ih"] = mine["b_hh"] = L.permute_gates(params["b"], "ifgo", order)
     back = conv.grads_from(mine, variant, D=3, H=4)
     assert set(back) == set(params)
     for k in params:
         assert back[k].dtype == params[k].dtype
         np.testing.assert_array_equal(back[k], params[k])
+
+
+@pytest.mark.parametrize("variant, order, transposed, bias", _COMBOS)
+@pytest.mark.parametrize("forget_bias", [0.0, 1.0])
+def test_params_from_inverts_params_to(variant, order, transposed, bias, forget_bias):
+    conv = Convention(gate_order=order, transposed=transposed, bias=bias, forget_bias=forget_bias)
+    params, _ = _random_params(variant)
+    back = conv.params_from(conv.params_to(params, variant), variant, D=3, H=4)
+    assert set(back) == set(params)
+    for k in params:
+        np.testing.assert_allclose(back[k], params[k], rtol=1e-15, atol=1e-15)
+
+
+def test_separate_biases_get_uneven_shares():
+    """With b_hh = 0, an implementation that ignores b_hh would compute the right values."""
+    params, _ = _random_params("vanilla")
+    mine = Convention(bias="separate").params_to(params, "vanilla")
+    np.testing.assert_allclose(mine["b_ih"] + mine["b_hh"], params["b"], rtol=1e-15)
+    assert np.all(np.abs(mine["b_hh"]) > 0.1 * np.abs(params["b"]))
+    assert np.all(np.abs(mine["b_ih"]) > 0.1 * np.abs(params["b"]))
+
+
+class _PyTorchStyleBiases:
+    """A correct LSTM with b_ih and b_hh as PyTorch has them; ``bug`` plants one of two mistakes."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        from impls.loop import LoopLSTM
+
+        self.inner = LoopLSTM()
+        self.bug = bug
+        self.name = f"two-biases-{bug}"
+
+    def forward(self, x, h0, c0, p):
+        b = p["b_ih"] if self.bug == "ignores_b_hh" else p["b_ih"] + p["b_hh"]
+        if self.bug == "moves_bias_in_place":  # b_ih + b_hh unchanged: nothing to write back
+            p["b_ih"] += 0.5
+            p["b_hh"] -= 0.5
+        return self.inner.forward(x, h0, c0, {"W": p["W"], "R": p["R"], "b": b})
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        g = self.inner.backward(dy, dh_T, dc_T, cache)
+        b = g.pop("b")
+        g["b_ih"], g["b_hh"] = b, (b * 0.5 if self.bug == "half_d_b_hh" else b.copy())
+        return g
+
+
+def test_separate_biases_certify_and_each_mistake_is_caught():
+    assert _certify(adapt(_PyTorchStyleBiases(), bias="separate"), max_examples=5).verdict == "certified"
+    ignores = _certify(adapt(_PyTorchStyleBiases("ignores_b_hh"), bias="separate"), dtypes=["float64"])
+    assert ignores.verdict == "discrepancies"
+    assert {r.quantity for r in ignores.records if r.status == "fail"} >= {"y", "h_T", "c_T"}
+    half = _certify(adapt(_PyTorchStyleBiases("half_d_b_hh"), bias="separate"), dtypes=["float64"], max_examples=3)
+    assert half.verdict == "error"
+    assert {r.status for r in half.records if r.direction == "forward"} == {"pass"}
+    reason = next(r.reason for r in half.records if r.status == "error")
+    assert "the gradients of b_ih and b_hh differ" in reason
 
 
 def test_gate_order_moves_the_blocks():
@@ -167,3 +228,149 @@ def test_two_item_forward_needs_final_cell_false():
     _, case = _random_params("vanilla")
     with pytest.raises(TypeError, match="final_cell=False"):
         a.forward(case.x, case.h0, case.c0, case.params)
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch modules that return only y, or (y, h_T)
+
+
+def _time_major_module(returns: str):
+    torch = pytest.importorskip("torch", reason="the nn.Module adapter needs PyTorch")
+    from torch import nn
+
+    class Module(nn.Module):
+        def __init__(self, input_size=3, hidden_size=4):
+            super().__init__()
+            H = hidden_size
+            self.weight_ih = nn.Parameter(torch.randn(4 * H, input_size) * 0.1)
+            self.weight_hh = nn.Parameter(torch.randn(4 * H, H) * 0.1)
+            self.bias = nn.Parameter(torch.zeros(4 * H))
+
+        def forward(self, x, state):  # x (T, B, D)
+            h, c = state
+            outs = []
+            for t in range(x.shape[0]):
+                i, f, g, o = (x[t] @ self.weight_ih.T + h @ self.weight_hh.T + self.bias).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            y = torch.stack(outs)
+            return y if returns == "y" else (y, h)
+
+    return Module()
+
+
+_TORCH_NAMES = {"W": "weight_ih", "R": "weight_hh", "b": "bias"}
+
+
+@pytest.mark.parametrize("returns", ["y", "y, h_T"])
+def test_torch_module_without_final_states_certifies(returns):
+    """h_T is y[T-1]; its upstream gradient must reach autograd through dy's last step."""
+    module = adapt(_time_major_module(returns), final_cell=False, names=_TORCH_NAMES)
+    result = _certify(module, dtypes=["float64"], max_examples=5)
+    assert result.verdict == "certified", result.details()
+    assert {r.quantity for r in result.records if r.status == "skip"} == {"c_T"}
+
+
+def test_torch_module_without_c_T_must_say_final_cell_false():
+    module = adapt(_time_major_module("y"), names=_TORCH_NAMES)
+    _, case = _random_params("vanilla")
+    with pytest.raises(ContractError, match="no final cell state c_T; adapt it with final_cell=False"):
+        module.forward(case.x, case.h0, case.c0, case.params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Contract violations behind an adapter: in-place changes to the converted inputs, extra gradients
+
+
+class _TransposedBatchMajor:
+    """A correct LSTM with weights (D, 4H), (H, 4H) and batch-major sequences; ``misbehave`` plants one
+    contract violation."""
+
+    variant = "vanilla"
+
+    def __init__(self, misbehave=None):
+        from impls.loop import LoopLSTM
+
+        self.inner = LoopLSTM()
+        self.misbehave = misbehave
+        self.name = f"transposed-{misbehave}"
+
+    def forward(self, x, h0, c0, p):
+        out = self.inner.forward(np.ascontiguousarray(np.swapaxes(x, 0, 1)), h0, c0,
+                                 {"W": np.ascontiguousarray(p["W"].T), "R": np.ascontiguousarray(p["R"].T),
+                                  "b": p["b"]})
+        y, h, c, cache = out
+        if self.misbehave == "scales_W":
+            p["W"] *= 0.5
+        if self.misbehave == "zeroes_x":
+            x[0] = 0.0
+        if self.misbehave == "keeps_x_for_backward":
+            cache = (cache, x)
+        return np.ascontiguousarray(np.swapaxes(y, 0, 1)), h, c, cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        if self.misbehave == "keeps_x_for_backward":
+            cache, x = cache
+            x += 1.0  # modifies forward's input later, through its cache
+        if self.misbehave == "zeroes_dy":
+            dy[...] = 0.0
+        g = self.inner.backward(np.ascontiguousarray(np.swapaxes(dy, 0, 1)), dh_T, dc_T, cache)
+        g["x"] = np.swapaxes(g["x"], 0, 1)
+        g["W"], g["R"] = g["W"].T, g["R"].T
+        if self.misbehave == "extra_gradient":
+            g["dbias"] = g["b"]
+        return g
+
+
+def _adapted(misbehave=None):
+    return adapt(_TransposedBatchMajor(misbehave), transposed=True, batch_major=True)
+
+
+def test_transposed_batch_major_base_certifies():
+    assert _certify(_adapted(), max_examples=5).verdict == "certified"
+
+
+@pytest.mark.parametrize("misbehave, statuses, reason", [
+    ("scales_W", {"forward": "contract"}, "modified its input arrays in place: W (forward)"),
+    ("zeroes_x", {"forward": "contract"}, "modified its input arrays in place: x (forward)"),
+    ("keeps_x_for_backward", {"forward": "pass", "backward": "contract"}, "x (backward)"),
+    ("zeroes_dy", {"forward": "pass", "backward": "contract"}, "dy (backward)"),
+    ("extra_gradient", {"forward": "pass", "backward": "contract"}, "unexpected ['dbias']"),
+])
+def test_adapters_pass_contract_violations_on(misbehave, statuses, reason):
+    result = _certify(_adapted(misbehave), dtypes=["float64"], max_examples=3)
+    assert result.verdict == "error", result.summary()
+    for direction, status in statuses.items():
+        assert {r.status for r in result.records if r.direction == direction} == {status}, result.summary()
+    assert any(reason in r.reason for r in result.records if not r.ok), result.details()
+
+
+@pytest.mark.parametrize("misbehave, call, changed", [
+    ("zeroes_x", "forward", {"x"}),
+    ("scales_W", "forward", {"W"}),
+    ("keeps_x_for_backward", "backward", {"x"}),
+    ("zeroes_dy", "backward", {"dy"}),
+])
+def test_changes_to_the_converted_inputs_reach_the_callers_arrays(misbehave, call, changed):
+    """What execute() compares is the adapter's own input arrays: the change must show there."""
+    _, case = _random_params("vanilla")  # T = B = 2: the batch-major x is a converted copy, not a view
+    given = case.copy()
+    adapted = _adapted(misbehave)
+    out = adapted.forward(given.x, given.h0, given.c0, given.params)
+    if call == "backward":
+        adapted.backward(given.dy, given.dh_T, given.dc_T, out[3])
+
+    def value(c, name):
+        return c.params[name] if name in c.params else getattr(c, name)
+
+    names = ("x", "h0", "c0", "dy", "dh_T", "dc_T", *case.params)
+    assert {n for n in names if not np.array_equal(value(given, n), value(case, n))} == changed
+
+
+def test_an_in_place_change_that_converts_back_to_nothing_is_still_reported():
+    result = _certify(adapt(_PyTorchStyleBiases("moves_bias_in_place"), bias="separate"), dtypes=["float64"],
+                      max_examples=2)
+    assert result.verdict == "error"
+    reasons = {r.reason for r in result.records if r.direction == "forward"}
+    assert any("modified its input arrays in place" in r for r in reasons), reasons

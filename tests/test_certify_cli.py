@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness import registry
@@ -150,3 +151,115 @@ def test_console_entry_point_in_a_subprocess(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "exited with status 3" in proc.stdout
     assert "exits float64" in proc.stderr  # progress goes to stderr, results to stdout
+
+
+def test_replay_where_nothing_is_compared_is_not_a_pass(tmp_path, capsys):
+    from harness.cases import CaseSpec, build_case
+
+    path = tmp_path / "layernorm.npz"
+    build_case(CaseSpec(variant="layernorm", T=2, B=2, D=3, H=4, seed=1)).save(path)
+    # torch-nn-lstm has no LayerNorm variant (or no torch here): every record is a skip.
+    assert main(["replay", str(path), "loop-layernorm", "--in-process", "--oracle", "torch-nn-lstm"]) == 1
+    out = capsys.readouterr().out
+    assert "Nothing was compared" in out and "The case passes" not in out
+
+
+def test_an_error_inside_the_run_is_not_reported_as_bad_usage(monkeypatch, tmp_path):
+    import harness.api
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom from inside the run")
+
+    monkeypatch.setattr(harness.api, "run_unit", broken)
+    with pytest.raises(ValueError, match="boom from inside the run"):
+        main(["certify", "loop", "--in-process", "--max-examples", "2", *FD, "--report-dir", str(tmp_path)])
+
+
+def test_a_parallel_worker_that_cannot_load_the_target_exits_2(tmp_path, capsys):
+    plugin = tmp_path / "only_here.py"
+    plugin.write_text(
+        "import sys\n"
+        "from impls.loop import LoopLSTM\n"
+        "if sys.argv[:1] == ['-c']:  # a worker process started by the harness\n"
+        "    raise RuntimeError('this module refuses to load in a worker process')\n"
+        "class OnlyHere(LoopLSTM):\n"
+        "    name = 'only-here'\n")
+    code = main(["certify", f"{plugin}:OnlyHere", "--in-process", "-n", "2", "--max-examples", "2", *FD,
+                 "--report-dir", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "a parallel worker process could not load the implementation" in err
+    assert "refuses to load in a worker process" in err and "-n 1" in err
+
+
+_MAIN_ORACLE = """
+import harness
+from oracles.finite_diff import FiniteDifferenceOracle
+
+class MyOracle(FiniteDifferenceOracle):
+    name = "my-fd"
+
+r = harness.certify("impls.loop:LoopLSTM", oracles=[MyOracle(), "finite-differences"], dtypes=["float64"],
+                    max_examples=2, jobs=2)
+print("VERDICT", r.verdict)
+print("NOTES", r.notes)
+"""
+
+
+def test_an_oracle_defined_in_main_is_checked_in_process_with_jobs():
+    proc = subprocess.run([sys.executable, "-c", _MAIN_ORACLE], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert "VERDICT certified" in proc.stdout, proc.stderr[-3000:]
+    assert "the oracle my-fd cannot be sent to other processes" in proc.stdout
+
+
+_DYING_CHILDREN = """
+import harness
+from tests.plugins.misbehaving import DiesInChildOracle
+
+r = harness.certify("impls.loop:LoopLSTM", oracles=[DiesInChildOracle(), "finite-differences"],
+                    max_examples=2, jobs=2)
+print("VERDICT", r.verdict)
+print("REASONS", sorted({rec.reason.split(';')[-1].strip() for rec in r.records}))
+"""
+
+
+def test_parallel_workers_that_keep_dying_are_given_up_with_a_clear_error():
+    proc = subprocess.run([sys.executable, "-c", _DYING_CHILDREN], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert "VERDICT error" in proc.stdout, proc.stderr[-3000:]
+    assert "died 3 times in a row without finishing a unit" in proc.stdout
+    assert "run with one job" in proc.stdout
+
+
+def test_every_failure_has_a_saved_case_without_a_report_dir():
+    from harness.api import certify
+
+    result = certify(f"{MISBEHAVING}:ReturnsNaN", max_examples=3, oracles=["finite-differences"],
+                     dtypes=["float64"])
+    bad = result.failures
+    assert bad and all(Path(r.case_file).is_file() for r in bad)
+    folder = str(Path(bad[0].case_file).parent)
+    assert any(folder in note for note in result.notes)
+    assert all(shlex.split(r.replay)[:2] == ["lstm-harness", "replay"] for r in bad)
+
+
+def test_an_object_no_target_loads_says_how_to_replay(tmp_path):
+    from harness.api import certify, replay
+    from impls.loop import LoopLSTM
+
+    class LocalNaN(LoopLSTM):  # defined in a function: no TARGET string can load it
+        name = "local-nan"
+
+        def forward(self, x, h0, c0, params):
+            y, h, c, cache = super().forward(x, h0, c0, params)
+            return y * np.nan, h, c, cache
+
+    result = certify(LocalNaN(), max_examples=2, oracles=["finite-differences"], dtypes=["float64"],
+                     report_dir=tmp_path)
+    bad = result.failures
+    assert bad and all(r.replay.startswith("save your implementation in a module to replay: lstm-harness replay ")
+                       for r in bad)
+    assert "MODULE:ATTRIBUTE" in bad[0].replay
+    again = replay(bad[0].case_file, LocalNaN(), oracles=["finite-differences"])
+    assert not again.ok and again.records[0].case.get("spec") == bad[0].case.get("spec") is not None

@@ -83,3 +83,19 @@ def test_cli_diagnose_exit_codes_and_json(capsys):
     assert data["status"] == "convention" and data["match"]["convention"] == {"gate_order": "ifog"}
     assert data["match"]["adapt"] == "harness.adapt(impl, gate_order='ifog')"
     assert main(["diagnose", "no_such_module_xyz:X"]) == 2
+
+
+def test_json_output_is_not_corrupted_by_what_the_implementation_prints(capfd):
+    """The worker's standard output goes to stderr: --json stays parseable."""
+    misbehaving = Path(__file__).parent / "plugins" / "misbehaving.py"
+    assert main(["diagnose", f"{misbehaving}:Prints", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["status"] == "standard"
+    assert "debug output of the implementation" in err
+
+
+def test_bad_dtype_is_an_invalid_argument():
+    from harness.api import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="dtype: wrong-dtype declares float32"):
+        diagnose(f"{Path(__file__).parent / 'plugins' / 'misbehaving.py'}:WrongDtype", dtype="float64")

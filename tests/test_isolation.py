@@ -134,3 +134,100 @@ def test_unpicklable_object_is_refused_with_advice():
 def test_describe_exit():
     assert "SIGSEGV" in describe_exit(-11)
     assert "status 3" in describe_exit(3)
+
+
+def test_an_unreadable_reply_is_a_failure_of_the_running_call(monkeypatch):
+    """Whatever goes wrong while reading the worker's reply ends that call, never the harness."""
+    import pickle
+
+    with subject("Correct") as s:
+        first = s._proc
+
+        def unreadable():
+            raise pickle.UnpicklingError("invalid load key")
+
+        monkeypatch.setattr(s._conn, "recv", unreadable)
+        ex = s.execute(SHORT, backward=True)
+        assert isinstance(ex, WorkerFailure) and ex.failure == "crash"
+        assert "sent back a reply that could not be read (UnpicklingError: invalid load key)" in ex.forward_error
+        assert first.popen.poll() is not None  # the worker was stopped
+        monkeypatch.undo()
+        again = s.execute(SHORT, backward=True)
+        assert again.forward_error is None and again.gradients is not None and s.restarts == 1
+
+
+def test_outputs_of_a_class_the_parent_never_imported_come_back_as_plain_arrays(monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("_lstm_harness_target_")]:
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process: the plugin file is not imported here
+    with subject("SubclassOutputs") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.forward_error is None and ex.backward_error is None, (ex.forward_error, ex.backward_error)
+    assert all(type(a) is np.ndarray for a in ex.forward) and ex.gradients is not None
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("ExitsInBackward", "the worker process running backward died: it exited with status 3"),
+    ("InterruptsInBackward", "backward raised KeyboardInterrupt: backward interrupted itself"),
+])
+def test_a_backward_that_ends_badly_keeps_the_forward_outputs(name, reason):
+    impl = LoopLSTM()
+    expected = execute(impl, validate(impl), SHORT, backward=False).forward
+    with subject(name) as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.forward_error is None and ex.forward_contract is None
+    assert all(np.array_equal(a, b) for a, b in zip(ex.forward, expected))
+    assert ex.backward_ran and reason in ex.backward_error
+
+
+def test_killing_the_worker_kills_the_processes_the_implementation_started(tmp_path, monkeypatch):
+    import os
+    import time
+
+    pidfile = tmp_path / "pid"
+    monkeypatch.setenv("LSTM_HARNESS_TEST_PIDFILE", str(pidfile))
+    with subject("SpawnsAndHangs", timeout=1.0) as s:
+        ex = s.execute(SHORT, backward=False)
+    assert isinstance(ex, WorkerFailure) and ex.failure == "timeout"
+    pid = int(pidfile.read_text())
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # killed but not yet reaped by its new parent: a zombie is gone too
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 5
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(), f"process {pid} that the implementation started is still running"
+
+
+def test_what_the_implementation_prints_goes_to_stderr(capfd):
+    with subject("Prints") as s:
+        assert s.execute(SHORT, backward=False).forward_error is None
+    out, err = capfd.readouterr()
+    assert "debug output of the implementation" not in out
+    assert "debug output of the implementation" in err
+
+
+def test_adapting_in_a_worker_that_cannot_answer_is_an_error_not_a_crash(monkeypatch):
+    with subject("Correct") as s:
+        def unreadable():
+            raise EOFError
+
+        monkeypatch.setattr(s._conn, "recv", unreadable)
+        with pytest.raises(RuntimeError, match="adapting the implementation: the worker process died"):
+            s.adapted(gate_order="ifog")
+        monkeypatch.undo()
+        view = s.adapted(gate_order="ifog")  # a fresh worker
+        assert view.execute(SHORT, backward=False).forward is not None
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, True, "3", float("nan")])
+def test_bad_timeouts_are_refused_before_a_worker_starts(timeout):
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds or None"):
+        IsolatedSubject("impls.loop:LoopLSTM", timeout=timeout)

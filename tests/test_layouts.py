@@ -257,9 +257,54 @@ def test_fold_forget_bias_layernorm_adds_to_beta_f_only():
     assert q["beta"] is not p["beta"]
 
 
+@pytest.mark.parametrize("peephole", [False, True])
+def test_fold_forget_bias_adds_to_b_f_only(peephole):
+    p = _params(3, 2, peephole=peephole)
+    q = L.fold_forget_bias(p, 1.0)
+    np.testing.assert_array_equal(q["b"][2:4], p["b"][2:4] + 1.0)  # f is the second of four blocks of H=2
+    np.testing.assert_array_equal(np.delete(q["b"], [2, 3]), np.delete(p["b"], [2, 3]))
+    assert set(q) == set(p) and all(q[k] is not p[k] for k in p)
+    for k in set(p) - {"b"}:
+        np.testing.assert_array_equal(q[k], p[k])
+    back = L.fold_forget_bias(q, -1.0)
+    np.testing.assert_allclose(back["b"], p["b"], rtol=0, atol=1e-15)
+
+
+def test_fold_forget_bias_numerically():
+    """A cell that adds forget_bias to the f pre-activation itself computes the standard LSTM on the
+    folded params."""
+    c = _case("vanilla", seed=4)
+    fb, H = 0.75, c.H
+    h, cs, hs = c.h0, c.c0, []
+    for t in range(c.T):
+        a = c.x[t] @ c.params["W"].T + h @ c.params["R"].T + c.params["b"]
+        i, f, g, o = (a[:, k * H:(k + 1) * H] for k in range(4))
+        cs = _sig(f + fb) * cs + _sig(i) * np.tanh(g)
+        h = _sig(o) * np.tanh(cs)
+        hs.append(h)
+    ours = lstm_forward("vanilla", c.x, c.h0, c.c0, L.fold_forget_bias(c.params, fb))
+    assert_outputs_close(*ours, (np.stack(hs), h, cs), case=c, dtype="float64", what="folded params",
+                         against="a cell with forget_bias")
+
+
+@pytest.mark.parametrize("dst", ["ifog", "iofc", "ogif", "block_lstm"])
+def test_permute_layernorm_rows_moves_gate_rows_and_keeps_the_cell_row(dst):
+    rows = np.arange(15.0).reshape(5, 3)
+    out = L.permute_layernorm_rows(rows, "ifgo", dst)
+    order = L.normalize_order(dst)
+    for k, gate in enumerate(order):
+        np.testing.assert_array_equal(out[k], rows["ifgo".index(gate)])
+    np.testing.assert_array_equal(out[4], rows[4])
+    np.testing.assert_array_equal(L.permute_layernorm_rows(out, dst, "ifgo"), rows)
+    assert not np.shares_memory(out, rows)
+
+
 @pytest.mark.parametrize(
     "call, argument",
     [
+        (lambda: L.permute_layernorm_rows(np.zeros((4, 2)), "ifgo", "ifog"), "rows"),
+        (lambda: L.fold_forget_bias({"W": np.zeros((8, 2)), "R": np.zeros((8, 2))}, 1.0), "params"),
+        (lambda: L.fold_forget_bias(_params(2, 2), float("inf")), "forget_bias"),
         (lambda: L.to_torch({"W": np.zeros((8, 2)), "R": np.zeros((8, 2))}), "params"),
         (
             lambda: L.to_torch({"W": np.zeros((6, 2)), "R": np.zeros((6, 2)), "b": np.zeros(6)}),
@@ -709,3 +754,14 @@ def test_onnx_layout_numerically(kind, dtype, variant, shape):
             dtype=dtype,
             kind="values",
         )
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2), (3, 1, 2), (1, 1, 1), (4, 3, 2)])
+def test_batch_and_time_major_never_return_views(shape):
+    from harness.layouts import batch_major, time_major
+
+    x = np.arange(np.prod(shape), dtype=float).reshape(shape)
+    for convert in (batch_major, time_major):
+        out = convert(x)
+        assert not np.shares_memory(out, x)
+        np.testing.assert_array_equal(out, np.swapaxes(x, 0, 1))

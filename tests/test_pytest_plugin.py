@@ -76,3 +76,46 @@ def test_fixture_skips_without_a_target(pytester):
     """)
     result = pytester.runpytest(*FAST)
     result.assert_outcomes(skipped=1)
+
+
+def _record_certify_calls(monkeypatch):
+    import harness.api
+
+    calls = []
+
+    def fake(impl, **kwargs):
+        calls.append((impl, kwargs))
+        return harness.api.CertifyResult(records=[], verdict="certified", implementation={"name": str(impl)},
+                                         settings={})
+
+    monkeypatch.setattr(harness.api, "certify", fake)
+    return calls
+
+
+def test_target_strings_run_in_a_worker_with_a_timeout_by_default(pytester, monkeypatch):
+    """A hanging TARGET must fail its test, not hang the user's session."""
+    from harness.pytest_plugin import DEFAULT_TIMEOUT
+
+    calls = _record_certify_calls(monkeypatch)
+    pytester.runpytest("--lstm-certify", "loop", *FAST).assert_outcomes(passed=1)
+    impl, kwargs = calls[-1]
+    assert impl == "loop" and kwargs["isolate"] is True and kwargs["timeout"] == DEFAULT_TIMEOUT
+    assert kwargs["memory_limit"] > 0
+    pytester.runpytest("--lstm-certify", "loop", "--lstm-timeout", "2", *FAST).assert_outcomes(passed=1)
+    assert calls[-1][1]["timeout"] == 2 and calls[-1][1]["isolate"] is True
+
+
+def test_in_process_option_keeps_target_strings_in_the_session(pytester, monkeypatch):
+    calls = _record_certify_calls(monkeypatch)
+    pytester.runpytest("--lstm-certify", "loop", "--lstm-in-process", *FAST).assert_outcomes(passed=1)
+    assert calls[-1][1]["isolate"] is False and "timeout" not in calls[-1][1]
+    pytester.makeini("[pytest]\nlstm_in_process = true\n")
+    pytester.runpytest("--lstm-certify", "loop", *FAST).assert_outcomes(passed=1)
+    assert calls[-1][1]["isolate"] is False
+
+
+def test_a_hanging_target_fails_its_test(pytester):
+    result = pytester.runpytest("--lstm-certify", f"{PLUGINS / 'misbehaving.py'}:Hangs", "--lstm-timeout", "0.5",
+                                *FAST)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*forward did not return within 0.5 s*"])

@@ -303,3 +303,17 @@ def test_an_interrupted_run_keeps_what_it_already_found():
     partial = err.value.partial_records
     dW = next(r for r in partial if r.quantity == "dW")
     assert dW.status == "fail" and dW.case["T"] < 6
+
+
+class RaisesContractError(LoopLSTM):
+    def backward(self, dy, dh_T, dc_T, cache):
+        from harness.contract import ContractError
+
+        raise ContractError(["c_T: the wrapped module returned None; adapt it with final_cell=False"])
+
+
+def test_a_contract_error_raised_by_the_implementation_is_a_contract_record():
+    records = _check(RaisesContractError())
+    bwd = [r for r in records if r.direction == "backward"]
+    assert {r.status for r in bwd} == {"contract"}
+    assert bwd[0].reason == "backward: c_T: the wrapped module returned None; adapt it with final_cell=False"

@@ -34,7 +34,7 @@ CASES = [
      "y: expected dtype float32 (the dtype of the inputs), got float64"),
     ("WrongCount", {}, "error", dict.fromkeys(ALL, "contract"),
      "forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got a tuple of length 3"),
-    ("NotArrays", {}, "error", dict.fromkeys(FORWARD, "contract"), "forward: outputs must be arrays"),
+    ("NotArrays", {}, "error", dict.fromkeys(FORWARD, "contract"), "forward: h_T: expected an array"),
     ("MissingGradient", {}, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "contract")},
      "missing ['c0'], unexpected []"),
     ("ExtraGradient", {}, "error", dict.fromkeys(BACKWARD, "contract"), "missing [], unexpected ['bias']"),
@@ -53,6 +53,13 @@ CASES = [
     ("Exits", ISOLATED, "error", dict.fromkeys(ALL, "error"), "exited with status 3"),
     ("CallsSysExit", ISOLATED, "error", dict.fromkeys(ALL, "error"), "forward called sys.exit('giving up')"),
     ("ExhaustsMemory", ISOLATED, "error", dict.fromkeys(ALL, "error"), "MemoryError"),
+    # A backward that ends the worker or interrupts itself: forward is still compared (and passes).
+    ("SegfaultsInBackward", ISOLATED, "error",
+     {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")}, "running backward died: killed by"),
+    ("ExitsInBackward", ISOLATED, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")},
+     "it exited with status 3"),
+    ("InterruptsInBackward", ISOLATED, "error",
+     {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")}, "backward raised KeyboardInterrupt"),
 ]
 
 
@@ -100,6 +107,35 @@ def test_a_crash_in_one_dtype_does_not_stop_the_other():
     crashed = [r for r in result.records if r.status == "error"]
     assert crashed and all("SIGSEGV" in r.reason for r in crashed)
     assert all(r.case["T"] >= 6 for r in crashed)  # the case that crashed it, reported as it was
+
+
+def test_outputs_of_a_class_only_the_worker_knows_certify():
+    result = _run(f"{MISBEHAVING}:SubclassOutputs", **ISOLATED)
+    assert result.verdict == "certified", result.details()
+
+
+def test_a_discrepancy_found_before_a_crash_is_kept():
+    """dW is wrong on every case; a later search meets a case that segfaults. Both are reported."""
+    result = _run(f"{MISBEHAVING}:BugAndCrash", isolate=True, max_examples=30)
+    status = {r.quantity: r.status for r in result.records}
+    assert status["dW"] == "fail", result.summary()
+    assert status["y"] == "error" and "SIGSEGV" in next(r.reason for r in result.records if r.quantity == "y")
+    assert result.verdict == "discrepancies"
+    dW = next(r for r in result.records if r.quantity == "dW")
+    assert dW.case["T"] < 6 and Path(dW.case_file).is_file()  # its own minimal case, before the crash
+
+
+def test_a_failure_of_the_harness_in_the_probe_becomes_records(monkeypatch):
+    from harness.isolation import IsolatedSubject
+
+    def broken(self, case, *, backward, _key=None):
+        raise RuntimeError("the socket fell over")
+
+    monkeypatch.setattr(IsolatedSubject, "execute", broken)
+    result = _run(f"{MISBEHAVING}:Correct", isolate=True)
+    assert result.verdict == "error" and set(r.quantity for r in result.records) == ALL
+    assert all("the harness itself failed while checking: RuntimeError: the socket fell over" in r.reason
+               for r in result.records)
 
 
 # Planted bugs: name -> (quantities that must fail, quantities that must pass)

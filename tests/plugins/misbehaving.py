@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from impls.loop import LoopLSTM
+from oracles.finite_diff import FiniteDifferenceOracle
 
 
 def _deep_helper(x):
@@ -256,3 +257,84 @@ class WrongSignature:
 
     def forward(self, x):
         return x
+
+
+class ExitsInBackward(LoopLSTM):
+    name = "exits-in-backward"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        os._exit(3)
+
+
+class InterruptsInBackward(LoopLSTM):
+    """Raises what ``execute`` deliberately lets through (so that a person can stop a run)."""
+
+    name = "interrupts-in-backward"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise KeyboardInterrupt("backward interrupted itself")
+
+
+class TaggedArray(np.ndarray):
+    """An ndarray subclass of the plugin's own: a parent process that never imported this file cannot
+    unpickle it."""
+
+
+class SubclassOutputs(LoopLSTM):
+    name = "subclass-outputs"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.view(TaggedArray), h.view(TaggedArray), c.view(TaggedArray), cache
+
+
+class Prints(LoopLSTM):
+    name = "prints"
+
+    def forward(self, x, h0, c0, params):
+        print("debug output of the implementation", flush=True)
+        return super().forward(x, h0, c0, params)
+
+
+class SpawnsAndHangs(LoopLSTM):
+    """Starts a process of its own (its pid written to $LSTM_HARNESS_TEST_PIDFILE), then hangs."""
+
+    name = "spawns-and-hangs"
+
+    def forward(self, x, h0, c0, params):
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "300"])
+        with open(os.environ["LSTM_HARNESS_TEST_PIDFILE"], "w") as fh:
+            fh.write(str(child.pid))
+        time.sleep(3600)
+
+
+class BugAndCrash(LoopLSTM):
+    """dW is 1.5 times too large on every case, and forward segfaults for T >= 6: the discrepancy found
+    first must survive the crash found later."""
+
+    name = "bug-and-crash"
+
+    def forward(self, x, h0, c0, params):
+        if x.shape[0] >= 6:
+            ctypes.string_at(0)
+        return super().forward(x, h0, c0, params)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["W"] = grads["W"] * 1.5
+        return grads
+
+
+def _die_when_unpickled():
+    os._exit(7)
+
+
+class DiesInChildOracle(FiniteDifferenceOracle):
+    """An oracle that pickles fine here and kills the process that unpickles it (a parallel child)."""
+
+    name = "dies-in-child"
+
+    def __reduce__(self):
+        return (_die_when_unpickled, ())
