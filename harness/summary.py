@@ -36,12 +36,12 @@ def verdict(records: Sequence[Record]) -> str:
 def _ratio_text(r: Record) -> str:
     if r.ratio is None:
         return "-"
-    return f"{r.ratio:.2g}x tol" if r.ratio < 1e6 else "inf"
+    return f"{r.ratio:.2g}x tol" if r.ratio < 1e300 else "inf (NaN/Inf)"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([line, sep, *body])
