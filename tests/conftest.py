@@ -15,6 +15,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture(autouse=True)
 def _temporary_files_under_tmp_path(tmp_path, monkeypatch):
     """What the code under test puts in the temporary directory (e.g. cases saved by a certify
-    without report_dir) lands in the test's own tmp_path, which pytest cleans up."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
+    without report_dir) lands in the test's own tmp_path, which pytest cleans up. Only this
+    process's ``tempfile`` is redirected, not TMPDIR: child programs such as Chromium put sockets
+    there, whose paths must stay short."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

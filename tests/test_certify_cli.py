@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -177,10 +178,10 @@ def test_an_error_inside_the_run_is_not_reported_as_bad_usage(monkeypatch, tmp_p
 
 def test_a_parallel_worker_that_cannot_load_the_target_exits_2(tmp_path, capsys):
     plugin = tmp_path / "only_here.py"
-    plugin.write_text(
-        "import sys\n"
+    plugin.write_text(  # loads in this (test) process only, so every worker process fails to load it
+        "import os\n"
         "from impls.loop import LoopLSTM\n"
-        "if sys.argv[:1] == ['-c']:  # a worker process started by the harness\n"
+        f"if os.getpid() != {os.getpid()}:\n"
         "    raise RuntimeError('this module refuses to load in a worker process')\n"
         "class OnlyHere(LoopLSTM):\n"
         "    name = 'only-here'\n")
