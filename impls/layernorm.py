@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
-from impls.loop import LoopLSTM, preactivation_backward, sigmoid, split_gates
+from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
 from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_
 
 __all__ = [
@@ -135,17 +135,9 @@ def cell_state(f, c_prev, i, g, weights: LNWeights):
 
 
 @dataclass
-class LNStepCache:
-    """What one step keeps for its backward pass. All (B, H) except x_t (B, D)."""
+class LNStepCache(StepCache):
+    """The vanilla step's cache plus the LayerNorm statistics of each row."""
 
-    x_t: np.ndarray
-    h_prev: np.ndarray
-    c_prev: np.ndarray
-    i: np.ndarray
-    f: np.ndarray
-    g: np.ndarray
-    o: np.ndarray
-    tanh_c: np.ndarray
     stats: dict[str, LNStats]  # per LN row i, f, g, o, c
 
 
