@@ -196,22 +196,27 @@ def _step_data(variant: str, dtype: str, B: int, H: int, seed: int):
                 dh=r(B, H), dc=r(B, H), dy=r(B, H), R=r(4 * H, H, scale=0.3), h_prev=r(B, H))
 
 
-def _run_steps(cell, variant, dtype, B, H, seed, *, fused_step: bool):
-    """Forward step then backward step of ``cell`` on fresh copies of the same data -> every buffer written."""
+def _run_steps(cell, variant, dtype, B, H, seed, *, fused_step: bool, xp=np):
+    """Forward step then backward step of ``cell`` on fresh copies of the same data -> every buffer written.
+
+    ``xp`` is the array namespace the step runs over: NumPy for the cells, CuPy for the fused kernels.
+    """
     d = _step_data(variant, dtype, B, H, seed)
-    T, t, P = d["T"], d["t"], d["P"]
-    S = cell.forward_buffers(np, T, B, H, np.dtype(dtype))
-    G = cell.backward_buffers(np, T, B, H, np.dtype(dtype))
-    a, c, h = d["a"].copy(), np.empty((B, H), dtype), np.empty((B, H), dtype)
-    dh, dc, da = d["dh"].copy(), d["dc"].copy(), np.empty((B, 4 * H), dtype)
+    T, t = d["T"], d["t"]
+    dev = {k: xp.asarray(v) for k, v in d.items() if isinstance(v, np.ndarray)}
+    P = cell.prepare(xp, d["params"], np.dtype(dtype), ln_eps=1e-5)
+    S = cell.forward_buffers(xp, T, B, H, np.dtype(dtype))
+    G = cell.backward_buffers(xp, T, B, H, np.dtype(dtype))
+    a, c, h = dev["a"].copy(), xp.empty((B, H), dtype), xp.empty((B, H), dtype)
+    dh, dc, da = dev["dh"].copy(), dev["dc"].copy(), xp.empty((B, 4 * H), dtype)
     if fused_step:
-        RT = np.ascontiguousarray(d["R"].T)
-        cell.step(np, t, a, np.empty_like(a), d["h_prev"], RT, d["c_prev"], c, h, S, P)
-        cell.step_backward(np, t, d["dy"], dh, dc, da, a, d["c_prev"], c, d["R"], S, G, P)
+        RT = xp.ascontiguousarray(dev["R"].T)
+        cell.step(xp, t, a, xp.empty_like(a), dev["h_prev"], RT, dev["c_prev"], c, h, S, P)
+        cell.step_backward(xp, t, dev["dy"], dh, dc, da, a, dev["c_prev"], c, dev["R"], S, G, P)
     else:
-        a += d["rec"]
-        cell.forward_step(np, t, a, d["c_prev"], c, h, S, P)
-        cell.backward_step(np, t, dh, dc, da, a, d["c_prev"], c, S, G, P)
+        a += dev["rec"]
+        cell.forward_step(xp, t, a, dev["c_prev"], c, h, S, P)
+        cell.backward_step(xp, t, dh, dc, da, a, dev["c_prev"], c, S, G, P)
     return _written(t, a, c, h, dh if fused_step else None, dc, da, S, G)
 
 
@@ -640,24 +645,8 @@ def test_gpu_kernel_against_the_numpy_cell(variant, dtype, fused_step, B, H):
     np_cell, fused = CELLS[variant]
     seed = B * 1000 + H
     want = _run_steps(np_cell, variant, dtype, B, H, seed, fused_step=fused_step)
-    d = _step_data(variant, dtype, B, H, seed)
-    T, t = d["T"], d["t"]
-    dev = {k: cupy.asarray(v) for k, v in d.items() if isinstance(v, np.ndarray)}
-    P = fused.prepare(cupy, d["params"], np.dtype(dtype), ln_eps=1e-5)
-    S = fused.forward_buffers(cupy, T, B, H, np.dtype(dtype))
-    G = fused.backward_buffers(cupy, T, B, H, np.dtype(dtype))
-    a, c, h = dev["a"].copy(), cupy.empty((B, H), dtype), cupy.empty((B, H), dtype)
-    dh, dc, da = dev["dh"].copy(), dev["dc"].copy(), cupy.empty((B, 4 * H), dtype)
-    if fused_step:
-        RT = cupy.ascontiguousarray(dev["R"].T)
-        fused.step(cupy, t, a, cupy.empty_like(a), dev["h_prev"], RT, dev["c_prev"], c, h, S, P)
-        fused.step_backward(cupy, t, dev["dy"], dh, dc, da, a, dev["c_prev"], c, dev["R"], S, G, P)
-    else:
-        a += dev["rec"]
-        fused.forward_step(cupy, t, a, dev["c_prev"], c, h, S, P)
-        fused.backward_step(cupy, t, dh, dc, da, a, dev["c_prev"], c, S, G, P)
+    got = _run_steps(fused, variant, dtype, B, H, seed, fused_step=fused_step, xp=cupy)
     cupy.cuda.Device().synchronize()
-    got = _written(t, a, c, h, dh if fused_step else None, dc, da, S, G)
     assert set(got) == set(want)
     for key in want:
         kind = "gradients" if key in ("dh", "dc", "da") or key.startswith("G.") else "values"
