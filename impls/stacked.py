@@ -134,6 +134,25 @@ class Cell:
         """The cell's own parameter gradients (canonical layout), reduced after the time loop."""
         return {}
 
+    def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
+        """The forward time loop: :meth:`step` for t = 0 .. T-1.
+
+        gates (T, B, 4H) holds the input projections (activations once a step is done); h, c
+        (T+1, B, H) hold h0, c0 in row 0 and receive h_t, c_t in row t+1; rec (B, 4H) is scratch.
+        A GPU cell overrides this to launch a precomputed plan instead of slicing views each step.
+        """
+        for t in range(gates.shape[0]):
+            self.step(xp, t, gates[t], rec, h[t], RT, c[t], c[t + 1], h[t + 1], S, P)
+
+    def backward_loop(self, xp, dy, dh, dc, da, gates, c, R, S, G, P) -> None:
+        """The backward time loop: :meth:`step_backward` for t = T-1 .. 0.
+
+        dh, dc (B, H) enter holding dh_T, dc_T and leave holding dh0, dc0; da (T, B, 4H) receives
+        the gradients of the pre-activations.
+        """
+        for t in reversed(range(gates.shape[0])):
+            self.step_backward(xp, t, dy[t], dh, dc, da[t], gates[t], c[t], c[t + 1], R, S, G, P)
+
     def step(self, xp, t, a, rec, h_prev, RT, c_prev, c, h, S, P) -> None:
         """Forward step t: a += h_{t-1} @ R^T (one GEMM into the scratch rec (B, 4H)), then the gate math.
 
@@ -223,9 +242,7 @@ def stacked_forward(
     c[0] = xp.asarray(c0, dtype=dtype)
     S = cell.forward_buffers(xp, T, B, H, dtype)
     rec = xp.empty((B, 4 * H), dtype)
-    for t in range(T):
-        # gates[t] (B, 4H): pre-activations until the cell's gate math overwrites them
-        cell.step(xp, t, gates[t], rec, h[t], RT, c[t], c[t + 1], h[t + 1], S, P)
+    cell.forward_loop(xp, gates, rec, h, RT, c, S, P)
     cache = StackedCache(x, W, R, P, h, c, gates, S)
     return h[1:].copy(), h[T].copy(), c[T].copy(), cache
 
@@ -241,8 +258,7 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     dc = xp.array(dc_T, dtype=dtype, copy=True)
     da = xp.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
     G = cell.backward_buffers(xp, T, B, H, dtype)
-    for t in reversed(range(T)):
-        cell.step_backward(xp, t, dy[t], dh, dc, da[t], gates[t], c[t], c[t + 1], R, cache.saved, G, cache.P)
+    cell.backward_loop(xp, dy, dh, dc, da, gates, c, R, cache.saved, G, cache.P)
     da2 = da.reshape(T * B, 4 * H)
     dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
     dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)
