@@ -2,7 +2,9 @@
 
 A third automatic-differentiation system beside PyTorch's and TensorFlow's, for every variant, in
 float64 (``jax_enable_x64``, set when the oracle is first used; a process-wide JAX setting, harmless
-to the harness and to worker processes).
+to the harness and to worker processes). It computes on the CPU also where JAX has a GPU (a
+``default_device`` block around each reference, nothing process-wide): the same arithmetic on
+every machine, and no share of the GPU that the implementation under test runs on.
 
 Why buckets. Run eagerly, op by op, the equations cost hundreds of milliseconds a case in dispatch
 alone; compiled with ``jax.jit`` they cost microseconds, but ``jit`` compiles once per distinct
@@ -39,6 +41,7 @@ eager path: the same equations on the exact shapes, op by op, slow, kept as the 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +83,9 @@ def compilations(variant: str | None = None) -> int:
 
 
 def _jax() -> tuple[Any, Any]:
+    # JAX on a GPU reserves 75% of its memory at first use; the implementation under test (a CuPy
+    # one, or a user's CUDA kernel in a worker process) shares that GPU. A user's own setting wins.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
 
@@ -257,7 +263,9 @@ class JaxCompositeOracle(Oracle):
         if why:
             raise ValueError(f"case: {why}")
         c = case.astype("float64")
-        (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
+        jax, _ = _jax()
+        with jax.default_device(jax.devices("cpu")[0]):
+            (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
         how = ("jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)" if self.bucketed
                else "eager on the exact shapes")
         return Reference(

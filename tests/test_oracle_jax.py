@@ -192,3 +192,19 @@ def test_dtype_eps_and_values_do_not_recompile():
     for change in (dict(dtype="float32"), dict(ln_eps=0.01), dict(seed=2, T=7, D=9, H=2), dict(B=1)):
         _FAST.reference(build_case(spec.replace(**change)))
     assert compilations("layernorm") == before
+
+
+def test_references_are_computed_on_the_cpu_even_where_jax_has_a_gpu(monkeypatch):
+    """Same arithmetic on every machine, and none of the GPU the implementation under test uses."""
+    import jax
+
+    seen = []
+    real = jax_oracle._bucketed
+
+    def spy(case):
+        seen.append(jax.numpy.zeros(1).devices())
+        return real(case)
+
+    monkeypatch.setattr(jax_oracle, "_bucketed", spy)
+    JaxCompositeOracle().reference(build_case(CaseSpec(T=2, B=1, D=2, H=3, seed=0)))
+    assert seen and all(d.platform == "cpu" for d in seen[0])
