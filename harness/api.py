@@ -52,7 +52,7 @@ from harness.runner import (
     run_checks,
 )
 from harness.subject import Execution, InProcessSubject
-from harness.summary import STATUS_ORDER, details, summary_table, verdict
+from harness.summary import STATUS_ORDER, details, summary_table, unit_outcome, verdict
 
 __all__ = ["certify", "replay", "CertifyResult", "ReplayResult", "InvalidArgument", "open_subject",
            "select_oracles", "write_reports", "Progress"]
@@ -836,7 +836,7 @@ def _run_jobs(jobs_list: list[_Job], jobs: int, display: Progress) -> list[tuple
         display.begin(label)
         records, notes = run_unit(job.subject, group, dtype, job.settings,
                                   lambda n, label=label: display.update(label, n))
-        display.end(label, max((r.examples for r in records), default=0), verdict(records))
+        display.end(label, max((r.examples for r in records), default=0), unit_outcome(records))
         results[index][0].extend(records)
         results[index][1].extend(notes)
     return results
@@ -911,7 +911,7 @@ def _run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], 
                     deaths = 0
                     unit_id = busy.pop(child)
                     done[unit_id] = (message[2], message[3])
-                    display.end(units[unit_id][3], counts.get(unit_id, 0), verdict(message[2]))
+                    display.end(units[unit_id][3], counts.get(unit_id, 0), unit_outcome(message[2]))
                     assign(child)
                 elif kind == "failed":
                     raise LoadError(f"a parallel worker process could not load the implementation: {message[2]}\n"

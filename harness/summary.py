@@ -7,7 +7,7 @@ from itertools import groupby
 
 from harness.compare import Record
 
-__all__ = ["verdict", "summary_table", "details", "STATUS_ORDER"]
+__all__ = ["verdict", "unit_outcome", "summary_table", "details", "STATUS_ORDER"]
 
 # Worst first: the status a group of records shows is its worst member's.
 STATUS_ORDER = ("error", "contract", "fail", "pass", "skip")
@@ -31,6 +31,14 @@ def verdict(records: Sequence[Record]) -> str:
     if "pass" not in statuses:
         return "error"
     return "certified"
+
+
+def unit_outcome(records: Sequence[Record]) -> str:
+    """One unit's word on the progress line: its verdict, or ``skipped`` when no oracle of it could
+    check the dtype (its records are all skips, each with the reason the summary lists)."""
+    if records and all(r.status == "skip" for r in records):
+        return "skipped"
+    return verdict(records)
 
 
 def _ratio_text(r: Record) -> str:

@@ -60,7 +60,7 @@ __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "env
 SCHEMA_VERSION = 1
 
 _PACKAGES = ("numpy", "hypothesis", "torch", "tensorflow", "tensorflow-cpu", "keras", "onnx", "onnxruntime",
-             "jax", "jaxlib", "cupy-cuda12x", "matplotlib", "jinja2")
+             "jax", "jaxlib", "matplotlib", "jinja2")
 
 
 def _cpu() -> str:
@@ -83,6 +83,17 @@ def _gpu() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _cupy_distributions() -> dict[str, str | None]:
+    """CuPy is one distribution per CUDA (or ROCm) major version: cupy-cuda12x, cupy-cuda13x, ...
+    Every one installed, by name, or ``{"cupy": None}`` when there is none."""
+    found: dict[str, str | None] = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == "cupy" or name.startswith("cupy-"):
+            found[name] = dist.version
+    return dict(sorted(found.items())) or {"cupy": None}
+
+
 def environment() -> dict[str, Any]:
     packages: dict[str, str | None] = {}
     for name in _PACKAGES:
@@ -90,6 +101,7 @@ def environment() -> dict[str, Any]:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
+    packages.update(_cupy_distributions())
     return {
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),

@@ -177,3 +177,17 @@ def test_large_maps_are_pooled_but_keep_the_hot_cell():
     assert values.shape[0] <= 48 and values.shape[1] <= 48
     assert values.max() > 1
     assert panel["shape"] == [T, H]
+
+
+def test_a_unit_of_skips_only_is_reported_skipped_not_as_an_error():
+    from harness.summary import unit_outcome, verdict
+
+    def rec(status):
+        return Record(implementation="i", oracle="o", variant="vanilla", dtype="float64", direction="forward",
+                      quantity="y", status=status, reason="o cannot compute a float64 case")
+
+    assert unit_outcome([rec("skip"), rec("skip")]) == "skipped"
+    assert verdict([rec("skip")]) == "error"  # a whole certification that checked nothing is still an error
+    assert unit_outcome([rec("skip"), rec("pass")]) == "certified"
+    assert unit_outcome([rec("skip"), rec("fail")]) == "discrepancies"
+    assert unit_outcome([]) == "error"
