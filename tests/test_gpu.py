@@ -1,4 +1,4 @@
-"""The CuPy implementations (impls/gpu.py): what can be checked anywhere, and what needs a GPU.
+"""The CuPy implementations (impls/gpu/): what can be checked anywhere, and what needs a GPU.
 
 Everywhere (no GPU, no CuPy needed):
 * the three are registered and, without CuPy and a GPU, listed unavailable with the reason;
@@ -43,7 +43,7 @@ from harness.contract import DEFAULT_DTYPES, validate
 from harness.runner import check_case, quantities
 from harness.subject import InProcessSubject
 from impls import gpu
-from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum
+from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum, launch
 from impls.layernorm import LayerNormCell, StackedLayerNormLSTM
 from impls.peephole import PeepholeCell, StackedPeepholeLSTM
 from impls.stacked import StackedLSTM, VanillaCell
@@ -489,8 +489,8 @@ class FakeCompiledKernel:
 @pytest.mark.parametrize("name", GPU_NAMES)
 def test_the_launch_path_passes_what_the_cuda_signature_expects(name, monkeypatch):
     """Every kernel call goes through the launcher (_launch) to a stand-in for the compiled kernel."""
-    monkeypatch.setattr(gpu, "_function", FakeCompiledKernel)
-    monkeypatch.setattr(gpu, "run_kernel", gpu._launch)
+    monkeypatch.setattr(launch, "_function", FakeCompiledKernel)
+    monkeypatch.setattr(launch, "run_kernel", launch._launch)
     FakeCompiledKernel.calls = 0
     impl, info = emulated(name)
     for dtype in DEFAULT_DTYPES:
@@ -500,7 +500,7 @@ def test_the_launch_path_passes_what_the_cuda_signature_expects(name, monkeypatc
 
 
 class PointerLauncher:
-    """Stands in for the GPU launcher (``impls.gpu._CupyLauncher``) over NumPy arrays.
+    """Stands in for the GPU launcher (``impls.gpu.launch._CupyLauncher``) over NumPy arrays.
 
     A pointer is an array's address. A kernel call resolves each pointer argument to the buffer it
     points into and hands the call to FakeCompiledKernel (which checks the C signature and
@@ -562,7 +562,7 @@ def test_pointer_loops_equal_the_numpy_twin_bit_for_bit(name, data):
     case, twin = build_case(spec), NUMPY_TWIN[name]()
     launcher = PointerLauncher()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gpu, "_launcher_for", lambda a: launcher)
+        mp.setattr(launch, "launcher_for", lambda a: launcher)
         out = impl.forward(case.x, case.h0, case.c0, case.params)
         grads = impl.backward(case.dy, case.dh_T, case.dc_T, out[3])
     ref = twin.forward(case.x, case.h0, case.c0, case.params)
@@ -578,13 +578,13 @@ def test_step_arguments_refuse_views_that_do_not_advance_by_a_fixed_stride():
     fixed = {n: np.zeros((2, 16), np.float32) for n in kernel.array_names}
     bad = lambda t: {**fixed, "a": buf[t * t]}  # noqa: E731 - starts at rows 0, 1, 4: not a fixed stride
     with pytest.raises(ValueError, match="do not advance by a fixed stride"):
-        gpu._step_args(PointerLauncher(), kernel, lambda t: bad(t) if t < 2 else {**fixed, "a": buf[3]},
+        launch.step_args(PointerLauncher(), kernel, lambda t: bad(t) if t < 2 else {**fixed, "a": buf[3]},
                        T=3, B=2, H=4, dtype=np.float32, scalars={})
     strided = {**fixed, "c": np.zeros((2, 32), np.float32)[:, ::2]}
     with pytest.raises(ValueError, match="'c' must be C-contiguous"):
-        gpu._step_args(PointerLauncher(), kernel, lambda t: strided, T=1, B=2, H=4, dtype=np.float32, scalars={})
+        launch.step_args(PointerLauncher(), kernel, lambda t: strided, T=1, B=2, H=4, dtype=np.float32, scalars={})
     with pytest.raises(TypeError, match="'h': expected dtype float32, got float64"):
-        gpu._step_args(PointerLauncher(), kernel, lambda t: {**fixed, "h": np.zeros((2, 4))}, T=1, B=2, H=4,
+        launch.step_args(PointerLauncher(), kernel, lambda t: {**fixed, "h": np.zeros((2, 4))}, T=1, B=2, H=4,
                        dtype=np.float32, scalars={})
 
 
