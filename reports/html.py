@@ -466,6 +466,10 @@ def _settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
             text = "profile default"
         elif key == "seed" and value is None:
             text = "random (not fixed)"
+        elif key == "memory_limit" and isinstance(value, int):
+            text = f"{value / 2**30:.3g} GiB"
+        elif key == "timeout" and isinstance(value, (int, float)):
+            text = f"{value:g} s"
         elif isinstance(value, (list, tuple)):
             text = ", ".join(str(v) for v in value) or "–"
         else:

@@ -480,3 +480,13 @@ def test_run_notes_and_the_resolved_certify_target_are_shown():
     for text in ("name mine", "variant peephole", "backward no (forward only)",
                  "loaded from module /src/pkg/mod.py, attribute Mine", "isolated yes (worker process)"):
         assert text in doc.all_text, text
+
+
+def test_settings_show_the_memory_limit_in_gib_and_the_timeout_in_seconds():
+    report = make_report()
+    report["settings"] = {**report["settings"], "memory_limit": 3 * 2**30 // 2, "timeout": 60.0}
+    page = render_html(report)
+    assert "memory limit</dt><dd>1.5 GiB" in page and "timeout</dt><dd>60 s" in page
+    report["settings"].update(memory_limit=None, timeout=None)
+    page = render_html(report)
+    assert "memory limit</dt><dd>–" in page and "timeout</dt><dd>–" in page
