@@ -8,7 +8,9 @@ cases with distinct T, B, D, H (so that a transposed axis cannot pass unnoticed)
 forward outputs with the finite-difference oracle's reference. The simplest convention under which
 both cases match is the diagnosis; its backward pass is then checked under that convention too.
 When nothing matches, the closest convention (smallest worst error relative to tolerance) is
-reported with where it first departs.
+reported with where it first departs, and the nearest conventions are tried once more on the same
+cases with c0 = 0, then with h0 = 0: a match there says the implementation ignores that initial
+state (a common bug, and one no convention explains).
 
 Trials are ordered from the declared convention outwards: the declared variant first, then the
 sequence layout, transposition, forget bias, and last the 24 gate orders, identity first.
@@ -16,9 +18,12 @@ sequence layout, transposition, forget bias, and last the 24 gate orders, identi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from harness.adapt import Convention
 from harness.cases import Case, CaseSpec, build_case
@@ -33,6 +38,10 @@ GATE_PERMUTATIONS: tuple[str, ...] = tuple("".join(p) for p in itertools.permuta
 
 #: Worker failures (crash, hang) after which the search gives up: each costs a restart or a timeout.
 MAX_WORKER_FAILURES = 3
+#: Initial states an implementation may ignore, tried (zeroed) when no convention matches.
+IGNORABLE_STATES = {"c0": "initial cell state", "h0": "initial hidden state"}
+#: How many of the nearest conventions the ignored-state check tries.
+HINT_CONVENTIONS = 3
 
 
 @dataclass
@@ -92,6 +101,7 @@ class Diagnosis:
     has_backward: bool
     tried: int
     note: str = ""
+    hint: str = ""  # when nothing matches: an input it appears to ignore
 
     def _backward_text(self) -> str:
         if not self.has_backward:
@@ -134,6 +144,8 @@ class Diagnosis:
                 departure = c.first_departure()
                 if departure:
                     lines.append(f"It first departs at {departure}.")
+            if self.hint:
+                lines.append(self.hint)
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -147,7 +159,7 @@ class Diagnosis:
                     "first_departure": t.first_departure(), "error": t.error}
 
         return {"name": self.name, "declared_variant": self.declared_variant, "status": self.status,
-                "match": trial(self.match), "closest": trial(self.closest), "tried": self.tried,
+                "match": trial(self.match), "closest": trial(self.closest), "tried": self.tried, "hint": self.hint,
                 "backward": [r.to_dict() for r in self.backward], "text": self.text()}
 
 
@@ -181,6 +193,51 @@ def _candidates(declared: str) -> list[tuple[str, Convention]]:
     return out
 
 
+def _run_trial(trial: Trial, run: Any, cases: list[Case], references: list[Any], *, name: str, oracle: Any) -> int:
+    """Fill in ``trial`` from the forward outputs of ``run`` on ``cases``; returns how many calls crashed
+    or hung the worker. One mismatching case rejects the convention."""
+    from harness.isolation import WorkerFailure
+
+    failures, worst = 0, 0.0
+    for case, ref in zip(cases, references):
+        execution = run.execute(case, backward=False)
+        if isinstance(execution, WorkerFailure):
+            failures += 1
+        recs = compare_execution(execution, ref, case, implementation=name, oracle=oracle, directions=("forward",))
+        if any(r.status in ("error", "contract") for r in recs):
+            trial.error = next(r.reason for r in recs if r.status in ("error", "contract"))
+            trial.ratio = None
+            break
+        ratio = max((r.ratio or 0.0) for r in recs)
+        if ratio >= worst:
+            worst, trial.records = ratio, recs
+        trial.ratio = worst
+        if ratio > 1.0:
+            break
+    return failures
+
+
+def _ignored_state(nearest: list[Trial], runner: Any, cases: dict[str, list[Case]], oracle: Any, *, name: str,
+                   declared: str) -> str:
+    """When nothing matched: whether one of the nearest conventions matches once an initial state is
+    zero in the trial cases, which says the implementation ignores that input (a common bug)."""
+    for state, words in IGNORABLE_STATES.items():
+        for near in nearest:
+            zeroed = [dataclasses.replace(c, **{state: np.zeros_like(getattr(c, state))}) for c in cases[near.variant]]
+            trial = Trial(near.convention, near.variant)
+            try:
+                _run_trial(trial, runner(near.variant, near.convention), zeroed,
+                           [oracle.reference(c) for c in zeroed], name=name, oracle=oracle)
+            except Exception:  # noqa: BLE001 - a hint is optional; the diagnosis stands without it
+                continue
+            if trial.matches:
+                standard = trial.variant == declared and trial.convention.is_standard
+                under = "as declared" if standard else f"if {trial.describe(declared)}"
+                return (f"With {state} = 0 it matches the standard LSTM {under}: it ignores its {words} "
+                        f"{state}, or takes it from somewhere else. Certify it to see the failing case.")
+    return ""
+
+
 def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None, isolate: bool = False,
              timeout: float | None = None, memory_limit: int | None = None) -> Diagnosis:
     """Find the convention under which ``impl`` (an object or a TARGET string) matches the standard LSTM.
@@ -192,7 +249,6 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
     from harness.adapt import adapt
     from harness.api import InvalidArgument, open_subject
     from harness.contract import validate
-    from harness.isolation import WorkerFailure
     from harness.subject import InProcessSubject
     from oracles.finite_diff import FiniteDifferenceOracle
 
@@ -237,23 +293,7 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
                                 f"conventions not yet tried were not diagnosed.")
                         break
                 continue
-            worst = 0.0
-            for case, ref in zip(cases[v], references[v]):
-                execution = run.execute(case, backward=False)
-                if isinstance(execution, WorkerFailure):
-                    failures += 1
-                recs = compare_execution(execution, ref, case, implementation=info.name, oracle=oracle,
-                                         directions=("forward",))
-                if any(r.status in ("error", "contract") for r in recs):
-                    trial.error = next(r.reason for r in recs if r.status in ("error", "contract"))
-                    trial.ratio = None
-                    break
-                ratio = max((r.ratio or 0.0) for r in recs)
-                if ratio >= worst:
-                    worst, trial.records = ratio, recs
-                trial.ratio = worst
-                if ratio > 1.0:
-                    break  # one mismatching case rejects the convention
+            failures += _run_trial(trial, run, cases[v], references[v], name=info.name, oracle=oracle)
             if trial.matches:
                 match = trial
                 break
@@ -276,12 +316,17 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
             status = "convention"
         ran = [t for t in trials if t.ratio is not None]
         closest = min(ran, key=_distance) if ran and match is None else None
+        hint = ""
+        if match is None and failures < MAX_WORKER_FAILURES:
+            nearest = sorted(ran, key=_distance)[:HINT_CONVENTIONS] or [Trial(Convention(), declared)]
+            hint = _ignored_state(nearest, runner, cases, oracle, name=info.name, declared=declared)
         if match is None and not ran:
             first = next((t for t in trials if t.error), None)
             note = (note + " " if note else "") + (
                 f"Every trial failed to run; under the declared convention: {first.error}" if first else "")
         return Diagnosis(name=info.name, declared_variant=declared, status=status, match=match, closest=closest,
-                         backward=backward, has_backward=info.has_backward, tried=len(trials), note=note.strip())
+                         backward=backward, has_backward=info.has_backward, tried=len(trials), note=note.strip(),
+                         hint=hint)
     finally:
         close = getattr(subject, "close", None)
         if close:

@@ -75,6 +75,22 @@ def test_nothing_matches_and_the_closest_departure_is_located():
     assert "It first departs at y at t=0" in text
 
 
+@pytest.mark.parametrize("name, state, under", [
+    ("ignores_c0", "c0", "as declared"),
+    ("ignores_h0_transposed", "h0", "if its weights are transposed"),
+])
+def test_an_ignored_initial_state_is_named_when_nothing_matches(name, state, under):
+    result = diagnose(f"{FOREIGN}:{name}")
+    assert result.status == "none"
+    assert result.hint.startswith(f"With {state} = 0 it matches the standard LSTM {under}"), result.hint
+    assert result.hint in result.text() and result.to_dict()["hint"] == result.hint
+
+
+def test_no_ignored_state_is_claimed_where_there_is_none():
+    assert diagnose(f"{FOREIGN}:nonsense").hint == ""
+    assert diagnose("loop").hint == ""
+
+
 def test_cli_diagnose_exit_codes_and_json(capsys):
     assert main(["diagnose", "loop", "--in-process"]) == 0
     capsys.readouterr()

@@ -23,7 +23,8 @@ class ForeignLSTM:
     ``order``: the gate of each of the four blocks, e.g. "ifog"; ``transposed``: W (D, 4H) and R (H, 4H)
     used as ``x @ W``; ``batch_major``: x (B, T, D), y (B, T, H); ``forget_bias``: added to the forget
     pre-activation, as TF1 does; ``bug``: "tanh_derivative" plants (1 - tanh(c))**2 in backward;
-    "output_tanh" makes the output gate a tanh (matches no convention at all).
+    "output_tanh" makes the output gate a tanh (matches no convention at all); "ignores_c0" and
+    "ignores_h0" start from a zero state whatever is passed.
     """
 
     variant = "vanilla"
@@ -44,7 +45,8 @@ class ForeignLSTM:
         W, R, b = params["W"], params["R"], params["b"]
         xs = np.swapaxes(x, 0, 1) if self.batch_major else x  # (T, B, D) from here on
         H = h0.shape[1]
-        h, c = h0, c0
+        h = np.zeros_like(h0) if self.bug == "ignores_h0" else h0
+        c = np.zeros_like(c0) if self.bug == "ignores_c0" else c0
         ys, steps = [], []
         for t in range(xs.shape[0]):
             if self.transposed:
@@ -112,6 +114,8 @@ keras_like = ForeignLSTM(transposed=True, batch_major=True, name="keras-like")  
 onnx_order_transposed = ForeignLSTM(order="iofg", transposed=True, name="onnx-order-transposed")
 tanh_bug = ForeignLSTM(bug="tanh_derivative", name="tanh-bug")
 nonsense = ForeignLSTM(bug="output_tanh", name="output-tanh")
+ignores_c0 = ForeignLSTM(bug="ignores_c0", name="ignores-c0")
+ignores_h0_transposed = ForeignLSTM(bug="ignores_h0", transposed=True, name="ignores-h0-transposed")
 
 
 class PeepholeDeclaredVanilla:
