@@ -53,8 +53,8 @@ class _Fused:
         for name, a in (("h", h), ("RT", RT), ("rec", rec)):
             check_buffer("forward GEMM", name, a, dtype)
         args = launch.step_args(launcher, self.forward_kernel,
-                          lambda t: self.forward_arrays(t, gates[t], rec, c[t], c[t + 1], h[t + 1], S, P),
-                          T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
+                                lambda t: self.forward_arrays(t, gates[t], rec, c[t], c[t + 1], h[t + 1], S, P),
+                                T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
         kernel = launcher.function(self.forward_kernel, dtype)
         gemm = launcher.gemm(dtype, M=B, N=4 * H, K=H)  # rec = h_{t-1} @ R^T: (B, H) @ (H, 4H)
         h_ptr, h_step = launcher.pointer(h), B * H * dtype.itemsize
@@ -74,8 +74,8 @@ class _Fused:
         for name, a in (("da", da), ("R", R), ("dh", dh)):
             check_buffer("backward GEMM", name, a, dtype)
         args = launch.step_args(launcher, self.backward_kernel,
-                          lambda t: self.backward_arrays(t, dy[t], dh, dc, da[t], gates[t], c[t], S, G, P),
-                          T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
+                                lambda t: self.backward_arrays(t, dy[t], dh, dc, da[t], gates[t], c[t], S, G, P),
+                                T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
         kernel = launcher.function(self.backward_kernel, dtype)
         gemm = launcher.gemm(dtype, M=B, N=H, K=4 * H)  # dh = da_t @ R: (B, 4H) @ (4H, H)
         da_ptr, da_step = launcher.pointer(da), B * 4 * H * dtype.itemsize
