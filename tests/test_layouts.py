@@ -392,6 +392,18 @@ def _case(variant="vanilla", seed=0, T=4, B=3, D=3, H=5, **kw):
     return build_case(CaseSpec(variant=variant, T=T, B=B, D=D, H=H, seed=seed, **kw))
 
 
+def _reference(c, params=None):
+    """The equations in float64 on the case's own numbers (upcasting is exact), with ``params`` if given."""
+    c64 = c.astype("float64")
+    p = c64.params if params is None else {k: np.asarray(v, np.float64) for k, v in params.items()}
+    return lstm_forward(c.variant, c64.x, c64.h0, c64.c0, p)
+
+
+def _departs(actual, expected, quantity, c, dtype):
+    """Whether ``actual`` is not close to ``expected`` by the harness's value tolerance: a wrong layout caught."""
+    return not is_close(actual, expected, quantity=quantity, variant=c.variant, H=c.H, dtype=dtype, kind="values")
+
+
 SHAPES = [dict(T=4, B=3, D=3, H=5), dict(T=1, B=1, D=1, H=1), dict(T=5, B=2, D=6, H=2)]
 
 
@@ -409,9 +421,7 @@ def test_course_layout_numerically(shape):
     Wh = L.permute_gates(cp["Wh"], "ifog", "ifgo", axis=1)
     bb = L.permute_gates(cp["b"], "ifog", "ifgo")
     wrong = _course_forward(L.batch_major(c.x), c.h0, c.c0, Wx, Wh, bb)
-    assert not is_close(
-        wrong[2], ref[2], quantity="c_T", variant="vanilla", H=c.H, dtype="float64", kind="values"
-    )
+    assert _departs(wrong[2], ref[2], "c_T", c, "float64")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -426,9 +436,7 @@ def test_bias_folded_layout_numerically(shape, transposed, order):
     # Bias put in the last column instead of the first: caught.
     shifted = np.roll(M, -1, axis=0 if transposed else 1)
     wrong = _folded_forward(c.x, c.h0, c.c0, shifted, transposed, L.normalize_order(order))
-    assert not is_close(
-        wrong[0], ref[0], quantity="y", variant="vanilla", H=c.H, dtype="float64", kind="values"
-    )
+    assert _departs(wrong[0], ref[0], "y", c, "float64")
 
 
 def _tf1_layernorm_forward(x, h0, c0, p, forget_bias, eps):
@@ -460,9 +468,7 @@ def test_layernorm_forget_bias_fold_numerically(forget_bias):
     wrong = {**c.params, "gamma": c.params["gamma"].copy()}
     wrong["gamma"][1] += forget_bias
     bad = lstm_forward("layernorm", c.x, c.h0, c.c0, wrong, ln_eps=c.ln_eps)
-    assert not is_close(
-        bad[0], tf1[0], quantity="y", variant="layernorm", H=c.H, dtype="float64", kind="values"
-    )
+    assert _departs(bad[0], tf1[0], "y", c, "float64")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,9 +512,7 @@ def test_torch_layout_numerically(shape):
         k: (L.permute_gates(v, "ifgo", "igfo") if v.shape[0] == 4 * c.H else v)
         for k, v in L.to_torch(c.params).items()
     }
-    assert not is_close(
-        run(wrong)[2], ref[2], quantity="c_T", variant="vanilla", H=c.H, dtype="float64", kind="values"
-    )
+    assert _departs(run(wrong)[2], ref[2], "c_T", c, "float64")
 
 
 def _keras():
@@ -557,9 +561,7 @@ def test_keras_layout_numerically(shape):
             "b": L.permute_gates(c.params["b"], "ifgo", "igfo"),
         }
     )
-    assert not is_close(
-        run(wrong)[2], ref[2], quantity="c_T", variant="vanilla", H=c.H, dtype="float64", kind="values"
-    )
+    assert _departs(run(wrong)[2], ref[2], "c_T", c, "float64")
 
 
 def _tf():
@@ -599,11 +601,7 @@ def test_block_lstm_v2_layout_numerically(variant, shape):
     """BlockLSTMV2 agrees with gate order i, f, c, o, and not with BlockLSTM's i, c, f, o."""
     tf = _tf()
     c = _case(variant, dtype="float32", **shape)
-    ref = lstm_forward(
-        variant,
-        *(a.astype(np.float64) for a in (c.x, c.h0, c.c0)),
-        {k: v.astype(np.float64) for k, v in c.params.items()},
-    )
+    ref = _reference(c)
     peephole = variant == "peephole"
     d = L.to_block_lstm_v2(c.params)
     assert_outputs_close(
@@ -624,15 +622,7 @@ def test_block_lstm_v2_layout_numerically(variant, shape):
         against="equations",
     )
     wrong = L.to_block_lstm(c.params)  # V1's gate order fed to V2
-    assert not is_close(
-        _block(tf, 2, c, wrong, peephole=peephole)[2],
-        ref[2],
-        quantity="c_T",
-        variant=variant,
-        H=c.H,
-        dtype="float32",
-        kind="values",
-    )
+    assert _departs(_block(tf, 2, c, wrong, peephole=peephole)[2], ref[2], "c_T", c, "float32")
 
 
 @pytest.mark.frameworks
@@ -643,11 +633,7 @@ def test_block_lstm_layout_numerically(variant, forget_bias, shape):
     """BlockLSTM (and TF1 cells) agree with gate order i, c, f, o and a runtime forget_bias."""
     tf = _tf()
     c = _case(variant, dtype="float32", **shape)
-    ref = lstm_forward(
-        variant,
-        *(a.astype(np.float64) for a in (c.x, c.h0, c.c0)),
-        {k: v.astype(np.float64) for k, v in c.params.items()},
-    )
+    ref = _reference(c)
     peephole = variant == "peephole"
     d = L.to_block_lstm(c.params, forget_bias=forget_bias)
     assert_outputs_close(
@@ -659,26 +645,12 @@ def test_block_lstm_layout_numerically(variant, forget_bias, shape):
         against="equations",
     )
     wrong = L.to_block_lstm_v2(c.params)  # V2's order fed to V1
-    assert not is_close(
-        _block(tf, 1, c, wrong, peephole=peephole, forget_bias=forget_bias)[0],
-        ref[0],
-        quantity="y",
-        variant=variant,
-        H=c.H,
-        dtype="float32",
-        kind="values",
-    )
+    assert _departs(_block(tf, 1, c, wrong, peephole=peephole, forget_bias=forget_bias)[0], ref[0], "y", c,
+                    "float32")
     if forget_bias:
         ignored = L.to_block_lstm(c.params)  # forget_bias not subtracted: caught
-        assert not is_close(
-            _block(tf, 1, c, ignored, peephole=peephole, forget_bias=forget_bias)[0],
-            ref[0],
-            quantity="y",
-            variant=variant,
-            H=c.H,
-            dtype="float32",
-            kind="values",
-        )
+        assert _departs(_block(tf, 1, c, ignored, peephole=peephole, forget_bias=forget_bias)[0], ref[0], "y", c,
+                        "float32")
 
 
 def _onnx_run(kind, c, d, dtype):
@@ -706,11 +678,7 @@ def test_onnx_layout_numerically(kind, dtype, variant, shape):
     """ONNX agrees with gate order i, o, f, c and peepholes P = [P_i, P_o, P_f]."""
     pytest.importorskip("onnx")
     c = _case(variant, dtype=dtype, **shape)
-    ref = lstm_forward(
-        variant,
-        *(a.astype(np.float64) for a in (c.x, c.h0, c.c0)),
-        {k: v.astype(np.float64) for k, v in c.params.items()},
-    )
+    ref = _reference(c)
     d = L.to_onnx(c.params)
     assert_outputs_close(
         *_onnx_run(kind, c, d, dtype), ref, case=c, dtype=dtype, what=kind, against="equations"
@@ -719,11 +687,7 @@ def test_onnx_layout_numerically(kind, dtype, variant, shape):
     rng = np.random.default_rng(5)
     d2 = dict(d, B=rng.standard_normal((1, 8 * c.H)))
     p2 = L.from_onnx(**d2)
-    ref2 = lstm_forward(
-        variant,
-        *(a.astype(np.float64) for a in (c.x, c.h0, c.c0)),
-        {k: v.astype(np.float64) for k, v in p2.items()},
-    )
+    ref2 = _reference(c, p2)
     assert_outputs_close(
         *_onnx_run(kind, c, d2, dtype), ref2, case=c, dtype=dtype, what=kind, against="equations(from_onnx)"
     )
@@ -734,26 +698,10 @@ def test_onnx_layout_numerically(kind, dtype, variant, shape):
     }
     if variant == "peephole":
         canon["P"] = d["P"]
-    assert not is_close(
-        _onnx_run(kind, c, canon, dtype)[2],
-        ref[2],
-        quantity="c_T",
-        variant=variant,
-        H=c.H,
-        dtype=dtype,
-        kind="values",
-    )
+    assert _departs(_onnx_run(kind, c, canon, dtype)[2], ref[2], "c_T", c, dtype)
     if variant == "peephole":
         p_ifo = dict(d, P=np.concatenate([c.params["p_i"], c.params["p_f"], c.params["p_o"]])[None])
-        assert not is_close(
-            _onnx_run(kind, c, p_ifo, dtype)[2],
-            ref[2],
-            quantity="c_T",
-            variant=variant,
-            H=c.H,
-            dtype=dtype,
-            kind="values",
-        )
+        assert _departs(_onnx_run(kind, c, p_ifo, dtype)[2], ref[2], "c_T", c, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2), (3, 1, 2), (1, 1, 1), (4, 3, 2)])
