@@ -33,6 +33,16 @@ def _gate_loads(prefix: str, buf: str, fmt=_gate, gates=IFOG) -> tuple[Load, ...
     return tuple(Load(f"{prefix}{g}", buf, fmt(IFOG.index(g))) for g in gates)
 
 
+#: How every backward kernel starts: the upstream gradients dy_t, dh (from step t+1), dc, and tanh(c_t).
+_UPSTREAM_LOADS = (
+    Load("dy", "dy", BH),
+    Load("dh", "dh", BH),
+    Load("dc", "dc", BH),
+    Load("tc", "tanh_c", STEP_BH),
+)
+#: The peephole weights, one per unit.
+_PEEPHOLE_LOADS = (Load("p_i", "p_i", UNIT), Load("p_f", "p_f", UNIT), Load("p_o", "p_o", UNIT))
+
 #: How the vanilla and peephole forward kernels end: the activations i, f, o, g replace the
 #: pre-activations in a (the backward reads them there); c_t, tanh(c_t) and h_t are written.
 _STATE_STORES = (
@@ -64,11 +74,8 @@ VANILLA_BACKWARD = Kernel(
     arrays=(("dy", "in"), ("dh", "in"), ("dc", "out"), ("da", "out"), ("a", "in"), ("c_prev", "in"),
             ("tanh_c", "in")),
     steps=(Phase((
-        Load("dy", "dy", BH),
-        Load("dh", "dh", BH),
-        Load("dc", "dc", BH),
+        *_UPSTREAM_LOADS,
         Load("c_prev", "c_prev", BH),
-        Load("tc", "tanh_c", STEP_BH),
         *_gate_loads("", "a"),
         Let("dh_all", "dh + dy"),
         Let("dc_t", "dc + (1 - tc * tc) * o * dh_all"),  # c_t is reached directly and through h_t
@@ -88,9 +95,7 @@ PEEPHOLE_FORWARD = Kernel(
         *_gate_loads("a_", "a"),
         *_gate_loads("r_", "rec"),
         Load("c_prev", "c_prev", BH),
-        Load("p_i", "p_i", UNIT),
-        Load("p_f", "p_f", UNIT),
-        Load("p_o", "p_o", UNIT),
+        *_PEEPHOLE_LOADS,
         Let("i", "sigmoid(a_i + r_i + c_prev * p_i)"),  # i and f see c_{t-1}
         Let("f", "sigmoid(a_f + r_f + c_prev * p_f)"),
         Let("g", "tanh(a_g + r_g)"),
@@ -106,14 +111,9 @@ PEEPHOLE_BACKWARD = Kernel(
     arrays=(("dy", "in"), ("dh", "in"), ("dc", "out"), ("da", "out"), ("a", "in"), ("c_prev", "in"),
             ("tanh_c", "in"), ("p_i", "in"), ("p_f", "in"), ("p_o", "in")),
     steps=(Phase((
-        Load("dy", "dy", BH),
-        Load("dh", "dh", BH),
-        Load("dc", "dc", BH),
+        *_UPSTREAM_LOADS,
         Load("c_prev", "c_prev", BH),
-        Load("tc", "tanh_c", STEP_BH),
-        Load("p_i", "p_i", UNIT),
-        Load("p_f", "p_f", UNIT),
-        Load("p_o", "p_o", UNIT),
+        *_PEEPHOLE_LOADS,
         *_gate_loads("", "a"),
         Let("dh_all", "dh + dy"),
         Let("da_o", "dh_all * tc * o * (1 - o)"),
@@ -210,10 +210,7 @@ LAYERNORM_BACKWARD = Kernel(
             ("dz", "out"), ("dz_c", "out")),
     steps=(
         Phase((  # dz_o, dz_c = dL/dc_t, and the sums for LN_c's backward
-            Load("dy", "dy", BH),
-            Load("dh", "dh", BH),
-            Load("dc", "dc", BH),
-            Load("tc", "tanh_c", STEP_BH),
+            *_UPSTREAM_LOADS,
             Load("o", "a", _gate(2)),
             Let("dh_all", "dh + dy"),
             Store("dz", _step_gate(2), "dh_all * tc * o * (1 - o)"),
