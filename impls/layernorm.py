@@ -34,7 +34,7 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
 from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
-from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_
+from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_, tanh_slope, times_sigmoid_slope_
 
 __all__ = [
     "LoopLayerNormLSTM",
@@ -279,13 +279,9 @@ class LayerNormCell(Cell):
         dz_i, dz_f, dz_o, dz_g = gate_views(dz, H)
         tmp, tanh_c = G["tmp"], S["tanh_c"][t]
         # dz_o = dh * tanh(c_t) * o * (1 - o)
-        xp.multiply(dh, tanh_c, out=dz_o)
-        dz_o *= o
-        xp.subtract(1.0, o, out=tmp)
-        dz_o *= tmp
+        times_sigmoid_slope_(xp, xp.multiply(dh, tanh_c, out=dz_o), o, tmp)
         # dz_c = dc + dh * o * (1 - tanh_c^2): c_t is reached directly and through h_t.
-        xp.multiply(tanh_c, tanh_c, out=tmp)
-        xp.subtract(1.0, tmp, out=tmp)
+        tanh_slope(xp, tanh_c, out=tmp)
         tmp *= o
         tmp *= dh
         dz_c = G["dz_c"][t]
@@ -294,16 +290,9 @@ class LayerNormCell(Cell):
         dc[...] = layer_norm_backward(dz_c, S["n_c"][t], S["r_c"][t], gamma[4])
         ds = dc
         # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f);  dz_g = ds * i * (1 - g^2)
-        xp.multiply(ds, g, out=dz_i)
-        dz_i *= i
-        xp.subtract(1.0, i, out=tmp)
-        dz_i *= tmp
-        xp.multiply(ds, c_prev, out=dz_f)
-        dz_f *= f
-        xp.subtract(1.0, f, out=tmp)
-        dz_f *= tmp
-        xp.multiply(g, g, out=tmp)
-        xp.subtract(1.0, tmp, out=tmp)
+        times_sigmoid_slope_(xp, xp.multiply(ds, g, out=dz_i), i, tmp)
+        times_sigmoid_slope_(xp, xp.multiply(ds, c_prev, out=dz_f), f, tmp)
+        tanh_slope(xp, g, out=tmp)
         tmp *= i
         xp.multiply(ds, tmp, out=dz_g)
         ds *= f  # dc_{t-1}

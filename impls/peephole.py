@@ -38,7 +38,7 @@ from impls.loop import (
     preactivation_backward,
     sigmoid,
 )
-from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_
+from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_, tanh_slope, times_sigmoid_slope_
 
 __all__ = [
     "LoopPeepholeLSTM",
@@ -201,29 +201,18 @@ class PeepholeCell(Cell):
         di, df, do, dg = gate_views(da, H)
         tmp, tanh_c = G["tmp"], S["tanh_c"][t]
         # da_o = dh * tanh(c_t) * o * (1 - o)
-        xp.multiply(dh, tanh_c, out=do)
-        do *= o
-        xp.subtract(1.0, o, out=tmp)
-        do *= tmp
+        times_sigmoid_slope_(xp, xp.multiply(dh, tanh_c, out=do), o, tmp)
         # dc += dh * o * (1 - tanh_c^2) + da_o * p_o
-        xp.multiply(tanh_c, tanh_c, out=tmp)
-        xp.subtract(1.0, tmp, out=tmp)
+        tanh_slope(xp, tanh_c, out=tmp)
         tmp *= o
         tmp *= dh
         dc += tmp
         xp.multiply(do, P["p_o"], out=tmp)
         dc += tmp
         # da_i = dc * g * i * (1 - i);  da_f = dc * c_{t-1} * f * (1 - f);  da_g = dc * i * (1 - g^2)
-        xp.multiply(dc, g, out=di)
-        di *= i
-        xp.subtract(1.0, i, out=tmp)
-        di *= tmp
-        xp.multiply(dc, c_prev, out=df)
-        df *= f
-        xp.subtract(1.0, f, out=tmp)
-        df *= tmp
-        xp.multiply(g, g, out=tmp)
-        xp.subtract(1.0, tmp, out=tmp)
+        times_sigmoid_slope_(xp, xp.multiply(dc, g, out=di), i, tmp)
+        times_sigmoid_slope_(xp, xp.multiply(dc, c_prev, out=df), f, tmp)
+        tanh_slope(xp, g, out=tmp)
         tmp *= i
         xp.multiply(dc, tmp, out=dg)
         # dc_{t-1} = dc * f + p_i * da_i + p_f * da_f

@@ -40,6 +40,8 @@ __all__ = [
     "to_ifog",
     "to_ifgo",
     "sigmoid_",
+    "tanh_slope",
+    "times_sigmoid_slope_",
     "gate_views",
 ]
 
@@ -63,6 +65,21 @@ def sigmoid_(xp: Any, a: Any) -> Any:
     a += 1.0
     a *= 0.5
     return a
+
+
+def times_sigmoid_slope_(xp: Any, out: Any, s: Any, tmp: Any) -> Any:
+    """out *= s * (1 - s) in place, for s a sigmoid's output: out *= s, then out *= 1 - s (tmp: scratch)."""
+    out *= s
+    xp.subtract(1.0, s, out=tmp)
+    out *= tmp
+    return out
+
+
+def tanh_slope(xp: Any, v: Any, out: Any) -> Any:
+    """out = 1 - v * v: the slope of tanh where it gives v."""
+    xp.multiply(v, v, out=out)
+    xp.subtract(1.0, out, out=out)
+    return out
 
 
 def gate_views(a: Any, H: int) -> tuple[Any, Any, Any, Any]:
@@ -200,23 +217,16 @@ class VanillaCell(Cell):
         tanh_c = S["tanh_c"][t]
         tmp = G["tmp"]
         # dc += dh * o * (1 - tanh_c^2): c_t is reached directly and through h_t.
-        xp.multiply(tanh_c, tanh_c, out=tmp)
-        xp.subtract(1.0, tmp, out=tmp)
+        tanh_slope(xp, tanh_c, out=tmp)
         tmp *= o
         tmp *= dh
         dc += tmp
         # d(pre-activation) = d(gate) * gate'(.)
-        xp.multiply(dh, tanh_c, out=do)
-        do *= o
-        do *= 1.0 - o
-        xp.multiply(dc, g, out=di)
-        di *= i
-        di *= 1.0 - i
-        xp.multiply(dc, c_prev, out=df)
-        df *= f
-        df *= 1.0 - f
+        times_sigmoid_slope_(xp, xp.multiply(dh, tanh_c, out=do), o, tmp)
+        times_sigmoid_slope_(xp, xp.multiply(dc, g, out=di), i, tmp)
+        times_sigmoid_slope_(xp, xp.multiply(dc, c_prev, out=df), f, tmp)
         xp.multiply(dc, i, out=dg)
-        dg *= 1.0 - g * g
+        dg *= tanh_slope(xp, g, out=tmp)
         dc *= f  # dL/dc_{t-1}
 
 
