@@ -73,6 +73,29 @@ def emulated(name: str):
     return impl, validate(impl)
 
 
+def forward_backward(impl, case):
+    """-> (y, h_T, c_T), gradients: one forward and the backward on its cache."""
+    y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+    return (y, h_T, c_T), impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+
+
+def assert_equals_numpy_twin_bit_for_bit(name, case, outputs, grads):
+    ref, want = forward_backward(NUMPY_TWIN[name](), case)
+    for key, a, b in zip(("y", "h_T", "c_T"), outputs, ref):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+    assert set(grads) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(grads[key], want[key], err_msg=f"d{key}")
+
+
+def assert_matches_finite_differences(impl, info, dtype, data):
+    """A drawn case of the dtype passes the finite-difference oracle, every quantity compared."""
+    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
+    records = check(impl, info, spec)
+    compared = {(r.direction, r.quantity) for r in records if r.status == "pass"}
+    assert compared == {(d, q) for d in ("forward", "backward") for q in quantities(info.variant, d)}
+
+
 def check(impl, info, spec: CaseSpec, oracles=(ORACLE,)):
     records = check_case(InProcessSubject(impl, info), list(oracles), build_case(spec))
     bad = [r for r in records if not r.ok]
@@ -252,28 +275,16 @@ def test_emulated_kernels_equal_the_numpy_cells_bit_for_bit(variant, dtype, fuse
 @pytest.mark.parametrize("name", GPU_NAMES)
 @given(data=st.data())
 def test_emulated_implementation_matches_finite_differences(name, dtype, data):
-    impl, info = emulated(name)
-    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
-    records = check(impl, info, spec)
-    compared = {(r.direction, r.quantity) for r in records if r.status == "pass"}
-    assert compared == {(d, q) for d in ("forward", "backward") for q in quantities(info.variant, d)}
+    assert_matches_finite_differences(*emulated(name), dtype, data)
 
 
 @pytest.mark.parametrize("name", GPU_NAMES)
 @given(data=st.data())
 def test_emulated_implementation_equals_its_numpy_twin_bit_for_bit(name, data):
     impl, info = emulated(name)
-    twin = NUMPY_TWIN[name]()
     spec = data.draw(case_specs(variants=(info.variant,), max_T=6, max_B=4, max_D=6, max_H=40), label="spec")
     case = build_case(spec)
-    out, ref = impl.forward(case.x, case.h0, case.c0, case.params), twin.forward(case.x, case.h0, case.c0, case.params)
-    for key, a, b in zip(("y", "h_T", "c_T"), out[:3], ref[:3]):
-        np.testing.assert_array_equal(a, b, err_msg=key)
-    grads = impl.backward(case.dy, case.dh_T, case.dc_T, out[3])
-    want = twin.backward(case.dy, case.dh_T, case.dc_T, ref[3])
-    assert set(grads) == set(want)
-    for key in want:
-        np.testing.assert_array_equal(grads[key], want[key], err_msg=f"d{key}")
+    assert_equals_numpy_twin_bit_for_bit(name, case, *forward_backward(impl, case))
 
 
 @pytest.mark.parametrize("name", GPU_NAMES)
@@ -559,16 +570,12 @@ def test_pointer_loops_equal_the_numpy_twin_bit_for_bit(name, data):
     pointers) run over NumPy through a stand-in launcher: same results as the NumPy twin, bit for bit."""
     impl, info = emulated(name)
     spec = data.draw(case_specs(variants=(info.variant,), max_T=5, max_B=3, max_D=5, max_H=36), label="spec")
-    case, twin = build_case(spec), NUMPY_TWIN[name]()
+    case = build_case(spec)
     launcher = PointerLauncher()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(launch, "launcher_for", lambda a: launcher)
-        out = impl.forward(case.x, case.h0, case.c0, case.params)
-        grads = impl.backward(case.dy, case.dh_T, case.dc_T, out[3])
-    ref = twin.forward(case.x, case.h0, case.c0, case.params)
-    want = twin.backward(case.dy, case.dh_T, case.dc_T, ref[3])
-    for key, a, b in [*zip(("y", "h_T", "c_T"), out[:3], ref[:3]), *((f"d{k}", grads[k], want[k]) for k in want)]:
-        np.testing.assert_array_equal(a, b, err_msg=key)
+        outputs, grads = forward_backward(impl, case)
+    assert_equals_numpy_twin_bit_for_bit(name, case, outputs, grads)
     assert launcher.kernel_calls == launcher.gemm_calls == 2 * spec.T
 
 
@@ -752,11 +759,7 @@ def test_gpu_kernel_against_the_numpy_cell(variant, dtype, fused_step, B, H):
 @pytest.mark.parametrize("name", GPU_NAMES)
 @given(data=st.data())
 def test_gpu_matches_finite_differences(name, dtype, data):
-    impl, info = _on_device(name)
-    spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
-    records = check(impl, info, spec)
-    compared = {(r.direction, r.quantity) for r in records if r.status == "pass"}
-    assert compared == {(d, q) for d in ("forward", "backward") for q in quantities(info.variant, d)}
+    assert_matches_finite_differences(*_on_device(name), dtype, data)
 
 
 @pytest.mark.gpu
