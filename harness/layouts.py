@@ -118,6 +118,18 @@ def _four_h(n: int, name: str, axis_text: str) -> int:
     return n // 4
 
 
+def _stacked_weights(W: Any, R: Any, w_name: str, r_name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Input weights W (4H, D) and recurrent weights R (4H, H), gate blocks stacked along rows, checked:
+    -> W, R, H."""
+    W = _array(W, w_name)
+    if W.ndim != 2:
+        raise ValueError(f"{w_name}: expected shape (4H, D), got {tuple(W.shape)}")
+    H = _four_h(W.shape[0], w_name, "the number of rows")
+    R = _array(R, r_name)
+    _check_shape(R, r_name, (4 * H, H), f"(4H, H) = ({4 * H}, {H})")
+    return W, R, H
+
+
 def normalize_order(order: str, *, argument: str = "order") -> str:
     """A 4-letter gate order over i, f, g, o ('c' and 'j' read as 'g'), or a name in GATE_ORDERS."""
     if not isinstance(order, str):
@@ -165,12 +177,7 @@ def _canonical(
         if missing == ["b"]:
             hint = " (the layernorm variant has no bias, so it has no layout in this convention)"
         raise ValueError(f"params: expected keys {list(keys)}, missing {missing}{hint}")
-    W = _array(params["W"], "params['W']")
-    if W.ndim != 2:
-        raise ValueError(f"params['W']: expected shape (4H, D), got {tuple(W.shape)}")
-    H = _four_h(W.shape[0], "params['W']", "the number of rows")
-    R = _array(params["R"], "params['R']")
-    _check_shape(R, "params['R']", (4 * H, H), f"(4H, H) = ({4 * H}, {H})")
+    W, R, H = _stacked_weights(params["W"], params["R"], "params['W']", "params['R']")
     b = _array(params["b"], "params['b']") if need_bias else np.zeros(4 * H, W.dtype)
     _check_shape(b, "params['b']", (4 * H,), f"(4H,) = ({4 * H},)")
     return W, R, b
@@ -238,12 +245,8 @@ def from_torch(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError(
             f"state_dict: expected keys {list(need)} (and bias_ih_l0, bias_hh_l0), missing {missing}"
         )
-    W = _array(state_dict["weight_ih_l0"], "state_dict['weight_ih_l0']")
-    if W.ndim != 2:
-        raise ValueError(f"state_dict['weight_ih_l0']: expected shape (4H, D), got {tuple(W.shape)}")
-    H = _four_h(W.shape[0], "state_dict['weight_ih_l0']", "the number of rows")
-    R = _array(state_dict["weight_hh_l0"], "state_dict['weight_hh_l0']")
-    _check_shape(R, "state_dict['weight_hh_l0']", (4 * H, H), f"(4H, H) = ({4 * H}, {H})")
+    W, R, H = _stacked_weights(state_dict["weight_ih_l0"], state_dict["weight_hh_l0"],
+                               "state_dict['weight_ih_l0']", "state_dict['weight_hh_l0']")
     b = np.zeros(4 * H, W.dtype)
     for key in ("bias_ih_l0", "bias_hh_l0"):
         if key in state_dict and state_dict[key] is not None:
