@@ -222,12 +222,15 @@ def _ignored_state(nearest: list[Trial], runner: Any, cases: dict[str, list[Case
     """When nothing matched: whether one of the nearest conventions matches once an initial state is
     zero in the trial cases, which says the implementation ignores that input (a common bug)."""
     for state, words in IGNORABLE_STATES.items():
+        zeroed: dict[str, tuple[list[Case], list[Any]]] = {}  # variant -> the cases and their references
         for near in nearest:
-            zeroed = [dataclasses.replace(c, **{state: np.zeros_like(getattr(c, state))}) for c in cases[near.variant]]
+            if near.variant not in zeroed:
+                zc = [dataclasses.replace(c, **{state: np.zeros_like(getattr(c, state))}) for c in cases[near.variant]]
+                zeroed[near.variant] = (zc, [oracle.reference(c) for c in zc])
             trial = Trial(near.convention, near.variant)
             try:
-                _run_trial(trial, runner(near.variant, near.convention), zeroed,
-                           [oracle.reference(c) for c in zeroed], name=name, oracle=oracle)
+                _run_trial(trial, runner(near.variant, near.convention), *zeroed[near.variant], name=name,
+                           oracle=oracle)
             except Exception:  # noqa: BLE001 - a hint is optional; the diagnosis stands without it
                 continue
             if trial.matches:
