@@ -33,13 +33,8 @@ def _gate_loads(prefix: str, buf: str, fmt=_gate, gates=IFOG) -> tuple[Load, ...
     return tuple(Load(f"{prefix}{g}", buf, fmt(IFOG.index(g))) for g in gates)
 
 
-#: How every backward kernel starts: the upstream gradients dy_t, dh (from step t+1), dc, and tanh(c_t).
-_UPSTREAM_LOADS = (
-    Load("dy", "dy", BH),
-    Load("dh", "dh", BH),
-    Load("dc", "dc", BH),
-    Load("tc", "tanh_c", STEP_BH),
-)
+#: How every backward kernel starts: the upstream gradients dy_t, dh (from step t+1) and dc.
+_UPSTREAM_LOADS = (Load("dy", "dy", BH), Load("dh", "dh", BH), Load("dc", "dc", BH))
 #: The peephole weights, one per unit.
 _PEEPHOLE_LOADS = (Load("p_i", "p_i", UNIT), Load("p_f", "p_f", UNIT), Load("p_o", "p_o", UNIT))
 
@@ -76,6 +71,7 @@ VANILLA_BACKWARD = Kernel(
     steps=(Phase((
         *_UPSTREAM_LOADS,
         Load("c_prev", "c_prev", BH),
+        Load("tc", "tanh_c", STEP_BH),
         *_gate_loads("", "a"),
         Let("dh_all", "dh + dy"),
         Let("dc_t", "dc + (1 - tc * tc) * o * dh_all"),  # c_t is reached directly and through h_t
@@ -113,6 +109,7 @@ PEEPHOLE_BACKWARD = Kernel(
     steps=(Phase((
         *_UPSTREAM_LOADS,
         Load("c_prev", "c_prev", BH),
+        Load("tc", "tanh_c", STEP_BH),
         *_PEEPHOLE_LOADS,
         *_gate_loads("", "a"),
         Let("dh_all", "dh + dy"),
@@ -211,6 +208,7 @@ LAYERNORM_BACKWARD = Kernel(
     steps=(
         Phase((  # dz_o, dz_c = dL/dc_t, and the sums for LN_c's backward
             *_UPSTREAM_LOADS,
+            Load("tc", "tanh_c", STEP_BH),
             Load("o", "a", _gate(2)),
             Let("dh_all", "dh + dy"),
             Store("dz", _step_gate(2), "dh_all * tc * o * (1 - o)"),
