@@ -145,7 +145,8 @@ def test_step_ladder_keeps_the_bound_tight_on_smooth_cases(case):
         assert bound.max() < 1e-7, key
 
 
-@pytest.mark.parametrize("spec", [CaseSpec(T=3, B=2, D=3, H=4, seed=7), *SHARP_LAYERNORM], ids=["smooth", "T1-H3", "T5-H2"])
+@pytest.mark.parametrize("spec", [CaseSpec(T=3, B=2, D=3, H=4, seed=7), *SHARP_LAYERNORM],
+                         ids=["smooth", "T1-H3", "T5-H2"])
 def test_the_small_steps_are_taken_only_where_they_can_change_the_result(spec, monkeypatch):
     """Against the whole ladder at every coordinate: the same values (the settled ones are provably
     what the whole ladder keeps), bounds at most as wide, and fewer evaluations where L is smooth."""
