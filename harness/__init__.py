@@ -3,8 +3,12 @@
 Public API (internal modules may change):
 """
 
+from harness._version import __version__ as __version__
+from harness.adapt import adapt
+from harness.api import CertifyResult, certify, replay
 from harness.cases import Case, CaseSpec, build_case, case_specs, cases, load_case
-from harness.compare import TOLERANCES, Record, Tolerance, compare_arrays, render_message
+from harness.check import check_case
+from harness.compare import TOLERANCES, Tolerance, compare_arrays
 from harness.contract import (
     GATES,
     VARIANTS,
@@ -14,12 +18,9 @@ from harness.contract import (
     check_inputs,
     validate,
 )
-from harness.runner import RunSettings, check_case, run_checks
-
-__version__ = "0.1.0"  # before the imports below: reports.json reads it
-
-from harness.adapt import adapt  # noqa: E402
-from harness.api import CertifyResult, certify, replay  # noqa: E402
+from harness.limits import Limits
+from harness.records import Record, render_message
+from harness.runner import RunSettings, run_checks
 
 __all__ = [
     "Case",
@@ -40,6 +41,7 @@ __all__ = [
     "LSTMImplementation",
     "check_inputs",
     "validate",
+    "Limits",
     "RunSettings",
     "check_case",
     "run_checks",

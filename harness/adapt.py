@@ -31,8 +31,8 @@ c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``; h_T is read off y)
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
 
-Quantities an adapter cannot produce are declared in ``lstm_harness_limits`` and reported by
-:func:`harness.certify` as skipped with the reason, never compared against a placeholder.
+Quantities an adapter cannot produce are declared in its ``limits`` (a :class:`harness.Limits`) and
+reported by :func:`harness.certify` as not compared, with the reason, never compared against a placeholder.
 
 An adapter hides no contract violation of what it wraps. The implementation receives converted
 copies; if it modifies one in place, the change is converted back and written into the adapter's
@@ -53,6 +53,7 @@ import numpy as np
 
 from harness import layouts
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, to_numpy
+from harness.limits import Limits
 
 __all__ = ["adapt", "Convention", "Adapted"]
 
@@ -282,7 +283,7 @@ class Adapted:
             unchecked["c_T"] = "the implementation does not return the final cell state (final_cell=False)"
         if not convention.final_cell or "dc_T" not in upstream:
             zero.append("dc_T")
-        self.lstm_harness_limits = {"zero": zero, "unchecked": unchecked} if zero or unchecked else None
+        self.limits = Limits(zero=tuple(zero), unchecked=unchecked)
 
     def __repr__(self) -> str:
         extra = self.convention.describe() or "standard convention"
@@ -331,7 +332,7 @@ class Adapted:
             raise TypeError(f"forward: expected a tuple (y, h_T, c_T, cache), (y, h_T, c_T) or (y, cache), got "
                             f"{type(out).__name__}")
         if len(out) == 4:
-            return tuple(out)  # type: ignore[return-value]
+            return out[0], out[1], out[2], out[3]
         if len(out) == 3:
             return out[0], out[1], out[2], None
         if len(out) == 2:
@@ -658,7 +659,8 @@ def adapt(
         or type(source).__name__
     declared_dtypes = tuple(dtypes) if dtypes is not None else tuple(getattr(impl, "dtypes", DEFAULT_DTYPES))
     eps = ln_eps if ln_eps is not None else getattr(impl, "ln_eps", DEFAULT_LN_EPS)
-    common = dict(convention=convention, variant=variant, name=str(declared_name), dtypes=declared_dtypes,
+    common: dict[str, Any] = dict(convention=convention, variant=variant, name=str(declared_name),
+                                  dtypes=declared_dtypes,
                   ln_eps=eps, names=names_map, upstream=upstream)
     if impl is not None and _is_torch_module(impl):
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)

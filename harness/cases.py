@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -31,6 +32,9 @@ __all__ = [
     "case_specs",
     "cases",
     "load_case",
+    "case_file_name",
+    "replay_command",
+    "slug",
     "register_profiles",
     "PROFILES",
 ]
@@ -83,6 +87,36 @@ class CaseSpec:
             f"weights={self.weight_scale} state={self.state} upstream={self.upstream}"
             + (f" rows={self.rows}" if self.rows != "random" else "")
         )
+
+
+def slug(name: str) -> str:
+    """``name`` as a safe part of a file name: letters, digits, ``-`` and ``_``, at most 60 characters."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60] or "impl"
+
+
+def case_file_name(implementation: str, case: Case, what: str = "") -> str:
+    """The file name a case of ``implementation`` is saved under; ``what`` it shows (``crash``, ...)
+    is added when the case is not a minimal failing one."""
+    seed = case.spec.seed if case.spec else 0
+    tag = f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}-seed{seed}"
+    return f"{slug(implementation)}-{tag}" + (f"-{what}" if what else "") + ".npz"
+
+
+#: What a replay command names when no TARGET string loads the implementation (an object defined in a
+#: script, or with state of its own).
+NO_TARGET = "MODULE:ATTRIBUTE"
+
+
+def replay_command(case_file: str, target: str | None, oracle: str) -> str:
+    """The one way a replay command is written: ``lstm-harness replay CASE TARGET --oracle NAME``.
+
+    ``target`` is shell-ready (a quoted TARGET, perhaps followed by options such as ``--in-process``);
+    without one the command says that the implementation must be saved in a module first.
+    """
+    if not case_file:
+        return ""
+    command = f"lstm-harness replay {shlex.quote(case_file)} {target or NO_TARGET} --oracle {shlex.quote(oracle)}"
+    return command if target else f"save your implementation in a module to replay: {command}"
 
 
 @dataclass
@@ -156,6 +190,14 @@ class Case:
     def shape_text(self) -> str:
         return f"T={self.T}, B={self.B}, D={self.D}, H={self.H}, {self.dtype}"
 
+    def info(self) -> dict[str, Any]:
+        """What a record says of its case: shapes, dtype, and the spec (with its seed) that rebuilds it."""
+        out: dict[str, Any] = {"T": self.T, "B": self.B, "D": self.D, "H": self.H, "dtype": self.dtype}
+        if self.spec is not None:
+            out["seed"] = self.spec.seed
+            out["spec"] = self.spec.to_dict()
+        return out
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write every array and the spec to ``.npz``; :func:`load_case` restores it exactly."""
         path = Path(path)
@@ -167,13 +209,12 @@ class Case:
             "spec": self.spec.to_dict() if self.spec else None,
             "format": "lstm-harness case 1",
         }
-        arrays = {f"param_{k}": v for k, v in self.params.items()}
-        np.savez(
-            path,
-            x=self.x, h0=self.h0, c0=self.c0, dy=self.dy, dh_T=self.dh_T, dc_T=self.dc_T,
-            meta=np.array(json.dumps(meta)),
-            **arrays,
-        )
+        arrays: dict[str, np.ndarray] = {
+            "x": self.x, "h0": self.h0, "c0": self.c0, "dy": self.dy, "dh_T": self.dh_T, "dc_T": self.dc_T,
+            "meta": np.array(json.dumps(meta)),
+            **{f"param_{k}": v for k, v in self.params.items()},
+        }
+        np.savez(path, **cast(dict[str, Any], arrays))
         return path
 
 

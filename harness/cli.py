@@ -13,19 +13,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from harness import registry
 from harness.cases import PROFILES
-from harness.compare import Record
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
-from harness.summary import details, summary_table, verdict
+from harness.isolation import DEFAULT_TIMEOUT, GIB
+from harness.records import Record, verdict
+from harness.summary import details, summary_table
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_DISCREPANCY, EXIT_USAGE = 0, 1, 2
 
-_GIB = 1024**3
-DEFAULT_TIMEOUT = 60.0  # seconds per call into an isolated implementation
 
 _EXIT_TEXT = """exit codes:
   0  certified: every check agrees with every oracle
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_list(args: argparse.Namespace) -> int:
     from harness.plugins import entry_points
 
-    impls = []
+    impls: list[dict[str, Any]] = []
     for entry in registry.implementations():
-        row = {"name": entry.name, "target": entry.target, "available": entry.unavailable is None,
+        row: dict[str, Any] = {"name": entry.name, "target": entry.target, "available": entry.unavailable is None,
                "reason": entry.unavailable or ""}
         if entry.unavailable is None:
             info = validate(entry.create())
@@ -267,10 +267,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                progress=True, command="run")
     except InvalidArgument as exc:
         raise _usage(exc) from None
-    # The oracles each implementation was checked against (api.select_oracles chose them).
+    # The oracles each implementation was checked against (session.select_oracles chose them).
     names = list(dict.fromkeys(n for result in results for n in result.settings["oracles"]))
-    known = {o.name: o for o in registry.oracles()}
-    oracles = [known[n] for n in names if n in known]
+    by_name = {o.name: o for o in registry.oracles()}
+    oracles = [by_name[n] for n in names if n in by_name]
     records: list[Record] = [r for result in results for r in result.records]
     notes = sorted({n for result in results for n in result.notes})
     checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
@@ -297,7 +297,7 @@ def _memory_limit(args: argparse.Namespace) -> int | None:
 
     if args.in_process:
         return None
-    return int(args.memory_limit * _GIB) if args.memory_limit else default_memory_limit()
+    return int(args.memory_limit * GIB) if args.memory_limit else default_memory_limit()
 
 
 def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:

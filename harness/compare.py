@@ -1,8 +1,9 @@
 """Comparison: two arrays in, one structured :class:`Record` out.
 
-Every number a report shows comes from a Record: the terminal summary, ``report.json`` and the HTML
-are all rendered from these fields, never from text. The message in the shape of
-``torch.testing.assert_close`` is itself rendered from the fields (:func:`render_message`).
+Every number a report shows comes from a :class:`~harness.records.Record`: the terminal summary,
+``report.json`` and the HTML are all rendered from its fields, never from text. ``Record``,
+``STATUSES`` and ``render_message`` live in :mod:`harness.records` and are re-exported here, where
+the public API has always offered them.
 
 Closeness, elementwise, as in ``assert_close`` but with the absolute tolerance scaled:
 
@@ -19,15 +20,14 @@ NaN or Inf in ``actual`` where ``expected`` is finite is always a mismatch, loca
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from harness.contract import GATES, LN_ROWS, ArraySpec
+from harness.records import STATUSES, Record, format_coords, render_message
 
 __all__ = [
     "Tolerance",
@@ -39,6 +39,8 @@ __all__ = [
     "compare_arrays",
     "compare_projections",
     "decode_index",
+    "format_coords",
+    "error_map",
     "render_message",
 ]
 
@@ -118,85 +120,6 @@ def tolerance(dtype: str, kind: str) -> Tolerance:
         raise ValueError(f"kind: expected 'values' or 'gradients', got {kind!r}") from None
 
 
-STATUSES = ("pass", "fail", "error", "contract", "skip")
-
-
-@dataclass
-class Record:
-    """The outcome of one comparison (or of one check that could not compare). Plain data."""
-
-    implementation: str
-    oracle: str
-    variant: str
-    dtype: str
-    direction: str  # "forward" or "backward"
-    quantity: str  # y, h_T, c_T, dx, dh0, dc0, dW, ...
-    status: str  # one of STATUSES
-    method: str = "elementwise"  # or "projection" (finite differences along random directions)
-    max_abs_error: float | None = None
-    max_rel_error: float | None = None
-    ratio: float | None = None  # worst |error| / allowed; <= 1 passes
-    mismatched: int = 0
-    total: int = 0
-    nonfinite: int = 0  # NaN/Inf in actual where expected is finite
-    worst: dict[str, Any] | None = None  # index, coords, actual, expected, allowed
-    first_bad_t: int | None = None
-    last_bad_t: int | None = None
-    rtol: float | None = None
-    atol: float | None = None
-    atol_scale: float | None = None
-    tolerance_dtype: str | None = None
-    #: Factors rtol and atol above already include, by reason: the case's LayerNorm condition number
-    #: (harness.conditioning), and 2 when the oracle computes in the same low precision as the
-    #: implementation (both sides then carry that precision's rounding).
-    tolerance_factors: dict[str, float] = field(default_factory=dict)
-    reason: str = ""  # why skipped, or the error / contract text
-    traceback: str = ""
-    case: dict[str, Any] = field(default_factory=dict)  # T, B, D, H, dtype, spec
-    error_map: dict[str, Any] | None = None  # panels of |error| / allowed, for heatmaps
-    examples: int = 1  # cases this record summarizes (the worst, or the minimal failing one)
-    case_file: str = ""
-    replay: str = ""
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("pass", "skip")
-
-    def to_dict(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Record:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), allow_nan=False)
-
-    @property
-    def label(self) -> str:
-        return f"{self.quantity} from {self.implementation} ({self.dtype}) vs {self.oracle}"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return 1e300 if value > 0 else -1e300
-        return value
-    if isinstance(value, (np.floating,)):
-        return _json_safe(float(value))
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def decode_index(index: tuple[int, ...], spec: ArraySpec, H: int) -> dict[str, Any]:
     """Name the coordinates of one element: ``gate_unit`` row 9 with H=4 is gate=g, unit=1."""
     coords: dict[str, Any] = {}
@@ -210,10 +133,6 @@ def decode_index(index: tuple[int, ...], spec: ArraySpec, H: int) -> dict[str, A
         else:
             coords[axis] = i
     return coords
-
-
-def format_coords(coords: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in coords.items())
 
 
 _MAP_SIDE = 48
@@ -319,7 +238,7 @@ def compare_arrays(
         nonfinite=int(bad_nonfinite.sum()),
         worst={
             "index": [int(i) for i in worst_idx],
-            "coords": decode_index(worst_idx, spec, H),
+            "coords": decode_index(tuple(int(i) for i in worst_idx), spec, H),
             "actual": float(a[worst_idx]) if ratio.size else None,
             "expected": float(e[worst_idx]) if ratio.size else None,
             "abs_error": float(diff[worst_idx]) if ratio.size else None,
@@ -336,7 +255,6 @@ def compare_arrays(
         rec.first_bad_t, rec.last_bad_t = int(bad_t[0]), int(bad_t[-1])
     if n_bad:
         rec.error_map = error_map(np.where(np.isfinite(ratio), ratio, 1e9), spec, H)
-    rec.message = render_message(rec)
     return rec
 
 
@@ -388,55 +306,4 @@ def compare_projections(
         atol_scale=max(1.0, scale),
         tolerance_dtype=tolerance_dtype,
     )
-    rec.message = render_message(rec)
     return rec
-
-
-def _num(value: Any) -> str:
-    return "None" if value is None else f"{value:.8g}"
-
-
-def _ratio(ratio: float | None) -> str:
-    if ratio is None:
-        return "?"
-    return "infinitely many times" if ratio >= 1e300 or math.isinf(ratio) else f"{ratio:.3g} times"
-
-
-def render_message(rec: Record) -> str:
-    """The ``torch.testing.assert_close``-shaped text of a record, made from its fields only."""
-    head = rec.label
-    if rec.status == "skip":
-        return f"{head}: skipped ({rec.reason})"
-    if rec.status in ("error", "contract"):
-        kind = "raised an error" if rec.status == "error" else "broke the contract"
-        return f"{head}: {kind}\n{rec.reason}"
-    what = "directional derivatives" if rec.method == "projection" else "elements"
-    if rec.status == "pass":
-        return (
-            f"{head}: close (worst error {rec.ratio:.2g} of the allowed, "
-            f"{rec.max_abs_error:.2g} absolute, over {rec.total} {what})"
-        )
-    w = rec.worst or {}
-    where = format_coords(w.get("coords", {}))
-    pct = 100.0 * rec.mismatched / max(rec.total, 1)
-    lines = [
-        f"{head}: not close",
-        f"Mismatched {what}: {rec.mismatched} / {rec.total} ({pct:.1f}%)",
-    ]
-    if rec.nonfinite:
-        lines.append(f"Non-finite values where the oracle is finite: {rec.nonfinite}")
-    lines.append(
-        f"Worst element: |error| {w.get('abs_error', float('nan')):.3g} at {where} "
-        f"(actual {_num(w.get('actual'))}, expected {_num(w.get('expected'))}; "
-        f"{_ratio(rec.ratio)} the {w.get('allowed', float('nan')):.3g} allowed)"
-    )
-    among = " among finite elements" if rec.nonfinite else ""
-    lines.append(f"Greatest absolute difference{among}: {rec.max_abs_error:.3g}")
-    lines.append(f"Greatest relative difference{among}: {rec.max_rel_error:.3g}")
-    if rec.first_bad_t is not None:
-        lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
-    scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
-    factors = "; ".join(f"x {v:.3g} for {k}" for k, v in rec.tolerance_factors.items())
-    cond = f" (including {factors})" if factors else ""
-    lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol:.1e}, atol={rec.atol:.1e}{scale}{cond}")
-    return "\n".join(lines)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from harness.limits import Limits
 
 __all__ = [
     "GATES",
@@ -34,6 +36,9 @@ __all__ = [
     "output_specs",
     "gradient_keys",
     "quantity_specs",
+    "quantities",
+    "DIRECTIONS",
+    "FORWARD_QUANTITIES",
     "to_numpy",
 ]
 
@@ -156,6 +161,22 @@ def quantity_specs(variant: str) -> dict[str, ArraySpec]:
     return specs
 
 
+#: The two directions of a check, in report order.
+DIRECTIONS: tuple[str, ...] = ("forward", "backward")
+#: What a forward pass returns, in order: the quantities of the forward direction.
+FORWARD_QUANTITIES: tuple[str, ...] = tuple(s.name for s in _OUTPUTS)
+
+
+def quantities(variant: str, direction: str) -> tuple[str, ...]:
+    """The quantities one direction of a check compares, in report order: ``y, h_T, c_T`` forward;
+    ``dx, dh0, dc0`` and one per parameter backward."""
+    if direction == "forward":
+        return FORWARD_QUANTITIES
+    if direction != "backward":
+        raise ValueError(f"direction: expected 'forward' or 'backward', got {direction!r}")
+    return tuple("d" + k for k in gradient_keys(variant))
+
+
 class ContractError(Exception):
     """An object does not meet the contract; ``problems`` lists each thing to fix."""
 
@@ -168,7 +189,8 @@ class ContractError(Exception):
 
 @runtime_checkable
 class LSTMImplementation(Protocol):
-    """What an implementation provides. ``backward``, ``name``, ``dtypes`` and ``ln_eps`` are optional.
+    """What an implementation provides. ``backward``, ``name``, ``dtypes``, ``ln_eps`` and ``limits`` (a
+    :class:`harness.Limits`) are optional.
 
     ``forward(x, h0, c0, params) -> (y, h_T, c_T, cache)``
     ``backward(dy, dh_T, dc_T, cache) -> {"x": dx, "h0": dh0, "c0": dc0, <param>: d<param>, ...}``
@@ -189,6 +211,8 @@ class ImplementationInfo:
     dtypes: tuple[str, ...]
     has_backward: bool
     ln_eps: float
+    #: What the implementation declared it cannot do (its ``limits`` attribute; nothing by default).
+    limits: Limits = field(default_factory=Limits)
 
 
 def _accepts_positional(fn: Any, n: int) -> str | None:
@@ -259,6 +283,14 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         problems.append(f"ln_eps: expected a positive float, got {ln_eps!r}")
         ln_eps = DEFAULT_LN_EPS
 
+    limits = getattr(obj, "limits", None)
+    if limits is None:
+        limits = Limits()
+    elif not isinstance(limits, Limits):
+        problems.append(f"limits: expected a harness.Limits (what the implementation cannot do) or no attribute, "
+                        f"got {type(limits).__name__}")
+        limits = Limits()
+
     if problems:
         raise ContractError(problems, subject=f"implementation {name!r}")
     return ImplementationInfo(
@@ -267,6 +299,7 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         dtypes=dtypes,
         has_backward=backward is not None,
         ln_eps=float(ln_eps),
+        limits=limits,
     )
 
 

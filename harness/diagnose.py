@@ -27,9 +27,9 @@ import numpy as np
 
 from harness.adapt import Convention
 from harness.cases import Case, CaseSpec, build_case
-from harness.compare import Record, format_coords
+from harness.check import compare_execution
 from harness.contract import VARIANTS
-from harness.runner import compare_execution
+from harness.records import Record, format_coords
 
 __all__ = ["diagnose", "Diagnosis", "Trial", "GATE_PERMUTATIONS"]
 
@@ -247,11 +247,11 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
 
     ``variant`` is what it is meant to be (default: what it declares). ``dtype`` of the trial cases
     defaults to the most precise one it declares. With ``isolate=True`` it runs in a worker process.
-    Bad arguments raise :class:`harness.api.InvalidArgument` (a ``ValueError``).
+    Bad arguments raise :class:`harness.session.InvalidArgument` (a ``ValueError``).
     """
     from harness.adapt import adapt
-    from harness.api import InvalidArgument, open_subject
     from harness.contract import validate
+    from harness.session import InvalidArgument, open_subject
     from harness.subject import InProcessSubject
     from oracles.finite_diff import FiniteDifferenceOracle
 

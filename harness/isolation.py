@@ -43,9 +43,11 @@ from harness.contract import ContractError, ImplementationInfo, validate
 from harness.subject import Execution, execute
 
 __all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "check_timeout", "default_memory_limit",
-           "describe_exit"]
+           "describe_exit", "DEFAULT_TIMEOUT", "GIB"]
 
-_GIB = 1024**3
+GIB = 1024**3
+#: Seconds per call into an isolated implementation, unless the user says otherwise (CLI and pytest plugin).
+DEFAULT_TIMEOUT = 60.0
 
 
 def default_memory_limit() -> int:
@@ -59,8 +61,8 @@ def default_memory_limit() -> int:
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        total = 16 * _GIB
-    return max(4 * _GIB, total // 2)
+        total = 16 * GIB
+    return max(4 * GIB, total // 2)
 
 
 @dataclass
@@ -98,10 +100,11 @@ def describe_exit(exitcode: int | None) -> str:
         return "it stopped responding"
     if exitcode < 0:
         try:
-            name = signal.Signals(-exitcode).name
+            known = signal.Signals(-exitcode)
         except ValueError:
-            name = f"signal {-exitcode}"
-        why = _SIGNALS.get(-exitcode, "")
+            name, why = f"signal {-exitcode}", ""
+        else:
+            name, why = known.name, _SIGNALS.get(known, "")
         return f"killed by {name} (signal {-exitcode}{': ' + why if why else ''})"
     return (f"it exited with status {exitcode} (the implementation ended the process itself, "
             f"e.g. with os._exit({exitcode}))")
@@ -210,7 +213,7 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
     if memory_limit:
         _cap_memory(memory_limit)
     adapted: dict[Any, tuple[Any, ImplementationInfo]] = {}
-    conn.send(("ready", info, target, getattr(impl, "lstm_harness_limits", None)))
+    conn.send(("ready", info, target))
     while True:
         try:
             message = conn.recv()
@@ -223,8 +226,8 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
             if problem:
                 conn.send(("adapt-error", problem))
             else:
-                wrapped, wrapped_info = adapted[message[1]]
-                conn.send(("adapted", wrapped_info, getattr(wrapped, "lstm_harness_limits", None)))
+                _, wrapped_info = adapted[message[1]]
+                conn.send(("adapted", wrapped_info))
             continue
         _, case, backward, key = message
         if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
@@ -415,8 +418,7 @@ class IsolatedSubject:
         fd, self._fault_path = tempfile.mkstemp(prefix="lstm-harness-fault-", suffix=".txt")
         os.close(fd)
         self.target: dict | None = None
-        self.limits: dict | None = None
-        self._adapted: dict[Any, tuple[ImplementationInfo, dict | None]] = {}
+        self._adapted: dict[Any, ImplementationInfo] = {}
         self.info: ImplementationInfo = self._start()
 
     # -- lifecycle
@@ -460,8 +462,8 @@ class IsolatedSubject:
             self._kill()
             raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
                                           f"{message!r:.200}")
-        _, info, target, limits = message
-        self.target, self.limits = target, limits
+        _, info, target = message
+        self.target = target
         return info
 
     def _kill(self) -> None:
@@ -513,9 +515,8 @@ class IsolatedSubject:
                 self._kill()
                 raise RuntimeError(f"adapting the implementation: the worker process sent an unexpected reply "
                                    f"{reply!r:.200}; it was stopped")
-            self._adapted[key] = (reply[1], reply[2])
-        info, limits = self._adapted[key]
-        return _View(self, key, info, limits)
+            self._adapted[key] = reply[1]
+        return _View(self, key, self._adapted[key])
 
     def _request(self, message: Any, timeout: float, what: str) -> Any:
         """Send ``message`` and wait for the reply; a worker that dies, does not answer within
@@ -611,7 +612,7 @@ class IsolatedSubject:
     def _note_memory(self, execution: Execution) -> None:
         if not self.memory_limit:
             return
-        note = (f" (the implementation may reserve {self.memory_limit / _GIB:.1f} GiB beyond what loading it "
+        note = (f" (the implementation may reserve {self.memory_limit / GIB:.1f} GiB beyond what loading it "
                 f"took: the worker's address space is limited to that; it tried to use more)")
         for attr in ("forward_error", "backward_error"):
             text = getattr(execution, attr)
@@ -660,11 +661,10 @@ def _is_phase(message: Any) -> bool:
 class _View:
     """An adapted implementation that runs in the same worker as its :class:`IsolatedSubject`."""
 
-    def __init__(self, parent: IsolatedSubject, key: Any, info: ImplementationInfo, limits: dict | None):
+    def __init__(self, parent: IsolatedSubject, key: Any, info: ImplementationInfo):
         self._parent = parent
         self._key = key
         self.info = info
-        self.limits = limits
 
     def execute(self, case: Case, *, backward: bool) -> Execution:
         return self._parent.execute(case, backward=backward, _key=self._key)

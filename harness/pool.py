@@ -9,47 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Sequence
 from multiprocessing.connection import wait as wait_connections
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from harness.compare import Record
 from harness.contract import ContractError
-from harness.summary import unit_outcome
-from harness.unit import UnitSettings, internal_error, run_unit
+from harness.isolation import ChildProcess, describe_exit
+from harness.plugins import LoadError
+from harness.progress import Progress
+from harness.records import Record, unit_outcome
+from harness.runner import RunSettings
+from harness.session import Job, Unit, open_subject, oracle_from_payload, oracle_payload
+from harness.unit import internal_error, run_unit
 
-if TYPE_CHECKING:
-    from harness.api import Progress, _Job
-
-__all__ = ["run_parallel", "oracle_portable", "portable_form", "MAX_CHILD_DEATHS"]
-
-
-def _oracle_payload(oracle: Any) -> Any:
-    """A registry oracle travels by name (the child makes its own); any other one pickled."""
-    from harness import registry
-
-    for known in registry.oracles():
-        if known.name == oracle.name and type(known) is type(oracle):
-            return ("name", oracle.name)
-    return ("pickled", pickle.dumps(oracle))
-
-
-def oracle_portable(oracle: Any) -> bool:
-    """Whether a parallel child process can make the same oracle: a registry one by its name, any
-    other one only when it pickles by reference to an importable module (not ``__main__``)."""
-    try:
-        kind, _ = _oracle_payload(oracle)
-    except Exception:
-        return False
-    return kind == "name" or portable_form(oracle, None) is not None
-
-
-def _oracle_from_payload(payload: Any) -> Any:
-    kind, value = payload
-    if kind == "name":
-        from harness.registry import oracle_by_name
-
-        return oracle_by_name(value)
-    return pickle.loads(value)
+__all__ = ["run_parallel", "MAX_CHILD_DEATHS"]
 
 
 def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
@@ -58,10 +31,7 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
     Subjects are opened on first use and kept, so a child that is sent several units of the same
     implementation loads it once.
     """
-    from harness.api import open_subject  # the parent imported it already; a child imports it here
-    from harness.plugins import LoadError
-
-    oracles = {name: _oracle_from_payload(p) for name, p in payload["oracles"].items()}
+    oracles = {name: oracle_from_payload(p) for name, p in payload["oracles"].items()}
     subjects: dict[bytes, Any] = {}
     conn.send(("ready",))
     try:
@@ -85,7 +55,7 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
                 conn.send(("progress", unit_id, n))
 
             records, notes = run_unit(subjects[key], [oracles[n] for n in names], dtype,
-                                      UnitSettings(**settings), progress)
+                                      RunSettings(**settings), progress)
             conn.send(("done", unit_id, records, notes))
     finally:
         for subject in subjects.values():
@@ -99,8 +69,8 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
 MAX_CHILD_DEATHS = 3
 
 
-def run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], str]], jobs: int,
-                  display: Progress) -> list[tuple[list[Record], list[str]]]:
+def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int,
+                 display: Progress) -> list[tuple[list[Record], list[str]]]:
     """Hand the units to up to ``jobs`` child processes, each taking the next one when it is done.
 
     A child that dies costs the unit it was running (error records that say so) and is replaced;
@@ -108,11 +78,8 @@ def run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], s
     up the same way. Raises :class:`harness.plugins.LoadError` when a child cannot load the
     implementation.
     """
-    from harness.isolation import ChildProcess, describe_exit
-    from harness.plugins import LoadError
-
     oracles = {o.name: o for job in jobs_list for o in job.oracles}
-    payload = {"oracles": {name: _oracle_payload(o) for name, o in oracles.items()}}
+    payload = {"oracles": {name: oracle_payload(o) for name, o in oracles.items()}}
     pending = list(range(len(units)))
     done: dict[int, tuple[list[Record], list[str]]] = {}
     counts: dict[int, int] = {}
@@ -129,28 +96,30 @@ def run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], s
             child.conn.send(("stop",))
             return
         unit_id = pending.pop(0)
-        index, dtype, group, label = units[unit_id]
-        job = jobs_list[index]
+        unit = units[unit_id]
+        job = jobs_list[unit.job]
         busy[child] = unit_id
-        display.begin(label)
-        child.conn.send(("run", unit_id, job.opening, dtype, [o.name for o in group],
+        display.begin(unit.label)
+        child.conn.send(("run", unit_id, job.opening, unit.dtype, [o.name for o in unit.oracles],
                          dataclasses.asdict(job.settings)))
 
     def lose(unit_id: int, why: str) -> None:
-        index, dtype, group, label = units[unit_id]
-        records = internal_error(jobs_list[index].info, group, dtype, RuntimeError(why), counts.get(unit_id, 0))
+        unit = units[unit_id]
+        records = internal_error(jobs_list[unit.job].info, unit.oracles, unit.dtype, RuntimeError(why),
+                                 counts.get(unit_id, 0))
         done[unit_id] = (records, [])
-        display.end(label, counts.get(unit_id, 0), "error")
+        display.end(unit.label, counts.get(unit_id, 0), "error")
 
     children = [start() for _ in range(min(jobs, len(units)))]
     alive = list(children)
     try:
         while alive:
             by_conn = {c.conn: c for c in alive}
-            for conn in wait_connections(list(by_conn), timeout=1.0):
-                child = by_conn[conn]
+            for ready in wait_connections(list(by_conn), timeout=1.0):
+                child = by_conn[ready]
+                message: Any
                 try:
-                    message = conn.recv()
+                    message = child.conn.recv()
                 except Exception:  # noqa: BLE001 - the end of the child, or a message that cannot be read
                     message = ("died",)
                 kind = message[0]
@@ -158,12 +127,12 @@ def run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], s
                     assign(child)
                 elif kind == "progress":
                     counts[message[1]] = message[2]
-                    display.update(units[message[1]][3], message[2])
+                    display.update(units[message[1]].label, message[2])
                 elif kind == "done":
                     deaths = 0
                     unit_id = busy.pop(child)
                     done[unit_id] = (message[2], message[3])
-                    display.end(units[unit_id][3], counts.get(unit_id, 0), unit_outcome(message[2]))
+                    display.end(units[unit_id].label, counts.get(unit_id, 0), unit_outcome(message[2]))
                     assign(child)
                 elif kind == "failed":
                     raise LoadError(f"a parallel worker process could not load the implementation: {message[2]}\n"
@@ -196,27 +165,3 @@ def run_parallel(jobs_list: list[_Job], units: list[tuple[int, str, list[Any], s
         for child in children:
             child.kill()
     return [done[i] for i in range(len(units))]
-
-
-def portable_form(impl: Any, target: str | None) -> Any:
-    """What a parallel child process can load: the TARGET string, else the object itself when it pickles
-    by reference to an importable module (so it keeps its state), else the guessed target, else None."""
-    if isinstance(impl, str):
-        return impl
-    module = getattr(type(impl), "__module__", "") or ""
-    importable = module != "__main__" and not module.startswith("_lstm_harness_target_")
-    if importable and _picklable(impl):
-        return impl
-    return target
-
-
-def _picklable(obj: Any) -> bool:
-    if isinstance(obj, str):
-        return True
-    try:
-        pickle.dumps(obj)
-    except Exception:
-        return False
-    return True
-
-

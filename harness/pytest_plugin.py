@@ -22,8 +22,8 @@ fails its test instead of hanging or ending the session; ``--lstm-in-process`` (
 ``lstm_in_process = true``) runs it in the session's own process instead. Objects passed to the
 fixture run in process unless ``--lstm-isolate`` is given (they may not be picklable).
 
-Importing this module imports nothing of the harness: every pytest session in an environment with
-lstm-harness installed loads it, so it must cost nothing when unused.
+Every pytest session in an environment with lstm-harness installed loads this module, so it does no
+work until a session asks for a certification.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from typing import Any
 
 import pytest
 
-__all__ = ["CertifyItem", "certify_settings", "DEFAULT_TIMEOUT"]
+from harness.isolation import DEFAULT_TIMEOUT
 
-#: Seconds per call into an implementation named by a TARGET string (the command line's default too).
-DEFAULT_TIMEOUT = 60.0
+__all__ = ["CertifyItem", "certify_settings", "DEFAULT_TIMEOUT"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -149,9 +148,9 @@ class CertifyItem(pytest.Item):
 
         settings = certify_settings(self.config)
         if "report_dir" in settings and len(_targets(self.config)) > 1:
-            from harness.runner import _slug
+            from harness.cases import slug
 
-            settings["report_dir"] = f"{settings['report_dir']}/{_slug(self.target)}"
+            settings["report_dir"] = f"{settings['report_dir']}/{slug(self.target)}"
         result = certify(self.target, **{**_worker_defaults(self.target, settings), **settings})
         self.user_properties.append(("verdict", result.verdict))
         if not result.ok:

@@ -124,7 +124,9 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     if problem:
         out.forward_contract = f"forward: {problem}"
         return out
-    out.forward = tuple(outputs.values())  # type: ignore[union-attr,assignment]
+    assert outputs is not None
+    y, h_T, c_T = outputs.values()
+    out.forward = (y, h_T, c_T)
     if backward and info.has_backward:
         out.backward_ran = True
         up = case.copy()

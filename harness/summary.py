@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import groupby
 
-from harness.compare import Record
+from harness.records import Record, worst_status
 
-__all__ = ["verdict", "unit_outcome", "summary_table", "details", "STATUS_ORDER"]
-
-# Worst first: the status a group of records shows is its worst member's.
-STATUS_ORDER = ("error", "contract", "fail", "pass", "skip")
-
-
-def worst_status(records: Iterable[Record]) -> str:
-    statuses = {r.status for r in records}
-    for s in STATUS_ORDER:
-        if s in statuses:
-            return s
-    return "skip"
-
-
-def verdict(records: Sequence[Record]) -> str:
-    """``certified`` (nothing failed and something passed), ``discrepancies`` or ``error``."""
-    statuses = {r.status for r in records}
-    if statuses & {"error", "contract"}:
-        return "error" if not statuses & {"fail"} else "discrepancies"
-    if "fail" in statuses:
-        return "discrepancies"
-    if "pass" not in statuses:
-        return "error"
-    return "certified"
-
-
-def unit_outcome(records: Sequence[Record]) -> str:
-    """One unit's word on the progress line: its verdict, or ``skipped`` when no oracle of it could
-    check the dtype (its records are all skips, each with the reason the summary lists)."""
-    if records and all(r.status == "skip" for r in records):
-        return "skipped"
-    return verdict(records)
+__all__ = ["summary_table", "details"]
 
 
 def _ratio_text(r: Record) -> str:
@@ -62,13 +31,13 @@ def summary_table(records: Sequence[Record], *, per_quantity: bool = False) -> s
     once per reason underneath, so that what was checked stays readable; the JSON and HTML keep
     every skip record.
     """
-    def key(r: Record):
+    def key(r: Record) -> tuple[str, ...]:
         return (r.implementation, r.dtype, r.oracle, r.direction) + ((r.quantity,) if per_quantity else ())
 
     rows = []
     skipped: dict[str, int] = {}
-    for k, group in groupby(records, key=key):
-        group = list(group)
+    for k, grouped in groupby(records, key=key):
+        group = list(grouped)
         status = worst_status(group)
         if status == "skip":
             reason = group[0].reason or "skipped"

@@ -12,55 +12,34 @@ A call that hangs or kills its worker process (:class:`harness.isolation.WorkerF
 unit at once: shrinking it would cost a restart or a whole timeout per attempt, so the case that
 did it is reported as it is, with its replay command.
 
-Adapters (:mod:`harness.adapt`) may declare *limits*: an implementation with no initial cell state
-is checked with c0 = 0, and the quantities it cannot produce (dc0, or c_T) are reported as skipped
-with the reason, never compared against placeholders.
+An implementation may declare *limits* (:class:`harness.Limits`, set by :mod:`harness.adapt`): one
+with no initial cell state is checked with c0 = 0, and the quantities it cannot produce (dc0, or c_T)
+are reported as not compared, with the reason, never compared against placeholders.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shlex
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from harness.cases import Case, CaseSpec, build_case, load_case
-from harness.compare import Record, compare_arrays, render_message, tolerance
-from harness.contract import ImplementationInfo, quantity_specs
-from harness.runner import (
-    FORWARD_QUANTITIES,
-    RunSettings,
-    _case_info,
-    _case_tag,
-    _keep_worst,
-    _key,
-    _slug,
-    check_case,
-    quantities,
-    run_checks,
-)
+from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command
+from harness.check import check_case
+from harness.compare import compare_arrays, tolerance
+from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ImplementationInfo, quantities, quantity_specs
+from harness.limits import Limits
+from harness.records import Record, merge_after_stop, status_rank
+from harness.runner import RunSettings, run_checks
 from harness.subject import Execution
-from harness.summary import STATUS_ORDER
 
-__all__ = ["run_unit", "UnitSettings", "RestrictedSubject", "RestrictedOracle", "StoredSubject", "disagreement",
-           "limits_of", "mark_unchecked", "internal_error"]
+__all__ = ["run_unit", "RestrictedSubject", "RestrictedOracle", "StoredSubject", "disagreement", "restricted",
+           "mark_unchecked", "internal_error"]
 
 
 # --------------------------------------------------------------------------------------------------
 # Limits declared by adapters: quantities an implementation cannot produce
-
-
-def limits_of(subject: Any) -> dict[str, Any]:
-    """What an adapter declared it cannot produce (see :mod:`harness.adapt`); read in the worker when
-    the implementation is isolated (``IsolatedSubject.limits``), else off the object itself."""
-    limits = getattr(subject, "limits", None)
-    if limits is None:
-        limits = getattr(getattr(subject, "impl", None), "lstm_harness_limits", None)
-    return dict(limits) if isinstance(limits, dict) else {}
 
 
 def _restrict_case(case: Case, zero: Sequence[str]) -> Case:
@@ -71,11 +50,14 @@ def _restrict_case(case: Case, zero: Sequence[str]) -> Case:
 
 
 class RestrictedSubject:
-    def __init__(self, subject: Any, limits: dict[str, Any]):
+    """The implementation as its limits declare it: the inputs it does not take held at zero, and what it
+    cannot produce set to zeros (reported as not compared by :func:`mark_unchecked`)."""
+
+    def __init__(self, subject: Any, limits: Limits):
         self.subject = subject
         self.info = subject.info
-        self.zero = tuple(limits.get("zero", ()))
-        self.unchecked = dict(limits.get("unchecked", {}))
+        self.zero = limits.zero
+        self.unchecked = dict(limits.unchecked)
 
     def execute(self, case: Case, *, backward: bool) -> Execution:
         restricted = _restrict_case(case, self.zero)
@@ -92,10 +74,12 @@ class RestrictedSubject:
 
 
 class RestrictedOracle:
-    def __init__(self, oracle: Any, limits: dict[str, Any]):
+    """An oracle seeing the case as the restricted implementation does (see :class:`RestrictedSubject`)."""
+
+    def __init__(self, oracle: Any, limits: Limits):
         self._oracle = oracle
-        self.zero = tuple(limits.get("zero", ()))
-        self.unchecked = dict(limits.get("unchecked", {}))
+        self.zero = limits.zero
+        self.unchecked = dict(limits.unchecked)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._oracle, name)
@@ -116,13 +100,21 @@ class RestrictedOracle:
         return ref
 
 
-def mark_unchecked(records: list[Record], unchecked: dict[str, str]) -> None:
+def restricted(subject: Any, oracles: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """The subject and oracles as the implementation's declared limits restrict them (unchanged if none)."""
+    limits = subject.info.limits
+    if not limits:
+        return subject, list(oracles)
+    return RestrictedSubject(subject, limits), [RestrictedOracle(o, limits) for o in oracles]
+
+
+def mark_unchecked(records: list[Record], unchecked: Mapping[str, str]) -> None:
+    """Turn the records of quantities the implementation cannot produce into skips with the reason."""
     for r in records:
         if r.quantity in unchecked:
             fresh = Record(implementation=r.implementation, oracle=r.oracle, variant=r.variant, dtype=r.dtype,
                            direction=r.direction, quantity=r.quantity, status="skip",
                            reason=f"not compared: {unchecked[r.quantity]}", case=r.case, examples=r.examples)
-            fresh.message = render_message(fresh)
             r.__dict__.update(fresh.__dict__)
 
 
@@ -197,7 +189,6 @@ def disagreement(first: Execution, second: Execution, case: Case, base: dict[str
                          reason=("gives different results for the same input: one call raised an error and "
                                  "another on the same case did not (" + (err_a or err_b or "") + "); the "
                                  "implementation is nondeterministic or keeps state between calls"))
-            rec.message = render_message(rec)
             out.append(rec)
     for q in a:
         if q not in b or q not in specs or a[q].shape != b[q].shape:
@@ -219,7 +210,6 @@ def disagreement(first: Execution, second: Execution, case: Case, base: dict[str
                       f"ran in between) differ in {q} by up to {rec.max_abs_error:.3g} (at {where}; "
                       f"{rec.mismatched} of {rec.total} elements beyond tolerance). The implementation is "
                       f"nondeterministic or keeps state between calls")
-        rec.message = render_message(rec)
         out.append(rec)
     return out
 
@@ -228,51 +218,15 @@ def disagreement(first: Execution, second: Execution, case: Case, base: dict[str
 # One unit: one dtype against some oracles
 
 
-@dataclass
-class UnitSettings:
-    profile: str = "ci"
-    max_examples: int | None = None
-    seed: int | None = None
-    case_dir: str | None = None
-    replay_target: str | None = None
-
-    def run_settings(self) -> RunSettings:
-        return RunSettings(profile=self.profile, max_examples=self.max_examples, seed=self.seed,
-                           case_dir=Path(self.case_dir) if self.case_dir else None,
-                           replay_target=self.replay_target)
-
-
-def _save_case(case: Case, settings: UnitSettings, info: ImplementationInfo, what: str) -> str:
+def _save_case(case: Case, settings: RunSettings, info: ImplementationInfo, what: str) -> str:
     """Save a case the search did not save itself (the probe's, a crash's), named like the runner's
     minimal cases, with ``what`` it shows; "" when there is nowhere to save it."""
     if not settings.case_dir:
         return ""
-    path = Path(settings.case_dir) / f"{_slug(info.name)}-{_case_tag(case)}-{what}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    case.save(path)
-    return str(path)
+    return str(case.save(settings.case_dir / case_file_name(info.name, case, what)))
 
 
-#: What the replay commands name when no TARGET string loads the implementation (an object defined
-#: in a script, or with state of its own).
-NO_TARGET = "MODULE:ATTRIBUTE"
-
-
-def _replay_command(case_file: str, settings: UnitSettings, oracle: str) -> str:
-    if not case_file:
-        return ""
-    command = (f"lstm-harness replay {shlex.quote(case_file)} {settings.replay_target or NO_TARGET} "
-               f"--oracle {shlex.quote(oracle)}")
-    if settings.replay_target:
-        return command
-    return f"save your implementation in a module to replay: {command}"
-
-
-def _rank(status: str) -> int:
-    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
-
-
-def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSettings,
+def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSettings,
              progress: Callable[[int], None] | None = None) -> tuple[list[Record], list[str]]:
     """Probe, Hypothesis run, re-run of the minimal failure: records and notes for one dtype.
 
@@ -280,13 +234,11 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
     (merged with what the search had found before it), and a failure of the harness itself becomes
     error records that say so.
     """
-    limits = limits_of(subject)
     info = subject.info
-    inner: Any = RestrictedSubject(subject, limits) if limits else subject
-    oracles = [RestrictedOracle(o, limits) for o in oracles] if limits else list(oracles)
+    inner, oracles = restricted(subject, oracles)
     guard = _Guard(inner)
     notes: list[str] = []
-    unchecked = dict(limits.get("unchecked", {}))
+    unchecked = dict(info.limits.unchecked)
     seen = [0]
 
     def count(n: int) -> None:
@@ -299,7 +251,7 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
             mark_unchecked(records, unchecked)
         for r in records:
             if r.case_file:  # one way to write the command, whoever saved the case
-                r.replay = _replay_command(r.case_file, settings, r.oracle)
+                r.replay = replay_command(r.case_file, settings.replay_target, r.oracle)
         return records, sorted(set(notes))
 
     # 1. The probe: A, B, A.
@@ -311,7 +263,7 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
         guard.execute(case_b, backward=info.has_backward)
         again = guard.execute(case_a, backward=info.has_backward)
         for oracle in oracles:
-            if oracle.supports(info.variant, dtype):
+            if oracle.unsupported_reason(info.variant, dtype):
                 continue
             base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype)
             for rec in disagreement(first, again, case_a, base):
@@ -328,12 +280,12 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
     if probe:
         case_file = _save_case(case_a, settings, info, "nondeterministic")
         for rec in probe:
-            rec.case = _case_info(case_a)
+            rec.case = case_a.info()
             rec.case_file = case_file
 
     # 2. Hypothesis.
     try:
-        records = run_checks(guard, oracles, dtype=dtype, run=settings.run_settings(), progress=count)
+        records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count)
     except Exception as exc:
         # What the searches before this one found is still true (run_checks hands it over).
         partial = list(getattr(exc, "partial_records", None) or [])
@@ -341,7 +293,7 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
             stopped = _fatal_records(guard, oracles, settings, seen[0])
         else:
             stopped = internal_error(info, oracles, dtype, exc, seen[0])
-        records = _merge_partial(partial, stopped)
+        records = merge_after_stop(partial, stopped)
     # 3. The minimal failing case, twice more.
     failing = next((r for r in records if not r.ok and r.case_file), None)
     if failing is not None and guard.fatal is None:
@@ -353,72 +305,42 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: UnitSet
             differ = [r for r in disagreement(one, two, case, base) if r.status == "contract"]
             if differ:
                 names = ", ".join(r.quantity for r in differ)
-                note = (f"Note: this case gave different results when run again ({names} differ): the "
+                note = (f"this case gave different results when run again ({names} differ): the "
                         f"implementation is nondeterministic or keeps state between calls")
                 for r in records:
-                    if not r.ok and note not in r.reason:
-                        r.reason = (r.reason + "; " if r.reason else "") + note
-                        r.message = render_message(r) + "\n" + note
+                    if not r.ok:
+                        r.add_note(note)
         except Exception:  # noqa: BLE001 - only a note is lost; the records stand
             pass
     # Merge the probe's contract records.
-    by_key = {_key(r): i for i, r in enumerate(records)}
+    by_key = {r.key: i for i, r in enumerate(records)}
     for rec in probe:
         rec.examples = seen[0]
-        i = by_key.get(_key(rec))
+        i = by_key.get(rec.key)
         if i is None:
             records.append(rec)
-        elif _rank(rec.status) < _rank(records[i].status):
+        elif status_rank(rec.status) < status_rank(records[i].status):
             old = records[i]
             if old.status == "fail":
                 rec.reason += f" (the comparison with {old.oracle} also failed on its own minimal case)"
-                rec.message = render_message(rec)
             records[i] = rec
     return finish(records)
 
 
-def _merge_partial(partial: Sequence[Record], stopped: Sequence[Record]) -> list[Record]:
-    """One record per quantity after a search was stopped (a crash, a hang, the harness's own error).
-
-    ``partial`` is what the searches before it found: a discrepancy found there (with its own
-    minimal case) stands; for every other quantity the record of what stopped the search does,
-    unless both passed, when the worse of the two does.
-    """
-    found = {_key(r): r for r in partial}
-    out: dict[Any, Record] = {}
-    for r in stopped:
-        earlier = found.pop(_key(r), None)
-        if earlier is not None and not earlier.ok:
-            out[_key(r)] = earlier
-        elif earlier is not None and r.status == "pass" and earlier.status == "pass":
-            worst: dict[Any, Record] = {_key(r): r}
-            _keep_worst(worst, earlier)
-            out[_key(r)] = worst[_key(r)]
-        else:
-            out[_key(r)] = r
-    out.update({k: r for k, r in found.items() if not r.ok})
-    examples = max((r.examples for r in out.values()), default=0)
-    for r in out.values():
-        r.examples = examples
-    return list(out.values())
-
-
-def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: UnitSettings, examples: int) -> list[Record]:
+def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: RunSettings, examples: int) -> list[Record]:
     assert guard.fatal is not None
     case, execution = guard.fatal
     info = guard.info
     records = check_case(StoredSubject(info, execution), oracles, case)
     case_file = _save_case(case, settings, info, "crash" if getattr(execution, "failure", "") == "crash"
                            else "timeout")
-    note = ("This case was not shrunk: every attempt would cost a worker restart or a whole timeout; it is the "
-            "first case on which it happened.")
+    note = ("this case was not shrunk: every attempt would cost a worker restart or a whole timeout; it is the "
+            "first case on which it happened")
     for r in records:
         r.examples = max(1, examples)
         if not r.ok:
             r.case_file = case_file
-            if note not in r.reason:
-                r.reason = f"{r.reason}\n{note}"
-                r.message = render_message(r)
+            r.add_note(note)
     return records
 
 
@@ -430,13 +352,11 @@ def internal_error(info: ImplementationInfo, oracles: Sequence[Any], dtype: str,
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
     out = []
     for oracle in oracles:
-        for direction in ("forward", "backward"):
+        for direction in DIRECTIONS:
             for q in quantities(info.variant, direction):
-                rec = Record(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype,
-                             direction=direction, quantity=q, status="error", reason=reason, traceback=tb,
-                             examples=examples)
-                rec.message = render_message(rec)
-                out.append(rec)
+                out.append(Record(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype,
+                                  direction=direction, quantity=q, status="error", reason=reason, traceback=tb,
+                                  examples=examples))
     return out
 
 

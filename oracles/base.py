@@ -106,7 +106,7 @@ class Oracle(ABC):
     def _probe(self) -> Availability:
         return Availability(True)
 
-    def supports(self, variant: str, dtype: str) -> str | None:
+    def unsupported_reason(self, variant: str, dtype: str) -> str | None:
         """None when this oracle can check ``variant`` at ``dtype``, else the reason it cannot."""
         avail = self.availability()
         if not avail.available:

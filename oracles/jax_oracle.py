@@ -259,7 +259,7 @@ class JaxCompositeOracle(Oracle):
         return module_available("jax", "jaxlib")
 
     def reference(self, case: Case) -> Reference:
-        why = self.supports(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype)
         if why:
             raise ValueError(f"case: {why}")
         c = case.astype("float64")

@@ -89,7 +89,7 @@ class _OnnxBase(Oracle):
         raise NotImplementedError
 
     def reference(self, case: Case) -> Reference:
-        why = self.supports(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype)
         if why:
             raise ValueError(f"case: {why}")
         dtype = self.compute_dtype_for(case.dtype)

@@ -118,7 +118,7 @@ class _TFBase(Oracle):
         return module_available("tensorflow")
 
     def _check(self, case: Case) -> str:
-        why = self.supports(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype)
         if why:
             raise ValueError(f"case: {why}")
         dtype = self.compute_dtype_for(case.dtype)

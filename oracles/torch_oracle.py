@@ -100,7 +100,7 @@ class TorchLSTMOracle(_TorchBase):
         return contextlib.nullcontext()
 
     def reference(self, case: Case) -> Reference:
-        why = self.supports(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype)
         if why:
             raise ValueError(f"case: {why}")
         torch = _torch()
@@ -183,7 +183,7 @@ class TorchCompositeOracle(_TorchBase):
     compute_dtypes = ("float64",)
 
     def reference(self, case: Case) -> Reference:
-        why = self.supports(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype)
         if why:
             raise ValueError(f"case: {why}")
         torch = _torch()

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.compare import Record, render_message
+from harness.contract import DEFAULT_DTYPES, DIRECTIONS
+from harness.records import Record, status_rank
 
 __all__ = ["render_html", "write_html", "MAX_SECTIONS", "MAX_PLOTTED"]
 
@@ -37,9 +38,6 @@ MAX_SECTIONS = 200
 MAX_PLOTTED = 50
 
 _TEMPLATES = Path(__file__).with_name("templates")
-_STATUS_RANK = {"error": 0, "contract": 1, "fail": 2, "pass": 3, "skip": 4}
-_DIRECTIONS = ("forward", "backward")
-_DTYPES = ("float64", "float32")
 _VERDICT_TEXT = {
     "certified": "Certified: every check agrees within tolerance",
     "discrepancies": "Discrepancies found",
@@ -284,8 +282,8 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
                           [i.get("name", "") for i in report.get("implementations", [])])
     oracle_names = _ordered([r.oracle for r in records],
                             [o.get("name", "") for o in report.get("oracles", [])])
-    dtypes = _ordered([r.dtype for r in records], _DTYPES)
-    columns = [(o, d, t) for o in oracle_names for d in _DIRECTIONS for t in dtypes
+    dtypes = _ordered([r.dtype for r in records], DEFAULT_DTYPES)
+    columns = [(o, d, t) for o in oracle_names for d in DIRECTIONS for t in dtypes
                if any(r.oracle == o and r.direction == d and r.dtype == t for r in records)]
 
     # Discrepancy sections: each failing record; and each group of error / contract records that share
@@ -330,13 +328,10 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
         oracles = ", ".join(sec.oracles)
         sec.title = (f"{r.label}: {what}" if r.status == "fail" else
                      f"{r.implementation} ({r.dtype}) vs {oracles}, {r.direction}: {what}")
-        # A group's message names all its quantities and oracles; otherwise the record's own text
-        # (notes included) is kept as it is.
-        sec.message = r.message or render_message(r)
-        if len(sec.quantities) > 1 or len(sec.oracles) > 1:
-            merged = dataclasses.replace(r, quantity=", ".join(sec.quantities), oracle=oracles)
-            sec.message = (merged.label + sec.message[len(r.label):] if sec.message.startswith(r.label)
-                           else render_message(merged))
+        # A group's message names all its quantities and oracles (rendered from a record that says so).
+        grouped = len(sec.quantities) > 1 or len(sec.oracles) > 1
+        sec.message = (dataclasses.replace(r, quantity=", ".join(sec.quantities), oracle=oracles) if grouped
+                       else r).message
     plotted = 0
     for sec in sections[:max_sections]:
         if sec.status != "fail":
@@ -358,7 +353,7 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
                      and r.dtype == t]
             cell = Cell(count=len(group))
             if group:
-                cell.status = min((r.status for r in group), key=lambda s: _STATUS_RANK.get(s, 9))
+                cell.status = min((r.status for r in group), key=status_rank)
                 scored = [r.ratio for r in group if r.ratio is not None]
                 cell.ratio = max(scored) if scored else None
                 cell.level = _level(cell.status, cell.ratio)

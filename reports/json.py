@@ -51,9 +51,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import __version__
-from harness.compare import STATUSES, TOLERANCES, Record
-from harness.summary import verdict
+from harness._version import __version__
+from harness.compare import TOLERANCES
+from harness.records import STATUSES, Record, verdict
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment"]
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.compare import Record
+from harness.records import Record
 
 __all__ = ["to_junit_xml", "write_junit"]
 

@@ -178,6 +178,7 @@ def heatmap_png(panels: Sequence[Panel], *, quantity: str = "") -> str:
         for side in ax.spines.values():
             side.set_color("#90a4ae")
     cax = fig.add_axes((1 - (right - 0.15) / width, bottom / height, 0.13 / width, panel_h / height))
+    assert image is not None, "at least one panel is drawn"
     bar = fig.colorbar(image, cax=cax)
     bar.set_label("|error| / allowed", fontsize=8)
     bar.set_ticks(_ticks(vmin, vmax, nonfinite=any(p.worst >= NONFINITE for p in panels)))

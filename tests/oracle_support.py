@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from harness.cases import Case
+from harness.check import tolerance_factors
 from harness.compare import compare_arrays, effective_dtype, tolerance
 from harness.contract import gradient_keys, quantity_specs
-from harness.runner import tolerance_factors
 from oracles.base import Oracle, Reference
 
 

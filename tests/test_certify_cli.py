@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -101,19 +100,6 @@ def test_crash_and_hang_exit_1_with_report(tmp_path, capsys):
         assert json.loads((tmp_path / sub / "report.json").read_text())["verdict"] == "error"
 
 
-def test_parallel_jobs_give_the_same_records(tmp_path, capsys):
-    args = ["certify", f"{MISBEHAVING}:RaisesInBackward", "--in-process", "--max-examples", "4", *FD]
-    assert main([*args, "--report-dir", str(tmp_path / "one")]) == 1
-    assert main([*args, "-n", "2", "--report-dir", str(tmp_path / "two")]) == 1
-    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-
-    def key(report):
-        return sorted((r["dtype"], r["oracle"], r["quantity"], r["status"], r["reason"]) for r in report["records"])
-
-    assert key(one) == key(two)
-    assert two["settings"]["jobs"] == 2
-
-
 @pytest.mark.parametrize("args, message", [
     (["certify", "loop", "--in-process", "--timeout", "3"], "--timeout: a per-call timeout needs"),
     (["certify", "loop", "--in-process", "--oracle", "no-such-oracle"], "--oracle: expected names from"),
@@ -174,63 +160,6 @@ def test_an_error_inside_the_run_is_not_reported_as_bad_usage(monkeypatch, tmp_p
     monkeypatch.setattr(harness.api, "run_unit", broken)
     with pytest.raises(ValueError, match="boom from inside the run"):
         main(["certify", "loop", "--in-process", "--max-examples", "2", *FD, "--report-dir", str(tmp_path)])
-
-
-def test_a_parallel_worker_that_cannot_load_the_target_exits_2(tmp_path, capsys):
-    plugin = tmp_path / "only_here.py"
-    plugin.write_text(  # loads in this (test) process only, so every worker process fails to load it
-        "import os\n"
-        "from impls.loop import LoopLSTM\n"
-        f"if os.getpid() != {os.getpid()}:\n"
-        "    raise RuntimeError('this module refuses to load in a worker process')\n"
-        "class OnlyHere(LoopLSTM):\n"
-        "    name = 'only-here'\n")
-    code = main(["certify", f"{plugin}:OnlyHere", "--in-process", "-n", "2", "--max-examples", "2", *FD,
-                 "--report-dir", str(tmp_path / "report")])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "a parallel worker process could not load the implementation" in err
-    assert "refuses to load in a worker process" in err and "-n 1" in err
-
-
-_MAIN_ORACLE = """
-import harness
-from oracles.finite_diff import FiniteDifferenceOracle
-
-class MyOracle(FiniteDifferenceOracle):
-    name = "my-fd"
-
-r = harness.certify("impls.loop:LoopLSTM", oracles=[MyOracle(), "finite-differences"], dtypes=["float64"],
-                    max_examples=2, jobs=2)
-print("VERDICT", r.verdict)
-print("NOTES", r.notes)
-"""
-
-
-def test_an_oracle_defined_in_main_is_checked_in_process_with_jobs():
-    proc = subprocess.run([sys.executable, "-c", _MAIN_ORACLE], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parent.parent)
-    assert "VERDICT certified" in proc.stdout, proc.stderr[-3000:]
-    assert "the oracle my-fd cannot be sent to other processes" in proc.stdout
-
-
-_DYING_CHILDREN = """
-import harness
-from tests.plugins.misbehaving import DiesInChildOracle
-
-r = harness.certify("impls.loop:LoopLSTM", oracles=[DiesInChildOracle(), "finite-differences"],
-                    max_examples=2, jobs=2)
-print("VERDICT", r.verdict)
-print("REASONS", sorted({rec.reason.split(';')[-1].strip() for rec in r.records}))
-"""
-
-
-def test_parallel_workers_that_keep_dying_are_given_up_with_a_clear_error():
-    proc = subprocess.run([sys.executable, "-c", _DYING_CHILDREN], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parent.parent)
-    assert "VERDICT error" in proc.stdout, proc.stderr[-3000:]
-    assert "died 3 times in a row without finishing a unit" in proc.stdout
-    assert "run with one job" in proc.stdout
 
 
 def test_every_failure_has_a_saved_case_without_a_report_dir():

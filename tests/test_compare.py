@@ -7,7 +7,6 @@ import pytest
 
 from harness.compare import (
     TOLERANCES,
-    Record,
     compare_arrays,
     compare_projections,
     decode_index,
@@ -128,15 +127,6 @@ def test_message_has_the_assert_close_shape():
     assert "rtol=1.0e-09, atol=1.0e-09" in rec.message
 
 
-def test_record_round_trips_through_json():
-    expected = np.zeros((2, 1, 2))
-    actual = expected + np.array([0.0, 1.0])
-    rec = _compare(actual, expected, "y", 2)
-    again = Record.from_dict(json.loads(rec.to_json()))
-    assert again.to_dict() == rec.to_dict()
-    assert again.worst["coords"] == {"t": 0, "batch": 0, "unit": 1}
-
-
 def test_projection_comparison_names_the_direction():
     expected = np.array([1.0, 2.0, 3.0])
     actual = np.array([1.0, 2.5, 3.0])
@@ -177,17 +167,3 @@ def test_large_maps_are_pooled_but_keep_the_hot_cell():
     assert values.shape[0] <= 48 and values.shape[1] <= 48
     assert values.max() > 1
     assert panel["shape"] == [T, H]
-
-
-def test_a_unit_of_skips_only_is_reported_skipped_not_as_an_error():
-    from harness.summary import unit_outcome, verdict
-
-    def rec(status):
-        return Record(implementation="i", oracle="o", variant="vanilla", dtype="float64", direction="forward",
-                      quantity="y", status=status, reason="o cannot compute a float64 case")
-
-    assert unit_outcome([rec("skip"), rec("skip")]) == "skipped"
-    assert verdict([rec("skip")]) == "error"  # a whole certification that checked nothing is still an error
-    assert unit_outcome([rec("skip"), rec("pass")]) == "certified"
-    assert unit_outcome([rec("skip"), rec("fail")]) == "discrepancies"
-    assert unit_outcome([]) == "error"

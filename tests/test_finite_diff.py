@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from harness.cases import CaseSpec, build_case
+from harness.check import check_case
 from harness.contract import validate
-from harness.runner import check_case
 from harness.subject import InProcessSubject
 from impls.loop import LoopLSTM
 from oracles.finite_diff import STEP, FiniteDifferenceOracle

@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 import tests.test_impls as test_impls
 from harness import registry
 from harness.cases import CaseSpec, build_case, case_specs
-from harness.contract import DEFAULT_DTYPES, validate
-from harness.runner import check_case, quantities
+from harness.check import check_case
+from harness.contract import DEFAULT_DTYPES, quantities, validate
 from harness.subject import InProcessSubject
 from impls import gpu
 from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum, launch
@@ -660,7 +660,8 @@ def test_torch_cuda_oracle_reports_its_availability():
     else:
         assert not avail.available
         assert avail.reason == "torch CUDA is not available (torch.cuda.is_available() is False)"
-        assert TorchCudaLSTMOracle().supports("vanilla", "float32") == f"torch-cuda-lstm unavailable: {avail.reason}"
+        why = TorchCudaLSTMOracle().unsupported_reason("vanilla", "float32")
+        assert why == f"torch-cuda-lstm unavailable: {avail.reason}"
 
 
 def test_strict_fp32_turns_tf32_off_and_restores_the_setting():
@@ -790,7 +791,7 @@ def test_gpu_agrees_with_every_available_oracle(name, dtype, data):
     spec = data.draw(case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, **SIZES), label="spec")
     records = check(impl, info, spec, oracles=oracles)
     compared = {r.oracle for r in records if r.status == "pass"}
-    assert compared == {o.name for o in oracles if o.supports(info.variant, dtype) is None}
+    assert compared == {o.name for o in oracles if o.unsupported_reason(info.variant, dtype) is None}
 
 
 @pytest.mark.gpu

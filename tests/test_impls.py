@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from harness import registry
 from harness.cases import CaseSpec, build_case, case_specs
-from harness.contract import DEFAULT_DTYPES, VARIANTS, gradient_keys, to_numpy, validate
-from harness.runner import check_case, quantities
+from harness.check import check_case
+from harness.contract import DEFAULT_DTYPES, VARIANTS, gradient_keys, quantities, to_numpy, validate
 from harness.subject import InProcessSubject
 from oracles.finite_diff import FiniteDifferenceOracle
 

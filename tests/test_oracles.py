@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 
 from harness import registry
 from harness.cases import CaseSpec, build_case, cases
+from harness.check import check_case
 from harness.contract import gradient_keys, validate
-from harness.runner import check_case
 from harness.subject import InProcessSubject
 from oracles.base import Oracle
 from oracles.finite_diff import FiniteDifferenceOracle
@@ -57,11 +57,11 @@ few = settings(max_examples=min(settings.default.max_examples, 15), deadline=Non
 
 
 def _covering(variant: str, dtype: str) -> list[Oracle]:
-    return [o for o in [_FD, *_INSTANCES.values()] if o.supports(variant, dtype) is None]
+    return [o for o in [_FD, *_INSTANCES.values()] if o.unsupported_reason(variant, dtype) is None]
 
 
 def _why_not(variant: str, dtype: str) -> str:
-    return "; ".join(r for o in _INSTANCES.values() if (r := o.supports(variant, dtype)))
+    return "; ".join(r for o in _INSTANCES.values() if (r := o.unsupported_reason(variant, dtype)))
 
 
 @pytest.mark.frameworks
@@ -91,7 +91,7 @@ def test_each_oracle_agrees_with_finite_differences(name):
     @few
     @given(cases(variants=oracle.variants, dtypes=DTYPES, **SMALL))
     def check(case):
-        if oracle.supports(case.variant, case.dtype):
+        if oracle.unsupported_reason(case.variant, case.dtype):
             return
         assert_references_agree(case, oracle.reference(case), oracle.name, _FD.reference(case), _FD.name)
 
@@ -123,7 +123,7 @@ def test_builtin_implementations_agree_with_every_oracle(impl):
         bad = [r for r in records if not r.ok]  # an oracle crash is an error record, so it is caught here
         assert not bad, "\n\n".join(r.message for r in bad)
         compared = {r.oracle for r in records if r.status == "pass"}
-        covering = {o.name for o in oracles if o.supports(info.variant, case.dtype) is None}
+        covering = {o.name for o in oracles if o.unsupported_reason(info.variant, case.dtype) is None}
         assert compared == covering
 
     check()
@@ -135,7 +135,7 @@ def test_reference_shapes_dtypes_and_keys(name):
     oracle = require(_INSTANCES[name])
     for variant in oracle.variants:
         for dtype in DTYPES:
-            if oracle.supports(variant, dtype):
+            if oracle.unsupported_reason(variant, dtype):
                 continue
             case = build_case(CaseSpec(variant=variant, dtype=dtype, T=3, B=2, D=5, H=4, seed=11))
             ref = oracle.reference(case)
@@ -161,7 +161,7 @@ def test_caches_keep_nothing_between_cases(name):
     """A case gives bit-identical results before and after other cases of other shapes ran."""
     oracle = require(_INSTANCES[name])
     variant = oracle.variants[-1]
-    dtype = next(d for d in DTYPES if oracle.supports(variant, d) is None)
+    dtype = next(d for d in DTYPES if oracle.unsupported_reason(variant, d) is None)
     first = build_case(CaseSpec(variant=variant, dtype=dtype, T=3, B=2, D=3, H=4, seed=1))
     before = oracle.reference(first)
     for seed, (T, B, D, H) in enumerate([(5, 1, 2, 4), (2, 3, 3, 4), (1, 1, 6, 2)]):
@@ -183,7 +183,7 @@ def test_unsupported_variants_and_dtypes_say_why(name):
     oracle = require(_INSTANCES[name])
     for variant in VARIANTS:
         for dtype in DTYPES:
-            why = oracle.supports(variant, dtype)
+            why = oracle.unsupported_reason(variant, dtype)
             if variant not in oracle.variants:
                 assert why and f"does not support the {variant} variant" in why
             elif oracle.compute_dtype_for(dtype) is None:
@@ -255,7 +255,7 @@ def _peephole_old_c_forward(case):
 def test_peephole_oracles_give_the_output_gate_the_new_cell_state(name):
     """Each peephole oracle matches the contract's peephole and is told apart from the c_{t-1} one."""
     oracle = require(_INSTANCES[name])
-    dtype = "float64" if oracle.supports("peephole", "float64") is None else "float32"
+    dtype = "float64" if oracle.unsupported_reason("peephole", "float64") is None else "float32"
     spec = CaseSpec(variant="peephole", dtype=dtype, T=5, B=2, D=3, H=4, seed=8, extra_scale="large")
     case = build_case(spec)
     ref = oracle.reference(case)
@@ -291,7 +291,7 @@ def test_oracles_import_and_degrade_without_frameworks():
         from harness import registry
         from harness.cases import CaseSpec, build_case
         from harness.contract import validate
-        from harness.runner import check_case
+        from harness.check import check_case
         from harness.subject import InProcessSubject
         oracles = registry.oracles()
         impl = registry.implementations()[0].create()

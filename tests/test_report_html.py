@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.compare import TOLERANCES, Record, compare_arrays, render_message
+from harness.compare import TOLERANCES, Record, compare_arrays
 from harness.contract import GATES, quantity_specs
 from reports.html import render_html, times, write_html  # imports jinja2 and matplotlib only when rendering
 from reports.json import build_report
@@ -45,7 +45,6 @@ def _compare(actual, expected, impl, direction, quantity, H):
 def _plain(impl, direction, quantity, status, reason, tb="", oracle="finite-differences") -> Record:
     rec = Record(**_base(impl, direction, quantity, oracle), status=status, reason=reason, traceback=tb,
                  case=dict(CASE))
-    rec.message = render_message(rec)
     return rec
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.api import certify
-from harness.runner import quantities
+from harness.contract import quantities
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 MISBEHAVING = PLUGINS / "misbehaving.py"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from harness.cases import CaseSpec, build_case
-from harness.contract import validate
-from harness.runner import RunSettings, check_case, quantities, run_checks
+from harness.check import check_case
+from harness.contract import quantities, validate
+from harness.runner import RunSettings, run_checks
 from harness.subject import InProcessSubject
 from impls import peephole
 from impls.layernorm import LayerNormCell, LoopLayerNormLSTM, StackedLayerNormLSTM, layer_norm_backward

@@ -1,0 +1,216 @@
+"""One case: run the implementation once, compare it with every oracle that covers the case.
+
+:func:`check_case` is the unit of evidence: one case through the implementation (an
+:class:`~harness.subject.Execution`, plain data) and through each oracle (a
+:class:`~oracles.base.Reference`), validated against the contract and compared quantity by quantity
+into :class:`~harness.records.Record` objects. Nothing here searches or repeats; the Hypothesis
+search (:mod:`harness.runner`) calls this for every case it draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from harness.cases import Case
+from harness.compare import Tolerance, compare_arrays, compare_projections, effective_dtype, tolerance
+from harness.conditioning import condition_number
+from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, gradient_keys, quantities, quantity_specs
+from harness.records import Record
+from harness.subject import Execution, Subject
+from oracles.base import Oracle, Reference
+
+__all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors"]
+
+
+def records_for(
+    base: dict[str, Any], names: Iterable[str], status: str, reason: str, case: Case | None, tb: str = ""
+) -> list[Record]:
+    """One record per quantity in ``names`` that could not be compared (a skip, error or contract)."""
+    return [Record(**base, quantity=q, status=status, reason=reason, traceback=tb,
+                   case=case.info() if case is not None else {})
+            for q in names]
+
+
+def _shape_dtype_problem(name: str, value: np.ndarray, shape: tuple[int, ...], dtype: str) -> str | None:
+    if value.shape != shape:
+        return f"{name}: expected shape {shape}, got {value.shape}"
+    if value.dtype != np.dtype(dtype):
+        return f"{name}: expected dtype {dtype} (the dtype of the inputs), got {value.dtype}"
+    return None
+
+
+def tolerance_factors(case: Case, reference: Reference) -> dict[str, float]:
+    """What widens the table's tolerance for this case and oracle, and by how much.
+
+    * The LayerNorm condition number (:mod:`harness.conditioning`): rounding that any correct
+      implementation suffers on near-constant rows.
+    * 2 when the oracle computes in float32 like the implementation: the reference then carries
+      float32 rounding of its own, and two independent errors within the table's bound differ by
+      up to twice that bound.
+    """
+    factors: dict[str, float] = {}
+    kappa = condition_number(case)
+    if kappa > 1.0:
+        factors["the case's LayerNorm condition number"] = kappa
+    if case.dtype == "float32" and reference.compute_dtype == "float32":
+        factors["an oracle that computes in float32 too"] = 2.0
+    return factors
+
+
+def _scaled(tol: Tolerance, factors: dict[str, float]) -> Tolerance:
+    for why, factor in factors.items():
+        tol = tol.scaled(factor, why)
+    return tol
+
+
+def compare_execution(
+    execution: Execution,
+    reference: Reference | None,
+    case: Case,
+    *,
+    implementation: str,
+    oracle: Oracle,
+    directions: Sequence[str] = DIRECTIONS,
+    has_backward: bool = True,
+) -> list[Record]:
+    """Records for every quantity of ``directions``: validate the execution, then compare."""
+    variant, T, B, H = case.variant, case.T, case.B, case.H
+    specs = quantity_specs(variant)
+    records: list[Record] = []
+    factors: dict[str, float] | None = None  # computed once, when the first comparison needs it
+    for direction in directions:
+        base = dict(implementation=implementation, oracle=oracle.name, variant=variant,
+                    dtype=case.dtype, direction=direction)
+        names = quantities(variant, direction)
+        # What stops this direction before any comparison, in order of precedence.
+        if direction == "forward" and not oracle.gives_forward:
+            records += records_for(base, names, "skip", f"{oracle.name} gives no forward values", case)
+            continue
+        if direction == "backward":
+            if not oracle.gives_gradients:
+                why = oracle.limitation or f"{oracle.name} gives no gradients"
+                records += records_for(base, names, "skip", why, case)
+                continue
+            if not has_backward:
+                records += records_for(base, names, "skip",
+                                        "the implementation has no backward: checked forward only", case)
+                continue
+        error = execution.forward_error or (execution.backward_error if direction == "backward" else None)
+        if error:
+            records += records_for(base, names, "error", error, case, execution.traceback)
+            continue
+        contract = execution.forward_contract or (
+            execution.backward_contract if direction == "backward" else None
+        )
+        mutated = [m for m in execution.mutated if direction == "backward" or m.endswith("(forward)")]
+        if mutated and not contract:
+            contract = "modified its input arrays in place: " + ", ".join(mutated)
+        if contract:
+            records += records_for(base, names, "contract", contract, case)
+            continue
+        if reference is None:
+            records += records_for(base, names, "error", f"{oracle.name} produced no reference", case)
+            continue
+        tol_dtype = effective_dtype(case.dtype, reference.compute_dtype)
+        if factors is None:
+            factors = tolerance_factors(case, reference)
+        if direction == "forward":
+            assert execution.forward is not None and reference.outputs is not None
+            actual = dict(zip(FORWARD_QUANTITIES, execution.forward))
+            problems = [
+                p for q in names
+                if (p := _shape_dtype_problem(q, actual[q], specs[q].concrete_shape(T=T, B=B, D=case.D, H=H),
+                                              case.dtype))
+            ]
+            if problems:
+                records += records_for(base, names, "contract", "; ".join(problems), case)
+                continue
+            tol = _scaled(tolerance(tol_dtype, "values"), factors)
+            for q in names:
+                rec = compare_arrays(actual[q], reference.outputs[q], spec=specs[q], H=H, tol=tol,
+                                     tolerance_dtype=tol_dtype, base={**base, "quantity": q})
+                rec.case = case.info()
+                rec.tolerance_factors = dict(factors)
+                records.append(rec)
+            continue
+        grads = execution.gradients or {}
+        keys = gradient_keys(variant)
+        missing = [k for k in keys if k not in grads]
+        extra = [k for k in grads if k not in keys]
+        problems = []
+        if missing or extra:
+            problems.append(f"backward: expected keys {list(keys)}; missing {missing}, unexpected {extra}")
+        for k in keys:
+            if k in grads:
+                want = specs["d" + k].concrete_shape(T=T, B=B, D=case.D, H=H)
+                if p := _shape_dtype_problem(f"gradient {k!r}", grads[k], want, case.dtype):
+                    problems.append(p)
+        if problems:
+            records += records_for(base, names, "contract", "; ".join(problems), case)
+            continue
+        tol = _scaled(tolerance(tol_dtype, "gradients"), factors)
+        for k in keys:
+            q = "d" + k
+            qbase = {**base, "quantity": q}
+            if reference.gradients is not None:
+                extra_err = (reference.gradient_error or {}).get(k, 0.0)
+                rec = compare_arrays(grads[k], reference.gradients[k], spec=specs[q], H=H, tol=tol,
+                                     tolerance_dtype=tol_dtype, extra=extra_err, base=qbase)
+            else:
+                assert reference.projections is not None
+                proj = reference.projections[k]
+                g = grads[k].astype(np.float64)
+                axes = tuple(range(1, proj.directions.ndim))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    actual_proj = np.tensordot(proj.directions, g, axes=(axes, tuple(range(g.ndim))))
+                    scale = float(np.max(np.abs(proj.directions * g).sum(axis=axes)))
+                rec = compare_projections(actual_proj, proj.values, proj.error_bound, tol=tol,
+                                          tolerance_dtype=tol_dtype,
+                                          scale=scale if np.isfinite(scale) else 1.0, base=qbase)
+            rec.case = case.info()
+            rec.tolerance_factors = dict(factors)
+            records.append(rec)
+    return records
+
+
+def check_case(
+    subject: Subject,
+    oracles: Sequence[Oracle],
+    case: Case,
+    *,
+    references: dict[str, Reference] | None = None,
+) -> list[Record]:
+    """One case through the implementation once, compared with every oracle that supports it."""
+    info = subject.info
+    execution: Execution | None = None
+    records: list[Record] = []
+    for oracle in oracles:
+        why = oracle.unsupported_reason(info.variant, case.dtype)
+        base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=case.dtype)
+        if why:
+            for direction in DIRECTIONS:
+                records += records_for({**base, "direction": direction}, quantities(info.variant, direction),
+                                        "skip", why, case)
+            continue
+        if execution is None:
+            execution = subject.execute(case, backward=info.has_backward)
+        ref = (references or {}).get(oracle.name)
+        if ref is None:
+            try:
+                ref = oracle.reference(case)
+            except Exception as exc:
+                # Reported, never fatal; and an error, not a skip: a check that could not be made
+                # must not leave the verdict "certified".
+                for direction in DIRECTIONS:
+                    records += records_for({**base, "direction": direction},
+                                            quantities(info.variant, direction), "error",
+                                            f"the oracle {oracle.name} failed on this case "
+                                            f"(not the implementation): {type(exc).__name__}: {exc}",
+                                            case)
+                continue
+        records += compare_execution(execution, ref, case, implementation=info.name, oracle=oracle,
+                                     has_backward=info.has_backward)
+    return records

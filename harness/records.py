@@ -1,0 +1,307 @@
+"""Records: the one form in which every outcome of a check travels, and what is derived from them.
+
+A :class:`Record` is plain data (a dataclass that round-trips through JSON): one comparison of one
+quantity, or one check that could not compare (an error, a contract breach, a skip with its
+reason). Its :attr:`Record.message`, in the shape of ``torch.testing.assert_close``, is rendered
+from its fields and structured :attr:`Record.notes` whenever it is read, so nothing ever edits
+message text. The terminal summary, ``report.json``, the HTML and the JUnit XML are all rendered
+from records.
+
+This module also holds what every layer above agrees on: the statuses and their one order, the
+verdict, the order records are reported in, and how records of one quantity are merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.contract import DEFAULT_DTYPES, DIRECTIONS, quantities
+
+__all__ = [
+    "Record",
+    "RecordKey",
+    "STATUSES",
+    "STATUS_ORDER",
+    "status_rank",
+    "worst_status",
+    "verdict",
+    "unit_outcome",
+    "keep_worst",
+    "order_records",
+    "merge_after_stop",
+    "format_coords",
+    "render_message",
+]
+
+STATUSES = ("pass", "fail", "error", "contract", "skip")
+#: Worst first: a group of records shows its worst member's status, and reports sort by it.
+STATUS_ORDER = ("error", "contract", "fail", "pass", "skip")
+
+#: What identifies a record within one unit of work (one implementation and dtype).
+RecordKey = tuple[str, str, str]  # oracle, direction, quantity
+
+
+def status_rank(status: str) -> int:
+    """0 for the worst status (``error``); unknown statuses rank after every known one."""
+    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
+
+
+@dataclass
+class Record:
+    """The outcome of one comparison (or of one check that could not compare). Plain data."""
+
+    implementation: str
+    oracle: str
+    variant: str
+    dtype: str
+    direction: str  # "forward" or "backward"
+    quantity: str  # y, h_T, c_T, dx, dh0, dc0, dW, ...
+    status: str  # one of STATUSES
+    method: str = "elementwise"  # or "projection" (finite differences along random directions)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    ratio: float | None = None  # worst |error| / allowed; <= 1 passes
+    mismatched: int = 0
+    total: int = 0
+    nonfinite: int = 0  # NaN/Inf in actual where expected is finite
+    worst: dict[str, Any] | None = None  # index, coords, actual, expected, allowed
+    first_bad_t: int | None = None
+    last_bad_t: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    atol_scale: float | None = None
+    tolerance_dtype: str | None = None
+    #: Factors rtol and atol above already include, by reason: the case's LayerNorm condition number
+    #: (harness.conditioning), and 2 when the oracle computes in the same low precision as the
+    #: implementation (both sides then carry that precision's rounding).
+    tolerance_factors: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # why skipped, or the error / contract text
+    traceback: str = ""
+    case: dict[str, Any] = field(default_factory=dict)  # T, B, D, H, dtype, spec
+    error_map: dict[str, Any] | None = None  # panels of |error| / allowed, for heatmaps
+    examples: int = 1  # cases this record summarizes (the worst, or the minimal failing one)
+    case_file: str = ""
+    replay: str = ""
+    #: Observations about this record beyond its comparison (a failure that did not reproduce, a
+    #: case that was not shrunk); each is one line of the message, after "Note: ".
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("pass", "skip")
+
+    @property
+    def key(self) -> RecordKey:
+        return (self.oracle, self.direction, self.quantity)
+
+    @property
+    def label(self) -> str:
+        return f"{self.quantity} from {self.implementation} ({self.dtype}) vs {self.oracle}"
+
+    @property
+    def message(self) -> str:
+        """The ``assert_close``-shaped text, rendered from the fields (see :func:`render_message`)."""
+        return render_message(self)
+
+    def add_note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, plus the rendered ``message``, in strict-JSON-safe values."""
+        return _json_safe({**dataclasses.asdict(self), "message": self.message})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        """The record from :meth:`to_dict`'s output; derived keys (``message``) are recomputed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: _from_json_safe(v) for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return 1e300 if value > 0 else -1e300
+        return value
+    if isinstance(value, np.floating):
+        return _json_safe(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _from_json_safe(value: Any) -> Any:
+    """Undo :func:`_json_safe`'s stand-in for infinity (+-1e300), so that a record read back from
+    report.json renders the same message as the one written."""
+    if isinstance(value, float) and abs(value) >= 1e300:
+        return math.copysign(math.inf, value)
+    if isinstance(value, dict):
+        return {k: _from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_safe(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Statuses and the verdict
+
+
+def worst_status(records: Iterable[Record]) -> str:
+    statuses = {r.status for r in records}
+    return min(statuses, key=status_rank, default="skip")
+
+
+def verdict(records: Sequence[Record]) -> str:
+    """``certified`` (nothing failed and something passed), ``discrepancies`` or ``error``."""
+    statuses = {r.status for r in records}
+    if statuses & {"error", "contract"}:
+        return "error" if not statuses & {"fail"} else "discrepancies"
+    if "fail" in statuses:
+        return "discrepancies"
+    if "pass" not in statuses:
+        return "error"
+    return "certified"
+
+
+def unit_outcome(records: Sequence[Record]) -> str:
+    """One unit's word on the progress line: its verdict, or ``skipped`` when no oracle of it could
+    check the dtype (its records are all skips, each with the reason the summary lists)."""
+    if records and all(r.status == "skip" for r in records):
+        return "skipped"
+    return verdict(records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing, ordering and merging records
+
+
+def keep_worst(worst: dict[RecordKey, Record], r: Record) -> None:
+    """Keep ``r`` if it is the worst record of its key so far (a comparison beats a skip)."""
+    old = worst.get(r.key)
+    if old is None or (r.ratio or 0.0) > (old.ratio or 0.0) or (old.status == "skip" and r.status == "pass"):
+        worst[r.key] = r
+
+
+def order_records(records: Iterable[Record], oracles: Sequence[str] = ()) -> list[Record]:
+    """Records in report order: implementation, dtype (float64 first), oracle (in the order of
+    ``oracles``, unknown ones last), forward before backward, then each direction's quantity order."""
+    oorder = {name: i for i, name in enumerate(oracles)}
+    dorder = {d: i for i, d in enumerate(DEFAULT_DTYPES)}
+
+    def quantity_rank(r: Record) -> int:
+        try:
+            names = quantities(r.variant, r.direction)
+        except (KeyError, ValueError):
+            return 99
+        return names.index(r.quantity) if r.quantity in names else 99
+
+    def rank(r: Record) -> tuple[Any, ...]:
+        direction = DIRECTIONS.index(r.direction) if r.direction in DIRECTIONS else len(DIRECTIONS)
+        return (r.implementation, dorder.get(r.dtype, 9), oorder.get(r.oracle, 99), direction, quantity_rank(r))
+
+    return sorted(records, key=rank)
+
+
+def merge_after_stop(partial: Sequence[Record], stopped: Sequence[Record]) -> list[Record]:
+    """One record per quantity after a search was stopped (a crash, a hang, the harness's own error).
+
+    ``partial`` is what the searches before it found: a discrepancy found there (with its own
+    minimal case) stands; for every other quantity the record of what stopped the search does,
+    unless both passed, when the worse of the two does.
+    """
+    found = {r.key: r for r in partial}
+    out: dict[RecordKey, Record] = {}
+    for r in stopped:
+        earlier = found.pop(r.key, None)
+        if earlier is not None and not earlier.ok:
+            out[r.key] = earlier
+        elif earlier is not None and r.status == "pass" and earlier.status == "pass":
+            worst = {r.key: r}
+            keep_worst(worst, earlier)
+            out[r.key] = worst[r.key]
+        else:
+            out[r.key] = r
+    out.update({k: r for k, r in found.items() if not r.ok})
+    examples = max((r.examples for r in out.values()), default=0)
+    for r in out.values():
+        r.examples = examples
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# The message
+
+
+def format_coords(coords: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in coords.items())
+
+
+def _num(value: Any) -> str:
+    return "None" if value is None else f"{value:.8g}"
+
+
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "?"
+    return "infinitely many times" if ratio >= 1e300 or math.isinf(ratio) else f"{ratio:.3g} times"
+
+
+def render_message(rec: Record) -> str:
+    """The ``torch.testing.assert_close``-shaped text of a record, made from its fields only."""
+    return "\n".join([_message_body(rec), *(f"Note: {note}" for note in rec.notes)])
+
+
+def _message_body(rec: Record) -> str:
+    head = rec.label
+    if rec.status == "skip":
+        return f"{head}: skipped ({rec.reason})"
+    if rec.status in ("error", "contract"):
+        kind = "raised an error" if rec.status == "error" else "broke the contract"
+        return f"{head}: {kind}\n{rec.reason}"
+    what = "directional derivatives" if rec.method == "projection" else "elements"
+    if rec.status == "pass":
+        return (
+            f"{head}: close (worst error {rec.ratio or 0.0:.2g} of the allowed, "
+            f"{rec.max_abs_error or 0.0:.2g} absolute, over {rec.total} {what})"
+        )
+    w = rec.worst or {}
+    where = format_coords(w.get("coords", {}))
+    pct = 100.0 * rec.mismatched / max(rec.total, 1)
+    lines = [
+        f"{head}: not close",
+        f"Mismatched {what}: {rec.mismatched} / {rec.total} ({pct:.1f}%)",
+    ]
+    if rec.nonfinite:
+        lines.append(f"Non-finite values where the oracle is finite: {rec.nonfinite}")
+    lines.append(
+        f"Worst element: |error| {w.get('abs_error', float('nan')):.3g} at {where} "
+        f"(actual {_num(w.get('actual'))}, expected {_num(w.get('expected'))}; "
+        f"{_ratio(rec.ratio)} the {w.get('allowed', float('nan')):.3g} allowed)"
+    )
+    among = " among finite elements" if rec.nonfinite else ""
+    lines.append(f"Greatest absolute difference{among}: {rec.max_abs_error or 0.0:.3g}")
+    lines.append(f"Greatest relative difference{among}: {rec.max_rel_error or 0.0:.3g}")
+    if rec.first_bad_t is not None:
+        lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
+    scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
+    factors = "; ".join(f"x {v:.3g} for {k}" for k, v in rec.tolerance_factors.items())
+    cond = f" (including {factors})" if factors else ""
+    lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol or 0.0:.1e}, atol={rec.atol or 0.0:.1e}"
+                 f"{scale}{cond}")
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""Opening a certification: the implementation, its oracles and the units of work, all decided
+before any check runs, so that every bad argument shows at once (exit code 2) and not after minutes.
+
+A certification is a set of *units*: one per implementation and dtype, or, when run in parallel,
+one per implementation, dtype and oracle. :func:`prepare` turns arguments into a :class:`Job` per
+implementation; :func:`plan_units` cuts the jobs into units and says whether they can run in
+parallel child processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cases import PROFILES
+from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, ImplementationInfo, validate
+from harness.runner import RunSettings
+from harness.subject import InProcessSubject
+
+__all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
+           "check_settings", "prepare", "plan_units", "replay_target", "oracle_portable", "portable_form",
+           "oracle_payload", "oracle_from_payload"]
+
+
+class InvalidArgument(ValueError):
+    """A bad argument to :func:`harness.certify`, :func:`harness.replay` or :func:`harness.diagnose`
+    (found before any check runs); the command line turns it into exit code 2. Any other error comes
+    from the run itself."""
+
+
+def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False,
+                 timeout: float | None = None, memory_limit: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """A Subject for ``impl`` (an object or a TARGET string) and a description of what was loaded.
+
+    Raises :class:`harness.plugins.LoadError` or :class:`harness.contract.ContractError` when the
+    target cannot be used; ``ValueError`` for bad arguments.
+    """
+    from harness.plugins import LoadError, load_implementation
+
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)} or None, got {variant!r}")
+    if isolate:  # the timeout is checked by IsolatedSubject
+        from harness.isolation import IsolatedSubject, WorkerLoadError
+
+        guessed = impl if isinstance(impl, str) else guess_target(impl)
+        source = portable_form(impl, guessed) or impl  # an object the worker cannot unpickle goes by its target
+        try:
+            subject = IsolatedSubject(source, variant=variant, timeout=timeout, memory_limit=memory_limit)
+        except WorkerLoadError as exc:
+            if exc.kind == "contract":
+                raise ContractError(exc.problems, subject=exc.subject) from None
+            raise LoadError(str(exc)) from None
+        described = {"target": guessed, "loaded": subject.target, "isolated": True}
+        return subject, described
+    if timeout is not None:
+        raise ValueError("timeout: a per-call timeout needs the implementation in a worker process; "
+                         "pass isolate=True as well (or no timeout)")
+    if memory_limit is not None:
+        raise ValueError("memory_limit: a memory cap needs the implementation in a worker process; "
+                         "pass isolate=True as well (or no memory_limit)")
+    if isinstance(impl, str):
+        obj, info, target = load_implementation(impl, variant=variant)
+        described = {"target": impl, "loaded": target.to_dict(), "isolated": False}
+    else:
+        obj, info = impl, validate(impl, variant=variant)
+        described = {"target": guess_target(impl), "loaded": None, "isolated": False}
+    return InProcessSubject(obj, info), described
+
+
+def guess_target(obj: Any) -> str | None:
+    """A TARGET string that loads the same implementation again, if there is one: a module-level name
+    bound to the object, else its class when that takes no arguments and the object has no state of
+    its own (so that a fresh instance is the same implementation)."""
+    import inspect
+
+    cls = obj if inspect.isclass(obj) else type(obj)
+    module = sys.modules.get(getattr(cls, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__":
+        return None
+    if module.__name__.startswith("_lstm_harness_target_") and getattr(module, "__file__", None):
+        prefix = module.__file__
+    else:
+        prefix = module.__name__
+    for name, value in vars(module).items():
+        if value is obj and not name.startswith("_"):
+            return f"{prefix}:{name}"
+    if getattr(module, cls.__qualname__, None) is cls and (obj is cls or not getattr(obj, "__dict__", None)):
+        try:
+            needs = [p for p in inspect.signature(cls).parameters.values()
+                     if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        except (TypeError, ValueError):
+            needs = []
+        if not needs:
+            return f"{prefix}:{cls.__qualname__}"
+    return None
+
+
+def select_oracles(oracles: Sequence[Any] | None, variant: str) -> list[Any]:
+    """Oracle objects from names or objects; default: every available oracle covering ``variant``."""
+    from harness import registry
+
+    if oracles is None:
+        return [o for o in registry.oracles() if o.availability().available and variant in o.variants]
+    if isinstance(oracles, str):
+        oracles = [oracles]
+    known = {o.name: o for o in registry.oracles()}
+    out = []
+    for item in oracles:
+        if isinstance(item, str):
+            if item not in known:
+                raise ValueError(f"oracles: expected names from {', '.join(known)} (or oracle objects), "
+                                 f"got {item!r}")
+            out.append(known[item])
+        elif hasattr(item, "reference") and hasattr(item, "unsupported_reason"):
+            out.append(item)
+        else:
+            raise ValueError(f"oracles: expected oracle names or objects, got {type(item).__name__}")
+    return out
+
+
+@dataclass
+class Job:
+    """One implementation to certify, with everything decided before any check runs."""
+
+    subject: Any
+    described: dict[str, Any]
+    info: ImplementationInfo
+    dtypes: list[str]
+    oracles: list[Any]
+    settings: RunSettings
+    opening: dict[str, Any]  # how a parallel child opens it: impl (TARGET or object), variant, isolate, ...
+    parallel: bool  # whether the implementation can be sent to another process
+
+    def close(self) -> None:
+        close = getattr(self.subject, "close", None)
+        if close:
+            close()
+
+
+def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, oracles: Sequence[Any] | None,
+            max_examples: int | None, profile: str, seed: int | None, timeout: float | None, isolate: bool,
+            report_dir: Any, memory_limit: int | None) -> Job:
+    """Open ``impl`` and decide everything about its certification; ``ValueError`` for bad arguments."""
+    if dtypes is not None:
+        dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+        bad = [d for d in dtypes if d not in DEFAULT_DTYPES]
+        if bad or not dtypes:
+            raise ValueError(f"dtypes: expected a non-empty subset of {DEFAULT_DTYPES}, got {dtypes!r}")
+    subject, described = open_subject(impl, variant=variant, isolate=isolate, timeout=timeout,
+                                      memory_limit=memory_limit)
+    try:
+        info = subject.info
+        chosen = [d for d in info.dtypes if dtypes is None or d in dtypes]
+        if dtypes is not None and not chosen:
+            raise ValueError(f"dtypes: {info.name} declares {', '.join(info.dtypes)}; none of {dtypes} is "
+                             f"among them")
+        selected = select_oracles(oracles, info.variant)
+    except Exception:
+        close = getattr(subject, "close", None)
+        if close:
+            close()
+        raise
+    target = described["target"]
+    # Every failure gets a saved case and a replay command: beside the report, or in a fresh
+    # temporary directory (made only when a case is saved; CertifyResult.notes says where).
+    case_dir = (Path(report_dir) / "cases" if report_dir is not None
+                else Path(tempfile.gettempdir()) / f"lstm-harness-cases-{os.getpid()}-{time.time_ns():x}")
+    settings = RunSettings(profile=profile, max_examples=max_examples, seed=seed, case_dir=case_dir,
+                           replay_target=replay_target(target, variant, isolate, timeout))
+    portable = portable_form(impl, target)
+    opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
+               "memory_limit": memory_limit}
+    return Job(subject, described, info, chosen, selected, settings, opening, portable is not None)
+
+
+def check_settings(profile: str, max_examples: Any, seed: Any, jobs: Any) -> None:
+    """``ValueError`` naming the first of these arguments that is bad."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {sorted(PROFILES)}, got {profile!r}")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ValueError(f"max_examples: expected a positive int or None, got {max_examples!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed: expected an int or None, got {seed!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
+
+
+def replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None) -> str | None:
+    """The shell-ready TARGET and options a replay command needs to load the implementation as it was."""
+    if not target:
+        return None
+    text = shlex.quote(target)
+    if variant:
+        text += f" --variant {variant}"
+    if not isolate:
+        text += " --in-process"
+    elif timeout is not None:
+        text += f" --timeout {timeout:g}"
+    return text
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: the job (by index), one dtype and the oracles it checks against."""
+
+    job: int
+    dtype: str
+    oracles: tuple[Any, ...]
+    label: str  # what the progress display calls it
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    parallel: bool  # whether the units go to parallel child processes
+    notes: dict[int, list[str]] = field(default_factory=dict)  # job index -> why it could not run in parallel
+
+
+def plan_units(jobs_list: Sequence[Job], jobs: int) -> Plan:
+    """Cut the jobs into units: one per dtype, or, in parallel, one per dtype and oracle.
+
+    Parallel child processes need every implementation and oracle in a form another process can
+    load; when one is not, everything runs here, and the plan's notes say why.
+    """
+    portable_oracles = all(oracle_portable(o) for j in jobs_list for o in j.oracles)
+    parallel = jobs > 1 and all(j.parallel for j in jobs_list) and portable_oracles
+    named = len(jobs_list) > 1
+    plan = Plan(units=[], parallel=parallel)
+    for index, job in enumerate(jobs_list):
+        split = parallel and len(job.oracles) > 1
+        groups = [(o,) for o in job.oracles] if split else [tuple(job.oracles)]
+        for dtype in job.dtypes:
+            for group in groups:
+                label = (f"{job.info.name} " if named else "") + dtype + (f" vs {group[0].name}" if split else "")
+                plan.units.append(Unit(index, dtype, group, label))
+        if jobs > 1 and not parallel:
+            notes = plan.notes.setdefault(index, [])
+            if not job.parallel:
+                notes.append("jobs: the implementation object cannot be sent to other processes (pass a TARGET "
+                             "string instead); everything was checked in this process")
+            stuck = [o.name for o in job.oracles if not oracle_portable(o)]
+            if stuck:
+                notes.append(f"jobs: the oracle {', '.join(stuck)} cannot be sent to other processes (define its "
+                             f"class in an importable module, not in __main__); everything was checked in this "
+                             f"process")
+    plan.parallel = parallel and len(plan.units) > 1
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# What may be sent to a parallel child process
+
+
+def oracle_payload(oracle: Any) -> Any:
+    """A registry oracle travels by name (the child makes its own); any other one pickled."""
+    from harness import registry
+
+    for known in registry.oracles():
+        if known.name == oracle.name and type(known) is type(oracle):
+            return ("name", oracle.name)
+    return ("pickled", pickle.dumps(oracle))
+
+
+def oracle_portable(oracle: Any) -> bool:
+    """Whether a parallel child process can make the same oracle: a registry one by its name, any
+    other one only when it pickles by reference to an importable module (not ``__main__``)."""
+    try:
+        kind, _ = oracle_payload(oracle)
+    except Exception:
+        return False
+    return kind == "name" or portable_form(oracle, None) is not None
+
+
+def oracle_from_payload(payload: Any) -> Any:
+    kind, value = payload
+    if kind == "name":
+        from harness.registry import oracle_by_name
+
+        return oracle_by_name(value)
+    return pickle.loads(value)
+
+
+def portable_form(impl: Any, target: str | None) -> Any:
+    """What a parallel child process can load: the TARGET string, else the object itself when it pickles
+    by reference to an importable module (so it keeps its state), else the guessed target, else None."""
+    if isinstance(impl, str):
+        return impl
+    module = getattr(type(impl), "__module__", "") or ""
+    importable = module != "__main__" and not module.startswith("_lstm_harness_target_")
+    if importable and _picklable(impl):
+        return impl
+    return target
+
+
+def _picklable(obj: Any) -> bool:
+    if isinstance(obj, str):
+        return True
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,224 @@
+"""One case (harness.check): a record for every way an implementation can misbehave on it."""
+
+import numpy as np
+
+from harness.cases import CaseSpec, build_case
+from harness.check import check_case
+from harness.contract import validate
+from harness.subject import InProcessSubject
+from impls.loop import LoopLSTM
+from oracles.base import Oracle, Reference
+from oracles.finite_diff import FiniteDifferenceOracle
+
+FD = FiniteDifferenceOracle()
+CASE = build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=2))
+
+
+def _check(impl, oracles=(FD,), case=CASE):
+    return check_case(InProcessSubject(impl, validate(impl)), list(oracles), case)
+
+
+def _by_direction(records):
+    out = {}
+    for r in records:
+        out.setdefault(r.direction, set()).add(r.status)
+    return out
+
+
+def test_a_correct_implementation_gives_one_passing_record_per_quantity():
+    records = _check(LoopLSTM())
+    assert [r.quantity for r in records] == ["y", "h_T", "c_T", "dx", "dh0", "dc0", "dW", "dR", "db"]
+    assert all(r.status == "pass" for r in records)
+    assert records[0].case["T"] == 3 and records[0].case["seed"] == 2
+
+
+class Raises(LoopLSTM):
+    name = "raises"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise RuntimeError("index out of range in my BPTT")
+
+
+def test_an_exception_in_backward_is_an_error_with_the_implementation_traceback():
+    records = _check(Raises())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"error"}}
+    err = next(r for r in records if r.status == "error")
+    assert err.reason == "backward raised RuntimeError: index out of range in my BPTT"
+    assert "test_runner.py" in err.traceback and "harness/runner.py" not in err.traceback
+
+
+class WrongDtype(LoopLSTM):
+    name = "wrong-dtype"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(np.float64), h, c, cache
+
+
+def test_wrong_output_dtype_is_a_contract_violation():
+    case = CASE.astype("float32")
+    records = _check(WrongDtype(), case=case)
+    fwd = [r for r in records if r.direction == "forward"]
+    assert {r.status for r in fwd} == {"contract"}
+    assert "y: expected dtype float32 (the dtype of the inputs), got float64" in fwd[0].reason
+
+
+class WrongShapeAndKeys(LoopLSTM):
+    name = "wrong-keys"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y, h, c[:1], cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["bias"] = grads.pop("b")
+        return grads
+
+
+def test_wrong_shape_and_gradient_keys_say_expected_and_received():
+    records = _check(WrongShapeAndKeys())
+    fwd = next(r for r in records if r.direction == "forward")
+    assert fwd.status == "contract" and "c_T: expected shape (2, 4), got (1, 4)" in fwd.reason
+    bwd = next(r for r in records if r.direction == "backward")
+    assert bwd.status == "contract"
+    assert "missing ['b'], unexpected ['bias']" in bwd.reason
+
+
+class WrongArity(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        return super().forward(x, h0, c0, params)[:3]
+
+
+def test_wrong_number_of_outputs():
+    records = _check(WrongArity())
+    assert {r.status for r in records} == {"contract"}
+    assert "expected a tuple (y, h_T, c_T, cache) of 4 items, got a tuple of length 3" in records[0].reason
+
+
+class Mutates(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        out = super().forward(x, h0, c0, params)
+        x *= 2.0
+        return out
+
+
+def test_in_place_modification_of_inputs_is_detected():
+    records = _check(Mutates())
+    assert {r.status for r in records} == {"contract"}
+    assert "modified its input arrays in place: x (forward)" in records[0].reason
+
+
+class ForwardOnly:
+    name = "forward-only"
+    variant = "vanilla"
+
+    def forward(self, x, h0, c0, params):
+        return LoopLSTM().forward(x, h0, c0, params)
+
+
+def test_missing_backward_is_a_skip_that_says_so():
+    records = _check(ForwardOnly())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"skip"}}
+    assert "has no backward: checked forward only" in records[-1].reason
+
+
+class ForwardOnlyOracle(Oracle):
+    name = "forward-only-oracle"
+    gives_gradients = False
+    limitation = "forward only: this oracle computes no gradients"
+
+    def reference(self, case):
+        y, h, c = FD.reference(case).outputs.values()
+        return Reference("float64", outputs={"y": y, "h_T": h, "c_T": c})
+
+
+class BrokenOracle(Oracle):
+    name = "broken-oracle"
+
+    def reference(self, case):
+        raise RuntimeError("framework crashed")
+
+
+class PeepholeOnly(Oracle):
+    name = "peephole-only"
+    variants = ("peephole",)
+
+    def reference(self, case):
+        raise AssertionError("never called for vanilla")
+
+
+def test_oracle_limits_become_skips_and_oracle_crashes_errors():
+    records = _check(LoopLSTM(), oracles=(ForwardOnlyOracle(), BrokenOracle(), PeepholeOnly()))
+    by = {(r.oracle, r.direction): r for r in records}
+    assert by[("forward-only-oracle", "forward")].status == "pass"
+    assert by[("forward-only-oracle", "backward")].reason == "forward only: this oracle computes no gradients"
+    broken = by[("broken-oracle", "forward")]
+    assert broken.status == "error"
+    assert "the oracle broken-oracle failed on this case (not the implementation): RuntimeError" in broken.reason
+    assert by[("peephole-only", "forward")].reason.startswith("peephole-only does not support the vanilla variant")
+
+
+class ExitsInBackward(LoopLSTM):
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise SystemExit(0)
+
+
+class ObjectOutput(LoopLSTM):
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(object), h, c, cache
+
+
+class SharedBuffer(LoopLSTM):
+    """Hands out one buffer and overwrites it on the next call."""
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        if not hasattr(self, "buf") or self.buf.shape != y.shape:
+            self.buf = np.empty_like(y)
+        self.buf[...] = y
+        return self.buf, h, c, cache
+
+
+def test_sys_exit_in_backward_is_an_error_and_forward_is_still_compared():
+    records = _check(ExitsInBackward())
+    assert _by_direction(records) == {"forward": {"pass"}, "backward": {"error"}}
+    assert next(r for r in records if r.status == "error").reason == "backward called sys.exit(0)"
+
+
+def test_non_numeric_outputs_are_a_contract_violation():
+    records = _check(ObjectOutput())
+    assert {r.status for r in records} == {"contract"}
+    assert "y: expected a floating-point array, got dtype object" in records[0].reason
+
+
+def test_outputs_are_copied_so_a_reused_buffer_cannot_alias_earlier_results():
+    impl = SharedBuffer()
+    subject = InProcessSubject(impl, validate(impl))
+    first = subject.execute(CASE, backward=False).forward[0]
+    subject.execute(build_case(CaseSpec(T=3, B=2, D=3, H=4, seed=99)), backward=False)
+    assert np.array_equal(first, LoopLSTM().forward(CASE.x, CASE.h0, CASE.c0, CASE.params)[0])
+
+
+class MutatesInForwardOnly(Mutates):
+    pass
+
+
+def test_a_forward_mutation_is_not_blamed_on_backward():
+    execution = InProcessSubject(MutatesInForwardOnly(), validate(MutatesInForwardOnly())).execute(CASE, backward=True)
+    assert execution.mutated == ["x (forward)"]
+
+
+class RaisesContractError(LoopLSTM):
+    def backward(self, dy, dh_T, dc_T, cache):
+        from harness.contract import ContractError
+
+        raise ContractError(["c_T: the wrapped module returned None; adapt it with final_cell=False"])
+
+
+def test_a_contract_error_raised_by_the_implementation_is_a_contract_record():
+    records = _check(RaisesContractError())
+    bwd = [r for r in records if r.direction == "backward"]
+    assert {r.status for r in bwd} == {"contract"}
+    assert bwd[0].reason == "backward: c_T: the wrapped module returned None; adapt it with final_cell=False"
