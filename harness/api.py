@@ -18,6 +18,7 @@ from typing import Any
 
 from harness.cases import Case, load_case
 from harness.check import check_case
+from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
 from harness.pool import run_parallel
 from harness.progress import Progress
@@ -31,7 +32,7 @@ from harness.session import (
     prepare,
     select_oracles,
 )
-from harness.summary import details, summary_table
+from harness.summary import details, summary_table, terminal_text
 from harness.unit import StoredSubject, disagreement, mark_unchecked, restricted, run_unit
 from reports.html import write_html
 from reports.json import build_report, write_report
@@ -54,6 +55,8 @@ class CertifyResult:
     implementation: dict[str, Any]
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: The records grouped by root cause (harness.findings), most important first.
+    findings: list[Finding] = field(default_factory=list)
     report: dict[str, Any] | None = None
     report_path: Path | None = None  # report.json, when report_dir was given
     report_files: dict[str, Path] = field(default_factory=dict)  # "json", "html", "junit"
@@ -67,8 +70,11 @@ class CertifyResult:
     def failures(self) -> list[Record]:
         return [r for r in self.records if not r.ok]
 
-    def summary(self) -> str:
-        return summary_table(self.records, per_quantity=True)
+    def summary(self, *, verbose: bool = True) -> str:
+        """The table of every quantity checked (``verbose``), or the findings and the compact table."""
+        if verbose:
+            return summary_table(self.records, per_quantity=True)
+        return terminal_text(self.records, self.findings, notes=self.notes)
 
     def details(self) -> str:
         return details(self.records)
@@ -78,7 +84,7 @@ class CertifyResult:
         if not self.ok:
             raise AssertionError(
                 f"{self.implementation.get('name')} is not certified (verdict: {self.verdict})\n\n"
-                f"{self.summary()}\n\n{self.details()}"
+                f"{self.summary(verbose=False)}"
             )
 
     def __bool__(self) -> bool:
@@ -225,11 +231,12 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
         notes.append(f"the minimal failing cases were saved in {job.settings.case_dir} (give a report directory "
                      f"to keep them beside the report)")
     settings_dict = {**settings_base, "dtypes": job.dtypes, "oracles": [o.name for o in job.oracles]}
+    found = findings(records, [o.name for o in job.oracles])
     result = CertifyResult(records=records, verdict=verdict(records), implementation=impl_dict,
-                           settings=settings_dict, notes=notes)
+                           settings=settings_dict, notes=notes, findings=found)
     result.report = build_report(records, command=command, target=impl_dict["target"], settings=settings_dict,
                                  implementations=[impl_dict], oracles=[o.describe() for o in job.oracles],
-                                 target_info=impl_dict, notes=notes)
+                                 target_info=impl_dict, notes=notes, found=found)
     if report_dir is not None and write_report:
         result.report_files = write_reports(result.report, report_dir, junit=junit_xml,
                                             note=result.report_problems.append)

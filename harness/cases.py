@@ -10,8 +10,10 @@ A case can also be saved to and loaded from ``.npz`` exactly, arrays included.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "cases",
     "load_case",
     "case_file_name",
+    "digest_in_name",
     "replay_command",
     "slug",
     "register_profiles",
@@ -95,11 +98,22 @@ def slug(name: str) -> str:
 
 
 def case_file_name(implementation: str, case: Case, what: str = "") -> str:
-    """The file name a case of ``implementation`` is saved under; ``what`` it shows (``crash``, ...)
-    is added when the case is not a minimal failing one."""
-    seed = case.spec.seed if case.spec else 0
-    tag = f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}-seed{seed}"
+    """The file name a case of ``implementation`` is saved under: readable parts (dtype, shapes, weight
+    scale), then the case's :meth:`Case.digest`, so that two different cases never share a file; ``what``
+    it shows (``worst``, ``crash``, ...) is added when it is not a minimal failing case."""
+    scale = f"-{case.spec.weight_scale}" if case.spec else ""
+    tag = f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}{scale}-{case.digest()}"
     return f"{slug(implementation)}-{tag}" + (f"-{what}" if what else "") + ".npz"
+
+
+#: The digest at the end of a case file's name (before an optional ``-what``): see :func:`case_file_name`.
+_DIGEST_IN_NAME = re.compile(r"-([0-9a-f]{12})(?:-[a-z]+)?\.npz$")
+
+
+def digest_in_name(path: str | os.PathLike[str]) -> str | None:
+    """The content digest a case file's name promises, or None for a name not made by the harness."""
+    m = _DIGEST_IN_NAME.search(Path(path).name)
+    return m.group(1) if m else None
 
 
 #: What a replay command names when no TARGET string loads the implementation (an object defined in a
@@ -187,6 +201,17 @@ class Case:
             dc_T=self.dc_T.copy(),
         )
 
+    def digest(self) -> str:
+        """12 hex digits of SHA-256 over everything that defines the case: variant, dtype, epsilon and
+        every array's dtype, shape and bytes. Equal digests mean the same numbers, bit for bit."""
+        h = hashlib.sha256(f"{self.variant}|{self.dtype}|{self.ln_eps!r}".encode())
+        for name, value in (("x", self.x), ("h0", self.h0), ("c0", self.c0), ("dy", self.dy), ("dh_T", self.dh_T),
+                            ("dc_T", self.dc_T), *sorted(self.params.items())):
+            a = np.ascontiguousarray(value)
+            h.update(f"|{name}:{a.dtype.str}:{a.shape}|".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:12]
+
     def shape_text(self) -> str:
         return f"T={self.T}, B={self.B}, D={self.D}, H={self.H}, {self.dtype}"
 
@@ -196,6 +221,7 @@ class Case:
         if self.spec is not None:
             out["seed"] = self.spec.seed
             out["spec"] = self.spec.to_dict()
+        out["digest"] = self.digest()
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from harness.cases import Case
-from harness.compare import Tolerance, compare_arrays, compare_projections, effective_dtype, tolerance
+from harness.compare import FLOAT32_ORACLE, Tolerance, compare_arrays, compare_projections, effective_dtype, tolerance
 from harness.conditioning import condition_number
 from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, gradient_keys, quantities, quantity_specs
 from harness.records import Record
@@ -56,7 +56,7 @@ def tolerance_factors(case: Case, reference: Reference) -> dict[str, float]:
     if kappa > 1.0:
         factors["the case's LayerNorm condition number"] = kappa
     if case.dtype == "float32" and reference.compute_dtype == "float32":
-        factors["an oracle that computes in float32 too"] = 2.0
+        factors[FLOAT32_ORACLE] = 2.0
     return factors
 
 

@@ -18,9 +18,10 @@ from typing import Any
 from harness import registry
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
+from harness.findings import Finding, findings
 from harness.isolation import DEFAULT_TIMEOUT, GIB
-from harness.records import Record, verdict
-from harness.summary import details, summary_table
+from harness.records import Record, printable, verdict
+from harness.summary import terminal_text
 
 __all__ = ["main", "build_parser"]
 
@@ -86,12 +87,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="where report.json, index.html and the failing cases (cases/*.npz) go "
                         "(default: lstm-report/)")
     p.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write a JUnit XML report here")
+    _add_verbose_option(p)
     p.add_argument("-n", "--jobs", type=_jobs, default=1, metavar="N",
                    help="parallel worker processes, or 'auto' for one per CPU. The work is cut into units, one "
                         "per implementation, dtype and oracle, and each of N worker processes (fresh "
                         "interpreters) checks one unit after another, each with its own Hypothesis search. "
                         "Default 1: every unit in this process, all oracles sharing each call into the "
                         "implementation")
+
+
+def _add_verbose_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print every record: one row per quantity and every discrepancy's full message (by "
+                        "default: the findings, one per root cause, and a compact table of what was checked)")
 
 
 def _add_isolation_options(p: argparse.ArgumentParser) -> None:
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
                                                                       "case's)")
     _add_isolation_options(p_replay)
+    _add_verbose_option(p_replay)
 
     p_report = sub.add_parser("report", help="render the HTML report from a report.json again")
     p_report.add_argument("json_path", metavar="report.json", type=Path)
@@ -217,17 +226,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_results(records: Sequence[Record], *, per_quantity: bool = False, notes: Sequence[str] = ()) -> str:
-    print(summary_table(records, per_quantity=per_quantity))
-    for line in notes:
-        print(f"note: {line}")
-    text = details(records)
-    if text:
-        print("\nDiscrepancies and errors:\n")
-        print(text)
-    result = verdict(records)
-    print(f"\nVerdict: {result}")
-    return result
+def print_results(records: Sequence[Record], found: Sequence[Finding], *, notes: Sequence[str] = (),
+                  verbose: bool = False) -> str:
+    """Print the findings, what was checked and the verdict (``verbose``: every record too); the verdict."""
+    print(printable(terminal_text(records, found, notes=notes, verbose=verbose)))
+    return verdict(records)
 
 
 def _write_outputs(report: dict, args: argparse.Namespace) -> None:
@@ -274,7 +277,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     records: list[Record] = [r for result in results for r in result.records]
     notes = sorted({n for result in results for n in result.notes})
     checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
-    result_text = print_results(records, notes=notes)
+    found = findings(records, [o.name for o in oracles])
+    result_text = print_results(records, found, notes=notes, verbose=args.verbose)
     from reports.json import build_report
 
     report = build_report(
@@ -287,6 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         implementations=checked,
         oracles=[o.describe() for o in oracles],
         notes=notes,
+        found=found,
     )
     _write_outputs(report, args)
     return EXIT_OK if result_text == "certified" else EXIT_DISCREPANCY
@@ -352,7 +357,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
           f"dtypes {', '.join(result.settings['dtypes'])}, "
           f"{'forward and backward' if impl['backward'] else 'forward only (no backward)'}, "
           f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
-    text = print_results(result.records, per_quantity=True, notes=result.notes)
+    text = print_results(result.records, result.findings, notes=result.notes, verbose=args.verbose)
     _print_files(result.report_files, result.report_problems)
     return EXIT_OK if text == "certified" else EXIT_DISCREPANCY
 
@@ -386,11 +391,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     case = result.case
     print(f"Replaying {args.case}: {case.variant}, T={case.T}, B={case.B}, D={case.D}, H={case.H}, "
           f"{case.dtype}" + (f", seed={case.spec.seed}" if case.spec else ""))
-    print(summary_table(result.records, per_quantity=True))
-    text = details(result.records)
-    if text:
-        print("\nDiscrepancies and errors:\n")
-        print(text)
+    found = findings(result.records)
+    print(printable(terminal_text(result.records, found, verbose=args.verbose)))
+    if any(not r.ok for r in result.records):
         print("\nReproduced: the case still fails.")
     elif result.verdict != "certified":
         print("\nNothing was compared: every check was skipped (see the reasons above), so this replay shows "

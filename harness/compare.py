@@ -102,6 +102,9 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 
 _PRECISION_ORDER = ("float32", "float64")
 
+#: The tolerance factor's name (Record.tolerance_factors) when the oracle computes in float32 like the case.
+FLOAT32_ORACLE = "an oracle that computes in float32 too"
+
 
 def effective_dtype(*dtypes: str) -> str:
     """The lowest precision among the implementation's dtype and the oracle's compute dtype."""

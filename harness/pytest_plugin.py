@@ -163,7 +163,7 @@ class CertifyItem(pytest.Item):
         exc = excinfo.value
         if isinstance(exc, CertifyFailed):
             r = exc.result
-            return (f"{self.target} is not certified (verdict: {r.verdict})\n\n{r.summary()}\n\n{r.details()}"
+            return (f"{self.target} is not certified (verdict: {r.verdict})\n\n{r.summary(verbose=False)}"
                     + (f"\n\nReport: {r.report_path}" if r.report_path else ""))
         if isinstance(exc, (LoadError, ContractError)):
             return f"{self.target} could not be certified: {exc}"

@@ -37,6 +37,9 @@ __all__ = [
     "order_records",
     "merge_after_stop",
     "format_coords",
+    "format_ratio",
+    "format_pair",
+    "printable",
     "render_message",
 ]
 
@@ -89,6 +92,10 @@ class Record:
     examples: int = 1  # cases this record summarizes (the worst, or the minimal failing one)
     case_file: str = ""
     replay: str = ""
+    #: For a failure: the largest error the search saw for this quantity, when it is larger than the minimal
+    #: case's (shrinking looks for the smallest case that fails, not the one that fails most): ratio,
+    #: max_abs_error, worst (coordinates, actual, expected, allowed), first_bad_t, case, case_file, replay.
+    worst_seen: dict[str, Any] | None = None
     #: Observations about this record beyond its comparison (a failure that did not reproduce, a
     #: case that was not shrunk); each is one line of the message, after "Note: ".
     notes: list[str] = field(default_factory=list)
@@ -100,6 +107,14 @@ class Record:
     @property
     def key(self) -> RecordKey:
         return (self.oracle, self.direction, self.quantity)
+
+    @property
+    def headline_ratio(self) -> float | None:
+        """The largest error relative to tolerance known for this quantity: the worst seen, else this case's."""
+        seen = (self.worst_seen or {}).get("ratio")
+        if seen is not None and (self.ratio is None or seen > self.ratio):
+            return float(seen)
+        return self.ratio
 
     @property
     def label(self) -> str:
@@ -252,14 +267,46 @@ def format_coords(coords: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in coords.items())
 
 
-def _num(value: Any) -> str:
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (an escape sequence, a carriage return, a bell)
+    written visibly as ``\\x1b``, so that nothing an implementation says can move the cursor, clear
+    the screen or fake a line. Newlines and tabs stay."""
+    return "".join(ch if ch in "\n\t" or (ch.isprintable() and not 0x80 <= ord(ch) < 0xA0)
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def format_ratio(ratio: float | None) -> str:
+    """An error relative to tolerance, with two significant digits that are never rounded away:
+    ``1.027`` is ``1.0``, not ``1``; ``3.9e+07``; infinity (a NaN or Inf where the oracle is finite)."""
+    if ratio is None:
+        return "?"
+    if math.isinf(ratio) or ratio >= 1e300:
+        return "inf"
+    if 10 <= ratio < 1e5:  # whole numbers read better than exponents here: 1200, not 1.2e+03
+        return f"{float(f'{ratio:.2g}'):.0f}"
+    text = f"{ratio:#.2g}"
+    return text.rstrip(".") if "e" not in text else text
+
+
+def format_pair(actual: float | None, expected: float | None) -> tuple[str, str]:
+    """``actual`` and ``expected`` with as many significant digits as it takes to show where they part
+    (at least 4, at most 17), so that two different numbers never print alike."""
+    if actual is None or expected is None:
+        return (_plain(actual), _plain(expected))
+    for digits in range(4, 18):
+        a, e = f"{actual:.{digits}g}", f"{expected:.{digits}g}"
+        if a != e or actual == expected:
+            return a, e
+    return repr(actual), repr(expected)
+
+
+def _plain(value: Any) -> str:
     return "None" if value is None else f"{value:.8g}"
 
 
 def _ratio(ratio: float | None) -> str:
-    if ratio is None:
-        return "?"
-    return "infinitely many times" if ratio >= 1e300 or math.isinf(ratio) else f"{ratio:.3g} times"
+    text = format_ratio(ratio)
+    return "infinitely many times" if text == "inf" else f"{text} times"
 
 
 def render_message(rec: Record) -> str:
@@ -289,10 +336,11 @@ def _message_body(rec: Record) -> str:
     ]
     if rec.nonfinite:
         lines.append(f"Non-finite values where the oracle is finite: {rec.nonfinite}")
+    actual, expected = format_pair(w.get("actual"), w.get("expected"))
     lines.append(
         f"Worst element: |error| {w.get('abs_error', float('nan')):.3g} at {where} "
-        f"(actual {_num(w.get('actual'))}, expected {_num(w.get('expected'))}; "
-        f"{_ratio(rec.ratio)} the {w.get('allowed', float('nan')):.3g} allowed)"
+        f"(actual {actual}, expected {expected}; {_ratio(rec.ratio)} the {w.get('allowed', float('nan')):.3g} "
+        f"allowed)"
     )
     among = " among finite elements" if rec.nonfinite else ""
     lines.append(f"Greatest absolute difference{among}: {rec.max_abs_error or 0.0:.3g}")
@@ -304,4 +352,18 @@ def _message_body(rec: Record) -> str:
     cond = f" (including {factors})" if factors else ""
     lines.append(f"Tolerance ({rec.tolerance_dtype}): rtol={rec.rtol or 0.0:.1e}, atol={rec.atol or 0.0:.1e}"
                  f"{scale}{cond}")
+    seen = rec.worst_seen
+    if seen and seen.get("ratio") is not None:
+        sw = seen.get("worst") or {}
+        s_actual, s_expected = format_pair(sw.get("actual"), sw.get("expected"))
+        spec = (seen.get("case") or {}).get("spec") or {}
+        scale_note = f", weights {spec['weight_scale']}" if spec.get("weight_scale") else ""
+        lines.append(f"Largest error seen: {_ratio(seen['ratio'])} the allowed, |error| "
+                     f"{seen.get('max_abs_error', float('nan')):.3g} at {format_coords(sw.get('coords', {}))} "
+                     f"(actual {s_actual}, expected {s_expected}) on a larger case "
+                     f"({_case_text(seen.get('case') or {})}{scale_note})")
     return "\n".join(lines)
+
+
+def _case_text(case: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case)

@@ -5,6 +5,11 @@
 case (saved as ``.npz``), and returns for every quantity either the minimal failing case's record or
 the worst passing one. After a failure is shrunk the search starts again, blind to what already
 fails, so that a second, independent discrepancy gets a minimal case of its own.
+
+Shrinking finds the smallest case that fails, which is rarely the one that fails most: a 10% error
+in the candidate shrinks to tiny weights where it is barely over tolerance. So the search also keeps,
+for every quantity, the largest error it saw on any case (:attr:`Record.worst_seen`, saved as a case
+of its own), and steers generation towards larger errors with ``hypothesis.target``.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
@@ -68,18 +74,29 @@ class _Search:
     """One Hypothesis search: the worst passing record per key, and the shrunk failure if any."""
 
     worst: dict[RecordKey, Record] = field(default_factory=dict)
+    #: The failing record with the largest error per key, on whatever case (shrinking included), and its case.
+    largest: dict[RecordKey, tuple[Record, Case]] = field(default_factory=dict)
     examples: int = 0  # cases generated before the failure; shrinking attempts are not counted
     failure: CheckFailed | None = None
     flaky: str = ""
 
 
-def _search(subject: Subject, oracles: Sequence[Oracle], strategy, run: RunSettings, ignore: set[RecordKey],
-            progress: Callable[[int], None] | None, counted: int) -> _Search:
-    out = _Search()
+def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: RunSettings, ignore: set[RecordKey],
+            progress: Callable[[int], None] | None, counted: int,
+            largest: dict[RecordKey, tuple[Record, Case]]) -> _Search:
+    out = _Search(largest=largest)
 
     def one(spec: CaseSpec) -> None:
         case = build_case(spec)
         records = check_case(subject, oracles, case)
+        compared = [r.ratio for r in records if r.status in ("pass", "fail") and r.ratio is not None]
+        if compared:  # steer generation towards the cases that err most (finite values only)
+            target(float(min(max(compared), 1e12)), label="worst error / tolerance")
+        for r in records:
+            if r.status == "fail":
+                seen = out.largest.get(r.key)
+                if seen is None or (r.ratio or 0.0) > (seen[0].ratio or 0.0):
+                    out.largest[r.key] = (r, case)
         failing = [r for r in records if not r.ok and r.key not in ignore]
         if out.failure is None and not failing:
             out.examples += 1
@@ -129,13 +146,15 @@ def run_checks(
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps)
     worst: dict[RecordKey, Record] = {}
     failed: dict[RecordKey, Record] = {}
+    largest: dict[RecordKey, tuple[Record, Case]] = {}
     examples = 0
     for _ in range(MAX_SEARCHES):
         try:
-            search = _search(subject, oracles, strategy, run, set(failed), progress, examples)
+            search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest)
         except BaseException as exc:
             # Something outside the comparison stopped the search (a crashed or hung worker, an
             # interrupt): what earlier searches found is still true; hand it to the caller.
+            _attach_largest(failed, largest, run, info.name)
             exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
             raise
         examples += search.examples
@@ -157,7 +176,27 @@ def run_checks(
             failed[r.key] = r
         if {r.key for r in search.failure.records} <= failed.keys():
             break  # every quantity already fails: nothing left to find
+    _attach_largest(failed, largest, run, info.name)
     return _stamped({**worst, **failed}, examples, oracles)
+
+
+#: The largest error seen must exceed the minimal case's by this factor to be reported beside it.
+LARGER = 1.01
+
+
+def _attach_largest(failed: dict[RecordKey, Record], largest: dict[RecordKey, tuple[Record, Case]],
+                    run: RunSettings, name: str) -> None:
+    """Give each failure the largest error seen for its quantity, with its case saved beside the minimal one."""
+    for key, r in failed.items():
+        if key not in largest:
+            continue
+        big, case = largest[key]
+        if (big.ratio or 0.0) <= (r.ratio or 0.0) * LARGER:
+            continue
+        case_file = str(case.save(run.case_dir / case_file_name(name, case, "worst"))) if run.case_dir else ""
+        r.worst_seen = {"ratio": big.ratio, "max_abs_error": big.max_abs_error, "max_rel_error": big.max_rel_error,
+                        "worst": big.worst, "first_bad_t": big.first_bad_t, "case": case.info(),
+                        "case_file": case_file, "replay": replay_command(case_file, run.replay_target, r.oracle)}
 
 
 def _stamped(results: dict[RecordKey, Record], examples: int, oracles: Sequence[Oracle]) -> list[Record]:

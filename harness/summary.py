@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import groupby
 
-from harness.records import Record, worst_status
+from harness.contract import DEFAULT_DTYPES, DIRECTIONS
+from harness.findings import Finding, render_findings
+from harness.records import Record, format_ratio, printable, verdict, worst_status
 
-__all__ = ["summary_table", "details"]
+__all__ = ["summary_table", "details", "checked_table", "terminal_text"]
 
 
 def _ratio_text(r: Record) -> str:
     if r.ratio is None:
         return "-"
-    return f"{r.ratio:.2g}x tol" if r.ratio < 1e300 else "inf (NaN/Inf)"
+    return f"{format_ratio(r.ratio)}x tol" if r.ratio < 1e300 else "inf (NaN/Inf)"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -98,3 +100,65 @@ def details(records: Sequence[Record]) -> str:
             lines.append(f"Replay: {r.replay}")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def _cell(group: Sequence[Record]) -> str:
+    status = worst_status(group)
+    if status == "skip":
+        return "-"
+    ratios = [r.headline_ratio for r in group if r.headline_ratio is not None]
+    word = "pass" if status == "pass" else status.upper()
+    return f"{word} {format_ratio(max(ratios))}" if ratios and status in ("pass", "fail") else word
+
+
+def checked_table(records: Sequence[Record]) -> str:
+    """What was checked, compactly: one row per oracle (and implementation), one column per dtype and
+    direction, each cell the status and the largest error relative to tolerance (as a multiple of it);
+    ``-`` where nothing was compared. The skip reasons follow, each once."""
+    columns = [(d, c) for d in DEFAULT_DTYPES for c in DIRECTIONS
+               if any(r.dtype == d and r.direction == c for r in records)]
+    impls = list(dict.fromkeys(r.implementation for r in records))
+    named = len(impls) > 1
+    rows = []
+    skipped: dict[str, int] = {}
+    for impl in impls:
+        for oracle in dict.fromkeys(r.oracle for r in records if r.implementation == impl):
+            mine = [r for r in records if r.implementation == impl and r.oracle == oracle]
+            cells = []
+            for dtype, direction in columns:
+                group = [r for r in mine if r.dtype == dtype and r.direction == direction]
+                cells.append(_cell(group) if group else "")
+                if group and worst_status(group) == "skip":
+                    reason = group[0].reason or "skipped"
+                    skipped[reason] = skipped.get(reason, 0) + 1
+            if all(c in ("-", "") for c in cells):
+                continue
+            cases = str(max(r.examples for r in mine))
+            rows.append(([impl] if named else []) + [oracle, *cells, cases])
+    headers = (["implementation"] if named else []) + ["oracle", *(f"{d} {c}" for d, c in columns), "cases"]
+    parts = [_table(headers, rows) if rows else "(nothing was compared)"]
+    parts.append("(each cell: status and largest error as a multiple of the tolerance; cases: generated per check, "
+                 "shrinking not counted)")
+    if skipped:
+        parts.append("Not checked:")
+        parts += [f"  - {reason} ({n} {'check' if n == 1 else 'checks'})" for reason, n in skipped.items()]
+    return "\n".join(parts)
+
+
+def terminal_text(records: Sequence[Record], found: Sequence[Finding], *, notes: Sequence[str] = (),
+                  verbose: bool = False) -> str:
+    """What ``certify``, ``run`` and ``replay`` print: the findings (one per root cause) first, then what
+    was checked, then the verdict. ``verbose`` adds the table of every quantity and every record's message."""
+    parts = []
+    text = render_findings(found)
+    if text:
+        parts.append(text)
+    parts.append(summary_table(records, per_quantity=True) if verbose else checked_table(records))
+    if notes:
+        parts.append("\n".join(f"note: {printable(line)}" for line in notes))
+    if verbose:
+        every = details(records)
+        if every:
+            parts.append("Every discrepancy and error:\n\n" + every)
+    parts.append(f"Verdict: {verdict(records)}")
+    return "\n\n".join(parts)

@@ -53,6 +53,7 @@ from typing import Any
 
 from harness._version import __version__
 from harness.compare import TOLERANCES
+from harness.findings import Finding, findings
 from harness.records import STATUSES, Record, verdict
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment"]
@@ -122,8 +123,13 @@ def build_report(
     oracles: Sequence[dict[str, Any]],
     target_info: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    found: Sequence[Finding] | None = None,
 ) -> dict[str, Any]:
+    """The report as a dict. ``found``: the findings already computed from ``records`` (computed here if
+    not given), so that the terminal, the JSON and the HTML show the same ones."""
     counts = Counter(r.status for r in records)
+    if found is None:
+        found = findings(records, [o.get("name", "") for o in oracles])
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "lstm-harness", "version": __version__},
@@ -142,6 +148,7 @@ def build_report(
         "oracles": list(oracles),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "notes": list(notes),
+        "findings": [f.to_dict() for f in found],
         "records": [r.to_dict() for r in records],
     }
 

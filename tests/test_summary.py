@@ -17,7 +17,7 @@ def test_one_row_per_direction_with_the_worst_status_and_error():
     assert lines[0].split() == ["implementation", "dtype", "oracle", "direction", "status", "worst", "error",
                                 "cases", "note"]
     assert "FAIL" in lines[2] and "3.5x tol (h_T)" in lines[2] and "not close: h_T" in lines[2]
-    assert "pass" in lines[3] and "0.2x tol (dx)" in lines[3]
+    assert "pass" in lines[3] and "0.20x tol (dx)" in lines[3]
 
 
 def test_rows_of_skips_only_are_listed_once_per_reason():

@@ -1,0 +1,69 @@
+"""Findings (harness.findings): records grouped by root cause, with the evidence and the largest error."""
+
+from harness.findings import Finding, findings, render_findings
+from harness.records import Record
+
+
+def _rec(status, quantity="y", direction="forward", oracle="fd", dtype="float64", ratio=None, gate=None, t=None,
+         **kw):
+    coords = {"t": 0, "batch": 0, "unit": 1} if gate is None else {"gate": gate, "unit": 1, "input": 0}
+    worst = {"coords": coords, "actual": 1.0, "expected": 1.5, "index": [0, 0, 1]} if status == "fail" else None
+    return Record(implementation="impl", oracle=oracle, variant="vanilla", dtype=dtype, direction=direction,
+                  quantity=quantity, status=status, ratio=ratio, worst=worst, first_bad_t=t, **kw)
+
+
+def test_one_error_is_one_finding_whatever_it_stopped():
+    records = [_rec("error", q, d, o, dt, reason="backward raised ValueError: bad\nTraceback ...")
+               for q, d in (("dx", "backward"), ("dW", "backward")) for o in ("fd", "torch")
+               for dt in ("float64", "float32")]
+    records.append(_rec("pass", ratio=0.1))
+    (f,) = findings(records)
+    assert f.kind == "error" and f.records == 8 and f.dtypes == ["float64", "float32"]
+    assert f.disagreeing == ["fd", "torch"] and f.reason.startswith("backward raised ValueError: bad")
+
+
+def test_a_forward_bug_folds_the_gradients_that_follow_from_it():
+    records = [_rec("fail", "y", ratio=50.0, t=2), _rec("fail", "c_T", ratio=80.0),
+               _rec("fail", "dW", "backward", ratio=9.0, gate="g"), _rec("fail", "y", dtype="float32", ratio=3.0)]
+    (f,) = findings(records)
+    assert f.kind == "discrepancy" and f.title.startswith("forward: y, c_T depart")
+    assert f.worst["quantity"] == "c_T" and f.worst["ratio"] == 80.0 and f.first_bad_t == 2
+    assert f.dtypes == ["float64", "float32"]
+    assert any("its gradients (dW) depart too" in n for n in f.notes)
+
+
+def test_a_backward_bug_names_its_gate_and_says_the_forward_matches():
+    records = [_rec("pass", "y", ratio=0.01), _rec("fail", "dW", "backward", ratio=40.0, gate="f"),
+               _rec("fail", "db", "backward", ratio=30.0, gate="f")]
+    (f,) = findings(records)
+    assert f.title == "backward: dW, db depart at gate f (float64)" and f.gates == ["f"]
+    assert "its forward pass matches" in f.notes
+
+
+def test_a_lone_oracle_against_two_that_agree_is_an_oracle_disagreement():
+    records = [_rec("pass", "dW", "backward", "fd", ratio=0.1), _rec("pass", "dW", "backward", "torch", ratio=0.2),
+               _rec("fail", "dW", "backward", "tf", ratio=4.0, gate="o")]
+    (f,) = findings(records, ["fd", "torch", "tf"])
+    assert f.kind == "oracle disagreement" and f.disagreeing == ["tf"] and f.agreeing == ["fd", "torch"]
+    # With only one oracle agreeing, the implementation stays the suspect.
+    (g,) = findings(records[1:])
+    assert g.kind == "discrepancy"
+
+
+def test_the_largest_error_seen_leads_and_a_moved_weight_scale_is_said():
+    minimal = _rec("fail", ratio=1.6, case={"T": 1, "B": 1, "D": 1, "H": 1, "spec": {"weight_scale": "tiny"}},
+                   case_file="c/min.npz", replay="lstm-harness replay c/min.npz m:A --oracle fd")
+    minimal.worst_seen = {"ratio": 3.9e7, "max_abs_error": 0.1, "worst": {"coords": {"t": 0}, "actual": 1.1,
+                                                                          "expected": 1.2},
+                          "case": {"T": 2, "spec": {"weight_scale": "saturating"}}, "case_file": "c/big.npz"}
+    (f,) = findings([minimal])
+    assert f.worst["ratio"] == 3.9e7 and f.worst["case_file"] == "c/big.npz"
+    assert f.case_file == "c/min.npz" and f.replay.endswith("--oracle fd")
+    assert any("largest with saturating weights" in n and "only 1.6x" in n for n in f.notes)
+    text = render_findings([f])
+    assert "Largest error: 3.9e+07x tolerance in y" in text and "Replay: lstm-harness replay c/min.npz" in text
+
+
+def test_findings_round_trip_through_a_dict():
+    (f,) = findings([_rec("fail", ratio=2.0)])
+    assert Finding.from_dict(f.to_dict()) == f
