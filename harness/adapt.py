@@ -359,8 +359,9 @@ class Adapted:
             dys[-1] += dh_T
         if conv.batch_major:
             dys = layouts.batch_major(dys)
+        not_computed: set[str] = set()
         if self._module is not None:
-            raw = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_T, dc_T)
+            raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_T, dc_T)
         else:
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
             if dys is not dy:  # a converted copy: changes to it are the caller's dy's, converted back
@@ -381,6 +382,13 @@ class Adapted:
             out["c0"] = np.zeros_like(out["h0"])  # a placeholder: reported as not compared
         params = {k: to_numpy(v) for k, v in grads.items()}
         out.update(conv.grads_from(params, self.variant, D, H))
+        if not_computed:
+            # Reported as not computed, never compared as zeros: a canonical gradient is not computed when
+            # any of the implementation's gradients it is converted from was not.
+            mask = {k: np.full_like(v, 1.0 if k in not_computed else 0.0) for k, v in params.items()}
+            touched = {k for k, v in conv.grads_from(mask, self.variant, D, H).items() if np.any(v != 0)}
+            for key in touched | (not_computed & {"x", "h0", "c0"}):
+                out[key] = None
         # Gradients the contract does not expect are passed on under their own names, so that the
         # harness reports them ("unexpected [...]") instead of this adapter dropping them.
         for name, value in extra.items():
@@ -464,9 +472,13 @@ class Adapted:
         leaves += [params[k] for k in params]
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
         out = {}
+        none = set()
         for key, leaf, g in zip(keys, leaves, grads):
-            out[key] = (g if g is not None else torch.zeros_like(leaf)).detach().cpu().numpy()
-        return out
+            if g is None:  # autograd reached no such leaf: the module does not compute this gradient
+                none.add(key)
+                g = torch.zeros_like(leaf)
+            out[key] = g.detach().cpu().numpy()
+        return out, none
 
 
 @dataclass

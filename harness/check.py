@@ -9,7 +9,7 @@ search (:mod:`harness.runner`) calls this for every case it draws.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,8 +75,13 @@ def compare_execution(
     oracle: Oracle,
     directions: Sequence[str] = DIRECTIONS,
     has_backward: bool = True,
+    unchecked: Collection[str] = (),
 ) -> list[Record]:
-    """Records for every quantity of ``directions``: validate the execution, then compare."""
+    """Records for every quantity of ``directions``: validate the execution, then compare.
+
+    ``unchecked``: quantities the implementation declared it cannot produce (its limits); their shape
+    and dtype are not held against it (they are reported as not compared).
+    """
     variant, T, B, H = case.variant, case.T, case.B, case.H
     specs = quantity_specs(variant)
     records: list[Record] = []
@@ -121,9 +126,9 @@ def compare_execution(
             assert execution.forward is not None and reference.outputs is not None
             actual = dict(zip(FORWARD_QUANTITIES, execution.forward))
             problems = [
-                p for q in names
-                if (p := _shape_dtype_problem(q, actual[q], specs[q].concrete_shape(T=T, B=B, D=case.D, H=H),
-                                              case.dtype))
+                p for q in names if q not in unchecked
+                and (p := _shape_dtype_problem(q, actual[q], specs[q].concrete_shape(T=T, B=B, D=case.D, H=H),
+                                               case.dtype))
             ]
             if problems:
                 records += records_for(base, names, "contract", "; ".join(problems), case)
@@ -138,13 +143,14 @@ def compare_execution(
             continue
         grads = execution.gradients or {}
         keys = gradient_keys(variant)
-        missing = [k for k in keys if k not in grads]
+        not_computed = [k for k in execution.not_computed if k in keys]
+        missing = [k for k in keys if k not in grads and k not in not_computed]
         extra = [k for k in grads if k not in keys]
         problems = []
         if missing or extra:
             problems.append(f"backward: expected keys {list(keys)}; missing {missing}, unexpected {extra}")
         for k in keys:
-            if k in grads:
+            if k in grads and "d" + k not in unchecked:
                 want = specs["d" + k].concrete_shape(T=T, B=B, D=case.D, H=H)
                 if p := _shape_dtype_problem(f"gradient {k!r}", grads[k], want, case.dtype):
                     problems.append(p)
@@ -155,6 +161,12 @@ def compare_execution(
         for k in keys:
             q = "d" + k
             qbase = {**base, "quantity": q}
+            if k in not_computed:
+                records += records_for(base, [q], "contract",
+                                       f"{q}: not computed: the backward returned None for it, so there is nothing "
+                                       f"to compare (an implementation that cannot produce {q} declares it in its "
+                                       f"limits, harness.Limits(unchecked={{{q!r}: why}}))", case)
+                continue
             if reference.gradients is not None:
                 extra_err = (reference.gradient_error or {}).get(k, 0.0)
                 rec = compare_arrays(grads[k], reference.gradients[k], spec=specs[q], H=H, tol=tol,
@@ -212,5 +224,5 @@ def check_case(
                                             case)
                 continue
         records += compare_execution(execution, ref, case, implementation=info.name, oracle=oracle,
-                                     has_backward=info.has_backward)
+                                     has_backward=info.has_backward, unchecked=tuple(info.limits.unchecked))
     return records

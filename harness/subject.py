@@ -39,6 +39,8 @@ class Execution:
     backward_contract: str | None = None
     backward_ran: bool = False
     mutated: list[str] = field(default_factory=list)  # "x (forward)", ...
+    #: Gradient keys the backward returned as None: it does not compute them (e.g. autograd reached no leaf).
+    not_computed: list[str] = field(default_factory=list)
     traceback: str = ""
     seconds: float = 0.0
 
@@ -145,12 +147,14 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
                     f"backward: expected a dict of gradients by name, got {_describe(grads)}"
                 )
             else:
-                keys = [str(k) for k in grads]
-                gradients, problem = _arrays(grads.values(), [f"gradient {k!r}" for k in keys])
+                given = {str(k): v for k, v in grads.items() if v is not None}
+                out.not_computed = [str(k) for k, v in grads.items() if v is None]
+                gradients, problem = _arrays(given.values(), [f"gradient {k!r}" for k in given])
                 if problem:
                     out.backward_contract = f"backward: {problem}"
                 else:
-                    out.gradients = dict(zip(keys, gradients.values()))  # type: ignore[union-attr]
+                    assert gradients is not None
+                    out.gradients = dict(zip(given, gradients.values()))
     out.seconds = time.perf_counter() - start
     return out
 

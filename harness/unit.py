@@ -126,23 +126,54 @@ class _Fatal(Exception):
     """Raised through Hypothesis to end a unit after a WorkerFailure."""
 
 
+#: Identical errors in a row after which a unit stops calling what raises them: every further call
+#: (Hypothesis would make dozens while shrinking) only says the same again.
+REPEATED_ERRORS = 3
+
+
 class _Guard:
-    """Passes executions through until one is a WorkerFailure; from then on every call raises at once."""
+    """Passes executions through until one is a WorkerFailure, or the forward has raised the same error
+    :data:`REPEATED_ERRORS` times in a row; from then on every call raises at once. A backward that keeps
+    raising the same error is not called again: its error is repeated, and the forward is still checked."""
 
     def __init__(self, subject: Any):
         self.subject = subject
         self.info = subject.info
         self.fatal: tuple[Case, Execution] | None = None
+        self.fatal_note = ""
+        self.backward_stopped: tuple[str, str] | None = None  # the backward's repeated error and traceback
+        self._last: dict[str, tuple[str, int]] = {}  # phase -> (error text, times in a row)
+
+    def _repeated(self, phase: str, error: str | None) -> bool:
+        if error is None:
+            self._last.pop(phase, None)
+            return False
+        text, n = self._last.get(phase, ("", 0))
+        n = n + 1 if text == error else 1
+        self._last[phase] = (error, n)
+        return n >= REPEATED_ERRORS
 
     def execute(self, case: Case, *, backward: bool) -> Execution:
         from harness.isolation import WorkerFailure
 
         if self.fatal is not None:
             raise _Fatal()
-        out = self.subject.execute(case, backward=backward)
+        out = self.subject.execute(case, backward=backward and self.backward_stopped is None)
         if isinstance(out, WorkerFailure):
             self.fatal = (case, out)
+            self.fatal_note = ("this case was not shrunk: every attempt would cost a worker restart or a whole "
+                               "timeout; it is the first case on which it happened")
             raise _Fatal()
+        if self._repeated("forward", out.forward_error):
+            self.fatal = (case, out)
+            self.fatal_note = (f"the forward raised the same error on {REPEATED_ERRORS} calls in a row, so the unit "
+                               f"stopped calling it; this is the last case it raised on")
+            raise _Fatal()
+        if backward and self.backward_stopped is not None and out.forward_error is None and out.forward is not None:
+            out.backward_error, out.traceback = self.backward_stopped
+            out.backward_ran = True
+        elif backward and out.forward_error is None and self._repeated("backward", out.backward_error):
+            self.backward_stopped = (out.backward_error or "", out.traceback)
         return out
 
 
@@ -249,6 +280,11 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
     def finish(records: list[Record]) -> tuple[list[Record], list[str]]:
         if unchecked:
             mark_unchecked(records, unchecked)
+        if guard.backward_stopped is not None:
+            for r in records:
+                if r.status == "error" and r.direction == "backward":
+                    r.add_note(f"the backward raised the same error on {REPEATED_ERRORS} calls in a row, so the "
+                               f"unit stopped calling it; the forward was still checked on every case")
         for r in records:
             if r.case_file:  # one way to write the command, whoever saved the case
                 r.replay = replay_command(r.case_file, settings.replay_target, r.oracle)
@@ -332,15 +368,13 @@ def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: RunSettings,
     case, execution = guard.fatal
     info = guard.info
     records = check_case(StoredSubject(info, execution), oracles, case)
-    case_file = _save_case(case, settings, info, "crash" if getattr(execution, "failure", "") == "crash"
-                           else "timeout")
-    note = ("this case was not shrunk: every attempt would cost a worker restart or a whole timeout; it is the "
-            "first case on which it happened")
+    failure = getattr(execution, "failure", "")
+    case_file = _save_case(case, settings, info, failure if failure in ("crash", "timeout") else "error")
     for r in records:
         r.examples = max(1, examples)
         if not r.ok:
             r.case_file = case_file
-            r.add_note(note)
+            r.add_note(guard.fatal_note)
     return records
 
 

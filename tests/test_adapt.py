@@ -15,6 +15,7 @@ from harness.adapt import Adapted, Convention, adapt
 from harness.api import certify
 from harness.cases import CaseSpec, build_case
 from harness.contract import ContractError
+from impls.loop import LoopLSTM
 
 PLUGINS = Path(__file__).parent / "plugins"
 FOREIGN = PLUGINS / "foreign.py"
@@ -234,7 +235,7 @@ def test_two_item_forward_needs_final_cell_false():
 # PyTorch modules that return only y, or (y, h_T)
 
 
-def _time_major_module(returns: str):
+def _time_major_module(returns: str, ignores_h0: bool = False):
     torch = pytest.importorskip("torch", reason="the nn.Module adapter needs PyTorch")
     from torch import nn
 
@@ -248,6 +249,8 @@ def _time_major_module(returns: str):
 
         def forward(self, x, state):  # x (T, B, D)
             h, c = state
+            if ignores_h0:  # a common bug: the state is reset inside the module
+                h = torch.zeros_like(h)
             outs = []
             for t in range(x.shape[0]):
                 i, f, g, o = (x[t] @ self.weight_ih.T + h @ self.weight_hh.T + self.bias).chunk(4, dim=1)
@@ -270,6 +273,15 @@ def test_torch_module_without_final_states_certifies(returns):
     result = _certify(module, dtypes=["float64"], max_examples=5)
     assert result.verdict == "certified", result.details()
     assert {r.quantity for r in result.records if r.status == "skip"} == {"c_T"}
+
+
+def test_a_gradient_autograd_does_not_compute_is_reported_not_computed_never_as_zeros():
+    module = adapt(_time_major_module("y", ignores_h0=True), final_cell=False, names=_TORCH_NAMES)
+    result = _certify(module, dtypes=["float64"], max_examples=3)
+    dh0 = [r for r in result.records if r.quantity == "dh0"]
+    assert dh0 and all(r.status == "contract" and r.reason.startswith("dh0: not computed") for r in dh0)
+    assert all(r.worst is None for r in dh0)  # nothing was compared against a placeholder
+    assert result.verdict != "certified"
 
 
 def test_torch_module_without_c_T_must_say_final_cell_false():
@@ -374,3 +386,17 @@ def test_an_in_place_change_that_converts_back_to_nothing_is_still_reported():
     assert result.verdict == "error"
     reasons = {r.reason for r in result.records if r.direction == "forward"}
     assert any("modified its input arrays in place" in r for r in reasons), reasons
+
+
+def test_a_contract_message_never_names_what_the_adapter_declared_absent():
+    def forward_fn(x, h0, W, R, b):  # no c0, no c_T; computes in float64 whatever it is given
+        y, h, _, _ = LoopLSTM().forward(x.astype(np.float64), h0.astype(np.float64), np.zeros(h0.shape),
+                                        {"W": W.astype(np.float64), "R": R.astype(np.float64),
+                                         "b": b.astype(np.float64)})
+        return y, None
+
+    course = adapt(forward_fn=forward_fn, initial_cell=False, final_cell=False, name="float64-only")
+    result = _certify(course, dtypes=["float32"], max_examples=3)
+    contract = [r for r in result.records if r.status == "contract" and r.direction == "forward"]
+    assert contract and all("y: expected dtype float32" in r.reason for r in contract)
+    assert not any("c_T" in r.reason for r in contract)

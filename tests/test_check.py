@@ -44,7 +44,7 @@ def test_an_exception_in_backward_is_an_error_with_the_implementation_traceback(
     assert _by_direction(records) == {"forward": {"pass"}, "backward": {"error"}}
     err = next(r for r in records if r.status == "error")
     assert err.reason == "backward raised RuntimeError: index out of range in my BPTT"
-    assert "test_runner.py" in err.traceback and "harness/runner.py" not in err.traceback
+    assert "test_check.py" in err.traceback and "harness/check.py" not in err.traceback
 
 
 class WrongDtype(LoopLSTM):

@@ -126,3 +126,40 @@ def test_mark_unchecked_turns_records_into_skips_with_the_reason():
     c_T = next(r for r in records if r.quantity == "c_T")
     assert c_T.status == "skip" and c_T.reason.startswith("not compared: ")
     assert "final cell state" in c_T.message
+
+
+class CountsCalls(LoopLSTM):
+    """Counts its calls; the forward (or the backward) always raises the same error."""
+
+    def __init__(self, where):
+        self.where = where
+        self.calls = {"forward": 0, "backward": 0}
+
+    def forward(self, x, h0, c0, params):
+        self.calls["forward"] += 1
+        if self.where == "forward":
+            raise ValueError("always the same")
+        return super().forward(x, h0, c0, params)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        self.calls["backward"] += 1
+        raise ValueError("always the same")
+
+
+def test_a_forward_that_keeps_raising_the_same_error_is_not_called_again_and_again():
+    impl = CountsCalls("forward")
+    records, _ = _run(impl, max_examples=50)
+    assert impl.calls["forward"] == 3  # the probe's three calls: then the unit stops
+    assert {r.status for r in records} == {"error"}
+    assert all(any("stopped calling it" in n for n in r.notes) for r in records)
+
+
+def test_a_backward_that_keeps_raising_is_stopped_and_the_forward_still_checked():
+    impl = CountsCalls("backward")
+    records, _ = _run(impl, max_examples=30)
+    assert impl.calls["backward"] == 3
+    assert impl.calls["forward"] > 30  # every generated case still runs the forward
+    forward = [r for r in records if r.direction == "forward"]
+    backward = [r for r in records if r.direction == "backward"]
+    assert {r.status for r in forward} == {"pass"} and {r.status for r in backward} == {"error"}
+    assert all(any("forward was still checked" in n for n in r.notes) for r in backward)
