@@ -332,7 +332,7 @@ def _near_constant_rows(spec: CaseSpec, w_std: float) -> tuple[np.ndarray, np.nd
     """W (4H, D) and R (4H, H) whose H rows within each gate block are one shared row plus a small
     deviation: every gate's pre-activations then agree across units up to a spread of about
     rho * sqrt(ln_eps), rho log-uniform in [0.01, 10], while their common value keeps the weight
-    scale. These are the LayerNorm rows whose variance is comparable to eps (issue 4, section 5).
+    scale. These are the LayerNorm rows whose variance is comparable to eps (harness/conditioning.py).
     Drawn from their own stream, so every other array is the same as with ``rows="random"``.
     """
     rng = np.random.default_rng([spec.seed, 1])

@@ -16,7 +16,7 @@ inherits it, so the tolerance must too. The condition number of a case is
 computed in float64 from the LSTM equations on the case's exact values; vanilla and peephole cases
 have kappa = 1. The comparison multiplies rtol and atol by kappa (:meth:`Tolerance.scaled`).
 
-Measured (issue 4) with the float64 torch composite as reference, on 2000 generated float32
+Measured with the float64 torch composite as reference, on 2000 generated float32
 LayerNorm cases with ``rows="near_constant"``: worst error 2.7e3 (values) and 7.6e3 (gradients)
 times the unscaled float32 tolerance, with kappa up to 1.2e4; divided by kappa, at most 0.52 and
 0.70. On 2000 cases with ``rows="random"`` the worst unscaled error was 0.999 of the tolerance,

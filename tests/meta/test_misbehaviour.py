@@ -1,4 +1,4 @@
-"""Plugins that misbehave in every way issue 5 lists, and the planted bugs of issues 2 and 4 loaded
+"""Plugins that raise, crash, hang, break the contract or misbehave otherwise, and the planted bugs loaded
 as plugins: each gets the right verdict on the right quantity, and the run always finishes with a
 record for every quantity (the report is never cut short)."""
 

@@ -1,4 +1,4 @@
-"""Implementations that misbehave in every way issue 5 lists; each must get a clear verdict.
+"""Implementations that raise, crash, hang, break the contract or keep state; each must get a clear verdict.
 
 They are built on the readable reference (``impls.loop``) so that the only thing wrong with each is
 the misbehaviour it is named for. Loaded by path in the tests: ``tests/plugins/misbehaving.py:Raises``.

@@ -1,4 +1,4 @@
-"""Planted bugs as plugins: the foundation's six (issue 2) and the variants' five (issue 4).
+"""Planted bugs as plugins: six in the vanilla LSTM and five in the peephole and LayerNorm variants.
 
 One hand-written LSTM for all three variants (forward and BPTT, written from the equations, not
 shared with ``impls/``), with one realistic bug switched on at a time. Each attribute below is a
@@ -157,7 +157,7 @@ correct_vanilla = _factory("vanilla", None)
 correct_peephole = _factory("peephole", None)
 correct_layernorm = _factory("layernorm", None)
 
-# issue 2
+# vanilla: forward and BPTT
 gates_swapped = _factory("vanilla", "gates_swapped")
 no_h_to_c = _factory("vanilla", "no_h_to_c")
 tanh_derivative = _factory("vanilla", "tanh_derivative")
@@ -165,7 +165,7 @@ dR_uses_h_t = _factory("vanilla", "dR_uses_h_t")
 db_one_batch_row = _factory("vanilla", "db_one_batch_row")
 dc0_without_f = _factory("vanilla", "dc0_without_f")
 
-# issue 4
+# peephole and LayerNorm
 peephole_o_sees_prev = _factory("peephole", "peephole_o_sees_prev")
 peephole_no_gate_path = _factory("peephole", "peephole_no_gate_path")
 ln_unbiased = _factory("layernorm", "ln_unbiased")
