@@ -154,18 +154,21 @@ class Hint:
     states: tuple[str, ...]
     trial: Trial
 
+    def _standard(self, declared: str) -> bool:
+        return self.trial.as_declared or (self.trial.variant == declared and self.trial.convention.is_standard)
+
     def text(self, declared: str) -> str:
-        standard = self.trial.as_declared or (self.trial.variant == declared and self.trial.convention.is_standard)
-        under = "as declared" if standard else f"if {self.trial.describe(declared)}"
+        under = "as declared" if self._standard(declared) else f"if {self.trial.describe(declared)}"
         zero = " and ".join(f"{s} = 0" for s in self.states)
         words = " and its ".join(_STATE_WORDS[s] for s in self.states)
         return (f"With {zero} it matches the standard LSTM {under}: it ignores its {words}, or takes "
                 f"{'it' if len(self.states) == 1 else 'them'} from somewhere else. Certify it to see the failing "
                 f"case.")
 
-    def headline(self) -> str:
+    def headline(self, declared: str) -> str:
         words = " and its ".join(_STATE_WORDS[s] for s in self.states)
-        return f"it ignores its {words}"
+        under = "" if self._standard(declared) else f" (and {self.trial.describe(declared)})"
+        return f"it ignores its {words}{under}"
 
 
 @dataclass
@@ -230,7 +233,7 @@ class Diagnosis:
             backward = self._backward_headline()
             return line if backward == "its backward matches too" else f"{line}; {backward}"
         if self.ignored is not None:
-            return f"no convention explains it: {self.ignored.headline()}"
+            return f"no convention explains it: {self.ignored.headline(self.declared_variant)}"
         if self.closest is not None:
             line = f"no convention explains it; closest: {self.closest.describe(self.declared_variant)}"
             if self.closest.departure is not None:
