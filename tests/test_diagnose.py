@@ -6,6 +6,7 @@ ignored initial state under any convention, and lists every reason trials could 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +317,9 @@ def test_diagnose_subject_refuses_what_is_not_an_opened_subject():
 ])
 def test_headline(target, headline):
     assert diagnose(target).headline() == headline
+
+
+def test_cli_diagnose_help_describes_target(capsys):
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert re.search(r"positional arguments:\s+TARGET\s+the implementation to diagnose", capsys.readouterr().out)
