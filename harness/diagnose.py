@@ -65,8 +65,9 @@ MAX_WORKER_FAILURES = 3
 IGNORED_STATES: tuple[tuple[str, ...], ...] = (("h0",), ("c0",), ("h0", "c0"))
 _STATE_WORDS = {"h0": "initial hidden state h0", "c0": "initial cell state c0"}
 #: How far beyond tolerance the quick screen of an ignored state lets outputs be before the real
-#: comparison decides (the real tolerance may be widened by a case's factors).
-_SCREEN_SLACK = 16.0
+#: comparison decides: wide, since a case's factors (its LayerNorm conditioning) widen the real
+#: tolerance, and an ignored state that is not the explanation misses by orders of magnitude more.
+_SCREEN_SLACK = 1e3
 
 
 @dataclass
