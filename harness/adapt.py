@@ -637,12 +637,22 @@ def adapt(
     x, h0, c0)``; parameters substituted by name; backward by autograd). Give ``forward_fn`` (and
     ``backward_fn``) instead of ``impl`` for plain functions. See the module docstring for the
     conventions. ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
+
+    ``impl`` may itself be an adapter: what it wraps is then read in the given gate order,
+    transposition, forget bias and sequence layout instead of the adapter's, keeping the adapter's
+    names, bias form, cell states and backward (which :func:`harness.diagnose` relies on).
     """
     if (impl is None) == (forward_fn is None):
         raise ValueError("adapt: expected either impl (an object or nn.Module) or forward_fn, not "
                          + ("both" if impl is not None else "neither"))
     if backward_fn is not None and impl is not None:
         raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used")
+    if isinstance(impl, Adapted):
+        return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
+                          transposed=transposed, forget_bias=forget_bias, batch_major=batch_major,
+                          interface={"bias": (bias, "single"), "initial_cell": (initial_cell, True),
+                                     "final_cell": (final_cell, True), "names": (names, None),
+                                     "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell)
     source = impl if impl is not None else forward_fn
@@ -694,6 +704,39 @@ def adapt(
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
+
+
+def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,
+               ln_eps: float | None, gate_order: str, transposed: bool, forget_bias: float, batch_major: bool,
+               interface: dict[str, tuple[Any, Any]]) -> Adapted:
+    """What ``adapter`` wraps, adapted afresh: read in the given convention instead of the adapter's own.
+
+    Wrapping an adapter in another (the canonical layout it speaks, taken for another) cannot express
+    what a search for a convention asks, e.g. whether the functions behind a ``transposed=True``
+    adapter are in fact not transposed; so the adapter's gate order, transposition, forget bias and
+    sequence layout are replaced, and its interface (parameter names, bias form, cell states, the
+    upstream gradients its backward takes, ``call``) is kept, and with it its limits.
+    """
+    given = [k for k, (value, default) in interface.items() if value != default]
+    if given:
+        raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
+                         f"convention (gate_order, transposed, forget_bias, batch_major) and variant, name, dtypes "
+                         f"and ln_eps can be given again")
+    old = adapter.convention
+    convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
+                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell)
+    variant = variant if variant is not None else adapter.variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    if variant == "layernorm" and old.bias != "single":
+        raise ValueError(f"bias: the layernorm variant has no bias, so the adapter's bias={old.bias!r} does not "
+                         f"apply")
+    names = {k: adapter._names.get(k, k) for k in convention.param_keys(variant)}
+    return Adapted(convention=convention, variant=variant, name=name or adapter.name,
+                   dtypes=tuple(dtypes) if dtypes is not None else adapter.dtypes,
+                   ln_eps=ln_eps if ln_eps is not None else adapter.ln_eps, names=names, forward=adapter._forward,
+                   backward=adapter._backward, params_as=adapter._params_as, upstream=adapter._upstream,
+                   torch_module=adapter._module, call=adapter._call)
 
 
 def _check_arity(fn: Callable[..., Any], n: int, what: str, expected: str) -> None:

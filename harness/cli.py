@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  1  it matches only under another convention, or under none\n"
                "  2  bad usage, or TARGET could not be loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_diag.add_argument("target", metavar="TARGET")
+    p_diag.add_argument("target", metavar="TARGET", help="the implementation to diagnose (see below)")
     p_diag.add_argument("--variant", choices=sorted(VARIANTS), help="the variant it is meant to be")
     p_diag.add_argument("--dtype", choices=DEFAULT_DTYPES, help="dtype of the trial cases (default: the "
                                                                  "most precise it declares)")

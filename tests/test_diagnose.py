@@ -1,18 +1,25 @@
 """diagnose names the convention of plugins written in other gate orders and layouts, says so when
-the forward matches but the backward does not, and says where the closest convention departs."""
+the forward matches but the backward does not, and says where the closest convention departs.
+It applies an adapter's declared limits as certify does, re-adapts what an adapter wraps, names an
+ignored initial state under any convention, and lists every reason trials could not run."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.adapt import adapt
 from harness.api import certify
 from harness.cli import main
-from harness.diagnose import GATE_PERMUTATIONS, diagnose
+from harness.diagnose import GATE_PERMUTATIONS, diagnose, diagnose_subject
 from harness.plugins import load_target
+from harness.session import open_subject
+from impls.loop import LoopLSTM
+from tests.plugins.foreign import ForeignLSTM, lstm_backward, lstm_forward
 
 FOREIGN = Path(__file__).parent / "plugins" / "foreign.py"
 
@@ -55,6 +62,7 @@ def test_standard_implementation():
     result = diagnose("loop")
     assert result.status == "standard" and result.tried == 1
     assert "matches the standard LSTM as declared" in result.text()
+    assert "(declared variant: vanilla; 1 convention tried)" in result.text()
 
 
 def test_forward_matches_backward_does_not():
@@ -115,3 +123,203 @@ def test_bad_dtype_is_an_invalid_argument():
 
     with pytest.raises(InvalidArgument, match="dtype: wrong-dtype declares float32"):
         diagnose(f"{Path(__file__).parent / 'plugins' / 'misbehaving.py'}:WrongDtype", dtype="float64")
+
+
+# --------------------------------------------------------------------------------------------------
+# Declared limits and adapters
+
+
+def test_course_exercise_adapter_matches_as_declared_with_its_limits():
+    """Its c_T is a placeholder and it has no c0: compared as certify compares them, it matches."""
+    result = diagnose(f"{FOREIGN}:course")
+    assert result.status == "standard", result.text()
+    assert result.match.as_declared and result.tried == 1
+    skipped = {r.quantity: r.reason for r in result.backward if r.status == "skip"}
+    assert set(skipped) == {"dc0"} and "no initial cell state" in skipped["dc0"]
+    assert all(r.status == "pass" for r in result.backward if r.quantity != "dc0")
+
+
+def test_course_exercise_adapter_in_a_worker(capsys):
+    assert main(["diagnose", f"{FOREIGN}:course", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["status"] == "standard" and data["headline"].startswith("course-exercise matches")
+
+
+_WRONG_PAIR = '''
+import sys
+sys.path.insert(0, {plugins!r})
+from foreign import lstm_backward, lstm_forward
+from harness.adapt import adapt
+
+# The course exercise, with transposed=True forgotten.
+pair = adapt(forward_fn=lstm_forward, backward_fn=lstm_backward, name="pair", gate_order="ifog",
+             batch_major=True, initial_cell=False, final_cell=False, backward_takes=("dy", "cache"),
+             names={{"W": "Wx", "R": "Wh"}})
+'''
+
+
+def test_function_pair_adapter_is_diagnosed_through_what_it_wraps(tmp_path):
+    """The functions behind a wrongly declared adapter are read in every convention (an adapter around
+    the adapter could never read them transposed), with the adapter's limits; in a worker too."""
+    wrong = adapt(forward_fn=lstm_forward, backward_fn=lstm_backward, name="pair", gate_order="ifog",
+                  batch_major=True, initial_cell=False, final_cell=False, backward_takes=("dy", "cache"),
+                  names={"W": "Wx", "R": "Wh"})
+    found = {"gate_order": "ifog", "transposed": True, "batch_major": True}
+    result = diagnose(wrong)
+    assert result.status == "convention", result.text()
+    assert result.match.convention.keywords() == found
+    assert "Its backward pass matches too" in result.text()
+    certified = certify(adapt(wrong, **found), max_examples=10, oracles=["finite-differences"], dtypes=["float64"])
+    assert certified.verdict == "certified", certified.details()
+    assert {r.quantity for r in certified.records if r.status == "skip"} == {"c_T", "dc0"}
+
+    module = tmp_path / "pair_module.py"
+    module.write_text(_WRONG_PAIR.format(plugins=str(FOREIGN.parent)))
+    isolated = diagnose(f"{module}:pair", isolate=True)
+    assert isolated.status == "convention" and isolated.match.convention.keywords() == found
+
+
+def test_an_adapter_keeps_its_interface_when_adapted_again():
+    course = load_target(f"{FOREIGN}:course")[0]
+    again = adapt(course, gate_order="ifgo")
+    assert again.limits == course.limits and again.convention.transposed is False
+    assert again.convention.initial_cell is False and again._names == course._names
+    with pytest.raises(ValueError, match="names: an adapter passed to adapt"):
+        adapt(course, names={"W": "Wx"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Ignored initial states, under every convention
+
+
+class _IgnoresStates(ForeignLSTM):
+    """A foreign LSTM that starts from zero whatever ``states`` it is given."""
+
+    def __init__(self, states, **kwargs):
+        super().__init__(**kwargs)
+        self.states = states
+
+    def forward(self, x, h0, c0, params):
+        h0 = np.zeros_like(h0) if "h0" in self.states else h0
+        c0 = np.zeros_like(c0) if "c0" in self.states else c0
+        return super().forward(x, h0, c0, params)
+
+
+@pytest.mark.parametrize("states, order, zero, words, under", [
+    (("h0",), "ifgo", "h0 = 0", "its initial hidden state h0", "as declared"),
+    (("h0", "c0"), "igfo", "h0 = 0 and c0 = 0", "its initial hidden state h0 and its initial cell state c0",
+     "if its gate blocks are read as i, g, f, o"),
+])
+def test_ignored_initial_states_are_found_under_any_convention(states, order, zero, words, under):
+    result = diagnose(_IgnoresStates(states, order=order, name="ignores"))
+    assert result.status == "none"
+    assert result.ignored is not None and result.ignored.states == states
+    assert result.hint.startswith(f"With {zero} it matches the standard LSTM {under}: it ignores {words}"), \
+        result.hint
+    assert result.headline().startswith(f"no convention explains it: it ignores {words}")
+    assert result.to_dict()["ignored_states"] == list(states)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where it first departs; why trials failed
+
+
+class _LastStepBug:
+    """Right but for the last step: y[T-1] (= h_T) a little off, c_T far off."""
+
+    name = "last-step-bug"
+    variant = "vanilla"
+    dtypes = ("float64",)
+
+    def forward(self, x, h0, c0, params):
+        y, h_T, c_T, cache = LoopLSTM().forward(x, h0, c0, params)
+        y = y.copy()
+        y[-1, 1, 2] += 1e-3
+        return y, y[-1].copy(), c_T + 1.0, cache
+
+
+def test_first_departure_is_the_earliest_in_time_not_the_worst():
+    result = diagnose(_LastStepBug())
+    closest = result.closest
+    assert result.status == "none" and closest.as_declared
+    assert closest.worst_quantity == "c_T"
+    departure = closest.departure
+    assert (departure.quantity, departure.t) == ("y", 2)
+    assert departure.coords == {"t": 2, "batch": 1, "unit": 2}
+    assert "It first departs at y at t=2, batch=1, unit=2" in result.text()
+    assert result.headline() == ("no convention explains it; closest: the convention it declares, first departs "
+                                 "at y, t=2")
+
+
+class _RaisesByConvention:
+    """Raises a different error for each kind of trial."""
+
+    name = "raises"
+    variant = "vanilla"
+    dtypes = ("float64",)
+
+    def forward(self, x, h0, c0, params):
+        if "b" not in params:
+            raise KeyError("no bias")
+        if "p_i" in params:
+            raise ValueError("peephole weights given")
+        if params["W"].shape[0] != 4 * h0.shape[1]:
+            raise ValueError("weights transposed")
+        raise ArithmeticError("always broken")
+
+
+def test_every_distinct_reason_trials_failed_is_listed_with_its_count():
+    result = diagnose(_RaisesByConvention())
+    assert result.status == "none" and result.closest is None and result.mismatched == 0
+    # Most frequent first; ties in the order the search met them (as declared first, then the variants).
+    assert result.failures == [("forward raised ValueError: peephole weights given", 192),
+                               ("forward raised KeyError: 'no bias'", 192),
+                               ("forward raised ArithmeticError: always broken", 96),
+                               ("forward raised ValueError: weights transposed", 96)]
+    text = result.text()
+    assert "576 of 576 trials could not run:" in text
+    for reason, n in result.failures:
+        assert f"  {n} x {reason}" in text
+    assert result.to_dict()["failures"][1] == {"reason": "forward raised KeyError: 'no bias'", "trials": 192}
+
+
+# --------------------------------------------------------------------------------------------------
+# An opened subject; the headline
+
+
+def test_diagnose_subject_takes_an_opened_subject_and_leaves_it_open():
+    from harness.cases import CaseSpec, build_case
+
+    subject, _ = open_subject(f"{FOREIGN}:ifog", isolate=True)
+    try:
+        result = diagnose_subject(subject)
+        assert result.status == "convention" and result.match.convention.keywords() == {"gate_order": "ifog"}
+        case = build_case(CaseSpec(variant="vanilla", dtype="float64", T=2, B=1, D=3, H=2, seed=0))
+        assert subject.execute(case, backward=False).forward is not None
+    finally:
+        subject.close()
+
+
+def test_diagnose_subject_refuses_what_is_not_an_opened_subject():
+    from harness.api import InvalidArgument
+
+    class NotOpened:
+        info = open_subject("loop")[0].info
+
+    with pytest.raises(InvalidArgument, match="subject: expected an opened implementation"):
+        diagnose_subject(NotOpened())
+
+
+@pytest.mark.parametrize("target, headline", [
+    (f"{FOREIGN}:ifog", "it matches if its gate blocks are read as i, f, o, g"),
+    (f"{FOREIGN}:tanh_bug", "forward matches; its backward departs first at dx, t=2"),
+    ("loop", "loop matches the standard LSTM as declared; its backward matches too"),
+])
+def test_headline(target, headline):
+    assert diagnose(target).headline() == headline
+
+
+def test_cli_diagnose_help_describes_target(capsys):
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert re.search(r"positional arguments:\s+TARGET\s+the implementation to diagnose", capsys.readouterr().out)
