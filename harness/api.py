@@ -18,6 +18,7 @@ from typing import Any
 
 from harness.cases import Case, load_case
 from harness.check import check_case
+from harness.diagnose import diagnose_subject
 from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
 from harness.pool import run_parallel
@@ -57,6 +58,8 @@ class CertifyResult:
     notes: list[str] = field(default_factory=list)
     #: The records grouped by root cause (harness.findings), most important first.
     findings: list[Finding] = field(default_factory=list)
+    #: When it failed: the convention search's conclusion (harness.diagnose.Diagnosis.to_dict()).
+    diagnosis: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     report_path: Path | None = None  # report.json, when report_dir was given
     report_files: dict[str, Path] = field(default_factory=dict)  # "json", "html", "junit"
@@ -74,7 +77,8 @@ class CertifyResult:
         """The table of every quantity checked (``verbose``), or the findings and the compact table."""
         if verbose:
             return summary_table(self.records, per_quantity=True)
-        return terminal_text(self.records, self.findings, notes=self.notes)
+        return terminal_text(self.records, self.findings, notes=self.notes,
+                             diagnosis=(self.diagnosis or {}).get("headline", ""))
 
     def details(self) -> str:
         return details(self.records)
@@ -207,18 +211,34 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
         outcomes = _run_jobs(prepared, jobs, display)
         display.close()
+        diagnoses = [_diagnosis(job, records, display) for job, (records, _) in zip(prepared, outcomes)]
     finally:
         for job in prepared:
             job.close()
     settings_base = {"profile": profile, "max_examples": max_examples, "seed": seed, "timeout": timeout,
                      "isolate": isolate, "jobs": jobs, "memory_limit": memory_limit, "variant": variant}
     return [_finish(job, records, notes, settings_base, command=command, report_dir=report_dir,
-                    write_report=write_report, junit_xml=junit_xml)
-            for job, (records, notes) in zip(prepared, outcomes)]
+                    write_report=write_report, junit_xml=junit_xml, diagnosis=diagnosis)
+            for job, (records, notes), diagnosis in zip(prepared, outcomes, diagnoses)]
+
+
+def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[str, Any] | None:
+    """When a comparison failed, the convention search's answer (often a correct LSTM in another
+    convention, or one that ignores an initial state); None when nothing failed or the search could not run."""
+    if not any(r.status == "fail" for r in records):
+        return None
+    display.begin("diagnosis")
+    try:
+        found = diagnose_subject(job.subject)
+    except Exception as exc:  # noqa: BLE001 - the diagnosis is extra; the records stand without it
+        return {"headline": "", "text": f"the convention search could not run: {type(exc).__name__}: {exc}"}
+    finally:
+        display.end("diagnosis", 0, "done")
+    return found.to_dict()
 
 
 def _finish(job: Job, records: list[Record], notes: list[str], settings_base: dict[str, Any], *, command: str,
-            report_dir: Any, write_report: bool, junit_xml: Any) -> CertifyResult:
+            report_dir: Any, write_report: bool, junit_xml: Any, diagnosis: dict[str, Any] | None) -> CertifyResult:
     info = job.info
     records = order_records(records, [o.name for o in job.oracles])
     impl_dict = {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
@@ -233,10 +253,10 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     settings_dict = {**settings_base, "dtypes": job.dtypes, "oracles": [o.name for o in job.oracles]}
     found = findings(records, [o.name for o in job.oracles])
     result = CertifyResult(records=records, verdict=verdict(records), implementation=impl_dict,
-                           settings=settings_dict, notes=notes, findings=found)
+                           settings=settings_dict, notes=notes, findings=found, diagnosis=diagnosis)
     result.report = build_report(records, command=command, target=impl_dict["target"], settings=settings_dict,
                                  implementations=[impl_dict], oracles=[o.describe() for o in job.oracles],
-                                 target_info=impl_dict, notes=notes, found=found)
+                                 target_info=impl_dict, notes=notes, found=found, diagnosis=diagnosis)
     if report_dir is not None and write_report:
         result.report_files = write_reports(result.report, report_dir, junit=junit_xml,
                                             note=result.report_problems.append)

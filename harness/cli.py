@@ -227,9 +227,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def print_results(records: Sequence[Record], found: Sequence[Finding], *, notes: Sequence[str] = (),
-                  verbose: bool = False) -> str:
+                  verbose: bool = False, diagnosis: str = "") -> str:
     """Print the findings, what was checked and the verdict (``verbose``: every record too); the verdict."""
-    print(printable(terminal_text(records, found, notes=notes, verbose=verbose)))
+    print(printable(terminal_text(records, found, notes=notes, verbose=verbose, diagnosis=diagnosis)))
     return verdict(records)
 
 
@@ -357,7 +357,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
           f"dtypes {', '.join(result.settings['dtypes'])}, "
           f"{'forward and backward' if impl['backward'] else 'forward only (no backward)'}, "
           f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
-    text = print_results(result.records, result.findings, notes=result.notes, verbose=args.verbose)
+    text = print_results(result.records, result.findings, notes=result.notes, verbose=args.verbose,
+                         diagnosis=(result.diagnosis or {}).get("headline", ""))
     _print_files(result.report_files, result.report_problems)
     return EXIT_OK if text == "certified" else EXIT_DISCREPANCY
 

@@ -146,10 +146,11 @@ def checked_table(records: Sequence[Record]) -> str:
 
 
 def terminal_text(records: Sequence[Record], found: Sequence[Finding], *, notes: Sequence[str] = (),
-                  verbose: bool = False) -> str:
-    """What ``certify``, ``run`` and ``replay`` print: the findings (one per root cause) first, then what
-    was checked, then the verdict. ``verbose`` adds the table of every quantity and every record's message."""
-    parts = []
+                  verbose: bool = False, diagnosis: str = "") -> str:
+    """What ``certify``, ``run`` and ``replay`` print: the diagnosis (the convention search's one line, when
+    it ran), the findings (one per root cause), then what was checked, then the verdict. ``verbose`` adds
+    the table of every quantity and every record's message."""
+    parts = [f"Diagnosis: {diagnosis}"] if diagnosis else []
     text = render_findings(found)
     if text:
         parts.append(text)

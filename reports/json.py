@@ -124,6 +124,7 @@ def build_report(
     target_info: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
     found: Sequence[Finding] | None = None,
+    diagnosis: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a dict. ``found``: the findings already computed from ``records`` (computed here if
     not given), so that the terminal, the JSON and the HTML show the same ones."""
@@ -149,6 +150,7 @@ def build_report(
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "notes": list(notes),
         "findings": [f.to_dict() for f in found],
+        "diagnosis": diagnosis,
         "records": [r.to_dict() for r in records],
     }
 

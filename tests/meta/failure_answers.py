@@ -52,3 +52,22 @@ class BackwardRaises(LoopLSTM):
 
     def backward(self, dy, dh_T, dc_T, cache):
         raise ValueError("operands could not be broadcast together in my backward")
+
+
+def _swap_i_f(a):
+    """Gate blocks i, f, g, o read as f, i, g, o: the first two (H, ...) blocks exchanged."""
+    H = a.shape[0] // 4
+    return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]])
+
+
+class GatesReadFIGO(LoopLSTM):
+    """A correct LSTM in another convention: its gate blocks are stacked f, i, g, o."""
+
+    name = "gates-f-i-g-o"
+
+    def forward(self, x, h0, c0, params):
+        return super().forward(x, h0, c0, {k: _swap_i_f(v) for k, v in params.items()})
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        return {k: (_swap_i_f(v) if k in ("W", "R", "b") else v) for k, v in grads.items()}

@@ -91,3 +91,12 @@ def test_verbose_prints_every_record(cls, tmp_path, capsys):
     assert "Every discrepancy and error:" in out
     assert any(line.split()[:5] == ["implementation", "dtype", "oracle", "direction", "quantity"]
                for line in out.splitlines())
+
+
+def test_a_correct_lstm_in_another_convention_gets_the_diagnosis_on_top(tmp_path, capsys):
+    code, out, report = _certify("GatesReadFIGO", tmp_path, capsys)
+    assert code == 1
+    first = next(line for line in out.splitlines() if line and not line.startswith("Certifying"))
+    assert first.startswith("Diagnosis: it matches if its gate blocks are read as f, i, g, o"), out
+    assert report["diagnosis"]["status"] == "convention"
+    assert "gate_order='figo'" in report["diagnosis"]["text"]
