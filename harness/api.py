@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.cases import Case, load_case
+from harness.cases import Case, digest_in_name, load_case, replay_command
 from harness.check import check_case
 from harness.diagnose import diagnose_subject
+from harness.files import check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
 from harness.pool import run_parallel
@@ -27,6 +28,8 @@ from harness.records import Record, order_records, unit_outcome, verdict
 from harness.session import (
     InvalidArgument,
     Job,
+    Unit,
+    check_limits,
     check_settings,
     open_subject,
     plan_units,
@@ -39,7 +42,7 @@ from reports.html import write_html
 from reports.json import build_report, write_report
 from reports.junit import write_junit
 
-__all__ = ["certify", "certify_many", "replay", "CertifyResult", "ReplayResult", "InvalidArgument",
+__all__ = ["certify", "certify_many", "replay", "CertifyResult", "ReplayResult", "InvalidArgument", "Interrupted",
            "open_subject", "select_oracles", "write_reports", "write_html_report", "Progress"]
 
 
@@ -60,6 +63,8 @@ class CertifyResult:
     findings: list[Finding] = field(default_factory=list)
     #: When it failed: the convention search's conclusion (harness.diagnose.Diagnosis.to_dict()).
     diagnosis: dict[str, Any] | None = None
+    #: The signal that stopped the run ("SIGINT", "SIGTERM"), or "" when it ran to the end.
+    interrupted: str = ""
     report: dict[str, Any] | None = None
     report_path: Path | None = None  # report.json, when report_dir was given
     report_files: dict[str, Path] = field(default_factory=dict)  # "json", "html", "junit"
@@ -111,30 +116,34 @@ class ReplayResult:
 # Running units, here or in parallel child processes
 
 
-def _run_jobs(jobs_list: list[Job], jobs: int, display: Progress) -> list[tuple[list[Record], list[str]]]:
-    """Every unit of every job: here, one after another, or spread over ``jobs`` child processes."""
+def _run_jobs(jobs_list: list[Job], jobs: int, display: Progress,
+              results: list[tuple[list[Record], list[str]]]) -> None:
+    """Every unit of every job: here, one after another, or spread over ``jobs`` child processes. Each
+    finished unit's records go into ``results`` (one (records, notes) per job) at once, so that an
+    interrupted run keeps what finished."""
     plan = plan_units(jobs_list, jobs)
-    results: list[tuple[list[Record], list[str]]] = [([], list(plan.notes.get(i, []))) for i in range(len(jobs_list))]
+    for index, notes in plan.notes.items():
+        results[index][1].extend(notes)
+
+    def done(unit: Unit, records: list[Record], notes: list[str]) -> None:
+        results[unit.job][0].extend(records)
+        results[unit.job][1].extend(notes)
+
     if plan.parallel:
         for job in jobs_list:
             job.close()  # the children open their own
-        outcomes = run_parallel(jobs_list, plan.units, jobs, display)
-    else:
-        outcomes = []
-        for unit in plan.units:
-            job = jobs_list[unit.job]
-            display.begin(unit.label)
+        run_parallel(jobs_list, plan.units, jobs, display, done)
+        return
+    for unit in plan.units:
+        job = jobs_list[unit.job]
+        display.begin(unit.label)
 
-            def progress(n: int, label: str = unit.label) -> None:
-                display.update(label, n)
+        def progress(n: int, label: str = unit.label) -> None:
+            display.update(label, n)
 
-            records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress)
-            display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
-            outcomes.append((records, notes))
-    for unit, (records, notes) in zip(plan.units, outcomes):
-        results[unit.job][0].extend(records)
-        results[unit.job][1].extend(notes)
-    return results
+        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress)
+        display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
+        done(unit, records, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +168,7 @@ def certify(
     junit_xml: str | os.PathLike[str] | None = None,
     write_report: bool = True,
     command: str = "certify",
+    force: bool = False,
 ) -> CertifyResult:
     """Certify one implementation: every check, every declared dtype, every chosen oracle.
 
@@ -173,6 +183,11 @@ def certify(
     to a fresh temporary directory that ``notes`` names, so that every failure can be replayed.
     ``junit_xml`` names a JUnit XML file. ``progress=True`` shows progress on stderr.
 
+    ``report_dir`` must be new, empty or a previous report (it is marked as one); ``force=True`` writes
+    into any other directory. While the run writes it, the directory is locked against other runs.
+    Ctrl-C or SIGTERM (raised as :class:`Interrupted`) stops the run; the report of everything that had
+    finished is still written, marked interrupted, and :class:`Interrupted` is raised with the results.
+
     Raises :class:`harness.plugins.LoadError` or :class:`harness.contract.ContractError` when the
     implementation cannot be loaded or does not meet the contract, :class:`InvalidArgument` (a
     ``ValueError``) for bad arguments, all before any check runs. Nothing the implementation does
@@ -181,7 +196,17 @@ def certify(
     return certify_many([impl], variant=variant, dtypes=dtypes, oracles=oracles, max_examples=max_examples,
                         profile=profile, seed=seed, timeout=timeout, isolate=isolate, report_dir=report_dir,
                         jobs=jobs, memory_limit=memory_limit, progress=progress, junit_xml=junit_xml,
-                        write_report=write_report, command=command)[0]
+                        write_report=write_report, command=command, force=force)[0]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A certification stopped by Ctrl-C or SIGTERM. ``results`` hold what had finished (their reports are
+    written, marked interrupted); ``signal`` is the signal's name."""
+
+    def __init__(self, signal: str = "SIGINT", results: Sequence[CertifyResult] = ()):
+        super().__init__(signal)
+        self.signal = signal
+        self.results = list(results)
 
 
 def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Sequence[str] | None = None,
@@ -189,18 +214,29 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                  seed: int | None = None, timeout: float | None = None, isolate: bool = False,
                  report_dir: str | os.PathLike[str] | None = None, jobs: int = 1, memory_limit: int | None = None,
                  progress: bool | Progress = False, junit_xml: str | os.PathLike[str] | None = None,
-                 write_report: bool = True, command: str = "certify") -> list[CertifyResult]:
+                 write_report: bool = True, command: str = "certify", force: bool = False) -> list[CertifyResult]:
     """:func:`certify` for several implementations at once (what ``lstm-harness run`` does): with
     ``jobs`` > 1 every (implementation, dtype, oracle) unit goes to one shared pool of processes.
     Each result has its own report; ``report_dir`` and ``junit_xml`` are for a single implementation."""
     prepared: list[Job] = []
+    claim = None
+    # Paths are fixed now: an implementation that changes the working directory cannot move the report.
+    start = Path.cwd()
+    report_dir = Path(report_dir).absolute() if report_dir is not None else None
+    junit_xml = Path(junit_xml).absolute() if junit_xml is not None else None
+    interrupted = ""
     try:
         # Everything that can be wrong with the arguments shows here, before any check runs.
         try:
             check_settings(profile, max_examples, seed, jobs)
+            check_limits(timeout, memory_limit)
             if len(impls) > 1 and write_report and (report_dir is not None or junit_xml is not None):
                 raise ValueError("report_dir: one report per directory; with several implementations pass "
                                  "write_report=False and build the combined report from the results")
+            if junit_xml is not None:
+                check_writable_file(junit_xml, "junit_xml")
+            if report_dir is not None and write_report:
+                claim = claim_report_dir(report_dir, force=force)
             for impl in impls:
                 prepared.append(prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles,
                                         max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
@@ -209,17 +245,29 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
             raise InvalidArgument(str(exc)) from None
         label = f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
-        outcomes = _run_jobs(prepared, jobs, display)
-        display.close()
-        diagnoses = [_diagnosis(job, records, display) for job, (records, _) in zip(prepared, outcomes)]
+        outcomes: list[tuple[list[Record], list[str]]] = [([], []) for _ in prepared]
+        try:
+            _run_jobs(prepared, jobs, display, outcomes)
+            diagnoses = [_diagnosis(job, records, display) for job, (records, _) in zip(prepared, outcomes)]
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the command line's handler
+            interrupted = exc.signal if isinstance(exc, Interrupted) else "SIGINT"
+            diagnoses = [None for _ in prepared]
+        finally:
+            display.close()
+        settings_base = {"profile": profile, "max_examples": max_examples, "seed": seed, "timeout": timeout,
+                         "isolate": isolate, "jobs": jobs, "memory_limit": memory_limit, "variant": variant}
+        results = [_finish(job, records, notes, settings_base, command=command, report_dir=report_dir,
+                           write_report=write_report, junit_xml=junit_xml, diagnosis=diagnosis,
+                           interrupted=interrupted, start=start)
+                   for job, (records, notes), diagnosis in zip(prepared, outcomes, diagnoses)]
     finally:
         for job in prepared:
             job.close()
-    settings_base = {"profile": profile, "max_examples": max_examples, "seed": seed, "timeout": timeout,
-                     "isolate": isolate, "jobs": jobs, "memory_limit": memory_limit, "variant": variant}
-    return [_finish(job, records, notes, settings_base, command=command, report_dir=report_dir,
-                    write_report=write_report, junit_xml=junit_xml, diagnosis=diagnosis)
-            for job, (records, notes), diagnosis in zip(prepared, outcomes, diagnoses)]
+        if claim is not None:
+            claim.release()
+    if interrupted:
+        raise Interrupted(interrupted, results)
+    return results
 
 
 def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[str, Any] | None:
@@ -238,9 +286,12 @@ def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[s
 
 
 def _finish(job: Job, records: list[Record], notes: list[str], settings_base: dict[str, Any], *, command: str,
-            report_dir: Any, write_report: bool, junit_xml: Any, diagnosis: dict[str, Any] | None) -> CertifyResult:
+            report_dir: Any, write_report: bool, junit_xml: Any, diagnosis: dict[str, Any] | None,
+            interrupted: str, start: Path) -> CertifyResult:
     info = job.info
     records = order_records(records, [o.name for o in job.oracles])
+    for r in records:  # saved cases as seen from where the run started (the replay commands run there)
+        _relative_case_paths(r, start, job)
     impl_dict = {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
                  "backward": info.has_backward, "target": job.described["target"] or info.name,
                  "loaded": job.described.get("loaded"), "isolated": job.described["isolated"]}
@@ -250,13 +301,17 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     if report_dir is None and any(r.case_file for r in records):
         notes.append(f"the minimal failing cases were saved in {job.settings.case_dir} (give a report directory "
                      f"to keep them beside the report)")
+    if interrupted:
+        notes.append(f"interrupted by {interrupted}: the report holds only the units that had finished")
     settings_dict = {**settings_base, "dtypes": job.dtypes, "oracles": [o.name for o in job.oracles]}
     found = findings(records, [o.name for o in job.oracles])
-    result = CertifyResult(records=records, verdict=verdict(records), implementation=impl_dict,
-                           settings=settings_dict, notes=notes, findings=found, diagnosis=diagnosis)
+    result = CertifyResult(records=records, verdict=verdict(records, interrupted=bool(interrupted)),
+                           implementation=impl_dict, settings=settings_dict, notes=notes, findings=found,
+                           diagnosis=diagnosis, interrupted=interrupted)
     result.report = build_report(records, command=command, target=impl_dict["target"], settings=settings_dict,
                                  implementations=[impl_dict], oracles=[o.describe() for o in job.oracles],
-                                 target_info=impl_dict, notes=notes, found=found, diagnosis=diagnosis)
+                                 target_info=impl_dict, notes=notes, found=found, diagnosis=diagnosis,
+                                 interrupted=bool(interrupted))
     if report_dir is not None and write_report:
         result.report_files = write_reports(result.report, report_dir, junit=junit_xml,
                                             note=result.report_problems.append)
@@ -264,6 +319,22 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     elif junit_xml is not None:
         result.report_files["junit"] = write_junit(result.report, junit_xml)
     return result
+
+
+def _relative_case_paths(r: Record, start: Path, job: Job) -> None:
+    """Case paths (and the replay commands that name them) relative to ``start`` when they lie below it."""
+    def shown(path: str) -> str:
+        try:
+            return os.path.relpath(path, start) if Path(path).is_relative_to(start) else path
+        except ValueError:
+            return path
+
+    if r.case_file:
+        r.case_file = shown(r.case_file)
+        r.replay = replay_command(r.case_file, job.settings.replay_target, r.oracle)
+    if r.worst_seen and r.worst_seen.get("case_file"):
+        r.worst_seen["case_file"] = shown(r.worst_seen["case_file"])
+        r.worst_seen["replay"] = replay_command(r.worst_seen["case_file"], job.settings.replay_target, r.oracle)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +398,11 @@ def replay(case: str | os.PathLike[str] | Case, impl: Any, *, oracles: Sequence[
         except Exception as exc:
             raise InvalidArgument(f"case: {path} is not a case file written by lstm-harness "
                                   f"({type(exc).__name__}: {exc})") from None
+        promised = digest_in_name(path)
+        if promised is not None and promised != case.digest():
+            raise InvalidArgument(f"case: {path} does not hold the case its name says (its name promises digest "
+                                  f"{promised}, its content has {case.digest()}): the file was changed or replaced "
+                                  f"since the harness saved it")
     try:
         subject, _ = open_subject(impl, variant=variant or case.variant, isolate=isolate, timeout=timeout,
                                   memory_limit=memory_limit)

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS
+from harness.files import atomic_path
 
 __all__ = [
     "Case",
@@ -240,7 +241,8 @@ class Case:
             "meta": np.array(json.dumps(meta)),
             **{f"param_{k}": v for k, v in self.params.items()},
         }
-        np.savez(path, **cast(dict[str, Any], arrays))
+        with atomic_path(path, suffix=".npz") as tmp:  # a run killed while saving leaves no half file
+            np.savez(tmp, **cast(dict[str, Any], arrays))
         return path
 
 

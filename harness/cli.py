@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Any
 from harness import registry
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
+from harness.files import ReportDirError, check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import DEFAULT_TIMEOUT, GIB
 from harness.records import Record, printable, verdict
+from harness.session import MAX_TIMEOUT
 from harness.summary import terminal_text
 
 __all__ = ["main", "build_parser"]
@@ -62,8 +66,22 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_TIMEOUT:g} seconds (a week), got {text}")
+    return value
+
+
+def _gib(text: str) -> float:
+    value = _positive_float(text)
+    if value > 2**20:  # a pebibyte: beyond any machine, so a typo
+        raise argparse.ArgumentTypeError(f"expected at most {2**20} GiB, got {text}")
     return value
 
 
@@ -87,6 +105,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="where report.json, index.html and the failing cases (cases/*.npz) go "
                         "(default: lstm-report/)")
     p.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write a JUnit XML report here")
+    p.add_argument("--force", action="store_true",
+                   help="write the report even into a non-empty directory that holds no previous lstm-harness "
+                        "report (its report.json, index.html and cases/ are replaced)")
     _add_verbose_option(p)
     p.add_argument("-n", "--jobs", type=_jobs, default=1, metavar="N",
                    help="parallel worker processes, or 'auto' for one per CPU. The work is cut into units, one "
@@ -103,10 +124,10 @@ def _add_verbose_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_isolation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                    help="limit per call into the implementation (forward, then backward); a call that "
                         f"takes longer is stopped and reported as a hang (default: {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--memory-limit", type=_positive_float, metavar="GIB",
+    p.add_argument("--memory-limit", type=_gib, metavar="GIB",
                    help="memory the implementation may reserve beyond what loading it took, in GiB (default: "
                         "half this machine's memory, at least 4); beyond it the implementation gets a "
                         "MemoryError (the worker's address space is capped)")
@@ -242,7 +263,7 @@ def _write_outputs(report: dict, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.api import InvalidArgument, certify_many
+    from harness.api import Interrupted, InvalidArgument, certify_many
 
     entries = registry.implementations()
     if args.impl:
@@ -264,12 +285,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not selected:
         raise UsageError("nothing to check: no available implementation was selected")
     try:
+        if args.junit_xml is not None:
+            check_writable_file(args.junit_xml, "--junit-xml")
+        claim = claim_report_dir(args.report_dir, force=args.force)  # the combined report is written here
+    except ReportDirError as exc:
+        raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1)) from None
+    interrupted = ""
+    try:
         results = certify_many([e.target for e in selected], oracles=args.oracle, dtypes=args.dtype,
                                max_examples=args.max_examples, profile=args.profile, seed=args.seed,
                                jobs=args.jobs, isolate=False, report_dir=args.report_dir, write_report=False,
                                progress=True, command="run")
     except InvalidArgument as exc:
+        claim.release()
         raise _usage(exc) from None
+    except Interrupted as exc:
+        results, interrupted = exc.results, exc.signal
+    try:
+        return _run_report(results, selected, args, interrupted)
+    finally:
+        claim.release()
+
+
+def _run_report(results: Sequence[Any], selected: Sequence[Any], args: argparse.Namespace, interrupted: str) -> int:
+    """The combined report of ``run``: printed, written; the exit code."""
     # The oracles each implementation was checked against (session.select_oracles chose them).
     names = list(dict.fromkeys(n for result in results for n in result.settings["oracles"]))
     by_name = {o.name: o for o in registry.oracles()}
@@ -279,6 +318,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
     found = findings(records, [o.name for o in oracles])
     result_text = print_results(records, found, notes=notes, verbose=args.verbose)
+    if interrupted:
+        print(f"INTERRUPTED by {interrupted}: only what had finished is reported")
     from reports.json import build_report
 
     report = build_report(
@@ -292,8 +333,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         oracles=[o.describe() for o in oracles],
         notes=notes,
         found=found,
+        interrupted=bool(interrupted),
     )
     _write_outputs(report, args)
+    if interrupted:
+        return EXIT_SIGNAL.get(interrupted, 130)
     return EXIT_OK if result_text == "certified" else EXIT_DISCREPANCY
 
 
@@ -318,7 +362,8 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
 
 
 _OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
-                 "variant:": "--variant:", "case:": "CASE.npz:"}
+                 "variant:": "--variant:", "case:": "CASE.npz:", "report directory:": "--report-dir:",
+                 "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:"}
 
 
 def _usage(exc: Exception) -> UsageError:
@@ -329,14 +374,24 @@ def _usage(exc: Exception) -> UsageError:
     return UsageError(text)
 
 
+#: The working directory the command started in: paths are shown relative to it (an implementation run in
+#: process may change the working directory; the reports stay where they were asked for).
+_START = Path.cwd()
+
+
+def _shown(path: Any) -> str:
+    p = Path(path)
+    return os.path.relpath(p, _START) if p.is_absolute() and p.is_relative_to(_START) else str(p)
+
+
 def _print_files(result_files: dict, problems: Sequence[str]) -> None:
     for line in problems:
         print(line, file=sys.stderr)
     if "json" in result_files:
-        print(f"Report: {result_files['json']}" + (f" and {result_files['html']}" if "html" in result_files
-                                                   else ""))
+        print(f"Report: {_shown(result_files['json'])}" + (f" and {_shown(result_files['html'])}"
+                                                           if "html" in result_files else ""))
     if "junit" in result_files:
-        print(f"JUnit XML: {result_files['junit']}")
+        print(f"JUnit XML: {_shown(result_files['junit'])}")
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -348,7 +403,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
-            memory_limit=_memory_limit(args), progress=True,
+            memory_limit=_memory_limit(args), progress=True, force=args.force,
         )
     except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
@@ -431,19 +486,60 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "certify": cmd_certify, "diagnose"
             "replay": cmd_replay, "report": cmd_report}
 
 
+#: Exit codes of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    from harness.api import Interrupted
+
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from harness.api import Interrupted
     from harness.plugins import LoadError
 
+    global _START
+    _START = Path.cwd()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    # SIGTERM stops a run the way Ctrl-C does: what finished is reported, and the exit code says which signal.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
     except (UsageError, LoadError, ContractError) as exc:
         print(f"lstm-harness {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        if exc.results:
+            _print_interrupted(exc, args)
+        print(f"lstm-harness {args.command}: interrupted by {exc.signal}", file=sys.stderr)
+        return EXIT_SIGNAL.get(exc.signal, 130)
+    except KeyboardInterrupt:
+        print(f"lstm-harness {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _print_interrupted(exc: Any, args: argparse.Namespace) -> None:
+    """What an interrupted certify had finished: its findings and table, and where its partial report is."""
+    for result in exc.results:
+        print(printable(terminal_text(result.records, result.findings, notes=result.notes,
+                                      verbose=getattr(args, "verbose", False))))
+        print(f"INTERRUPTED by {exc.signal}: only what had finished is reported")
+        _print_files(result.report_files, result.report_problems)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def _import_module(name: str) -> Any:
             f"environment ({sys.executable}). Install it, or run where it is installed.\n"
             f"{_user_traceback(exc)}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit at import is a failure to load, never a verdict
         raise LoadError(
             f"importing module {name!r} raised {_exception_text(exc)}; fix the error at import time:\n"
             f"{_user_traceback(exc)}"
@@ -192,7 +192,7 @@ def _import_file(path: str) -> Any:
             f"file {path} imports {exc.name!r}, which cannot be found in this environment "
             f"({sys.executable}): install it, or check the spelling.\n{_user_traceback(exc)}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(module_name, None)
         raise LoadError(
             f"running file {path} raised {_exception_text(exc)}; fix the error at import time:\n"
@@ -255,7 +255,7 @@ def instantiate(obj: Any, what: str) -> Any:
             )
         try:
             return obj()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise LoadError(f"creating {what}() raised {_exception_text(exc)}:\n{_user_traceback(exc)}") from None
     if hasattr(obj, "forward"):
         return obj
@@ -270,7 +270,7 @@ def instantiate(obj: Any, what: str) -> Any:
             )
         try:
             made = obj()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise LoadError(f"calling the factory {what}() raised {_exception_text(exc)}:\n"
                             f"{_user_traceback(exc)}") from None
         if made is None:

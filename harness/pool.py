@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
@@ -69,14 +69,14 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
 MAX_CHILD_DEATHS = 3
 
 
-def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int,
-                 display: Progress) -> list[tuple[list[Record], list[str]]]:
+def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, display: Progress,
+                 finished: Callable[[Unit, list[Record], list[str]], None]) -> None:
     """Hand the units to up to ``jobs`` child processes, each taking the next one when it is done.
 
     A child that dies costs the unit it was running (error records that say so) and is replaced;
     after :data:`MAX_CHILD_DEATHS` deaths in a row with no unit finished, the units left are given
-    up the same way. Raises :class:`harness.plugins.LoadError` when a child cannot load the
-    implementation.
+    up the same way. Each finished unit goes to ``finished``. Raises :class:`harness.plugins.LoadError`
+    when a child cannot load the implementation.
     """
     oracles = {o.name: o for job in jobs_list for o in job.oracles}
     payload = {"oracles": {name: oracle_payload(o) for name, o in oracles.items()}}
@@ -164,4 +164,7 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int,
     finally:
         for child in children:
             child.kill()
-    return [done[i] for i in range(len(units))]
+        # In unit order; when something stopped the run (an interrupt), what had finished is still handed on.
+        for i in range(len(units)):
+            if i in done:
+                finished(units[i], *done[i])

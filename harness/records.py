@@ -182,14 +182,15 @@ def worst_status(records: Iterable[Record]) -> str:
     return min(statuses, key=status_rank, default="skip")
 
 
-def verdict(records: Sequence[Record]) -> str:
-    """``certified`` (nothing failed and something passed), ``discrepancies`` or ``error``."""
+def verdict(records: Sequence[Record], *, interrupted: bool = False) -> str:
+    """``certified`` (nothing failed and something passed), ``discrepancies`` or ``error``. A run that was
+    ``interrupted`` is never certified: what did not run was not checked."""
     statuses = {r.status for r in records}
     if statuses & {"error", "contract"}:
         return "error" if not statuses & {"fail"} else "discrepancies"
     if "fail" in statuses:
         return "discrepancies"
-    if "pass" not in statuses:
+    if "pass" not in statuses or interrupted:
         return "error"
     return "certified"
 

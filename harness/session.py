@@ -23,11 +23,11 @@ from typing import Any
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, ImplementationInfo, validate
 from harness.runner import RunSettings
-from harness.subject import InProcessSubject
+from harness.subject import ExitCalled, InProcessSubject, exits_raise
 
 __all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
-           "check_settings", "prepare", "plan_units", "replay_target", "oracle_portable", "portable_form",
-           "oracle_payload", "oracle_from_payload"]
+           "check_settings", "check_limits", "prepare", "plan_units", "replay_target", "oracle_portable",
+           "portable_form", "oracle_payload", "oracle_from_payload"]
 
 
 class InvalidArgument(ValueError):
@@ -67,7 +67,12 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
         raise ValueError("memory_limit: a memory cap needs the implementation in a worker process; "
                          "pass isolate=True as well (or no memory_limit)")
     if isinstance(impl, str):
-        obj, info, target = load_implementation(impl, variant=variant)
+        with exits_raise():  # os._exit at import ends nothing: it is a failure to load
+            try:
+                obj, info, target = load_implementation(impl, variant=variant)
+            except ExitCalled as exc:
+                raise LoadError(f"loading {impl!r} called os._exit({exc.code!r}), which would have ended the "
+                                f"whole run") from None
         described = {"target": impl, "loaded": target.to_dict(), "isolated": False}
     else:
         obj, info = impl, validate(impl, variant=variant)
@@ -192,6 +197,24 @@ def check_settings(profile: str, max_examples: Any, seed: Any, jobs: Any) -> Non
         raise ValueError(f"seed: expected an int or None, got {seed!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
+
+
+#: The longest per-call timeout accepted: a week. Anything longer is a typo, or infinity.
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def check_limits(timeout: Any, memory_limit: Any) -> None:
+    """``ValueError`` naming ``timeout`` (finite seconds, at most a week) or ``memory_limit`` (bytes)."""
+    import math
+
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout: expected seconds per call, a finite number above 0 and at most "
+                             f"{MAX_TIMEOUT:g} (a week), got {timeout!r}")
+    if memory_limit is not None:
+        if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0:
+            raise ValueError(f"memory_limit: expected a positive number of bytes (an int), got {memory_limit!r}")
 
 
 def replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None) -> str | None:

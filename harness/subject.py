@@ -10,18 +10,19 @@ taking the harness down with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback"]
+__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback", "exits_raise", "ExitCalled"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
 _HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
@@ -68,7 +69,33 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__module__}.{type(value).__name__}"
 
 
+class ExitCalled(SystemExit):
+    """``os._exit`` called by an implementation running in the harness's own process (see :func:`exits_raise`)."""
+
+
+def _exit_raises(status: int = 0) -> NoReturn:
+    raise ExitCalled(status)
+
+
+@contextlib.contextmanager
+def exits_raise() -> Iterator[None]:
+    """While the block runs, ``os._exit`` raises :class:`ExitCalled` instead of ending the process.
+
+    In process, an implementation that calls ``os._exit(0)`` would end the harness with exit code 0 and
+    no report, which a CI job reads as certified; so the call becomes an error of that call. (Code that
+    reaches the C library's ``_exit`` directly is beyond this: isolate such code in a worker.)
+    """
+    real = os._exit
+    os._exit = _exit_raises
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
 def _raised(call: str, exc: BaseException) -> str:
+    if isinstance(exc, ExitCalled):
+        return f"{call} called os._exit({exc.code!r}), which would have ended the whole run"
     if isinstance(exc, SystemExit):
         return f"{call} called sys.exit({exc.code!r})"
     return f"{call} raised {type(exc).__name__}: {exc}"
@@ -179,4 +206,5 @@ class InProcessSubject:
         self.info = info
 
     def execute(self, case: Case, *, backward: bool) -> Execution:
-        return execute(self.impl, self.info, case, backward=backward)
+        with exits_raise():
+            return execute(self.impl, self.info, case, backward=backward)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS
+from harness.files import write_atomically
 from harness.records import Record, status_rank
 
 __all__ = ["render_html", "write_html", "MAX_SECTIONS", "MAX_PLOTTED"]
@@ -525,5 +526,4 @@ def write_html(report: Mapping[str, Any], path: str | os.PathLike[str], **kwargs
         raise IsADirectoryError(f"path: expected a file name such as {path / 'index.html'}, got a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(report, base_dir=path.parent, **kwargs)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_atomically(path, text)

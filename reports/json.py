@@ -53,6 +53,7 @@ from typing import Any
 
 from harness._version import __version__
 from harness.compare import TOLERANCES
+from harness.files import write_atomically
 from harness.findings import Finding, findings
 from harness.records import STATUSES, Record, verdict
 
@@ -125,6 +126,7 @@ def build_report(
     notes: Sequence[str] = (),
     found: Sequence[Finding] | None = None,
     diagnosis: dict[str, Any] | None = None,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     """The report as a dict. ``found``: the findings already computed from ``records`` (computed here if
     not given), so that the terminal, the JSON and the HTML show the same ones."""
@@ -138,7 +140,8 @@ def build_report(
         "command": command,
         "target": target,
         "target_info": dict(target_info) if target_info is not None else None,
-        "verdict": verdict(records),
+        "verdict": verdict(records, interrupted=interrupted),
+        "interrupted": interrupted,
         "environment": environment(),
         "settings": dict(settings),
         "tolerances": {
@@ -156,10 +159,7 @@ def build_report(
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return write_atomically(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:

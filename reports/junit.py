@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.files import write_atomically
 from harness.records import Record
 
 __all__ = ["to_junit_xml", "write_junit"]
@@ -148,5 +149,5 @@ def write_junit(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
         raise IsADirectoryError(f"path: expected a file name such as {path / 'junit.xml'}, got a directory")
     text = to_junit_xml(report)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_atomically(path, text)
     return path

@@ -1,0 +1,161 @@
+"""The files the harness writes: whole or not at all, and only where it may.
+
+* Every report file (report.json, index.html, JUnit XML, saved cases) is written to a temporary file
+  beside its destination and renamed over it: a run killed while writing leaves the previous file
+  intact, never a truncated one.
+* A report directory carries a marker file written by the harness. ``certify`` writes only into a
+  directory that is empty, new, or marked (a previous report), unless told ``force``: a user's own
+  ``index.html`` or ``report.json`` is never replaced by accident.
+* While a run writes a report directory it holds an exclusive lock on it, so that two runs cannot
+  interleave their files; the second is refused with a message that says which process holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from harness._version import __version__
+
+__all__ = ["write_atomically", "atomic_path", "MARKER", "LOCK", "ReportDirError", "claim_report_dir",
+           "check_writable_file"]
+
+#: The file that says "this directory is an lstm-harness report".
+MARKER = ".lstm-harness-report"
+#: The lock a run holds on its report directory while it writes there.
+LOCK = ".lstm-harness-lock"
+
+
+class ReportDirError(ValueError):
+    """The report directory (or another output path) cannot be used; the message says why and what to do."""
+
+
+def write_atomically(path: str | os.PathLike[str], data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            Path(tmp).write_text(data, encoding=encoding)
+        else:
+            Path(tmp).write_bytes(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]:
+    """A temporary path beside ``path`` (ending in ``suffix``, for writers that insist on one) that
+    replaces ``path`` when the block ends without an exception, and is removed otherwise."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a file the harness can create or replace; :class:`ReportDirError` naming ``what`` otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        kind = "a directory" if p.is_dir() else "not a regular file"
+        raise ReportDirError(f"{what}: expected a path to a file, got {str(p)!r}, which is {kind}")
+    parent = p.parent if str(p.parent) else Path(".")
+    _check_directory(parent, what)
+    return p
+
+
+def _check_directory(d: Path, what: str) -> None:
+    if d.exists() and not d.is_dir():
+        raise ReportDirError(f"{what}: expected a directory, got {str(d)!r}, which is a file")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lstm-harness-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ReportDirError(f"{what}: cannot write into {str(d)!r} ({exc.strerror or exc}); choose a writable "
+                             f"directory") from None
+
+
+def _is_report(d: Path) -> bool:
+    """Marked by the harness, or (written before the marker existed) holding an lstm-harness report.json."""
+    if (d / MARKER).exists():
+        return True
+    try:
+        with open(d / "report.json", encoding="utf-8") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return '"name": "lstm-harness"' in head
+
+
+class _Claim:
+    """A claimed report directory: its lock is held until :meth:`release`."""
+
+    def __init__(self, directory: Path, handle: IO[str] | None, release: Callable[[], None]):
+        self.directory = directory
+        self._handle = handle
+        self._release = release
+
+    def release(self) -> None:
+        self._release()
+
+    def __enter__(self) -> _Claim:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def claim_report_dir(directory: str | os.PathLike[str], *, force: bool = False) -> _Claim:
+    """Check that ``directory`` may receive a report, take its lock and mark it; before any check runs.
+
+    Refused (:class:`ReportDirError`) when it is a file, cannot be written, is not empty and holds no
+    marker of a previous report (unless ``force``), or another run holds its lock.
+    """
+    d = Path(directory)
+    _check_directory(d, "report directory")
+    if not force and not _is_report(d):
+        others = sorted(p.name for p in d.iterdir() if p.name != LOCK)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ReportDirError(
+                f"report directory: {str(d)!r} is not empty and holds no previous lstm-harness report ({shown}); "
+                f"its files would be replaced. Choose another --report-dir, or pass --force to write there anyway")
+    handle = open(d / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the marker still guards a user's files
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ReportDirError(f"report directory: {str(d)!r} is being written by another lstm-harness run "
+                                 f"({holder}); wait for it to finish or choose another --report-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    write_atomically(d / MARKER, json.dumps({"tool": "lstm-harness", "version": __version__}) + "\n")
+
+    def release() -> None:
+        if not handle.closed:
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    return _Claim(d, handle, release)

@@ -1,0 +1,69 @@
+"""Files the harness writes (harness.files): whole or not at all, never over a user's own files, one run
+at a time per report directory."""
+
+import json
+
+import pytest
+
+from harness.files import (
+    LOCK,
+    MARKER,
+    ReportDirError,
+    atomic_path,
+    check_writable_file,
+    claim_report_dir,
+    write_atomically,
+)
+
+
+def test_a_write_that_fails_halfway_leaves_the_previous_file_intact(tmp_path):
+    target = tmp_path / "index.html"
+    write_atomically(target, "the previous report")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("half of the new")
+        raise RuntimeError("killed while writing")
+    assert target.read_text() == "the previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]  # no temporary file left behind
+
+
+def test_a_users_own_directory_is_refused_unless_forced(tmp_path):
+    (tmp_path / "index.html").write_text("my own page")
+    with pytest.raises(ReportDirError, match="not empty and holds no previous lstm-harness report .*--force"):
+        claim_report_dir(tmp_path)
+    with claim_report_dir(tmp_path, force=True):
+        assert (tmp_path / MARKER).is_file()
+    # Once marked it is a report directory: later runs write there without --force.
+    with claim_report_dir(tmp_path):
+        pass
+    assert (tmp_path / "index.html").read_text() == "my own page"  # claiming writes nothing of the report
+
+
+def test_a_report_from_before_the_marker_is_recognised(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": 1, "tool": {"name": "lstm-harness"}}))
+    with claim_report_dir(tmp_path):
+        pass
+
+
+def test_new_and_empty_directories_are_claimed(tmp_path):
+    with claim_report_dir(tmp_path / "new" / "report"):
+        assert (tmp_path / "new" / "report" / MARKER).is_file()
+
+
+def test_two_runs_cannot_write_one_directory_at_once(tmp_path):
+    with claim_report_dir(tmp_path):
+        with pytest.raises(ReportDirError, match=r"is being written by another lstm-harness run \(pid \d+\)"):
+            claim_report_dir(tmp_path)
+    with claim_report_dir(tmp_path):  # released: free again
+        assert (tmp_path / LOCK).exists()
+
+
+def test_paths_that_cannot_be_written_are_refused_up_front(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ReportDirError, match="expected a directory, got .*which is a file"):
+        claim_report_dir(a_file)
+    with pytest.raises(ReportDirError, match="junit: expected a path to a file, got .*which is a directory"):
+        check_writable_file(tmp_path, "junit")
+    with pytest.raises(ReportDirError, match="which is not a regular file"):
+        check_writable_file("/dev/null", "junit")
