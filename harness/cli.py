@@ -39,6 +39,12 @@ _TARGET_TEXT = """TARGET is one of:
   NAME                         an entry point in the group lstm_harness.implementations
 The attribute may be an implementation object, a class (created with no arguments) or a
 zero-argument factory.
+
+Instead of TARGET, --command 'CMD ARGS...' certifies a program in any language that speaks the command
+protocol: for each call it is run as `CMD ARGS... REQUEST_DIR RESPONSE_DIR`, reads request.json and the
+input arrays (.npy) from REQUEST_DIR and writes y.npy, h_T.npy, c_T.npy (and grad_<name>.npy when
+request.json says "gradients": true) into RESPONSE_DIR. The convention options (--gate-order, ...) say
+in which layout it takes its parameters.
 """
 
 
@@ -108,6 +114,59 @@ def _add_isolation_options(p: argparse.ArgumentParser) -> None:
                         "and --memory-limit do not apply")
 
 
+def _add_command_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a program in any language (the command protocol)")
+    g.add_argument("--command", dest="command_line", metavar="'CMD ARGS...'",
+                   help="certify this program instead of a TARGET: run as CMD ARGS... REQUEST_DIR RESPONSE_DIR for "
+                        "each call (split like a shell would, never run by one; see below)")
+    g.add_argument("--forward-only", action="store_true",
+                   help="the program computes the forward pass only: it is never asked for gradients")
+    g.add_argument("--gate-order", metavar="ORDER", help="order of its stacked gate blocks, e.g. ifco, icfo, iofc")
+    g.add_argument("--transposed", action="store_true", help="its weights are (D, 4H) and (H, 4H) (per gate: "
+                                                             "each matrix transposed)")
+    g.add_argument("--bias", choices=("single", "separate", "folded"),
+                   help="single b; separate b_ih and b_hh; folded into one matrix over [1, x, h]")
+    g.add_argument("--forget-bias", type=float, metavar="F", help="a constant it adds to the forget gate itself")
+    g.add_argument("--batch-major", action="store_true", help="x is (B, T, D) and y (B, T, H)")
+    g.add_argument("--per-gate", choices=("separate", "hx", "xh"),
+                   help="one matrix and bias per gate (W_i, ..., R_i, ..., b_i, ...): separate input and state "
+                        "matrices, or one matrix over [h; x] (hx) or [x; h] (xh)")
+    g.add_argument("--names", metavar="OURS=THEIRS,...",
+                   help="its own file names for the parameters, e.g. W=kernel,R=recurrent_kernel "
+                        "(files are THEIRS.npy and grad_THEIRS.npy)")
+
+
+_CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "per_gate", "names")
+
+
+def _command_impl(args: argparse.Namespace) -> object | None:
+    """The implementation --command names (adapted to its convention), or None for a TARGET."""
+    given = {k: getattr(args, k) for k in _CONVENTION_OPTIONS if getattr(args, k) not in (None, False)}
+    if args.command_line is None:
+        if given or args.forward_only:
+            first = next(iter(given), "forward_only")
+            raise UsageError(f"--{first.replace('_', '-')}: applies to --command; for a Python implementation "
+                             f"use harness.adapt (see the README)")
+        if args.target is None:
+            raise UsageError("expected TARGET or --command 'CMD ARGS...'")
+        return None
+    if args.target is not None:
+        raise UsageError(f"expected TARGET or --command, not both (got {args.target!r} and --command)")
+    from harness.command_protocol import command
+
+    if "names" in given:
+        pairs = [item.partition("=") for item in given["names"].split(",") if item.strip()]
+        if not pairs or any(not sep or not ours or not theirs for ours, sep, theirs in pairs):
+            raise UsageError(f"--names: expected OURS=THEIRS pairs separated by commas, e.g. W=kernel,R=recurrent, "
+                             f"got {given['names']!r}")
+        given["names"] = {ours.strip(): theirs.strip() for ours, _, theirs in pairs}
+    try:
+        return command(args.command_line, variant=args.variant or "vanilla", backward=not args.forward_only,
+                       **given)
+    except ValueError as exc:
+        raise _usage(exc) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-harness",
@@ -130,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "that covers its variant, on Hypothesis cases; each failure is shrunk to a minimal "
                     "case that is saved and can be replayed.",
         epilog=_TARGET_TEXT + "\n" + _EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_cert.add_argument("target", metavar="TARGET", help="the implementation (see below)")
+    p_cert.add_argument("target", metavar="TARGET", nargs="?", help="the implementation (see below)")
     p_cert.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant it declares")
     add_run_options(p_cert)
     _add_isolation_options(p_cert)
+    _add_command_options(p_cert)
 
     p_diag = sub.add_parser(
         "diagnose", help="find the convention (gate order, layout, variant) under which TARGET matches",
@@ -338,19 +398,20 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from harness.api import InvalidArgument, certify
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)
     try:
         result = certify(
-            args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
+            impl if impl is not None else args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
             memory_limit=_memory_limit(args), progress=True,
         )
     except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
-    impl = result.implementation
-    print(f"Certifying {impl['name']} ({impl['target']}): variant {impl['variant']}, "
+    described = result.implementation
+    print(f"Certifying {described['name']} ({described['target']}): variant {described['variant']}, "
           f"dtypes {', '.join(result.settings['dtypes'])}, "
-          f"{'forward and backward' if impl['backward'] else 'forward only (no backward)'}, "
+          f"{'forward and backward' if described['backward'] else 'forward only (no backward)'}, "
           f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
     text = print_results(result.records, per_quantity=True, notes=result.notes)
     _print_files(result.report_files, result.report_problems)
