@@ -319,7 +319,8 @@ def _prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, or
     case_dir = (Path(report_dir) / "cases" if report_dir is not None
                 else Path(tempfile.gettempdir()) / f"lstm-harness-cases-{os.getpid()}-{time.time_ns():x}")
     settings = UnitSettings(profile=profile, max_examples=max_examples, seed=seed, case_dir=str(case_dir),
-                             replay_target=_replay_target(target, variant, isolate, timeout))
+                             replay_target=_replay_target(target, variant, isolate, timeout,
+                                                          arguments=getattr(impl, "replay_arguments", None)))
     portable = portable_form(impl, target)
     opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
                "memory_limit": memory_limit}
@@ -497,10 +498,16 @@ def _finish(job: _Job, records: list[Record], notes: list[str], settings_base: d
     return result
 
 
-def _replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None) -> str | None:
-    if not target:
+def _replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None,
+                   arguments: str | None = None) -> str | None:
+    """What follows ``lstm-harness replay CASE``: the TARGET, or the ``arguments`` an object loaded
+    some other way declares (``--command 'CMD' ...``, see harness.command_protocol), with the options."""
+    if target:
+        text = shlex.quote(target)
+    elif isinstance(arguments, str) and arguments:
+        text = arguments
+    else:
         return None
-    text = shlex.quote(target)
     if variant:
         text += f" --variant {variant}"
     if not isolate:

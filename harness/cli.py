@@ -220,12 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                "loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_replay.add_argument("case", metavar="CASE.npz", type=Path)
-    p_replay.add_argument("target", metavar="TARGET")
+    p_replay.add_argument("target", metavar="TARGET", nargs="?")
     p_replay.add_argument("--oracle", action="append", metavar="NAME",
                           help="oracle to compare with (repeatable; default: every available one)")
     p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
                                                                       "case's)")
     _add_isolation_options(p_replay)
+    _add_command_options(p_replay)
 
     p_report = sub.add_parser("report", help="render the HTML report from a report.json again")
     p_report.add_argument("json_path", metavar="report.json", type=Path)
@@ -398,10 +399,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from harness.api import InvalidArgument, certify
 
     isolate, timeout = _isolation(args)
-    impl = _command_impl(args)
+    impl = _command_impl(args)  # a command declares its variant itself
     try:
         result = certify(
-            impl if impl is not None else args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
+            args.target if impl is None else impl, variant=args.variant if impl is None else None,
+            dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
             memory_limit=_memory_limit(args), progress=True,
@@ -439,9 +441,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from harness.api import InvalidArgument, replay
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)
     try:
-        result = replay(args.case, args.target, oracles=args.oracle, variant=args.variant, isolate=isolate,
-                        timeout=timeout, memory_limit=_memory_limit(args))
+        result = replay(args.case, args.target if impl is None else impl, oracles=args.oracle, variant=args.variant,
+                        isolate=isolate, timeout=timeout, memory_limit=_memory_limit(args))
     except InvalidArgument as exc:
         raise _usage(exc) from None
     case = result.case

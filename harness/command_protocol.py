@@ -107,6 +107,8 @@ class CommandLSTM:
         self.name = name or " ".join(os.path.basename(a) if os.sep in a else a for a in self.argv)
         self.dtypes = tuple(dtypes) if dtypes is not None else DEFAULT_DTYPES
         self.ln_eps = float(ln_eps)
+        #: How ``lstm-harness replay`` loads this implementation again (the harness shows it with each failure).
+        self.replay_arguments = _arguments(self.argv, variant, backward, {})
         if backward:  # a forward-only command has no backward at all: the harness then checks forward only
             self.backward = self._backward
 
@@ -190,4 +192,24 @@ def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | N
         raise ValueError(f"{unknown[0]}: not a convention keyword for a command; expected among {allowed}")
     from harness.adapt import adapt
 
-    return adapt(impl, **convention)
+    adapted = adapt(impl, **convention)
+    adapted.replay_arguments = _arguments(impl.argv, variant, backward, convention)  # type: ignore[attr-defined]
+    return adapted
+
+
+def _arguments(argv: Sequence[str], variant: str, backward: bool, convention: Mapping[str, Any]) -> str:
+    """The command-line options that make the same implementation: ``--command 'CMD ARGS' --per-gate ...``."""
+    parts = ["--command", shlex.quote(shlex.join(argv))]
+    if variant != "vanilla":
+        parts += ["--variant", variant]
+    if not backward:
+        parts.append("--forward-only")
+    for key, value in convention.items():
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(option)
+        elif key == "names":
+            parts += [option, shlex.quote(",".join(f"{k}={v}" for k, v in value.items()))]
+        elif value not in (False, None):
+            parts += [option, shlex.quote(str(value))]
+    return " ".join(parts)
