@@ -374,7 +374,7 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
 
 
 _OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
-                 "variant:": "--variant:", "case:": "CASE.npz:"}
+                 "variant:": "--variant:", "case:": "CASE.npz:", "command:": "--command:"}
 
 
 def _usage(exc: Exception) -> UsageError:
