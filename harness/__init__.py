@@ -20,6 +20,7 @@ __version__ = "0.1.0"  # before the imports below: reports.json reads it
 
 from harness.adapt import adapt  # noqa: E402
 from harness.api import CertifyResult, certify, replay  # noqa: E402
+from harness.command_protocol import command  # noqa: E402
 
 __all__ = [
     "Case",
@@ -47,4 +48,5 @@ __all__ = [
     "replay",
     "CertifyResult",
     "adapt",
+    "command",
 ]

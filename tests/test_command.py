@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import harness
 from harness.api import certify
 from harness.cases import CaseSpec, build_case
 from harness.cli import main
@@ -110,6 +112,18 @@ def test_read_in_the_wrong_layout_the_example_is_not_certified(tmva):
 
 # --------------------------------------------------------------------------------------------------
 # A Python script as the command
+
+
+def test_the_readme_program_certifies_forward_only(tmp_path):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Any language: the command protocol"):]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "request.json" in b]
+    program = tmp_path / "my_lstm.py"
+    program.write_text(blocks[0], encoding="utf-8")
+    result = certify(harness.command([sys.executable, str(program)], backward=False), max_examples=4,
+                     oracles=["finite-differences"])
+    assert result.verdict == "certified", result.details()
+    assert {r.dtype for r in result.records if r.status == "pass"} == {"float64", "float32"}
 
 
 @pytest.mark.parametrize("isolate", [False, True])
