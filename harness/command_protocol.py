@@ -29,6 +29,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -139,6 +140,9 @@ class CommandLSTM:
             resp.mkdir()
             (req / "request.json").write_text(json.dumps(request), encoding="utf-8")
             for key, value in {**inputs, **(upstream or {})}.items():
+                if not key or os.sep in key or (os.altsep and os.altsep in key) or key.startswith("."):
+                    raise ValueError(f"names: {key!r} cannot be a file name in REQUEST_DIR; map it to a plain "
+                                     f"name with names=...")
                 _save(req / f"{key}.npy", np.asarray(value))
             argv = [*self.argv, str(req), str(resp)]
             try:
@@ -146,7 +150,7 @@ class CommandLSTM:
             except OSError as exc:
                 raise CommandError(f"could not run {shlex.join(self.argv)}: {exc}") from None
             if done.returncode != 0:
-                status = (f"was killed by signal {-done.returncode}" if done.returncode < 0
+                status = (f"was killed by {_signal_name(-done.returncode)}" if done.returncode < 0
                           else f"exited with status {done.returncode}")
                 err = done.stderr.decode("utf-8", "replace").strip()
                 text = f"stderr:\n{_bounded(err)}" if err else "stderr was empty"
@@ -154,6 +158,13 @@ class CommandLSTM:
                     text += f"; stdout:\n{_bounded(done.stdout.decode('utf-8', 'replace'))}"
                 raise CommandError(f"the command {shlex.join(self.argv)} ({call}) {status}; {text}")
             return _read(resp, expect, call)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _read(folder: Path, names: Sequence[str], call: str) -> dict[str, np.ndarray]:

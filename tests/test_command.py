@@ -261,3 +261,9 @@ def test_pytest_plugin_certifies_a_command(pytester):
                                  "-p", "no:randomly", "-p", "no:cacheprovider")
     failing.assert_outcomes(failed=1)
     failing.stdout.fnmatch_lines(["*wrote no y.npy*"])
+
+
+def test_a_crash_names_the_signal():
+    case = build_case(CaseSpec(variant="vanilla", dtype="float64", T=1, B=1, D=1, H=1, seed=0))
+    with pytest.raises(CommandError, match=r"was killed by SIGSEGV \(signal 11\); stderr was empty"):
+        CommandLSTM(_sh("kill -SEGV $$")).forward(case.x, case.h0, case.c0, case.params)
