@@ -543,7 +543,7 @@ def _per_gate_form(form: Any) -> str:
 
 def per_gate_keys(form: str = "separate", *, bias: bool = True) -> tuple[str, ...]:
     """The keys of a per-gate layout, in order: W_i, W_f, W_g, W_o, then R_* (form ``separate``), then b_*."""
-    groups = ("W", "R") if _per_gate_form(form) == "separate" else ("W",)
+    groups: tuple[str, ...] = ("W", "R") if _per_gate_form(form) == "separate" else ("W",)
     if bias:
         groups += ("b",)
     return tuple(f"{g}_{gate}" for g in groups for gate in CANONICAL_ORDER)
@@ -607,6 +607,7 @@ def from_per_gate(arrays: Mapping[str, Any], D: int, *, form: str = "separate", 
     H = first.shape[1] if transposed else first.shape[0]
     Ws, Rs, bs = [], [], []
     for gate in CANONICAL_ORDER:
+        pairs: tuple[tuple[str, tuple[int, int]], ...]
         if form == "separate":
             pairs = ((f"W_{gate}", (H, D)), (f"R_{gate}", (H, H)))
         else:
