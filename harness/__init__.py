@@ -8,6 +8,7 @@ from harness.adapt import adapt
 from harness.api import CertifyResult, certify, replay
 from harness.cases import Case, CaseSpec, build_case, case_specs, cases, load_case
 from harness.check import check_case
+from harness.command_protocol import command
 from harness.compare import TOLERANCES, Tolerance, compare_arrays
 from harness.contract import (
     GATES,
@@ -49,4 +50,5 @@ __all__ = [
     "replay",
     "CertifyResult",
     "adapt",
+    "command",
 ]

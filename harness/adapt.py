@@ -19,6 +19,11 @@ The conventions an adapter knows (all combinable):
 ``batch_major``        x (B, T, D) and y (B, T, H)
 ``initial_cell=False`` no c0 argument: the cell starts at zero. Checked with c0 = 0; dc0 not compared
 ``final_cell=False``   the forward does not return c_T: c_T not compared, checked with dc_T = 0
+``per_gate``           one matrix and one bias per gate instead of stacked blocks, keyed ``W_i``,
+                       ``W_f``, ``W_g``, ``W_o``, (``R_i``, ...,) ``b_i``, ...: ``"separate"`` W_<gate>
+                       (H, D) on x and R_<gate> (H, H) on h (TMVA); ``"hx"`` one W_<gate> (H, H+D) on
+                       [h; x] (deeplearning.ai's Wf, Wi, Wc, Wo); ``"xh"`` on [x; h]. With
+                       ``transposed`` each matrix is transposed. Biases are (H,)
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
 =====================  =============================================================================
 
@@ -72,11 +77,21 @@ class Convention:
     batch_major: bool = False
     initial_cell: bool = True
     final_cell: bool = True
+    per_gate: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gate_order", layouts.normalize_order(self.gate_order, argument="gate_order"))
         if self.bias not in _BIASES:
             raise ValueError(f"bias: expected one of {_BIASES}, got {self.bias!r}")
+        if self.per_gate is not None:
+            if self.per_gate not in layouts.PER_GATE_FORMS:
+                raise ValueError(f"per_gate: expected None or one of {layouts.PER_GATE_FORMS}, got {self.per_gate!r}")
+            if self.gate_order != layouts.CANONICAL_ORDER:
+                raise ValueError("per_gate: each gate's weights are named (W_i, W_f, W_g, W_o), so there is no "
+                                 f"gate order to give; drop gate_order={self.gate_order!r} and map the names "
+                                 "with names=...")
+            if self.bias != "single":
+                raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
         for flag in ("transposed", "batch_major", "initial_cell", "final_cell"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
@@ -99,6 +114,10 @@ class Convention:
             parts.append("it has separate input and hidden biases")
         if self.bias == "folded":
             parts.append("its bias is folded into one weight matrix over [1, x, h]")
+        if self.per_gate is not None:
+            parts.append({"separate": "it keeps an input and a state matrix and a bias per gate",
+                          "hx": "it keeps one matrix per gate over [h; x] and a bias per gate",
+                          "xh": "it keeps one matrix per gate over [x; h] and a bias per gate"}[self.per_gate])
         if self.forget_bias:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
@@ -118,6 +137,10 @@ class Convention:
 
     def param_keys(self, variant: str) -> tuple[str, ...]:
         """The implementation's parameters in this convention, by their default names, in order."""
+        if self.per_gate is not None:
+            mats = layouts.per_gate_keys(self.per_gate, bias=variant != "layernorm")
+            extra = {"layernorm": ("gamma", "beta"), "peephole": ("p_i", "p_f", "p_o")}.get(variant, ())
+            return mats + extra
         if variant == "layernorm":
             return ("W", "R", "gamma", "beta")
         base = {"single": ("W", "R", "b"), "separate": ("W", "R", "b_ih", "b_hh"), "folded": ("W",)}[self.bias]
@@ -145,11 +168,15 @@ class Convention:
                 raise ValueError(f"bias: the layernorm variant has no bias, so bias={self.bias!r} does not apply")
             # The implementation adds forget_bias after normalizing, i.e. to beta[f]: take it off first.
             canon = layouts.fold_forget_bias_layernorm(params, -self.forget_bias) if self.forget_bias else params
+            if self.per_gate is not None:
+                return layouts.to_per_gate(canon, form=self.per_gate, transposed=self.transposed)
             out = {"W": self._stack(canon["W"]), "R": self._stack(canon["R"])}
             for key in ("gamma", "beta"):
                 out[key] = layouts.permute_layernorm_rows(canon[key], layouts.CANONICAL_ORDER, self.gate_order)
             return out
         canon = layouts.fold_forget_bias(params, -self.forget_bias) if self.forget_bias else params
+        if self.per_gate is not None:
+            return layouts.to_per_gate(canon, form=self.per_gate, transposed=self.transposed)
         if self.bias == "folded":
             out = {"W": layouts.to_bias_folded(canon, transposed=self.transposed, order=self.gate_order)}
         else:
@@ -198,6 +225,9 @@ class Convention:
         """Parameter-shaped arrays in this convention -> canonical, with ``b()`` the stacked bias when
         the biases are separate."""
         out: dict[str, np.ndarray] = {}
+        if self.per_gate is not None:
+            return layouts.from_per_gate({k: mine[k] for k in self.param_keys(variant)}, D, form=self.per_gate,
+                                         transposed=self.transposed)
         if variant == "layernorm":
             out["W"], out["R"] = self._unstack(mine["W"]), self._unstack(mine["R"])
             for key in ("gamma", "beta"):
@@ -215,6 +245,8 @@ class Convention:
 
     def canonical_names(self, name: str, variant: str) -> tuple[str, ...]:
         """The canonical arrays one of this convention's arrays (by default name) is made from."""
+        if self.per_gate is not None and name[:2] in ("W_", "R_", "b_"):
+            return ("W", "R") if name[0] == "W" and self.per_gate != "separate" else (name[0],)
         if name in ("b_ih", "b_hh"):
             return ("b",)
         if name == "W" and self.bias == "folded" and variant != "layernorm":
@@ -625,6 +657,7 @@ def adapt(
     batch_major: bool = False,
     initial_cell: bool = True,
     final_cell: bool = True,
+    per_gate: str | None = None,
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
     call: Callable[..., Any] | None = None,
@@ -654,7 +687,8 @@ def adapt(
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell)
+                            batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
+                            per_gate=per_gate)
     source = impl if impl is not None else forward_fn
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:

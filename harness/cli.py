@@ -44,6 +44,12 @@ _TARGET_TEXT = """TARGET is one of:
   NAME                         an entry point in the group lstm_harness.implementations
 The attribute may be an implementation object, a class (created with no arguments) or a
 zero-argument factory.
+
+Instead of TARGET, --command 'CMD ARGS...' certifies a program in any language that speaks the command
+protocol: for each call it is run as `CMD ARGS... REQUEST_DIR RESPONSE_DIR`, reads request.json and the
+input arrays (.npy) from REQUEST_DIR and writes y.npy, h_T.npy, c_T.npy (and grad_<name>.npy when
+request.json says "gradients": true) into RESPONSE_DIR. The convention options (--gate-order, ...) say
+in which layout it takes its parameters.
 """
 
 
@@ -137,6 +143,59 @@ def _add_isolation_options(p: argparse.ArgumentParser) -> None:
                         "and --memory-limit do not apply")
 
 
+def _add_command_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a program in any language (the command protocol)")
+    g.add_argument("--command", dest="command_line", metavar="'CMD ARGS...'",
+                   help="certify this program instead of a TARGET: run as CMD ARGS... REQUEST_DIR RESPONSE_DIR for "
+                        "each call (split like a shell would, never run by one; see below)")
+    g.add_argument("--forward-only", action="store_true",
+                   help="the program computes the forward pass only: it is never asked for gradients")
+    g.add_argument("--gate-order", metavar="ORDER", help="order of its stacked gate blocks, e.g. ifco, icfo, iofc")
+    g.add_argument("--transposed", action="store_true", help="its weights are (D, 4H) and (H, 4H) (per gate: "
+                                                             "each matrix transposed)")
+    g.add_argument("--bias", choices=("single", "separate", "folded"),
+                   help="single b; separate b_ih and b_hh; folded into one matrix over [1, x, h]")
+    g.add_argument("--forget-bias", type=float, metavar="F", help="a constant it adds to the forget gate itself")
+    g.add_argument("--batch-major", action="store_true", help="x is (B, T, D) and y (B, T, H)")
+    g.add_argument("--per-gate", choices=("separate", "hx", "xh"),
+                   help="one matrix and bias per gate (W_i, ..., R_i, ..., b_i, ...): separate input and state "
+                        "matrices, or one matrix over [h; x] (hx) or [x; h] (xh)")
+    g.add_argument("--names", metavar="OURS=THEIRS,...",
+                   help="its own file names for the parameters, e.g. W=kernel,R=recurrent_kernel "
+                        "(files are THEIRS.npy and grad_THEIRS.npy)")
+
+
+_CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "per_gate", "names")
+
+
+def _command_impl(args: argparse.Namespace) -> object | None:
+    """The implementation --command names (adapted to its convention), or None for a TARGET."""
+    given = {k: getattr(args, k) for k in _CONVENTION_OPTIONS if getattr(args, k) not in (None, False)}
+    if args.command_line is None:
+        if given or args.forward_only:
+            first = next(iter(given), "forward_only")
+            raise UsageError(f"--{first.replace('_', '-')}: applies to --command; for a Python implementation "
+                             f"use harness.adapt (see the README)")
+        if args.target is None:
+            raise UsageError("expected TARGET or --command 'CMD ARGS...'")
+        return None
+    if args.target is not None:
+        raise UsageError(f"expected TARGET or --command, not both (got {args.target!r} and --command)")
+    from harness.command_protocol import command
+
+    if "names" in given:
+        pairs = [item.partition("=") for item in given["names"].split(",") if item.strip()]
+        if not pairs or any(not sep or not ours or not theirs for ours, sep, theirs in pairs):
+            raise UsageError(f"--names: expected OURS=THEIRS pairs separated by commas, e.g. W=kernel,R=recurrent, "
+                             f"got {given['names']!r}")
+        given["names"] = {ours.strip(): theirs.strip() for ours, _, theirs in pairs}
+    try:
+        return command(args.command_line, variant=args.variant or "vanilla", backward=not args.forward_only,
+                       **given)
+    except ValueError as exc:
+        raise _usage(exc) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-harness",
@@ -159,10 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "that covers its variant, on Hypothesis cases; each failure is shrunk to a minimal "
                     "case that is saved and can be replayed.",
         epilog=_TARGET_TEXT + "\n" + _EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_cert.add_argument("target", metavar="TARGET", help="the implementation (see below)")
+    p_cert.add_argument("target", metavar="TARGET", nargs="?", help="the implementation (see below)")
     p_cert.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant it declares")
     add_run_options(p_cert)
     _add_isolation_options(p_cert)
+    _add_command_options(p_cert)
 
     p_diag = sub.add_parser(
         "diagnose", help="find the convention (gate order, layout, variant) under which TARGET matches",
@@ -189,13 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                "loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_replay.add_argument("case", metavar="CASE.npz", type=Path)
-    p_replay.add_argument("target", metavar="TARGET")
+    p_replay.add_argument("target", metavar="TARGET", nargs="?")
     p_replay.add_argument("--oracle", action="append", metavar="NAME",
                           help="oracle to compare with (repeatable; default: every available one)")
     p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
                                                                       "case's)")
     _add_isolation_options(p_replay)
     _add_verbose_option(p_replay)
+    _add_command_options(p_replay)
 
     p_report = sub.add_parser("report", help="render the HTML report from a report.json again")
     p_report.add_argument("json_path", metavar="report.json", type=Path)
@@ -363,7 +424,7 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
 
 _OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
                  "variant:": "--variant:", "case:": "CASE.npz:", "report directory:": "--report-dir:",
-                 "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:"}
+                 "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:", "command:": "--command:"}
 
 
 def _usage(exc: Exception) -> UsageError:
@@ -398,19 +459,21 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from harness.api import InvalidArgument, certify
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)  # a command declares its variant itself
     try:
         result = certify(
-            args.target, variant=args.variant, dtypes=args.dtype, oracles=args.oracle,
+            args.target if impl is None else impl, variant=args.variant if impl is None else None,
+            dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
             memory_limit=_memory_limit(args), progress=True, force=args.force,
         )
     except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
-    impl = result.implementation
-    print(f"Certifying {impl['name']} ({impl['target']}): variant {impl['variant']}, "
+    described = result.implementation
+    print(f"Certifying {described['name']} ({described['target']}): variant {described['variant']}, "
           f"dtypes {', '.join(result.settings['dtypes'])}, "
-          f"{'forward and backward' if impl['backward'] else 'forward only (no backward)'}, "
+          f"{'forward and backward' if described['backward'] else 'forward only (no backward)'}, "
           f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
     text = print_results(result.records, result.findings, notes=result.notes, verbose=args.verbose,
                          diagnosis=(result.diagnosis or {}).get("headline", ""))
@@ -439,9 +502,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from harness.api import InvalidArgument, replay
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)
     try:
-        result = replay(args.case, args.target, oracles=args.oracle, variant=args.variant, isolate=isolate,
-                        timeout=timeout, memory_limit=_memory_limit(args))
+        result = replay(args.case, args.target if impl is None else impl, oracles=args.oracle, variant=args.variant,
+                        isolate=isolate, timeout=timeout, memory_limit=_memory_limit(args))
     except InvalidArgument as exc:
         raise _usage(exc) from None
     case = result.case

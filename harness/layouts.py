@@ -18,7 +18,14 @@ ONNX LSTM         W (1, 4H, D), R (1, 4H, H), B (1, 8H) = [Wb, Rb],      i o f c
                   P (1, 3H) peepholes ordered i, o, f
 bias folded       (4H, 1+D+H) over [1, x, h], or its transpose           any         column 0
 course exercise   Wx (D, 4H), Wh (H, 4H), b (4H,), batch-major x         i f o g     one
+per gate (TMVA)   W_i (H, D), R_i (H, H), b_i (H,), ... for each gate    by name     one per gate
+per gate, concat  W_i (H, H+D) over [h; x] (or [x; h]), b_i (H,), ...    by name     one per gate
 ================  =====================================================  ==========  ============
+
+Per-gate layouts keep one matrix (and one bias) for each gate instead of stacking them: ROOT's TMVA
+has an input-weight and a state-weight matrix per gate; deeplearning.ai's course has ``Wf`` (H, H+D)
+acting on ``concat(a_prev, x_t)`` with ``bf``, and likewise for i, c, o. Their keys are ``W_<gate>``,
+``R_<gate>`` and ``b_<gate>`` by the canonical gate letters i, f, g, o.
 
 Gate letters: ``c`` (Keras, cuDNN, ONNX) and ``j`` (TF1) name the same block as ``g``, the cell
 candidate. Frameworks that split the bias in two (PyTorch, ONNX) only ever use the sum; converting
@@ -59,6 +66,10 @@ __all__ = [
     "from_bias_folded",
     "to_course",
     "from_course",
+    "PER_GATE_FORMS",
+    "per_gate_keys",
+    "to_per_gate",
+    "from_per_gate",
     "batch_major",
     "time_major",
     "fold_forget_bias",
@@ -514,6 +525,119 @@ def from_course(Wx: Any, Wh: Any, b: Any) -> dict[str, np.ndarray]:
     return _result(permute_gates(wx.T, "course", CANONICAL_ORDER),
                    permute_gates(wh.T, "course", CANONICAL_ORDER),
                    permute_gates(ba, "course", CANONICAL_ORDER))
+
+
+# --------------------------------------------------------------------------------------------------
+# One matrix (and bias) per gate: TMVA, deeplearning.ai
+
+#: How a per-gate layout feeds x and h to each gate's weights: ``separate`` matrices W_<gate> (H, D)
+#: and R_<gate> (H, H); one matrix W_<gate> over the concatenation ``hx`` = [h; x] or ``xh`` = [x; h].
+PER_GATE_FORMS = ("separate", "hx", "xh")
+
+
+def _per_gate_form(form: Any) -> str:
+    if form not in PER_GATE_FORMS:
+        raise ValueError(f"form: expected one of {PER_GATE_FORMS}, got {form!r}")
+    return str(form)
+
+
+def per_gate_keys(form: str = "separate", *, bias: bool = True) -> tuple[str, ...]:
+    """The keys of a per-gate layout, in order: W_i, W_f, W_g, W_o, then R_* (form ``separate``), then b_*."""
+    groups: tuple[str, ...] = ("W", "R") if _per_gate_form(form) == "separate" else ("W",)
+    if bias:
+        groups += ("b",)
+    return tuple(f"{g}_{gate}" for g in groups for gate in CANONICAL_ORDER)
+
+
+def to_per_gate(params: Mapping[str, Any], *, form: str = "separate", transposed: bool = False
+                ) -> dict[str, np.ndarray]:
+    """-> one matrix per gate and one bias per gate, keyed ``W_i``, ..., ``R_i``, ..., ``b_i``, ...
+
+    ``form="separate"``: ``W_<gate>`` (H, D) and ``R_<gate>`` (H, H), a = W_g x + R_g h + b_g (TMVA).
+    ``form="hx"``: ``W_<gate>`` (H, H+D) over [h; x] (deeplearning.ai's ``Wf @ concat(a_prev, x_t)``);
+    ``form="xh"``: over [x; h]. ``transposed``: every matrix transposed ((D, H), (H, H), (H+D, H)),
+    used as ``x @ W_<gate>``. Biases are (H,). Other arrays (peepholes; the LayerNorm gains and
+    shifts) are passed on as they are; LayerNorm params have no bias, so there is no ``b_<gate>``.
+    """
+    form = _per_gate_form(form)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict with keys 'W', 'R', 'b', got {type(params).__name__}")
+    has_bias = "b" in params
+    W, R, b = _canonical(params, need_bias=has_bias)
+    H = R.shape[1]
+    out: dict[str, np.ndarray] = {}
+    for n, gate in enumerate(CANONICAL_ORDER):
+        rows = slice(n * H, (n + 1) * H)
+        if form == "separate":
+            mats = {f"W_{gate}": W[rows], f"R_{gate}": R[rows]}
+        else:
+            parts = (R[rows], W[rows]) if form == "hx" else (W[rows], R[rows])
+            mats = {f"W_{gate}": np.concatenate(parts, axis=1)}  # (H, H+D) or (H, D+H)
+        for key, m in mats.items():
+            out[key] = np.ascontiguousarray(m.T if transposed else m).copy()
+    if has_bias:
+        for n, gate in enumerate(CANONICAL_ORDER):
+            out[f"b_{gate}"] = b[n * H : (n + 1) * H].copy()
+    for key, value in params.items():
+        if key not in ("W", "R", "b"):
+            out[key] = _array(value, f"params[{key!r}]").copy()
+    return out
+
+
+def from_per_gate(arrays: Mapping[str, Any], D: int, *, form: str = "separate", transposed: bool = False
+                  ) -> dict[str, np.ndarray]:
+    """From a per-gate layout (see :func:`to_per_gate`) to canonical params; ``D`` is the input size.
+
+    Without ``b_<gate>`` keys (the LayerNorm variant) the result has no ``b``; other keys are passed on.
+    """
+    form = _per_gate_form(form)
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"arrays: expected a dict with keys {list(per_gate_keys(form))}, "
+                         f"got {type(arrays).__name__}")
+    if not isinstance(D, (int, np.integer)) or isinstance(D, bool) or D < 1:
+        raise ValueError(f"D: expected the input size, a positive int, got {D!r}")
+    has_bias = any(f"b_{g}" in arrays for g in CANONICAL_ORDER)
+    keys = per_gate_keys(form, bias=has_bias)
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"arrays: expected keys {list(keys)}, missing {missing}")
+    first = _array(arrays["W_i"], "W_i")
+    if first.ndim != 2:
+        raise ValueError(f"W_i: expected a matrix, got shape {tuple(first.shape)}")
+    H = first.shape[1] if transposed else first.shape[0]
+    Ws, Rs, bs = [], [], []
+    for gate in CANONICAL_ORDER:
+        pairs: tuple[tuple[str, tuple[int, int]], ...]
+        if form == "separate":
+            pairs = ((f"W_{gate}", (H, D)), (f"R_{gate}", (H, H)))
+        else:
+            pairs = ((f"W_{gate}", (H, H + D)),)
+        mats = []
+        for key, shape in pairs:
+            m = _array(arrays[key], key)
+            want = shape[::-1] if transposed else shape
+            _check_shape(m, key, want, f"{want} for D={D}, H={H}" + (", transposed" if transposed else ""))
+            mats.append(m.T if transposed else m)
+        if form == "separate":
+            Ws.append(mats[0])
+            Rs.append(mats[1])
+        else:
+            x_cols = slice(H, H + D) if form == "hx" else slice(0, D)
+            h_cols = slice(0, H) if form == "hx" else slice(D, D + H)
+            Ws.append(mats[0][:, x_cols])
+            Rs.append(mats[0][:, h_cols])
+        if has_bias:
+            bg = _array(arrays[f"b_{gate}"], f"b_{gate}")
+            _check_shape(bg, f"b_{gate}", (H,), f"(H,) = ({H},)")
+            bs.append(bg)
+    out = {"W": np.ascontiguousarray(np.concatenate(Ws, axis=0)),
+           "R": np.ascontiguousarray(np.concatenate(Rs, axis=0))}
+    if has_bias:
+        out["b"] = np.concatenate(bs)
+    for key, value in arrays.items():
+        if key not in keys:
+            out[key] = _array(value, key).copy()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

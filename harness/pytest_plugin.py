@@ -16,7 +16,12 @@ installed). It puts certification into a project's own test suite, two ways:
       def test_my_lstm(lstm_certify):
           lstm_certify(MyLSTM()).assert_certified()
 
-A TARGET string is certified in a worker process with a per-call timeout (60 s, ``--lstm-timeout``)
+A program in any language that speaks the command protocol (see :mod:`harness.command_protocol`) is
+named with ``--lstm-command 'CMD ARGS...'`` (ini ``lstm_command``, one per line) and certified the same
+way in its standard convention; for another layout pass ``harness.command(CMD, per_gate=...)`` to the
+fixture.
+
+A TARGET string (or a command) is certified in a worker process with a per-call timeout (60 s, ``--lstm-timeout``)
 and a memory cap, as ``lstm-harness certify`` does, so that an implementation that hangs or crashes
 fails its test instead of hanging or ending the session; ``--lstm-in-process`` (ini
 ``lstm_in_process = true``) runs it in the session's own process instead. Objects passed to the
@@ -42,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lstm-certify", action="append", default=[], metavar="TARGET",
                     help="certify TARGET (package.module:attribute, path/to/file.py:attribute or an entry-point "
                          "name) as one test of this session (repeatable)")
+    group.addoption("--lstm-command", action="append", default=[], metavar="'CMD ARGS...'",
+                    help="certify a program in any language that speaks the command protocol, run as "
+                         "CMD ARGS... REQUEST_DIR RESPONSE_DIR, as one test of this session (repeatable)")
     group.addoption("--lstm-max-examples", type=int, default=None, metavar="N", help="cases per check")
     group.addoption("--lstm-profile", default=None, choices=("dev", "ci", "thorough"),
                     help="Hypothesis settings profile for certification (default: ci)")
@@ -59,6 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write report.json, index.html and the failing cases here")
     parser.addini("lstm_certify", type="linelist", default=[],
                   help="implementations (TARGETs) to certify as tests of every session")
+    parser.addini("lstm_command", type="linelist", default=[],
+                  help="programs speaking the command protocol to certify, one command line per line")
     parser.addini("lstm_max_examples", default="", help="cases per check for lstm-harness certification")
     parser.addini("lstm_profile", default="", help="Hypothesis profile for certification: dev, ci or thorough")
     parser.addini("lstm_oracles", type="linelist", default=[], help="oracles to certify against")
@@ -72,6 +82,10 @@ def _targets(config: pytest.Config) -> list[str]:
     for line in config.getini("lstm_certify"):
         targets += [t for t in line.split() if t]
     return list(dict.fromkeys(targets))
+
+
+def _commands(config: pytest.Config) -> list[str]:
+    return list(dict.fromkeys([*(config.getoption("lstm_command") or []), *config.getini("lstm_command")]))
 
 
 def certify_settings(config: pytest.Config) -> dict[str, Any]:
@@ -123,7 +137,8 @@ def _in_process(config: pytest.Config) -> bool:
 def _worker_defaults(impl: Any, given: dict[str, Any]) -> dict[str, Any]:
     """For a TARGET string, unless told otherwise: a worker process, a timeout per call and a memory
     cap, so that a hanging or crashing implementation fails its test instead of the session."""
-    if not isinstance(impl, str) or given.get("isolate") is False:
+    made_by_command = hasattr(impl, "replay_arguments")  # harness.command(...): a program that may hang too
+    if not (isinstance(impl, str) or made_by_command) or given.get("isolate") is False:
         return {}
     from harness.isolation import default_memory_limit
 
@@ -139,19 +154,22 @@ class CertifyFailed(Exception):
 class CertifyItem(pytest.Item):
     """One certification: passes when the target is certified."""
 
-    def __init__(self, *, target: str, **kwargs: Any):
+    def __init__(self, *, target: str, command: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.target = target
+        self.command = command  # a command line (the command protocol) instead of a TARGET
 
     def runtest(self) -> None:
         from harness.api import certify
+        from harness.command_protocol import command
 
         settings = certify_settings(self.config)
-        if "report_dir" in settings and len(_targets(self.config)) > 1:
+        if "report_dir" in settings and len(_targets(self.config)) + len(_commands(self.config)) > 1:
             from harness.cases import slug
 
             settings["report_dir"] = f"{settings['report_dir']}/{slug(self.target)}"
-        result = certify(self.target, **{**_worker_defaults(self.target, settings), **settings})
+        impl = command(self.command) if self.command is not None else self.target
+        result = certify(impl, **{**_worker_defaults(impl, settings), **settings})
         self.user_properties.append(("verdict", result.verdict))
         if not result.ok:
             raise CertifyFailed(result)
@@ -165,7 +183,7 @@ class CertifyItem(pytest.Item):
             r = exc.result
             return (f"{self.target} is not certified (verdict: {r.verdict})\n\n{r.summary(verbose=False)}"
                     + (f"\n\nReport: {r.report_path}" if r.report_path else ""))
-        if isinstance(exc, (LoadError, ContractError)):
+        if isinstance(exc, (LoadError, ContractError, ValueError)):
             return f"{self.target} could not be certified: {exc}"
         return super().repr_failure(excinfo)
 
@@ -177,6 +195,9 @@ class CertifyItem(pytest.Item):
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     for target in _targets(config):
         items.append(CertifyItem.from_parent(session, name=f"lstm-certify[{target}]", target=target))
+    for line in _commands(config):
+        items.append(CertifyItem.from_parent(session, name=f"lstm-certify[command {line}]",
+                                             target=f"command {line}", command=line))
 
 
 @pytest.fixture

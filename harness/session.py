@@ -179,7 +179,8 @@ def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, ora
     case_dir = (Path(report_dir) / "cases" if report_dir is not None
                 else Path(tempfile.gettempdir()) / f"lstm-harness-cases-{os.getpid()}-{time.time_ns():x}")
     settings = RunSettings(profile=profile, max_examples=max_examples, seed=seed, case_dir=case_dir,
-                           replay_target=replay_target(target, variant, isolate, timeout))
+                           replay_target=replay_target(target, variant, isolate, timeout,
+                                                       arguments=getattr(impl, "replay_arguments", None)))
     portable = portable_form(impl, target)
     opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
                "memory_limit": memory_limit}
@@ -217,11 +218,17 @@ def check_limits(timeout: Any, memory_limit: Any) -> None:
             raise ValueError(f"memory_limit: expected a positive number of bytes (an int), got {memory_limit!r}")
 
 
-def replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None) -> str | None:
-    """The shell-ready TARGET and options a replay command needs to load the implementation as it was."""
-    if not target:
+def replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None,
+                  arguments: str | None = None) -> str | None:
+    """The shell-ready TARGET and options a replay command needs to load the implementation as it was: the
+    TARGET, or the ``arguments`` an object loaded some other way declares (``--command 'CMD' ...``, see
+    harness.command_protocol), then the options."""
+    if target:
+        text = shlex.quote(target)
+    elif isinstance(arguments, str) and arguments:
+        text = arguments
+    else:
         return None
-    text = shlex.quote(target)
     if variant:
         text += f" --variant {variant}"
     if not isolate:

@@ -400,3 +400,108 @@ def test_a_contract_message_never_names_what_the_adapter_declared_absent():
     contract = [r for r in result.records if r.status == "contract" and r.direction == "forward"]
     assert contract and all("y: expected dtype float32" in r.reason for r in contract)
     assert not any("c_T" in r.reason for r in contract)
+
+
+# --------------------------------------------------------------------------------------------------
+# One matrix and one bias per gate
+
+_DLAI_NAMES = {"W_i": "Wi", "W_f": "Wf", "W_g": "Wc", "W_o": "Wo", "b_i": "bi", "b_f": "bf", "b_g": "bc", "b_o": "bo"}
+
+
+class _DeepLearningAIStyle:
+    """deeplearning.ai's LSTM: per gate, Wf (H, H+D) over concat(a_prev, x_t) and bf (H,), written step
+    by step with its backward by hand. ``bug="forget_derivative"`` takes dL/df from c_t instead of c_{t-1}."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug
+        self.name = f"deeplearning-ai-{bug or 'correct'}"
+
+    def forward(self, x, a0, c0, p):
+        H = a0.shape[1]
+        a, c, ys, steps = a0, c0, [], []
+        for t in range(x.shape[0]):
+            concat = np.concatenate([a, x[t]], axis=1)  # (B, H+D)
+            ft = _sigmoid(concat @ p["Wf"].T + p["bf"])
+            it = _sigmoid(concat @ p["Wi"].T + p["bi"])
+            cct = np.tanh(concat @ p["Wc"].T + p["bc"])
+            ot = _sigmoid(concat @ p["Wo"].T + p["bo"])
+            c_next = ft * c + it * cct
+            a = ot * np.tanh(c_next)
+            steps.append((concat, c, c_next, ft, it, cct, ot))
+            c = c_next
+            ys.append(a)
+        return np.stack(ys), a, c, (steps, dict(p), H)
+
+    def backward(self, dy, da_T, dc_T, cache):
+        steps, p, H = cache
+        grads = {k: np.zeros_like(v) for k, v in p.items()}
+        da_next, dc_next, dx = da_T, dc_T, []
+        for t in reversed(range(len(steps))):
+            concat, c_prev, c_t, ft, it, cct, ot = steps[t]
+            da = dy[t] + da_next
+            dc = dc_next + da * ot * (1 - np.tanh(c_t) ** 2)
+            pre = {"o": da * np.tanh(c_t) * ot * (1 - ot),
+                   "c": dc * it * (1 - cct ** 2),
+                   "i": dc * cct * it * (1 - it),
+                   "f": dc * (c_t if self.bug == "forget_derivative" else c_prev) * ft * (1 - ft)}
+            dconcat = np.zeros_like(concat)
+            for gate, d in pre.items():  # d: (B, H), the gradient of the gate's pre-activation
+                grads["W" + gate] += d.T @ concat
+                grads["b" + gate] += d.sum(axis=0)
+                dconcat += d @ p["W" + gate]
+            da_next, dc_next = dconcat[:, :H], dc * ft
+            dx.append(dconcat[:, H:])
+        return {"x": np.stack(dx[::-1]), "h0": da_next, "c0": dc_next, **grads}
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def test_per_gate_weights_over_h_then_x_certify_and_a_wrong_derivative_is_caught():
+    good = adapt(_DeepLearningAIStyle(), per_gate="hx", names=_DLAI_NAMES)
+    result = _certify(good, max_examples=8)
+    assert result.verdict == "certified", result.details()
+    wrong = _certify(adapt(_DeepLearningAIStyle("forget_derivative"), per_gate="hx", names=_DLAI_NAMES),
+                     dtypes=["float64"], max_examples=15)
+    assert wrong.verdict == "discrepancies"
+    failing = {r.quantity for r in wrong.records if r.status == "fail"}
+    assert failing and all(r.direction == "backward" for r in wrong.records if r.status == "fail")
+    assert "dW" in failing
+    # Read as [x; h] instead of [h; x], the same correct implementation is caught forward.
+    flipped = _certify(adapt(_DeepLearningAIStyle(), per_gate="xh", names=_DLAI_NAMES), dtypes=["float64"])
+    assert flipped.verdict == "discrepancies"
+    assert "y" in {r.quantity for r in flipped.records if r.status == "fail"}
+
+
+_PER_GATE = [(variant, form, transposed) for variant in ("vanilla", "peephole", "layernorm")
+             for form in L.PER_GATE_FORMS for transposed in (False, True)]
+
+
+@pytest.mark.parametrize("variant, form, transposed", _PER_GATE)
+@pytest.mark.parametrize("forget_bias", [0.0, 1.0])
+def test_per_gate_conversions_are_inverse(variant, form, transposed, forget_bias):
+    conv = Convention(per_gate=form, transposed=transposed, forget_bias=forget_bias)
+    params, _ = _random_params(variant)
+    mine = conv.params_to(params, variant)
+    assert set(mine) == set(conv.param_keys(variant))
+    back = conv.params_from(mine, variant, D=3, H=4)
+    grads = conv.grads_from(Convention(per_gate=form, transposed=transposed).params_to(params, variant),
+                            variant, D=3, H=4)
+    for k in params:
+        np.testing.assert_allclose(back[k], params[k], rtol=1e-15, atol=1e-15)
+        np.testing.assert_array_equal(grads[k], params[k])
+    assert conv.canonical_names("W_f", variant) == (("W",) if form == "separate" else ("W", "R"))
+    assert conv.canonical_names("b_o", variant) == ("b",)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_gate": "hxh"}, "per_gate: expected None or one of"),
+    ({"per_gate": "hx", "gate_order": "ifog"}, "per_gate: each gate's weights are named"),
+    ({"per_gate": "separate", "bias": "separate"}, "per_gate: has one bias per gate"),
+])
+def test_per_gate_bad_arguments_say_what_to_pass(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adapt(foreign.ifog, **kwargs)

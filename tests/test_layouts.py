@@ -713,3 +713,87 @@ def test_batch_and_time_major_never_return_views(shape):
         out = convert(x)
         assert not np.shares_memory(out, x)
         np.testing.assert_array_equal(out, np.swapaxes(x, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# One matrix (and bias) per gate
+
+
+@given(sizes, dtypes, st.sampled_from(L.PER_GATE_FORMS), st.booleans(), st.booleans())
+def test_per_gate_round_trip(dh, dtype, form, transposed, peephole):
+    D, H = dh
+    p = _params(D, H, dtype=dtype, peephole=peephole)
+    g = L.to_per_gate(p, form=form, transposed=transposed)
+    assert set(g) == set(L.per_gate_keys(form)) | ({"p_i", "p_f", "p_o"} if peephole else set())
+    inputs = D if form == "separate" else D + H
+    assert g["W_f"].shape == ((inputs, H) if transposed else (H, inputs))
+    assert g["b_o"].shape == (H,)
+    _assert_params_equal(L.from_per_gate(g, D, form=form, transposed=transposed), p)
+
+
+def test_per_gate_without_bias_passes_layernorm_rows_on():
+    c = _case("layernorm", D=2, H=3)
+    g = L.to_per_gate(c.params, form="hx")
+    assert set(g) == {"W_i", "W_f", "W_g", "W_o", "gamma", "beta"}
+    _assert_params_equal(L.from_per_gate(g, 2, form="hx"), c.params)
+
+
+def test_per_gate_blocks_are_the_canonical_rows_of_each_gate():
+    p = _params(2, 3)
+    g = L.to_per_gate(p, form="xh")
+    np.testing.assert_array_equal(g["W_g"], np.concatenate([p["W"][6:9], p["R"][6:9]], axis=1))
+    np.testing.assert_array_equal(g["b_f"], p["b"][3:6])
+    s = L.to_per_gate(p, form="separate", transposed=True)
+    np.testing.assert_array_equal(s["R_o"], p["R"][9:12].T)
+
+
+def _per_gate_forward(x, h0, c0, g, form):
+    """A TMVA-style (``separate``) or deeplearning.ai-style (``hx``: W_f @ concat(a_prev, x_t)) LSTM,
+    one gate at a time, each with its own matrix and bias."""
+    def pre(gate, xt, h):  # (B, H): the gate's pre-activation from its own matrix and bias
+        if form == "separate":
+            return xt @ g[f"W_{gate}"].T + h @ g[f"R_{gate}"].T + g[f"b_{gate}"]
+        concat = np.concatenate([h, xt] if form == "hx" else [xt, h], axis=1)  # (B, H+D)
+        return concat @ g[f"W_{gate}"].T + g[f"b_{gate}"]
+
+    h, c, hs = h0, c0, []
+    for t in range(x.shape[0]):
+        i, f, o = (_sig(pre(gate, x[t], h)) for gate in "ifo")
+        cand = np.tanh(pre("g", x[t], h))
+        c = f * c + i * cand
+        h = o * np.tanh(c)
+        hs.append(h)
+    return np.stack(hs), h, c
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", L.PER_GATE_FORMS)
+def test_per_gate_layout_numerically(shape, form):
+    c = _case(**shape)
+    ref = lstm_forward("vanilla", c.x, c.h0, c.c0, c.params)
+    g = L.to_per_gate(c.params, form=form)
+    out = _per_gate_forward(c.x, c.h0, c.c0, g, form)
+    assert_outputs_close(*out, ref, case=c, dtype="float64", what=f"per-gate {form}", against="equations")
+    # The concatenation taken in the other order ([x; h] read as [h; x]), or the f and g matrices
+    # swapped: caught.
+    if form != "separate" and c.D != c.H:
+        other = "xh" if form == "hx" else "hx"
+        flipped = {k: (np.roll(v, c.D if other == "xh" else c.H, axis=1) if k.startswith("W_") else v)
+                   for k, v in g.items()}
+        wrong = _per_gate_forward(c.x, c.h0, c.c0, flipped, form)
+        assert _departs(wrong[0], ref[0], "y", c, "float64")
+    swapped = dict(g, W_f=g["W_g"], W_g=g["W_f"])
+    wrong = _per_gate_forward(c.x, c.h0, c.c0, swapped, form)
+    assert _departs(wrong[2], ref[2], "c_T", c, "float64")
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: L.to_per_gate(_params(2, 2), form="hxh"), "form"),
+    (lambda: L.from_per_gate(L.to_per_gate(_params(2, 2)), 3), "W_i"),
+    (lambda: L.from_per_gate({"W_i": np.zeros((2, 2))}, 2), "arrays"),
+    (lambda: L.from_per_gate(L.to_per_gate(_params(2, 2), form="hx"), 0, form="hx"), "D"),
+    (lambda: L.from_per_gate(dict(L.to_per_gate(_params(2, 2)), b_g=np.zeros(3)), 2), "b_g"),
+])
+def test_per_gate_bad_input_names_the_argument(call, argument):
+    with pytest.raises(ValueError, match=rf"^{argument}: expected"):
+        call()

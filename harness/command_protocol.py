@@ -1,0 +1,226 @@
+"""Certifying an LSTM written in any language: the command protocol.
+
+For each call the harness makes two empty directories and runs ``CMD ARGS... REQUEST_DIR RESPONSE_DIR``
+(an argument list, never a shell). REQUEST_DIR holds ``request.json``::
+
+    {"variant": "vanilla", "dtype": "float64", "gradients": false, "ln_eps": 1e-05}
+
+and one ``.npy`` file per array: ``x.npy`` (T, B, D), ``h0.npy``, ``c0.npy`` (B, H), one per parameter
+under its name (``W.npy``, ``R.npy``, ``b.npy``, ``p_i.npy``, ...; in the command's own names and
+layout when it is adapted, see :func:`command`), and when ``gradients`` is true the upstream gradients
+``dy.npy``, ``dh_T.npy``, ``dc_T.npy``. The command writes ``y.npy``, ``h_T.npy``, ``c_T.npy`` into
+RESPONSE_DIR and, when asked, ``grad_x.npy``, ``grad_h0.npy``, ``grad_c0.npy`` and ``grad_<param>.npy``
+for every parameter it was given, then exits 0. Every file is a NumPy ``.npy`` file, C order,
+little-endian, in the request's dtype (``<f8`` or ``<f4``).
+
+A non-zero exit is an error of that call, reported with the end of the command's stderr; a file the
+command should have written and did not, or one that is not a readable ``.npy`` file, is a breach of
+the contract. A forward call runs the command without gradients; backward runs it again on the same
+inputs with the upstream gradients (so each case costs two runs of the command).
+
+The command runs with the harness's working directory and environment. In a worker process (the
+command line's default) it shares the worker's timeout and memory cap: a command that hangs is killed
+with the worker, which leads a process group of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError
+
+__all__ = ["CommandLSTM", "CommandError", "command", "STDERR_LIMIT"]
+
+#: Characters of a failing command's stderr kept in its error (the start and the end, if longer).
+STDERR_LIMIT = 4000
+
+_UPSTREAM = ("dy", "dh_T", "dc_T")
+_OUTPUTS = ("y", "h_T", "c_T")
+
+
+class CommandError(RuntimeError):
+    """The command exited with a non-zero status, or could not be started."""
+
+
+def _argv(cmd: str | Sequence[str]) -> list[str]:
+    if isinstance(cmd, str):
+        argv = shlex.split(cmd)
+    elif isinstance(cmd, Sequence) and all(isinstance(a, str) for a in cmd):
+        argv = list(cmd)
+    else:
+        raise ValueError(f"command: expected a command line (a string) or a list of strings, got "
+                         f"{type(cmd).__name__}")
+    if not argv:
+        raise ValueError("command: expected a command line such as './my_lstm --double', got an empty one")
+    program = argv[0]
+    if os.sep in program or (os.altsep and os.altsep in program):
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise ValueError(f"command: {program!r} is not an executable file (the current directory is "
+                             f"{os.getcwd()}); build it, or give its path")
+    elif shutil.which(program) is None:
+        raise ValueError(f"command: {program!r} is not found on PATH; give the path to the program "
+                         f"(e.g. ./{program})")
+    return argv
+
+
+def _bounded(text: str, limit: int = STDERR_LIMIT) -> str:
+    """The start and the end of ``text`` when it is longer than ``limit`` characters."""
+    text = text.rstrip()
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 4, limit - limit // 4
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters left out ...]\n{text[-tail:]}"
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    a = np.ascontiguousarray(array)
+    np.save(path, a.astype(a.dtype.newbyteorder("<"), copy=False), allow_pickle=False)
+
+
+class CommandLSTM:
+    """An implementation that runs an external command for each forward and each backward call.
+
+    ``command`` is a command line (split like a POSIX shell would, but never run by one) or an
+    argument list; the two directories are appended to it. ``backward=False`` for a command that
+    computes the forward pass only (it is never asked for gradients). It speaks the canonical contract: the
+    parameters it is handed are written under their names, and it must return a gradient for each.
+    Wrap it with :func:`harness.adapt` (or use :func:`command`) for another layout.
+    """
+
+    def __init__(self, command: str | Sequence[str], *, variant: str = "vanilla", name: str | None = None,
+                 dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True):
+        self.argv = _argv(command)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+        self.variant = variant
+        # Paths shortened to their last part: the table's first column stays readable.
+        self.name = name or " ".join(os.path.basename(a) if os.sep in a else a for a in self.argv)
+        self.dtypes = tuple(dtypes) if dtypes is not None else DEFAULT_DTYPES
+        self.ln_eps = float(ln_eps)
+        #: How ``lstm-harness replay`` loads this implementation again (the harness shows it with each failure).
+        self.replay_arguments = _arguments(self.argv, variant, backward, {})
+        if backward:  # a forward-only command has no backward at all: the harness then checks forward only
+            self.backward = self._backward
+
+    def __repr__(self) -> str:
+        return f"CommandLSTM({shlex.join(self.argv)!r}, variant={self.variant!r})"
+
+    def forward(self, x, h0, c0, params):
+        inputs = {"x": x, "h0": h0, "c0": c0, **params}
+        out = self._run(inputs, upstream=None, expect=_OUTPUTS, call="forward")
+        return out["y"], out["h_T"], out["c_T"], inputs
+
+    def _backward(self, dy, dh_T, dc_T, cache):
+        if not isinstance(cache, Mapping) or "x" not in cache:
+            raise TypeError(f"cache: expected what this implementation's forward returned, got "
+                            f"{type(cache).__name__}")
+        grads = [f"grad_{k}" for k in cache]
+        out = self._run(cache, upstream={"dy": dy, "dh_T": dh_T, "dc_T": dc_T}, expect=grads, call="backward")
+        return {k: out[f"grad_{k}"] for k in cache}
+
+    def _run(self, inputs: Mapping[str, Any], *, upstream: Mapping[str, Any] | None, expect: Sequence[str],
+             call: str) -> dict[str, np.ndarray]:
+        x = np.asarray(inputs["x"])
+        request = {"variant": self.variant, "dtype": x.dtype.name, "gradients": upstream is not None,
+                   "ln_eps": self.ln_eps}
+        with tempfile.TemporaryDirectory(prefix="lstm-harness-command-") as tmp:
+            req, resp = Path(tmp, "request"), Path(tmp, "response")
+            req.mkdir()
+            resp.mkdir()
+            (req / "request.json").write_text(json.dumps(request), encoding="utf-8")
+            for key, value in {**inputs, **(upstream or {})}.items():
+                if not key or os.sep in key or (os.altsep and os.altsep in key) or key.startswith("."):
+                    raise ValueError(f"names: {key!r} cannot be a file name in REQUEST_DIR; map it to a plain "
+                                     f"name with names=...")
+                _save(req / f"{key}.npy", np.asarray(value))
+            argv = [*self.argv, str(req), str(resp)]
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+            except OSError as exc:
+                raise CommandError(f"could not run {shlex.join(self.argv)}: {exc}") from None
+            if done.returncode != 0:
+                status = (f"was killed by {_signal_name(-done.returncode)}" if done.returncode < 0
+                          else f"exited with status {done.returncode}")
+                err = done.stderr.decode("utf-8", "replace").strip()
+                text = f"stderr:\n{_bounded(err)}" if err else "stderr was empty"
+                if not err and done.stdout.strip():
+                    text += f"; stdout:\n{_bounded(done.stdout.decode('utf-8', 'replace'))}"
+                raise CommandError(f"the command {shlex.join(self.argv)} ({call}) {status}; {text}")
+            return _read(resp, expect, call)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
+
+
+def _read(folder: Path, names: Sequence[str], call: str) -> dict[str, np.ndarray]:
+    out, problems = {}, []
+    for name in names:
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            problems.append(f"the command wrote no {name}.npy into RESPONSE_DIR")
+            continue
+        try:
+            out[name] = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - whatever np.load makes of a broken file
+            problems.append(f"{name}.npy is not a readable .npy file ({type(exc).__name__}: {exc})")
+    if problems:
+        written = sorted(p.name for p in folder.iterdir())
+        problems.append(f"it wrote: {', '.join(written) or 'nothing'}")
+        raise ContractError(problems, subject=f"the command ({call})")
+    return out
+
+
+def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | None = None,
+            dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True,
+            **convention: Any) -> Any:
+    """An implementation object for an LSTM behind the command protocol, usable with :func:`harness.certify`.
+
+    ``convention`` takes the keywords of :func:`harness.adapt` that describe a layout (``gate_order``,
+    ``transposed``, ``bias``, ``forget_bias``, ``batch_major``, ``per_gate``, ``names``): the command
+    then receives its parameters, and returns their gradients, in its own layout and names.
+    """
+    impl = CommandLSTM(cmd, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, backward=backward)
+    if not convention:
+        return impl
+    allowed = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "per_gate", "names")
+    unknown = [k for k in convention if k not in allowed]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a convention keyword for a command; expected among {allowed}")
+    from harness.adapt import adapt
+
+    adapted = adapt(impl, **convention)
+    adapted.replay_arguments = _arguments(impl.argv, variant, backward, convention)  # type: ignore[attr-defined]
+    return adapted
+
+
+def _arguments(argv: Sequence[str], variant: str, backward: bool, convention: Mapping[str, Any]) -> str:
+    """The command-line options that make the same implementation: ``--command 'CMD ARGS' --per-gate ...``."""
+    parts = ["--command", shlex.quote(shlex.join(argv))]
+    if variant != "vanilla":
+        parts += ["--variant", variant]
+    if not backward:
+        parts.append("--forward-only")
+    for key, value in convention.items():
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(option)
+        elif key == "names":
+            parts += [option, shlex.quote(",".join(f"{k}={v}" for k, v in value.items()))]
+        elif value not in (False, None):
+            parts += [option, shlex.quote(str(value))]
+    return " ".join(parts)
