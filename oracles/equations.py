@@ -18,10 +18,25 @@ def _sigmoid(a):
 
 
 def _layer_norm(v, gamma, beta, eps):
-    # v (..., B, H); gamma, beta (..., H) -> normalized over the H units of each row, biased var.
-    mean = v.mean(axis=-1, keepdims=True)
-    var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
-    return (v - mean) / np.sqrt(var + eps) * gamma[..., None, :] + beta[..., None, :]
+    """v (..., H) normalized over its last axis (biased variance), then gamma * v + beta, with
+    gamma and beta broadcast against v. ``einsum`` sums the short last axis several times faster
+    than ``mean`` does, and this is most of the finite-difference oracle's work."""
+    H = v.shape[-1]
+    mean = np.einsum("...h->...", v)[..., None] / H  # (..., 1)
+    d = v - mean
+    var = np.einsum("...h,...h->...", d, d)[..., None] / H  # (..., 1)
+    return d / np.sqrt(var + eps) * gamma + beta
+
+
+def _matmul(a, wT):
+    """a (..., B, K) @ wT (..., K, N) -> (..., B, N).
+
+    A weight without evaluation axes is shared by every evaluation: then all rows of all
+    evaluations go through one matrix product, not one small product per evaluation.
+    """
+    if wT.ndim == 2:
+        return (a.reshape(-1, a.shape[-1]) @ wT).reshape(*a.shape[:-1], wT.shape[-1])
+    return a @ wT
 
 
 def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, observe=None):
@@ -39,7 +54,7 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, obser
     h, c = h0, c0
     ys = []
     for t in range(T):
-        a = x[..., t, :, :] @ WT + h @ RT  # (..., B, 4H)
+        a = _matmul(x[..., t, :, :], WT) + _matmul(h, RT)  # (..., B, 4H)
         if variant != "layernorm":
             a = a + params["b"][..., None, :]
         a_i, a_f, a_g, a_o = (a[..., k * H : (k + 1) * H] for k in range(4))
@@ -55,16 +70,18 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, obser
             c = f * c + i * g
             o = _sigmoid(a_o + p_o * c)  # the output gate sees the new cell state
         elif variant == "layernorm":
-            gm, bt = params["gamma"], params["beta"]  # rows i, f, g, o, c
-
-            def ln(v, k, gm=gm, bt=bt):
-                if observe is not None:
+            gm, bt = params["gamma"][..., None, :, :], params["beta"][..., None, :, :]  # (..., 1, 5, H)
+            if observe is not None:
+                for v in (a_i, a_f, a_g, a_o):
                     observe(v)
-                return _layer_norm(v, gm[..., k, :], bt[..., k, :], ln_eps)
-
-            i, f = _sigmoid(ln(a_i, 0)), _sigmoid(ln(a_f, 1))
-            g, o = np.tanh(ln(a_g, 2)), _sigmoid(ln(a_o, 3))
-            c = ln(f * c + i * g, 4)  # the normalized cell is the state carried forward
+            # the four gates normalized at once, each over its own H units: rows i, f, g, o of gamma, beta
+            n = _layer_norm(a.reshape(*a.shape[:-1], 4, H), gm[..., :4, :], bt[..., :4, :], ln_eps)  # (..., B, 4, H)
+            i, f = _sigmoid(n[..., 0, :]), _sigmoid(n[..., 1, :])
+            g, o = np.tanh(n[..., 2, :]), _sigmoid(n[..., 3, :])
+            c = f * c + i * g
+            if observe is not None:
+                observe(c)
+            c = _layer_norm(c, gm[..., 4, :], bt[..., 4, :], ln_eps)  # the normalized cell is the state carried forward
         else:
             raise ValueError(f"variant: expected vanilla, peephole or layernorm, got {variant!r}")
         h = o * np.tanh(c)
