@@ -46,15 +46,18 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, obser
     normalized (four gate pre-activations, then the cell state, per timestep): how
     :mod:`harness.conditioning` measures the rounding a case amplifies, on these very equations.
     """
-    T = x.shape[-3]
+    T, B, D = x.shape[-3:]
     H = h0.shape[-1]
     W, R = params["W"], params["R"]
     WT = np.swapaxes(W, -1, -2)  # (..., D, 4H)
     RT = np.swapaxes(R, -1, -2)  # (..., H, 4H)
+    # The input's share of every pre-activation, all timesteps in one product.
+    xw = _matmul(x.reshape(*x.shape[:-3], T * B, D), WT)  # (..., T B, 4H)
+    xw = xw.reshape(*xw.shape[:-2], T, B, 4 * H)  # (..., T, B, 4H)
     h, c = h0, c0
     ys = []
     for t in range(T):
-        a = _matmul(x[..., t, :, :], WT) + _matmul(h, RT)  # (..., B, 4H)
+        a = xw[..., t, :, :] + _matmul(h, RT)  # (..., B, 4H)
         if variant != "layernorm":
             a = a + params["b"][..., None, :]
         a_i, a_f, a_g, a_o = (a[..., k * H : (k + 1) * H] for k in range(4))

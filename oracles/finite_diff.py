@@ -30,6 +30,14 @@ The two smallest steps are taken only where the first four disagree by more than
 they provably could not win (``_differences``), which saves a third of the evaluations.
 Twice that total is the value's error bound, and the comparison adds it to the tolerance. Where no step
 resolves the bend the bound is wide and honest: that element is left to the framework oracles.
+
+Evaluation. The points of L are evaluated in batches, one input moved per batch: the moved copies
+carry a leading evaluation axis and every other input is shared, so each time step is a few batched
+array operations (:mod:`oracles.equations`). Moves of x, h0 and c0 become the batch rows of one
+forward; a coordinate of one of them moves a single batch row, and since rows never meet in the
+LSTM equations only that row is evaluated (``_evaluate_rows``). Every other point gets the same
+floating-point operations on the same numbers as a forward called once per point, so its value and
+bound are those of the one-at-a-time evaluation to the last bit.
 """
 
 from __future__ import annotations
@@ -101,7 +109,9 @@ class FiniteDifferenceOracle(Oracle):
     on any of its arrays (an array without them is shared by every evaluation, as in broadcasting)
     and every perturbation of a chunk runs in one call; a user's own forward (``batched=False``)
     is called once per perturbation, which checks that implementation's backward against its own
-    forward, like ``torch.autograd.gradcheck``.
+    forward, like ``torch.autograd.gradcheck``. ``chunk`` is the number of batch rows one batched
+    call evaluates (a case's B rows per point, or one for a coordinate of x, h0 or c0): about 256
+    keeps the arrays of a time step within the processor's caches.
     """
 
     name = "finite-differences"
@@ -128,7 +138,7 @@ class FiniteDifferenceOracle(Oracle):
         self.batched = (forward is None) if batched is None else batched
         self.directions = directions
         self.full_limit = full_limit
-        self.chunk = chunk if self.batched else 1
+        self.chunk = chunk
         self.seed = seed
         if name:
             self.name = name
@@ -155,8 +165,11 @@ class FiniteDifferenceOracle(Oracle):
         """L and sum |terms of L| at every point of ``moves``, each (n,), evaluated in chunks."""
         values = np.empty(len(moves))
         magnitudes = np.empty(len(moves))
-        for start in range(0, len(moves), self.chunk):
-            part = slice(start, start + self.chunk)
+        # ``chunk`` counts batch rows: a coordinate move of x, h0 or c0 is one row, any other move B.
+        rows = 1 if moves.key in _ROW_KEYS and moves.index is not None and self.forward is lstm_forward else case.B
+        size = max(1, self.chunk // rows) if self.batched else 1
+        for start in range(0, len(moves), size):
+            part = slice(start, start + size)
             values[part], magnitudes[part] = self._evaluate(case, moves.take(part))
         return values, magnitudes
 
