@@ -8,16 +8,18 @@ on, so that thousands of perturbed copies of one case run as one batched computa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 
 __all__ = ["lstm_forward", "objective"]
 
 
-def _sigmoid(a):
+def _sigmoid(a: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * a))
 
 
-def _layer_norm(v, gamma, beta, eps):
+def _layer_norm(v: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
     """v (..., H) normalized over its last axis (biased variance), then gamma * v + beta, with
     gamma and beta broadcast against v. ``einsum`` sums the short last axis several times faster
     than ``mean`` does, and this is most of the finite-difference oracle's work."""
@@ -28,7 +30,7 @@ def _layer_norm(v, gamma, beta, eps):
     return d / np.sqrt(var + eps) * gamma + beta
 
 
-def _matmul(a, wT):
+def _matmul(a: np.ndarray, wT: np.ndarray) -> np.ndarray:
     """a (..., B, K) @ wT (..., K, N) -> (..., B, N).
 
     A weight without evaluation axes is shared by every evaluation: then all rows of all
@@ -39,7 +41,16 @@ def _matmul(a, wT):
     return a @ wT
 
 
-def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, observe=None):
+def lstm_forward(
+    variant: str,
+    x: np.ndarray,
+    h0: np.ndarray,
+    c0: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    *,
+    ln_eps: float = 1e-5,
+    observe: Callable[[np.ndarray], object] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> y (..., T, B, H), h_T (..., B, H), c_T (..., B, H).
 
     ``observe``, if given, is called with every LayerNorm input ``v`` (..., B, H) just before it is
@@ -92,7 +103,8 @@ def lstm_forward(variant: str, x, h0, c0, params, *, ln_eps: float = 1e-5, obser
     return np.stack(ys, axis=-3), h, c
 
 
-def objective(y, h_T, c_T, dy, dh_T, dc_T):
+def objective(y: np.ndarray, h_T: np.ndarray, c_T: np.ndarray, dy: np.ndarray, dh_T: np.ndarray,
+              dc_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """L = <dy, y> + <dh_T, h_T> + <dc_T, c_T>, per leading evaluation index.
 
     Its gradient is exactly the vector-Jacobian product ``backward`` must return.
