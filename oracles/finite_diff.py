@@ -35,7 +35,8 @@ Evaluation. The points of L are evaluated in batches, one input moved per batch:
 carry a leading evaluation axis and every other input is shared, so each time step is a few batched
 array operations (:mod:`oracles.equations`). Moves of x, h0 and c0 become the batch rows of one
 forward; a coordinate of one of them moves a single batch row, and since rows never meet in the
-LSTM equations only that row is evaluated (``_evaluate_rows``). Every other point gets the same
+LSTM equations only that row is evaluated (``_evaluate_rows``; its rounding term then counts the
+terms of that row's L only, which is all the difference carries). Every other point gets the same
 floating-point operations on the same numbers as a forward called once per point, so its value and
 bound are those of the one-at-a-time evaluation to the last bit.
 """
@@ -166,8 +167,8 @@ class FiniteDifferenceOracle(Oracle):
         values = np.empty(len(moves))
         magnitudes = np.empty(len(moves))
         # ``chunk`` counts batch rows: a coordinate move of x, h0 or c0 is one row, any other move B.
-        rows = 1 if moves.key in _ROW_KEYS and moves.index is not None and self.forward is lstm_forward else case.B
-        size = max(1, self.chunk // rows) if self.batched else 1
+        own_row = moves.key in _ROW_KEYS and moves.index is not None and self.forward is lstm_forward
+        size = max(1, self.chunk // (1 if own_row else case.B)) if self.batched else 1
         for start in range(0, len(moves), size):
             part = slice(start, start + size)
             values[part], magnitudes[part] = self._evaluate(case, moves.take(part))
