@@ -37,8 +37,10 @@ array operations (:mod:`oracles.equations`). Moves of x, h0 and c0 become the ba
 forward; a coordinate of one of them moves a single batch row, and since rows never meet in the
 LSTM equations only that row is evaluated (``_evaluate_rows``; its rounding term then counts the
 terms of that row's L only, which is all the difference carries). Every other point gets the same
-floating-point operations on the same numbers as a forward called once per point, so its value and
-bound are those of the one-at-a-time evaluation to the last bit.
+floating-point operations on the same numbers as a forward called once per point, so where B > 1 its
+value and bound are those of the one-at-a-time evaluation to the last bit. Where B = 1 they agree to
+rounding only: NumPy multiplies a single row by a matrix with another BLAS routine, which adds up
+in another order than the product of many rows the batch makes of it.
 """
 
 from __future__ import annotations
