@@ -30,12 +30,23 @@ The two smallest steps are taken only where the first four disagree by more than
 they provably could not win (``_differences``), which saves a third of the evaluations.
 Twice that total is the value's error bound, and the comparison adds it to the tolerance. Where no step
 resolves the bend the bound is wide and honest: that element is left to the framework oracles.
+
+Evaluation. The points of L are evaluated in batches, one input moved per batch: the moved copies
+carry a leading evaluation axis and every other input is shared, so each time step is a few batched
+array operations (:mod:`oracles.equations`). Moves of x, h0 and c0 become the batch rows of one
+forward; a coordinate of one of them moves a single batch row, and since rows never meet in the
+LSTM equations only that row is evaluated (``_evaluate_rows``; its rounding term then counts the
+terms of that row's L only, which is all the difference carries). Every other point gets the same
+floating-point operations on the same numbers as a forward called once per point, so where B > 1 its
+value and bound are those of the one-at-a-time evaluation to the last bit. Where B = 1 they agree to
+rounding only: NumPy multiplies a single row by a matrix with another BLAS routine, which adds up
+in another order than the product of many rows the batch makes of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,6 +66,42 @@ LADDER = 6
 FIRST_RUNGS = 4
 
 ForwardFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: The inputs whose batch rows are independent: x (T, B, D), h0 and c0 (B, H).
+_ROW_KEYS = ("x", "h0", "c0")
+
+
+@dataclass(frozen=True)
+class Moves:
+    """n points of L: the input ``key`` moved by ``step[i]`` along the unit coordinate ``index[i]``
+    (flat) or along ``directions[i]``; exactly one of ``index`` and ``directions`` is given."""
+
+    key: str
+    step: np.ndarray  # (n,)
+    index: np.ndarray | None = None  # (n,) flat coordinates of the input
+    directions: np.ndarray | None = None  # (n, *shape of the input)
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def take(self, rows: np.ndarray | slice, step: np.ndarray | None = None) -> Moves:
+        """The moves ``rows``, by ``step`` (n',) instead of their own steps if given."""
+        return Moves(
+            self.key,
+            self.step[rows] if step is None else step,
+            None if self.index is None else self.index[rows],
+            None if self.directions is None else self.directions[rows],
+        )
+
+    def apply(self, a: np.ndarray) -> np.ndarray:
+        """(n, *a.shape): copy i of ``a`` moved by move i."""
+        n = len(self)
+        if self.directions is not None:
+            step = self.step.reshape((n,) + (1,) * a.ndim)
+            return a[None] + step * self.directions
+        assert self.index is not None
+        batch = np.repeat(a[None], n, axis=0)
+        batch.reshape(n, -1)[np.arange(n), self.index] += self.step
+        return batch
 
 
 class FiniteDifferenceOracle(Oracle):
@@ -62,9 +109,12 @@ class FiniteDifferenceOracle(Oracle):
 
     ``forward(variant, x, h0, c0, params, *, ln_eps)`` defaults to the LSTM equations
     (:mod:`oracles.equations`). With ``batched=True`` the forward accepts leading evaluation axes
+    on any of its arrays (an array without them is shared by every evaluation, as in broadcasting)
     and every perturbation of a chunk runs in one call; a user's own forward (``batched=False``)
     is called once per perturbation, which checks that implementation's backward against its own
-    forward, like ``torch.autograd.gradcheck``.
+    forward, like ``torch.autograd.gradcheck``. ``chunk`` is the number of batch rows one batched
+    call evaluates (a case's B rows per point, or one for a coordinate of x, h0 or c0): about 256
+    keeps the arrays of a time step within the processor's caches.
     """
 
     name = "finite-differences"
@@ -91,7 +141,7 @@ class FiniteDifferenceOracle(Oracle):
         self.batched = (forward is None) if batched is None else batched
         self.directions = directions
         self.full_limit = full_limit
-        self.chunk = chunk if self.batched else 1
+        self.chunk = chunk
         self.seed = seed
         if name:
             self.name = name
@@ -110,40 +160,73 @@ class FiniteDifferenceOracle(Oracle):
             ref.notes = f"{self.directions} random directions per input ({n} coordinates in all)"
         return ref
 
-    def _forward(self, case: Case, x, h0, c0, params):
+    def _forward(self, case: Case, x: np.ndarray, h0: np.ndarray, c0: np.ndarray,
+                 params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.forward(case.variant, x, h0, c0, params, ln_eps=case.ln_eps)
 
-    # Perturbations are (key, flat index or None, direction or None, step).
-    def _objective(self, case: Case, perturbations: list[tuple[str, Any, Any, float]]):
-        """L and sum |terms of L| at every perturbed point, evaluated in chunks."""
-        base = case.arrays()
-        values = np.empty(len(perturbations))
-        magnitudes = np.empty(len(perturbations))
-        for start in range(0, len(perturbations), self.chunk):
-            part = perturbations[start : start + self.chunk]
-            E = len(part)
-            batch = {k: np.repeat(v[None], E, axis=0) for k, v in base.items()}  # (E, *shape)
-            for e, (key, j, v, step) in enumerate(part):
-                if j is not None:
-                    batch[key][e].flat[j] += step
-                else:
-                    batch[key][e] += step * v
-            if self.batched:
-                out = self._forward(case, batch["x"], batch["h0"], batch["c0"], {k: batch[k] for k in case.params})
-                L, M = objective(*out, case.dy, case.dh_T, case.dc_T)
-            else:
-                L, M = np.empty(E), np.empty(E)
-                for e in range(E):
-                    params = {k: batch[k][e] for k in case.params}
-                    out = [np.asarray(o, np.float64) for o in
-                           self._forward(case, batch["x"][e], batch["h0"][e], batch["c0"][e], params)[:3]]
-                    L[e], M[e] = objective(*out, case.dy, case.dh_T, case.dc_T)
-            values[start : start + E] = L
-            magnitudes[start : start + E] = M
+    def _objective(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
+        """L and sum |terms of L| at every point of ``moves``, each (n,), evaluated in chunks."""
+        values = np.empty(len(moves))
+        magnitudes = np.empty(len(moves))
+        # ``chunk`` counts batch rows: a coordinate move of x, h0 or c0 is one row, any other move B.
+        own_row = moves.key in _ROW_KEYS and moves.index is not None and self.forward is lstm_forward
+        size = max(1, self.chunk // (1 if own_row else case.B)) if self.batched else 1
+        for start in range(0, len(moves), size):
+            part = slice(start, start + size)
+            values[part], magnitudes[part] = self._evaluate(case, moves.take(part))
         return values, magnitudes
 
-    def _differences(self, case: Case, pert: list[tuple[str, Any, Any, float]]):
-        """For each (key, j, v, h): the best Richardson value on the step ladder and its error bound.
+    def _evaluate(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
+        """L and sum |terms of L| at the points of one chunk, each (E,)."""
+        base = case.arrays()
+        E = len(moves)
+        perturbed = moves.apply(base[moves.key])  # (E, *shape of the input)
+        if not self.batched:
+            L, M = np.empty(E), np.empty(E)
+            for e in range(E):
+                a = {**base, moves.key: perturbed[e]}
+                y, h_T, c_T = (np.asarray(o, np.float64) for o in
+                               self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params})[:3])
+                L[e], M[e] = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T)
+            return L, M
+        if moves.key in _ROW_KEYS and self.forward is lstm_forward:
+            return self._evaluate_rows(case, moves, perturbed)
+        # Only the moved input carries the evaluation axis; the others are shared by broadcasting.
+        a = {**base, moves.key: perturbed}
+        y, h_T, c_T = self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params})
+        L, M = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T)
+        return np.broadcast_to(L, (E,)), np.broadcast_to(M, (E,))
+
+    def _evaluate_rows(self, case: Case, moves: Moves, perturbed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Moves of x, h0 or c0 as the batch rows of one forward, with the weights shared.
+
+        Every evaluation becomes B' rows of one batch of E * B' rows, so that each time step is one
+        matrix product for all of them. Batch rows never meet in the LSTM equations (LayerNorm
+        normalizes over the H units of a row), so a coordinate move, which changes one row b, is
+        evaluated on that row alone (B' = 1): the terms of L from the other rows are the same at
+        both points of a central difference and cancel in it exactly, so leaving them out changes
+        the quotient by rounding only, and the rounding term, from sum |terms| of that row's L,
+        shrinks with it. A random direction moves every row (B' = B).
+        """
+        E, T, B, D, H = len(moves), case.T, case.B, case.D, case.H
+        if moves.index is not None:
+            axis = 1 if moves.key == "x" else 0  # the batch axis of x (T, B, D); of h0, c0 (B, H)
+            rows = np.unravel_index(moves.index, case.arrays()[moves.key].shape)[axis][:, None]  # (E, 1)
+        else:
+            rows = np.broadcast_to(np.arange(B), (E, B))  # (E, B)
+        Bp = rows.shape[1]
+        e = np.arange(E)[:, None]  # (E, 1)
+        x = perturbed[e, :, rows] if moves.key == "x" else case.x[:, rows].transpose(1, 2, 0, 3)  # (E, B', T, D)
+        h0 = perturbed[e, rows] if moves.key == "h0" else case.h0[rows]  # (E, B', H)
+        c0 = perturbed[e, rows] if moves.key == "c0" else case.c0[rows]  # (E, B', H)
+        x = x.transpose(2, 0, 1, 3).reshape(T, E * Bp, D)  # (T, E * B', D)
+        y, h_T, c_T = self._forward(case, x, h0.reshape(E * Bp, H), c0.reshape(E * Bp, H), case.params)
+        y = y.reshape(T, E, Bp, H).transpose(1, 0, 2, 3)  # (E, T, B', H)
+        dy = case.dy[:, rows].transpose(1, 0, 2, 3)  # (E, T, B', H)
+        return objective(y, h_T.reshape(E, Bp, H), c_T.reshape(E, Bp, H), dy, case.dh_T[rows], case.dc_T[rows])
+
+    def _differences(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
+        """For each move (step h): the best Richardson value on the step ladder and its error bound.
 
         Central differences D(s) at the steps s_k = 2h / 2^k, k = 0 .. LADDER-1; Richardson values
         R_k = (4 D(s_{k+1}) - D(s_k)) / 3. Each inner R_k is judged by its disagreement with both
@@ -159,15 +242,15 @@ class FiniteDifferenceOracle(Oracle):
         most 2 r_1, while every later R_k's is at least r_k >= 2 r_1: the full ladder would keep R_1
         (the first of equals), so it is kept without evaluating the rest.
         """
-        n = len(pert)
+        n = len(moves)
         L = np.full((n, LADDER, 2), np.nan)
         M = np.zeros(n)
-        steps = np.array([p[3] for p in pert])[:, None] * (2.0 / 2.0 ** np.arange(LADDER))  # (n, LADDER)
+        steps = moves.step[:, None] * (2.0 / 2.0 ** np.arange(LADDER))  # (n, LADDER)
 
         def evaluate(rows: np.ndarray, rungs: range) -> None:
-            evals = [(pert[i][0], pert[i][1], pert[i][2], sign * steps[i, k])
-                     for i in rows for k in rungs for sign in (1, -1)]
-            values, magnitudes = self._objective(case, evals)
+            # every row at every rung, at +s and -s: (rows, rungs, 2) flattened in that order
+            signed = steps[rows][:, rungs, None] * np.array([1.0, -1.0])  # (rows, rungs, 2)
+            values, magnitudes = self._objective(case, moves.take(np.repeat(rows, 2 * len(rungs)), signed.ravel()))
             L[rows[:, None], np.arange(rungs.start, rungs.stop)[None, :]] = values.reshape(len(rows), len(rungs), 2)
             M[rows] = np.maximum(M[rows], magnitudes.reshape(len(rows), -1).max(axis=1))
 
@@ -196,34 +279,23 @@ class FiniteDifferenceOracle(Oracle):
         # (measured: one near-constant LayerNorm case came to 1.002 times the unfactored bound).
         return R[rows, best], 2.0 * total[rows, best]
 
-    def _full_gradient(self, case: Case, arrays: dict[str, np.ndarray]):
-        pert = []
+    def _full_gradient(self, case: Case, arrays: dict[str, np.ndarray]
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        grads, errors = {}, {}
         for key, a in arrays.items():
-            flat = a.ravel()
-            for j in range(a.size):
-                pert.append((key, j, None, STEP * max(1.0, abs(float(flat[j])))))
-        value, bound = self._differences(case, pert)
-        grads, errors, pos = {}, {}, 0
-        for key, a in arrays.items():
-            grads[key] = value[pos : pos + a.size].reshape(a.shape)
-            # The step was scaled by max(1, |p_j|) but the difference quotient divides it back out,
+            # The step is scaled by max(1, |p_j|) but the difference quotient divides it back out,
             # so value and bound are already per unit of p_j.
-            errors[key] = bound[pos : pos + a.size].reshape(a.shape)
-            pos += a.size
+            step = STEP * np.maximum(1.0, np.abs(a.ravel()))  # (a.size,)
+            value, bound = self._differences(case, Moves(key, step, index=np.arange(a.size)))
+            grads[key], errors[key] = value.reshape(a.shape), bound.reshape(a.shape)
         return grads, errors
 
     def _projections(self, case: Case, arrays: dict[str, np.ndarray]) -> dict[str, Projection]:
         rng = np.random.default_rng(self.seed)
-        pert, dirs = [], {}
+        out = {}
         for key, a in arrays.items():
             scale = max(1.0, float(np.sqrt(np.mean(a**2))))
-            v = rng.standard_normal((self.directions,) + a.shape)
-            dirs[key] = v
-            pert += [(key, None, v[k], STEP * scale) for k in range(self.directions)]
-        value, bound = self._differences(case, pert)
-        out, pos = {}, 0
-        for key in arrays:
-            k = self.directions
-            out[key] = Projection(dirs[key], value[pos : pos + k], bound[pos : pos + k])
-            pos += k
+            v = rng.standard_normal((self.directions,) + a.shape)  # (K, *shape)
+            value, bound = self._differences(case, Moves(key, np.full(self.directions, STEP * scale), directions=v))
+            out[key] = Projection(v, value, bound)
         return out

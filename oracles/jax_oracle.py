@@ -89,7 +89,7 @@ def _jax() -> tuple[Any, Any]:
     import jax
     import jax.numpy as jnp
 
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
     return jax, jnp
 
@@ -214,8 +214,8 @@ def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
 
 def _pad(a: np.ndarray, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
     out = np.zeros(_blocked(spec, padded), dtype=np.float64)
-    block = a.reshape(_blocked(spec, real))
-    out[tuple(slice(0, n) for n in block.shape)] = block
+    shape = _blocked(spec, real)
+    out[tuple(slice(0, size) for size in shape)] = a.reshape(shape)
     return out.reshape(spec.concrete_shape(**padded))
 
 

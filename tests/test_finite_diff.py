@@ -8,6 +8,7 @@ from harness.check import check_case
 from harness.contract import validate
 from harness.subject import InProcessSubject
 from impls.loop import LoopLSTM
+from oracles.equations import lstm_forward
 from oracles.finite_diff import STEP, FiniteDifferenceOracle
 
 
@@ -176,3 +177,94 @@ def test_the_small_steps_are_taken_only_where_they_can_change_the_result(spec, m
         assert lazy_evals == 2 * first * n  # nothing bends: no coordinate needs more
     else:
         assert 2 * first * n < lazy_evals < 2 * ladder * n
+
+
+# Small cases of every variant with B > 1, so that moves of x, h0 and c0 are folded into batch rows.
+# (With B = 1 a forward called once per point multiplies single rows, which NumPy does with another
+# BLAS routine than the batch's product of many rows: the same up to rounding, not to the last bit.)
+FIXED = [
+    CaseSpec(variant="vanilla", T=3, B=3, D=2, H=3, seed=11),
+    CaseSpec(variant="peephole", T=2, B=2, D=3, H=2, seed=12, weight_scale="large"),
+    CaseSpec(variant="layernorm", T=2, B=3, D=2, H=3, seed=13, gain="random"),
+]
+FIXED_IDS = ["vanilla", "peephole", "layernorm"]
+ROW_KEYS = ("x", "h0", "c0")
+
+
+def one_at_a_time(case, **kwargs):
+    """The reference for the batched evaluation: the equations called once per point, on the whole case."""
+    return FiniteDifferenceOracle(lstm_forward, batched=False, **kwargs).reference(case)
+
+
+@pytest.mark.parametrize("spec", FIXED, ids=FIXED_IDS)
+def test_the_forward_with_evaluation_axes_is_the_forward_of_each_copy_to_the_last_bit(spec):
+    case = build_case(spec)
+    rng = np.random.default_rng(0)
+    for key in ("W", "R", case.variant == "layernorm" and "gamma" or "b"):
+        copies = case.params[key] + 1e-3 * rng.standard_normal((5, *case.params[key].shape))  # (5, *shape)
+        y, h_T, c_T = lstm_forward(spec.variant, case.x, case.h0, case.c0, {**case.params, key: copies})
+        for e in range(5):
+            one = lstm_forward(spec.variant, case.x, case.h0, case.c0, {**case.params, key: copies[e]})
+            for batched, single in zip((y[e], h_T[e], c_T[e]), one):
+                np.testing.assert_array_equal(batched, single, err_msg=key)
+    # Batch rows never meet: reversing them reverses the outputs, bit for bit.
+    y, h_T, c_T = lstm_forward(spec.variant, case.x, case.h0, case.c0, case.params)
+    flipped = lstm_forward(spec.variant, case.x[:, ::-1], case.h0[::-1], case.c0[::-1], case.params)
+    for whole, reversed_ in zip((y, h_T, c_T), flipped):
+        np.testing.assert_array_equal(whole, np.flip(reversed_, axis=-2))
+
+
+@pytest.mark.parametrize("spec", FIXED, ids=FIXED_IDS)
+def test_batched_whole_gradient_is_the_one_at_a_time_gradient(spec):
+    """Moves of the weights: the same operations on the same numbers, so the same bits. Coordinates
+    of x, h0 and c0 are evaluated on their own batch row: L's terms from the other rows, which
+    cancel in the difference, are left out, so the value moves by rounding only (measured: 1.2% of
+    the bound at most) and the bound, whose rounding term scales with |terms of L|, can only shrink."""
+    case = build_case(spec)
+    batched, single = FiniteDifferenceOracle().reference(case), one_at_a_time(case)
+    for key, g in single.gradients.items():
+        bound = single.gradient_error[key]
+        if key in ROW_KEYS:
+            assert np.all(np.abs(batched.gradients[key] - g) <= 0.1 * bound), key
+            assert np.all(batched.gradient_error[key] <= bound), key
+            assert batched.gradient_error[key].sum() < 0.8 * bound.sum(), key  # narrower, not only equal
+        else:
+            np.testing.assert_array_equal(batched.gradients[key], g, err_msg=key)
+            np.testing.assert_array_equal(batched.gradient_error[key], bound, err_msg=key)
+
+
+@pytest.mark.parametrize("spec", FIXED, ids=FIXED_IDS)
+def test_batched_projections_are_the_one_at_a_time_projections_to_the_last_bit(spec):
+    """A random direction moves every batch row, so every input goes through the whole batch."""
+    case = build_case(spec)
+    batched, single = FiniteDifferenceOracle(full_limit=0).reference(case), one_at_a_time(case, full_limit=0)
+    for key, p in single.projections.items():
+        np.testing.assert_array_equal(batched.projections[key].directions, p.directions, err_msg=key)
+        np.testing.assert_array_equal(batched.projections[key].values, p.values, err_msg=key)
+        np.testing.assert_array_equal(batched.projections[key].error_bound, p.error_bound, err_msg=key)
+
+
+def _layer_norm_by_mean(v, gamma, beta, eps):
+    """LayerNorm with the row sums of ``mean``, as the equations computed it before einsum."""
+    mean = v.mean(axis=-1, keepdims=True)
+    var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (v - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("spec", [FIXED[2], FIXED[2].replace(T=3, B=2, seed=21, weight_scale="small")],
+                         ids=["random-gain", "small-weights"])
+def test_layernorm_row_sums_by_einsum_leave_the_bounds_as_wide_as_by_mean(spec, monkeypatch):
+    """einsum adds a row in another order than ``mean``: the values move by rounding and the bounds'
+    measured part (the ladder's disagreement, itself rounding noise on a smooth case) moves a little
+    either way. Against the sums of ``mean``: values within a tenth of the bound, bounds no wider
+    in total over each input, no element more than a quarter wider (measured: 7% at most)."""
+    from oracles import equations
+
+    case = build_case(spec)
+    ours = FiniteDifferenceOracle().reference(case)
+    monkeypatch.setattr(equations, "_layer_norm", _layer_norm_by_mean)
+    before = FiniteDifferenceOracle().reference(case)
+    for key, bound in before.gradient_error.items():
+        assert np.all(np.abs(ours.gradients[key] - before.gradients[key]) <= 0.1 * bound), key
+        assert ours.gradient_error[key].sum() <= 1.01 * bound.sum(), key
+        assert np.all(ours.gradient_error[key] <= 1.25 * bound), key
