@@ -41,6 +41,7 @@ __all__ = [
     "format_pair",
     "printable",
     "render_message",
+    "json_safe",
 ]
 
 STATUSES = ("pass", "fail", "error", "contract", "skip")
@@ -141,6 +142,11 @@ class Record:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN as None and infinities as +-1e300, so that strict JSON accepts it."""
+    return _json_safe(value)
 
 
 def _json_safe(value: Any) -> Any:

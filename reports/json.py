@@ -55,7 +55,7 @@ from harness._version import __version__
 from harness.compare import TOLERANCES
 from harness.files import write_atomically
 from harness.findings import Finding, findings
-from harness.records import STATUSES, Record, verdict
+from harness.records import STATUSES, Record, json_safe, verdict
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment"]
 
@@ -152,8 +152,8 @@ def build_report(
         "oracles": list(oracles),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "notes": list(notes),
-        "findings": [f.to_dict() for f in found],
-        "diagnosis": diagnosis,
+        "findings": [json_safe(f.to_dict()) for f in found],
+        "diagnosis": json_safe(diagnosis),
         "records": [r.to_dict() for r in records],
     }
 

@@ -92,9 +92,10 @@ def test_the_planted_forget_derivative_bug_is_caught_in_the_backward(tmva, tmp_p
     assert failing and {r["direction"] for r in failing} == {"backward"}
     assert {"dW", "db"} <= {r["quantity"] for r in failing}
     assert all(r["status"] == "pass" for r in records if r["direction"] == "forward")
-    assert "gate=f" in proc.stdout  # the worst element is in the forget gate's block
+    (finding,) = json.loads((tmp_path / "report" / "report.json").read_text())["findings"]
+    assert finding["gates"] == ["f"] and "at gate f" in proc.stdout  # the forget gate's blocks depart
     # Each failure names the command that replays it, and that command reproduces it.
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("Replay: "))
+    line = next(x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("Replay: "))
     assert f"--command {tmva['tmva_lstm_planted']} --per-gate separate" in line
     replay = subprocess.run([sys.executable, "-m", "harness", *shlex.split(line.removeprefix("Replay: lstm-harness "))],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_ENV)
