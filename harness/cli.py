@@ -202,14 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-check LSTM implementations, forward and backward, against oracles.",
         epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p_list = sub.add_parser("list", help="implementations and oracles, with availability")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="what to do (`lstm-harness COMMAND --help` describes each)")
+    p_list = sub.add_parser(
+        "list", help="implementations and oracles, with availability",
+        description="List every implementation this environment can load, the built-ins and those other\n"
+                    "packages register as entry points in the group lstm_harness.implementations, with its\n"
+                    "variant, dtypes and whether it can run here; and every oracle, with what it covers.\n"
+                    "An entry point that cannot be loaded is listed as unavailable, with the reason.")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p_run = sub.add_parser("run", help="cross-check every built-in implementation against every oracle",
-                           epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_run.add_argument("--impl", action="append", metavar="NAME",
-                       help="built-in implementation to check (repeatable; default: all available)")
+    p_run = sub.add_parser(
+        "run", help="cross-check several implementations (default: every built-in) against the oracles",
+        description="Check each implementation given with --impl (default: every available built-in) the\n"
+                    "way certify does, but in this process, and print one combined summary and report.",
+        epilog=_TARGET_TEXT + "\n" + _EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_run.add_argument("--impl", action="append", metavar="TARGET",
+                       help="implementation to check: a built-in name or any TARGET (see below); repeatable "
+                            "(default: every available built-in)")
     add_run_options(p_run)
 
     p_cert = sub.add_parser(
@@ -248,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                "reproduces, or nothing could be compared\n  2  bad usage, or the case or TARGET could not be "
                "loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_replay.add_argument("case", metavar="CASE.npz", type=Path)
-    p_replay.add_argument("target", metavar="TARGET", nargs="?")
+    p_replay.add_argument("case", metavar="CASE.npz", type=Path,
+                          help="a saved case: the .npz file a report's replay command names")
+    p_replay.add_argument("target", metavar="TARGET", nargs="?",
+                          help="the implementation to run it through (see below; or --command)")
     p_replay.add_argument("--oracle", action="append", metavar="NAME",
                           help="oracle to compare with (repeatable; default: every available one)")
     p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
@@ -258,42 +270,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose_option(p_replay)
     _add_command_options(p_replay)
 
-    p_report = sub.add_parser("report", help="render the HTML report from a report.json again")
-    p_report.add_argument("json_path", metavar="report.json", type=Path)
+    p_report = sub.add_parser(
+        "report", help="render the HTML report from a report.json again",
+        description="Render index.html (and, if asked, JUnit XML) again from a report.json that certify\n"
+                    "or run wrote, without running any check.")
+    p_report.add_argument("json_path", metavar="report.json", type=Path, help="the report.json to render")
     p_report.add_argument("-o", "--output", type=Path, metavar="OUT.html",
                           help="where to write it (default: index.html beside report.json)")
     p_report.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write JUnit XML here")
     return parser
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from harness.plugins import entry_points
+def _implementation_rows() -> list[dict[str, Any]]:
+    """Every implementation this environment can name: the built-ins, then the entry points other
+    packages register, each loaded (a load failure makes it unavailable, with the reason)."""
+    from harness.plugins import LoadError, entry_points, load_implementation
 
-    impls: list[dict[str, Any]] = []
-    for entry in registry.implementations():
-        row: dict[str, Any] = {"name": entry.name, "target": entry.target, "available": entry.unavailable is None,
-               "reason": entry.unavailable or ""}
+    rows: list[dict[str, Any]] = []
+    builtins = registry.implementations()
+    for entry in builtins:
+        row: dict[str, Any] = {"name": entry.name, "target": entry.target, "source": "built-in",
+                               "available": entry.unavailable is None, "reason": entry.unavailable or ""}
         if entry.unavailable is None:
             info = validate(entry.create())
             row.update(variant=info.variant, dtypes=list(info.dtypes), backward=info.has_backward)
-        impls.append(row)
-    builtin_targets = {e.target for e in registry.implementations()}
-    plugins = [{"name": n, "target": t} for n, t in sorted(entry_points().items()) if t not in builtin_targets]
+        rows.append(row)
+    builtin_targets = {e.target for e in builtins}
+    for name, target in sorted(entry_points().items()):
+        if target in builtin_targets:
+            continue  # a built-in, registered by this distribution itself
+        row = {"name": name, "target": target, "source": "entry point", "available": True, "reason": ""}
+        try:
+            _, info, _ = load_implementation(name)
+        except (LoadError, ContractError) as exc:
+            row.update(available=False, reason=f"cannot be loaded: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever another package raises, the listing goes on
+            row.update(available=False, reason=f"cannot be loaded: {type(exc).__name__}: {exc}")
+        else:
+            row.update(variant=info.variant, dtypes=list(info.dtypes), backward=info.has_backward)
+        rows.append(row)
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    impls = _implementation_rows()
+    plugins = [{"name": r["name"], "target": r["target"]} for r in impls if r["source"] == "entry point"]
     oracles = [o.describe() for o in registry.oracles()]
     if args.json:
         print(json.dumps({"implementations": impls, "plugins": plugins, "oracles": oracles}, indent=2))
         return EXIT_OK
     print("Implementations:")
     for r in impls:
+        origin = f"  (entry point {r['target']})" if r["source"] == "entry point" else ""
         if r["available"]:
             print(f"  {r['name']:<22} available    {r['variant']:<10} {', '.join(r['dtypes']):<18} "
-                  f"{'forward+backward' if r['backward'] else 'forward only'}")
+                  f"{'forward+backward' if r['backward'] else 'forward only':<16}{origin}")
         else:
-            print(f"  {r['name']:<22} unavailable  {r['reason']}")
+            print(f"  {r['name']:<22} unavailable  {r['reason']}{origin}")
     if plugins:
-        print("\nRegistered by other packages (certify them with `lstm-harness certify NAME`):")
-        for p in plugins:
-            print(f"  {p['name']:<22} {p['target']}")
+        print("\nCertify an implementation with `lstm-harness certify NAME`; check several with "
+              "`lstm-harness run --impl NAME --impl ...`.")
     print("\nOracles:")
     for o in oracles:
         if o["available"]:
@@ -323,27 +359,38 @@ def _write_outputs(report: dict, args: argparse.Namespace) -> None:
     _print_files(paths, problems)
 
 
+def _run_selection(args: argparse.Namespace) -> list[str]:
+    """The TARGETs ``run`` checks: every available built-in, or those ``--impl`` names (a built-in's
+    name or any TARGET, loaded here so that one that cannot be loaded is a usage error before any check)."""
+    from harness.plugins import LoadError, load_implementation
+
+    builtins = {e.name: e for e in registry.implementations()}
+    selected = []
+    for text in args.impl or list(builtins):
+        entry = builtins.get(text)
+        if entry is not None:
+            if entry.unavailable:
+                print(f"{entry.name}: unavailable ({entry.unavailable})", file=sys.stderr)
+                continue
+            name, target, info = entry.name, entry.target, validate(entry.create())
+        else:
+            try:
+                _, info, _ = load_implementation(text)
+            except (LoadError, ContractError) as exc:
+                raise UsageError(f"--impl: {exc}") from None
+            name, target = text, text
+        if args.dtype and not set(args.dtype) & set(info.dtypes):
+            print(f"{name}: skipped (declares {', '.join(info.dtypes)} only)", file=sys.stderr)
+            continue
+        selected.append(target)
+    return list(dict.fromkeys(selected))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.api import Interrupted, InvalidArgument, certify_many
 
-    entries = registry.implementations()
-    if args.impl:
-        known = {e.name: e for e in entries}
-        unknown = [n for n in args.impl if n not in known]
-        if unknown:
-            raise UsageError(f"--impl: expected one of {', '.join(known)}, got {', '.join(unknown)}")
-        entries = [known[n] for n in args.impl]
-    selected = []
-    for entry in entries:
-        if entry.unavailable:
-            print(f"{entry.name}: unavailable ({entry.unavailable})", file=sys.stderr)
-            continue
-        info = validate(entry.create())
-        if args.dtype and not set(args.dtype) & set(info.dtypes):
-            print(f"{entry.name}: skipped (declares {', '.join(info.dtypes)} only)", file=sys.stderr)
-            continue
-        selected.append(entry)
-    if not selected:
+    targets = _run_selection(args)
+    if not targets:
         raise UsageError("nothing to check: no available implementation was selected")
     try:
         if args.junit_xml is not None:
@@ -353,7 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1)) from None
     interrupted = ""
     try:
-        results = certify_many([e.target for e in selected], oracles=args.oracle, dtypes=args.dtype,
+        results = certify_many(targets, oracles=args.oracle, dtypes=args.dtype,
                                max_examples=args.max_examples, profile=args.profile, seed=args.seed,
                                jobs=args.jobs, isolate=False, report_dir=args.report_dir, write_report=False,
                                progress=True, command="run")
@@ -363,12 +410,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         results, interrupted = exc.results, exc.signal
     try:
-        return _run_report(results, selected, args, interrupted)
+        return _run_report(results, targets, args, interrupted)
     finally:
         claim.release()
 
 
-def _run_report(results: Sequence[Any], selected: Sequence[Any], args: argparse.Namespace, interrupted: str) -> int:
+def _run_report(results: Sequence[Any], targets: Sequence[str], args: argparse.Namespace, interrupted: str) -> int:
     """The combined report of ``run``: printed, written; the exit code."""
     # The oracles each implementation was checked against (session.select_oracles chose them).
     names = list(dict.fromkeys(n for result in results for n in result.settings["oracles"]))
@@ -376,7 +423,7 @@ def _run_report(results: Sequence[Any], selected: Sequence[Any], args: argparse.
     oracles = [by_name[n] for n in names if n in by_name]
     records: list[Record] = [r for result in results for r in result.records]
     notes = sorted({n for result in results for n in result.notes})
-    checked = [{**result.implementation, "target": entry.target} for result, entry in zip(results, selected)]
+    checked = [{**result.implementation, "target": target} for result, target in zip(results, targets)]
     found = findings(records, [o.name for o in oracles])
     result_text = print_results(records, found, notes=notes, verbose=args.verbose)
     if interrupted:

@@ -27,19 +27,31 @@ fails its test instead of hanging or ending the session; ``--lstm-in-process`` (
 ``lstm_in_process = true``) runs it in the session's own process instead. Objects passed to the
 fixture run in process unless ``--lstm-isolate`` is given (they may not be picklable).
 
+Files: the minimal failing cases (``.npz``, which the failure's replay command names) and the files
+Hypothesis keeps while the harness searches (its storage directory, ``.hypothesis/`` in the working
+directory by default) go under one directory: ``--lstm-report-dir`` when given, else ``lstm-harness/``
+in pytest's cache directory (``.pytest_cache/d/lstm-harness/``, emptied by ``pytest --cache-clear``),
+else, with the cache plugin off (``-p no:cacheprovider``), ``.lstm-harness/`` under the rootdir. The
+cases of each test have their own sub-directory there. The user's own Hypothesis tests keep their
+storage where it was.
+
 Every pytest session in an environment with lstm-harness installed loads this module, so it does no
 work until a session asks for a certification.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness.isolation import DEFAULT_TIMEOUT
 
-__all__ = ["CertifyItem", "certify_settings", "DEFAULT_TIMEOUT"]
+__all__ = ["CertifyItem", "CertifyTargets", "certify_settings", "files_dir", "DEFAULT_TIMEOUT"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,7 +76,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run TARGET strings in this process (no timeout, no protection against crashes) "
                          "instead of a worker process")
     group.addoption("--lstm-report-dir", default=None, metavar="DIR",
-                    help="write report.json, index.html and the failing cases here")
+                    help="write report.json, index.html and the failing cases here (default: only the failing "
+                         "cases, in .pytest_cache/d/lstm-harness/, or .lstm-harness/ without the cache plugin)")
     parser.addini("lstm_certify", type="linelist", default=[],
                   help="implementations (TARGETs) to certify as tests of every session")
     parser.addini("lstm_command", type="linelist", default=[],
@@ -134,6 +147,55 @@ def _in_process(config: pytest.Config) -> bool:
     return bool(config.getoption("lstm_in_process") or config.getini("lstm_in_process"))
 
 
+def files_dir(config: pytest.Config) -> Path:
+    """Where this session's certifications keep their files: the report directory when one is given,
+    else pytest's cache directory, else ``.lstm-harness/`` under the rootdir (see the module's doc)."""
+    report_dir = config.getoption("lstm_report_dir")
+    if report_dir:
+        return Path(report_dir)
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("lstm-harness"))
+    path = config.rootpath / ".lstm-harness"
+    if not path.exists():
+        path.mkdir(parents=True)
+        (path / ".gitignore").write_text("# Created by the lstm-harness pytest plugin.\n*\n", encoding="utf-8")
+    return path
+
+
+def _file_defaults(config: pytest.Config, given: dict[str, Any], name: str) -> dict[str, Any]:
+    """Without a report directory: the failing cases under :func:`files_dir`, in ``name``'s own
+    directory, and no report (instead of a fresh temporary directory per certification)."""
+    if given.get("report_dir") is not None:
+        return {}
+    from harness.cases import slug
+
+    return {"report_dir": str(files_dir(config) / slug(name)), "write_report": False}
+
+
+@contextmanager
+def _hypothesis_storage(config: pytest.Config) -> Iterator[None]:
+    """While the harness searches, Hypothesis keeps its files (it caches the constants it finds in local
+    modules to draw from them) under :func:`files_dir` instead of ``.hypothesis/`` in the working
+    directory; the harness's searches use no example database. Restored afterwards, so that the user's
+    own Hypothesis tests keep theirs where they were."""
+    from hypothesis import configuration
+
+    path = files_dir(config) / "hypothesis"
+    previous = vars(configuration).get("__hypothesis_home_directory")
+    previous_env = os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
+    configuration.set_hypothesis_home_dir(path)
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(path)  # parallel worker processes (jobs > 1) read it
+    try:
+        yield
+    finally:
+        configuration.set_hypothesis_home_dir(previous)
+        if previous_env is None:
+            os.environ.pop("HYPOTHESIS_STORAGE_DIRECTORY", None)
+        else:
+            os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = previous_env
+
+
 def _worker_defaults(impl: Any, given: dict[str, Any]) -> dict[str, Any]:
     """For a TARGET string, unless told otherwise: a worker process, a timeout per call and a memory
     cap, so that a hanging or crashing implementation fails its test instead of the session."""
@@ -168,8 +230,10 @@ class CertifyItem(pytest.Item):
             from harness.cases import slug
 
             settings["report_dir"] = f"{settings['report_dir']}/{slug(self.target)}"
+        settings = {**_file_defaults(self.config, settings, self.target), **settings}
         impl = command(self.command) if self.command is not None else self.target
-        result = certify(impl, **{**_worker_defaults(impl, settings), **settings})
+        with _hypothesis_storage(self.config):
+            result = certify(impl, **{**_worker_defaults(impl, settings), **settings})
         self.user_properties.append(("verdict", result.verdict))
         if not result.ok:
             raise CertifyFailed(result)
@@ -191,13 +255,34 @@ class CertifyItem(pytest.Item):
         return self.path, None, f"lstm-certify[{self.target}]"
 
 
+class CertifyTargets(pytest.Collector):
+    """The configured targets, collected the way pytest collects a file's tests, so that the session
+    counts them among the collected items (and ``-k`` / ``-m`` deselect them the same way)."""
+
+    def __init__(self, *, targets: list[tuple[str, str | None]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.targets = targets  # (TARGET, None), or ("command CMD", CMD) for the command protocol
+
+    def collect(self) -> list[pytest.Item]:
+        # The node id is the test's own name: its first part is what the terminal shows where a file
+        # name would be ("lstm-certify[TARGET] F"); under the session it would be empty and show as ".".
+        return [CertifyItem.from_parent(self, name=f"lstm-certify[{t}]", nodeid=f"lstm-certify[{t}]", target=t,
+                                        command=line)
+                for t, line in self.targets]
+
+
 @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect, so that they apply to these items too
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    for target in _targets(config):
-        items.append(CertifyItem.from_parent(session, name=f"lstm-certify[{target}]", target=target))
-    for line in _commands(config):
-        items.append(CertifyItem.from_parent(session, name=f"lstm-certify[command {line}]",
-                                             target=f"command {line}", command=line))
+    targets = [(t, None) for t in _targets(config)] + [(f"command {line}", line) for line in _commands(config)]
+    if not targets:
+        return
+    group = CertifyTargets.from_parent(session, name="lstm-certify", nodeid="lstm-certify", targets=targets)
+    # What pytest does for each collector (collect_one_node, then the report), so that the terminal
+    # counts these items as collected: otherwise "collected 3 items / 4 deselected / -1 selected".
+    group.ihook.pytest_collectstart(collector=group)
+    report = group.ihook.pytest_make_collect_report(collector=group)
+    group.ihook.pytest_collectreport(report=report)
+    items.extend(x for x in report.result if isinstance(x, pytest.Item))
 
 
 @pytest.fixture
@@ -216,6 +301,8 @@ def lstm_certify(request: pytest.FixtureRequest) -> Any:
                             "or the lstm_certify ini setting")
             impl = targets[0]
         given = {**defaults, **kwargs}
-        return certify(impl, **{**_worker_defaults(impl, given), **given})
+        given = {**_file_defaults(request.config, given, request.node.nodeid), **given}
+        with _hypothesis_storage(request.config):
+            return certify(impl, **{**_worker_defaults(impl, given), **given})
 
     return run

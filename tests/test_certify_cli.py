@@ -193,3 +193,78 @@ def test_an_object_no_target_loads_says_how_to_replay(tmp_path):
     assert "MODULE:ATTRIBUTE" in bad[0].replay
     again = replay(bad[0].case_file, LocalNaN(), oracles=["finite-differences"])
     assert not again.ok and again.records[0].case.get("spec") == bad[0].case.get("spec") is not None
+
+
+def _walk(parser, path="lstm-harness"):
+    """Every (parser path, parser) below and including ``parser``."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, f"{path} {name}")
+
+
+def test_every_command_option_and_positional_has_help():
+    import argparse
+
+    from harness.cli import build_parser
+
+    missing = []
+    for path, parser in _walk(build_parser()):
+        if path != "lstm-harness" and not parser.description:
+            missing.append(f"{path}: no description")
+        for action in parser._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.metavar or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}
+                missing += [f"{path} {name}: no help line" for name in action.choices if name not in helped]
+    assert not missing, missing
+
+
+@pytest.fixture
+def user_packages(tmp_path, monkeypatch):
+    """Two entry points another package registers: one loads, one names a module that is not there."""
+    (tmp_path / "user_lstm_pkg.py").write_text(
+        "from impls.loop import LoopLSTM\n\n\nclass UserLSTM(LoopLSTM):\n    name = 'user-lstm'\n"
+        "    dtypes = ('float64',)\n")
+    dist = tmp_path / "user_lstm_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: user-lstm-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[lstm_harness.implementations]\nuser-lstm = user_lstm_pkg:UserLSTM\n"
+                                           "broken-lstm = no_such_module_xyz:LSTM\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_list_shows_entry_point_implementations_loaded_or_why_not(user_packages, capsys):
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["implementations"]}
+    assert rows["loop"]["source"] == "built-in" and rows["loop"]["variant"] == "vanilla"
+    user = rows["user-lstm"]
+    assert user["source"] == "entry point" and user["available"] is True
+    assert user["variant"] == "vanilla" and user["dtypes"] == ["float64"] and user["backward"] is True
+    broken = rows["broken-lstm"]
+    assert broken["available"] is False and "no_such_module_xyz" in broken["reason"]
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    user_line = next(line for line in lines if line.split()[:1] == ["user-lstm"])
+    assert "available" in user_line and "vanilla" in user_line and "float64" in user_line
+    broken_line = next(line for line in lines if line.split()[:1] == ["broken-lstm"])
+    assert "unavailable" in broken_line and "no_such_module_xyz" in broken_line
+
+
+def test_run_impl_takes_any_target(user_packages, tmp_path, capsys):
+    code = main(["run", "--impl", "user-lstm", "--impl", f"{MISBEHAVING}:Correct", *FD, "--dtype", "float64",
+                 "--max-examples", "2", "--report-dir", str(tmp_path / "report")])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [i["target"] for i in report["implementations"]] == ["user-lstm", f"{MISBEHAVING}:Correct"]
+    assert {r["implementation"] for r in report["records"]} == {"user-lstm", "correct"}
+
+
+def test_run_impl_that_cannot_be_loaded_is_a_usage_error(capsys):
+    assert main(["run", "--impl", "no_such_module_xyz:LSTM", *FD]) == 2
+    assert "--impl: cannot import module 'no_such_module_xyz'" in capsys.readouterr().err

@@ -27,7 +27,15 @@ def test_keyword_selection_applies(pytester):
 def test_broken_implementation_fails_with_the_summary(pytester):
     result = pytester.runpytest("--lstm-certify", f"{PLUGINS / 'planted.py'}:dc0_without_f", *FAST)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*is not certified (verdict: discrepancies)*", "*dc0*FAIL*"])
+    result.stdout.fnmatch_lines(["*is not certified (verdict: discrepancies)*", "*DISCREPANCY: backward: dc0 departs*",
+                                 "*FAIL*"])
+    # The failing cases are kept in one documented place (the cache plugin is off: .lstm-harness/),
+    # the replay command names one of them, and Hypothesis leaves no .hypothesis/ in the working directory.
+    cases = sorted((pytester.path / ".lstm-harness").glob("*/cases/*.npz"))
+    assert cases
+    replays = [line for line in result.outlines if "Replay: lstm-harness replay" in line]
+    assert replays and all(str(pytester.path / ".lstm-harness") in line for line in replays)
+    assert not (pytester.path / ".hypothesis").exists()
 
 
 def test_unloadable_target_fails_with_what_to_fix(pytester):
@@ -78,13 +86,20 @@ def test_fixture_skips_without_a_target(pytester):
     result.assert_outcomes(skipped=1)
 
 
-def _record_certify_calls(monkeypatch):
+def _record_certify_calls(monkeypatch, storage=None):
+    """Replace harness.certify with a fake that passes and records its arguments (and, into ``storage``,
+    where Hypothesis would keep its files while it runs)."""
     import harness.api
 
     calls = []
 
     def fake(impl, **kwargs):
         calls.append((impl, kwargs))
+        if storage is not None:
+            from hypothesis.configuration import storage_directory
+
+            found = storage_directory("constants")
+            storage.append(Path(getattr(found, "path", found)))
         return harness.api.CertifyResult(records=[], verdict="certified", implementation={"name": str(impl)},
                                          settings={})
 
@@ -119,3 +134,64 @@ def test_a_hanging_target_fails_its_test(pytester):
                                 *FAST)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*forward did not return within 0.5 s*"])
+
+
+def test_collected_counts_include_the_certify_tests(pytester, monkeypatch):
+    _record_certify_calls(monkeypatch)
+    pytester.makepyfile(test_x="def test_a():\n    pass\n\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n")
+    result = pytester.runpytest("--lstm-certify", "loop", *FAST)
+    result.stdout.fnmatch_lines(["collected 4 items"])
+    result.assert_outcomes(passed=4)
+    result = pytester.runpytest("--lstm-certify", "loop", "-k", "test_a or lstm", *FAST)
+    result.stdout.fnmatch_lines(["collected 4 items / 2 deselected / 2 selected"])
+    result.assert_outcomes(passed=2, deselected=2)
+    result = pytester.runpytest("--lstm-certify", "loop", "-k", "test_a", *FAST)
+    result.stdout.fnmatch_lines(["collected 4 items / 3 deselected / 1 selected"])
+
+
+def test_a_certify_test_shows_one_result_under_its_own_name(pytester, monkeypatch):
+    _record_certify_calls(monkeypatch)
+    pytester.makepyfile(test_x="def test_a():\n    pass\n")
+    result = pytester.runpytest("--lstm-certify", "loop", *FAST)
+    result.stdout.fnmatch_lines(["test_x.py .*", "lstm-certify?loop? .*"])
+    assert not [line for line in result.outlines if line.startswith(". ") or line.startswith(".. ")]
+
+
+def test_cases_and_hypothesis_files_go_to_one_documented_directory(pytester, monkeypatch):
+    from hypothesis.configuration import storage_directory
+
+    from harness.cases import slug
+
+    def where() -> Path:
+        found = storage_directory("constants")
+        return Path(getattr(found, "path", found))
+
+    before = where()
+    storage: list[Path] = []
+    calls = _record_certify_calls(monkeypatch, storage)
+    pytester.makepyfile(test_mine="def test_mine(lstm_certify):\n    lstm_certify('stacked')\n")
+    options = ["--lstm-max-examples", "3", "-p", "no:randomly"]
+
+    pytester.runpytest("--lstm-certify", "loop", *options).assert_outcomes(passed=2)  # the cache plugin is on
+    cache = pytester.path / ".pytest_cache" / "d" / "lstm-harness"
+    by_impl = {impl: kwargs for impl, kwargs in calls}
+    assert by_impl["loop"]["report_dir"] == str(cache / "loop") and by_impl["loop"]["write_report"] is False
+    assert by_impl["stacked"]["report_dir"] == str(cache / slug("test_mine.py::test_mine"))
+    assert storage == [cache / "hypothesis" / "constants"] * 2
+
+    calls.clear()
+    storage.clear()
+    pytester.runpytest("--lstm-certify", "loop", "-p", "no:cacheprovider", *options).assert_outcomes(passed=2)
+    fallback = pytester.path / ".lstm-harness"
+    assert dict(calls)["loop"]["report_dir"] == str(fallback / "loop")
+    assert storage == [fallback / "hypothesis" / "constants"] * 2
+    assert (fallback / ".gitignore").is_file()
+
+    calls.clear()
+    storage.clear()
+    report_dir = pytester.path / "reports"
+    pytester.runpytest("--lstm-certify", "loop", "--lstm-report-dir", str(report_dir), *options)
+    assert dict(calls)["loop"]["report_dir"] == str(report_dir) and "write_report" not in dict(calls)["loop"]
+    assert storage == [report_dir / "hypothesis" / "constants"] * 2
+
+    assert where() == before  # the user's own Hypothesis tests keep their storage
