@@ -162,12 +162,45 @@ def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return write_atomically(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
 
 
+#: The largest report.json read back (a report of every built-in against every oracle is a few MB).
+MAX_REPORT_BYTES = 256 * 2**20
+_RECORD_KEYS = ("implementation", "oracle", "variant", "dtype", "direction", "quantity", "status")
+
+
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a report.json and check that this version of the tool can read it."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Load a report.json and check that this version of the tool can read it: its size, its JSON, its
+    schema version, and every record's identifying fields and status. ``ValueError`` says what is wrong."""
+    p = Path(path)
+    size = p.stat().st_size
+    if size > MAX_REPORT_BYTES:
+        raise ValueError(f"{path}: expected a report.json of at most {MAX_REPORT_BYTES // 2**20} MiB, got "
+                         f"{size / 2**20:.0f} MiB")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path}: the JSON is nested too deeply to be a report.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path}: expected a report.json with schema_version {SCHEMA_VERSION}, got {version!r}")
+    records = data.get("records")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records under 'records', got {type(records).__name__}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+        bad = [k for k in _RECORD_KEYS if not isinstance(r.get(k), str)]
+        if bad:
+            raise ValueError(f"{path}: record {i}: expected text fields {', '.join(bad)}")
+        if r["status"] not in STATUSES:
+            raise ValueError(f"{path}: record {i}: expected a status among {', '.join(STATUSES)}, got "
+                             f"{r['status']!r}")
+    if data.get("verdict") not in ("certified", "discrepancies", "error"):
+        raise ValueError(f"{path}: expected a verdict certified, discrepancies or error, got {data.get('verdict')!r}")
+    for key in ("findings", "notes", "oracles", "implementations"):
+        if key in data and not isinstance(data[key], list):
+            raise ValueError(f"{path}: expected a list under {key!r}, got {type(data[key]).__name__}")
     return data
 
 

@@ -33,6 +33,9 @@ __all__ = ["to_junit_xml", "write_junit"]
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
 def _clean(text: Any) -> str:
     return _INVALID_XML.sub("\ufffd", str(text))
 
@@ -102,8 +105,9 @@ def to_junit_xml(report: Mapping[str, Any]) -> str:
             f"got {type(report).__name__}"
         )
     records = [Record.from_dict(d) for d in report["records"]]
-    created = str(report.get("created", ""))
-    timestamp = created[:19] if created else ""
+    created = str(report.get("created", ""))[:19]
+    # JUnit wants an ISO 8601 date and time; anything else in the field is left out, not passed on.
+    timestamp = created if _TIMESTAMP.fullmatch(created) else ""
     root = ET.Element("testsuites", {"name": "lstm-harness"})
     totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
     by_impl: dict[str, list[Record]] = {}

@@ -67,3 +67,23 @@ def test_paths_that_cannot_be_written_are_refused_up_front(tmp_path):
         check_writable_file(tmp_path, "junit")
     with pytest.raises(ReportDirError, match="which is not a regular file"):
         check_writable_file("/dev/null", "junit")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    (json.dumps({"schema_version": 1, "verdict": "certified"}), "expected a list of records"),
+    (json.dumps({"schema_version": 1, "verdict": "certified", "records": [{"status": "pass"}]}),
+     "record 0: expected text fields implementation"),
+    (json.dumps({"schema_version": 1, "verdict": "certified", "records": [
+        {"implementation": "i", "oracle": "o", "variant": "vanilla", "dtype": "float64", "direction": "forward",
+         "quantity": "y", "status": "great"}]}), "expected a status among"),
+    (json.dumps({"schema_version": 1, "verdict": "fine", "records": []}), "expected a verdict"),
+])
+def test_a_malformed_report_json_is_refused_with_what_is_wrong(content, message, tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "report.json"
+    path.write_text(content)
+    assert main(["report", str(path)]) == 2
+    assert message in capsys.readouterr().err

@@ -97,3 +97,17 @@ def test_bad_input_is_rejected_with_the_argument_named(tmp_path):
     bad["records"][0]["status"] = "maybe"
     with pytest.raises(ValueError, match="record status: expected one of"):
         to_junit_xml(bad)
+
+
+def test_a_crafted_created_field_cannot_break_the_xml(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from reports.junit import to_junit_xml
+
+    report = {"records": [], "created": '\x01\x02"><evil/>&', "settings": {}}
+    report["records"].append({"implementation": "i", "oracle": "o", "variant": "vanilla", "dtype": "float64",
+                              "direction": "forward", "quantity": "y", "status": "pass", "ratio": 0.1})
+    root = ET.fromstring(to_junit_xml(report))  # well-formed
+    assert root.find("testsuite").get("timestamp") is None  # not an ISO date and time: left out
+    report["created"] = "2026-01-01T10:11:12+00:00"
+    assert ET.fromstring(to_junit_xml(report)).find("testsuite").get("timestamp") == "2026-01-01T10:11:12"
