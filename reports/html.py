@@ -163,6 +163,7 @@ class Section:
     case_path: str = ""  # the saved case, relative to the report directory when it lies inside it
     worst_seen_rows: list[tuple[str, str]] = field(default_factory=list)
     worst_seen_href: str | None = None
+    worst_seen_path: str = ""
 
 
 def _check_report(report: Any) -> None:
@@ -385,6 +386,7 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
         if r.worst_seen:
             sec.worst_seen_rows = _seen_rows(r.worst_seen)
             sec.worst_seen_href = _case_href(r.worst_seen.get("case_file", ""), base_dir)
+            sec.worst_seen_path = _shown_path(r.worst_seen.get("case_file", ""), base_dir)
         if r.status in ("error", "contract"):
             groups[key] = sec
         by_record[id(r)] = sec.id
@@ -460,14 +462,14 @@ def _cell(group: Sequence[Record], by_record: Mapping[int, str]) -> Cell:
         return cell
     cell.examples = max(r.examples for r in group)
     cell.status = min((r.status for r in group), key=status_rank)
-    scored = [r.ratio for r in group if r.ratio is not None]
+    scored = [r.headline_ratio for r in group if r.headline_ratio is not None]  # the largest error seen
     cell.ratio = max(scored) if scored else None
     cell.level = _level(cell.status, cell.ratio)
     lines = []
     for r in group:
         line = f"{r.quantity}: {r.status}"
-        if r.ratio is not None:
-            line += f", {times(r.ratio)} tol"
+        if r.headline_ratio is not None:
+            line += f", {times(r.headline_ratio)} tol"
         if r.status != "pass" and r.reason:
             line += f" ({r.reason.splitlines()[0][:160]})"
         lines.append(line)
@@ -554,8 +556,9 @@ def _settings_rows(given: Mapping[str, Any]) -> list[tuple[str, str]]:
     if profile is not None:
         rows.append(("Hypothesis profile", str(profile)))
     if settings.get("examples_per_search") is not None:
-        origin = "--max-examples" if settings.get("max_examples") is not None else f"the {profile} profile's"
-        rows.append(("cases per search", f"{settings['examples_per_search']} ({origin} max_examples)"))
+        origin = ("set by --max-examples" if settings.get("max_examples") is not None
+                  else f"the {profile} profile's max_examples")
+        rows.append(("cases per search", f"{settings['examples_per_search']} ({origin})"))
     if "derandomize" in settings:
         rows.append(("derandomize", "yes" if settings["derandomize"] else "no"))
     if settings.get("seed_policy"):
