@@ -60,7 +60,7 @@ from harness._version import __version__
 from harness.cases import PROFILES
 from harness.compare import TOLERANCES
 from harness.findings import Finding, findings
-from harness.records import STATUSES, Record, verdict
+from harness.records import STATUSES, Record, _json_safe, verdict
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment", "settled"]
 
@@ -199,8 +199,9 @@ def build_report(
         "oracles": list(oracles),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "notes": list(notes),
-        "findings": [f.to_dict() for f in found],
-        "diagnosis": diagnosis,
+        # Strict JSON like the records: an infinite ratio (a NaN or Inf in the output) as 1e300, NaN as null.
+        "findings": [_json_safe(f.to_dict()) for f in found],
+        "diagnosis": _json_safe(diagnosis),
         "records": [r.to_dict() for r in records],
     }
 
