@@ -615,7 +615,8 @@ def _finding_views(report: Mapping[str, Any], sections: Sequence[Section],
             "case_rows": _case_rows(f.get("case") or {})[0],
             "case_href": _case_href(str(f.get("case_file", "")), base_dir),
             "case_path": _shown_path(str(f.get("case_file", "")), base_dir), "replay": str(f.get("replay", "")),
-            "largest_case": "", "largest_href": None, "largest_path": "", "largest_replay": "", "section": "",
+            "largest_case": "", "largest_first_bad_t": w.get("first_bad_t"), "largest_href": None,
+            "largest_path": "", "largest_replay": "", "section": "",
         }
         if w.get("ratio") is not None:
             view["ratio"] = w["ratio"]

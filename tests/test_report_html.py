@@ -494,3 +494,172 @@ def test_settings_show_the_memory_limit_in_gib_and_the_timeout_in_seconds():
     report["settings"].update(memory_limit=None, timeout=None)
     page = render_html(report)
     assert "memory limit</dt><dd>none" in page and "timeout</dt><dd>none" in page
+
+
+def _seen(record: Record, larger: Record, case: dict, case_file: str = "") -> Record:
+    """``record`` with ``larger`` as the largest error the search saw, the way the runner attaches it."""
+    record.worst_seen = {"ratio": larger.ratio, "max_abs_error": larger.max_abs_error, "worst": larger.worst,
+                         "first_bad_t": larger.first_bad_t, "error_map": larger.error_map, "case": case,
+                         "case_file": case_file, "replay": f"lstm-harness replay {case_file} x"}
+    return record
+
+
+def _minimal_and_largest(tmp_path: Path) -> list[Record]:
+    """A failure whose minimal case is 1x1x1x1 and whose largest error was seen on an 8-step case."""
+    rng = np.random.default_rng(8)
+    small = rng.standard_normal((1, 1, 1))
+    minimal = _compare(small + 1e-6, small, "buggy", "forward", "y", 1)
+    minimal.case = {"T": 1, "B": 1, "D": 1, "H": 1, "dtype": "float64", "seed": 0,
+                    "spec": {**CASE["spec"], "T": 1, "B": 1, "D": 1, "H": 1, "weight_scale": "tiny"}}
+    minimal.case_file = str(tmp_path / "cases" / "buggy-T1B1D1H1.npz")
+    minimal.replay = f"lstm-harness replay {minimal.case_file} tests:buggy --oracle finite-differences"
+    y = rng.standard_normal((8, 2, 4))
+    bad = y.copy()
+    bad[5:, :, 2] += 0.5
+    larger = _compare(bad, y, "buggy", "forward", "y", 4)
+    big_case = {**CASE, "spec": {**CASE["spec"], "weight_scale": "large"}}
+    return [_seen(minimal, larger, big_case, str(tmp_path / "cases" / "buggy-T8B2D3H4-worst.npz"))]
+
+
+def test_findings_come_first_with_the_largest_error_where_it_is_and_how_to_replay(tmp_path):
+    records = _minimal_and_largest(tmp_path) + planted_records()[4:]  # plus the error, contract and skip
+    for name in ("buggy-T1B1D1H1.npz", "buggy-T8B2D3H4-worst.npz"):
+        (tmp_path / "cases").mkdir(exist_ok=True)
+        (tmp_path / "cases" / name).write_bytes(b"npz")
+    report = make_report(records)
+    page = write_html(report, tmp_path / "index.html").read_text(encoding="utf-8")
+    doc = Elements(page)
+    found = report["findings"]
+    assert [f["kind"] for f in found][0] == "discrepancy"
+    # Document order: the findings, then the matrix, the per-record sections, and the run's metadata last.
+    order = [page.index(f'id="{k}"') for k in ("answer", "f1", "matrix", "discrepancies", "run", "oracles")]
+    assert order == sorted(order)
+    assert page.index('id="f1"') < page.index("Tolerances") and page.index('id="f1"') < page.index("Environment")
+    first = doc.text("f1")
+    f = found[0]
+    w = f["worst"]
+    assert f["title"] in first
+    assert times(w["ratio"]) in first and w["ratio"] > 1e3  # the largest error, not the minimal case's
+    assert w["coords"]["unit"] == 2 and w["coords"]["t"] >= 5  # where the planted error is
+    where = ", ".join(f"{k}={v}" for k, v in w["coords"].items())
+    assert f"y at {where} (forward, float64, vs finite-differences)" in first
+    assert "First timestep over tolerance t=0 on the minimal case; t=5 on the largest-error case" in first
+    assert f["evidence"] in first
+    assert f["replay"] in first and "from the folder where certify ran" in first
+    hrefs = [a["href"] for a in doc.find("a", download="")]
+    assert "cases/buggy-T1B1D1H1.npz" in hrefs and "cases/buggy-T8B2D3H4-worst.npz" in hrefs
+    assert "cases/buggy-T1B1D1H1.npz relative to this report" in first  # the path beside the command
+    assert "largest-error case T=8, B=2, D=3, H=4, large weights" in first
+    # Every finding is shown, each before the matrix.
+    for k in range(1, len(found) + 1):
+        assert page.index(f'id="f{k}"') < page.index('id="matrix"')
+        assert found[k - 1]["title"] in doc.text(f"f{k}")
+
+
+def test_figures_are_drawn_on_the_largest_error_case_and_say_so(tmp_path):
+    doc = Elements(render_html(make_report(_minimal_and_largest(tmp_path))))
+    (section,) = sections(doc)
+    text = doc.text(section["id"])
+    assert "Drawn on the largest-error case (T=8, B=2, D=3, H=4, large weights" in text
+    (heatmap,) = doc.find("img", **{"class": "heatmap"})
+    assert "y: 3 of 32 cells over tolerance" in heatmap["alt"]  # t=5..7 of unit 2 (8 x 4 cells): the big case
+    assert len(doc.find("img", **{"class": "timestep"})) == 1
+
+
+def test_a_one_element_case_gets_no_figure_and_a_case_without_a_kept_map_is_named(tmp_path):
+    (rec,) = _minimal_and_largest(tmp_path)
+    rec.worst_seen = None  # only the 1x1 minimal case: a figure would be one rectangle
+    doc = Elements(render_html(make_report([rec])))
+    assert not doc.find("img")
+    assert "No figure: that case has one element per panel" in doc.all_text
+    (rec,) = _minimal_and_largest(tmp_path)
+    del rec.worst_seen["error_map"]  # written before the largest case's map was kept
+    doc = Elements(render_html(make_report([rec])))
+    assert "the largest-error case (T=8, B=2, D=3, H=4, large weights" in doc.all_text
+    assert "has no error map in report.json" in doc.all_text
+
+
+def test_every_heatmap_and_timestep_plot_of_a_report_shares_one_scale(monkeypatch, tmp_path):
+    from reports import plots
+
+    used = []
+    for name in ("heatmap_png", "timestep_png"):
+        real = getattr(plots, name)
+
+        def spy(*args, _real=real, **kwargs):
+            used.append(kwargs["scale"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(plots, name, spy)
+    records = planted_records() + _minimal_and_largest(tmp_path)
+    records[-1].implementation = "other"
+    page = render_html(make_report(records))
+    assert len(used) >= 4 and len(set(used)) == 1  # 3 heatmaps, 2 timestep plots
+    (scale,) = set(used)
+    worst = max(p.worst for r in records if r.status == "fail"
+                for p in plots.panels_of((r.worst_seen or {}).get("error_map") or r.error_map))
+    assert worst > 1e3 and 10 ** scale[1] >= worst  # covers the largest cell of any figure
+    assert page.count(f"10<sup>{scale[1]:.0f}</sup> × tolerance") == 3
+
+
+def test_environment_names_real_distributions_and_calls_missing_only_what_none_provides():
+    report = make_report()
+    report["environment"] = {"python": "3.11.7", "packages": {"numpy": "2.4.6", "tensorflow-cpu": "2.21.0"},
+                             "provides": {"numpy": ["numpy"], "tensorflow": ["tensorflow-cpu"]},
+                             "missing": ["cupy"]}
+    doc = Elements(render_html(report))
+    assert "tensorflow-cpu 2.21.0 (provides import tensorflow)" in doc.all_text
+    assert "Not installed (no distribution provides the import): cupy" in doc.all_text
+    # A report written when every known name was listed, None for those not installed.
+    report["environment"] = {"python": "3.11.7", "packages": {"tensorflow": None, "tensorflow-cpu": "2.21.0",
+                                                              "cupy": None, "torch": None}}
+    text = Elements(render_html(report)).all_text
+    assert "Not installed (no distribution provides the import): cupy, torch" in text
+
+
+def test_environment_records_what_is_importable_under_the_distributions_real_names():
+    import importlib.metadata
+    import importlib.util
+
+    from reports.json import environment
+
+    env = environment()
+    for name, version in env["packages"].items():
+        assert importlib.metadata.version(name) == version
+        assert name == name.lower() and "_" not in name  # as the package index spells it
+    for module, dists in env["provides"].items():
+        assert importlib.util.find_spec(module) is not None and set(dists) <= set(env["packages"])
+    for module in env["missing"]:
+        assert importlib.util.find_spec(module) is None, module
+    assert importlib.util.find_spec("numpy") and "numpy" in env["packages"]
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"profile": "ci", "max_examples": None, "seed": None},
+     ["cases per search {ci} (the ci profile's max_examples)", "derandomize yes",
+      "seed derandomized: the same cases on every run"]),
+    ({"profile": "dev", "max_examples": None, "seed": None},
+     ["cases per search {dev} (the dev profile's max_examples)", "derandomize no",
+      "seed random: a new seed on every run"]),
+    ({"profile": "thorough", "max_examples": 15, "seed": 3},
+     ["cases per search 15 (set by --max-examples)", "seed fixed: 3"]),
+])
+def test_run_settings_state_the_numbers_the_run_used(given, expected):
+    from harness.cases import PROFILES
+
+    report = make_report()
+    report["settings"] = given  # as harness/api.py writes them; the rest comes from PROFILES
+    text = Elements(render_html(report)).all_text
+    for line in expected:
+        assert line.format(**{k: v["max_examples"] for k, v in PROFILES.items()}) in text
+    assert "profile default" not in text and "random (not fixed)" not in text
+
+
+def test_a_long_name_wraps_between_words_never_inside_one():
+    report = make_report([_compare(np.zeros((2, 1, 2)), np.zeros((2, 1, 2)), "LoopLayerNormLSTM", "forward",
+                                   "y", 2)])
+    report["target"] = "impls/loop_layernorm.py:LoopLayerNormLSTM"
+    page = render_html(report)
+    assert "Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
+    assert "impls/<wbr>loop_<wbr>layernorm.<wbr>py:<wbr>Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
+    assert "break-all" not in page
