@@ -153,7 +153,10 @@ ORACLES = ("finite-differences", "torch-nn-lstm", "torch-composite", "tf-keras",
 #: Reads the layout after load into an attribute of <body> that --dump-dom shows. Added to a copy of the
 #: page (with its hash in the page's Content-Security-Policy), never to the report itself.
 MEASURE = """(function () {
-  function rect(el) { var r = el.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left, right: r.right}; }
+  function rect(el) {
+    var r = el.getBoundingClientRect();
+    return {top: r.top, bottom: r.bottom, left: r.left, right: r.right};
+  }
   function measure() {
     var box = document.getElementById("matrix-box");
     var finding = document.querySelector("article.finding");
