@@ -5,12 +5,17 @@ CSS, script and figures are inline and the page holds no URL at all. Everything 
 report's records; nothing here compares arrays. Text from an implementation (its name, its exception
 messages) is untrusted: the templates are Jinja2 with autoescaping on, always.
 
-Layout: header (verdict, target, versions, environment, settings, tolerance table), the matrix
-(implementations x oracle, direction, dtype), then one section per discrepancy (failing record, or
-one group of error / contract records that share their message), with heatmaps of |error| / allowed
-drawn from the record's ``error_map``. Passing checks are summarized by the matrix and listed in a
-collapsed table; only non-passing records get sections, and only the first ``max_plotted`` get
-figures, so a large run stays a reasonable size.
+Layout, the answer first: a one-line header (verdict, target, counts); the convention search's
+diagnosis; the findings (report.json's ``findings``, one per root cause: its largest error as a
+multiple of the tolerance and where it is, the first timestep over tolerance, the evidence, the minimal
+case with its link and replay command, the largest-error case's link), all within the first screen at
+1366x768. Then the matrix (one row per implementation and oracle, one cell per direction and dtype, so
+every oracle shows however many ran), one section per discrepancy (failing record, or one group of
+error / contract records that share their message) with heatmaps of |error| / allowed, and last the
+run's settings, environment, tolerances and oracles. Figures are drawn on the largest-error case when
+the search kept its map (``worst_seen``), else on the minimal case, and say which; every figure of a page
+shares one colour scale. Only the first ``max_plotted`` sections get figures, so a large run stays a
+reasonable size.
 """
 
 from __future__ import annotations

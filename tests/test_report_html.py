@@ -663,3 +663,16 @@ def test_a_long_name_wraps_between_words_never_inside_one():
     assert "Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
     assert "impls/<wbr>loop_<wbr>layernorm.<wbr>py:<wbr>Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
     assert "break-all" not in page
+
+
+def test_the_diagnosis_headline_and_its_remedy_come_before_the_findings():
+    report = make_report()
+    report["diagnosis"] = {"headline": "it matches if its gate blocks are read as f, i, g, o", "status": "convention",
+                           "match": {"as_declared": False, "adapt": "harness.adapt(impl, gate_order='figo')"},
+                           "hint": "", "text": "Diagnosis of buggy (7 conventions tried)"}
+    page = render_html(report)
+    doc = Elements(page)
+    assert "Diagnosis it matches if its gate blocks are read as f, i, g, o" in doc.text("diagnosis")
+    assert "certify it as harness.adapt(impl, gate_order='figo')" in doc.text("diagnosis")
+    assert "Diagnosis of buggy (7 conventions tried)" in doc.text("diagnosis")
+    assert page.index('id="verdict"') < page.index('id="diagnosis"') < page.index('id="f1"')
