@@ -5,12 +5,17 @@ CSS, script and figures are inline and the page holds no URL at all. Everything 
 report's records; nothing here compares arrays. Text from an implementation (its name, its exception
 messages) is untrusted: the templates are Jinja2 with autoescaping on, always.
 
-Layout: header (verdict, target, versions, environment, settings, tolerance table), the matrix
-(implementations x oracle, direction, dtype), then one section per discrepancy (failing record, or
-one group of error / contract records that share their message), with heatmaps of |error| / allowed
-drawn from the record's ``error_map``. Passing checks are summarized by the matrix and listed in a
-collapsed table; only non-passing records get sections, and only the first ``max_plotted`` get
-figures, so a large run stays a reasonable size.
+Layout, the answer first: a one-line header (verdict, target, counts); the convention search's
+diagnosis; the findings (report.json's ``findings``, one per root cause: its largest error as a
+multiple of the tolerance and where it is, the first timestep over tolerance, the evidence, the minimal
+case with its link and replay command, the largest-error case's link), all within the first screen at
+1366x768. Then the matrix (one row per implementation and oracle, one cell per direction and dtype, so
+every oracle shows however many ran), one section per discrepancy (failing record, or one group of
+error / contract records that share their message) with heatmaps of |error| / allowed, and last the
+run's settings, environment, tolerances and oracles. Figures are drawn on the largest-error case when
+the search kept its map (``worst_seen``), else on the minimal case, and say which; every figure of a page
+shares one colour scale. Only the first ``max_plotted`` sections get figures, so a large run stays a
+reasonable size.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -29,7 +33,7 @@ from typing import Any
 
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS
 from harness.files import write_atomically
-from harness.records import Record, status_rank
+from harness.records import Record, format_coords, format_pair, format_ratio, status_rank
 
 __all__ = ["render_html", "write_html", "MAX_SECTIONS", "MAX_PLOTTED"]
 
@@ -64,6 +68,7 @@ def _jinja_env():
     env.filters["times"] = times
     env.filters["num"] = _num
     env.filters["sci"] = _sci
+    env.filters["breakable"] = _breakable
     return env
 
 
@@ -89,18 +94,11 @@ def _inline_assets() -> dict[str, Any]:
 
 
 def times(ratio: float | None) -> str:
-    """A ratio |error| / allowed as a multiple of the tolerance: ``0.0093x``, ``18,326x``, ``NaN/Inf``."""
+    """A ratio |error| / allowed as a multiple of the tolerance, written by :func:`format_ratio`: ``0.0093×``,
+    ``18000×``, ``2.4e+07×``; ``inf×`` for a NaN or Inf where the oracle is finite."""
     if ratio is None:
         return "–"
-    if not math.isfinite(ratio) or ratio >= 1e9:
-        return "NaN/Inf"
-    if ratio == 0:
-        return "0×"
-    if ratio < 100:
-        return f"{ratio:.2g}×"
-    if ratio < 1e6:
-        return f"{ratio:,.0f}×"
-    return f"{ratio:.2e}×"
+    return f"{format_ratio(ratio)}×"
 
 
 def _num(value: Any) -> str:
@@ -145,6 +143,7 @@ class Cell:
     anchor: str = ""
     count: int = 0
     reason: str = ""  # first line of the first non-passing record's reason (why skipped, ...)
+    examples: int = 0  # cases generated for this check (all its searches)
 
 
 @dataclass
@@ -165,6 +164,12 @@ class Section:
     panel_notes: list[str] = field(default_factory=list)
     timestep: str | None = None
     plot_note: str = ""
+    plot_source: str = ""  # which case the figures are drawn on
+    plot_href: str | None = None
+    case_path: str = ""  # the saved case, relative to the report directory when it lies inside it
+    worst_seen_rows: list[tuple[str, str]] = field(default_factory=list)
+    worst_seen_href: str | None = None
+    worst_seen_path: str = ""
 
 
 def _check_report(report: Any) -> None:
@@ -201,12 +206,14 @@ def _worst_rows(r: Record) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if coords:
         rows.append(("at", ", ".join(f"{k}={v}" for k, v in coords.items())))
-    for key, label in (("actual", "actual"), ("expected", "expected"), ("abs_error", "|error|"),
-                       ("allowed", "allowed")):
+    if w.get("actual") is not None or w.get("expected") is not None:
+        actual, expected = format_pair(w.get("actual"), w.get("expected"))
+        rows += [("actual", actual), ("expected", expected)]
+    elif r.nonfinite:
+        rows.append(("actual", "NaN or Inf"))
+    for key, label in (("abs_error", "|error|"), ("allowed", "allowed")):
         if w.get(key) is not None:
             rows.append((label, _num(w[key])))
-        elif key == "actual" and r.nonfinite:
-            rows.append((label, "NaN or Inf"))
     if r.ratio is not None:
         rows.append(("|error| / allowed", times(r.ratio)))
     if r.total:
@@ -244,19 +251,76 @@ def _case_href(case_file: str, base_dir: Path | None) -> str | None:
     return primary.as_uri()
 
 
+def _shown_path(case_file: str, base_dir: Path | None) -> str:
+    """The saved case as a person reads it: relative to the report directory when it lies inside it."""
+    href = _case_href(case_file, base_dir)
+    if not href or href.startswith("file:"):
+        return case_file
+    return urllib.parse.unquote(href)
+
+
+def _seen_rows(seen: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The largest error the search saw for a quantity, on the case that showed it."""
+    w = seen.get("worst") or {}
+    rows = [("|error| / allowed", times(seen.get("ratio"))), ("case", _case_words(seen.get("case") or {}))]
+    if w.get("coords"):
+        rows.insert(1, ("at", format_coords(w["coords"])))
+    if w.get("actual") is not None or w.get("expected") is not None:
+        actual, expected = format_pair(w.get("actual"), w.get("expected"))
+        rows += [("actual", actual), ("expected", expected)]
+    if seen.get("first_bad_t") is not None:
+        rows.append(("first timestep over tolerance", f"t={seen['first_bad_t']}"))
+    return rows
+
+
 def _relative(path: Path, base: Path) -> str:
     return urllib.parse.quote(path.relative_to(base).as_posix())
 
 
-def _figures(section: Section, r: Record, plot_error: str | None) -> None:
+def _case_words(case: Mapping[str, Any]) -> str:
+    """``T=3, B=2, D=5, H=4, unit weights``: which case a figure or a link is about."""
+    parts = [f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case]
+    scale = (case.get("spec") or {}).get("weight_scale")
+    if scale:
+        parts.append(f"{scale} weights")
+    return ", ".join(parts)
+
+
+def _figure_source(r: Record, base_dir: Path | None) -> tuple[Mapping[str, Any] | None, str, str | None]:
+    """The error map to draw, the sentence that says which case it is, and a link to that case.
+
+    The largest-error case when the search kept its map (``worst_seen``); else the minimal case, saying so.
+    """
+    seen = r.worst_seen or {}
+    if seen.get("error_map"):
+        return (seen["error_map"],
+                f"Drawn on the largest-error case ({_case_words(seen.get('case') or {})}; "
+                f"{times(seen.get('ratio'))} tolerance at worst).",
+                _case_href(seen.get("case_file", ""), base_dir))
+    where = f"Drawn on the minimal failing case ({_case_words(r.case or {})})"
+    if seen:
+        where += (f"; the largest-error case ({_case_words(seen.get('case') or {})}, "
+                  f"{times(seen.get('ratio'))}) has no error map in report.json")
+    return r.error_map, where + ".", _case_href(r.case_file, base_dir)
+
+
+def _trivial(panels: Sequence[Any]) -> bool:
+    """A map of one element per panel: a figure would be one rectangle; the worst element says it all."""
+    return all(len(p.values) * len(p.values[0]) <= 1 for p in panels)
+
+
+def _figures(section: Section, r: Record, plot_error: str | None, scale: tuple[float, float],
+             base_dir: Path | None) -> None:
     from reports import plots
 
-    if r.error_map is None:
+    source, section.plot_source, section.plot_href = _figure_source(r, base_dir)
+    if source is None:
+        section.plot_source = ""
         if r.method == "projection":
             section.plot_note = ("Compared along random directions (finite differences), so there is no "
                                  "per-element map; the worst direction is shown above.")
         return
-    panels = plots.panels_of(r.error_map)
+    panels = plots.panels_of(source)
     section.panel_notes = [
         f"{p.title if p.title != 'all' else r.quantity}: {p.over} of {len(p.values) * len(p.values[0])} "
         f"cells over tolerance, worst {times(p.worst)}"
@@ -268,10 +332,17 @@ def _figures(section: Section, r: Record, plot_error: str | None) -> None:
     if plot_error:
         section.plot_note = f"No figures: {plot_error}."
         return
-    section.heatmap = plots.heatmap_png(panels, quantity=r.quantity)
+    if _trivial(panels):
+        section.plot_note = "No figure: that case has one element per panel; its worst element is above."
+        return
+    section.heatmap = plots.heatmap_png(panels, quantity=r.quantity, scale=scale)
     section.heatmap_alt = f"Heatmap of |error| / allowed for {r.quantity}: " + "; ".join(section.panel_notes)
     section.timestep = plots.timestep_png(panels, direction=r.direction, first_bad_t=r.first_bad_t,
-                                          quantity=r.quantity)
+                                          quantity=r.quantity, scale=scale)
+
+
+def _map_of(r: Record) -> Mapping[str, Any] | None:
+    return (r.worst_seen or {}).get("error_map") or r.error_map
 
 
 def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, max_plotted: int):
@@ -284,8 +355,6 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
     oracle_names = _ordered([r.oracle for r in records],
                             [o.get("name", "") for o in report.get("oracles", [])])
     dtypes = _ordered([r.dtype for r in records], DEFAULT_DTYPES)
-    columns = [(o, d, t) for o in oracle_names for d in DIRECTIONS for t in dtypes
-               if any(r.oracle == o and r.direction == d and r.dtype == t for r in records)]
 
     # Discrepancy sections: each failing record; and each group of error / contract records that share
     # implementation, dtype, direction and message (the implementation raised once, whatever the
@@ -318,7 +387,12 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
             spec_text=spec_text,
             worst_rows=_worst_rows(r) if r.status == "fail" else [],
             case_href=_case_href(r.case_file, base_dir),
+            case_path=_shown_path(r.case_file, base_dir),
         )
+        if r.worst_seen:
+            sec.worst_seen_rows = _seen_rows(r.worst_seen)
+            sec.worst_seen_href = _case_href(r.worst_seen.get("case_file", ""), base_dir)
+            sec.worst_seen_path = _shown_path(r.worst_seen.get("case_file", ""), base_dir)
         if r.status in ("error", "contract"):
             groups[key] = sec
         by_record[id(r)] = sec.id
@@ -333,51 +407,33 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
         grouped = len(sec.quantities) > 1 or len(sec.oracles) > 1
         sec.message = (dataclasses.replace(r, quantity=", ".join(sec.quantities), oracle=oracles) if grouped
                        else r).message
-    plotted = 0
-    for sec in sections[:max_sections]:
-        if sec.status != "fail":
-            continue
-        if plotted < max_plotted:
-            _figures(sec, sec.record, plot_error)
-            plotted += 1 if sec.record.error_map is not None else 0
-        elif sec.record.error_map is not None:
+    # Figures: the first max_plotted failures that have a map, all on ONE colour scale, so that the same
+    # colour means the same multiple of the tolerance in every heatmap of the page.
+    to_plot = [sec for sec in sections[:max_sections] if sec.status == "fail"]
+    mapped = [sec for sec in to_plot if _map_of(sec.record) is not None]
+    scale = plots.report_scale([p for sec in mapped[:max_plotted] for p in plots.panels_of(_map_of(sec.record))])
+    left_out = {id(sec) for sec in mapped[max_plotted:]}
+    for sec in to_plot:
+        if id(sec) in left_out:
             sec.plot_note = f"Figures left out: only the first {max_plotted} discrepancies are plotted."
-    fail_sections = [s for s in sections[:max_sections] if s.status == "fail" and s.record.error_map]
-    not_plotted = max(0, len(fail_sections) - max_plotted)
+        else:
+            _figures(sec, sec.record, plot_error, scale, base_dir)
+    not_plotted = max(0, len(mapped) - max_plotted)
 
-    # The matrix.
-    matrix: list[tuple[str, list[Cell]]] = []
+    # The matrix: one row per implementation and oracle, one column per direction and dtype, so that it
+    # stays a few columns wide however many oracles ran (every oracle is a row, never clipped).
+    columns = [(d, t) for d in DIRECTIONS for t in dtypes
+               if any(r.direction == d and r.dtype == t for r in records)]
+    matrix: list[tuple[str, list[tuple[str, list[Cell]]]]] = []
     for impl in impl_names:
-        cells = []
-        for o, d, t in columns:
-            group = [r for r in records if r.implementation == impl and r.oracle == o and r.direction == d
-                     and r.dtype == t]
-            cell = Cell(count=len(group))
-            if group:
-                cell.status = min((r.status for r in group), key=status_rank)
-                scored = [r.ratio for r in group if r.ratio is not None]
-                cell.ratio = max(scored) if scored else None
-                cell.level = _level(cell.status, cell.ratio)
-                lines = []
-                for r in group:
-                    line = f"{r.quantity}: {r.status}"
-                    if r.ratio is not None:
-                        line += f", {times(r.ratio)} tol"
-                    if r.status != "pass" and r.reason:
-                        line += f" ({r.reason.splitlines()[0][:160]})"
-                    lines.append(line)
-                cell.title = "\n".join(lines)
-                cell.reason = next((r.reason.splitlines()[0] for r in group
-                                    if r.reason and r.status != "pass"), "")
-                seen_sid = []
-                for r in group:
-                    sid = by_record.get(id(r))
-                    if sid and sid not in seen_sid:
-                        seen_sid.append(sid)
-                        cell.failing.append((r.quantity if r.status == "fail" else "details", sid))
-                cell.anchor = seen_sid[0] if seen_sid else ""
-            cells.append(cell)
-        matrix.append((impl, cells))
+        rows = []
+        for o in oracle_names:
+            mine = [r for r in records if r.implementation == impl and r.oracle == o]
+            if not mine:
+                continue
+            rows.append((o, [_cell([r for r in mine if r.direction == d and r.dtype == t], by_record)
+                             for d, t in columns]))
+        matrix.append((impl, rows))
 
     skipped: dict[str, list[str]] = {}
     for r in records:
@@ -391,8 +447,9 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
         "records": records,
         "impl_names": impl_names,
         "columns": columns,
-        "oracle_spans": _spans([c[0] for c in columns]),
-        "direction_spans": _spans([(c[0], c[1]) for c in columns]),
+        "direction_spans": _spans([c[0] for c in columns]),
+        "oracle_names": oracle_names,
+        "scale": scale,
         "matrix": matrix,
         "sections": sections[:max_sections],
         "overflow": sections[max_sections:],
@@ -402,6 +459,36 @@ def _build(report: Mapping[str, Any], base_dir: Path | None, max_sections: int, 
         "skipped": skipped,
         "plot_error": plot_error,
     }
+
+
+def _cell(group: Sequence[Record], by_record: Mapping[int, str]) -> Cell:
+    """One matrix cell: the worst status of ``group`` (the quantities of one check) and its worst error."""
+    cell = Cell(count=len(group))
+    if not group:
+        return cell
+    cell.examples = max(r.examples for r in group)
+    cell.status = min((r.status for r in group), key=status_rank)
+    scored = [r.headline_ratio for r in group if r.headline_ratio is not None]  # the largest error seen
+    cell.ratio = max(scored) if scored else None
+    cell.level = _level(cell.status, cell.ratio)
+    lines = []
+    for r in group:
+        line = f"{r.quantity}: {r.status}"
+        if r.headline_ratio is not None:
+            line += f", {times(r.headline_ratio)} tol"
+        if r.status != "pass" and r.reason:
+            line += f" ({r.reason.splitlines()[0][:160]})"
+        lines.append(line)
+    cell.title = "\n".join(lines)
+    cell.reason = next((r.reason.splitlines()[0] for r in group if r.reason and r.status != "pass"), "")
+    seen_sid: list[str] = []
+    for r in group:
+        sid = by_record.get(id(r))
+        if sid and sid not in seen_sid:
+            seen_sid.append(sid)
+            cell.failing.append((r.quantity if r.status == "fail" else "details", sid))
+    cell.anchor = seen_sid[0] if seen_sid else ""
+    return cell
 
 
 def _spans(keys: Sequence[Any]) -> list[tuple[Any, int]]:
@@ -415,17 +502,26 @@ def _spans(keys: Sequence[Any]) -> list[tuple[Any, int]]:
 
 
 def _environment_rows(env: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Python, the installed distributions under their real names, platform, CPU, GPU; and the frameworks
+    that no installed distribution provides (``tensorflow`` is not missing when ``tensorflow-cpu`` is there)."""
     rows = []
     if env.get("python"):
         rows.append(("Python", f"{env.get('implementation', '')} {env['python']}".strip()))
     packages = env.get("packages") or {}
-    for name, version in packages.items():
-        if version:
-            rows.append((name, str(version)))
+    installed = {name: version for name, version in packages.items() if version}
+    provides = env.get("provides") or {}
+    for name, version in installed.items():
+        imports = [m for m, dists in provides.items() if name in dists and m != name.replace("-", "_").lower()]
+        rows.append((name, f"{version} (provides import {', '.join(imports)})" if imports else str(version)))
     rows.append(("Platform", str(env.get("platform") or "–")))
     rows.append(("CPU", str(env.get("cpu") or "–")))
     rows.append(("GPU", str(env.get("gpu") or "none detected")))
-    missing = [n for n, v in packages.items() if not v]
+    if "missing" in env:
+        missing = [str(m) for m in env.get("missing") or []]
+    else:  # written before "missing" was: a name is missing only when no installed variant of it is listed
+        missing = [n for n, v in packages.items()
+                   if not v and not any(other.lower().replace("_", "-").startswith(n.lower() + "-")
+                                        for other in installed)]
     return rows, missing
 
 
@@ -454,24 +550,118 @@ def _target_rows(info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
-    labels = {"profile": "Hypothesis profile", "max_examples": "examples per check", "seed": "seed"}
-    rows = []
+def _settings_rows(given: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The run's settings as it used them: cases per search with where the number comes from, whether the
+    search is derandomized, the seed policy (from :func:`reports.json.settled` for a report written before
+    report.json recorded them)."""
+    from reports.json import settled
+
+    settings = settled(dict(given))
+    profile = settings.get("profile")
+    rows: list[tuple[str, str]] = []
+    if profile is not None:
+        rows.append(("Hypothesis profile", str(profile)))
+    if settings.get("examples_per_search") is not None:
+        origin = ("set by --max-examples" if settings.get("max_examples") is not None
+                  else f"the {profile} profile's max_examples")
+        rows.append(("cases per search", f"{settings['examples_per_search']} ({origin})"))
+    if "derandomize" in settings:
+        rows.append(("derandomize", "yes" if settings["derandomize"] else "no"))
+    if settings.get("seed_policy"):
+        rows.append(("seed", str(settings["seed_policy"])))
+    elif "seed" in settings:
+        rows.append(("seed", "–" if settings["seed"] is None else str(settings["seed"])))
+    shown = {"profile", "max_examples", "examples_per_search", "derandomize", "seed_policy", "seed"}
     for key, value in settings.items():
-        if key == "max_examples" and value is None:
-            text = "profile default"
-        elif key == "seed" and value is None:
-            text = "random (not fixed)"
-        elif key == "memory_limit" and isinstance(value, int):
+        if key in shown:
+            continue
+        if key == "memory_limit" and isinstance(value, int):
             text = f"{value / 2**30:.3g} GiB"
+        elif key == "memory_limit" and value is None:
+            text = "none"
         elif key == "timeout" and isinstance(value, (int, float)):
             text = f"{value:g} s"
+        elif key == "timeout" and value is None:
+            text = "none"
+        elif key == "variant" and value is None:
+            text = "as declared"
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
         elif isinstance(value, (list, tuple)):
             text = ", ".join(str(v) for v in value) or "–"
         else:
             text = "–" if value is None else str(value)
-        rows.append((labels.get(key, key.replace("_", " ")), text))
+        rows.append((key.replace("_", " "), text))
     return rows
+
+
+def _settings_per_search(settings: Mapping[str, Any]) -> Any:
+    from reports.json import settled
+
+    return settled(dict(settings)).get("examples_per_search") or "the profile's max_examples"
+
+
+def _finding_views(report: Mapping[str, Any], sections: Sequence[Section],
+                   base_dir: Path | None) -> list[dict[str, Any]]:
+    """report.json's findings, as the page shows them: each with its largest error and where it is, the
+    minimal case (a link, its path relative to the report, the replay command), the largest-error case,
+    and the section below that holds the worst record."""
+    out = []
+    for k, f in enumerate(report.get("findings") or [], 1):
+        if not isinstance(f, Mapping):
+            continue
+        w = f.get("worst") or {}
+        view: dict[str, Any] = {
+            "id": f"f{k}", "kind": str(f.get("kind", "")), "title": str(f.get("title", "")),
+            "implementation": str(f.get("implementation", "")), "evidence": str(f.get("evidence", "")),
+            "notes": [str(n) for n in f.get("notes") or []], "reason": str(f.get("reason", "")),
+            "first_bad_t": f.get("first_bad_t"), "records": f.get("records"),
+            "disagreeing": list(f.get("disagreeing") or []), "agreeing": list(f.get("agreeing") or []),
+            "ratio": None, "where": "", "values": "", "case": _case_words(f.get("case") or {}),
+            "case_rows": _case_rows(f.get("case") or {})[0],
+            "case_href": _case_href(str(f.get("case_file", "")), base_dir),
+            "case_path": _shown_path(str(f.get("case_file", "")), base_dir), "replay": str(f.get("replay", "")),
+            "largest_case": "", "largest_first_bad_t": w.get("first_bad_t"), "largest_href": None,
+            "largest_path": "", "largest_replay": "", "section": "",
+        }
+        if w.get("ratio") is not None:
+            view["ratio"] = w["ratio"]
+            coords = format_coords(w.get("coords") or {})
+            view["where"] = (f"{w.get('quantity', '')}{' at ' + coords if coords else ''} "
+                             f"({w.get('direction', '')}, {w.get('dtype', '')}, vs {w.get('oracle', '')})")
+            if w.get("actual") is not None or w.get("expected") is not None:
+                actual, expected = format_pair(w.get("actual"), w.get("expected"))
+                view["values"] = f"actual {actual}, expected {expected}"
+            if w.get("case_file") and w.get("case_file") != f.get("case_file"):
+                view["largest_case"] = _case_words(w.get("case") or {})
+                view["largest_href"] = _case_href(str(w["case_file"]), base_dir)
+                view["largest_path"] = _shown_path(str(w["case_file"]), base_dir)
+                view["largest_replay"] = str(w.get("replay", ""))
+        view["section"] = next(
+            (sec.id for sec in sections
+             if sec.record.implementation == view["implementation"]
+             and (not w or (sec.record.quantity == w.get("quantity") and sec.record.dtype == w.get("dtype")
+                            and sec.record.oracle == w.get("oracle") and sec.record.direction == w.get("direction")))
+             and (w or sec.status == view["kind"])), "")
+        out.append(view)
+    return out
+
+
+def _breakable(text: Any) -> Any:
+    """Escaped ``text`` that may wrap after ``/ : . , _`` and before a capital that follows a lower-case
+    letter, so that a long name wraps between its parts, never inside a word."""
+    from markupsafe import Markup, escape
+
+    out = []
+    prev = ""
+    for ch in str(text):
+        if ch.isupper() and prev.islower():
+            out.append(Markup("<wbr>"))
+        out.append(escape(ch))
+        if ch in "/:.,_":
+            out.append(Markup("<wbr>"))
+        prev = ch
+    return Markup("").join(out)
 
 
 def render_html(report: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None,
@@ -509,6 +699,9 @@ def render_html(report: Mapping[str, Any], *, base_dir: str | os.PathLike[str] |
         "notes": [str(n) for n in report.get("notes") or []],
         "target_rows": _target_rows(report.get("target_info")),
         "implementations": report.get("implementations") or [],
+        "findings": _finding_views(report, data["sections"], base),
+        "per_search": _settings_per_search(report.get("settings") or {}),
+        "diagnosis": report.get("diagnosis") if isinstance(report.get("diagnosis"), Mapping) else None,
         **data,
         **_inline_assets(),
     }

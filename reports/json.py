@@ -10,7 +10,9 @@ Schema (``schema_version`` 1)::
       "target": "impls.loop:LoopLSTM, ..." ,           # what was checked
       "verdict": "certified" | "discrepancies" | "error",
       "environment": {"python": ..., "platform": ..., "cpu": ..., "gpu": ... or null,
-                      "packages": {"numpy": ..., "hypothesis": ..., "torch": ... or null, ...}},
+                      "packages": {"numpy": ..., "tensorflow-cpu": ..., ...},  # installed, real names
+                      "provides": {"tensorflow": ["tensorflow-cpu"], ...},    # import name -> those
+                      "missing": ["cupy", ...]},                              # no distribution provides
       "target_info": {"name", "variant", "dtypes", "backward", "target", "loaded", "isolated"} or null,
                                                        # certify: what TARGET resolved to; "loaded" is
                                                        # {"text", "kind" (module | file | entry point),
@@ -18,6 +20,8 @@ Schema (``schema_version`` 1)::
       "settings": {"profile": ..., "max_examples": ..., "seed": ..., "dtypes": [...],
                    "oracles": [...], "timeout": ..., "jobs": ...,
                    # certify also: "isolate", "memory_limit" (bytes or null), "variant" (override or null)
+                   # from harness.cases.PROFILES: "examples_per_search" (max_examples, else the
+                   # profile's), "derandomize", "seed_policy" (one sentence)
                   },
       "tolerances": {"float64": {"values": {"rtol", "atol", "reason"}, "gradients": {...}},
                      "float32": {...}},
@@ -44,6 +48,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -52,17 +57,21 @@ from pathlib import Path
 from typing import Any
 
 from harness._version import __version__
+from harness.cases import PROFILES
 from harness.compare import TOLERANCES
 from harness.files import write_atomically
 from harness.findings import Finding, findings
 from harness.records import STATUSES, Record, json_safe, verdict
 
-__all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment"]
+__all__ = ["SCHEMA_VERSION", "build_report", "write_report", "read_report", "environment", "settled"]
 
 SCHEMA_VERSION = 1
 
-_PACKAGES = ("numpy", "hypothesis", "torch", "tensorflow", "tensorflow-cpu", "keras", "onnx", "onnxruntime",
-             "jax", "jaxlib", "matplotlib", "jinja2")
+#: What the environment panel names, by import name: the distributions that provide each are recorded
+#: under their real names (tensorflow may come as tensorflow-cpu, cupy as cupy-cuda12x, onnxruntime as
+#: onnxruntime-gpu); an import name no installed distribution provides is "missing".
+_IMPORTS = ("numpy", "hypothesis", "torch", "tensorflow", "keras", "onnx", "onnxruntime", "jax", "jaxlib",
+            "cupy", "matplotlib", "jinja2")
 
 
 def _cpu() -> str:
@@ -85,25 +94,41 @@ def _gpu() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _cupy_distributions() -> dict[str, str | None]:
-    """CuPy is one distribution per CUDA (or ROCm) major version: cupy-cuda12x, cupy-cuda13x, ...
-    Every one installed, by name, or ``{"cupy": None}`` when there is none."""
-    found: dict[str, str | None] = {}
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name == "cupy" or name.startswith("cupy-"):
-            found[name] = dist.version
-    return dict(sorted(found.items())) or {"cupy": None}
+def _canonical(name: str) -> str:
+    """A distribution's name as the package index spells it (PEP 503): ``tensorflow_cpu`` -> ``tensorflow-cpu``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _providers() -> dict[str, list[str]]:
+    """Import name -> the installed distributions that provide it, by their metadata names."""
+    try:
+        by_module = importlib.metadata.packages_distributions()
+    except Exception:  # noqa: BLE001 - a broken distribution must not stop a report
+        by_module = {}
+    out: dict[str, list[str]] = {}
+    for module in _IMPORTS:
+        names = []
+        for dist in dict.fromkeys(by_module.get(module, [])):
+            try:
+                names.append(_canonical(importlib.metadata.distribution(dist).metadata["Name"] or dist))
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        out[module] = names
+    return out
 
 
 def environment() -> dict[str, Any]:
-    packages: dict[str, str | None] = {}
-    for name in _PACKAGES:
-        try:
+    """Python, platform, CPU, GPU, and the installed distributions that matter to a run.
+
+    ``packages`` maps each installed distribution to its version, under its real name (``tensorflow-cpu``
+    when that is what provides ``import tensorflow``); ``provides`` maps each import name to the
+    distributions that provide it; ``missing`` lists the import names that none provides.
+    """
+    providers = _providers()
+    packages: dict[str, str] = {}
+    for names in providers.values():
+        for name in names:
             packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    packages.update(_cupy_distributions())
     return {
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
@@ -111,7 +136,32 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu(),
         "gpu": _gpu(),
         "packages": packages,
+        "provides": {module: names for module, names in providers.items() if names},
+        "missing": [module for module, names in providers.items() if not names],
     }
+
+
+def _seed_policy(seed: int | None, derandomize: bool) -> str:
+    if seed is not None:
+        return f"fixed: {seed} (--seed)"
+    if derandomize:
+        return "derandomized: the same cases on every run (the seed comes from the check itself)"
+    return "random: a new seed on every run"
+
+
+def settled(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with what the run actually used, from :data:`harness.cases.PROFILES`:
+    ``examples_per_search`` (``max_examples`` when given, else the profile's), ``derandomize`` and
+    ``seed_policy``. Keys already present are kept, so a report read back renders as it was written."""
+    out = dict(settings)
+    profile = PROFILES.get(str(out.get("profile")))
+    if profile is None:
+        return out
+    given = out.get("max_examples")
+    out.setdefault("examples_per_search", given if given is not None else profile.get("max_examples"))
+    out.setdefault("derandomize", bool(profile.get("derandomize", False)))
+    out.setdefault("seed_policy", _seed_policy(out.get("seed"), bool(out["derandomize"])))
+    return out
 
 
 def build_report(
@@ -143,7 +193,7 @@ def build_report(
         "verdict": verdict(records, interrupted=interrupted),
         "interrupted": interrupted,
         "environment": environment(),
-        "settings": dict(settings),
+        "settings": settled(settings),
         "tolerances": {
             dtype: {kind: {"rtol": t.rtol, "atol": t.atol, "reason": t.reason} for kind, t in table.items()}
             for dtype, table in TOLERANCES.items()

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Panel", "panels_of", "heatmap_png", "timestep_profile", "timestep_png", "available"]
+__all__ = ["Panel", "panels_of", "report_scale", "heatmap_png", "timestep_profile", "timestep_png", "available"]
 
 #: Smallest ratio the colour scale shows; exact agreement (ratio 0) is drawn in the same colour.
 _FLOOR = 1e-3
@@ -124,21 +124,27 @@ def _colormap(vmin_log: float, vmax_log: float):
     return ListedColormap(colors)
 
 
-def _scale(panels: Sequence[Panel]) -> tuple[float, float]:
+def report_scale(panels: Sequence[Panel]) -> tuple[float, float]:
+    """The colour scale (log10 of the lowest and highest ratio drawn) for every figure of one report.
+
+    One scale for the whole page: the same colour is the same multiple of the tolerance in every
+    heatmap, and the per-timestep plots share the same vertical range.
+    """
     worst = max((p.worst for p in panels), default=1.0)
     top = math.log10(min(max(worst, 10.0), NONFINITE))
     return math.log10(_FLOOR), math.ceil(top)
 
 
-def heatmap_png(panels: Sequence[Panel], *, quantity: str = "") -> str:
-    """One figure, one panel per gate (or a single panel), on a shared colour scale; a data URI."""
+def heatmap_png(panels: Sequence[Panel], *, quantity: str = "", scale: tuple[float, float] | None = None) -> str:
+    """One figure, one panel per gate (or a single panel), on ``scale`` (:func:`report_scale`, by default
+    of these panels alone); a data URI."""
     import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     if not panels:
         raise ValueError("panels: expected at least one panel, got none")
-    vmin, vmax = _scale(panels)
+    vmin, vmax = scale if scale is not None else report_scale(panels)
     cmap = _colormap(vmin, vmax)
     strip = all(len(p.values) == 1 for p in panels)
     n = len(panels)
@@ -231,8 +237,9 @@ def timestep_profile(panels: Sequence[Panel]) -> tuple[list[int], list[float]] |
 
 
 def timestep_png(panels: Sequence[Panel], *, direction: str, first_bad_t: int | None = None,
-                 quantity: str = "") -> str | None:
-    """Error against timestep (log scale, tolerance drawn at 1); None without a time axis."""
+                 quantity: str = "", scale: tuple[float, float] | None = None) -> str | None:
+    """Error against timestep (log scale, tolerance drawn at 1), its vertical range ``scale`` (log10, as
+    for the heatmaps); None without a time axis or with a single timestep (one dot says nothing)."""
     profile = timestep_profile(panels)
     if profile is None:
         return None
@@ -240,6 +247,9 @@ def timestep_png(panels: Sequence[Panel], *, direction: str, first_bad_t: int | 
     from matplotlib.figure import Figure
 
     ts, worst = profile
+    if len(ts) < 2:
+        return None
+    lo, hi = scale if scale is not None else report_scale(panels)
     values = np.clip(np.asarray(worst, dtype=float), _FLOOR, NONFINITE)
     fig = Figure(figsize=(6.2, 2.3), dpi=110)
     fig.subplots_adjust(left=0.75 / 6.2, right=1 - 0.15 / 6.2, bottom=0.48 / 2.3, top=1 - 0.3 / 2.3)
@@ -254,7 +264,7 @@ def timestep_png(panels: Sequence[Panel], *, direction: str, first_bad_t: int | 
         ax.annotate(f"first over: t={first_bad_t}", (first_bad_t, 1.0), xytext=(4, 6),
                     textcoords="offset points", fontsize=7, color="#e65100")
     ax.set_yscale("log")
-    ax.set_ylim(_FLOOR / 2, max(10.0, float(values.max()) * 3))
+    ax.set_ylim(10**lo / 2, 10**hi * 3)
     ax.set_xlim(-0.5, max(ts) + 0.5 if ts else 0.5)
     _index_ticks(ax.xaxis, max(ts) + 1 if ts else 1, 12)
     ax.set_xlabel("timestep t" + ("   (BPTT runs from the last step back, right to left)"

@@ -2,8 +2,10 @@
 
 The DOM after load must hold the matrix and every discrepancy section, the page's own script must
 have run (and nothing else), and the browser must not report a blocked load or script (the page's
-Content-Security-Policy logs any attempt). Screenshots (wide and narrow) and a print-to-PDF are kept
-as artifacts under $LSTM_HARNESS_ARTIFACTS (or pytest's tmp_path).
+Content-Security-Policy logs any attempt). On a failing report at 1366x768 the first finding lies
+within the first screen and the matrix shows every oracle without clipping. Screenshots (the first
+screen, wide and narrow) and a print-to-PDF are kept as artifacts under $LSTM_HARNESS_ARTIFACTS (or
+pytest's tmp_path).
 
 Needs Debian's ``chromium`` (``.ci/install-browser.sh``). Without it the tests skip and say why;
 with LSTM_HARNESS_REQUIRE_BROWSER=1 (set by CI once the browser is installed) they fail instead.
@@ -11,6 +13,9 @@ with LSTM_HARNESS_REQUIRE_BROWSER=1 (set by CI once the browser is installed) th
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -120,9 +125,9 @@ def test_dom_holds_the_matrix_and_every_discrepancy_section(browser, report_page
     assert "js" in root["class"].split() and "no-js" not in root["class"].split()  # the page's script ran
     assert dom.find("div", id="filters")[0].get("hidden") is None  # and showed the filter bar
     assert dom.find("table", id="matrix-table")
-    rows = [a["data-impl"] for t, a in dom.tags if t == "tr" and "data-impl" in a]
-    assert sorted(rows) == sorted(["good", "buggy", EVIL, "shapeless", EVIL_ATTR])
-    articles = dom.find("article")
+    rows = {a["data-impl"] for t, a in dom.tags if t == "tr" and "data-impl" in a}
+    assert rows == {"good", "buggy", EVIL, "shapeless", EVIL_ATTR}
+    articles = [a for a in dom.find("article") if "data-status" in a]  # the sections, not the findings
     # y and dW of "buggy", the grouped errors of EVIL, the error of EVIL_ATTR, the contract violation.
     assert len(articles) == 5
     assert {a["data-status"] for a in articles} == {"fail", "error", "contract"}
@@ -140,6 +145,109 @@ def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     return struct.unpack(">II", data[16:24])
+
+
+#: Oracles of a full run: the matrix must show every one of them at 1366 px.
+ORACLES = ("finite-differences", "torch-nn-lstm", "torch-composite", "tf-keras", "tf-block-lstm-v2", "tf-composite",
+           "onnxruntime", "onnx-reference", "jax-composite")
+#: Reads the layout after load into an attribute of <body> that --dump-dom shows. Added to a copy of the
+#: page (with its hash in the page's Content-Security-Policy), never to the report itself.
+MEASURE = """(function () {
+  function rect(el) {
+    var r = el.getBoundingClientRect();
+    return {top: r.top, bottom: r.bottom, left: r.left, right: r.right};
+  }
+  function measure() {
+    var box = document.getElementById("matrix-box");
+    var finding = document.querySelector("article.finding");
+    var headers = Array.prototype.slice.call(document.querySelectorAll("#matrix-table th.oracle"));
+    document.body.setAttribute("data-measure", JSON.stringify({
+      viewport: [window.innerWidth, window.innerHeight],
+      page_width: document.documentElement.scrollWidth,
+      finding: finding ? rect(finding) : null,
+      finding_parts: finding ? Array.prototype.map.call(finding.querySelectorAll(".big, pre.cmd"), rect) : [],
+      box: {rect: rect(box), scroll_width: box.scrollWidth, client_width: box.clientWidth,
+            overflow_x: getComputedStyle(box).overflowX},
+      oracles: headers.map(function (th) { return {name: th.textContent.trim(), rect: rect(th)}; })
+    }));
+  }
+  measure();
+  window.addEventListener("load", measure);
+})();"""
+
+
+@pytest.fixture(scope="module")
+def failing_page(tmp_path_factory) -> Path:
+    """A failing certify report with every oracle of a full run, as the first screen must show it."""
+    pytest.importorskip("jinja2", reason="the HTML report needs jinja2 (pip install 'lstm-harness[report]')")
+    pytest.importorskip("matplotlib", reason="the HTML report's figures need matplotlib")
+    import dataclasses
+
+    from reports.html import write_html
+
+    out = tmp_path_factory.mktemp("failing")
+    case = out / "cases" / "buggy-float64-T8B2D3H4.npz"
+    case.parent.mkdir()
+    case.write_bytes(b"placeholder")
+    planted = [r for r in planted_records(case_file=str(case)) if r.implementation == "buggy"]
+    records = []
+    for oracle in ORACLES:
+        for dtype in ("float64", "float32"):
+            records += [dataclasses.replace(r, oracle=oracle, dtype=dtype) for r in planted]
+    report = make_report(records)
+    report["target"] = "impls/loop_layernorm.py:LoopLayerNormLSTM"
+    report["oracles"] = [{"name": o, "available": True} for o in ORACLES]
+    return write_html(report, out / "index.html")
+
+
+def _measured_copy(page: Path) -> Path:
+    """A copy of ``page`` beside it that runs MEASURE too (its hash added to the policy)."""
+    text = page.read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(MEASURE.encode("utf-8")).digest()).decode("ascii")
+    policy = re.search(r"script-src (&#39;|')sha256-[^&']+(&#39;|')", text)  # the attribute is escaped
+    assert policy, "the page's Content-Security-Policy names its script by hash"
+    quote = policy.group(1)
+    text = text.replace(policy.group(0), f"{policy.group(0)} {quote}sha256-{digest}{quote}", 1)
+    text = text.replace("</body>", f"<script>{MEASURE}</script>\n</body>", 1)
+    copy = page.with_name("measured.html")
+    copy.write_text(text, encoding="utf-8")
+    return copy
+
+
+def test_first_screen_shows_the_first_finding_and_the_matrix_every_oracle(browser, failing_page, artifacts,
+                                                                         tmp_path):
+    width, height = 1366, 768
+    shot = artifacts / "report-first-screen.png"
+    shot.unlink(missing_ok=True)
+    proc = _run(browser, tmp_path / "shot", f"--window-size={width},{height}", f"--screenshot={shot}",
+                failing_page.as_uri())
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-3000:]
+    assert _png_size(shot) == (width, height)
+
+    proc = _run(browser, tmp_path / "dom", f"--window-size={width},{height}", "--dump-dom",
+                _measured_copy(failing_page).as_uri())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (body,) = _Dom(proc.stdout).find("body")
+    m = json.loads(body["data-measure"])
+    assert m["viewport"][0] == width, m["viewport"]
+    view_h = m["viewport"][1]
+    # The answer is on the first screen: the first finding, its largest error and its replay command.
+    finding = m["finding"]
+    assert finding is not None, "no finding on a failing report"
+    assert 0 <= finding["top"] and finding["bottom"] <= view_h, finding
+    assert len(m["finding_parts"]) == 2 and all(p["bottom"] <= view_h for p in m["finding_parts"])
+    # The page never scrolls sideways; the matrix fits, or scrolls inside its own box.
+    assert m["page_width"] <= width, m["page_width"]
+    box = m["box"]
+    assert box["rect"]["right"] <= width
+    assert box["scroll_width"] <= box["client_width"] or box["overflow_x"] in ("auto", "scroll"), box
+    # Every oracle has its row, and its header lies within the box's scrollable width.
+    assert [o["name"] for o in m["oracles"]] == list(ORACLES)
+    for o in m["oracles"]:
+        r = o["rect"]
+        assert r["right"] > r["left"] and box["rect"]["left"] <= r["left"] <= box["rect"]["left"] + box["scroll_width"]
+        assert r["right"] <= width, o  # at 1366 px every oracle is visible without scrolling at all
+    assert not _console_problems(proc.stderr), _console_problems(proc.stderr)
 
 
 @pytest.mark.parametrize(("label", "width", "height"), [("wide", 1280, 2400), ("narrow", 420, 2400)])

@@ -156,6 +156,11 @@ def doc(page) -> Elements:
     return Elements(page)
 
 
+def sections(doc: Elements) -> list[dict[str, str]]:
+    """The per-record sections below the matrix (the findings at the top are articles too, without a status)."""
+    return [a for a in doc.find("article") if "data-status" in a]
+
+
 def test_header_shows_verdict_target_versions_environment_settings_and_tolerances(page, doc):
     report = make_report()
     assert doc.find("h1", id="verdict")[0]["data-verdict"] == "discrepancies"
@@ -168,23 +173,22 @@ def test_header_shows_verdict_target_versions_environment_settings_and_tolerance
     for name, version in env["packages"].items():
         if version:
             assert html.escape(version) in page, name
-    assert "examples per check</dt><dd>12" in page and "seed</dt><dd>7" in page and "ci" in page
+    assert "cases per search</dt><dd>12 (set by --max-examples)" in page and "seed</dt><dd>fixed: 7" in page
     for dtype, table in TOLERANCES.items():
         for t in table.values():
             assert " ".join(t.reason.split()) in doc.all_text, dtype
     assert f"{TOLERANCES['float32']['gradients'].rtol:.1e}" in page
 
 
-def test_matrix_has_a_row_per_implementation_and_a_cell_per_oracle_direction_dtype(doc):
+def test_matrix_has_a_row_per_implementation_and_oracle_and_a_cell_per_direction_and_dtype(doc):
     rows = doc.find("tr", **{"data-problems": "yes"}) + doc.find("tr", **{"data-problems": "no"})
-    assert sorted(r["data-impl"] for r in rows) == sorted(["good", "buggy", EVIL, "shapeless"])
-    cells = [a for t, a in doc.tags if t == "td" and "data-status" in a]
-    # 2 oracles x 2 directions x 1 dtype per implementation (columns only where records exist: 3).
-    columns = {(c["data-oracle"], c["data-direction"], c["data-dtype"]) for c in cells}
     fd = "finite-differences"
-    assert columns == {(fd, "forward", "float64"), (fd, "backward", "float64"),
-                       ("torch", "forward", "float64")}
-    assert len(cells) == 4 * len(columns)
+    assert sorted((r["data-impl"], r["data-oracle"]) for r in rows) == sorted(
+        [("good", fd), ("good", "torch"), ("buggy", fd), (EVIL, fd), ("shapeless", fd)])
+    cells = [a for t, a in doc.tags if t == "td" and "data-status" in a]
+    columns = {(c["data-direction"], c["data-dtype"]) for c in cells}
+    assert columns == {("forward", "float64"), ("backward", "float64")}
+    assert len(cells) == len(rows) * len(columns)
 
     def statuses(direction, oracle=fd):
         return {c["data-status"] for c in cells
@@ -194,7 +198,7 @@ def test_matrix_has_a_row_per_implementation_and_a_cell_per_oracle_direction_dty
     assert fail_fwd["class"] == "cell fail-high"  # 1.7e6 x tol
     assert statuses("forward") == {"pass", "fail", "contract"}
     assert statuses("backward") == {"pass", "fail", "error", "none"}
-    assert statuses("forward", "torch") == {"skip", "none"}
+    assert statuses("forward", "torch") == {"skip"} and statuses("backward", "torch") == {"none"}
     skip = doc.find("td", **{"data-status": "skip"})[0]
     assert "torch is not installed" in skip["title"]  # the reason on hover
     contract = doc.find("td", **{"data-status": "contract"})[0]
@@ -212,7 +216,7 @@ def test_matrix_cell_shows_worst_error_as_multiple_of_tolerance(page):
 
 
 def test_every_discrepancy_has_its_section(page, doc):
-    articles = doc.find("article")
+    articles = sections(doc)
     # buggy y, buggy dW, the two error records grouped into one section, the contract violation.
     assert len(articles) == 4
     kinds = sorted((a["data-impl"], a["data-status"], a["data-quantity"]) for a in articles)
@@ -230,7 +234,7 @@ def test_every_discrepancy_has_its_section(page, doc):
 
 
 def test_failing_section_names_worst_element_first_timestep_case_and_replay(doc):
-    y_id = next(a["id"] for a in doc.find("article")
+    y_id = next(a["id"] for a in sections(doc)
                 if a["data-quantity"] == "y" and a["data-status"] == "fail")
     text = doc.text(y_id)
     assert "First timestep over tolerance: t=3" in text  # the message
@@ -240,7 +244,7 @@ def test_failing_section_names_worst_element_first_timestep_case_and_replay(doc)
         assert f"{k} {v}" in text
     assert "\"weight_scale\": \"unit\"" in text  # the case spec, as JSON
     assert "lstm-harness replay" in text
-    dw_id = next(a["id"] for a in doc.find("article") if a["data-quantity"] == "dW")
+    dw_id = next(a["id"] for a in sections(doc) if a["data-quantity"] == "dW")
     assert "gate=f" in doc.text(dw_id)
 
 
@@ -283,14 +287,14 @@ def test_untrusted_plugin_text_is_escaped(page, doc):
     assert html.escape(EVIL) in page  # name and exception message, shown as text
     assert len(doc.find("script")) == 1  # only the page's own inline script
     assert page.count("<script") == 1
-    err_id = next(a["id"] for a in doc.find("article") if a["data-status"] == "error")
+    err_id = next(a["id"] for a in sections(doc) if a["data-status"] == "error")
     text = doc.text(err_id)
     assert f"backward raised RuntimeError: {EVIL}" in text  # decoded back to the original text
     assert "Traceback (implementation frames only)" in text
 
 
 def test_contract_section_shows_expected_versus_received(doc):
-    cid = next(a["id"] for a in doc.find("article") if a["data-status"] == "contract")
+    cid = next(a["id"] for a in sections(doc) if a["data-status"] == "contract")
     assert "y: expected shape (8, 2, 4), got (8, 4, 2)" in doc.text(cid)
 
 
@@ -307,7 +311,7 @@ def test_certified_report_says_so_and_has_no_sections():
     page = render_html(make_report([_compare(y, y, "good", "forward", "y", 3)]))
     doc = Elements(page)
     assert doc.find("h1", id="verdict")[0]["data-verdict"] == "certified"
-    assert not doc.find("article")
+    assert not sections(doc)
     assert "No discrepancy" in page
 
 
@@ -345,7 +349,7 @@ def test_figures_are_capped_and_the_rest_is_counted():
     page = render_html(make_report(records), max_plotted=2, max_sections=4)
     doc = Elements(page)
     assert len(doc.find("img", **{"class": "heatmap"})) == 2
-    assert len(doc.find("article")) == 4
+    assert len(sections(doc)) == 4
     assert "Figures for 2 more discrepancies were left out" in page
     assert "2 further discrepancies (listed only)" in page
     assert len(doc.find("tr", **{"data-status": "fail"})) == 2 + 6  # overflow rows + all-checks rows
@@ -400,7 +404,7 @@ def test_report_of_a_broken_implementation_shows_the_gate_and_quantity(tmp_path)
                           implementations=[], oracles=[FiniteDifferenceOracle().describe()])
     path = write_html(report, tmp_path / "report" / "index.html")
     doc = Elements(path.read_text(encoding="utf-8"))
-    (article,) = doc.find("article")
+    (article,) = sections(doc)
     text = doc.text(article["id"])
     assert "dR from forget-grad-bug (float64) vs finite-differences: not close" in text
     assert "gate=f" in text
@@ -445,9 +449,9 @@ def test_report_read_back_from_json_renders_the_same(tmp_path):
     report = make_report(records)
     again = read_report(write_report(report, tmp_path / "report.json"))
     first, second = Elements(render_html(report)), Elements(render_html(again))
-    assert [a["id"] for a in first.find("article")] == [a["id"] for a in second.find("article")]
-    inf_id = next(a["id"] for a in second.find("article") if a["data-impl"] == "inf")
-    assert "|error| / allowed NaN/Inf" in second.text(inf_id)
+    assert [a["id"] for a in sections(first)] == [a["id"] for a in sections(second)]
+    inf_id = next(a["id"] for a in sections(second) if a["data-impl"] == "inf")
+    assert "|error| / allowed inf×" in second.text(inf_id)
     assert "first timestep over tolerance t=2" in second.text(inf_id)
 
 
@@ -456,13 +460,14 @@ def test_one_error_stopping_several_oracles_gets_one_section_naming_them():
     records = [_plain("raiser", "backward", q, "error", "backward raised ValueError: no", tb, oracle=o)
                for o in ("finite-differences", "torch") for q in ("dx", "dW")]
     doc = Elements(render_html(make_report(records)))
-    (article,) = doc.find("article")
+    (article,) = sections(doc)
     assert article["data-oracle"] == "finite-differences torch" and article["data-quantity"] == "dx dW"
     head = "dx, dW from raiser (float64) vs finite-differences, torch: raised an error"
     assert head in doc.text(article["id"])
     # Both matrix cells link to it, and so does the list of discrepancies.
     assert len(doc.find("td", **{"data-status": "error"})) == 2
-    assert len([a for a in doc.find("a") if a.get("href") == f"#{article['id']}"]) == 2 + 1
+    # (two cells, the list of discrepancies, the finding at the top)
+    assert len([a for a in doc.find("a") if a.get("href") == f"#{article['id']}"]) == 2 + 1 + 1
 
 
 def test_run_notes_and_the_resolved_certify_target_are_shown():
@@ -488,4 +493,186 @@ def test_settings_show_the_memory_limit_in_gib_and_the_timeout_in_seconds():
     assert "memory limit</dt><dd>1.5 GiB" in page and "timeout</dt><dd>60 s" in page
     report["settings"].update(memory_limit=None, timeout=None)
     page = render_html(report)
-    assert "memory limit</dt><dd>–" in page and "timeout</dt><dd>–" in page
+    assert "memory limit</dt><dd>none" in page and "timeout</dt><dd>none" in page
+
+
+def _seen(record: Record, larger: Record, case: dict, case_file: str = "") -> Record:
+    """``record`` with ``larger`` as the largest error the search saw, the way the runner attaches it."""
+    record.worst_seen = {"ratio": larger.ratio, "max_abs_error": larger.max_abs_error, "worst": larger.worst,
+                         "first_bad_t": larger.first_bad_t, "error_map": larger.error_map, "case": case,
+                         "case_file": case_file, "replay": f"lstm-harness replay {case_file} x"}
+    return record
+
+
+def _minimal_and_largest(tmp_path: Path) -> list[Record]:
+    """A failure whose minimal case is 1x1x1x1 and whose largest error was seen on an 8-step case."""
+    rng = np.random.default_rng(8)
+    small = rng.standard_normal((1, 1, 1))
+    minimal = _compare(small + 1e-6, small, "buggy", "forward", "y", 1)
+    minimal.case = {"T": 1, "B": 1, "D": 1, "H": 1, "dtype": "float64", "seed": 0,
+                    "spec": {**CASE["spec"], "T": 1, "B": 1, "D": 1, "H": 1, "weight_scale": "tiny"}}
+    minimal.case_file = str(tmp_path / "cases" / "buggy-T1B1D1H1.npz")
+    minimal.replay = f"lstm-harness replay {minimal.case_file} tests:buggy --oracle finite-differences"
+    y = rng.standard_normal((8, 2, 4))
+    bad = y.copy()
+    bad[5:, :, 2] += 0.5
+    larger = _compare(bad, y, "buggy", "forward", "y", 4)
+    big_case = {**CASE, "spec": {**CASE["spec"], "weight_scale": "large"}}
+    return [_seen(minimal, larger, big_case, str(tmp_path / "cases" / "buggy-T8B2D3H4-worst.npz"))]
+
+
+def test_findings_come_first_with_the_largest_error_where_it_is_and_how_to_replay(tmp_path):
+    records = _minimal_and_largest(tmp_path) + planted_records()[4:]  # plus the error, contract and skip
+    for name in ("buggy-T1B1D1H1.npz", "buggy-T8B2D3H4-worst.npz"):
+        (tmp_path / "cases").mkdir(exist_ok=True)
+        (tmp_path / "cases" / name).write_bytes(b"npz")
+    report = make_report(records)
+    page = write_html(report, tmp_path / "index.html").read_text(encoding="utf-8")
+    doc = Elements(page)
+    found = report["findings"]
+    assert [f["kind"] for f in found][0] == "discrepancy"
+    # Document order: the findings, then the matrix, the per-record sections, and the run's metadata last.
+    order = [page.index(f'id="{k}"') for k in ("answer", "f1", "matrix", "discrepancies", "run", "oracles")]
+    assert order == sorted(order)
+    assert page.index('id="f1"') < page.index("Tolerances") and page.index('id="f1"') < page.index("Environment")
+    first = doc.text("f1")
+    f = found[0]
+    w = f["worst"]
+    assert f["title"] in first
+    assert times(w["ratio"]) in first and w["ratio"] > 1e3  # the largest error, not the minimal case's
+    assert w["coords"]["unit"] == 2 and w["coords"]["t"] >= 5  # where the planted error is
+    where = ", ".join(f"{k}={v}" for k, v in w["coords"].items())
+    assert f"y at {where} (forward, float64, vs finite-differences)" in first
+    assert "First timestep over tolerance t=0 on the minimal case; t=5 on the largest-error case" in first
+    assert f["evidence"] in first
+    assert f["replay"] in first and "from the folder where certify ran" in first
+    hrefs = [a["href"] for a in doc.find("a", download="")]
+    assert "cases/buggy-T1B1D1H1.npz" in hrefs and "cases/buggy-T8B2D3H4-worst.npz" in hrefs
+    assert "cases/buggy-T1B1D1H1.npz relative to this report" in first  # the path beside the command
+    assert "largest-error case T=8, B=2, D=3, H=4, large weights" in first
+    # Every finding is shown, each before the matrix.
+    for k in range(1, len(found) + 1):
+        assert page.index(f'id="f{k}"') < page.index('id="matrix"')
+        assert found[k - 1]["title"] in doc.text(f"f{k}")
+
+
+def test_figures_are_drawn_on_the_largest_error_case_and_say_so(tmp_path):
+    doc = Elements(render_html(make_report(_minimal_and_largest(tmp_path))))
+    (section,) = sections(doc)
+    text = doc.text(section["id"])
+    assert "Drawn on the largest-error case (T=8, B=2, D=3, H=4, large weights" in text
+    (heatmap,) = doc.find("img", **{"class": "heatmap"})
+    assert "y: 3 of 32 cells over tolerance" in heatmap["alt"]  # t=5..7 of unit 2 (8 x 4 cells): the big case
+    assert len(doc.find("img", **{"class": "timestep"})) == 1
+
+
+def test_a_one_element_case_gets_no_figure_and_a_case_without_a_kept_map_is_named(tmp_path):
+    (rec,) = _minimal_and_largest(tmp_path)
+    rec.worst_seen = None  # only the 1x1 minimal case: a figure would be one rectangle
+    doc = Elements(render_html(make_report([rec])))
+    assert not doc.find("img")
+    assert "No figure: that case has one element per panel" in doc.all_text
+    (rec,) = _minimal_and_largest(tmp_path)
+    del rec.worst_seen["error_map"]  # written before the largest case's map was kept
+    doc = Elements(render_html(make_report([rec])))
+    assert "the largest-error case (T=8, B=2, D=3, H=4, large weights" in doc.all_text
+    assert "has no error map in report.json" in doc.all_text
+
+
+def test_every_heatmap_and_timestep_plot_of_a_report_shares_one_scale(monkeypatch, tmp_path):
+    from reports import plots
+
+    used = []
+    for name in ("heatmap_png", "timestep_png"):
+        real = getattr(plots, name)
+
+        def spy(*args, _real=real, **kwargs):
+            used.append(kwargs["scale"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(plots, name, spy)
+    records = planted_records() + _minimal_and_largest(tmp_path)
+    records[-1].implementation = "other"
+    page = render_html(make_report(records))
+    assert len(used) >= 4 and len(set(used)) == 1  # 3 heatmaps, 2 timestep plots
+    (scale,) = set(used)
+    worst = max(p.worst for r in records if r.status == "fail"
+                for p in plots.panels_of((r.worst_seen or {}).get("error_map") or r.error_map))
+    assert worst > 1e3 and 10 ** scale[1] >= worst  # covers the largest cell of any figure
+    assert page.count(f"10<sup>{scale[1]:.0f}</sup> × tolerance") == 3
+
+
+def test_environment_names_real_distributions_and_calls_missing_only_what_none_provides():
+    report = make_report()
+    report["environment"] = {"python": "3.11.7", "packages": {"numpy": "2.4.6", "tensorflow-cpu": "2.21.0"},
+                             "provides": {"numpy": ["numpy"], "tensorflow": ["tensorflow-cpu"]},
+                             "missing": ["cupy"]}
+    doc = Elements(render_html(report))
+    assert "tensorflow-cpu 2.21.0 (provides import tensorflow)" in doc.all_text
+    assert "Not installed (no distribution provides the import): cupy" in doc.all_text
+    # A report written when every known name was listed, None for those not installed.
+    report["environment"] = {"python": "3.11.7", "packages": {"tensorflow": None, "tensorflow-cpu": "2.21.0",
+                                                              "cupy": None, "torch": None}}
+    text = Elements(render_html(report)).all_text
+    assert "Not installed (no distribution provides the import): cupy, torch" in text
+
+
+def test_environment_records_what_is_importable_under_the_distributions_real_names():
+    import importlib.metadata
+    import importlib.util
+
+    from reports.json import environment
+
+    env = environment()
+    for name, version in env["packages"].items():
+        assert importlib.metadata.version(name) == version
+        assert name == name.lower() and "_" not in name  # as the package index spells it
+    for module, dists in env["provides"].items():
+        assert importlib.util.find_spec(module) is not None and set(dists) <= set(env["packages"])
+    for module in env["missing"]:
+        assert importlib.util.find_spec(module) is None, module
+    assert importlib.util.find_spec("numpy") and "numpy" in env["packages"]
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"profile": "ci", "max_examples": None, "seed": None},
+     ["cases per search {ci} (the ci profile's max_examples)", "derandomize yes",
+      "seed derandomized: the same cases on every run"]),
+    ({"profile": "dev", "max_examples": None, "seed": None},
+     ["cases per search {dev} (the dev profile's max_examples)", "derandomize no",
+      "seed random: a new seed on every run"]),
+    ({"profile": "thorough", "max_examples": 15, "seed": 3},
+     ["cases per search 15 (set by --max-examples)", "seed fixed: 3"]),
+])
+def test_run_settings_state_the_numbers_the_run_used(given, expected):
+    from harness.cases import PROFILES
+
+    report = make_report()
+    report["settings"] = given  # as harness/api.py writes them; the rest comes from PROFILES
+    text = Elements(render_html(report)).all_text
+    for line in expected:
+        assert line.format(**{k: v["max_examples"] for k, v in PROFILES.items()}) in text
+    assert "profile default" not in text and "random (not fixed)" not in text
+
+
+def test_a_long_name_wraps_between_words_never_inside_one():
+    report = make_report([_compare(np.zeros((2, 1, 2)), np.zeros((2, 1, 2)), "LoopLayerNormLSTM", "forward",
+                                   "y", 2)])
+    report["target"] = "impls/loop_layernorm.py:LoopLayerNormLSTM"
+    page = render_html(report)
+    assert "Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
+    assert "impls/<wbr>loop_<wbr>layernorm.<wbr>py:<wbr>Loop<wbr>Layer<wbr>Norm<wbr>LSTM" in page
+    assert "break-all" not in page
+
+
+def test_the_diagnosis_headline_and_its_remedy_come_before_the_findings():
+    report = make_report()
+    report["diagnosis"] = {"headline": "it matches if its gate blocks are read as f, i, g, o", "status": "convention",
+                           "match": {"as_declared": False, "adapt": "harness.adapt(impl, gate_order='figo')"},
+                           "hint": "", "text": "Diagnosis of buggy (7 conventions tried)"}
+    page = render_html(report)
+    doc = Elements(page)
+    assert "Diagnosis it matches if its gate blocks are read as f, i, g, o" in doc.text("diagnosis")
+    assert "certify it as harness.adapt(impl, gate_order='figo')" in doc.text("diagnosis")
+    assert "Diagnosis of buggy (7 conventions tried)" in doc.text("diagnosis")
+    assert page.index('id="verdict"') < page.index('id="diagnosis"') < page.index('id="f1"')
