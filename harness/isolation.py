@@ -42,10 +42,14 @@ from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.subject import Execution, execute
 
-__all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "check_timeout", "default_memory_limit",
-           "describe_exit"]
+__all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "WorkerFailure", "WorkerLoadError", "check_timeout",
+           "default_memory_limit", "describe_exit"]
 
 _GIB = 1024**3
+
+#: The least time loading an implementation is given, in seconds, however short the per-call timeout:
+#: importing PyTorch or TensorFlow alone takes seconds on a busy machine.
+MIN_LOAD_TIMEOUT = 20.0
 
 
 def default_memory_limit() -> int:
@@ -374,11 +378,11 @@ def _child_main(fd: int, module: str, function: str) -> None:
     getattr(importlib.import_module(module), function)(conn, payload)
 
 
-def check_timeout(timeout: Any) -> None:
-    """A per-call timeout is a positive number of seconds, or None for no limit."""
+def check_timeout(timeout: Any, name: str = "timeout") -> None:
+    """A timeout is a positive number of seconds, or None for no limit."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
-        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+        raise ValueError(f"{name}: expected a positive number of seconds or None, got {timeout!r}")
 
 
 class IsolatedSubject:
@@ -386,14 +390,18 @@ class IsolatedSubject:
 
     ``impl`` is a TARGET string (loaded in the worker, see :mod:`harness.plugins`) or an object that
     can be pickled. ``timeout`` is in seconds per call (forward, then backward), None for no limit.
-    ``memory_limit`` is in bytes (None: no cap). Raises :class:`WorkerLoadError` (or
+    ``load_timeout`` bounds starting the worker and loading (or adapting) the implementation; by
+    default it follows ``timeout``, but never below :data:`MIN_LOAD_TIMEOUT` (importing a framework
+    takes seconds), and there is no limit when ``timeout`` is None. ``memory_limit`` is in bytes (None:
+    no cap). Raises :class:`WorkerLoadError` (or
     :class:`~harness.plugins.LoadError` / :class:`~harness.contract.ContractError` translated by the
     caller) when the implementation cannot be loaded.
     """
 
     def __init__(self, impl: Any, *, variant: str | None = None, timeout: float | None = None,
-                 memory_limit: int | None = None, load_timeout: float = 120.0):
+                 memory_limit: int | None = None, load_timeout: float | None = None):
         check_timeout(timeout)
+        check_timeout(load_timeout, "load_timeout")
         if isinstance(impl, str):
             self._source: dict[str, Any] = {"target": impl, "variant": variant}
         else:
@@ -408,6 +416,8 @@ class IsolatedSubject:
                 ) from None
         self.timeout = timeout
         self.memory_limit = memory_limit
+        if load_timeout is None and timeout is not None:
+            load_timeout = max(float(timeout), MIN_LOAD_TIMEOUT)
         self.load_timeout = load_timeout
         self.restarts = 0
         self._proc: Any = None
@@ -427,7 +437,7 @@ class IsolatedSubject:
                             (self._source, self.memory_limit, self._fault_path))
         parent = proc.conn
         self._proc, self._conn = proc, parent
-        deadline = time.monotonic() + self.load_timeout
+        deadline = None if self.load_timeout is None else time.monotonic() + self.load_timeout
         while True:
             if parent.poll(0.05):
                 try:
@@ -442,10 +452,11 @@ class IsolatedSubject:
             if not proc.is_alive() and not parent.poll(0):
                 message = None
                 break
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 self._kill()
                 raise WorkerLoadError("load", f"loading the implementation took longer than "
-                                              f"{self.load_timeout:.0f} s in the worker process")
+                                              f"{self.load_timeout:g} s in the worker process (the load "
+                                              f"timeout, which follows the per-call timeout)")
         if message is None:
             proc.join(1.0)
             text = describe_exit(proc.exitcode)
@@ -517,11 +528,11 @@ class IsolatedSubject:
         info, limits = self._adapted[key]
         return _View(self, key, info, limits)
 
-    def _request(self, message: Any, timeout: float, what: str) -> Any:
+    def _request(self, message: Any, timeout: float | None, what: str) -> Any:
         """Send ``message`` and wait for the reply; a worker that dies, does not answer within
         ``timeout`` or answers something unreadable is stopped, and RuntimeError says which."""
         conn, proc = self._conn, self._proc
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         why = ""
         try:
             conn.send(message)
@@ -530,7 +541,7 @@ class IsolatedSubject:
                     return conn.recv()
                 if not proc.is_alive() and not conn.poll(0):
                     why = f"the worker process died: {describe_exit(proc.exitcode)}"
-                elif time.monotonic() > deadline:
+                elif deadline is not None and time.monotonic() > deadline:
                     why = f"the worker process did not answer within {timeout:g} s"
         except (EOFError, OSError):
             proc.join(1.0)

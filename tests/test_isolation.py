@@ -231,3 +231,26 @@ def test_adapting_in_a_worker_that_cannot_answer_is_an_error_not_a_crash(monkeyp
 def test_bad_timeouts_are_refused_before_a_worker_starts(timeout):
     with pytest.raises(ValueError, match="timeout: expected a positive number of seconds or None"):
         IsolatedSubject("impls.loop:LoopLSTM", timeout=timeout)
+
+
+def test_the_load_timeout_follows_the_per_call_timeout(monkeypatch):
+    import time
+
+    import harness.isolation
+
+    monkeypatch.setattr(harness.isolation, "MIN_LOAD_TIMEOUT", 2.0)
+    start = time.monotonic()
+    with pytest.raises(WorkerLoadError, match=r"loading the implementation took longer than 3 s"):
+        subject("HangsWhileLoading", timeout=3.0)
+    assert time.monotonic() - start < 30  # not the old fixed 120 s
+    with subject("Correct", timeout=0.1) as s:  # a short per-call timeout still leaves loading its floor
+        assert s.load_timeout == 2.0
+    with subject("Correct") as s:
+        assert s.load_timeout is None  # no per-call limit, no load limit
+    with subject("Correct", timeout=1.0, load_timeout=7.0) as s:
+        assert s.load_timeout == 7.0
+
+
+def test_a_bad_load_timeout_is_refused():
+    with pytest.raises(ValueError, match="load_timeout: expected a positive number"):
+        IsolatedSubject("impls.loop:LoopLSTM", load_timeout=0)

@@ -338,3 +338,12 @@ class DiesInChildOracle(FiniteDifferenceOracle):
 
     def __reduce__(self):
         return (_die_when_unpickled, ())
+
+
+class HangsWhileLoading(LoopLSTM):
+    """Never finishes being constructed: the worker is stuck loading it."""
+
+    name = "hangs-while-loading"
+
+    def __init__(self):
+        time.sleep(3600)
