@@ -23,6 +23,7 @@ or a full timeout.
 
 from __future__ import annotations
 
+import codecs
 import faulthandler
 import os
 import pickle
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -301,8 +303,9 @@ class ChildProcess:
 
     The child leads a process group of its own (a new session), and :meth:`kill` kills the whole
     group: processes the implementation started (which do not inherit ``PR_SET_PDEATHSIG``) go with
-    it. Its standard output goes to the parent's standard error: whatever an implementation prints
-    must not mix with the harness's own output (``--json``).
+    it. Its standard output and error are relayed to the parent's standard error, control characters
+    escaped (:func:`harness.subject.printable`): whatever an implementation prints must neither mix
+    with the harness's own output (``--json``) nor drive the terminal.
     """
 
     def __init__(self, module: str, function: str, payload: Any):
@@ -314,9 +317,12 @@ class ChildProcess:
         code = ("import sys; from harness.isolation import _child_main; "
                 f"_child_main(int(sys.argv[1]), {module!r}, {function!r})")
         self.popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), env=env,
-                                      stdin=subprocess.DEVNULL, stdout=_stderr_fd(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=hasattr(os, "killpg"))
         child_sock.close()
+        self._relay = threading.Thread(target=_relay, args=(self.popen.stdout, _stderr_fd()), daemon=True,
+                                       name="lstm-harness-worker-output")
+        self._relay.start()
         self.conn = Connection(parent_sock.detach())
         self.conn.send((list(sys.path), payload))
 
@@ -343,10 +349,27 @@ class ChildProcess:
         if self.popen.poll() is None:
             self.popen.kill()
         self.join(5.0)
+        self._relay.join(1.0)  # what it printed before it ended is out before the caller reports on it
         try:
             self.conn.close()
         except OSError:
             pass
+
+
+def _relay(pipe: Any, fd: int) -> None:
+    """Copy what the worker writes to ``fd``, a chunk at a time, control characters escaped."""
+    from harness.subject import printable
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while chunk := pipe.read1(65536):
+            data = memoryview(printable(decoder.decode(chunk)).encode("utf-8", errors="replace"))
+            while fd != subprocess.DEVNULL and data:
+                data = data[os.write(fd, data):]
+    except (OSError, ValueError):
+        pass  # the terminal went away, or the pipe was closed
+    finally:
+        pipe.close()
 
 
 def _stderr_fd() -> int:

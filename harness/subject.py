@@ -11,6 +11,7 @@ taking the harness down with it.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,10 +22,29 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback"]
+__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "printable", "short_traceback"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
 _HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+# C0 controls but newline and tab, DEL, C1 controls, and the Unicode controls that reorder text on screen.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but newline and tab shown as an escape (ESC as ``\\x1b``).
+
+    What an implementation says (exception text, what it prints) reaches a person's terminal through
+    the harness; this keeps it from clearing the screen, retitling the window, moving the cursor or
+    colouring a forged verdict. Every terminal renderer calls it; the JSON report keeps the raw text.
+    """
+    return _CONTROLS.sub(_escape, text)
 
 
 @dataclass

@@ -254,3 +254,25 @@ def test_the_load_timeout_follows_the_per_call_timeout(monkeypatch):
 def test_a_bad_load_timeout_is_refused():
     with pytest.raises(ValueError, match="load_timeout: expected a positive number"):
         IsolatedSubject("impls.loop:LoopLSTM", load_timeout=0)
+
+
+def test_printable_shows_control_characters_as_escapes():
+    from harness.subject import printable
+
+    assert printable("\x1b[2J\x1b[H") == "\\x1b[2J\\x1b[H"  # clear screen, cursor home
+    assert printable("\x1b]0;pwned\x07") == "\\x1b]0;pwned\\x07"  # window title
+    assert printable("step 1\rVerdict") == "step 1\\x0dVerdict"
+    assert printable("Verdict: \x1b[32mcertified\x1b[0m") == "Verdict: \\x1b[32mcertified\\x1b[0m"
+    assert printable("\x9b2J and \u202eevil") == "\\x9b2J and \\u202eevil"  # C1 CSI, right-to-left override
+    assert printable("line 1\n\tline 2 µ ü") == "line 1\n\tline 2 µ ü"  # newline, tab and text are kept
+
+
+def test_what_the_implementation_prints_reaches_the_terminal_escaped(capfd):
+    from tests.plugins.misbehaving import TERMINAL_TRICKS
+
+    with subject("DrivesTheTerminal") as s:
+        ex = s.execute(SHORT, backward=False)
+    assert ex.forward_error == f"forward raised ValueError: {TERMINAL_TRICKS}"  # the data keeps the raw text
+    out, err = capfd.readouterr()
+    assert "\x1b" not in out + err and "\r" not in err and "\x07" not in err
+    assert "\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\x0dVerdict: \\x1b[32mcertified\\x1b[0m" in err

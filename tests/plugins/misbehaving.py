@@ -347,3 +347,18 @@ class HangsWhileLoading(LoopLSTM):
 
     def __init__(self):
         time.sleep(3600)
+
+
+# What a terminal would obey: clear the screen, retitle the window, return to the line start, and a
+# verdict in green that the harness never gave.
+TERMINAL_TRICKS = "\x1b[2J\x1b[H\x1b]0;pwned\x07\rVerdict: \x1b[32mcertified\x1b[0m"
+
+
+class DrivesTheTerminal(LoopLSTM):
+    """Prints terminal control sequences, then raises with them in the message."""
+
+    name = "drives-the-terminal"
+
+    def forward(self, x, h0, c0, params):
+        print(TERMINAL_TRICKS, flush=True)
+        raise ValueError(TERMINAL_TRICKS)
