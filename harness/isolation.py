@@ -42,10 +42,10 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
-from harness.subject import Execution, execute
+from harness.subject import Execution, bounded, execute
 
-__all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "WorkerFailure", "WorkerLoadError", "check_timeout",
-           "default_memory_limit", "describe_exit"]
+__all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "ReplyTooLarge", "WorkerFailure", "WorkerLoadError",
+           "check_timeout", "default_memory_limit", "describe_exit", "reply_cap"]
 
 _GIB = 1024**3
 
@@ -204,13 +204,14 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
     try:
         impl, info, target = _load_in_worker(source)
     except LoadError as exc:
-        conn.send(("load-error", "load", str(exc), [], ""))
+        conn.send(("load-error", "load", bounded(str(exc)), [], ""))
         return
     except ContractError as exc:
-        conn.send(("load-error", "contract", str(exc), exc.problems, exc.subject))
+        conn.send(("load-error", "contract", bounded(str(exc)), [bounded(str(p)) for p in exc.problems[:50]],
+                   bounded(str(exc.subject), 200)))
         return
     except BaseException as exc:  # noqa: BLE001 - anything the user's module does while loading
-        text = f"loading the implementation raised {type(exc).__name__}: {exc}"
+        text = bounded(f"loading the implementation raised {type(exc).__name__}: {exc}")
         conn.send(("load-error", "load", text, [], ""))
         return
     if memory_limit:
@@ -248,7 +249,7 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
             conn.send(("result", execution))
         except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
             conn.send(("result", Execution(forward_error=f"the worker could not send the result back: "
-                                                        f"{type(exc).__name__}: {exc}")))
+                                                        f"{bounded(_unreadable(exc))}")))
 
 
 def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, key: Any) -> str:
@@ -259,7 +260,7 @@ def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, k
         wrapped = adapt(impl, **dict(key))
         adapted[key] = (wrapped, validate(wrapped))
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return bounded(f"{type(exc).__name__}: {exc}")
     return ""
 
 
@@ -269,7 +270,7 @@ def _exit_execution(phase: str, exc: BaseException, outputs: Any) -> Execution:
     compared."""
     from harness.subject import short_traceback
 
-    out = _phase_failure(phase, outputs, f"{phase} raised {type(exc).__name__}: {exc}", Execution())
+    out = _phase_failure(phase, outputs, bounded(f"{phase} raised {type(exc).__name__}: {exc}"), Execution())
     out.traceback = short_traceback(exc)
     return out
 
@@ -464,7 +465,10 @@ class IsolatedSubject:
         while True:
             if parent.poll(0.05):
                 try:
-                    message = parent.recv()
+                    message = _receive(parent, _CONTROL_CAP)
+                except ReplyTooLarge as exc:
+                    self._kill()
+                    raise WorkerLoadError("load", f"the worker process sent {exc}") from None
                 except (EOFError, OSError):
                     message = None
                 except Exception as exc:  # a reply this process cannot unpickle
@@ -561,11 +565,13 @@ class IsolatedSubject:
             conn.send(message)
             while not why:
                 if conn.poll(0.05):
-                    return conn.recv()
+                    return _receive(conn, _CONTROL_CAP)
                 if not proc.is_alive() and not conn.poll(0):
                     why = f"the worker process died: {describe_exit(proc.exitcode)}"
                 elif deadline is not None and time.monotonic() > deadline:
                     why = f"the worker process did not answer within {timeout:g} s"
+        except ReplyTooLarge as exc:
+            why = f"the worker process sent {exc}"
         except (EOFError, OSError):
             proc.join(1.0)
             why = f"the worker process died: {describe_exit(proc.exitcode)}"
@@ -600,6 +606,7 @@ class IsolatedSubject:
                                  failure="crash")
         conn, proc = self._conn, self._proc
         start = time.monotonic()
+        cap = reply_cap(case)
         try:
             conn.send(("execute", case, backward, _key))
         except (OSError, BrokenPipeError):
@@ -615,7 +622,9 @@ class IsolatedSubject:
                 return self._died(phase, outputs, start)
             if ready:
                 try:
-                    message = conn.recv()
+                    message = _receive(conn, cap)
+                except ReplyTooLarge as exc:
+                    return self._unreadable(phase, outputs, start, str(exc))
                 except (EOFError, OSError):
                     return self._died(phase, outputs, start)
                 except Exception as exc:  # e.g. an object this process cannot unpickle
@@ -677,8 +686,35 @@ class IsolatedSubject:
         return _phase_failure(phase, outputs, why, out)  # type: ignore[return-value]
 
 
+#: The largest reply read from a worker while loading or adapting (a description and a few names).
+_CONTROL_CAP = 16 * 1024**2
+
+
+def reply_cap(case: Case) -> int:
+    """The largest reply to one case read from a worker, in bytes: room for outputs and gradients in
+    twice the case's precision, and for the bounded texts. A larger reply is refused unread, so that
+    whatever an implementation returns, the harness's memory stays flat."""
+    return 16 * 1024**2 + 4 * sum(a.nbytes for a in (*case.arrays().values(), *case.upstream))
+
+
+class ReplyTooLarge(OSError):
+    """A worker announced a reply over the cap; it was not read (and the connection is unusable)."""
+
+
+def _receive(conn: Connection, cap: int) -> Any:
+    """The next message on ``conn``, refused before it is read when it is over ``cap`` bytes."""
+    try:
+        data = conn.recv_bytes(cap)
+    except OSError as exc:
+        if str(exc) == "bad message length":  # what Connection says of a message over maxlength
+            raise ReplyTooLarge(f"a reply over the cap of {cap / 1024**2:.0f} MiB for this case, refused "
+                                f"unread") from None
+        raise
+    return pickle.loads(data)
+
+
 def _unreadable(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return bounded(f"{type(exc).__name__}: {exc}", 1000)
 
 
 def _is_phase(message: Any) -> bool:

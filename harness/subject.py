@@ -22,7 +22,8 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "printable", "short_traceback"]
+__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "execute", "printable",
+           "short_traceback"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
 _HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
@@ -45,6 +46,20 @@ def printable(text: str) -> str:
     colouring a forged verdict. Every terminal renderer calls it; the JSON report keeps the raw text.
     """
     return _CONTROLS.sub(_escape, text)
+
+
+#: The most characters kept of any one text an implementation produces (an exception's message, a
+#: traceback, a contract problem): enough to read, while a message of megabytes can neither flood a
+#: report nor grow the harness's memory (a worker cuts it before sending it back).
+MAX_TEXT = 4000
+
+
+def bounded(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to about ``limit`` characters, its start and end kept, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[len(text) - tail:]}"
 
 
 @dataclass
@@ -77,7 +92,7 @@ def short_traceback(exc: BaseException) -> str:
     kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_HARNESS_DIR)]
     lines = traceback.format_list(kept or frames[-1:])
     lines += traceback.format_exception_only(type(exc), exc)
-    return "Traceback (implementation frames only):\n" + "".join(lines)
+    return bounded("Traceback (implementation frames only):\n" + "".join(lines))
 
 
 def _describe(value: Any) -> str:
@@ -88,8 +103,8 @@ def _describe(value: Any) -> str:
 
 def _raised(call: str, exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
-        return f"{call} called sys.exit({exc.code!r})"
-    return f"{call} raised {type(exc).__name__}: {exc}"
+        return bounded(f"{call} called sys.exit({exc.code!r})")
+    return bounded(f"{call} raised {type(exc).__name__}: {exc}")
 
 
 def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
@@ -103,7 +118,7 @@ def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str 
         try:
             array = np.array(to_numpy(value), copy=True)
         except Exception as exc:
-            return None, f"{name}: expected an array; {exc}"
+            return None, bounded(f"{name}: expected an array; {exc}")
         if array.dtype.kind != "f":
             return None, f"{name}: expected a floating-point array, got dtype {array.dtype}"
         out[name] = array
@@ -125,7 +140,7 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     try:
         result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
     except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
-        out.forward_contract = "forward: " + "; ".join(exc.problems)
+        out.forward_contract = bounded("forward: " + "; ".join(map(str, exc.problems)))
         out.seconds = time.perf_counter() - start
         return out
     except (Exception, SystemExit) as exc:
@@ -151,7 +166,7 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
         try:
             grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
         except ContractError as exc:
-            out.backward_contract = "backward: " + "; ".join(exc.problems)
+            out.backward_contract = bounded("backward: " + "; ".join(map(str, exc.problems)))
         except (Exception, SystemExit) as exc:
             out.backward_error = _raised("backward", exc)
             out.traceback = short_traceback(exc)

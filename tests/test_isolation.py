@@ -143,10 +143,10 @@ def test_an_unreadable_reply_is_a_failure_of_the_running_call(monkeypatch):
     with subject("Correct") as s:
         first = s._proc
 
-        def unreadable():
+        def unreadable(maxlength=None):
             raise pickle.UnpicklingError("invalid load key")
 
-        monkeypatch.setattr(s._conn, "recv", unreadable)
+        monkeypatch.setattr(s._conn, "recv_bytes", unreadable)
         ex = s.execute(SHORT, backward=True)
         assert isinstance(ex, WorkerFailure) and ex.failure == "crash"
         assert "sent back a reply that could not be read (UnpicklingError: invalid load key)" in ex.forward_error
@@ -216,10 +216,10 @@ def test_what_the_implementation_prints_goes_to_stderr(capfd):
 
 def test_adapting_in_a_worker_that_cannot_answer_is_an_error_not_a_crash(monkeypatch):
     with subject("Correct") as s:
-        def unreadable():
+        def unreadable(maxlength=None):
             raise EOFError
 
-        monkeypatch.setattr(s._conn, "recv", unreadable)
+        monkeypatch.setattr(s._conn, "recv_bytes", unreadable)
         with pytest.raises(RuntimeError, match="adapting the implementation: the worker process died"):
             s.adapted(gate_order="ifog")
         monkeypatch.undo()
@@ -276,3 +276,26 @@ def test_what_the_implementation_prints_reaches_the_terminal_escaped(capfd):
     out, err = capfd.readouterr()
     assert "\x1b" not in out + err and "\r" not in err and "\x07" not in err
     assert "\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\x0dVerdict: \\x1b[32mcertified\\x1b[0m" in err
+
+
+def test_a_huge_exception_message_is_cut_in_the_worker():
+    from harness.subject import MAX_TEXT
+
+    with subject("RaisesHugeMessage") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.forward_error.startswith("forward raised ValueError: start of the message xxx")
+    assert ex.forward_error.endswith("xxx end of the message")
+    assert "characters cut ...]" in ex.forward_error and len(ex.forward_error) < MAX_TEXT + 100
+    assert "characters cut ...]" in ex.traceback and len(ex.traceback) < MAX_TEXT + 100
+
+
+def test_a_reply_over_the_cap_is_an_error_of_that_call_and_the_worker_is_restarted():
+    with subject("ReturnsHugeGradient") as s:
+        first = s._proc
+        ex = s.execute(SHORT, backward=True)
+        assert isinstance(ex, WorkerFailure) and ex.failure == "crash"
+        assert ex.forward is not None and ex.forward_error is None  # forward's outputs came back before
+        assert "a reply over the cap of 16 MiB for this case, refused unread" in ex.backward_error
+        assert first.popen.poll() is not None  # stopped
+        again = s.execute(SHORT, backward=False)
+        assert again.forward is not None and s.restarts == 1

@@ -362,3 +362,23 @@ class DrivesTheTerminal(LoopLSTM):
     def forward(self, x, h0, c0, params):
         print(TERMINAL_TRICKS, flush=True)
         raise ValueError(TERMINAL_TRICKS)
+
+
+class RaisesHugeMessage(LoopLSTM):
+    """Raises a ValueError whose message is 20 MiB long."""
+
+    name = "raises-huge-message"
+
+    def forward(self, x, h0, c0, params):
+        raise ValueError("start of the message " + "x" * (20 * 2**20) + " end of the message")
+
+
+class ReturnsHugeGradient(LoopLSTM):
+    """Adds a 48 MiB gradient nobody asked for: a reply far over what the case calls for."""
+
+    name = "returns-huge-gradient"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["huge"] = np.ones(6 * 2**20)
+        return grads
