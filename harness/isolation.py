@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import faulthandler
+import mmap
 import os
 import pickle
 import signal
@@ -42,7 +43,7 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
-from harness.subject import Execution, bounded, execute
+from harness.subject import Execution, bounded, merge_backward, run_backward, run_forward
 
 __all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "ReplyTooLarge", "WorkerFailure", "WorkerLoadError",
            "check_timeout", "default_memory_limit", "describe_exit", "reply_cap"]
@@ -117,39 +118,44 @@ def describe_exit(exitcode: int | None) -> str:
 # The worker side
 
 
-class _Watched:
-    """Wraps the implementation in the worker: remembers the forward result, and tells the parent
-    when backward starts (with the forward outputs), so that a hang or crash is blamed on the right
-    call and the forward outputs are still compared."""
+class _SharedArrays:
+    """The arrays of a case in a file that parent and worker both map.
 
-    def __init__(self, impl: Any, conn: Any):
-        self._impl = impl
-        self._conn = conn
-        self.phase = "forward"
-        self._result: Any = None
-        self.outputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # forward's, once backward starts
+    The implementation is handed views into this file, so the parent sees every write into its
+    inputs with its own eyes, after each call, comparing against its own copy: no check that runs
+    in the worker (where the implementation could disable it) decides whether inputs were changed.
+    The file only grows, so a mapping of an older, smaller size stays valid.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._impl, name)
+    def __init__(self, path: str):
+        self.path = path
 
-    def forward(self, *args: Any) -> Any:
-        self.phase = "forward"
-        self._result = self._impl.forward(*args)
-        return self._result
+    @staticmethod
+    def layout(case: Case) -> tuple[list[tuple[str, str, tuple[int, ...], int]], int]:
+        """(name, dtype, shape, offset) of each array, and the bytes they take, 64-byte aligned."""
+        entries, offset = [], 0
+        for name, array in (*case.arrays().items(), ("dy", case.dy), ("dh_T", case.dh_T), ("dc_T", case.dc_T)):
+            entries.append((name, array.dtype.str, tuple(array.shape), offset))
+            offset += -(-array.nbytes // 64) * 64
+        return entries, max(offset, 64)
 
-    def backward(self, *args: Any) -> Any:
-        from harness.contract import to_numpy
+    def map(self, size: int) -> mmap.mmap:
+        with open(self.path, "r+b") as fh:
+            if os.fstat(fh.fileno()).st_size < size:
+                fh.truncate(size)
+            return mmap.mmap(fh.fileno(), size)
 
-        # Plain float ndarray copies (no subclass of the implementation's, which the parent could not
-        # unpickle): execute() has already checked that forward returned float arrays.
-        try:
-            outputs = tuple(np.array(to_numpy(r), copy=True, subok=False) for r in self._result[:3])
-            self.outputs = outputs if all(o.dtype.kind == "f" for o in outputs) else None  # type: ignore[assignment]
-        except Exception:
-            self.outputs = None
-        self.phase = "backward"
-        self._conn.send(("phase", "backward", self.outputs))
-        return self._impl.backward(*args)
+    @staticmethod
+    def views(buffer: Any, entries: list[tuple[str, str, tuple[int, ...], int]]) -> dict[str, np.ndarray]:
+        return {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+                for name, dtype, shape, offset in entries}
+
+    @staticmethod
+    def case_of(views: dict[str, np.ndarray], meta: dict[str, Any]) -> Case:
+        core = ("x", "h0", "c0", "dy", "dh_T", "dc_T")
+        return Case(meta["variant"], meta["dtype"], *(views[k] for k in core[:3]),
+                    params={k: v for k, v in views.items() if k not in core},
+                    dy=views["dy"], dh_T=views["dh_T"], dc_T=views["dc_T"], ln_eps=meta["ln_eps"], spec=meta["spec"])
 
 
 def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, dict | None]:
@@ -194,9 +200,11 @@ def _cap_memory(extra: int) -> None:
         pass  # no resource module (Windows), or not permitted: run without the cap
 
 
-def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> None:
-    """Load the implementation, then execute cases until told to stop or killed."""
-    source, memory_limit, fault_path = payload
+def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]) -> None:
+    """Load the implementation, then run forward and backward calls until told to stop or killed."""
+    source, memory_limit, fault_path, shared_path = payload
+    shared = _SharedArrays(shared_path)
+    pending: tuple[Any, ImplementationInfo, Case, Case, Any] | None = None  # a forward's, for its backward
     fault_file = open(fault_path, "w")  # noqa: SIM115 - kept open for faulthandler until the end
     faulthandler.enable(file=fault_file, all_threads=False)
     from harness.plugins import LoadError
@@ -233,18 +241,35 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
                 wrapped, wrapped_info = adapted[message[1]]
                 conn.send(("adapted", wrapped_info, getattr(wrapped, "lstm_harness_limits", None)))
             continue
-        _, case, backward, key = message
-        if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
-            problem = _adapt_into(adapted, impl, key)
-            if problem:
-                conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
-                continue
-        obj, obj_info = adapted[key] if key is not None else (impl, info)
-        watched = _Watched(obj, conn)
-        try:
-            execution = execute(watched, obj_info, case, backward=backward)
-        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
-            execution = _exit_execution(watched.phase, exc, watched.outputs)
+        if message[0] == "forward":
+            _, meta, entries, size, key = message
+            if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
+                problem = _adapt_into(adapted, impl, key)
+                if problem:
+                    pending = None
+                    conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
+                    continue
+            obj = adapted[key][0] if key is not None else impl
+            given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
+            case = given.copy()  # the worker's own check: the parent checks the shared arrays too
+            try:
+                execution, result = run_forward(obj, case, given)
+            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
+                execution, result = _exit_execution("forward", exc, None), None
+            pending = (obj, adapted[key][1] if key is not None else info, case, given, result)
+        else:  # "backward", right after a forward that returned
+            if pending is None or pending[4] is None:
+                execution = Execution()
+            else:
+                obj, obj_info, case, given, result = pending
+                pending = None
+                execution = Execution()
+                if obj_info.has_backward:
+                    try:
+                        execution = run_backward(obj, case, given, result, given)
+                    except BaseException as exc:  # noqa: BLE001
+                        execution = _exit_execution("backward", exc, None)
+                        execution.forward_contract = None
         try:
             conn.send(("result", execution))
         except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
@@ -448,6 +473,10 @@ class IsolatedSubject:
         self._conn: Any = None
         fd, self._fault_path = tempfile.mkstemp(prefix="lstm-harness-fault-", suffix=".txt")
         os.close(fd)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        fd, shared_path = tempfile.mkstemp(prefix="lstm-harness-arrays-", dir=shm)
+        os.close(fd)
+        self._shared = _SharedArrays(shared_path)
         self.target: dict | None = None
         self.limits: dict | None = None
         self._adapted: dict[Any, tuple[ImplementationInfo, dict | None]] = {}
@@ -458,7 +487,7 @@ class IsolatedSubject:
     def _start(self) -> ImplementationInfo:
         open(self._fault_path, "w").close()
         proc = ChildProcess("harness.isolation", "_worker_main",
-                            (self._source, self.memory_limit, self._fault_path))
+                            (self._source, self.memory_limit, self._fault_path, self._shared.path))
         parent = proc.conn
         self._proc, self._conn = proc, parent
         deadline = None if self.load_timeout is None else time.monotonic() + self.load_timeout
@@ -517,10 +546,11 @@ class IsolatedSubject:
             except (OSError, BrokenPipeError):
                 pass
         self._kill()
-        try:
-            os.unlink(self._fault_path)
-        except OSError:
-            pass
+        for path in (self._fault_path, self._shared.path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def __enter__(self) -> IsolatedSubject:
         return self
@@ -599,20 +629,51 @@ class IsolatedSubject:
         return "\n".join(lines)
 
     def execute(self, case: Case, *, backward: bool, _key: Any = None) -> Execution:
+        """Forward, then backward (when asked for and forward returned): one request each, each with
+        the whole per-call timeout, which only this process keeps. Writes into the inputs are found
+        here, in the shared arrays, whatever the worker reports."""
         try:
             self._ensure()
         except WorkerLoadError as exc:
             return WorkerFailure(forward_error=f"the worker process could not be restarted: {exc}",
                                  failure="crash")
-        conn, proc = self._conn, self._proc
         start = time.monotonic()
+        entries, size = _SharedArrays.layout(case)
+        buffer = self._shared.map(size)
+        views = _SharedArrays.views(buffer, entries)
+        originals = {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
+        for name, view in views.items():
+            view[...] = originals[name]
+        meta = {"variant": case.variant, "dtype": case.dtype, "ln_eps": case.ln_eps, "spec": case.spec}
         cap = reply_cap(case)
+        out = self._call(("forward", meta, entries, size, _key), "forward", None, cap, start)
+        if isinstance(out, WorkerFailure):
+            return out
+        inputs = list(case.arrays())
+        _note_writes(out, views, originals, inputs, "forward")
+        if backward and out.forward is not None:
+            after_forward = {name: views[name].copy() for name in inputs}
+            back = self._call(("backward",), "backward", out.forward, cap, start)
+            if isinstance(back, WorkerFailure):
+                back.mutated = out.mutated
+                return back
+            out = merge_backward(out, back)
+            _note_writes(out, views, originals, ("dy", "dh_T", "dc_T"), "backward")
+            _note_writes(out, views, after_forward, inputs, "backward")
+        del views  # the mapping can close once no array looks into it
+        return out
+
+    def _call(self, message: Any, phase: str, outputs: Any, cap: int, start: float) -> Execution:
+        """Send one request and wait, until ``timeout``, for its result. Anything else the worker sends
+        meanwhile (an implementation can write on the worker's socket too) is dropped: it neither
+        answers the call nor extends its time."""
+        conn, proc = self._conn, self._proc
         try:
-            conn.send(("execute", case, backward, _key))
+            conn.send(message)
         except (OSError, BrokenPipeError):
-            return self._died("forward", None, start)
-        phase, outputs = "forward", None
+            return self._died(phase, outputs, start)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        dropped = 0
         while True:
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             ready = False
@@ -629,18 +690,13 @@ class IsolatedSubject:
                     return self._died(phase, outputs, start)
                 except Exception as exc:  # e.g. an object this process cannot unpickle
                     return self._unreadable(phase, outputs, start, _unreadable(exc))
-                if _is_phase(message):
-                    phase, outputs = message[1], message[2]
-                    if self.timeout is not None:
-                        deadline = time.monotonic() + self.timeout
-                    continue
-                if not (isinstance(message, tuple) and len(message) == 2 and message[0] == "result"
-                        and isinstance(message[1], Execution)):
-                    return self._unreadable(phase, outputs, start, f"an unexpected message {message!r:.200}")
-                execution = message[1]
-                self._note_memory(execution)
-                return execution
-            if not proc.is_alive():
+                if isinstance(message, tuple) and len(message) == 2 and message[0] == "result" \
+                        and isinstance(message[1], Execution):
+                    execution = message[1]
+                    self._note_memory(execution)
+                    return execution
+                dropped += 1
+            elif not proc.is_alive():
                 if conn.poll(0):
                     continue  # the result arrived just before the exit
                 return self._died(phase, outputs, start)
@@ -649,6 +705,8 @@ class IsolatedSubject:
                 why = (f"{phase} did not return within {self.timeout:g} s (the timeout per call); the worker "
                        f"process running it was stopped. The implementation hangs, or is far too slow for "
                        f"this case")
+                if dropped:
+                    why += f". Meanwhile the worker's socket carried {dropped} message(s) that were not a reply"
                 return self._failure(phase, outputs, why, "timeout", start)
 
     def _note_memory(self, execution: Execution) -> None:
@@ -717,14 +775,13 @@ def _unreadable(exc: BaseException) -> str:
     return bounded(f"{type(exc).__name__}: {exc}", 1000)
 
 
-def _is_phase(message: Any) -> bool:
-    """("phase", "backward", outputs), outputs None or three float arrays."""
-    if not (isinstance(message, tuple) and len(message) == 3 and message[0] == "phase"
-            and message[1] == "backward"):
-        return False
-    outputs = message[2]
-    return outputs is None or (isinstance(outputs, tuple) and len(outputs) == 3
-                               and all(isinstance(o, np.ndarray) for o in outputs))
+def _note_writes(out: Execution, views: dict[str, np.ndarray], before: dict[str, np.ndarray], names: Any,
+                 when: str) -> None:
+    """Add to ``out.mutated`` each of ``names`` whose shared array no longer holds ``before``'s values."""
+    for name in names:
+        entry = f"{name} ({when})"
+        if entry not in out.mutated and not np.array_equal(views[name], before[name], equal_nan=True):
+            out.mutated.append(entry)
 
 
 class _View:

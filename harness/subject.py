@@ -22,8 +22,8 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "execute", "printable",
-           "short_traceback"]
+__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "execute", "merge_backward",
+           "printable", "run_backward", "run_forward", "short_traceback"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
 _HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
@@ -131,61 +131,91 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
     caught, so that a person can still stop a run.
     """
+    given = case.copy()  # the implementation gets its own copies; case keeps the originals
+    out, result = run_forward(impl, case, given)
+    if result is not None and backward and info.has_backward:
+        out = merge_backward(out, run_backward(impl, case, given, result, case.copy()))
+    return out
+
+
+def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
+    """Call ``impl.forward`` on the arrays of ``given`` (which ``case`` holds unchanged, to detect
+    writes into them): the Execution, and the whole result when forward kept the contract (else None).
+    """
     import time
 
     out = Execution()
-    inputs = case.copy()  # the implementation gets its own copies; case keeps the originals
     names = ("x", "h0", "c0", *case.params)
     start = time.perf_counter()
     try:
-        result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
+        result = impl.forward(given.x, given.h0, given.c0, given.params)
     except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
         out.forward_contract = bounded("forward: " + "; ".join(map(str, exc.problems)))
         out.seconds = time.perf_counter() - start
-        return out
+        return out, None
     except (Exception, SystemExit) as exc:
         out.forward_error = _raised("forward", exc)
         out.traceback = short_traceback(exc)
         out.seconds = time.perf_counter() - start
-        return out
-    out.mutated += _mutations(case, inputs, names, "forward")
-    after_forward = inputs.copy()  # so that backward is blamed only for what backward changes
+        return out, None
+    out.seconds = time.perf_counter() - start
+    out.mutated += _mutations(case, given, names, "forward")
     if not isinstance(result, (tuple, list)) or len(result) != 4:
         out.forward_contract = (
             f"forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got {_describe(result)}"
         )
-        return out
+        return out, None
     outputs, problem = _arrays(result[:3], ("y", "h_T", "c_T"))
     if problem:
         out.forward_contract = f"forward: {problem}"
-        return out
+        return out, None
     out.forward = tuple(outputs.values())  # type: ignore[union-attr,assignment]
-    if backward and info.has_backward:
-        out.backward_ran = True
-        up = case.copy()
-        try:
-            grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
-        except ContractError as exc:
-            out.backward_contract = bounded("backward: " + "; ".join(map(str, exc.problems)))
-        except (Exception, SystemExit) as exc:
-            out.backward_error = _raised("backward", exc)
-            out.traceback = short_traceback(exc)
+    return out, result
+
+
+def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case) -> Execution:
+    """Call ``impl.backward`` with the upstream gradients of ``upstream`` and forward's cache: an
+    Execution holding the backward fields only. Writes into ``given`` are blamed on backward only
+    when they happen now."""
+    import time
+
+    out = Execution(backward_ran=True)
+    names = ("x", "h0", "c0", *case.params)
+    after_forward = given.copy()
+    start = time.perf_counter()
+    try:
+        grads = impl.backward(upstream.dy, upstream.dh_T, upstream.dc_T, result[3])
+    except ContractError as exc:
+        out.backward_contract = bounded("backward: " + "; ".join(map(str, exc.problems)))
+    except (Exception, SystemExit) as exc:
+        out.backward_error = _raised("backward", exc)
+        out.traceback = short_traceback(exc)
+    else:
+        out.mutated += _mutations(case, upstream, ("dy", "dh_T", "dc_T"), "backward")
+        out.mutated += _mutations(after_forward, given, names, "backward")
+        if not isinstance(grads, Mapping):
+            out.backward_contract = f"backward: expected a dict of gradients by name, got {_describe(grads)}"
         else:
-            out.mutated += _mutations(case, up, ("dy", "dh_T", "dc_T"), "backward")
-            out.mutated += _mutations(after_forward, inputs, names, "backward")
-            if not isinstance(grads, Mapping):
-                out.backward_contract = (
-                    f"backward: expected a dict of gradients by name, got {_describe(grads)}"
-                )
+            keys = [str(k) for k in grads]
+            gradients, problem = _arrays(grads.values(), [f"gradient {k!r}" for k in keys])
+            if problem:
+                out.backward_contract = f"backward: {problem}"
             else:
-                keys = [str(k) for k in grads]
-                gradients, problem = _arrays(grads.values(), [f"gradient {k!r}" for k in keys])
-                if problem:
-                    out.backward_contract = f"backward: {problem}"
-                else:
-                    out.gradients = dict(zip(keys, gradients.values()))  # type: ignore[union-attr]
+                out.gradients = dict(zip(keys, gradients.values()))  # type: ignore[union-attr]
     out.seconds = time.perf_counter() - start
     return out
+
+
+def merge_backward(forward: Execution, backward: Execution) -> Execution:
+    """One Execution of a forward call and the backward call after it."""
+    forward.backward_ran = backward.backward_ran
+    forward.gradients = backward.gradients
+    forward.backward_error = backward.backward_error
+    forward.backward_contract = backward.backward_contract
+    forward.mutated = forward.mutated + [m for m in backward.mutated if m not in forward.mutated]
+    forward.traceback = backward.traceback or forward.traceback
+    forward.seconds += backward.seconds
+    return forward
 
 
 def _get(case: Case, name: str) -> np.ndarray:

@@ -299,3 +299,25 @@ def test_a_reply_over_the_cap_is_an_error_of_that_call_and_the_worker_is_restart
         assert first.popen.poll() is not None  # stopped
         again = s.execute(SHORT, backward=False)
         assert again.forward is not None and s.restarts == 1
+
+
+def test_writes_into_the_inputs_are_seen_by_the_parent_whatever_the_worker_reports():
+    with subject("MutatesInputAndHidesIt") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.mutated == ["x (forward)"]
+    with subject("MutatesUpstream") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.mutated == ["dy (backward)"]
+
+
+def test_messages_from_the_implementation_do_not_extend_the_deadline():
+    import time
+
+    with subject("FakesProgressAndHangs", timeout=1.0) as s:
+        start = time.monotonic()
+        ex = s.execute(SHORT, backward=True)
+        elapsed = time.monotonic() - start
+    assert isinstance(ex, WorkerFailure) and ex.failure == "timeout"
+    assert ex.forward_error.startswith("forward did not return within 1 s")
+    assert "message(s) that were not a reply" in ex.forward_error
+    assert elapsed < 30  # generous: the messages arrive every 0.2 s, and used to restart the clock forever

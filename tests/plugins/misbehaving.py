@@ -382,3 +382,33 @@ class ReturnsHugeGradient(LoopLSTM):
         grads = super().backward(dy, dh_T, dc_T, cache)
         grads["huge"] = np.ones(6 * 2**20)
         return grads
+
+
+class MutatesInputAndHidesIt(LoopLSTM):
+    """Halves x in place after using it, having first switched off the mutation check of the process
+    it runs in."""
+
+    name = "mutates-input-and-hides-it"
+
+    def forward(self, x, h0, c0, params):
+        import harness.subject
+
+        harness.subject._mutations = lambda *args, **kwargs: []
+        out = super().forward(x, h0, c0, params)
+        x *= 0.5
+        return out
+
+
+class FakesProgressAndHangs(LoopLSTM):
+    """Writes "backward has started" messages on the worker's own socket (its file descriptor is the
+    worker's first argument) every 0.2 s, and never returns."""
+
+    name = "fakes-progress-and-hangs"
+
+    def forward(self, x, h0, c0, params):
+        from multiprocessing.connection import Connection
+
+        conn = Connection(os.dup(int(sys.argv[1])))
+        while True:
+            conn.send(("phase", "backward", None))
+            time.sleep(0.2)
