@@ -31,6 +31,7 @@ __all__ = [
     "case_specs",
     "cases",
     "load_case",
+    "MAX_CASE_BYTES",
     "register_profiles",
     "PROFILES",
 ]
@@ -177,20 +178,107 @@ class Case:
         return path
 
 
+#: The most bytes a case file may hold once decompressed, checked against what its members declare
+#: before anything is inflated: a case is a few arrays of a small LSTM, not a gigabyte.
+MAX_CASE_BYTES = 256 * 1024**2
+
+_CORE = ("x", "h0", "c0", "dy", "dh_T", "dc_T")
+
+
 def load_case(path: str | os.PathLike[str]) -> Case:
+    """Read a case written by :meth:`Case.save`, checking it first: a ValueError says what is wrong.
+
+    A case file may come from anywhere (a report moved between machines, a bug report), so it is
+    read like untrusted input: sizes are checked from the zip directory before any member is
+    decompressed; then the metadata, the names of the arrays, their dtype, shapes consistent with one
+    T, B, D, H and the variant, and finite values.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            if len(members) > 64:
+                raise ValueError(f"{path}: {len(members)} arrays; a case file holds at most 64")
+            total = sum(m.file_size for m in members)
+            if total > MAX_CASE_BYTES:
+                raise ValueError(f"{path}: its arrays would take {total / 1024**2:.0f} MiB once decompressed; a "
+                                 f"case file may take at most {MAX_CASE_BYTES / 1024**2:.0f} MiB")
+            for member in members:  # each array's own header must agree with the size its member declares
+                _check_header(zf, member, path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a case file (.npz): {exc}") from None
     with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
+        names = set(data.files)
+        missing = [k for k in ("meta", *_CORE) if k not in names]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}")
+        try:
+            meta = json.loads(str(data["meta"]))
+            variant, dtype, ln_eps = meta["variant"], meta["dtype"], float(meta["ln_eps"])
+            spec = CaseSpec(**meta["spec"]) if meta.get("spec") else None
+        except Exception as exc:
+            raise ValueError(f"{path}: unreadable metadata ({type(exc).__name__}: {exc})") from None
+        if variant not in VARIANTS:
+            raise ValueError(f"{path}: variant {variant!r} is not one of {sorted(VARIANTS)}")
+        if dtype not in DEFAULT_DTYPES:
+            raise ValueError(f"{path}: dtype {dtype!r} is not one of {list(DEFAULT_DTYPES)}")
+        if not (np.isfinite(ln_eps) and ln_eps > 0):
+            raise ValueError(f"{path}: ln_eps must be a positive number, got {ln_eps!r}")
         params = {k[len("param_"):]: data[k] for k in data.files if k.startswith("param_")}
-        spec = CaseSpec(**meta["spec"]) if meta.get("spec") else None
-        return Case(
-            variant=meta["variant"],
-            dtype=meta["dtype"],
-            x=data["x"], h0=data["h0"], c0=data["c0"],
-            params=params,
-            dy=data["dy"], dh_T=data["dh_T"], dc_T=data["dc_T"],
-            ln_eps=float(meta["ln_eps"]),
-            spec=spec,
-        )
+        unexpected = sorted(names - {"meta", *_CORE} - {f"param_{k}" for k in params})
+        if unexpected:
+            raise ValueError(f"{path}: unexpected arrays {unexpected}")
+        expected_params = VARIANTS[variant].param_names
+        if sorted(params) != sorted(expected_params):
+            raise ValueError(f"{path}: the {variant} variant has parameters {list(expected_params)}, the file has "
+                             f"{sorted(params)}")
+        arrays = {k: data[k] for k in _CORE}
+    case = Case(variant=variant, dtype=dtype, x=arrays["x"], h0=arrays["h0"], c0=arrays["c0"], params=params,
+                dy=arrays["dy"], dh_T=arrays["dh_T"], dc_T=arrays["dc_T"], ln_eps=ln_eps, spec=spec)
+    _check_arrays(case, path)
+    return case
+
+
+def _check_header(zf: Any, member: Any, path: Any) -> None:
+    """The .npy header of one member: a plain dtype, and a shape whose bytes fit the declared size."""
+    from numpy.lib import format as npy
+
+    with zf.open(member) as fh:
+        try:
+            version = npy.read_magic(fh)
+            shape, _fortran, dtype = (npy.read_array_header_1_0(fh) if version == (1, 0)
+                                      else npy.read_array_header_2_0(fh))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {member.filename} is not a NumPy array ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {member.filename} holds Python objects; a case holds numbers only")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > member.file_size:
+        raise ValueError(f"{path}: {member.filename} claims shape {shape} ({dtype}), more than its "
+                         f"{member.file_size} bytes")
+
+
+def _check_arrays(case: Case, path: Any) -> None:
+    """Dtypes, shapes consistent with one T, B, D, H and the variant, and finite values."""
+    everything = {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
+    for name, array in everything.items():
+        if array.dtype != np.dtype(case.dtype):
+            raise ValueError(f"{path}: {name} has dtype {array.dtype}, the case is {case.dtype}")
+    if case.x.ndim != 3 or case.h0.ndim != 2:
+        raise ValueError(f"{path}: x must be (T, B, D) and h0 (B, H); got x {case.x.shape}, h0 {case.h0.shape}")
+    T, B, D = case.x.shape
+    H = case.h0.shape[1]
+    if min(T, B, D, H) < 1:
+        raise ValueError(f"{path}: T, B, D and H must all be at least 1; got {T}, {B}, {D}, {H}")
+    shapes = {"x": (T, B, D), "h0": (B, H), "c0": (B, H), "dy": (T, B, H), "dh_T": (B, H), "dc_T": (B, H),
+              **VARIANTS[case.variant].param_shapes(D=D, H=H)}
+    for name, array in everything.items():
+        if array.shape != shapes[name]:
+            raise ValueError(f"{path}: {name} has shape {array.shape}; with T={T}, B={B}, D={D}, H={H} "
+                             f"({case.variant}) it must be {shapes[name]}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{path}: {name} holds {int(np.sum(~np.isfinite(array)))} values that are not "
+                             f"finite")
 
 
 def _check_spec(spec: CaseSpec) -> None:
