@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import faulthandler
+import json
 import mmap
 import os
 import pickle
@@ -334,7 +335,7 @@ class ChildProcess:
     with the harness's own output (``--json``) nor drive the terminal.
     """
 
-    def __init__(self, module: str, function: str, payload: Any):
+    def __init__(self, module: str, function: str, payload: Any, *, guarded: bool = False):
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,7 +343,14 @@ class ChildProcess:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         code = ("import sys; from harness.isolation import _child_main; "
                 f"_child_main(int(sys.argv[1]), {module!r}, {function!r})")
-        self.popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), env=env,
+        argv = [sys.executable, "-c", code, str(fd)]
+        self._status_path = ""
+        if guarded and _GUARD:
+            handle, self._status_path = tempfile.mkstemp(prefix="lstm-harness-guard-", suffix=".json")
+            os.close(handle)
+            argv = [sys.executable, "-c", "import sys; from harness.isolation import _guard_main; _guard_main()",
+                    self._status_path, *argv]
+        self.popen = subprocess.Popen(argv, pass_fds=(fd,), env=env,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=hasattr(os, "killpg"))
         child_sock.close()
@@ -357,7 +365,24 @@ class ChildProcess:
 
     @property
     def exitcode(self) -> int | None:
-        return self.popen.poll()
+        """The child's exit code; behind a guard, the worker's (the guard reports it)."""
+        code = self.popen.poll()
+        status = self._guard_status()
+        return status.get("exit", code) if code is not None else None
+
+    @property
+    def note(self) -> str:
+        """What the guard saw besides an exit: a signal the implementation sent to its parent."""
+        return str(self._guard_status().get("note", ""))
+
+    def _guard_status(self) -> dict[str, Any]:
+        if not self._status_path:
+            return {}
+        try:
+            with open(self._status_path, encoding="utf-8") as fh:
+                return json.loads(fh.read() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     def join(self, timeout: float) -> None:
         try:
@@ -366,7 +391,14 @@ class ChildProcess:
             pass
 
     def kill(self) -> None:
-        """Kill the child and every process in its group (what the implementation started too)."""
+        """Kill the child and every process in its group (what the implementation started too); a
+        guard is asked first, as it also kills what left the group (a new session) and was adopted."""
+        if self._status_path and self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.join(5.0)
         if hasattr(os, "killpg"):
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)  # the group outlives its leader while members remain
@@ -380,6 +412,105 @@ class ChildProcess:
             self.conn.close()
         except OSError:
             pass
+        if self._status_path:
+            try:
+                os.unlink(self._status_path)
+            except OSError:
+                pass
+            self._status_path = ""
+
+
+# The guard: the worker's parent process, on Linux. It stands between the harness and the worker so
+# that what the implementation does to "its parent" lands on the guard, not on the harness, and it is
+# the subreaper of the worker's descendants: a process the implementation started in a session of its
+# own is still the guard's descendant, and the guard kills every one of them when the worker ends.
+# Elsewhere (no prctl, no sigtimedwait) the worker is the harness's child, and only the process group
+# is killed with it.
+_GUARD = sys.platform.startswith("linux") and hasattr(signal, "sigtimedwait")
+_PR_SET_CHILD_SUBREAPER = 36
+_GUARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                    signal.SIGUSR2, signal.SIGALRM}
+
+
+def _guard_main() -> None:
+    """Run the worker (``sys.argv[2:]``) as a child; on its end, on a stop request from the harness,
+    or on a signal from anyone else, kill the worker and all its descendants, and write what happened
+    to ``sys.argv[1]`` as JSON: ``{"exit": code}``, plus ``"note"`` for a signal from the worker."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the harness
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    status_path, argv = sys.argv[1], sys.argv[2:]
+    harness = os.getppid()
+    waited = _GUARDED_SIGNALS | {signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    fd = int(argv[-1])
+    worker = subprocess.Popen(argv, pass_fds=(fd,), preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK,
+                                                                                                 waited))
+    os.close(fd)
+    status: dict[str, Any] = {}
+    while True:
+        info = signal.sigtimedwait(waited, 0.5)
+        if worker.poll() is not None:
+            status["exit"] = worker.returncode
+            break
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue  # an adopted orphan ended, or nothing happened
+        if info.si_pid == harness or info.si_pid == 0:  # the harness (or the kernel) stops the worker
+            break
+        name = signal.Signals(info.si_signo).name
+        status["note"] = (f"the implementation sent {name} to its parent process (process {info.si_pid} "
+                          f"signalled pid {os.getpid()}, a guard standing in for the harness)")
+        break
+    _kill_descendants(worker)
+    if "exit" not in status:
+        status["exit"] = worker.returncode
+    with open(status_path, "w", encoding="utf-8") as fh:
+        json.dump(status, fh)
+
+
+def _kill_descendants(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker and every process that has the guard as its parent, again and again: each
+    one killed hands its own children to the guard (the subreaper), until none is left."""
+    me = os.getpid()
+    if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        children = _children_of(me)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:  # reap the dead (zombies are children too)
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+        if not children:
+            return
+        time.sleep(0.01)
+
+
+def _children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def _relay(pipe: Any, fd: int) -> None:
@@ -487,7 +618,7 @@ class IsolatedSubject:
     def _start(self) -> ImplementationInfo:
         open(self._fault_path, "w").close()
         proc = ChildProcess("harness.isolation", "_worker_main",
-                            (self._source, self.memory_limit, self._fault_path, self._shared.path))
+                            (self._source, self.memory_limit, self._fault_path, self._shared.path), guarded=True)
         parent = proc.conn
         self._proc, self._conn = proc, parent
         deadline = None if self.load_timeout is None else time.monotonic() + self.load_timeout
@@ -724,9 +855,10 @@ class IsolatedSubject:
         if proc is not None:
             proc.join(2.0)
         exitcode = proc.exitcode if proc is not None else None
+        note = proc.note if proc is not None else ""
         fault = self._fault_text()
         self._kill()
-        why = f"the worker process running {phase} died: {describe_exit(exitcode)}"
+        why = f"the worker process running {phase} died: {note or describe_exit(exitcode)}"
         out = self._failure(phase, outputs, why, "crash", start)
         if fault:
             out.traceback = "Stack of the worker when it died (faulthandler):\n" + fault

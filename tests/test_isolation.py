@@ -179,31 +179,50 @@ def test_a_backward_that_ends_badly_keeps_the_forward_outputs(name, reason):
     assert ex.backward_ran and reason in ex.backward_error
 
 
-def test_killing_the_worker_kills_the_processes_the_implementation_started(tmp_path, monkeypatch):
+def _gone(pid: int) -> bool:
     import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # killed but not yet reaped by its new parent: a zombie is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int) -> bool:
     import time
 
+    deadline = time.monotonic() + 5
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _gone(pid)
+
+
+@pytest.mark.parametrize("name", ["SpawnsAndHangs", "SpawnsInItsOwnSessionAndHangs"])
+def test_killing_the_worker_kills_the_processes_the_implementation_started(name, tmp_path, monkeypatch):
     pidfile = tmp_path / "pid"
     monkeypatch.setenv("LSTM_HARNESS_TEST_PIDFILE", str(pidfile))
-    with subject("SpawnsAndHangs", timeout=1.0) as s:
+    with subject(name, timeout=1.0) as s:
         ex = s.execute(SHORT, backward=False)
     assert isinstance(ex, WorkerFailure) and ex.failure == "timeout"
     pid = int(pidfile.read_text())
+    assert _wait_gone(pid), f"process {pid} that the implementation started is still running"
 
-    def gone() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # killed but not yet reaped by its new parent: a zombie is gone too
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-        except OSError:
-            return True
 
-    deadline = time.monotonic() + 5
-    while not gone() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(), f"process {pid} that the implementation started is still running"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process (a subreaper) is Linux only")
+def test_closing_the_subject_kills_a_daemon_the_implementation_left_behind(tmp_path, monkeypatch):
+    import os
+
+    pidfile = tmp_path / "pid"
+    monkeypatch.setenv("LSTM_HARNESS_TEST_PIDFILE", str(pidfile))
+    with subject("SpawnsAndReturns") as s:
+        assert s.execute(SHORT, backward=True).forward_error is None
+        pid = int(pidfile.read_text())
+        assert not _gone(pid) and os.getsid(pid) != os.getsid(s._proc.popen.pid)  # a session of its own
+    assert _wait_gone(pid), f"process {pid} that the implementation left running outlived the subject"
 
 
 def test_what_the_implementation_prints_goes_to_stderr(capfd):
@@ -321,3 +340,15 @@ def test_messages_from_the_implementation_do_not_extend_the_deadline():
     assert ex.forward_error.startswith("forward did not return within 1 s")
     assert "message(s) that were not a reply" in ex.forward_error
     assert elapsed < 30  # generous: the messages arrive every 0.2 s, and used to restart the clock forever
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process is Linux only")
+def test_the_worker_parent_is_a_guard_not_the_harness():
+    import os
+
+    with subject("Correct") as s:
+        guard = s._proc.popen.pid
+        children = [p for p in os.listdir("/proc") if p.isdigit()
+                    and Path(f"/proc/{p}/stat").exists()
+                    and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(guard)]
+        assert len(children) == 1 and guard != os.getpid()  # the worker, whose getppid() is the guard

@@ -206,3 +206,13 @@ def test_a_20_mib_exception_message_leaves_the_harness_memory_flat(tmp_path):
     assert probe["verdict"] == "error"
     assert probe["cut"] and probe["longest"] < 10_000
     assert probe["growth"] < 40, f"the harness's peak memory grew by {probe['growth']:.0f} MiB"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process is Linux only")
+def test_a_signal_to_the_parent_is_the_implementations_error(signal_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTM_HARNESS_TEST_SIGNAL", signal_name)
+    result = _run(f"{MISBEHAVING}:SignalsItsParent", report_dir=tmp_path, **ISOLATED)
+    assert result.verdict == "error" and {r.quantity for r in result.records} == ALL
+    assert all(f"the implementation sent {signal_name} to its parent process" in r.reason for r in result.records)
+    assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "error"

@@ -412,3 +412,46 @@ class FakesProgressAndHangs(LoopLSTM):
         while True:
             conn.send(("phase", "backward", None))
             time.sleep(0.2)
+
+
+class SpawnsInItsOwnSessionAndHangs(LoopLSTM):
+    """Starts a process in a session of its own (out of the worker's process group; its pid written to
+    $LSTM_HARNESS_TEST_PIDFILE), then hangs."""
+
+    name = "spawns-in-its-own-session-and-hangs"
+
+    def forward(self, x, h0, c0, params):
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        with open(os.environ["LSTM_HARNESS_TEST_PIDFILE"], "w") as fh:
+            fh.write(str(child.pid))
+        time.sleep(3600)
+
+
+class SpawnsAndReturns(LoopLSTM):
+    """Starts a process in a session of its own, through a parent that exits at once (a daemon), and
+    returns normally; the pid of the process left running is written to $LSTM_HARNESS_TEST_PIDFILE."""
+
+    name = "spawns-and-returns"
+
+    def forward(self, x, h0, c0, params):
+        import subprocess
+
+        path = os.environ["LSTM_HARNESS_TEST_PIDFILE"]
+        if not os.path.exists(path):
+            subprocess.run(["sh", "-c", f"setsid sleep 300 & echo $! > {path}"], check=True)
+        return super().forward(x, h0, c0, params)
+
+
+class SignalsItsParent(LoopLSTM):
+    """Sends $LSTM_HARNESS_TEST_SIGNAL (default SIGTERM) to its parent process, then waits."""
+
+    name = "signals-its-parent"
+
+    def forward(self, x, h0, c0, params):
+        import signal
+
+        os.kill(os.getppid(), getattr(signal, os.environ.get("LSTM_HARNESS_TEST_SIGNAL", "SIGTERM")))
+        time.sleep(30)
+        return super().forward(x, h0, c0, params)
