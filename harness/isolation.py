@@ -154,7 +154,7 @@ class _SharedArrays:
     @staticmethod
     def case_of(views: dict[str, np.ndarray], meta: dict[str, Any]) -> Case:
         core = ("x", "h0", "c0", "dy", "dh_T", "dc_T")
-        return Case(meta["variant"], meta["dtype"], *(views[k] for k in core[:3]),
+        return Case(meta["variant"], meta["dtype"], x=views["x"], h0=views["h0"], c0=views["c0"],
                     params={k: v for k, v in views.items() if k not in core},
                     dy=views["dy"], dh_T=views["dh_T"], dc_T=views["dc_T"], ln_eps=meta["ln_eps"], spec=meta["spec"])
 
