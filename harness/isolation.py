@@ -23,7 +23,10 @@ or a full timeout.
 
 from __future__ import annotations
 
+import codecs
 import faulthandler
+import json
+import mmap
 import os
 import pickle
 import signal
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -40,14 +44,18 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
-from harness.subject import Execution, execute
+from harness.subject import Execution, bounded, merge_backward, run_backward, run_forward
 
-__all__ = ["IsolatedSubject", "WorkerFailure", "WorkerLoadError", "check_timeout", "default_memory_limit",
-           "describe_exit", "DEFAULT_TIMEOUT", "GIB"]
+__all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "ReplyTooLarge", "WorkerFailure", "WorkerLoadError",
+           "check_timeout", "default_memory_limit", "describe_exit", "reply_cap", "DEFAULT_TIMEOUT", "GIB"]
 
 GIB = 1024**3
 #: Seconds per call into an isolated implementation, unless the user says otherwise (CLI and pytest plugin).
 DEFAULT_TIMEOUT = 60.0
+
+#: The least time loading an implementation is given, in seconds, however short the per-call timeout:
+#: importing PyTorch or TensorFlow alone takes seconds on a busy machine.
+MIN_LOAD_TIMEOUT = 20.0
 
 
 def default_memory_limit() -> int:
@@ -114,39 +122,44 @@ def describe_exit(exitcode: int | None) -> str:
 # The worker side
 
 
-class _Watched:
-    """Wraps the implementation in the worker: remembers the forward result, and tells the parent
-    when backward starts (with the forward outputs), so that a hang or crash is blamed on the right
-    call and the forward outputs are still compared."""
+class _SharedArrays:
+    """The arrays of a case in a file that parent and worker both map.
 
-    def __init__(self, impl: Any, conn: Any):
-        self._impl = impl
-        self._conn = conn
-        self.phase = "forward"
-        self._result: Any = None
-        self.outputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # forward's, once backward starts
+    The implementation is handed views into this file, so the parent sees every write into its
+    inputs with its own eyes, after each call, comparing against its own copy: no check that runs
+    in the worker (where the implementation could disable it) decides whether inputs were changed.
+    The file only grows, so a mapping of an older, smaller size stays valid.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._impl, name)
+    def __init__(self, path: str):
+        self.path = path
 
-    def forward(self, *args: Any) -> Any:
-        self.phase = "forward"
-        self._result = self._impl.forward(*args)
-        return self._result
+    @staticmethod
+    def layout(case: Case) -> tuple[list[tuple[str, str, tuple[int, ...], int]], int]:
+        """(name, dtype, shape, offset) of each array, and the bytes they take, 64-byte aligned."""
+        entries, offset = [], 0
+        for name, array in (*case.arrays().items(), ("dy", case.dy), ("dh_T", case.dh_T), ("dc_T", case.dc_T)):
+            entries.append((name, array.dtype.str, tuple(array.shape), offset))
+            offset += -(-array.nbytes // 64) * 64
+        return entries, max(offset, 64)
 
-    def backward(self, *args: Any) -> Any:
-        from harness.contract import to_numpy
+    def map(self, size: int) -> mmap.mmap:
+        with open(self.path, "r+b") as fh:
+            if os.fstat(fh.fileno()).st_size < size:
+                fh.truncate(size)
+            return mmap.mmap(fh.fileno(), size)
 
-        # Plain float ndarray copies (no subclass of the implementation's, which the parent could not
-        # unpickle): execute() has already checked that forward returned float arrays.
-        try:
-            outputs = tuple(np.array(to_numpy(r), copy=True, subok=False) for r in self._result[:3])
-            self.outputs = outputs if all(o.dtype.kind == "f" for o in outputs) else None  # type: ignore[assignment]
-        except Exception:
-            self.outputs = None
-        self.phase = "backward"
-        self._conn.send(("phase", "backward", self.outputs))
-        return self._impl.backward(*args)
+    @staticmethod
+    def views(buffer: Any, entries: list[tuple[str, str, tuple[int, ...], int]]) -> dict[str, np.ndarray]:
+        return {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+                for name, dtype, shape, offset in entries}
+
+    @staticmethod
+    def case_of(views: dict[str, np.ndarray], meta: dict[str, Any]) -> Case:
+        core = ("x", "h0", "c0", "dy", "dh_T", "dc_T")
+        return Case(meta["variant"], meta["dtype"], x=views["x"], h0=views["h0"], c0=views["c0"],
+                    params={k: v for k, v in views.items() if k not in core},
+                    dy=views["dy"], dh_T=views["dh_T"], dc_T=views["dc_T"], ln_eps=meta["ln_eps"], spec=meta["spec"])
 
 
 def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, dict | None]:
@@ -191,9 +204,11 @@ def _cap_memory(extra: int) -> None:
         pass  # no resource module (Windows), or not permitted: run without the cap
 
 
-def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> None:
-    """Load the implementation, then execute cases until told to stop or killed."""
-    source, memory_limit, fault_path = payload
+def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]) -> None:
+    """Load the implementation, then run forward and backward calls until told to stop or killed."""
+    source, memory_limit, fault_path, shared_path = payload
+    shared = _SharedArrays(shared_path)
+    pending: tuple[Any, ImplementationInfo, Case, Case, Any] | None = None  # a forward's, for its backward
     fault_file = open(fault_path, "w")  # noqa: SIM115 - kept open for faulthandler until the end
     faulthandler.enable(file=fault_file, all_threads=False)
     from harness.plugins import LoadError
@@ -201,13 +216,14 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
     try:
         impl, info, target = _load_in_worker(source)
     except LoadError as exc:
-        conn.send(("load-error", "load", str(exc), [], ""))
+        conn.send(("load-error", "load", bounded(str(exc)), [], ""))
         return
     except ContractError as exc:
-        conn.send(("load-error", "contract", str(exc), exc.problems, exc.subject))
+        conn.send(("load-error", "contract", bounded(str(exc)), [bounded(str(p)) for p in exc.problems[:50]],
+                   bounded(str(exc.subject), 200)))
         return
     except BaseException as exc:  # noqa: BLE001 - anything the user's module does while loading
-        text = f"loading the implementation raised {type(exc).__name__}: {exc}"
+        text = bounded(f"loading the implementation raised {type(exc).__name__}: {exc}")
         conn.send(("load-error", "load", text, [], ""))
         return
     if memory_limit:
@@ -229,23 +245,40 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str]) -> 
                 _, wrapped_info = adapted[message[1]]
                 conn.send(("adapted", wrapped_info))
             continue
-        _, case, backward, key = message
-        if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
-            problem = _adapt_into(adapted, impl, key)
-            if problem:
-                conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
-                continue
-        obj, obj_info = adapted[key] if key is not None else (impl, info)
-        watched = _Watched(obj, conn)
-        try:
-            execution = execute(watched, obj_info, case, backward=backward)
-        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
-            execution = _exit_execution(watched.phase, exc, watched.outputs)
+        if message[0] == "forward":
+            _, meta, entries, size, key = message
+            if key is not None and key not in adapted:  # a restarted worker adapts again, lazily
+                problem = _adapt_into(adapted, impl, key)
+                if problem:
+                    pending = None
+                    conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
+                    continue
+            obj = adapted[key][0] if key is not None else impl
+            given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
+            case = given.copy()  # the worker's own check: the parent checks the shared arrays too
+            try:
+                execution, result = run_forward(obj, case, given)
+            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
+                execution, result = _exit_execution("forward", exc, None), None
+            pending = (obj, adapted[key][1] if key is not None else info, case, given, result)
+        else:  # "backward", right after a forward that returned
+            if pending is None or pending[4] is None:
+                execution = Execution()
+            else:
+                obj, obj_info, case, given, result = pending
+                pending = None
+                execution = Execution()
+                if obj_info.has_backward:
+                    try:
+                        execution = run_backward(obj, case, given, result, given)
+                    except BaseException as exc:  # noqa: BLE001
+                        execution = _exit_execution("backward", exc, None)
+                        execution.forward_contract = None
         try:
             conn.send(("result", execution))
         except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
             conn.send(("result", Execution(forward_error=f"the worker could not send the result back: "
-                                                        f"{type(exc).__name__}: {exc}")))
+                                                        f"{bounded(_unreadable(exc))}")))
 
 
 def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, key: Any) -> str:
@@ -256,7 +289,7 @@ def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, k
         wrapped = adapt(impl, **dict(key))
         adapted[key] = (wrapped, validate(wrapped))
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return bounded(f"{type(exc).__name__}: {exc}")
     return ""
 
 
@@ -266,7 +299,7 @@ def _exit_execution(phase: str, exc: BaseException, outputs: Any) -> Execution:
     compared."""
     from harness.subject import short_traceback
 
-    out = _phase_failure(phase, outputs, f"{phase} raised {type(exc).__name__}: {exc}", Execution())
+    out = _phase_failure(phase, outputs, bounded(f"{phase} raised {type(exc).__name__}: {exc}"), Execution())
     out.traceback = short_traceback(exc)
     return out
 
@@ -300,11 +333,12 @@ class ChildProcess:
 
     The child leads a process group of its own (a new session), and :meth:`kill` kills the whole
     group: processes the implementation started (which do not inherit ``PR_SET_PDEATHSIG``) go with
-    it. Its standard output goes to the parent's standard error: whatever an implementation prints
-    must not mix with the harness's own output (``--json``).
+    it. Its standard output and error are relayed to the parent's standard error, control characters
+    escaped (:func:`harness.records.printable`): whatever an implementation prints must neither mix
+    with the harness's own output (``--json``) nor drive the terminal.
     """
 
-    def __init__(self, module: str, function: str, payload: Any):
+    def __init__(self, module: str, function: str, payload: Any, *, guarded: bool = False):
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,10 +346,19 @@ class ChildProcess:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         code = ("import sys; from harness.isolation import _child_main; "
                 f"_child_main(int(sys.argv[1]), {module!r}, {function!r})")
-        self.popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), env=env,
-                                      stdin=subprocess.DEVNULL, stdout=_stderr_fd(),
+        argv = [sys.executable, "-c", code, str(fd)]
+        self._status_path = ""
+        if guarded and _GUARD:
+            handle, self._status_path = tempfile.mkstemp(prefix="lstm-harness-guard-", suffix=".json")
+            os.close(handle)
+            argv = [sys.executable, "-S", _GUARD_SCRIPT, self._status_path, *argv]
+        self.popen = subprocess.Popen(argv, pass_fds=(fd,), env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=hasattr(os, "killpg"))
         child_sock.close()
+        self._relay = threading.Thread(target=_relay, args=(self.popen.stdout, _stderr_fd()), daemon=True,
+                                       name="lstm-harness-worker-output")
+        self._relay.start()
         self.conn = Connection(parent_sock.detach())
         self.conn.send((list(sys.path), payload))
 
@@ -324,7 +367,24 @@ class ChildProcess:
 
     @property
     def exitcode(self) -> int | None:
-        return self.popen.poll()
+        """The child's exit code; behind a guard, the worker's (the guard reports it)."""
+        code = self.popen.poll()
+        status = self._guard_status()
+        return status.get("exit", code) if code is not None else None
+
+    @property
+    def note(self) -> str:
+        """What the guard saw besides an exit: a signal the implementation sent to its parent."""
+        return str(self._guard_status().get("note", ""))
+
+    def _guard_status(self) -> dict[str, Any]:
+        if not self._status_path:
+            return {}
+        try:
+            with open(self._status_path, encoding="utf-8") as fh:
+                return json.loads(fh.read() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     def join(self, timeout: float) -> None:
         try:
@@ -333,7 +393,14 @@ class ChildProcess:
             pass
 
     def kill(self) -> None:
-        """Kill the child and every process in its group (what the implementation started too)."""
+        """Kill the child and every process in its group (what the implementation started too); a
+        guard is asked first, as it also kills what left the group (a new session) and was adopted."""
+        if self._status_path and self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.join(5.0)
         if hasattr(os, "killpg"):
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)  # the group outlives its leader while members remain
@@ -342,10 +409,40 @@ class ChildProcess:
         if self.popen.poll() is None:
             self.popen.kill()
         self.join(5.0)
+        self._relay.join(1.0)  # what it printed before it ended is out before the caller reports on it
         try:
             self.conn.close()
         except OSError:
             pass
+        if self._status_path:
+            try:
+                os.unlink(self._status_path)
+            except OSError:
+                pass
+            self._status_path = ""
+
+
+# The worker's parent on Linux is a guard (harness/_guard.py, run as a script so that it starts in a
+# few tens of milliseconds: it imports nothing but the standard library). Elsewhere (no prctl, no
+# sigtimedwait) the worker is the harness's child, and only its process group is killed with it.
+_GUARD = sys.platform.startswith("linux") and hasattr(signal, "sigtimedwait")
+_GUARD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_guard.py")
+
+
+def _relay(pipe: Any, fd: int) -> None:
+    """Copy what the worker writes to ``fd``, a chunk at a time, control characters escaped."""
+    from harness.records import printable
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while chunk := pipe.read1(65536):
+            data = memoryview(printable(decoder.decode(chunk)).encode("utf-8", errors="replace"))
+            while fd != subprocess.DEVNULL and data:
+                data = data[os.write(fd, data):]
+    except (OSError, ValueError):
+        pass  # the terminal went away, or the pipe was closed
+    finally:
+        pipe.close()
 
 
 def _stderr_fd() -> int:
@@ -377,11 +474,11 @@ def _child_main(fd: int, module: str, function: str) -> None:
     getattr(importlib.import_module(module), function)(conn, payload)
 
 
-def check_timeout(timeout: Any) -> None:
-    """A per-call timeout is a positive number of seconds, or None for no limit."""
+def check_timeout(timeout: Any, name: str = "timeout") -> None:
+    """A timeout is a positive number of seconds, or None for no limit."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
-        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+        raise ValueError(f"{name}: expected a positive number of seconds or None, got {timeout!r}")
 
 
 class IsolatedSubject:
@@ -389,14 +486,18 @@ class IsolatedSubject:
 
     ``impl`` is a TARGET string (loaded in the worker, see :mod:`harness.plugins`) or an object that
     can be pickled. ``timeout`` is in seconds per call (forward, then backward), None for no limit.
-    ``memory_limit`` is in bytes (None: no cap). Raises :class:`WorkerLoadError` (or
+    ``load_timeout`` bounds starting the worker and loading (or adapting) the implementation; by
+    default it follows ``timeout``, but never below :data:`MIN_LOAD_TIMEOUT` (importing a framework
+    takes seconds), and there is no limit when ``timeout`` is None. ``memory_limit`` is in bytes (None:
+    no cap). Raises :class:`WorkerLoadError` (or
     :class:`~harness.plugins.LoadError` / :class:`~harness.contract.ContractError` translated by the
     caller) when the implementation cannot be loaded.
     """
 
     def __init__(self, impl: Any, *, variant: str | None = None, timeout: float | None = None,
-                 memory_limit: int | None = None, load_timeout: float = 120.0):
+                 memory_limit: int | None = None, load_timeout: float | None = None):
         check_timeout(timeout)
+        check_timeout(load_timeout, "load_timeout")
         if isinstance(impl, str):
             self._source: dict[str, Any] = {"target": impl, "variant": variant}
         else:
@@ -411,12 +512,18 @@ class IsolatedSubject:
                 ) from None
         self.timeout = timeout
         self.memory_limit = memory_limit
+        if load_timeout is None and timeout is not None:
+            load_timeout = max(float(timeout), MIN_LOAD_TIMEOUT)
         self.load_timeout = load_timeout
         self.restarts = 0
         self._proc: Any = None
         self._conn: Any = None
         fd, self._fault_path = tempfile.mkstemp(prefix="lstm-harness-fault-", suffix=".txt")
         os.close(fd)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        fd, shared_path = tempfile.mkstemp(prefix="lstm-harness-arrays-", dir=shm)
+        os.close(fd)
+        self._shared = _SharedArrays(shared_path)
         self.target: dict | None = None
         self._adapted: dict[Any, ImplementationInfo] = {}
         self.info: ImplementationInfo = self._start()
@@ -426,14 +533,17 @@ class IsolatedSubject:
     def _start(self) -> ImplementationInfo:
         open(self._fault_path, "w").close()
         proc = ChildProcess("harness.isolation", "_worker_main",
-                            (self._source, self.memory_limit, self._fault_path))
+                            (self._source, self.memory_limit, self._fault_path, self._shared.path), guarded=True)
         parent = proc.conn
         self._proc, self._conn = proc, parent
-        deadline = time.monotonic() + self.load_timeout
+        deadline = None if self.load_timeout is None else time.monotonic() + self.load_timeout
         while True:
             if parent.poll(0.05):
                 try:
-                    message = parent.recv()
+                    message = _receive(parent, _CONTROL_CAP)
+                except ReplyTooLarge as exc:
+                    self._kill()
+                    raise WorkerLoadError("load", f"the worker process sent {exc}") from None
                 except (EOFError, OSError):
                     message = None
                 except Exception as exc:  # a reply this process cannot unpickle
@@ -444,10 +554,11 @@ class IsolatedSubject:
             if not proc.is_alive() and not parent.poll(0):
                 message = None
                 break
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 self._kill()
                 raise WorkerLoadError("load", f"loading the implementation took longer than "
-                                              f"{self.load_timeout:.0f} s in the worker process")
+                                              f"{self.load_timeout:g} s in the worker process (the load "
+                                              f"timeout, which follows the per-call timeout)")
         if message is None:
             proc.join(1.0)
             text = describe_exit(proc.exitcode)
@@ -481,10 +592,11 @@ class IsolatedSubject:
             except (OSError, BrokenPipeError):
                 pass
         self._kill()
-        try:
-            os.unlink(self._fault_path)
-        except OSError:
-            pass
+        for path in (self._fault_path, self._shared.path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def __enter__(self) -> IsolatedSubject:
         return self
@@ -518,21 +630,23 @@ class IsolatedSubject:
             self._adapted[key] = reply[1]
         return _View(self, key, self._adapted[key])
 
-    def _request(self, message: Any, timeout: float, what: str) -> Any:
+    def _request(self, message: Any, timeout: float | None, what: str) -> Any:
         """Send ``message`` and wait for the reply; a worker that dies, does not answer within
         ``timeout`` or answers something unreadable is stopped, and RuntimeError says which."""
         conn, proc = self._conn, self._proc
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         why = ""
         try:
             conn.send(message)
             while not why:
                 if conn.poll(0.05):
-                    return conn.recv()
+                    return _receive(conn, _CONTROL_CAP)
                 if not proc.is_alive() and not conn.poll(0):
                     why = f"the worker process died: {describe_exit(proc.exitcode)}"
-                elif time.monotonic() > deadline:
+                elif deadline is not None and time.monotonic() > deadline:
                     why = f"the worker process did not answer within {timeout:g} s"
+        except ReplyTooLarge as exc:
+            why = f"the worker process sent {exc}"
         except (EOFError, OSError):
             proc.join(1.0)
             why = f"the worker process died: {describe_exit(proc.exitcode)}"
@@ -560,19 +674,51 @@ class IsolatedSubject:
         return "\n".join(lines)
 
     def execute(self, case: Case, *, backward: bool, _key: Any = None) -> Execution:
+        """Forward, then backward (when asked for and forward returned): one request each, each with
+        the whole per-call timeout, which only this process keeps. Writes into the inputs are found
+        here, in the shared arrays, whatever the worker reports."""
         try:
             self._ensure()
         except WorkerLoadError as exc:
             return WorkerFailure(forward_error=f"the worker process could not be restarted: {exc}",
                                  failure="crash")
-        conn, proc = self._conn, self._proc
         start = time.monotonic()
+        entries, size = _SharedArrays.layout(case)
+        buffer = self._shared.map(size)
+        views = _SharedArrays.views(buffer, entries)
+        originals = {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
+        for name, view in views.items():
+            view[...] = originals[name]
+        meta = {"variant": case.variant, "dtype": case.dtype, "ln_eps": case.ln_eps, "spec": case.spec}
+        cap = reply_cap(case)
+        out = self._call(("forward", meta, entries, size, _key), "forward", None, cap, start)
+        if isinstance(out, WorkerFailure):
+            return out
+        inputs = list(case.arrays())
+        _note_writes(out, views, originals, inputs, "forward")
+        if backward and out.forward is not None:
+            after_forward = {name: views[name].copy() for name in inputs}
+            back = self._call(("backward",), "backward", out.forward, cap, start)
+            if isinstance(back, WorkerFailure):
+                back.mutated = out.mutated
+                return back
+            out = merge_backward(out, back)
+            _note_writes(out, views, originals, ("dy", "dh_T", "dc_T"), "backward")
+            _note_writes(out, views, after_forward, inputs, "backward")
+        del views  # the mapping can close once no array looks into it
+        return out
+
+    def _call(self, message: Any, phase: str, outputs: Any, cap: int, start: float) -> Execution:
+        """Send one request and wait, until ``timeout``, for its result. Anything else the worker sends
+        meanwhile (an implementation can write on the worker's socket too) is dropped: it neither
+        answers the call nor extends its time."""
+        conn, proc = self._conn, self._proc
         try:
-            conn.send(("execute", case, backward, _key))
+            conn.send(message)
         except (OSError, BrokenPipeError):
-            return self._died("forward", None, start)
-        phase, outputs = "forward", None
+            return self._died(phase, outputs, start)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        dropped = 0
         while True:
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             ready = False
@@ -582,23 +728,20 @@ class IsolatedSubject:
                 return self._died(phase, outputs, start)
             if ready:
                 try:
-                    message = conn.recv()
+                    message = _receive(conn, cap)
+                except ReplyTooLarge as exc:
+                    return self._unreadable(phase, outputs, start, str(exc))
                 except (EOFError, OSError):
                     return self._died(phase, outputs, start)
                 except Exception as exc:  # e.g. an object this process cannot unpickle
                     return self._unreadable(phase, outputs, start, _unreadable(exc))
-                if _is_phase(message):
-                    phase, outputs = message[1], message[2]
-                    if self.timeout is not None:
-                        deadline = time.monotonic() + self.timeout
-                    continue
-                if not (isinstance(message, tuple) and len(message) == 2 and message[0] == "result"
-                        and isinstance(message[1], Execution)):
-                    return self._unreadable(phase, outputs, start, f"an unexpected message {message!r:.200}")
-                execution = message[1]
-                self._note_memory(execution)
-                return execution
-            if not proc.is_alive():
+                if isinstance(message, tuple) and len(message) == 2 and message[0] == "result" \
+                        and isinstance(message[1], Execution):
+                    execution = message[1]
+                    self._note_memory(execution)
+                    return execution
+                dropped += 1
+            elif not proc.is_alive():
                 if conn.poll(0):
                     continue  # the result arrived just before the exit
                 return self._died(phase, outputs, start)
@@ -607,6 +750,8 @@ class IsolatedSubject:
                 why = (f"{phase} did not return within {self.timeout:g} s (the timeout per call); the worker "
                        f"process running it was stopped. The implementation hangs, or is far too slow for "
                        f"this case")
+                if dropped:
+                    why += f". Meanwhile the worker's socket carried {dropped} message(s) that were not a reply"
                 return self._failure(phase, outputs, why, "timeout", start)
 
     def _note_memory(self, execution: Execution) -> None:
@@ -624,9 +769,10 @@ class IsolatedSubject:
         if proc is not None:
             proc.join(2.0)
         exitcode = proc.exitcode if proc is not None else None
+        note = proc.note if proc is not None else ""
         fault = self._fault_text()
         self._kill()
-        why = f"the worker process running {phase} died: {describe_exit(exitcode)}"
+        why = f"the worker process running {phase} died: {note or describe_exit(exitcode)}"
         out = self._failure(phase, outputs, why, "crash", start)
         if fault:
             out.traceback = "Stack of the worker when it died (faulthandler):\n" + fault
@@ -644,18 +790,44 @@ class IsolatedSubject:
         return _phase_failure(phase, outputs, why, out)  # type: ignore[return-value]
 
 
+#: The largest reply read from a worker while loading or adapting (a description and a few names).
+_CONTROL_CAP = 16 * 1024**2
+
+
+def reply_cap(case: Case) -> int:
+    """The largest reply to one case read from a worker, in bytes: room for outputs and gradients in
+    twice the case's precision, and for the bounded texts. A larger reply is refused unread, so that
+    whatever an implementation returns, the harness's memory stays flat."""
+    return 16 * 1024**2 + 4 * sum(a.nbytes for a in (*case.arrays().values(), *case.upstream))
+
+
+class ReplyTooLarge(OSError):
+    """A worker announced a reply over the cap; it was not read (and the connection is unusable)."""
+
+
+def _receive(conn: Connection, cap: int) -> Any:
+    """The next message on ``conn``, refused before it is read when it is over ``cap`` bytes."""
+    try:
+        data = conn.recv_bytes(cap)
+    except OSError as exc:
+        if str(exc) == "bad message length":  # what Connection says of a message over maxlength
+            raise ReplyTooLarge(f"a reply over the cap of {cap / 1024**2:.0f} MiB for this case, refused "
+                                f"unread") from None
+        raise
+    return pickle.loads(data)
+
+
 def _unreadable(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return bounded(f"{type(exc).__name__}: {exc}", 1000)
 
 
-def _is_phase(message: Any) -> bool:
-    """("phase", "backward", outputs), outputs None or three float arrays."""
-    if not (isinstance(message, tuple) and len(message) == 3 and message[0] == "phase"
-            and message[1] == "backward"):
-        return False
-    outputs = message[2]
-    return outputs is None or (isinstance(outputs, tuple) and len(outputs) == 3
-                               and all(isinstance(o, np.ndarray) for o in outputs))
+def _note_writes(out: Execution, views: dict[str, np.ndarray], before: dict[str, np.ndarray], names: Any,
+                 when: str) -> None:
+    """Add to ``out.mutated`` each of ``names`` whose shared array no longer holds ``before``'s values."""
+    for name in names:
+        entry = f"{name} ({when})"
+        if entry not in out.mutated and not np.array_equal(views[name], before[name], equal_nan=True):
+            out.mutated.append(entry)
 
 
 class _View:

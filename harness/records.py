@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,12 +275,24 @@ def format_coords(coords: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in coords.items())
 
 
+# C0 controls but newline and tab, DEL, C1 controls, and the Unicode controls that reorder text on screen.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (an escape sequence, a carriage return, a bell)
-    written visibly as ``\\x1b``, so that nothing an implementation says can move the cursor, clear
-    the screen or fake a line. Newlines and tabs stay."""
-    return "".join(ch if ch in "\n\t" or (ch.isprintable() and not 0x80 <= ord(ch) < 0xA0)
-                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    """``text`` with every control character but newline and tab shown as an escape (ESC as ``\\x1b``).
+
+    What an implementation says (exception text, what it prints) reaches a person's terminal through
+    the harness; this keeps it from clearing the screen, retitling the window, moving the cursor or
+    colouring a forged verdict. Every terminal renderer calls it; the JSON report keeps the raw text.
+    """
+    return _CONTROLS.sub(_escape, text)
+
 
 
 def format_ratio(ratio: float | None) -> str:

@@ -22,10 +22,25 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "execute", "short_traceback", "exits_raise", "ExitCalled"]
+__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "execute", "merge_backward",
+           "run_backward", "run_forward", "short_traceback", "exits_raise", "ExitCalled"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
 _HARNESS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+#: The most characters kept of any one text an implementation produces (an exception's message, a
+#: traceback, a contract problem): enough to read, while a message of megabytes can neither flood a
+#: report nor grow the harness's memory (a worker cuts it before sending it back).
+MAX_TEXT = 4000
+
+
+def bounded(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to about ``limit`` characters, its start and end kept, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[len(text) - tail:]}"
 
 
 @dataclass
@@ -60,7 +75,7 @@ def short_traceback(exc: BaseException) -> str:
     kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_HARNESS_DIR)]
     lines = traceback.format_list(kept or frames[-1:])
     lines += traceback.format_exception_only(type(exc), exc)
-    return "Traceback (implementation frames only):\n" + "".join(lines)
+    return bounded("Traceback (implementation frames only):\n" + "".join(lines))
 
 
 def _describe(value: Any) -> str:
@@ -97,8 +112,8 @@ def _raised(call: str, exc: BaseException) -> str:
     if isinstance(exc, ExitCalled):
         return f"{call} called os._exit({exc.code!r}), which would have ended the whole run"
     if isinstance(exc, SystemExit):
-        return f"{call} called sys.exit({exc.code!r})"
-    return f"{call} raised {type(exc).__name__}: {exc}"
+        return bounded(f"{call} called sys.exit({exc.code!r})")
+    return bounded(f"{call} raised {type(exc).__name__}: {exc}")
 
 
 def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
@@ -112,7 +127,7 @@ def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str 
         try:
             array = np.array(to_numpy(value), copy=True)
         except Exception as exc:
-            return None, f"{name}: expected an array; {exc}"
+            return None, bounded(f"{name}: expected an array; {exc}")
         if array.dtype.kind != "f":
             return None, f"{name}: expected a floating-point array, got dtype {array.dtype}"
         out[name] = array
@@ -125,65 +140,96 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
     caught, so that a person can still stop a run.
     """
+    given = case.copy()  # the implementation gets its own copies; case keeps the originals
+    out, result = run_forward(impl, case, given)
+    if result is not None and backward and info.has_backward:
+        out = merge_backward(out, run_backward(impl, case, given, result, case.copy()))
+    return out
+
+
+def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
+    """Call ``impl.forward`` on the arrays of ``given`` (which ``case`` holds unchanged, to detect
+    writes into them): the Execution, and the whole result when forward kept the contract (else None).
+    """
     import time
 
     out = Execution()
-    inputs = case.copy()  # the implementation gets its own copies; case keeps the originals
     names = ("x", "h0", "c0", *case.params)
     start = time.perf_counter()
     try:
-        result = impl.forward(inputs.x, inputs.h0, inputs.c0, inputs.params)
+        result = impl.forward(given.x, given.h0, given.c0, given.params)
     except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
-        out.forward_contract = "forward: " + "; ".join(exc.problems)
+        out.forward_contract = bounded("forward: " + "; ".join(map(str, exc.problems)))
         out.seconds = time.perf_counter() - start
-        return out
+        return out, None
     except (Exception, SystemExit) as exc:
         out.forward_error = _raised("forward", exc)
         out.traceback = short_traceback(exc)
         out.seconds = time.perf_counter() - start
-        return out
-    out.mutated += _mutations(case, inputs, names, "forward")
-    after_forward = inputs.copy()  # so that backward is blamed only for what backward changes
+        return out, None
+    out.seconds = time.perf_counter() - start
+    out.mutated += _mutations(case, given, names, "forward")
     if not isinstance(result, (tuple, list)) or len(result) != 4:
         out.forward_contract = (
             f"forward: expected a tuple (y, h_T, c_T, cache) of 4 items, got {_describe(result)}"
         )
-        return out
+        return out, None
     outputs, problem = _arrays(result[:3], ("y", "h_T", "c_T"))
     if problem:
         out.forward_contract = f"forward: {problem}"
-        return out
+        return out, None
     assert outputs is not None
     y, h_T, c_T = outputs.values()
     out.forward = (y, h_T, c_T)
-    if backward and info.has_backward:
-        out.backward_ran = True
-        up = case.copy()
-        try:
-            grads = impl.backward(up.dy, up.dh_T, up.dc_T, result[3])
-        except ContractError as exc:
-            out.backward_contract = "backward: " + "; ".join(exc.problems)
-        except (Exception, SystemExit) as exc:
-            out.backward_error = _raised("backward", exc)
-            out.traceback = short_traceback(exc)
+    return out, result
+
+
+def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case) -> Execution:
+    """Call ``impl.backward`` with the upstream gradients of ``upstream`` and forward's cache: an
+    Execution holding the backward fields only. Writes into ``given`` are blamed on backward only
+    when they happen now."""
+    import time
+
+    out = Execution(backward_ran=True)
+    names = ("x", "h0", "c0", *case.params)
+    after_forward = given.copy()
+    start = time.perf_counter()
+    try:
+        grads = impl.backward(upstream.dy, upstream.dh_T, upstream.dc_T, result[3])
+    except ContractError as exc:
+        out.backward_contract = bounded("backward: " + "; ".join(map(str, exc.problems)))
+    except (Exception, SystemExit) as exc:
+        out.backward_error = _raised("backward", exc)
+        out.traceback = short_traceback(exc)
+    else:
+        out.mutated += _mutations(case, upstream, ("dy", "dh_T", "dc_T"), "backward")
+        out.mutated += _mutations(after_forward, given, names, "backward")
+        if not isinstance(grads, Mapping):
+            out.backward_contract = f"backward: expected a dict of gradients by name, got {_describe(grads)}"
         else:
-            out.mutated += _mutations(case, up, ("dy", "dh_T", "dc_T"), "backward")
-            out.mutated += _mutations(after_forward, inputs, names, "backward")
-            if not isinstance(grads, Mapping):
-                out.backward_contract = (
-                    f"backward: expected a dict of gradients by name, got {_describe(grads)}"
-                )
+            returned = {str(k): v for k, v in grads.items() if v is not None}
+            out.not_computed = [str(k) for k, v in grads.items() if v is None]
+            gradients, problem = _arrays(returned.values(), [f"gradient {k!r}" for k in returned])
+            if problem:
+                out.backward_contract = f"backward: {problem}"
             else:
-                given = {str(k): v for k, v in grads.items() if v is not None}
-                out.not_computed = [str(k) for k, v in grads.items() if v is None]
-                gradients, problem = _arrays(given.values(), [f"gradient {k!r}" for k in given])
-                if problem:
-                    out.backward_contract = f"backward: {problem}"
-                else:
-                    assert gradients is not None
-                    out.gradients = dict(zip(given, gradients.values()))
+                assert gradients is not None
+                out.gradients = dict(zip(returned, gradients.values()))
     out.seconds = time.perf_counter() - start
     return out
+
+
+def merge_backward(forward: Execution, backward: Execution) -> Execution:
+    """One Execution of a forward call and the backward call after it."""
+    forward.backward_ran = backward.backward_ran
+    forward.gradients = backward.gradients
+    forward.not_computed = backward.not_computed
+    forward.backward_error = backward.backward_error
+    forward.backward_contract = backward.backward_contract
+    forward.mutated = forward.mutated + [m for m in backward.mutated if m not in forward.mutated]
+    forward.traceback = backward.traceback or forward.traceback
+    forward.seconds += backward.seconds
+    return forward
 
 
 def _get(case: Case, name: str) -> np.ndarray:

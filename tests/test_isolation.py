@@ -143,10 +143,10 @@ def test_an_unreadable_reply_is_a_failure_of_the_running_call(monkeypatch):
     with subject("Correct") as s:
         first = s._proc
 
-        def unreadable():
+        def unreadable(maxlength=None):
             raise pickle.UnpicklingError("invalid load key")
 
-        monkeypatch.setattr(s._conn, "recv", unreadable)
+        monkeypatch.setattr(s._conn, "recv_bytes", unreadable)
         ex = s.execute(SHORT, backward=True)
         assert isinstance(ex, WorkerFailure) and ex.failure == "crash"
         assert "sent back a reply that could not be read (UnpicklingError: invalid load key)" in ex.forward_error
@@ -179,31 +179,50 @@ def test_a_backward_that_ends_badly_keeps_the_forward_outputs(name, reason):
     assert ex.backward_ran and reason in ex.backward_error
 
 
-def test_killing_the_worker_kills_the_processes_the_implementation_started(tmp_path, monkeypatch):
+def _gone(pid: int) -> bool:
     import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # killed but not yet reaped by its new parent: a zombie is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int) -> bool:
     import time
 
+    deadline = time.monotonic() + 5
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _gone(pid)
+
+
+@pytest.mark.parametrize("name", ["SpawnsAndHangs", "SpawnsInItsOwnSessionAndHangs"])
+def test_killing_the_worker_kills_the_processes_the_implementation_started(name, tmp_path, monkeypatch):
     pidfile = tmp_path / "pid"
     monkeypatch.setenv("LSTM_HARNESS_TEST_PIDFILE", str(pidfile))
-    with subject("SpawnsAndHangs", timeout=1.0) as s:
+    with subject(name, timeout=1.0) as s:
         ex = s.execute(SHORT, backward=False)
     assert isinstance(ex, WorkerFailure) and ex.failure == "timeout"
     pid = int(pidfile.read_text())
+    assert _wait_gone(pid), f"process {pid} that the implementation started is still running"
 
-    def gone() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # killed but not yet reaped by its new parent: a zombie is gone too
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-        except OSError:
-            return True
 
-    deadline = time.monotonic() + 5
-    while not gone() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(), f"process {pid} that the implementation started is still running"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process (a subreaper) is Linux only")
+def test_closing_the_subject_kills_a_daemon_the_implementation_left_behind(tmp_path, monkeypatch):
+    import os
+
+    pidfile = tmp_path / "pid"
+    monkeypatch.setenv("LSTM_HARNESS_TEST_PIDFILE", str(pidfile))
+    with subject("SpawnsAndReturns") as s:
+        assert s.execute(SHORT, backward=True).forward_error is None
+        pid = int(pidfile.read_text())
+        assert not _gone(pid) and os.getsid(pid) != os.getsid(s._proc.popen.pid)  # a session of its own
+    assert _wait_gone(pid), f"process {pid} that the implementation left running outlived the subject"
 
 
 def test_what_the_implementation_prints_goes_to_stderr(capfd):
@@ -216,10 +235,10 @@ def test_what_the_implementation_prints_goes_to_stderr(capfd):
 
 def test_adapting_in_a_worker_that_cannot_answer_is_an_error_not_a_crash(monkeypatch):
     with subject("Correct") as s:
-        def unreadable():
+        def unreadable(maxlength=None):
             raise EOFError
 
-        monkeypatch.setattr(s._conn, "recv", unreadable)
+        monkeypatch.setattr(s._conn, "recv_bytes", unreadable)
         with pytest.raises(RuntimeError, match="adapting the implementation: the worker process died"):
             s.adapted(gate_order="ifog")
         monkeypatch.undo()
@@ -231,3 +250,105 @@ def test_adapting_in_a_worker_that_cannot_answer_is_an_error_not_a_crash(monkeyp
 def test_bad_timeouts_are_refused_before_a_worker_starts(timeout):
     with pytest.raises(ValueError, match="timeout: expected a positive number of seconds or None"):
         IsolatedSubject("impls.loop:LoopLSTM", timeout=timeout)
+
+
+def test_the_load_timeout_follows_the_per_call_timeout(monkeypatch):
+    import time
+
+    import harness.isolation
+
+    monkeypatch.setattr(harness.isolation, "MIN_LOAD_TIMEOUT", 2.0)
+    start = time.monotonic()
+    with pytest.raises(WorkerLoadError, match=r"loading the implementation took longer than 3 s"):
+        subject("HangsWhileLoading", timeout=3.0)
+    assert time.monotonic() - start < 30  # not the old fixed 120 s
+    with subject("Correct", timeout=0.1) as s:  # a short per-call timeout still leaves loading its floor
+        assert s.load_timeout == 2.0
+    with subject("Correct") as s:
+        assert s.load_timeout is None  # no per-call limit, no load limit
+    with subject("Correct", timeout=1.0, load_timeout=7.0) as s:
+        assert s.load_timeout == 7.0
+
+
+def test_a_bad_load_timeout_is_refused():
+    with pytest.raises(ValueError, match="load_timeout: expected a positive number"):
+        IsolatedSubject("impls.loop:LoopLSTM", load_timeout=0)
+
+
+def test_printable_shows_control_characters_as_escapes():
+    from harness.subject import printable
+
+    assert printable("\x1b[2J\x1b[H") == "\\x1b[2J\\x1b[H"  # clear screen, cursor home
+    assert printable("\x1b]0;pwned\x07") == "\\x1b]0;pwned\\x07"  # window title
+    assert printable("step 1\rVerdict") == "step 1\\x0dVerdict"
+    assert printable("Verdict: \x1b[32mcertified\x1b[0m") == "Verdict: \\x1b[32mcertified\\x1b[0m"
+    assert printable("\x9b2J and \u202eevil") == "\\x9b2J and \\u202eevil"  # C1 CSI, right-to-left override
+    assert printable("line 1\n\tline 2 µ ü") == "line 1\n\tline 2 µ ü"  # newline, tab and text are kept
+
+
+def test_what_the_implementation_prints_reaches_the_terminal_escaped(capfd):
+    from tests.plugins.misbehaving import TERMINAL_TRICKS
+
+    with subject("DrivesTheTerminal") as s:
+        ex = s.execute(SHORT, backward=False)
+    assert ex.forward_error == f"forward raised ValueError: {TERMINAL_TRICKS}"  # the data keeps the raw text
+    out, err = capfd.readouterr()
+    assert "\x1b" not in out + err and "\r" not in err and "\x07" not in err
+    assert "\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\x0dVerdict: \\x1b[32mcertified\\x1b[0m" in err
+
+
+def test_a_huge_exception_message_is_cut_in_the_worker():
+    from harness.subject import MAX_TEXT
+
+    with subject("RaisesHugeMessage") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.forward_error.startswith("forward raised ValueError: start of the message xxx")
+    assert ex.forward_error.endswith("xxx end of the message")
+    assert "characters cut ...]" in ex.forward_error and len(ex.forward_error) < MAX_TEXT + 100
+    assert "characters cut ...]" in ex.traceback and len(ex.traceback) < MAX_TEXT + 100
+
+
+def test_a_reply_over_the_cap_is_an_error_of_that_call_and_the_worker_is_restarted():
+    with subject("ReturnsHugeGradient") as s:
+        first = s._proc
+        ex = s.execute(SHORT, backward=True)
+        assert isinstance(ex, WorkerFailure) and ex.failure == "crash"
+        assert ex.forward is not None and ex.forward_error is None  # forward's outputs came back before
+        assert "a reply over the cap of 16 MiB for this case, refused unread" in ex.backward_error
+        assert first.popen.poll() is not None  # stopped
+        again = s.execute(SHORT, backward=False)
+        assert again.forward is not None and s.restarts == 1
+
+
+def test_writes_into_the_inputs_are_seen_by_the_parent_whatever_the_worker_reports():
+    with subject("MutatesInputAndHidesIt") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.mutated == ["x (forward)"]
+    with subject("MutatesUpstream") as s:
+        ex = s.execute(SHORT, backward=True)
+    assert ex.mutated == ["dy (backward)"]
+
+
+def test_messages_from_the_implementation_do_not_extend_the_deadline():
+    import time
+
+    with subject("FakesProgressAndHangs", timeout=1.0) as s:
+        start = time.monotonic()
+        ex = s.execute(SHORT, backward=True)
+        elapsed = time.monotonic() - start
+    assert isinstance(ex, WorkerFailure) and ex.failure == "timeout"
+    assert ex.forward_error.startswith("forward did not return within 1 s")
+    assert "message(s) that were not a reply" in ex.forward_error
+    assert elapsed < 30  # generous: the messages arrive every 0.2 s, and used to restart the clock forever
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process is Linux only")
+def test_the_worker_parent_is_a_guard_not_the_harness():
+    import os
+
+    with subject("Correct") as s:
+        guard = s._proc.popen.pid
+        children = [p for p in os.listdir("/proc") if p.isdigit()
+                    and Path(f"/proc/{p}/stat").exists()
+                    and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(guard)]
+        assert len(children) == 1 and guard != os.getpid()  # the worker, whose getppid() is the guard

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,11 +46,14 @@ CASES = [
      "backward: expected a dict of gradients by name, got a list of length 6"),
     ("MutatesInput", {}, "error", dict.fromkeys(FORWARD, "contract"),
      "modified its input arrays in place: x (forward)"),
+    ("MutatesInputAndHidesIt", ISOLATED, "error", dict.fromkeys(FORWARD, "contract"),
+     "modified its input arrays in place: x (forward)"),
     ("MutatesUpstream", {}, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "contract")},
      "dy (backward)"),
     ("Nondeterministic", {}, "error", {"y": "contract"}, "gives different results for the same input"),
     ("Stateful", {}, "error", {"h_T": "contract", "y": "pass"}, "keeps state between calls"),
     ("Hangs", ISOLATED, "error", dict.fromkeys(ALL, "error"), "forward did not return within 0.5 s"),
+    ("FakesProgressAndHangs", ISOLATED, "error", dict.fromkeys(ALL, "error"), "forward did not return within 0.5 s"),
     ("HangsInBackward", ISOLATED, "error", {**dict.fromkeys(FORWARD, "pass"), **dict.fromkeys(BACKWARD, "error")},
      "backward did not return within 0.5 s"),
     ("Segfaults", ISOLATED, "error", dict.fromkeys(ALL, "error"), "killed by SIGSEGV"),
@@ -174,3 +179,45 @@ def test_planted_bug_is_caught_on_the_right_quantity(bug):
     assert must_fail <= failing, result.summary()
     assert not (must_pass & failing), result.summary()
     assert all(s in ("pass", "fail") for s in status.values())
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+from harness.api import certify
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+options = dict(isolate=True, timeout=30, dtypes=["float64"], max_examples=4, oracles=["finite-differences"],
+               profile="ci", report_dir=sys.argv[2])
+certify(sys.argv[1] + ":Raises", **options)  # the same path once with a short message: imports, caches
+before = peak_mib()
+result = certify(sys.argv[1] + ":RaisesHugeMessage", **options)
+growth = peak_mib() - before
+print(json.dumps({"growth": growth, "verdict": result.verdict,
+                  "cut": all("start of the message" in r.reason and "characters cut ...]" in r.reason
+                             for r in result.records),
+                  "longest": max(len(text) for r in result.records for text in (r.reason, r.traceback))}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
+def test_a_20_mib_exception_message_leaves_the_harness_memory_flat(tmp_path):
+    """The worker cuts the message; the parent's peak memory barely moves (measured in a fresh process,
+    whose peak is not already high from other tests)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(MISBEHAVING), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["verdict"] == "error"
+    assert probe["cut"] and probe["longest"] < 10_000
+    assert probe["growth"] < 40, f"the harness's peak memory grew by {probe['growth']:.0f} MiB"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard process is Linux only")
+def test_a_signal_to_the_parent_is_the_implementations_error(signal_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTM_HARNESS_TEST_SIGNAL", signal_name)
+    result = _run(f"{MISBEHAVING}:SignalsItsParent", report_dir=tmp_path, **ISOLATED)
+    assert result.verdict == "error" and {r.quantity for r in result.records} == ALL
+    assert all(f"the implementation sent {signal_name} to its parent process" in r.reason for r in result.records)
+    assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "error"

@@ -1,11 +1,18 @@
-"""A correct implementation passes 1000 generated cases in each dtype without a single false alarm."""
+"""A correct implementation passes 1000 generated cases in each dtype without a single false alarm;
+and every built-in passes cases of the overflow regime alone, where exp overflows in the dtype."""
+
+import functools
 
 import pytest
 
+import harness.runner
+from harness.cases import case_specs
 from harness.contract import validate
 from harness.runner import RunSettings, run_checks
 from harness.subject import InProcessSubject
+from impls.layernorm import LoopLayerNormLSTM, StackedLayerNormLSTM
 from impls.loop import LoopLSTM
+from impls.peephole import LoopPeepholeLSTM, StackedPeepholeLSTM
 from impls.stacked import StackedLSTM
 from oracles.finite_diff import FiniteDifferenceOracle
 
@@ -22,3 +29,22 @@ def test_thousand_cases_without_a_false_alarm(impl, dtype):
     # Every quantity of both directions was compared, and the worst case kept a margin.
     assert len(records) == 9
     assert max(r.ratio for r in records) < 0.5
+
+
+BUILTINS = [LoopLSTM(), StackedLSTM(), LoopPeepholeLSTM(), StackedPeepholeLSTM(), LoopLayerNormLSTM(),
+            StackedLayerNormLSTM()]
+
+OVERFLOW_CASES = [pytest.param(impl, dtype, id=f"{dtype}-{impl.name}")
+                  for dtype in ("float64", "float32") for impl in BUILTINS]
+
+
+@pytest.mark.parametrize("impl, dtype", OVERFLOW_CASES)
+def test_no_false_alarm_where_exp_overflows(impl, dtype, monkeypatch):
+    monkeypatch.setattr(harness.runner, "case_specs", functools.partial(case_specs, weight_scales=("overflow",)))
+    subject = InProcessSubject(impl, validate(impl))
+    records = run_checks(subject, [FiniteDifferenceOracle()], dtype=dtype,
+                         run=RunSettings(profile="ci", max_examples=100))
+    bad = [r.message for r in records if r.status != "pass"]
+    assert not bad, "\n\n".join(bad)
+    assert {r.examples for r in records} == {100}
+    assert all(r.case["spec"]["weight_scale"] == "overflow" for r in records)

@@ -338,3 +338,120 @@ class DiesInChildOracle(FiniteDifferenceOracle):
 
     def __reduce__(self):
         return (_die_when_unpickled, ())
+
+
+class HangsWhileLoading(LoopLSTM):
+    """Never finishes being constructed: the worker is stuck loading it."""
+
+    name = "hangs-while-loading"
+
+    def __init__(self):
+        time.sleep(3600)
+
+
+# What a terminal would obey: clear the screen, retitle the window, return to the line start, and a
+# verdict in green that the harness never gave.
+TERMINAL_TRICKS = "\x1b[2J\x1b[H\x1b]0;pwned\x07\rVerdict: \x1b[32mcertified\x1b[0m"
+
+
+class DrivesTheTerminal(LoopLSTM):
+    """Prints terminal control sequences, then raises with them in the message."""
+
+    name = "drives-the-terminal"
+
+    def forward(self, x, h0, c0, params):
+        print(TERMINAL_TRICKS, flush=True)
+        raise ValueError(TERMINAL_TRICKS)
+
+
+class RaisesHugeMessage(LoopLSTM):
+    """Raises a ValueError whose message is 20 MiB long."""
+
+    name = "raises-huge-message"
+
+    def forward(self, x, h0, c0, params):
+        raise ValueError("start of the message " + "x" * (20 * 2**20) + " end of the message")
+
+
+class ReturnsHugeGradient(LoopLSTM):
+    """Adds a 48 MiB gradient nobody asked for: a reply far over what the case calls for."""
+
+    name = "returns-huge-gradient"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = super().backward(dy, dh_T, dc_T, cache)
+        grads["huge"] = np.ones(6 * 2**20)
+        return grads
+
+
+class MutatesInputAndHidesIt(LoopLSTM):
+    """Halves x in place after using it, having first switched off the mutation check of the process
+    it runs in."""
+
+    name = "mutates-input-and-hides-it"
+
+    def forward(self, x, h0, c0, params):
+        import harness.subject
+
+        harness.subject._mutations = lambda *args, **kwargs: []
+        out = super().forward(x, h0, c0, params)
+        x *= 0.5
+        return out
+
+
+class FakesProgressAndHangs(LoopLSTM):
+    """Writes "backward has started" messages on the worker's own socket (its file descriptor is the
+    worker's first argument) every 0.2 s, and never returns."""
+
+    name = "fakes-progress-and-hangs"
+
+    def forward(self, x, h0, c0, params):
+        from multiprocessing.connection import Connection
+
+        conn = Connection(os.dup(int(sys.argv[1])))
+        while True:
+            conn.send(("phase", "backward", None))
+            time.sleep(0.2)
+
+
+class SpawnsInItsOwnSessionAndHangs(LoopLSTM):
+    """Starts a process in a session of its own (out of the worker's process group; its pid written to
+    $LSTM_HARNESS_TEST_PIDFILE), then hangs."""
+
+    name = "spawns-in-its-own-session-and-hangs"
+
+    def forward(self, x, h0, c0, params):
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        with open(os.environ["LSTM_HARNESS_TEST_PIDFILE"], "w") as fh:
+            fh.write(str(child.pid))
+        time.sleep(3600)
+
+
+class SpawnsAndReturns(LoopLSTM):
+    """Starts a process in a session of its own, through a parent that exits at once (a daemon), and
+    returns normally; the pid of the process left running is written to $LSTM_HARNESS_TEST_PIDFILE."""
+
+    name = "spawns-and-returns"
+
+    def forward(self, x, h0, c0, params):
+        import subprocess
+
+        path = os.environ["LSTM_HARNESS_TEST_PIDFILE"]
+        if not os.path.exists(path):
+            subprocess.run(["sh", "-c", f"setsid sleep 300 & echo $! > {path}"], check=True)
+        return super().forward(x, h0, c0, params)
+
+
+class SignalsItsParent(LoopLSTM):
+    """Sends $LSTM_HARNESS_TEST_SIGNAL (default SIGTERM) to its parent process, then waits."""
+
+    name = "signals-its-parent"
+
+    def forward(self, x, h0, c0, params):
+        import signal
+
+        os.kill(os.getppid(), getattr(signal, os.environ.get("LSTM_HARNESS_TEST_SIGNAL", "SIGTERM")))
+        time.sleep(30)
+        return super().forward(x, h0, c0, params)
