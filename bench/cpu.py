@@ -134,10 +134,10 @@ def speed_section(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[str],
     """stacked / torch.nn.LSTM, forward and forward+backward, and stacked's share of the matmul rate."""
     from impls.stacked import StackedLSTM
 
-    headers = ["shape", "dtype", "stacked/torch fwd", "stacked/torch fwd+bwd", "stacked ms", "torch ms",
-               "stacked GFLOP/s", "matmul GFLOP/s", "of matmul", "goal", "goal met"]
+    headers = ["shape", "dtype", "stacked/torch fwd", "stacked/torch fwd+bwd", "stacked fwd+bwd ms",
+               "torch fwd+bwd ms", "stacked fwd+bwd GFLOP/s", "matmul GFLOP/s", "of matmul", "goal", "goal met"]
     section = Section("stacked vs torch.nn.LSTM (CPU)", headers, notes=[
-        f"ratios are time over time (below 1x: stacked is faster); ms and GFLOP/s are fwd+bwd; matmul is "
+        f"ratios are time over time (below 1x: stacked is faster); matmul is "
         f"{matmul_n}^3 in the same rounds; best of {rounds} interleaved rounds"])
     torch = _torch()
     if torch is None:
@@ -172,7 +172,7 @@ def loop_section(shape: tuple[int, int, int], dtypes: Sequence[str], *, rounds: 
     from impls.loop import LoopLSTM
 
     section = Section("loop vs torch.nn.LSTM (CPU)", ["shape", "dtype", "loop/torch fwd", "loop/torch fwd+bwd",
-                                                        "loop ms", "torch ms", "goal", "goal met"],
+                                                        "loop fwd+bwd ms", "torch fwd+bwd ms", "goal", "goal met"],
                       notes=[f"one shape only (the loop is slow by design); best of {rounds} interleaved rounds"])
     torch = _torch()
     if torch is None:
@@ -196,7 +196,7 @@ def variants_section(shape: tuple[int, int, int], dtypes: Sequence[str], *, roun
     from impls.stacked import StackedLSTM
 
     goal = GOALS["variant_ratio"]
-    section = Section("variants vs stacked (fwd+bwd)", ["ratio", "shape", "dtype", "ratio value", "variant ms",
+    section = Section("variants vs stacked (fwd+bwd)", ["ratio", "shape", "dtype", "value", "variant ms",
                                                         "stacked ms", "goal", "goal met"],
                       notes=[f"best of {rounds} interleaved rounds (stacked, peephole, layernorm)"])
     for dtype in dtypes:
