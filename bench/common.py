@@ -73,8 +73,8 @@ def verdict(met: bool | None) -> str:
 
 
 def ratio_text(value: float) -> str:
-    """A ratio with two significant digits."""
-    return f"{value:.2g}x" if value < 10 else f"{value:.0f}x"
+    """A ratio with two significant digits, trailing zeros kept (1.0x, not 1x)."""
+    return f"{value:#.2g}x" if value < 9.95 else f"{value:.0f}x"
 
 
 def blas_threads() -> int:

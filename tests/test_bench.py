@@ -176,3 +176,9 @@ def test_gpu_benchmark_smoke_run(capsys):
     for name in ("cupy", "cupy-peephole", "cupy-layernorm"):
         assert re.search(rf"^ *{re.escape(name)} ", out, re.M), out
     assert ("Target: cupy fwd+bwd within 2x" in out) or ("cuDNN rows skipped: " in out)
+
+
+def test_ratios_show_two_significant_digits():
+    from bench.common import ratio_text
+
+    assert [ratio_text(v) for v in (1.0, 0.644, 7.3, 0.00312, 12.4)] == ["1.0x", "0.64x", "7.3x", "0.0031x", "12x"]
