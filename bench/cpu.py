@@ -1,6 +1,6 @@
 """The CPU benchmark tables: the ratios the performance goals are judged by, all from one run.
 
-    python -m bench                    # every CPU table (a few minutes)
+    python -m bench                    # every CPU table (minutes; 20 on a loaded 2-CPU machine)
     python -m bench --quick            # fewer rounds, float32 only
     python -m bench --only speed --only variants
     python -m bench --main-job         # also time the main job (lstm-harness run; long)
@@ -238,61 +238,82 @@ def _harness(*args: str) -> list[str]:
 def certify_section(*, target: str, extra: Sequence[str], rounds: int, frameworks: Sequence[str],
                     oracle_names: Sequence[str] | None, cases: int, main_job: bool) -> Section:
     """Where the time of a default `lstm-harness certify` goes."""
-    from bench.oracles import draw_specs, oracle_rates
-
     section = Section(f"where a default `lstm-harness certify {target}` spends its time",
                       ["what", "time", "goal", "goal met"],
                       notes=[f"subprocesses of {sys.executable} -m harness (the lstm-harness command); "
                              f"best of {rounds} interleaved rounds; extra arguments: {' '.join(extra) or 'none'}"])
-    rows = section.rows
+    section.rows += _command_rows(target, extra, rounds=rounds, main_job=main_job)
+    section.rows += _startup_rows(target, frameworks, rounds=rounds)
+    rows, unavailable = _per_case_rows(oracle_names, cases)
+    section.rows += rows
+    section.footer += unavailable
+    if not main_job:
+        section.footer.append(f"main job (lstm-harness run, goal <= {GOALS['main_job_s']:g} s): not timed; "
+                              f"pass --main-job")
+    return section
+
+
+def _command_rows(target: str, extra: Sequence[str], *, rounds: int, main_job: bool) -> list[list[str]]:
+    """certify -n 1 and -n 2 in interleaved rounds, and the main job once."""
+    # The goals are about the default commands: with extra arguments they are shown, not judged.
+    judged = not extra
     with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
-        runs = {jobs: (lambda jobs=jobs: subprocess_seconds(
-            _harness("certify", target, "-n", jobs, "--report-dir", f"{tmp}/n{jobs}", *extra)))
-            for jobs in ("1", "2")}
-        walls = {jobs: float("inf") for jobs in runs}
-        for _ in range(max(1, rounds)):
-            for jobs, run in runs.items():
-                walls[jobs] = min(walls[jobs], run())
-        # The goals are about the default commands: with extra arguments they are shown, not judged.
-        judged = not extra
-        rows.append([f"certify {target} -n 1 (wall)", f"{walls['1']:.2f} s", f"<= {GOALS['certify_s']:g} s",
-                     verdict(walls["1"] <= GOALS["certify_s"] if judged else None)])
-        rows.append([f"certify {target} -n 2 (wall)", f"{walls['2']:.2f} s", "<= the -n 1 time",
-                     verdict(walls["2"] <= walls["1"] if judged else None)])
+        def certify(jobs: str) -> Callable[[], float]:
+            return lambda: subprocess_seconds(
+                _harness("certify", target, "-n", jobs, "--report-dir", f"{tmp}/n{jobs}", *extra))
+
+        walls = interleaved({"1": certify("1"), "2": certify("2")}, rounds=rounds, warmup=0)
+        rows = [[f"certify {target} -n 1 (wall)", f"{walls['1']:.2f} s", f"<= {GOALS['certify_s']:g} s",
+                 verdict(walls["1"] <= GOALS["certify_s"] if judged else None)],
+                [f"certify {target} -n 2 (wall)", f"{walls['2']:.2f} s", "<= the -n 1 time",
+                 verdict(walls["2"] <= walls["1"] if judged else None)]]
         if main_job:
             wall = subprocess_seconds(_harness("run", "--report-dir", f"{tmp}/main", *extra))
             rows.append(["main job: lstm-harness run (wall, one run)", f"{wall:.1f} s",
                          f"<= {GOALS['main_job_s']:g} s", verdict(wall <= GOALS["main_job_s"] if judged else None)])
+    return rows
+
+
+def _startup_rows(target: str, frameworks: Sequence[str], *, rounds: int) -> list[list[str]]:
+    """The interpreter, the harness and each framework imported in a fresh process; a worker's start."""
     bare = _python("pass", rounds=rounds + 1)
-    rows.append(["interpreter start", f"{bare:.2f} s", "-", "-"])
-    rows.append(["harness import (import harness.cli, beyond the interpreter)",
-                 f"{_python('import harness.cli', rounds=rounds + 1) - bare:.2f} s", "-", "-"])
+    rows = [["interpreter start", f"{bare:.2f} s", "-", "-"],
+            ["harness import (import harness.cli, beyond the interpreter)",
+             f"{_python('import harness.cli', rounds=rounds + 1) - bare:.2f} s", "-", "-"]]
     for name in frameworks:
         if importlib.util.find_spec(name) is None:
             rows.append([f"import {name}", "not installed", "-", "-"])
-            continue
-        rows.append([f"import {name} (fresh interpreter, beyond its start)",
-                     f"{_python(f'import {name}', rounds=rounds) - bare:.2f} s", "-", "-"])
+        else:
+            rows.append([f"import {name} (fresh interpreter, beyond its start)",
+                         f"{_python(f'import {name}', rounds=rounds) - bare:.2f} s", "-", "-"])
     rows.append(["worker process start (isolated subject opened and closed)",
                  f"{_worker_start(target, rounds=rounds + 1):.2f} s", "-", "-"])
+    return rows
+
+
+def _per_case_rows(oracle_names: Sequence[str] | None, cases: int) -> tuple[list[list[str]], list[str]]:
+    """Each oracle's reference, Hypothesis's own draw and building the case: milliseconds per case.
+
+    Returns the rows, and one line per unavailable oracle saying why.
+    """
+    from bench.oracles import draw_specs, oracle_rates
+
+    rows, unavailable = [], []
     for row in oracle_rates(oracle_names, n_cases=cases, warmup=max(1, cases // 10)):
         if row.get("available"):
             rows.append([f"oracle {row['oracle']}: reference per case ({row['compute_dtype']})",
                          f"{1e3 / row['cases_per_s']:.2f} ms", "-", "-"])
         else:
-            rows.append([f"oracle {row['oracle']}", f"unavailable: {row.get('reason', '')}", "-", "-"])
-    specs, seconds = draw_specs(max(cases, 1), dtype="float64")
-    rows.append(["Hypothesis: drawing one case (trivial test body)", f"{1e3 * seconds / len(specs):.2f} ms",
-                 "-", "-"])
+            rows.append([f"oracle {row['oracle']}", "unavailable", "-", "-"])
+            unavailable.append(f"oracle {row['oracle']}: {row.get('reason', 'unavailable')}")
+    specs, seconds = draw_specs(cases, dtype="float64")
     start = time.perf_counter()
     for spec in specs:
         build_case(spec)
-    rows.append(["building one case from its spec", f"{1e3 * (time.perf_counter() - start) / len(specs):.2f} ms",
-                 "-", "-"])
-    if not main_job:
-        section.footer.append(f"main job (lstm-harness run, goal <= {GOALS['main_job_s']:g} s): not timed; "
-                              f"pass --main-job")
-    return section
+    built = time.perf_counter() - start
+    rows.append(["Hypothesis: drawing one case (trivial test body)", f"{1e3 * seconds / len(specs):.2f} ms", "-", "-"])
+    rows.append(["building one case from its spec", f"{1e3 * built / len(specs):.2f} ms", "-", "-"])
+    return rows, unavailable
 
 
 def _worker_start(target: str, *, rounds: int) -> float:
