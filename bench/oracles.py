@@ -110,10 +110,11 @@ def _rate(oracle: Any, n_cases: int, warmup: int) -> dict[str, Any]:
 
 
 def oracle_section(rows: Sequence[dict[str, Any]], *, title: str = "Oracle throughput") -> Section:
-    body = []
+    body, skipped = [], []
     for r in rows:
         if not r.get("available"):
-            body.append([r["oracle"], "-", "-", "-", "-", "-", "-", f"skipped: {r.get('reason', '')}"])
+            body.append([r["oracle"], "-", "-", "-", "-", "-", "-", "skipped"])
+            skipped.append(f"{r['oracle']} skipped: {r.get('reason', '')}")
             continue
         goal = "-" if r["goal"] is None else f">= {r['goal']:.0f}"
         warm = f"{r['warmup_cases']} in {r['warmup_seconds']:.2f} s"
@@ -124,7 +125,7 @@ def oracle_section(rows: Sequence[dict[str, Any]], *, title: str = "Oracle throu
     note = (f"{measured['cases']} cases timed after the warm-up, drawn as a default certify draws them "
             f"(Hypothesis ci profile, T<=8 B<=4 D<=8 H<=8, vanilla)" if measured else "no oracle is available")
     return Section(title, ["oracle", "computes in", "gives", "cases/s", "ms/case", "goal", "goal met", "warm-up"],
-                   body, notes=[note])
+                   body, notes=[note], footer=skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
