@@ -16,7 +16,7 @@ Everywhere (no GPU, no CuPy needed):
 
 On a GPU (marked ``gpu``, skipped with the reason elsewhere; ``tox -e gpu``): every kernel against
 the NumPy cell, every implementation against the finite-difference oracle, its NumPy counterpart,
-every available oracle (cuDNN included) in both dtypes, and the benchmark's smoke run.
+every available oracle (cuDNN included) in both dtypes. The benchmark's tests are in test_bench.py.
 """
 
 from __future__ import annotations
@@ -643,7 +643,7 @@ def test_cupy_accepts_the_module_without_compiling_it():
         assert tuple(module.name_expressions) == (f"{k.name}<float>", f"{k.name}<double>")
 
 
-# --- The CUDA PyTorch oracle and the benchmark, without a GPU ----------------------------------------
+# --- The CUDA PyTorch oracle, without a GPU --------------------------------------------------------
 
 
 def test_torch_cuda_oracle_reports_its_availability():
@@ -679,15 +679,6 @@ def test_strict_fp32_turns_tf32_off_and_restores_the_setting():
         with strict_fp32(torch):
             assert torch.backends.cudnn.allow_tf32 is False
         assert torch.backends.cudnn.allow_tf32 == before
-
-
-@pytest.mark.skipif(REASON is None, reason="a CUDA GPU is visible here: the benchmark runs (see the gpu tests)")
-def test_benchmark_prints_one_skip_line_without_a_gpu(capsys):
-    from harness.bench_gpu import main
-
-    assert main(["--T", "2", "--B", "2", "--D", "4", "--H", "4", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out.strip()
-    assert out == f"GPU benchmark skipped: the CuPy LSTM is unavailable here: {REASON}"
 
 
 # --- On a GPU -----------------------------------------------------------------------------------------
@@ -827,15 +818,3 @@ def test_gpu_layernorm_uses_its_declared_eps():
     check(impl, info, spec)
     records = check_case(InProcessSubject(impl, info), [ORACLE], build_case(spec.replace(ln_eps=1e-5)))
     assert {r.quantity for r in records if r.status == "fail"} >= {"y", "h_T", "c_T"}
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_benchmark_smoke_run(capsys):
-    from harness.bench_gpu import main
-
-    assert main(["--T", "4", "--B", "4", "--D", "16", "--H", "16", "--repeats", "1", "--warmup", "1"]) == 0
-    out = capsys.readouterr().out
-    for name in GPU_NAMES:
-        assert re.search(rf"^ *{re.escape(name)} ", out, re.M), out
-    assert ("Target: cupy fwd+bwd within 2x" in out) or ("cuDNN rows skipped: " in out)

@@ -329,18 +329,3 @@ def test_importing_oracles_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-
-
-def test_bench_oracle_rates_reports_each_oracle():
-    from harness.bench_oracles import bench_cases, format_table, oracle_rates
-
-    rows = oracle_rates(["finite-differences"], n_cases=2, warmup=1)
-    assert len(rows) == 1 and rows[0]["oracle"] == "finite-differences"
-    assert rows[0]["available"] and rows[0]["cases"] == 2 and rows[0]["cases_per_s"] > 0
-    assert "finite-differences" in format_table(rows)
-    small = bench_cases(30, dtype="float32")
-    assert all(c.T <= 10 and c.B <= 4 and c.H <= 16 and c.dtype == "float32" for c in small)
-    with pytest.raises(ValueError, match="^oracle_names: "):
-        oracle_rates(["no-such-oracle"])
-    with pytest.raises(ValueError, match="^n_cases: "):
-        oracle_rates(n_cases=0)

@@ -1,8 +1,8 @@
 """GPU benchmark: the CuPy LSTMs against cuDNN's (``torch.nn.LSTM`` on CUDA), measured in one run.
 
-    python -m harness.bench_gpu                     # T=100, B=64, D=H=512, float32 (the issue's shape)
-    python -m harness.bench_gpu --repeats 50
-    python -m harness.bench_gpu --T 20 --B 8 --D 64 --H 64 --repeats 3   # a smoke run
+    python -m bench.gpu                     # T=100, B=64, D=H=512, float32 (the issue's shape)
+    python -m bench.gpu --repeats 50
+    python -m bench.gpu --T 20 --B 8 --D 64 --H 64 --repeats 3   # a smoke run
 
 Each time is one call measured with CUDA events (recorded on the library's own stream, after a
 device synchronization, so the time runs from the first launch to the last result, Python overhead
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from harness.bench import _table, lstm_flops
+from bench.common import lstm_flops, table
 from harness.cases import CaseSpec, build_case
 
 __all__ = ["main", "GpuRow", "TARGET_RATIO", "SHAPE"]
@@ -176,7 +176,7 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
     fwd_flops = lstm_flops(T, B, D, H, backward=False)
     total_flops = lstm_flops(T, B, D, H, backward=True)
     ref = strict
-    table = _table(
+    body = table(
         ["impl", "what", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd / cuDNN"],
         [[r.name, r.note, f"{r.forward_ms:.2f}", f"{fwd_flops / r.forward_ms / 1e9:.2f}", f"{r.total_ms:.2f}",
           f"{total_flops / r.total_ms / 1e9:.2f}", f"{r.total_ms / ref.total_ms:.2f}x" if ref else "-"]
@@ -185,7 +185,7 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
     device = device.decode() if isinstance(device, bytes) else str(device)
     lines = [f"GPU benchmark at T={T} B={B} D={D} H={H} {dtype} on {device}; CUDA-event times, best of "
-             f"{repeats} after {warmup} warm-up calls; FLOPs counted as in harness.bench", "", table, ""]
+             f"{repeats} after {warmup} warm-up calls; FLOPs counted as in bench.common", "", body, ""]
     met = None
     if ref is None:
         lines.append(f"cuDNN rows skipped: {torch_why}; the target ratio was not measured")
@@ -207,7 +207,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.bench_gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     T, B, D, H, dtype = SHAPE
     for name, default in (("T", T), ("B", B), ("D", D), ("H", H)):
         parser.add_argument(f"--{name}", type=_positive, default=default, help=f"default {default}")

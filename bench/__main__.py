@@ -1,0 +1,3 @@
+from bench.cpu import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""What every benchmark table shares: the timing loop, FLOP counts, the machine header and the printer."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Section", "best_of", "interleaved", "lstm_flops", "matmul_flops", "verdict", "ratio_text",
+           "machine_lines", "blas_threads", "subprocess_seconds", "render", "table"]
+
+
+@dataclass
+class Section:
+    """One printed table: a title, the lines above it, the rows, the lines below it."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    footer: list[str] = field(default_factory=list)
+
+
+def best_of(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``fn`` in seconds over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Best wall time of each function, timed in alternating rounds (A, B, A, B, ...).
+
+    On a shared machine the load changes from second to second; alternating the measurements and
+    keeping the best of each compares them under the same conditions, which timing A's rounds and
+    then B's would not.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(max(1, rounds)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def lstm_flops(T: int, B: int, D: int, H: int, *, backward: bool) -> float:
+    """The GEMMs of a vanilla LSTM: forward 8*T*B*H*(D+H), backward twice that. Gate math is not counted."""
+    forward = 8.0 * T * B * H * (D + H)
+    return forward * 3 if backward else forward
+
+
+def matmul_flops(n: int) -> float:
+    return 2.0 * n**3
+
+
+def verdict(met: bool | None) -> str:
+    return "-" if met is None else ("met" if met else "NOT met")
+
+
+def ratio_text(value: float) -> str:
+    """A ratio with two significant digits, trailing zeros kept (1.0x, not 1x)."""
+    return f"{value:#.2g}x" if value < 9.95 else f"{value:.0f}x"
+
+
+def blas_threads() -> int:
+    """Threads NumPy's BLAS uses: the usual environment variables, else one per CPU (OpenBLAS's default)."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
+
+
+def _blas_summary() -> str:
+    try:
+        import threadpoolctl
+    except ImportError:
+        pass
+    else:
+        pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            return "; ".join(f"{p['internal_api']} {p.get('version', '')} ({p['num_threads']} threads, "
+                             f"threadpoolctl)" for p in pools)
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except Exception:  # older NumPy: no dict mode
+        return f"unknown (NumPy {np.__version__}); {blas_threads()} threads assumed"
+    arch = re.search(r"DYNAMIC_ARCH\s+NO_AFFINITY\s+(\w+)|\b(Haswell|SkylakeX|Zen|Sandybridge)\b",
+                     blas.get("openblas configuration", ""))
+    core = next((g for g in arch.groups() if g), "") if arch else ""
+    return (f"{blas.get('name', '?')} {blas.get('version', '')}{f' ({core})' if core else ''}, "
+            f"{blas_threads()} threads (environment, else one per CPU)")
+
+
+def machine_lines(torch_threads: int | None) -> list[str]:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    torch_text = "not installed" if torch_threads is None else f"{torch_threads} threads (set to match BLAS)"
+    return [
+        f"machine: {os.cpu_count()} CPUs, load average {load} (1, 5, 15 min); Python {sys.version.split()[0]}",
+        f"NumPy {np.__version__} BLAS: {_blas_summary()}",
+        f"torch (CPU): {torch_text}",
+    ]
+
+
+def subprocess_seconds(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                       timeout: float = 900.0) -> float:
+    """Wall time of one command; raises if it fails (a benchmark of a failing command means nothing)."""
+    start = time.perf_counter()
+    out = subprocess.run(list(argv), capture_output=True, text=True, env=dict(env) if env else None, cwd=cwd,
+                         timeout=timeout)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(argv)} exited with {out.returncode}: " + " / ".join(tail))
+    return seconds
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned (names), the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def render(section: Section) -> str:
+    parts = [f"== {section.title}", *section.notes, "", table(section.headers, section.rows)]
+    if section.footer:
+        parts += ["", *section.footer]
+    return "\n".join(parts) + "\n"
