@@ -64,8 +64,7 @@ def bench_cases(n: int, *, dtype: str, variant: str = "vanilla", seed: int = 0) 
 
 
 def _unsupported(oracle: Any, variant: str, dtype: str) -> str | None:
-    check = getattr(oracle, "unsupported_reason", None) or oracle.supports
-    return check(variant, dtype)
+    return oracle.unsupported_reason(variant, dtype)
 
 
 def oracle_rates(oracle_names: Sequence[str] | None = None, *, n_cases: int = 200,
