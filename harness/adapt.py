@@ -18,6 +18,8 @@ The conventions an adapter knows (all combinable):
                        for the LayerNorm variant it is added after normalization, i.e. to beta[f]
 ``batch_major``        x (B, T, D) and y (B, T, H)
 ``initial_cell=False`` no c0 argument: the cell starts at zero. Checked with c0 = 0; dc0 not compared
+``initial_hidden=False`` no h0 argument: the hidden state starts at zero. Checked with h0 = 0; dh0 not
+                       compared. Both together: ``forward(x, params)``
 ``final_cell=False``   the forward does not return c_T: c_T not compared, checked with dc_T = 0
 ``per_gate``           one matrix and one bias per gate instead of stacked blocks, keyed ``W_i``,
                        ``W_f``, ``W_g``, ``W_o``, (``R_i``, ...,) ``b_i``, ...: ``"separate"`` W_<gate>
@@ -27,12 +29,12 @@ The conventions an adapter knows (all combinable):
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
 =====================  =============================================================================
 
-Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``c0`` left out when
-``initial_cell=False``; the parameters positionally in the order W, R, b (or W, R, b_ih, b_hh; or the
-folded matrix; then p_i, p_f, p_o or gamma, beta)) returning ``(y, h_T, c_T, cache)``, ``(y, h_T,
-c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``; h_T is read off y); and
-``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict of gradients by name (``"x"``/``"dx"``,
-``"h0"``, ...) or a tuple (dx, dh0, [dc0,] *dparams) in the same order. ``backward_takes`` names the
+Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``h0`` left out when
+``initial_hidden=False``, ``c0`` when ``initial_cell=False``; the parameters positionally in the order
+W, R, b (or W, R, b_ih, b_hh; or the folded matrix; then p_i, p_f, p_o or gamma, beta)) returning
+``(y, h_T, c_T, cache)``, ``(y, h_T, c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``;
+h_T is read off y); and ``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict of gradients by name (``"x"``/``"dx"``,
+``"h0"``, ...) or a tuple (dx, [dh0,] [dc0,] *dparams) in the same order. ``backward_takes`` names the
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
 
@@ -78,6 +80,7 @@ class Convention:
     initial_cell: bool = True
     final_cell: bool = True
     per_gate: str | None = None
+    initial_hidden: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gate_order", layouts.normalize_order(self.gate_order, argument="gate_order"))
@@ -92,7 +95,7 @@ class Convention:
                                  "with names=...")
             if self.bias != "single":
                 raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
-        for flag in ("transposed", "batch_major", "initial_cell", "final_cell"):
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
@@ -122,6 +125,8 @@ class Convention:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
             parts.append("its sequences are batch-major ((B, T, D) in, (B, T, H) out)")
+        if not self.initial_hidden:
+            parts.append("it has no initial hidden state (h0 = 0)")
         if not self.initial_cell:
             parts.append("it has no initial cell state (c0 = 0)")
         if not self.final_cell:
@@ -132,6 +137,10 @@ class Convention:
         """The :func:`adapt` keywords that select this convention (only those that differ)."""
         default = asdict(Convention())
         return {k: v for k, v in asdict(self).items() if v != default[k]}
+
+    def initial_states(self, h0: Any, c0: Any) -> list[Any]:
+        """Of the initial states (h0, c0), the ones the implementation takes, in its argument order."""
+        return ([h0] if self.initial_hidden else []) + ([c0] if self.initial_cell else [])
 
     # -- parameters
 
@@ -308,6 +317,9 @@ class Adapted:
         if backward is not None or torch_module is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
+        if not convention.initial_hidden:
+            zero.append("h0")
+            unchecked["dh0"] = "the implementation has no initial hidden state (adapted with initial_hidden=False)"
         if not convention.initial_cell:
             zero.append("c0")
             unchecked["dc0"] = "the implementation has no initial cell state (adapted with initial_cell=False)"
@@ -339,7 +351,7 @@ class Adapted:
             if conv.batch_major:
                 watched["x"], back["x"] = xs, (x, layouts.time_major)
             handed = _Handed(self, watched, back, params, D, H)
-            args: list[Any] = [xs, h0] + ([c0] if conv.initial_cell else [])
+            args: list[Any] = [xs] + conv.initial_states(h0, c0)
             if self._params_as == "dict":
                 out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
             else:
@@ -407,11 +419,9 @@ class Adapted:
         out: dict[str, Any] = {}
         dx = to_numpy(grads.pop("x"))
         out["x"] = layouts.time_major(dx) if conv.batch_major else dx
-        out["h0"] = to_numpy(grads.pop("h0"))
-        if conv.initial_cell:
-            out["c0"] = to_numpy(grads.pop("c0"))
-        else:
-            out["c0"] = np.zeros_like(out["h0"])  # a placeholder: reported as not compared
+        # An initial state the implementation does not take has a placeholder gradient: reported as not compared.
+        out["h0"] = to_numpy(grads.pop("h0")) if conv.initial_hidden else np.zeros((B, H), dtype=out["x"].dtype)
+        out["c0"] = to_numpy(grads.pop("c0")) if conv.initial_cell else np.zeros_like(out["h0"])
         params = {k: to_numpy(v) for k, v in grads.items()}
         out.update(conv.grads_from(params, self.variant, D, H))
         if not_computed:
@@ -430,8 +440,7 @@ class Adapted:
     def _gradients_by_key(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...), and the ones
         it returned beyond those, by the names it gave them."""
-        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(
-            self.convention.param_keys(self.variant))
+        keys = ["x"] + self.convention.initial_states("h0", "c0") + list(self.convention.param_keys(self.variant))
         if isinstance(raw, Mapping):
             by_name = {v: k for k, v in self._names.items()}
             out: dict[str, Any] = {}
@@ -473,12 +482,14 @@ class Adapted:
                 "h0": (h0, np.copy), "c0": (c0, np.copy)}
         handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], h0.shape[1])
         named = {self._names[k]: v for k, v in weights.items()}
+        conv = self.convention
         with _swapped_parameters(self._module, named), torch.enable_grad():
             if self._call is not None:
-                result = self._call(self._module, x, h, c) if self.convention.initial_cell \
-                    else self._call(self._module, x, h)
+                result = self._call(self._module, x, *conv.initial_states(h, c))
+            elif conv.initial_hidden and conv.initial_cell:
+                result = self._module(x, (h, c))
             else:
-                result = self._module(x, (h, c)) if self.convention.initial_cell else self._module(x, h)
+                result = self._module(x, *conv.initial_states(h, c))
         y, h_T, c_T = _torch_outputs(result)
         cache = (tensors, weights, (y, h_T, c_T))
         as_np = []
@@ -499,8 +510,9 @@ class Adapted:
                 continue
             g = torch.tensor(np.asarray(grad), dtype=out.dtype)
             pairs.append((out, g.reshape(out.shape)))
-        leaves = [tensors["x"], tensors["h0"]] + ([tensors["c0"]] if self.convention.initial_cell else [])
-        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(params)
+        keys = ["x"] + self.convention.initial_states("h0", "c0")
+        leaves = [tensors[k] for k in keys]
+        keys += list(params)
         leaves += [params[k] for k in params]
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
         out = {}
@@ -657,6 +669,7 @@ def adapt(
     batch_major: bool = False,
     initial_cell: bool = True,
     final_cell: bool = True,
+    initial_hidden: bool = True,
     per_gate: str | None = None,
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
@@ -683,12 +696,13 @@ def adapt(
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major,
-                          interface={"bias": (bias, "single"), "initial_cell": (initial_cell, True),
+                          interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
+                                     "initial_cell": (initial_cell, True),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate)
+                            per_gate=per_gate, initial_hidden=initial_hidden)
     source = impl if impl is not None else forward_fn
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
@@ -733,8 +747,8 @@ def adapt(
         raise ValueError(f"forward_fn: expected a function, got {type(forward_fn).__name__}")
     if backward_fn is not None and not callable(backward_fn):
         raise ValueError(f"backward_fn: expected a function or None, got {type(backward_fn).__name__}")
-    _check_arity(forward_fn, 2 + int(initial_cell) + len(keys), "forward_fn",
-                 "x, h0" + (", c0" if initial_cell else "") + ", " + ", ".join(names_map[k] for k in keys))
+    _check_arity(forward_fn, 1 + len(convention.initial_states("h0", "c0")) + len(keys), "forward_fn",
+                 ", ".join(["x", *convention.initial_states("h0", "c0"), *(names_map[k] for k in keys)]))
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
@@ -758,7 +772,8 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
                          f"and ln_eps can be given again")
     old = adapter.convention
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell)
+                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
+                            initial_hidden=old.initial_hidden)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")

@@ -505,3 +505,70 @@ def test_per_gate_conversions_are_inverse(variant, form, transposed, forget_bias
 def test_per_gate_bad_arguments_say_what_to_pass(kwargs, message):
     with pytest.raises(ValueError, match=message):
         adapt(foreign.ifog, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# No initial hidden state (and no initial cell state)
+
+
+class _NoInitialStates:
+    """A loop LSTM that takes no h0 (and, with ``cell=False``, no c0): it starts from zero itself.
+    ``bug="warm_start"`` starts from h = 0.1 instead, as a hand-written "small nonzero init" would."""
+
+    variant = "vanilla"
+
+    def __init__(self, cell=True, bug=None):
+        self.cell, self.bug = cell, bug
+        self.name = f"no-h0-{'c0' if cell else 'no-c0'}-{bug or 'correct'}"
+        self.loop = LoopLSTM()
+
+    def forward(self, x, *states_and_params):
+        *states, params = states_and_params
+        B, H = x.shape[1], params["R"].shape[1]
+        h0 = np.full((B, H), 0.1 if self.bug == "warm_start" else 0.0, dtype=x.dtype)
+        c0 = states[0] if self.cell else np.zeros((B, H), dtype=x.dtype)
+        return self.loop.forward(x, h0, c0, params)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = self.loop.backward(dy, dh_T, dc_T, cache)
+        del grads["h0"]
+        if not self.cell:
+            del grads["c0"]
+        return grads
+
+
+@pytest.mark.parametrize("cell", [True, False])
+def test_no_initial_hidden_state_certifies_with_its_limits(cell):
+    adapted = adapt(_NoInitialStates(cell=cell), initial_hidden=False, initial_cell=cell)
+    assert adapted.limits.zero == (("h0",) if cell else ("h0", "c0"))
+    result = _certify(adapted, max_examples=8)
+    assert result.verdict == "certified", result.details()
+    skipped = {r.quantity: r.reason for r in result.records if r.status == "skip"}
+    assert set(skipped) == ({"dh0"} if cell else {"dh0", "dc0"})
+    assert "no initial hidden state" in skipped["dh0"] and "initial_hidden=False" in skipped["dh0"]
+    assert "no initial hidden state (h0 = 0)" in repr(adapted)
+
+
+def test_an_initial_hidden_state_that_is_not_zero_is_caught():
+    result = _certify(adapt(_NoInitialStates(bug="warm_start"), initial_hidden=False), dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    assert "y" in {r.quantity for r in result.records if r.status == "fail"}
+
+
+def test_forward_fn_without_initial_states_takes_x_and_the_parameters():
+    loop = LoopLSTM()
+
+    def forward_fn(x, W, R, b):
+        B, H = x.shape[1], R.shape[1]
+        zero = np.zeros((B, H), dtype=x.dtype)
+        return loop.forward(x, zero, zero, {"W": W, "R": R, "b": b})
+
+    def backward_fn(dy, dh_T, dc_T, cache):
+        g = loop.backward(dy, dh_T, dc_T, cache)
+        return g["x"], g["W"], g["R"], g["b"]
+
+    adapted = adapt(forward_fn=forward_fn, backward_fn=backward_fn, initial_hidden=False, initial_cell=False)
+    result = _certify(adapted, max_examples=8)
+    assert result.verdict == "certified", result.details()
+    with pytest.raises(ValueError, match=r"forward_fn: expected a function taking \(x, h0, W, R, b\)"):
+        adapt(forward_fn=forward_fn, initial_cell=False)
