@@ -16,7 +16,11 @@ The conventions an adapter knows (all combinable):
                        over [1, x, h] (``transposed``: (1+D+H, 4H))
 ``forget_bias``        a constant the implementation adds to the forget gate (TF1's ``forget_bias``);
                        for the LayerNorm variant it is added after normalization, i.e. to beta[f]
-``batch_major``        x (B, T, D) and y (B, T, H)
+``layout``             the axes of its sequences (x, y, dy, dx), any arrangement of ``"TBD"``: ``"TBD"``
+                       time-major (the contract's), ``"BTD"`` batch-major, ``"DBT"`` feature-first
+                       (deeplearning.ai: x (D, B, T), y (H, B, T)); when D comes before B its states
+                       (h0, c0, h_T, c_T and their gradients) are (H, B) too
+``batch_major``        the same as ``layout="BTD"``: x (B, T, D) and y (B, T, H)
 ``initial_cell=False`` no c0 argument: the cell starts at zero. Checked with c0 = 0; dc0 not compared
 ``initial_hidden=False`` no h0 argument: the hidden state starts at zero. Checked with h0 = 0; dh0 not
                        compared. Both together: ``forward(x, params)``
@@ -81,8 +85,20 @@ class Convention:
     final_cell: bool = True
     per_gate: str | None = None
     initial_hidden: bool = True
+    layout: str = "TBD"
 
     def __post_init__(self) -> None:
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        layout = layouts.normalize_layout(self.layout, argument="layout")
+        if self.batch_major:  # batch_major=True is layout="BTD", the older spelling of it
+            if layout not in (layouts.CANONICAL_LAYOUT, "BTD"):
+                raise ValueError(f"batch_major: True is layout='BTD', so it cannot go with layout={layout!r}; "
+                                 f"drop batch_major")
+            layout = "BTD"
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "batch_major", layout == "BTD")
         object.__setattr__(self, "gate_order", layouts.normalize_order(self.gate_order, argument="gate_order"))
         if self.bias not in _BIASES:
             raise ValueError(f"bias: expected one of {_BIASES}, got {self.bias!r}")
@@ -95,9 +111,6 @@ class Convention:
                                  "with names=...")
             if self.bias != "single":
                 raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
-        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not np.isfinite(self.forget_bias):
             raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
@@ -125,6 +138,10 @@ class Convention:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
             parts.append("its sequences are batch-major ((B, T, D) in, (B, T, H) out)")
+        elif self.layout != layouts.CANONICAL_LAYOUT:
+            x, y = (", ".join(self.layout.replace("D", f)) for f in "DH")
+            states = "; its states are (H, B)" if self.states_transposed else ""
+            parts.append(f"its sequences are laid out as ({x}) in, ({y}) out{states}")
         if not self.initial_hidden:
             parts.append("it has no initial hidden state (h0 = 0)")
         if not self.initial_cell:
@@ -136,7 +153,31 @@ class Convention:
     def keywords(self) -> dict[str, Any]:
         """The :func:`adapt` keywords that select this convention (only those that differ)."""
         default = asdict(Convention())
-        return {k: v for k, v in asdict(self).items() if v != default[k]}
+        out = {k: v for k, v in asdict(self).items() if v != default[k]}
+        if self.batch_major:
+            del out["layout"]  # batch_major=True says it
+        return out
+
+    @property
+    def states_transposed(self) -> bool:
+        """Whether its states are (H, B): the features come before the batch in its layout."""
+        return self.layout.index("D") < self.layout.index("B")
+
+    # -- sequences and states: the contract's (T, B, D) and (B, H) -> this convention's, and back
+
+    def seq_to(self, a: np.ndarray, name: str = "x") -> np.ndarray:
+        return a if self.layout == layouts.CANONICAL_LAYOUT else layouts.sequence_to(a, self.layout, name=name)
+
+    def seq_from(self, a: Any, name: str = "y") -> np.ndarray:
+        if self.layout == layouts.CANONICAL_LAYOUT:
+            return np.array(to_numpy(a), copy=True)
+        return layouts.sequence_from(to_numpy(a), self.layout, name=name)
+
+    def state_to(self, a: np.ndarray, name: str = "h0") -> np.ndarray:
+        return layouts.state_to(a, self.layout, name=name) if self.states_transposed else a
+
+    def state_from(self, a: Any, name: str = "h_T") -> Any:
+        return layouts.state_from(to_numpy(a), self.layout, name=name) if self.states_transposed else a
 
     def initial_states(self, h0: Any, c0: Any) -> list[Any]:
         """Of the initial states (h0, c0), the ones the implementation takes, in its argument order."""
@@ -340,27 +381,29 @@ class Adapted:
         T, B, D = x.shape
         H = h0.shape[1]
         mine = conv.params_to(params, self.variant)
-        xs = layouts.batch_major(x) if conv.batch_major else x
+        xs, h0s, c0s = conv.seq_to(x), conv.state_to(h0, "h0"), conv.state_to(c0, "c0")
         if self._module is not None:
-            y, h_T, c_T, cache, handed = self._torch_forward(x, xs, h0, c0, mine, params)
+            y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
         else:
-            # Converted copies (the parameters, a batch-major x) are watched; what is passed as it is,
-            # the caller (harness.subject.execute) watches itself.
+            # Converted copies (the parameters, x and the states in another layout) are watched; what is
+            # passed as it is, the caller (harness.subject.execute) watches itself.
             watched: dict[str, Any] = dict(mine)
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
-            if conv.batch_major:
-                watched["x"], back["x"] = xs, (x, layouts.time_major)
+            for key, given, handed_over, convert in (("x", x, xs, conv.seq_from), ("h0", h0, h0s, conv.state_from),
+                                                     ("c0", c0, c0s, conv.state_from)):
+                if handed_over is not given:
+                    watched[key], back[key] = handed_over, (given, convert)
             handed = _Handed(self, watched, back, params, D, H)
-            args: list[Any] = [xs] + conv.initial_states(h0, c0)
+            args: list[Any] = [xs] + conv.initial_states(h0s, c0s)
             if self._params_as == "dict":
                 out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
             else:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
-        y = to_numpy(y)
-        if conv.batch_major:
-            y = layouts.time_major(y)
+        y = conv.seq_from(y, "y")
+        h_T = None if h_T is None else conv.state_from(h_T, "h_T")
+        c_T = None if c_T is None else conv.state_from(c_T, "c_T")
         h_from_y = h_T is None
         if h_from_y:
             h_T = y[-1]  # (B, H): the last step of y is the final hidden state
@@ -401,27 +444,31 @@ class Adapted:
         if fold:
             dys = dy.copy()
             dys[-1] += dh_T
-        if conv.batch_major:
-            dys = layouts.batch_major(dys)
+        dys = conv.seq_to(dys, "dy")
+        dh_Ts, dc_Ts = conv.state_to(dh_T, "dh_T"), conv.state_to(dc_T, "dc_T")
         not_computed: set[str] = set()
         if self._module is not None:
-            raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_T, dc_T)
+            raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
         else:
+            # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
-            if dys is not dy:  # a converted copy: changes to it are the caller's dy's, converted back
-                back["dy"] = (dy, lambda v: _undo_dy(v, dh_T if fold else None, conv.batch_major))
-            upstream = _Handed(self, {"dy": dys} if back else {}, back)
-            given = {"dy": dys, "dh_T": dh_T, "dc_T": dc_T, "cache": cache.inner}
+            if dys is not dy:
+                back["dy"] = (dy, lambda v: _undo_dy(conv.seq_from(v, "dy"), dh_T if fold else None))
+            if dh_Ts is not dh_T:
+                back["dh_T"], back["dc_T"] = (dh_T, conv.state_from), (dc_T, conv.state_from)
+            upstream = _Handed(self, {k: {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts}[k] for k in back}, back)
+            given = {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts, "cache": cache.inner}
             raw = self._backward(*[given[k] for k in self._upstream])
             upstream.sync("backward")
         cache.handed.sync("backward")  # what forward was given may have been kept in the cache
         grads, extra = self._gradients_by_key(raw)
         out: dict[str, Any] = {}
-        dx = to_numpy(grads.pop("x"))
-        out["x"] = layouts.time_major(dx) if conv.batch_major else dx
+        out["x"] = conv.seq_from(grads.pop("x"), "dx")
         # An initial state the implementation does not take has a placeholder gradient: reported as not compared.
-        out["h0"] = to_numpy(grads.pop("h0")) if conv.initial_hidden else np.zeros((B, H), dtype=out["x"].dtype)
-        out["c0"] = to_numpy(grads.pop("c0")) if conv.initial_cell else np.zeros_like(out["h0"])
+        out["h0"] = to_numpy(conv.state_from(grads.pop("h0"), "dh0")) if conv.initial_hidden \
+            else np.zeros((B, H), dtype=out["x"].dtype)
+        out["c0"] = to_numpy(conv.state_from(grads.pop("c0"), "dc0")) if conv.initial_cell \
+            else np.zeros_like(out["h0"])
         params = {k: to_numpy(v) for k, v in grads.items()}
         out.update(conv.grads_from(params, self.variant, D, H))
         if not_computed:
@@ -440,7 +487,7 @@ class Adapted:
     def _gradients_by_key(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...), and the ones
         it returned beyond those, by the names it gave them."""
-        keys = ["x"] + self.convention.initial_states("h0", "c0") + list(self.convention.param_keys(self.variant))
+        keys: list[str] = ["x", *self.convention.initial_states("h0", "c0"), *self.convention.param_keys(self.variant)]
         if isinstance(raw, Mapping):
             by_name = {v: k for k, v in self._names.items()}
             out: dict[str, Any] = {}
@@ -470,19 +517,19 @@ class Adapted:
 
     # -- PyTorch modules: forward by functional_call, backward by autograd
 
-    def _torch_forward(self, x_given, xs, h0, c0, mine, params):
+    def _torch_forward(self, given, converted, mine, params):
         import torch
 
-        tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in
-                   (("x", xs), ("h0", h0), ("c0", c0))}
+        conv = self.convention
+        tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in zip(("x", "h0", "c0"), converted)}
         weights = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in mine.items()}
         x, h, c = tensors["x"], tensors["h0"], tensors["c0"]
         # Every tensor is a copy: changes to any of them are the caller's arrays', converted back.
-        back = {"x": (x_given, layouts.time_major if self.convention.batch_major else np.copy),
-                "h0": (h0, np.copy), "c0": (c0, np.copy)}
+        x_given, h0, c0 = given
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
+                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
         handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], h0.shape[1])
         named = {self._names[k]: v for k, v in weights.items()}
-        conv = self.convention
         with _swapped_parameters(self._module, named), torch.enable_grad():
             if self._call is not None:
                 result = self._call(self._module, x, *conv.initial_states(h, c))
@@ -536,9 +583,8 @@ class _Cache:
     handed: _Handed  # what forward gave the implementation, still watched in backward
 
 
-def _undo_dy(v: np.ndarray, folded_dh_T: np.ndarray | None, batch_major: bool) -> np.ndarray:
-    """The caller's dy from the (possibly changed) one the implementation was given."""
-    out = layouts.time_major(v) if batch_major else np.array(v, copy=True)
+def _undo_dy(out: np.ndarray, folded_dh_T: np.ndarray | None) -> np.ndarray:
+    """The caller's dy from the (possibly changed) one the implementation was given, back in (T, B, H)."""
     if folded_dh_T is not None:
         out[-1] -= folded_dh_T
     return out
@@ -667,6 +713,7 @@ def adapt(
     bias: str = "single",
     forget_bias: float = 0.0,
     batch_major: bool = False,
+    layout: str = "TBD",
     initial_cell: bool = True,
     final_cell: bool = True,
     initial_hidden: bool = True,
@@ -695,14 +742,14 @@ def adapt(
         raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
-                          transposed=transposed, forget_bias=forget_bias, batch_major=batch_major,
+                          transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
                           interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
                                      "initial_cell": (initial_cell, True),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate, initial_hidden=initial_hidden)
+                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout)
     source = impl if impl is not None else forward_fn
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
@@ -756,6 +803,7 @@ def adapt(
 
 def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,
                ln_eps: float | None, gate_order: str, transposed: bool, forget_bias: float, batch_major: bool,
+               layout: str,
                interface: dict[str, tuple[Any, Any]]) -> Adapted:
     """What ``adapter`` wraps, adapted afresh: read in the given convention instead of the adapter's own.
 
@@ -768,12 +816,12 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     given = [k for k, (value, default) in interface.items() if value != default]
     if given:
         raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
-                         f"convention (gate_order, transposed, forget_bias, batch_major) and variant, name, dtypes "
-                         f"and ln_eps can be given again")
+                         f"convention (gate_order, transposed, forget_bias, batch_major or layout) and variant, name, "
+                         f"dtypes and ln_eps can be given again")
     old = adapter.convention
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
-                            initial_hidden=old.initial_hidden)
+                            initial_hidden=old.initial_hidden, layout=layout)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")

@@ -572,3 +572,104 @@ def test_forward_fn_without_initial_states_takes_x_and_the_parameters():
     assert result.verdict == "certified", result.details()
     with pytest.raises(ValueError, match=r"forward_fn: expected a function taking \(x, h0, W, R, b\)"):
         adapt(forward_fn=forward_fn, initial_cell=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence layouts: feature-first (D, B, T) as deeplearning.ai writes it
+
+
+class _FeatureFirst:
+    """deeplearning.ai's sequence shapes: x (n_x, m, T_x), a0 (n_a, m), a (n_a, m, T_x); per gate Wf
+    (n_a, n_a + n_x) over concat(a_prev, x_t); the cell starts at zero. ``forward(x, a0, parameters)
+    -> (a, caches)``, ``backward(da, caches)`` -> gradients by name. ``bug="no_recurrent_da"``
+    makes the classic mistake of taking da_next from da[:, :, t] alone, dropping the gradient that
+    flows back from step t+1."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug
+        self.name = f"feature-first-{bug or 'correct'}"
+
+    def forward(self, x, a0, p):
+        n_a, m = a0.shape
+        T_x = x.shape[2]
+        a = np.zeros((n_a, m, T_x), dtype=x.dtype)
+        a_prev, c_prev, caches = a0, np.zeros_like(a0), []
+        for t in range(T_x):
+            concat = np.concatenate([a_prev, x[:, :, t]], axis=0)  # (n_a + n_x, m)
+            ft = _sigmoid(p["Wf"] @ concat + p["bf"][:, None])
+            it = _sigmoid(p["Wi"] @ concat + p["bi"][:, None])
+            cct = np.tanh(p["Wc"] @ concat + p["bc"][:, None])
+            ot = _sigmoid(p["Wo"] @ concat + p["bo"][:, None])
+            c_next = ft * c_prev + it * cct
+            a_prev = ot * np.tanh(c_next)
+            caches.append((concat, c_prev, c_next, ft, it, cct, ot))
+            a[:, :, t], c_prev = a_prev, c_next
+        return a, (caches, dict(p), n_a)
+
+    def backward(self, da, cache):
+        caches, p, n_a = cache
+        grads = {"d" + k: np.zeros_like(v) for k, v in p.items()}
+        dx = np.zeros((caches[0][0].shape[0] - n_a,) + da.shape[1:], dtype=da.dtype)
+        da_prevt, dc_prevt = np.zeros_like(da[:, :, 0]), np.zeros_like(da[:, :, 0])
+        for t in reversed(range(da.shape[2])):
+            concat, c_prev, c_t, ft, it, cct, ot = caches[t]
+            da_next = da[:, :, t] if self.bug == "no_recurrent_da" else da[:, :, t] + da_prevt
+            dc = dc_prevt + da_next * ot * (1 - np.tanh(c_t) ** 2)
+            pre = {"o": da_next * np.tanh(c_t) * ot * (1 - ot), "c": dc * it * (1 - cct ** 2),
+                   "i": dc * cct * it * (1 - it), "f": dc * c_prev * ft * (1 - ft)}  # (n_a, m) each
+            dconcat = np.zeros_like(concat)
+            for gate, d in pre.items():
+                grads["dW" + gate] += d @ concat.T
+                grads["db" + gate] += d.sum(axis=1)
+                dconcat += p["W" + gate].T @ d
+            da_prevt, dc_prevt = dconcat[:n_a], dc * ft
+            dx[:, :, t] = dconcat[n_a:]
+        return {"dx": dx, "dh0": da_prevt, **grads}
+
+
+_FEATURE_FIRST = dict(layout="DBT", per_gate="hx", names=_DLAI_NAMES, initial_cell=False, final_cell=False,
+                      backward_takes=("dy", "cache"))
+
+
+def test_feature_first_sequences_and_states_certify():
+    adapted = adapt(_FeatureFirst(), **_FEATURE_FIRST)
+    assert "laid out as (D, B, T) in, (H, B, T) out; its states are (H, B)" in repr(adapted)
+    result = _certify(adapted, max_examples=10)
+    assert result.verdict == "certified", result.details()
+    # Read as time-major, the same correct implementation cannot even be called.
+    as_time_major = _certify(adapt(_FeatureFirst(), **{**_FEATURE_FIRST, "layout": "TBD"}), dtypes=["float64"],
+                             max_examples=3)
+    assert as_time_major.verdict != "certified"
+
+
+def test_feature_first_missing_recurrent_gradient_is_caught():
+    result = _certify(adapt(_FeatureFirst("no_recurrent_da"), **_FEATURE_FIRST), dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    failing = {r.quantity for r in result.records if r.status == "fail"}
+    assert {"dx", "dW"} <= failing and all(r.direction == "backward" for r in result.records if r.status == "fail")
+
+
+def test_layout_keyword_and_batch_major_are_one_convention():
+    assert Convention(batch_major=True) == Convention(layout="BTD") == Convention(layout="btd", batch_major=True)
+    assert Convention(layout="BTD").batch_major and Convention(layout="BTD").keywords() == {"batch_major": True}
+    assert Convention(layout="DBT").keywords() == {"layout": "DBT"}
+    assert Convention(layout="DBT").states_transposed and not Convention(layout="BDT").states_transposed
+    with pytest.raises(ValueError, match="batch_major: True is layout='BTD', so it cannot go with layout='DBT'"):
+        Convention(batch_major=True, layout="DBT")
+    with pytest.raises(ValueError, match="layout: expected the axes of a sequence"):
+        adapt(foreign.ifog, layout="NCHW")
+    result = _certify(adapt(foreign.batch_major, layout="BTD"), max_examples=5)
+    assert result.verdict == "certified", result.details()
+
+
+def test_changes_to_transposed_states_reach_the_callers_arrays():
+    class ScalesA0(_FeatureFirst):
+        def forward(self, x, a0, p):
+            a0 *= 2.0
+            return super().forward(x, a0, p)
+
+    result = _certify(adapt(ScalesA0(), **_FEATURE_FIRST), dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("modified its input arrays in place: h0 (forward)" in r for r in contract), contract
