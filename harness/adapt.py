@@ -42,6 +42,18 @@ h_T is read off y); and ``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict 
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
 
+One timestep instead of a sequence: ``step_forward(x_t, prev_h, prev_c, *params)`` returning
+``(next_h, next_c, cache)`` and ``step_backward(dnext_h, dnext_c, cache)`` returning ``(dx_t, dprev_h,
+dprev_c, *dparams)`` (the course exercise's ``lstm_step_forward``/``lstm_step_backward``), or
+``adapt(cell, step=True)`` for an object whose ``forward(x_t, prev_h, prev_c, params)`` and
+``backward(dnext_h, dnext_c, cache)`` (or ``step_forward``/``step_backward``) are one step; its
+backward may return ``(dx_t, dprev_h, dprev_c, {name: dparam})`` or one dict (``"dxt"``,
+``"da_prev"``, ``"dc_prev"``, ``"dWf"``, ... as deeplearning.ai's ``lstm_cell_backward``). The adapter
+runs the time loop and the backward through time itself (dy[t] added to dh at each step, dh and dc
+carried back, parameter gradients summed over time), so a cell is certified before any loop of its
+own is written. Every other keyword applies to it as to a sequence: x_t is one timestep of x in
+``layout`` ((B, D), or (D, B) for "DBT", with states (H, B)), parameters in the cell's convention.
+
 Quantities an adapter cannot produce are declared in its ``limits`` (a :class:`harness.Limits`) and
 reported by :func:`harness.certify` as not compared, with the reason, never compared against a placeholder.
 
@@ -340,7 +352,7 @@ class Adapted:
     """
 
     def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
-                 ln_eps: float, names: dict[str, str], forward: Callable[..., Any],
+                 ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
                  torch_module: Any = None, call: Callable[..., Any] | None = None):
         self.convention = convention
@@ -372,6 +384,8 @@ class Adapted:
 
     def __repr__(self) -> str:
         extra = self.convention.describe() or "standard convention"
+        if self._params_as == "step":
+            extra = f"{_TimeLoop.NOTE}; {extra}"
         return f"<adapted {self.name}: {extra}>"
 
     # -- forward
@@ -395,7 +409,9 @@ class Adapted:
                     watched[key], back[key] = handed_over, (given, convert)
             handed = _Handed(self, watched, back, params, D, H)
             args: list[Any] = [xs] + conv.initial_states(h0s, c0s)
-            if self._params_as == "dict":
+            if self._params_as == "step":
+                out = self._forward.forward(self, xs, h0s, c0s, mine)
+            elif self._params_as == "dict":
                 out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
             else:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
@@ -458,7 +474,10 @@ class Adapted:
                 back["dh_T"], back["dc_T"] = (dh_T, conv.state_from), (dc_T, conv.state_from)
             upstream = _Handed(self, {k: {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts}[k] for k in back}, back)
             given = {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts, "cache": cache.inner}
-            raw = self._backward(*[given[k] for k in self._upstream])
+            if self._params_as == "step":
+                raw = self._forward.backward(self, dys, dh_Ts, dc_Ts, cache.inner)
+            else:
+                raw = self._backward(*[given[k] for k in self._upstream])
             upstream.sync("backward")
         cache.handed.sync("backward")  # what forward was given may have been kept in the cache
         grads, extra = self._gradients_by_key(raw)
@@ -649,6 +668,116 @@ class _Handed:
                                 subject=f"adapted {self.adapted.name}")
 
 
+_STEP_GRADIENT_ALIASES = {"x": ("dx", "dxt", "dx_t", "x"), "h": ("dprev_h", "dh_prev", "da_prev", "dh"),
+                          "c": ("dprev_c", "dc_prev", "dc")}
+
+
+class _TimeLoop:
+    """A one-timestep cell run over the sequence by the adapter: the forward loop and the backward
+    through time (BPTT), in the cell's own convention and layout.
+
+    The cell's ``forward(x_t, prev_h, prev_c, params)`` returns ``(next_h, next_c, cache)``; its
+    ``backward(dnext_h, dnext_c, cache)`` returns ``(dx_t, dprev_h, dprev_c, *dparams)``, ``(dx_t,
+    dprev_h, dprev_c, {name: dparam})`` or one dict (dx_t under ``"dx"``/``"dxt"``, dprev_h under
+    ``"dprev_h"``/``"da_prev"``, dprev_c under ``"dprev_c"``/``"dc_prev"``). The loop hands the cell
+    each timestep of x as the layout has it (x[:, :, t] for "DBT"), carries dh and dc back, adds
+    dy[t] to dh at every step and sums the parameter gradients over time. Everything around it
+    (conversions, watching copies, limits) is the sequence adapter's, unchanged.
+    """
+
+    NOTE = "a one-timestep cell: the adapter calls it once per timestep and runs the backward through time"
+
+    def __init__(self, step_forward: Callable[..., Any], step_backward: Callable[..., Any] | None,
+                 params_as: str):
+        self.step_forward = step_forward
+        self.step_backward = step_backward
+        self.params_as = params_as  # "args" (functions) or "dict" (a cell object's methods)
+
+    def _call(self, adapted: Adapted, what: str, t: int, T: int, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+; the message is then shown with the error
+            if add_note is not None:
+                add_note(f"in {what} at timestep t={t} of T={T} ({self.NOTE})")
+            raise
+
+    def _fail(self, adapted: Adapted, message: str) -> ContractError:
+        return ContractError([f"{message} ({self.NOTE})"], subject=f"adapted {adapted.name}")
+
+    def forward(self, adapted: Adapted, x: np.ndarray, h0: np.ndarray, c0: np.ndarray,
+                mine: Mapping[str, np.ndarray]) -> tuple[Any, Any, Any, Any]:
+        conv = adapted.convention
+        axis = conv.layout.index("T")
+        steps = np.moveaxis(x, axis, 0)  # views: a change the cell makes to x_t is a change to x
+        T = steps.shape[0]
+        keys = conv.param_keys(adapted.variant)
+        params: list[Any] = [mine[k] for k in keys] if self.params_as == "args" \
+            else [{adapted._names[k]: mine[k] for k in keys}]
+        h, c, hs, caches = h0, c0, [], []
+        for t in range(T):
+            out = self._call(adapted, "step_forward", t, T, self.step_forward, steps[t], h, c, *params)
+            if not isinstance(out, (tuple, list)) or len(out) != 3:
+                got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+                raise self._fail(adapted, f"step_forward at t={t}: expected (next_h, next_c, cache), got {got}")
+            h, c, cache = out
+            for name, value in (("next_h", h), ("next_c", c)):
+                if to_numpy(value).shape != h0.shape:
+                    raise self._fail(adapted, f"step_forward at t={t}: returned {name} of shape "
+                                              f"{to_numpy(value).shape}, expected {h0.shape} (the shape of prev_h)")
+            hs.append(to_numpy(h))
+            caches.append(cache)
+        return np.stack(hs, axis=axis), to_numpy(h), to_numpy(c), caches
+
+    def backward(self, adapted: Adapted, dy: np.ndarray, dh_T: np.ndarray, dc_T: np.ndarray,
+                 caches: list[Any]) -> dict[str, Any]:
+        assert self.step_backward is not None  # the adapter has a backward only when the cell does
+        conv = adapted.convention
+        axis = conv.layout.index("T")
+        dys = np.moveaxis(dy, axis, 0)
+        T = len(caches)
+        keys = conv.param_keys(adapted.variant)
+        dh, dc = dh_T, dc_T
+        dxs: list[np.ndarray] = [np.empty(0)] * T
+        sums: dict[str, Any] = {}
+        for t in reversed(range(T)):
+            out = self._call(adapted, "step_backward", t, T, self.step_backward, dh + dys[t], dc, caches[t])
+            dx, dh, dc, grads = self._split(adapted, out, keys, t)
+            for value, name in ((dx, "dx"), (dh, "dprev_h"), (dc, "dprev_c")):
+                if value is None:
+                    raise self._fail(adapted, f"step_backward at t={t}: returned no {name}")
+            dxs[t] = to_numpy(dx)
+            dh, dc = to_numpy(dh), to_numpy(dc)
+            for name, g in grads.items():  # dL/dW = sum over t of the step's dW
+                sums[name] = to_numpy(g) if name not in sums else sums[name] + to_numpy(g)
+        states = dict(zip(conv.initial_states("h0", "c0"), conv.initial_states(dh, dc)))
+        return {"x": np.stack(dxs, axis=axis), **states, **sums}
+
+    def _split(self, adapted: Adapted, out: Any, keys: tuple[str, ...], t: int) -> tuple[Any, Any, Any, dict]:
+        """(dx_t, dprev_h, dprev_c, parameter gradients by the cell's own names) from what its backward returned."""
+        names = [adapted._names[k] for k in keys]
+        if isinstance(out, Mapping):
+            rest = dict(out)
+            found = []
+            for aliases in _STEP_GRADIENT_ALIASES.values():
+                hit = next((a for a in aliases if a in rest), None)
+                found.append(rest.pop(hit) if hit is not None else None)
+            grads = {}
+            for name, value in rest.items():  # "dWx" is the gradient of Wx, as "dx" is that of x
+                own = name[1:] if isinstance(name, str) and name not in names and name[1:] in names else name
+                grads[own] = value
+            return found[0], found[1], found[2], grads
+        if isinstance(out, (tuple, list)):
+            if len(out) == 4 and isinstance(out[3], Mapping):
+                return out[0], out[1], out[2], {(k[1:] if k not in names and k[1:] in names else k): v
+                                                for k, v in out[3].items()}
+            if len(out) == 3 + len(keys):
+                return out[0], out[1], out[2], dict(zip(names, out[3:]))
+        got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise self._fail(adapted, f"step_backward at t={t}: expected (dx, dprev_h, dprev_c, "
+                                  f"{', '.join('d' + n for n in names)}) or (dx, dprev_h, dprev_c, dict), got {got}")
+
+
 def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:
     """(y, h_T, c_T) from what a module returned: (y, (h, c)), (y, h, c) or y."""
     import torch
@@ -704,6 +833,9 @@ def adapt(
     *,
     forward_fn: Callable[..., Any] | None = None,
     backward_fn: Callable[..., Any] | None = None,
+    step_forward: Callable[..., Any] | None = None,
+    step_backward: Callable[..., Any] | None = None,
+    step: bool = False,
     variant: str | None = None,
     name: str | None = None,
     dtypes: Sequence[str] | None = None,
@@ -728,18 +860,37 @@ def adapt(
     ``backward(dy, dh_T, dc_T, cache)`` in its own convention (params and gradients keyed by its
     own names), or a PyTorch ``nn.Module`` (called as ``module(x, (h0, c0))``, or by ``call(module,
     x, h0, c0)``; parameters substituted by name; backward by autograd). Give ``forward_fn`` (and
-    ``backward_fn``) instead of ``impl`` for plain functions. See the module docstring for the
-    conventions. ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
+    ``backward_fn``) instead of ``impl`` for plain functions. For a cell that computes one timestep,
+    give ``step_forward`` (and ``step_backward``), or ``impl`` with ``step=True``: the adapter runs the
+    time loop and the backward through time. See the module docstring for the conventions.
+    ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
 
     ``impl`` may itself be an adapter: what it wraps is then read in the given gate order,
     transposition, forget bias and sequence layout instead of the adapter's, keeping the adapter's
     names, bias form, cell states and backward (which :func:`harness.diagnose` relies on).
     """
-    if (impl is None) == (forward_fn is None):
-        raise ValueError("adapt: expected either impl (an object or nn.Module) or forward_fn, not "
-                         + ("both" if impl is not None else "neither"))
-    if backward_fn is not None and impl is not None:
-        raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used")
+    given = [k for k, v in (("impl", impl), ("forward_fn", forward_fn), ("step_forward", step_forward))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("adapt: expected either impl (an object or nn.Module), forward_fn or step_forward, got "
+                         + (" and ".join(given) if given else "none of them"))
+    if backward_fn is not None and forward_fn is None:
+        raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used, and a cell's "
+                         "step_backward goes with step_forward")
+    if step_backward is not None and step_forward is None:
+        raise ValueError("step_backward: goes with step_forward; a cell object's own backward is used")
+    if not isinstance(step, bool):
+        raise ValueError(f"step: expected True or False, got {step!r}")
+    if step and impl is None:
+        raise ValueError("step: True says that impl is a one-timestep cell object; for functions pass "
+                         "step_forward= and step_backward= instead")
+    if step or step_forward is not None:
+        if tuple(backward_takes) != _UPSTREAM or call is not None:
+            raise ValueError(f"{'call' if call is not None else 'backward_takes'}: does not apply to a one-timestep "
+                             f"cell, whose backward takes (dnext_h, dnext_c, cache) and whose loop the adapter runs")
+        if isinstance(impl, Adapted) or _is_torch_module(impl):
+            raise ValueError("step: expected a cell object with forward(x_t, prev_h, prev_c, params) and "
+                             "backward(dnext_h, dnext_c, cache) methods (or step_forward/step_backward ones)")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
@@ -750,7 +901,7 @@ def adapt(
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
                             per_gate=per_gate, initial_hidden=initial_hidden, layout=layout)
-    source = impl if impl is not None else forward_fn
+    source = impl if impl is not None else forward_fn if forward_fn is not None else step_forward
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
@@ -783,6 +934,9 @@ def adapt(
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
     if call is not None:
         raise ValueError("call: only for a PyTorch nn.Module")
+    if step or step_forward is not None:
+        return _step_adapter(impl, step_forward, step_backward, common, len(keys),
+                             [names_map[k] for k in keys])
     if impl is not None:
         fwd = getattr(impl, "forward", None)
         if not callable(fwd):
@@ -799,6 +953,31 @@ def adapt(
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
+
+
+def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backward: Callable[..., Any] | None,
+                  common: dict[str, Any], n_params: int, param_names: list[str]) -> Adapted:
+    """An adapter around a one-timestep cell (an object's methods, or two functions) and the time loop."""
+    params_as = "args"
+    if cell is not None:
+        params_as = "dict"
+        step_forward = getattr(cell, "step_forward", None) or getattr(cell, "forward", None)
+        step_backward = getattr(cell, "step_backward", None) or getattr(cell, "backward", None)
+        if not callable(step_forward):
+            raise ValueError(f"impl: with step=True, expected a cell object with a forward(x_t, prev_h, prev_c, "
+                             f"params) (or step_forward) method, got {type(cell).__name__} without one")
+        step_backward = step_backward if callable(step_backward) else None
+    else:
+        if not callable(step_forward):
+            raise ValueError(f"step_forward: expected a function, got {type(step_forward).__name__}")
+        if step_backward is not None and not callable(step_backward):
+            raise ValueError(f"step_backward: expected a function or None, got {type(step_backward).__name__}")
+        _check_arity(step_forward, 3 + n_params, "step_forward", ", ".join(["x_t", "prev_h", "prev_c",
+                                                                              *param_names]))
+    if step_backward is not None:
+        _check_arity(step_backward, 3, "step_backward", "dnext_h, dnext_c, cache")
+    loop = _TimeLoop(step_forward, step_backward, params_as)
+    return Adapted(**common, forward=loop, backward=step_backward, params_as="step")
 
 
 def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from itertools import permutations
 from pathlib import Path
 
@@ -673,3 +674,153 @@ def test_changes_to_transposed_states_reach_the_callers_arrays():
     result = _certify(adapt(ScalesA0(), **_FEATURE_FIRST), dtypes=["float64"], max_examples=3)
     contract = [r.reason for r in result.records if r.status == "contract"]
     assert contract and any("modified its input arrays in place: h0 (forward)" in r for r in contract), contract
+
+
+# --------------------------------------------------------------------------------------------------
+# One-timestep cells: the adapter runs the time loop and the backward through time
+
+
+def _course_step_forward(x, prev_h, prev_c, Wx, Wh, b):
+    """The course exercise's step: x (N, D), Wx (D, 4H), Wh (H, 4H), b (4H,); gates i, f, o, g."""
+    H = prev_h.shape[1]
+    a = x @ Wx + prev_h @ Wh + b  # (N, 4H)
+    i, f, o = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H]), _sigmoid(a[:, 2 * H:3 * H])
+    g = np.tanh(a[:, 3 * H:])
+    next_c = f * prev_c + i * g
+    next_h = o * np.tanh(next_c)
+    return next_h, next_c, (x, prev_h, prev_c, Wx, Wh, i, f, o, g, next_c)
+
+
+def _course_step_backward(dnext_h, dnext_c, cache, bug=None):
+    x, prev_h, prev_c, Wx, Wh, i, f, o, g, next_c = cache
+    tc = np.tanh(next_c)
+    dc = dnext_c + dnext_h * o * (1 - tc ** 2)
+    da = np.concatenate([dc * g * i * (1 - i), dc * prev_c * f * (1 - f), dnext_h * tc * o * (1 - o),
+                         dc * i * (1 - g ** 2)], axis=1)  # (N, 4H)
+    dprev_c = dc if bug == "dprev_c_without_f" else dc * f
+    return da @ Wx.T, da @ Wh.T, dprev_c, x.T @ da, prev_h.T @ da, da.sum(axis=0)
+
+
+_COURSE_STEP = dict(gate_order="ifog", transposed=True, names={"W": "Wx", "R": "Wh"})
+
+
+def test_course_step_functions_certify():
+    adapted = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, **_COURSE_STEP)
+    assert "one-timestep cell" in repr(adapted) and not adapted.limits
+    result = _certify(adapted, max_examples=10)
+    assert result.verdict == "certified", result.details()
+    assert all(r.status == "pass" for r in result.records)
+
+
+def test_a_step_backward_that_drops_the_forget_gate_on_dprev_c_is_caught():
+    def step_backward(dnext_h, dnext_c, cache):
+        return _course_step_backward(dnext_h, dnext_c, cache, bug="dprev_c_without_f")
+
+    result = _certify(adapt(step_forward=_course_step_forward, step_backward=step_backward, **_COURSE_STEP),
+                      dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    failing = {r.quantity for r in result.records if r.status == "fail"}
+    assert "dc0" in failing and {"dx", "dW"} & failing
+    assert all(r.direction == "backward" for r in result.records if r.status == "fail")
+
+
+def test_step_cells_compose_with_the_other_keywords():
+    # Read in the wrong gate order, the same correct step is caught forward; re-adapting (as diagnose
+    # does) keeps the time loop.
+    wrong = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, transposed=True,
+                  names={"W": "Wx", "R": "Wh"})
+    assert _certify(wrong, dtypes=["float64"], max_examples=5).verdict == "discrepancies"
+    fixed = adapt(wrong, gate_order="ifog", transposed=True)
+    assert "one-timestep cell" in repr(fixed)
+    assert _certify(fixed, max_examples=5).verdict == "certified"
+    # Without initial states the loop starts from the zeros the harness holds them at.
+    zero = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, initial_hidden=False,
+                 initial_cell=False, **_COURSE_STEP)
+    result = _certify(zero, max_examples=5)
+    assert result.verdict == "certified", result.details()
+    assert {r.quantity for r in result.records if r.status == "skip"} == {"dh0", "dc0"}
+
+
+class _DeepLearningAICell:
+    """deeplearning.ai's cell, one timestep: xt (n_x, m), a_prev and c_prev (n_a, m), Wf (n_a, n_a + n_x)
+    over concat(a_prev, xt); ``forward`` -> (a_next, c_next, cache), ``backward(da_next, dc_next, cache)``
+    -> {"dxt", "da_prev", "dc_prev", "dWf", "dbf", ...}. ``bug="forget_derivative"`` takes dL/df from
+    c_next instead of c_prev."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug
+        self.name = f"dlai-cell-{bug or 'correct'}"
+
+    def forward(self, xt, a_prev, c_prev, p):
+        concat = np.concatenate([a_prev, xt], axis=0)  # (n_a + n_x, m)
+        ft = _sigmoid(p["Wf"] @ concat + p["bf"][:, None])
+        it = _sigmoid(p["Wi"] @ concat + p["bi"][:, None])
+        cct = np.tanh(p["Wc"] @ concat + p["bc"][:, None])
+        ot = _sigmoid(p["Wo"] @ concat + p["bo"][:, None])
+        c_next = ft * c_prev + it * cct
+        a_next = ot * np.tanh(c_next)
+        return a_next, c_next, (concat, c_prev, c_next, ft, it, cct, ot, p)
+
+    def backward(self, da_next, dc_next, cache):
+        concat, c_prev, c_next, ft, it, cct, ot, p = cache
+        n_a = c_prev.shape[0]
+        dc = dc_next + da_next * ot * (1 - np.tanh(c_next) ** 2)
+        pre = {"o": da_next * np.tanh(c_next) * ot * (1 - ot), "c": dc * it * (1 - cct ** 2),
+               "i": dc * cct * it * (1 - it),
+               "f": dc * (c_next if self.bug == "forget_derivative" else c_prev) * ft * (1 - ft)}
+        grads, dconcat = {}, np.zeros_like(concat)
+        for gate, d in pre.items():
+            grads["dW" + gate], grads["db" + gate] = d @ concat.T, d.sum(axis=1)
+            dconcat += p["W" + gate].T @ d
+        return {"dxt": dconcat[n_a:], "da_prev": dconcat[:n_a], "dc_prev": dc * ft, **grads}
+
+
+_DLAI_CELL = dict(step=True, layout="DBT", per_gate="hx", names=_DLAI_NAMES)
+
+
+def test_a_feature_first_cell_object_certifies_and_a_wrong_derivative_is_caught():
+    result = _certify(adapt(_DeepLearningAICell(), **_DLAI_CELL), max_examples=10)
+    assert result.verdict == "certified", result.details()
+    wrong = _certify(adapt(_DeepLearningAICell("forget_derivative"), **_DLAI_CELL), dtypes=["float64"])
+    assert wrong.verdict == "discrepancies"
+    failing = {r.quantity for r in wrong.records if r.status == "fail"}
+    assert "dW" in failing and all(r.direction == "backward" for r in wrong.records if r.status == "fail")
+
+
+def test_a_failing_step_names_its_timestep():
+    def step_forward(x, prev_h, prev_c, Wx, Wh, b):
+        if np.any(prev_h != 0):  # from t=1 on the state is no longer the zero the harness starts from
+            raise FloatingPointError("overflow in the gates")
+        return _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+
+    adapted = adapt(step_forward=step_forward, step_backward=_course_step_backward, initial_hidden=False,
+                    initial_cell=False, **_COURSE_STEP)
+    result = _certify(adapted, dtypes=["float64"], max_examples=5)
+    errors = [r for r in result.records if r.status == "error"]
+    assert errors and all(r.reason == "forward raised FloatingPointError: overflow in the gates" for r in errors)
+    if sys.version_info >= (3, 11):  # the step travels as an exception note, shown in the record's traceback
+        assert all("in step_forward at timestep t=1 of T=" in r.traceback
+                   and "the adapter calls it once per timestep" in r.traceback for r in errors), errors[0].traceback
+
+    def wrong_shape(x, prev_h, prev_c, Wx, Wh, b):
+        h, c, cache = _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+        return np.concatenate([h, h], axis=1), c, cache  # (N, 2H)
+
+    result = _certify(adapt(step_forward=wrong_shape, **_COURSE_STEP), dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("step_forward at t=0: returned next_h of shape" in r for r in contract), contract
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step_forward": _course_step_forward, "forward_fn": _course_step_forward}, "got forward_fn and step_forward"),
+    ({"step_backward": _course_step_backward, "forward_fn": _course_step_forward}, "step_backward: goes with"),
+    ({"step_forward": lambda x, h, c: None}, r"step_forward: expected a function taking \(x_t, prev_h, prev_c, W"),
+    ({"step_forward": _course_step_forward, "backward_takes": ("dy", "cache")}, "backward_takes: does not apply"),
+])
+def test_step_arguments_say_what_to_pass(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adapt(**kwargs)
+    with pytest.raises(ValueError, match="step: True says that impl is a one-timestep cell object"):
+        adapt(forward_fn=_course_step_forward, step=True)
