@@ -824,3 +824,42 @@ def test_step_arguments_say_what_to_pass(kwargs, message):
         adapt(**kwargs)
     with pytest.raises(ValueError, match="step: True says that impl is a one-timestep cell object"):
         adapt(forward_fn=_course_step_forward, step=True)
+
+
+def test_torch_module_with_feature_first_sequences_and_states_certifies():
+    torch = pytest.importorskip("torch", reason="the nn.Module adapter needs PyTorch")
+    from torch import nn
+
+    class FeatureFirst(nn.Module):  # x (D, B, T), states (H, B), columns are batch elements
+        def __init__(self, input_size=3, hidden_size=4):
+            super().__init__()
+            self.weight_ih = nn.Parameter(torch.randn(4 * hidden_size, input_size))
+            self.weight_hh = nn.Parameter(torch.randn(4 * hidden_size, hidden_size))
+            self.bias = nn.Parameter(torch.zeros(4 * hidden_size))
+
+        def forward(self, x, state):
+            h, c = state
+            outs = []
+            for t in range(x.shape[2]):
+                i, f, g, o = (self.weight_ih @ x[:, :, t] + self.weight_hh @ h + self.bias[:, None]).chunk(4, dim=0)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            return torch.stack(outs, dim=2), (h, c)
+
+    result = _certify(adapt(FeatureFirst(), layout="DBT", names=_TORCH_NAMES), dtypes=["float64"], max_examples=5)
+    assert result.verdict == "certified", result.details()
+    assert all(r.status == "pass" for r in result.records)
+
+
+def test_a_cell_that_changes_its_timestep_of_x_is_reported_under_x():
+    def step_forward(x, prev_h, prev_c, Wx, Wh, b):
+        out = _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+        x *= 0.5  # the cell is handed x[t] itself: the change is x's
+        return out
+
+    result = _certify(adapt(step_forward=step_forward, step_backward=_course_step_backward, **_COURSE_STEP),
+                      dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("modified its input arrays in place" in r and "x (forward)" in r for r in contract), \
+        contract
