@@ -16,8 +16,14 @@ The conventions an adapter knows (all combinable):
                        over [1, x, h] (``transposed``: (1+D+H, 4H))
 ``forget_bias``        a constant the implementation adds to the forget gate (TF1's ``forget_bias``);
                        for the LayerNorm variant it is added after normalization, i.e. to beta[f]
-``batch_major``        x (B, T, D) and y (B, T, H)
+``layout``             the axes of its sequences (x, y, dy, dx), any arrangement of ``"TBD"``: ``"TBD"``
+                       time-major (the contract's), ``"BTD"`` batch-major, ``"DBT"`` feature-first
+                       (deeplearning.ai: x (D, B, T), y (H, B, T)); when D comes before B its states
+                       (h0, c0, h_T, c_T and their gradients) are (H, B) too
+``batch_major``        the same as ``layout="BTD"``: x (B, T, D) and y (B, T, H)
 ``initial_cell=False`` no c0 argument: the cell starts at zero. Checked with c0 = 0; dc0 not compared
+``initial_hidden=False`` no h0 argument: the hidden state starts at zero. Checked with h0 = 0; dh0 not
+                       compared. Both together: ``forward(x, params)``
 ``final_cell=False``   the forward does not return c_T: c_T not compared, checked with dc_T = 0
 ``per_gate``           one matrix and one bias per gate instead of stacked blocks, keyed ``W_i``,
                        ``W_f``, ``W_g``, ``W_o``, (``R_i``, ...,) ``b_i``, ...: ``"separate"`` W_<gate>
@@ -27,14 +33,26 @@ The conventions an adapter knows (all combinable):
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
 =====================  =============================================================================
 
-Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``c0`` left out when
-``initial_cell=False``; the parameters positionally in the order W, R, b (or W, R, b_ih, b_hh; or the
-folded matrix; then p_i, p_f, p_o or gamma, beta)) returning ``(y, h_T, c_T, cache)``, ``(y, h_T,
-c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``; h_T is read off y); and
-``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict of gradients by name (``"x"``/``"dx"``,
-``"h0"``, ...) or a tuple (dx, dh0, [dc0,] *dparams) in the same order. ``backward_takes`` names the
+Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``h0`` left out when
+``initial_hidden=False``, ``c0`` when ``initial_cell=False``; the parameters positionally in the order
+W, R, b (or W, R, b_ih, b_hh; or the folded matrix; then p_i, p_f, p_o or gamma, beta)) returning
+``(y, h_T, c_T, cache)``, ``(y, h_T, c_T)`` (no backward) or ``(y, cache)`` (``final_cell=False``;
+h_T is read off y); and ``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict of gradients by name (``"x"``/``"dx"``,
+``"h0"``, ...) or a tuple (dx, [dh0,] [dc0,] *dparams) in the same order. ``backward_takes`` names the
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
+
+One timestep instead of a sequence: ``step_forward(x_t, prev_h, prev_c, *params)`` returning
+``(next_h, next_c, cache)`` and ``step_backward(dnext_h, dnext_c, cache)`` returning ``(dx_t, dprev_h,
+dprev_c, *dparams)`` (the course exercise's ``lstm_step_forward``/``lstm_step_backward``), or
+``adapt(cell, step=True)`` for an object whose ``forward(x_t, prev_h, prev_c, params)`` and
+``backward(dnext_h, dnext_c, cache)`` (or ``step_forward``/``step_backward``) are one step; its
+backward may return ``(dx_t, dprev_h, dprev_c, {name: dparam})`` or one dict (``"dxt"``,
+``"da_prev"``, ``"dc_prev"``, ``"dWf"``, ... as deeplearning.ai's ``lstm_cell_backward``). The adapter
+runs the time loop and the backward through time itself (dy[t] added to dh at each step, dh and dc
+carried back, parameter gradients summed over time), so a cell is certified before any loop of its
+own is written. Every other keyword applies to it as to a sequence: x_t is one timestep of x in
+``layout`` ((B, D), or (D, B) for "DBT", with states (H, B)), parameters in the cell's convention.
 
 Quantities an adapter cannot produce are declared in its ``limits`` (a :class:`harness.Limits`) and
 reported by :func:`harness.certify` as not compared, with the reason, never compared against a placeholder.
@@ -78,8 +96,21 @@ class Convention:
     initial_cell: bool = True
     final_cell: bool = True
     per_gate: str | None = None
+    initial_hidden: bool = True
+    layout: str = "TBD"
 
     def __post_init__(self) -> None:
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        layout = layouts.normalize_layout(self.layout, argument="layout")
+        if self.batch_major:  # batch_major=True is layout="BTD", the older spelling of it
+            if layout not in (layouts.CANONICAL_LAYOUT, "BTD"):
+                raise ValueError(f"batch_major: True is layout='BTD', so it cannot go with layout={layout!r}; "
+                                 f"drop batch_major")
+            layout = "BTD"
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "batch_major", layout == "BTD")
         object.__setattr__(self, "gate_order", layouts.normalize_order(self.gate_order, argument="gate_order"))
         if self.bias not in _BIASES:
             raise ValueError(f"bias: expected one of {_BIASES}, got {self.bias!r}")
@@ -92,9 +123,6 @@ class Convention:
                                  "with names=...")
             if self.bias != "single":
                 raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
-        for flag in ("transposed", "batch_major", "initial_cell", "final_cell"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not np.isfinite(self.forget_bias):
             raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
@@ -122,6 +150,12 @@ class Convention:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
             parts.append("its sequences are batch-major ((B, T, D) in, (B, T, H) out)")
+        elif self.layout != layouts.CANONICAL_LAYOUT:
+            x, y = (", ".join(self.layout.replace("D", f)) for f in "DH")
+            states = "; its states are (H, B)" if self.states_transposed else ""
+            parts.append(f"its sequences are laid out as ({x}) in, ({y}) out{states}")
+        if not self.initial_hidden:
+            parts.append("it has no initial hidden state (h0 = 0)")
         if not self.initial_cell:
             parts.append("it has no initial cell state (c0 = 0)")
         if not self.final_cell:
@@ -131,7 +165,35 @@ class Convention:
     def keywords(self) -> dict[str, Any]:
         """The :func:`adapt` keywords that select this convention (only those that differ)."""
         default = asdict(Convention())
-        return {k: v for k, v in asdict(self).items() if v != default[k]}
+        out = {k: v for k, v in asdict(self).items() if v != default[k]}
+        if self.batch_major:
+            del out["layout"]  # batch_major=True says it
+        return out
+
+    @property
+    def states_transposed(self) -> bool:
+        """Whether its states are (H, B): the features come before the batch in its layout."""
+        return self.layout.index("D") < self.layout.index("B")
+
+    # -- sequences and states: the contract's (T, B, D) and (B, H) -> this convention's, and back
+
+    def seq_to(self, a: np.ndarray, name: str = "x") -> np.ndarray:
+        return a if self.layout == layouts.CANONICAL_LAYOUT else layouts.sequence_to(a, self.layout, name=name)
+
+    def seq_from(self, a: Any, name: str = "y") -> np.ndarray:
+        if self.layout == layouts.CANONICAL_LAYOUT:
+            return np.array(to_numpy(a), copy=True)
+        return layouts.sequence_from(to_numpy(a), self.layout, name=name)
+
+    def state_to(self, a: np.ndarray, name: str = "h0") -> np.ndarray:
+        return layouts.state_to(a, self.layout, name=name) if self.states_transposed else a
+
+    def state_from(self, a: Any, name: str = "h_T") -> Any:
+        return layouts.state_from(to_numpy(a), self.layout, name=name) if self.states_transposed else a
+
+    def initial_states(self, h0: Any, c0: Any) -> list[Any]:
+        """Of the initial states (h0, c0), the ones the implementation takes, in its argument order."""
+        return ([h0] if self.initial_hidden else []) + ([c0] if self.initial_cell else [])
 
     # -- parameters
 
@@ -290,7 +352,7 @@ class Adapted:
     """
 
     def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
-                 ln_eps: float, names: dict[str, str], forward: Callable[..., Any],
+                 ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
                  torch_module: Any = None, call: Callable[..., Any] | None = None):
         self.convention = convention
@@ -308,6 +370,9 @@ class Adapted:
         if backward is not None or torch_module is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
+        if not convention.initial_hidden:
+            zero.append("h0")
+            unchecked["dh0"] = "the implementation has no initial hidden state (adapted with initial_hidden=False)"
         if not convention.initial_cell:
             zero.append("c0")
             unchecked["dc0"] = "the implementation has no initial cell state (adapted with initial_cell=False)"
@@ -319,6 +384,8 @@ class Adapted:
 
     def __repr__(self) -> str:
         extra = self.convention.describe() or "standard convention"
+        if self._params_as == "step":
+            extra = f"{_TimeLoop.NOTE}; {extra}"
         return f"<adapted {self.name}: {extra}>"
 
     # -- forward
@@ -328,27 +395,31 @@ class Adapted:
         T, B, D = x.shape
         H = h0.shape[1]
         mine = conv.params_to(params, self.variant)
-        xs = layouts.batch_major(x) if conv.batch_major else x
+        xs, h0s, c0s = conv.seq_to(x), conv.state_to(h0, "h0"), conv.state_to(c0, "c0")
         if self._module is not None:
-            y, h_T, c_T, cache, handed = self._torch_forward(x, xs, h0, c0, mine, params)
+            y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
         else:
-            # Converted copies (the parameters, a batch-major x) are watched; what is passed as it is,
-            # the caller (harness.subject.execute) watches itself.
+            # Converted copies (the parameters, x and the states in another layout) are watched; what is
+            # passed as it is, the caller (harness.subject.execute) watches itself.
             watched: dict[str, Any] = dict(mine)
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
-            if conv.batch_major:
-                watched["x"], back["x"] = xs, (x, layouts.time_major)
+            for key, given, handed_over, convert in (("x", x, xs, conv.seq_from), ("h0", h0, h0s, conv.state_from),
+                                                     ("c0", c0, c0s, conv.state_from)):
+                if handed_over is not given:
+                    watched[key], back[key] = handed_over, (given, convert)
             handed = _Handed(self, watched, back, params, D, H)
-            args: list[Any] = [xs, h0] + ([c0] if conv.initial_cell else [])
-            if self._params_as == "dict":
+            args: list[Any] = [xs] + conv.initial_states(h0s, c0s)
+            if self._params_as == "step":
+                out = self._forward.forward(self, xs, h0s, c0s, mine)
+            elif self._params_as == "dict":
                 out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
             else:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
-        y = to_numpy(y)
-        if conv.batch_major:
-            y = layouts.time_major(y)
+        y = conv.seq_from(y, "y")
+        h_T = None if h_T is None else conv.state_from(h_T, "h_T")
+        c_T = None if c_T is None else conv.state_from(c_T, "c_T")
         h_from_y = h_T is None
         if h_from_y:
             h_T = y[-1]  # (B, H): the last step of y is the final hidden state
@@ -389,29 +460,34 @@ class Adapted:
         if fold:
             dys = dy.copy()
             dys[-1] += dh_T
-        if conv.batch_major:
-            dys = layouts.batch_major(dys)
+        dys = conv.seq_to(dys, "dy")
+        dh_Ts, dc_Ts = conv.state_to(dh_T, "dh_T"), conv.state_to(dc_T, "dc_T")
         not_computed: set[str] = set()
         if self._module is not None:
-            raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_T, dc_T)
+            raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
         else:
+            # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
-            if dys is not dy:  # a converted copy: changes to it are the caller's dy's, converted back
-                back["dy"] = (dy, lambda v: _undo_dy(v, dh_T if fold else None, conv.batch_major))
-            upstream = _Handed(self, {"dy": dys} if back else {}, back)
-            given = {"dy": dys, "dh_T": dh_T, "dc_T": dc_T, "cache": cache.inner}
-            raw = self._backward(*[given[k] for k in self._upstream])
+            if dys is not dy:
+                back["dy"] = (dy, lambda v: _undo_dy(conv.seq_from(v, "dy"), dh_T if fold else None))
+            if dh_Ts is not dh_T:
+                back["dh_T"], back["dc_T"] = (dh_T, conv.state_from), (dc_T, conv.state_from)
+            upstream = _Handed(self, {k: {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts}[k] for k in back}, back)
+            given = {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts, "cache": cache.inner}
+            if self._params_as == "step":
+                raw = self._forward.backward(self, dys, dh_Ts, dc_Ts, cache.inner)
+            else:
+                raw = self._backward(*[given[k] for k in self._upstream])
             upstream.sync("backward")
         cache.handed.sync("backward")  # what forward was given may have been kept in the cache
         grads, extra = self._gradients_by_key(raw)
         out: dict[str, Any] = {}
-        dx = to_numpy(grads.pop("x"))
-        out["x"] = layouts.time_major(dx) if conv.batch_major else dx
-        out["h0"] = to_numpy(grads.pop("h0"))
-        if conv.initial_cell:
-            out["c0"] = to_numpy(grads.pop("c0"))
-        else:
-            out["c0"] = np.zeros_like(out["h0"])  # a placeholder: reported as not compared
+        out["x"] = conv.seq_from(grads.pop("x"), "dx")
+        # An initial state the implementation does not take has a placeholder gradient: reported as not compared.
+        out["h0"] = to_numpy(conv.state_from(grads.pop("h0"), "dh0")) if conv.initial_hidden \
+            else np.zeros((B, H), dtype=out["x"].dtype)
+        out["c0"] = to_numpy(conv.state_from(grads.pop("c0"), "dc0")) if conv.initial_cell \
+            else np.zeros_like(out["h0"])
         params = {k: to_numpy(v) for k, v in grads.items()}
         out.update(conv.grads_from(params, self.variant, D, H))
         if not_computed:
@@ -430,8 +506,7 @@ class Adapted:
     def _gradients_by_key(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...), and the ones
         it returned beyond those, by the names it gave them."""
-        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(
-            self.convention.param_keys(self.variant))
+        keys: list[str] = ["x", *self.convention.initial_states("h0", "c0"), *self.convention.param_keys(self.variant)]
         if isinstance(raw, Mapping):
             by_name = {v: k for k, v in self._names.items()}
             out: dict[str, Any] = {}
@@ -461,24 +536,26 @@ class Adapted:
 
     # -- PyTorch modules: forward by functional_call, backward by autograd
 
-    def _torch_forward(self, x_given, xs, h0, c0, mine, params):
+    def _torch_forward(self, given, converted, mine, params):
         import torch
 
-        tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in
-                   (("x", xs), ("h0", h0), ("c0", c0))}
+        conv = self.convention
+        tensors = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in zip(("x", "h0", "c0"), converted)}
         weights = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in mine.items()}
         x, h, c = tensors["x"], tensors["h0"], tensors["c0"]
         # Every tensor is a copy: changes to any of them are the caller's arrays', converted back.
-        back = {"x": (x_given, layouts.time_major if self.convention.batch_major else np.copy),
-                "h0": (h0, np.copy), "c0": (c0, np.copy)}
+        x_given, h0, c0 = given
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
+                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
         handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], h0.shape[1])
         named = {self._names[k]: v for k, v in weights.items()}
         with _swapped_parameters(self._module, named), torch.enable_grad():
             if self._call is not None:
-                result = self._call(self._module, x, h, c) if self.convention.initial_cell \
-                    else self._call(self._module, x, h)
+                result = self._call(self._module, x, *conv.initial_states(h, c))
+            elif conv.initial_hidden and conv.initial_cell:
+                result = self._module(x, (h, c))
             else:
-                result = self._module(x, (h, c)) if self.convention.initial_cell else self._module(x, h)
+                result = self._module(x, *conv.initial_states(h, c))
         y, h_T, c_T = _torch_outputs(result)
         cache = (tensors, weights, (y, h_T, c_T))
         as_np = []
@@ -499,8 +576,9 @@ class Adapted:
                 continue
             g = torch.tensor(np.asarray(grad), dtype=out.dtype)
             pairs.append((out, g.reshape(out.shape)))
-        leaves = [tensors["x"], tensors["h0"]] + ([tensors["c0"]] if self.convention.initial_cell else [])
-        keys = ["x", "h0"] + (["c0"] if self.convention.initial_cell else []) + list(params)
+        keys = ["x"] + self.convention.initial_states("h0", "c0")
+        leaves = [tensors[k] for k in keys]
+        keys += list(params)
         leaves += [params[k] for k in params]
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
         out = {}
@@ -524,9 +602,8 @@ class _Cache:
     handed: _Handed  # what forward gave the implementation, still watched in backward
 
 
-def _undo_dy(v: np.ndarray, folded_dh_T: np.ndarray | None, batch_major: bool) -> np.ndarray:
-    """The caller's dy from the (possibly changed) one the implementation was given."""
-    out = layouts.time_major(v) if batch_major else np.array(v, copy=True)
+def _undo_dy(out: np.ndarray, folded_dh_T: np.ndarray | None) -> np.ndarray:
+    """The caller's dy from the (possibly changed) one the implementation was given, back in (T, B, H)."""
     if folded_dh_T is not None:
         out[-1] -= folded_dh_T
     return out
@@ -591,6 +668,116 @@ class _Handed:
                                 subject=f"adapted {self.adapted.name}")
 
 
+_STEP_GRADIENT_ALIASES = {"x": ("dx", "dxt", "dx_t", "x"), "h": ("dprev_h", "dh_prev", "da_prev", "dh"),
+                          "c": ("dprev_c", "dc_prev", "dc")}
+
+
+class _TimeLoop:
+    """A one-timestep cell run over the sequence by the adapter: the forward loop and the backward
+    through time (BPTT), in the cell's own convention and layout.
+
+    The cell's ``forward(x_t, prev_h, prev_c, params)`` returns ``(next_h, next_c, cache)``; its
+    ``backward(dnext_h, dnext_c, cache)`` returns ``(dx_t, dprev_h, dprev_c, *dparams)``, ``(dx_t,
+    dprev_h, dprev_c, {name: dparam})`` or one dict (dx_t under ``"dx"``/``"dxt"``, dprev_h under
+    ``"dprev_h"``/``"da_prev"``, dprev_c under ``"dprev_c"``/``"dc_prev"``). The loop hands the cell
+    each timestep of x as the layout has it (x[:, :, t] for "DBT"), carries dh and dc back, adds
+    dy[t] to dh at every step and sums the parameter gradients over time. Everything around it
+    (conversions, watching copies, limits) is the sequence adapter's, unchanged.
+    """
+
+    NOTE = "a one-timestep cell: the adapter calls it once per timestep and runs the backward through time"
+
+    def __init__(self, step_forward: Callable[..., Any], step_backward: Callable[..., Any] | None,
+                 params_as: str):
+        self.step_forward = step_forward
+        self.step_backward = step_backward
+        self.params_as = params_as  # "args" (functions) or "dict" (a cell object's methods)
+
+    def _call(self, adapted: Adapted, what: str, t: int, T: int, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+; the message is then shown with the error
+            if add_note is not None:
+                add_note(f"in {what} at timestep t={t} of T={T} ({self.NOTE})")
+            raise
+
+    def _fail(self, adapted: Adapted, message: str) -> ContractError:
+        return ContractError([f"{message} ({self.NOTE})"], subject=f"adapted {adapted.name}")
+
+    def forward(self, adapted: Adapted, x: np.ndarray, h0: np.ndarray, c0: np.ndarray,
+                mine: Mapping[str, np.ndarray]) -> tuple[Any, Any, Any, Any]:
+        conv = adapted.convention
+        axis = conv.layout.index("T")
+        steps = np.moveaxis(x, axis, 0)  # views: a change the cell makes to x_t is a change to x
+        T = steps.shape[0]
+        keys = conv.param_keys(adapted.variant)
+        params: list[Any] = [mine[k] for k in keys] if self.params_as == "args" \
+            else [{adapted._names[k]: mine[k] for k in keys}]
+        h, c, hs, caches = h0, c0, [], []
+        for t in range(T):
+            out = self._call(adapted, "step_forward", t, T, self.step_forward, steps[t], h, c, *params)
+            if not isinstance(out, (tuple, list)) or len(out) != 3:
+                got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+                raise self._fail(adapted, f"step_forward at t={t}: expected (next_h, next_c, cache), got {got}")
+            h, c, cache = out
+            for name, value in (("next_h", h), ("next_c", c)):
+                if to_numpy(value).shape != h0.shape:
+                    raise self._fail(adapted, f"step_forward at t={t}: returned {name} of shape "
+                                              f"{to_numpy(value).shape}, expected {h0.shape} (the shape of prev_h)")
+            hs.append(to_numpy(h))
+            caches.append(cache)
+        return np.stack(hs, axis=axis), to_numpy(h), to_numpy(c), caches
+
+    def backward(self, adapted: Adapted, dy: np.ndarray, dh_T: np.ndarray, dc_T: np.ndarray,
+                 caches: list[Any]) -> dict[str, Any]:
+        assert self.step_backward is not None  # the adapter has a backward only when the cell does
+        conv = adapted.convention
+        axis = conv.layout.index("T")
+        dys = np.moveaxis(dy, axis, 0)
+        T = len(caches)
+        keys = conv.param_keys(adapted.variant)
+        dh, dc = dh_T, dc_T
+        dxs: list[np.ndarray] = [np.empty(0)] * T
+        sums: dict[str, Any] = {}
+        for t in reversed(range(T)):
+            out = self._call(adapted, "step_backward", t, T, self.step_backward, dh + dys[t], dc, caches[t])
+            dx, dh, dc, grads = self._split(adapted, out, keys, t)
+            for value, name in ((dx, "dx"), (dh, "dprev_h"), (dc, "dprev_c")):
+                if value is None:
+                    raise self._fail(adapted, f"step_backward at t={t}: returned no {name}")
+            dxs[t] = to_numpy(dx)
+            dh, dc = to_numpy(dh), to_numpy(dc)
+            for name, g in grads.items():  # dL/dW = sum over t of the step's dW
+                sums[name] = to_numpy(g) if name not in sums else sums[name] + to_numpy(g)
+        states = dict(zip(conv.initial_states("h0", "c0"), conv.initial_states(dh, dc)))
+        return {"x": np.stack(dxs, axis=axis), **states, **sums}
+
+    def _split(self, adapted: Adapted, out: Any, keys: tuple[str, ...], t: int) -> tuple[Any, Any, Any, dict]:
+        """(dx_t, dprev_h, dprev_c, parameter gradients by the cell's own names) from what its backward returned."""
+        names = [adapted._names[k] for k in keys]
+        if isinstance(out, Mapping):
+            rest = dict(out)
+            found = []
+            for aliases in _STEP_GRADIENT_ALIASES.values():
+                hit = next((a for a in aliases if a in rest), None)
+                found.append(rest.pop(hit) if hit is not None else None)
+            grads = {}
+            for name, value in rest.items():  # "dWx" is the gradient of Wx, as "dx" is that of x
+                own = name[1:] if isinstance(name, str) and name not in names and name[1:] in names else name
+                grads[own] = value
+            return found[0], found[1], found[2], grads
+        if isinstance(out, (tuple, list)):
+            if len(out) == 4 and isinstance(out[3], Mapping):
+                return out[0], out[1], out[2], {(k[1:] if k not in names and k[1:] in names else k): v
+                                                for k, v in out[3].items()}
+            if len(out) == 3 + len(keys):
+                return out[0], out[1], out[2], dict(zip(names, out[3:]))
+        got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise self._fail(adapted, f"step_backward at t={t}: expected (dx, dprev_h, dprev_c, "
+                                  f"{', '.join('d' + n for n in names)}) or (dx, dprev_h, dprev_c, dict), got {got}")
+
+
 def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:
     """(y, h_T, c_T) from what a module returned: (y, (h, c)), (y, h, c) or y."""
     import torch
@@ -646,6 +833,9 @@ def adapt(
     *,
     forward_fn: Callable[..., Any] | None = None,
     backward_fn: Callable[..., Any] | None = None,
+    step_forward: Callable[..., Any] | None = None,
+    step_backward: Callable[..., Any] | None = None,
+    step: bool = False,
     variant: str | None = None,
     name: str | None = None,
     dtypes: Sequence[str] | None = None,
@@ -655,8 +845,10 @@ def adapt(
     bias: str = "single",
     forget_bias: float = 0.0,
     batch_major: bool = False,
+    layout: str = "TBD",
     initial_cell: bool = True,
     final_cell: bool = True,
+    initial_hidden: bool = True,
     per_gate: str | None = None,
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
@@ -668,28 +860,48 @@ def adapt(
     ``backward(dy, dh_T, dc_T, cache)`` in its own convention (params and gradients keyed by its
     own names), or a PyTorch ``nn.Module`` (called as ``module(x, (h0, c0))``, or by ``call(module,
     x, h0, c0)``; parameters substituted by name; backward by autograd). Give ``forward_fn`` (and
-    ``backward_fn``) instead of ``impl`` for plain functions. See the module docstring for the
-    conventions. ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
+    ``backward_fn``) instead of ``impl`` for plain functions. For a cell that computes one timestep,
+    give ``step_forward`` (and ``step_backward``), or ``impl`` with ``step=True``: the adapter runs the
+    time loop and the backward through time. See the module docstring for the conventions.
+    ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
 
     ``impl`` may itself be an adapter: what it wraps is then read in the given gate order,
     transposition, forget bias and sequence layout instead of the adapter's, keeping the adapter's
     names, bias form, cell states and backward (which :func:`harness.diagnose` relies on).
     """
-    if (impl is None) == (forward_fn is None):
-        raise ValueError("adapt: expected either impl (an object or nn.Module) or forward_fn, not "
-                         + ("both" if impl is not None else "neither"))
-    if backward_fn is not None and impl is not None:
-        raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used")
+    given = [k for k, v in (("impl", impl), ("forward_fn", forward_fn), ("step_forward", step_forward))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("adapt: expected either impl (an object or nn.Module), forward_fn or step_forward, got "
+                         + (" and ".join(given) if given else "none of them"))
+    if backward_fn is not None and forward_fn is None:
+        raise ValueError("backward_fn: goes with forward_fn; an object's own backward is used, and a cell's "
+                         "step_backward goes with step_forward")
+    if step_backward is not None and step_forward is None:
+        raise ValueError("step_backward: goes with step_forward; a cell object's own backward is used")
+    if not isinstance(step, bool):
+        raise ValueError(f"step: expected True or False, got {step!r}")
+    if step and impl is None:
+        raise ValueError("step: True says that impl is a one-timestep cell object; for functions pass "
+                         "step_forward= and step_backward= instead")
+    if step or step_forward is not None:
+        if tuple(backward_takes) != _UPSTREAM or call is not None:
+            raise ValueError(f"{'call' if call is not None else 'backward_takes'}: does not apply to a one-timestep "
+                             f"cell, whose backward takes (dnext_h, dnext_c, cache) and whose loop the adapter runs")
+        if isinstance(impl, Adapted) or _is_torch_module(impl):
+            raise ValueError("step: expected a cell object with forward(x_t, prev_h, prev_c, params) and "
+                             "backward(dnext_h, dnext_c, cache) methods (or step_forward/step_backward ones)")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
-                          transposed=transposed, forget_bias=forget_bias, batch_major=batch_major,
-                          interface={"bias": (bias, "single"), "initial_cell": (initial_cell, True),
+                          transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
+                          interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
+                                     "initial_cell": (initial_cell, True),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate)
-    source = impl if impl is not None else forward_fn
+                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout)
+    source = impl if impl is not None else forward_fn if forward_fn is not None else step_forward
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
@@ -722,6 +934,9 @@ def adapt(
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
     if call is not None:
         raise ValueError("call: only for a PyTorch nn.Module")
+    if step or step_forward is not None:
+        return _step_adapter(impl, step_forward, step_backward, common, len(keys),
+                             [names_map[k] for k in keys])
     if impl is not None:
         fwd = getattr(impl, "forward", None)
         if not callable(fwd):
@@ -733,15 +948,41 @@ def adapt(
         raise ValueError(f"forward_fn: expected a function, got {type(forward_fn).__name__}")
     if backward_fn is not None and not callable(backward_fn):
         raise ValueError(f"backward_fn: expected a function or None, got {type(backward_fn).__name__}")
-    _check_arity(forward_fn, 2 + int(initial_cell) + len(keys), "forward_fn",
-                 "x, h0" + (", c0" if initial_cell else "") + ", " + ", ".join(names_map[k] for k in keys))
+    _check_arity(forward_fn, 1 + len(convention.initial_states("h0", "c0")) + len(keys), "forward_fn",
+                 ", ".join(["x", *convention.initial_states("h0", "c0"), *(names_map[k] for k in keys)]))
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
 
 
+def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backward: Callable[..., Any] | None,
+                  common: dict[str, Any], n_params: int, param_names: list[str]) -> Adapted:
+    """An adapter around a one-timestep cell (an object's methods, or two functions) and the time loop."""
+    params_as = "args"
+    if cell is not None:
+        params_as = "dict"
+        step_forward = getattr(cell, "step_forward", None) or getattr(cell, "forward", None)
+        step_backward = getattr(cell, "step_backward", None) or getattr(cell, "backward", None)
+        if not callable(step_forward):
+            raise ValueError(f"impl: with step=True, expected a cell object with a forward(x_t, prev_h, prev_c, "
+                             f"params) (or step_forward) method, got {type(cell).__name__} without one")
+        step_backward = step_backward if callable(step_backward) else None
+    else:
+        if not callable(step_forward):
+            raise ValueError(f"step_forward: expected a function, got {type(step_forward).__name__}")
+        if step_backward is not None and not callable(step_backward):
+            raise ValueError(f"step_backward: expected a function or None, got {type(step_backward).__name__}")
+        _check_arity(step_forward, 3 + n_params, "step_forward", ", ".join(["x_t", "prev_h", "prev_c",
+                                                                              *param_names]))
+    if step_backward is not None:
+        _check_arity(step_backward, 3, "step_backward", "dnext_h, dnext_c, cache")
+    loop = _TimeLoop(step_forward, step_backward, params_as)
+    return Adapted(**common, forward=loop, backward=step_backward, params_as="step")
+
+
 def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,
                ln_eps: float | None, gate_order: str, transposed: bool, forget_bias: float, batch_major: bool,
+               layout: str,
                interface: dict[str, tuple[Any, Any]]) -> Adapted:
     """What ``adapter`` wraps, adapted afresh: read in the given convention instead of the adapter's own.
 
@@ -754,11 +995,12 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     given = [k for k, (value, default) in interface.items() if value != default]
     if given:
         raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
-                         f"convention (gate_order, transposed, forget_bias, batch_major) and variant, name, dtypes "
-                         f"and ln_eps can be given again")
+                         f"convention (gate_order, transposed, forget_bias, batch_major or layout) and variant, name, "
+                         f"dtypes and ln_eps can be given again")
     old = adapter.convention
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell)
+                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
+                            initial_hidden=old.initial_hidden, layout=layout)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")

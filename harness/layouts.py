@@ -72,6 +72,12 @@ __all__ = [
     "from_per_gate",
     "batch_major",
     "time_major",
+    "SEQUENCE_LAYOUTS",
+    "normalize_layout",
+    "sequence_to",
+    "sequence_from",
+    "state_to",
+    "state_from",
     "fold_forget_bias",
     "fold_forget_bias_layernorm",
     "permute_layernorm_rows",
@@ -658,6 +664,67 @@ def time_major(x: Any) -> np.ndarray:
     if a.ndim < 2:
         raise ValueError(f"x: expected a sequence of shape (B, T, ...), got shape {tuple(a.shape)}")
     return np.swapaxes(a, 0, 1).copy(order="C")  # a copy even where the swap is already contiguous
+
+
+#: The canonical sequence layout: T (time), B (batch), D (features: D for x, H for y and dy).
+CANONICAL_LAYOUT = "TBD"
+#: The layouts with a name: time-major (the contract's), batch-major (Keras, batch_first=True, the
+#: course exercise) and feature-first (deeplearning.ai: x (n_x, m, T_x), a (n_a, m, T_x), a0 (n_a, m)).
+SEQUENCE_LAYOUTS = ("TBD", "BTD", "DBT")
+
+
+def normalize_layout(layout: Any, *, argument: str = "layout") -> str:
+    """A sequence layout as three letters, the axes in order: any arrangement of T, B and D ("BTD"
+    is batch-major, "DBT" feature-first). Raise a ValueError that says what to pass otherwise."""
+    if not isinstance(layout, str) or sorted(layout.upper()) != sorted(CANONICAL_LAYOUT):
+        raise ValueError(f"{argument}: expected the axes of a sequence in order, an arrangement of T (time), "
+                         f"B (batch) and D (features) such as {' or '.join(map(repr, SEQUENCE_LAYOUTS))}, "
+                         f"got {layout!r}")
+    return layout.upper()
+
+
+def _sequence(x: Any, name: str, layout: str) -> np.ndarray:
+    a = _array(x, name)
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected a sequence of shape ({', '.join(layout)}), got shape {tuple(a.shape)}")
+    return a
+
+
+def sequence_to(x: Any, layout: str, *, name: str = "x") -> np.ndarray:
+    """A time-major sequence (T, B, D) -> the same sequence with its axes in ``layout``'s order."""
+    layout = normalize_layout(layout)
+    a = _sequence(x, name, CANONICAL_LAYOUT)
+    return np.transpose(a, [CANONICAL_LAYOUT.index(axis) for axis in layout]).copy(order="C")
+
+
+def sequence_from(x: Any, layout: str, *, name: str = "x") -> np.ndarray:
+    """A sequence with its axes in ``layout``'s order -> time-major (T, B, D): the inverse of :func:`sequence_to`."""
+    layout = normalize_layout(layout)
+    a = _sequence(x, name, layout)
+    return np.transpose(a, [layout.index(axis) for axis in CANONICAL_LAYOUT]).copy(order="C")
+
+
+def _state(h: Any, name: str, text: str) -> np.ndarray:
+    a = _array(h, name)
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a state of shape {text}, got shape {tuple(a.shape)}")
+    return a
+
+
+def state_to(h: Any, layout: str, *, name: str = "h0") -> np.ndarray:
+    """A state (B, H) (h0, c0, h_T, their gradients) -> the orientation its sequences have in ``layout``:
+    (H, B) when the features come before the batch ("DBT"), else (B, H). Always a copy."""
+    layout = normalize_layout(layout)
+    a = _state(h, name, "(B, H)")
+    return a.T.copy(order="C") if layout.index("D") < layout.index("B") else a.copy()
+
+
+def state_from(h: Any, layout: str, *, name: str = "h0") -> np.ndarray:
+    """A state in ``layout``'s orientation -> (B, H): the inverse of :func:`state_to`."""
+    layout = normalize_layout(layout)
+    feature_first = layout.index("D") < layout.index("B")
+    a = _state(h, name, "(H, B)" if feature_first else "(B, H)")
+    return a.T.copy(order="C") if feature_first else a.copy()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from itertools import permutations
 from pathlib import Path
 
@@ -505,3 +506,360 @@ def test_per_gate_conversions_are_inverse(variant, form, transposed, forget_bias
 def test_per_gate_bad_arguments_say_what_to_pass(kwargs, message):
     with pytest.raises(ValueError, match=message):
         adapt(foreign.ifog, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# No initial hidden state (and no initial cell state)
+
+
+class _NoInitialStates:
+    """A loop LSTM that takes no h0 (and, with ``cell=False``, no c0): it starts from zero itself.
+    ``bug="warm_start"`` starts from h = 0.1 instead, as a hand-written "small nonzero init" would."""
+
+    variant = "vanilla"
+
+    def __init__(self, cell=True, bug=None):
+        self.cell, self.bug = cell, bug
+        self.name = f"no-h0-{'c0' if cell else 'no-c0'}-{bug or 'correct'}"
+        self.loop = LoopLSTM()
+
+    def forward(self, x, *states_and_params):
+        *states, params = states_and_params
+        B, H = x.shape[1], params["R"].shape[1]
+        h0 = np.full((B, H), 0.1 if self.bug == "warm_start" else 0.0, dtype=x.dtype)
+        c0 = states[0] if self.cell else np.zeros((B, H), dtype=x.dtype)
+        return self.loop.forward(x, h0, c0, params)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = self.loop.backward(dy, dh_T, dc_T, cache)
+        del grads["h0"]
+        if not self.cell:
+            del grads["c0"]
+        return grads
+
+
+@pytest.mark.parametrize("cell", [True, False])
+def test_no_initial_hidden_state_certifies_with_its_limits(cell):
+    adapted = adapt(_NoInitialStates(cell=cell), initial_hidden=False, initial_cell=cell)
+    assert adapted.limits.zero == (("h0",) if cell else ("h0", "c0"))
+    result = _certify(adapted, max_examples=8)
+    assert result.verdict == "certified", result.details()
+    skipped = {r.quantity: r.reason for r in result.records if r.status == "skip"}
+    assert set(skipped) == ({"dh0"} if cell else {"dh0", "dc0"})
+    assert "no initial hidden state" in skipped["dh0"] and "initial_hidden=False" in skipped["dh0"]
+    assert "no initial hidden state (h0 = 0)" in repr(adapted)
+
+
+def test_an_initial_hidden_state_that_is_not_zero_is_caught():
+    result = _certify(adapt(_NoInitialStates(bug="warm_start"), initial_hidden=False), dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    assert "y" in {r.quantity for r in result.records if r.status == "fail"}
+
+
+def test_forward_fn_without_initial_states_takes_x_and_the_parameters():
+    loop = LoopLSTM()
+
+    def forward_fn(x, W, R, b):
+        B, H = x.shape[1], R.shape[1]
+        zero = np.zeros((B, H), dtype=x.dtype)
+        return loop.forward(x, zero, zero, {"W": W, "R": R, "b": b})
+
+    def backward_fn(dy, dh_T, dc_T, cache):
+        g = loop.backward(dy, dh_T, dc_T, cache)
+        return g["x"], g["W"], g["R"], g["b"]
+
+    adapted = adapt(forward_fn=forward_fn, backward_fn=backward_fn, initial_hidden=False, initial_cell=False)
+    result = _certify(adapted, max_examples=8)
+    assert result.verdict == "certified", result.details()
+    with pytest.raises(ValueError, match=r"forward_fn: expected a function taking \(x, h0, W, R, b\)"):
+        adapt(forward_fn=forward_fn, initial_cell=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence layouts: feature-first (D, B, T) as deeplearning.ai writes it
+
+
+class _FeatureFirst:
+    """deeplearning.ai's sequence shapes: x (n_x, m, T_x), a0 (n_a, m), a (n_a, m, T_x); per gate Wf
+    (n_a, n_a + n_x) over concat(a_prev, x_t); the cell starts at zero. ``forward(x, a0, parameters)
+    -> (a, caches)``, ``backward(da, caches)`` -> gradients by name. ``bug="no_recurrent_da"``
+    makes the classic mistake of taking da_next from da[:, :, t] alone, dropping the gradient that
+    flows back from step t+1."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug
+        self.name = f"feature-first-{bug or 'correct'}"
+
+    def forward(self, x, a0, p):
+        n_a, m = a0.shape
+        T_x = x.shape[2]
+        a = np.zeros((n_a, m, T_x), dtype=x.dtype)
+        a_prev, c_prev, caches = a0, np.zeros_like(a0), []
+        for t in range(T_x):
+            concat = np.concatenate([a_prev, x[:, :, t]], axis=0)  # (n_a + n_x, m)
+            ft = _sigmoid(p["Wf"] @ concat + p["bf"][:, None])
+            it = _sigmoid(p["Wi"] @ concat + p["bi"][:, None])
+            cct = np.tanh(p["Wc"] @ concat + p["bc"][:, None])
+            ot = _sigmoid(p["Wo"] @ concat + p["bo"][:, None])
+            c_next = ft * c_prev + it * cct
+            a_prev = ot * np.tanh(c_next)
+            caches.append((concat, c_prev, c_next, ft, it, cct, ot))
+            a[:, :, t], c_prev = a_prev, c_next
+        return a, (caches, dict(p), n_a)
+
+    def backward(self, da, cache):
+        caches, p, n_a = cache
+        grads = {"d" + k: np.zeros_like(v) for k, v in p.items()}
+        dx = np.zeros((caches[0][0].shape[0] - n_a,) + da.shape[1:], dtype=da.dtype)
+        da_prevt, dc_prevt = np.zeros_like(da[:, :, 0]), np.zeros_like(da[:, :, 0])
+        for t in reversed(range(da.shape[2])):
+            concat, c_prev, c_t, ft, it, cct, ot = caches[t]
+            da_next = da[:, :, t] if self.bug == "no_recurrent_da" else da[:, :, t] + da_prevt
+            dc = dc_prevt + da_next * ot * (1 - np.tanh(c_t) ** 2)
+            pre = {"o": da_next * np.tanh(c_t) * ot * (1 - ot), "c": dc * it * (1 - cct ** 2),
+                   "i": dc * cct * it * (1 - it), "f": dc * c_prev * ft * (1 - ft)}  # (n_a, m) each
+            dconcat = np.zeros_like(concat)
+            for gate, d in pre.items():
+                grads["dW" + gate] += d @ concat.T
+                grads["db" + gate] += d.sum(axis=1)
+                dconcat += p["W" + gate].T @ d
+            da_prevt, dc_prevt = dconcat[:n_a], dc * ft
+            dx[:, :, t] = dconcat[n_a:]
+        return {"dx": dx, "dh0": da_prevt, **grads}
+
+
+_FEATURE_FIRST = dict(layout="DBT", per_gate="hx", names=_DLAI_NAMES, initial_cell=False, final_cell=False,
+                      backward_takes=("dy", "cache"))
+
+
+def test_feature_first_sequences_and_states_certify():
+    adapted = adapt(_FeatureFirst(), **_FEATURE_FIRST)
+    assert "laid out as (D, B, T) in, (H, B, T) out; its states are (H, B)" in repr(adapted)
+    result = _certify(adapted, max_examples=10)
+    assert result.verdict == "certified", result.details()
+    # Read as time-major, the same correct implementation cannot even be called.
+    as_time_major = _certify(adapt(_FeatureFirst(), **{**_FEATURE_FIRST, "layout": "TBD"}), dtypes=["float64"],
+                             max_examples=3)
+    assert as_time_major.verdict != "certified"
+
+
+def test_feature_first_missing_recurrent_gradient_is_caught():
+    result = _certify(adapt(_FeatureFirst("no_recurrent_da"), **_FEATURE_FIRST), dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    failing = {r.quantity for r in result.records if r.status == "fail"}
+    assert {"dx", "dW"} <= failing and all(r.direction == "backward" for r in result.records if r.status == "fail")
+
+
+def test_layout_keyword_and_batch_major_are_one_convention():
+    assert Convention(batch_major=True) == Convention(layout="BTD") == Convention(layout="btd", batch_major=True)
+    assert Convention(layout="BTD").batch_major and Convention(layout="BTD").keywords() == {"batch_major": True}
+    assert Convention(layout="DBT").keywords() == {"layout": "DBT"}
+    assert Convention(layout="DBT").states_transposed and not Convention(layout="BDT").states_transposed
+    with pytest.raises(ValueError, match="batch_major: True is layout='BTD', so it cannot go with layout='DBT'"):
+        Convention(batch_major=True, layout="DBT")
+    with pytest.raises(ValueError, match="layout: expected the axes of a sequence"):
+        adapt(foreign.ifog, layout="NCHW")
+    result = _certify(adapt(foreign.batch_major, layout="BTD"), max_examples=5)
+    assert result.verdict == "certified", result.details()
+
+
+def test_changes_to_transposed_states_reach_the_callers_arrays():
+    class ScalesA0(_FeatureFirst):
+        def forward(self, x, a0, p):
+            a0 *= 2.0
+            return super().forward(x, a0, p)
+
+    result = _certify(adapt(ScalesA0(), **_FEATURE_FIRST), dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("modified its input arrays in place: h0 (forward)" in r for r in contract), contract
+
+
+# --------------------------------------------------------------------------------------------------
+# One-timestep cells: the adapter runs the time loop and the backward through time
+
+
+def _course_step_forward(x, prev_h, prev_c, Wx, Wh, b):
+    """The course exercise's step: x (N, D), Wx (D, 4H), Wh (H, 4H), b (4H,); gates i, f, o, g."""
+    H = prev_h.shape[1]
+    a = x @ Wx + prev_h @ Wh + b  # (N, 4H)
+    i, f, o = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H]), _sigmoid(a[:, 2 * H:3 * H])
+    g = np.tanh(a[:, 3 * H:])
+    next_c = f * prev_c + i * g
+    next_h = o * np.tanh(next_c)
+    return next_h, next_c, (x, prev_h, prev_c, Wx, Wh, i, f, o, g, next_c)
+
+
+def _course_step_backward(dnext_h, dnext_c, cache, bug=None):
+    x, prev_h, prev_c, Wx, Wh, i, f, o, g, next_c = cache
+    tc = np.tanh(next_c)
+    dc = dnext_c + dnext_h * o * (1 - tc ** 2)
+    da = np.concatenate([dc * g * i * (1 - i), dc * prev_c * f * (1 - f), dnext_h * tc * o * (1 - o),
+                         dc * i * (1 - g ** 2)], axis=1)  # (N, 4H)
+    dprev_c = dc if bug == "dprev_c_without_f" else dc * f
+    return da @ Wx.T, da @ Wh.T, dprev_c, x.T @ da, prev_h.T @ da, da.sum(axis=0)
+
+
+_COURSE_STEP = dict(gate_order="ifog", transposed=True, names={"W": "Wx", "R": "Wh"})
+
+
+def test_course_step_functions_certify():
+    adapted = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, **_COURSE_STEP)
+    assert "one-timestep cell" in repr(adapted) and not adapted.limits
+    result = _certify(adapted, max_examples=10)
+    assert result.verdict == "certified", result.details()
+    assert all(r.status == "pass" for r in result.records)
+
+
+def test_a_step_backward_that_drops_the_forget_gate_on_dprev_c_is_caught():
+    def step_backward(dnext_h, dnext_c, cache):
+        return _course_step_backward(dnext_h, dnext_c, cache, bug="dprev_c_without_f")
+
+    result = _certify(adapt(step_forward=_course_step_forward, step_backward=step_backward, **_COURSE_STEP),
+                      dtypes=["float64"])
+    assert result.verdict == "discrepancies"
+    failing = {r.quantity for r in result.records if r.status == "fail"}
+    assert "dc0" in failing and {"dx", "dW"} & failing
+    assert all(r.direction == "backward" for r in result.records if r.status == "fail")
+
+
+def test_step_cells_compose_with_the_other_keywords():
+    # Read in the wrong gate order, the same correct step is caught forward; re-adapting (as diagnose
+    # does) keeps the time loop.
+    wrong = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, transposed=True,
+                  names={"W": "Wx", "R": "Wh"})
+    assert _certify(wrong, dtypes=["float64"], max_examples=5).verdict == "discrepancies"
+    fixed = adapt(wrong, gate_order="ifog", transposed=True)
+    assert "one-timestep cell" in repr(fixed)
+    assert _certify(fixed, max_examples=5).verdict == "certified"
+    # Without initial states the loop starts from the zeros the harness holds them at.
+    zero = adapt(step_forward=_course_step_forward, step_backward=_course_step_backward, initial_hidden=False,
+                 initial_cell=False, **_COURSE_STEP)
+    result = _certify(zero, max_examples=5)
+    assert result.verdict == "certified", result.details()
+    assert {r.quantity for r in result.records if r.status == "skip"} == {"dh0", "dc0"}
+
+
+class _DeepLearningAICell:
+    """deeplearning.ai's cell, one timestep: xt (n_x, m), a_prev and c_prev (n_a, m), Wf (n_a, n_a + n_x)
+    over concat(a_prev, xt); ``forward`` -> (a_next, c_next, cache), ``backward(da_next, dc_next, cache)``
+    -> {"dxt", "da_prev", "dc_prev", "dWf", "dbf", ...}. ``bug="forget_derivative"`` takes dL/df from
+    c_next instead of c_prev."""
+
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug
+        self.name = f"dlai-cell-{bug or 'correct'}"
+
+    def forward(self, xt, a_prev, c_prev, p):
+        concat = np.concatenate([a_prev, xt], axis=0)  # (n_a + n_x, m)
+        ft = _sigmoid(p["Wf"] @ concat + p["bf"][:, None])
+        it = _sigmoid(p["Wi"] @ concat + p["bi"][:, None])
+        cct = np.tanh(p["Wc"] @ concat + p["bc"][:, None])
+        ot = _sigmoid(p["Wo"] @ concat + p["bo"][:, None])
+        c_next = ft * c_prev + it * cct
+        a_next = ot * np.tanh(c_next)
+        return a_next, c_next, (concat, c_prev, c_next, ft, it, cct, ot, p)
+
+    def backward(self, da_next, dc_next, cache):
+        concat, c_prev, c_next, ft, it, cct, ot, p = cache
+        n_a = c_prev.shape[0]
+        dc = dc_next + da_next * ot * (1 - np.tanh(c_next) ** 2)
+        pre = {"o": da_next * np.tanh(c_next) * ot * (1 - ot), "c": dc * it * (1 - cct ** 2),
+               "i": dc * cct * it * (1 - it),
+               "f": dc * (c_next if self.bug == "forget_derivative" else c_prev) * ft * (1 - ft)}
+        grads, dconcat = {}, np.zeros_like(concat)
+        for gate, d in pre.items():
+            grads["dW" + gate], grads["db" + gate] = d @ concat.T, d.sum(axis=1)
+            dconcat += p["W" + gate].T @ d
+        return {"dxt": dconcat[n_a:], "da_prev": dconcat[:n_a], "dc_prev": dc * ft, **grads}
+
+
+_DLAI_CELL = dict(step=True, layout="DBT", per_gate="hx", names=_DLAI_NAMES)
+
+
+def test_a_feature_first_cell_object_certifies_and_a_wrong_derivative_is_caught():
+    result = _certify(adapt(_DeepLearningAICell(), **_DLAI_CELL), max_examples=10)
+    assert result.verdict == "certified", result.details()
+    wrong = _certify(adapt(_DeepLearningAICell("forget_derivative"), **_DLAI_CELL), dtypes=["float64"])
+    assert wrong.verdict == "discrepancies"
+    failing = {r.quantity for r in wrong.records if r.status == "fail"}
+    assert "dW" in failing and all(r.direction == "backward" for r in wrong.records if r.status == "fail")
+
+
+def test_a_failing_step_names_its_timestep():
+    def step_forward(x, prev_h, prev_c, Wx, Wh, b):
+        if np.any(prev_h != 0):  # from t=1 on the state is no longer the zero the harness starts from
+            raise FloatingPointError("overflow in the gates")
+        return _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+
+    adapted = adapt(step_forward=step_forward, step_backward=_course_step_backward, initial_hidden=False,
+                    initial_cell=False, **_COURSE_STEP)
+    result = _certify(adapted, dtypes=["float64"], max_examples=5)
+    errors = [r for r in result.records if r.status == "error"]
+    assert errors and all(r.reason == "forward raised FloatingPointError: overflow in the gates" for r in errors)
+    if sys.version_info >= (3, 11):  # the step travels as an exception note, shown in the record's traceback
+        assert all("in step_forward at timestep t=1 of T=" in r.traceback
+                   and "the adapter calls it once per timestep" in r.traceback for r in errors), errors[0].traceback
+
+    def wrong_shape(x, prev_h, prev_c, Wx, Wh, b):
+        h, c, cache = _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+        return np.concatenate([h, h], axis=1), c, cache  # (N, 2H)
+
+    result = _certify(adapt(step_forward=wrong_shape, **_COURSE_STEP), dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("step_forward at t=0: returned next_h of shape" in r for r in contract), contract
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step_forward": _course_step_forward, "forward_fn": _course_step_forward}, "got forward_fn and step_forward"),
+    ({"step_backward": _course_step_backward, "forward_fn": _course_step_forward}, "step_backward: goes with"),
+    ({"step_forward": lambda x, h, c: None}, r"step_forward: expected a function taking \(x_t, prev_h, prev_c, W"),
+    ({"step_forward": _course_step_forward, "backward_takes": ("dy", "cache")}, "backward_takes: does not apply"),
+])
+def test_step_arguments_say_what_to_pass(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adapt(**kwargs)
+    with pytest.raises(ValueError, match="step: True says that impl is a one-timestep cell object"):
+        adapt(forward_fn=_course_step_forward, step=True)
+
+
+def test_torch_module_with_feature_first_sequences_and_states_certifies():
+    torch = pytest.importorskip("torch", reason="the nn.Module adapter needs PyTorch")
+    from torch import nn
+
+    class FeatureFirst(nn.Module):  # x (D, B, T), states (H, B), columns are batch elements
+        def __init__(self, input_size=3, hidden_size=4):
+            super().__init__()
+            self.weight_ih = nn.Parameter(torch.randn(4 * hidden_size, input_size))
+            self.weight_hh = nn.Parameter(torch.randn(4 * hidden_size, hidden_size))
+            self.bias = nn.Parameter(torch.zeros(4 * hidden_size))
+
+        def forward(self, x, state):
+            h, c = state
+            outs = []
+            for t in range(x.shape[2]):
+                i, f, g, o = (self.weight_ih @ x[:, :, t] + self.weight_hh @ h + self.bias[:, None]).chunk(4, dim=0)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            return torch.stack(outs, dim=2), (h, c)
+
+    result = _certify(adapt(FeatureFirst(), layout="DBT", names=_TORCH_NAMES), dtypes=["float64"], max_examples=5)
+    assert result.verdict == "certified", result.details()
+    assert all(r.status == "pass" for r in result.records)
+
+
+def test_a_cell_that_changes_its_timestep_of_x_is_reported_under_x():
+    def step_forward(x, prev_h, prev_c, Wx, Wh, b):
+        out = _course_step_forward(x, prev_h, prev_c, Wx, Wh, b)
+        x *= 0.5  # the cell is handed x[t] itself: the change is x's
+        return out
+
+    result = _certify(adapt(step_forward=step_forward, step_backward=_course_step_backward, **_COURSE_STEP),
+                      dtypes=["float64"], max_examples=3)
+    contract = [r.reason for r in result.records if r.status == "contract"]
+    assert contract and any("modified its input arrays in place" in r and "x (forward)" in r for r in contract), \
+        contract

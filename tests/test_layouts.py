@@ -797,3 +797,55 @@ def test_per_gate_layout_numerically(shape, form):
 def test_per_gate_bad_input_names_the_argument(call, argument):
     with pytest.raises(ValueError, match=rf"^{argument}: expected"):
         call()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence layouts: any arrangement of T, B, D
+
+
+_ALL_LAYOUTS = ["".join(p) for p in __import__("itertools").permutations("TBD")]
+
+
+@pytest.mark.parametrize("layout", _ALL_LAYOUTS)
+@given(T=st.integers(1, 4), B=st.integers(1, 3), D=st.integers(1, 5))
+def test_sequence_and_state_layouts_round_trip(layout, T, B, D):
+    x = np.arange(T * B * D, dtype=np.float32).reshape(T, B, D)
+    xs = L.sequence_to(x, layout)
+    assert xs.shape == tuple({"T": T, "B": B, "D": D}[axis] for axis in layout)
+    assert not np.shares_memory(xs, x) and xs.flags["C_CONTIGUOUS"]
+    # Element (t, b, d) sits where the layout names its axes.
+    t, b, d = T - 1, B - 1, D - 1
+    assert xs[tuple({"T": t, "B": b, "D": d}[axis] for axis in layout)] == x[t, b, d]
+    back = L.sequence_from(xs, layout)
+    np.testing.assert_array_equal(back, x)
+    assert back.dtype == x.dtype and not np.shares_memory(back, xs)
+    h = x[0]  # (B, D)
+    hs = L.state_to(h, layout)
+    assert hs.shape == ((D, B) if layout.index("D") < layout.index("B") else (B, D))
+    assert not np.shares_memory(hs, h)
+    np.testing.assert_array_equal(L.state_from(hs, layout), h)
+
+
+def test_named_layouts_are_the_known_ones():
+    x = np.random.default_rng(0).normal(size=(5, 2, 3))  # (T, B, D)
+    np.testing.assert_array_equal(L.sequence_to(x, "BTD"), L.batch_major(x))
+    np.testing.assert_array_equal(L.sequence_to(x, "btd"), L.batch_major(x))
+    # deeplearning.ai: x (n_x, m, T_x), so x[:, :, t] is one timestep (n_x, m)
+    dbt = L.sequence_to(x, "DBT")
+    assert dbt.shape == (3, 2, 5)
+    for t in range(5):
+        np.testing.assert_array_equal(dbt[:, :, t], x[t].T)
+    assert L.SEQUENCE_LAYOUTS == ("TBD", "BTD", "DBT")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.sequence_to(np.zeros((2, 3, 4)), "TBH"), r"layout: expected the axes of a sequence in order.*'TBH'"),
+    (lambda: L.sequence_to(np.zeros((2, 3, 4)), "TB"), r"layout: expected .*'TBD' or 'BTD' or 'DBT'"),
+    (lambda: L.sequence_to(np.zeros((2, 3)), "DBT"), r"x: expected a sequence of shape \(T, B, D\), got shape \(2,"),
+    (lambda: L.sequence_from(np.zeros(3), "DBT", name="y"), r"y: expected a sequence of shape \(D, B, T\)"),
+    (lambda: L.state_from(np.zeros((2, 3, 4)), "DBT"), r"h0: expected a state of shape \(H, B\)"),
+    (lambda: L.state_to(np.zeros(3), "BTD", name="c0"), r"c0: expected a state of shape \(B, H\)"),
+])
+def test_layout_errors_say_what_to_pass(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
