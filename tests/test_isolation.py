@@ -276,7 +276,7 @@ def test_a_bad_load_timeout_is_refused():
 
 
 def test_printable_shows_control_characters_as_escapes():
-    from harness.subject import printable
+    from harness.records import printable
 
     assert printable("\x1b[2J\x1b[H") == "\\x1b[2J\\x1b[H"  # clear screen, cursor home
     assert printable("\x1b]0;pwned\x07") == "\\x1b]0;pwned\\x07"  # window title

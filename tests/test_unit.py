@@ -81,8 +81,11 @@ def test_a_failure_of_the_harness_itself_is_reported_as_such_and_keeps_earlier_f
     assert records and {r.status for r in records} == {"error"}
     assert all(r.reason == "the harness itself failed while checking: RuntimeError: the subject broke"
                for r in records)
-    # A discrepancy the search found before the harness broke stands, with its minimal case.
-    records, _ = run_unit(BreaksAfter(WrongDW(), calls=60), [FD], "float64", run)
+    # A discrepancy the search found before the harness broke stands, with its minimal case: count the
+    # calls of a whole run (seeded, so the same calls again), then break the harness just before its end.
+    counting = BreaksAfter(WrongDW(), calls=10**9)
+    run_unit(counting, [FD], "float64", run)
+    records, _ = run_unit(BreaksAfter(WrongDW(), calls=10**9 - counting.calls - 5), [FD], "float64", run)
     by_q = {r.quantity: r for r in records}
     assert by_q["dW"].status == "fail" and by_q["dW"].case
     assert any(r.status == "error" for r in records)
