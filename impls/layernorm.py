@@ -21,8 +21,8 @@ TF1's ``forget_bias`` is the same as adding it to ``beta[f]``. ``ln_eps`` is a c
 
 This module holds the whole variant: the layer norm itself (:func:`layer_norm`,
 :func:`layer_norm_backward`, written with array methods only, so they run on any array namespace),
-the readable loop version (one function per gate) and the pointwise step of the stacked version
-(:class:`LayerNormCell`).
+the readable loop version (one small function for the sigmoid gates, one for the cell candidate)
+and the pointwise step of the stacked version (:class:`LayerNormCell`).
 """
 
 from __future__ import annotations
@@ -108,24 +108,16 @@ def normalized_preactivation(x_t, h_prev, w: LNGateWeights, eps: float):
     return z, LNStats(n, r)
 
 
-def input_gate(x_t, h_prev, w: LNGateWeights, eps):
-    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
-    return sigmoid(z), stats
-
-
-def forget_gate(x_t, h_prev, w: LNGateWeights, eps):
+def sigmoid_gate(x_t, h_prev, w: LNGateWeights, eps):
+    # The input, forget and output gates: sigmoid(LN_k(W_k x_t + R_k h_{t-1}))          (B, H)
     z, stats = normalized_preactivation(x_t, h_prev, w, eps)
     return sigmoid(z), stats
 
 
 def cell_candidate(x_t, h_prev, w: LNGateWeights, eps):
+    # g = tanh(LN_g(W_g x_t + R_g h_{t-1}))                                              (B, H)
     z, stats = normalized_preactivation(x_t, h_prev, w, eps)
     return np.tanh(z), stats
-
-
-def output_gate(x_t, h_prev, w: LNGateWeights, eps):
-    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
-    return sigmoid(z), stats
 
 
 def cell_state(f, c_prev, i, g, weights: LNWeights):
@@ -144,10 +136,10 @@ class LNStepCache(StepCache):
 def cell_forward(x_t, h_prev, c_prev, weights: LNWeights):
     """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
     w, eps = weights.gates, weights.eps
-    i, st_i = input_gate(x_t, h_prev, w["i"], eps)
-    f, st_f = forget_gate(x_t, h_prev, w["f"], eps)
+    i, st_i = sigmoid_gate(x_t, h_prev, w["i"], eps)  # input gate
+    f, st_f = sigmoid_gate(x_t, h_prev, w["f"], eps)  # forget gate
     g, st_g = cell_candidate(x_t, h_prev, w["g"], eps)
-    o, st_o = output_gate(x_t, h_prev, w["o"], eps)
+    o, st_o = sigmoid_gate(x_t, h_prev, w["o"], eps)  # output gate
     c, st_c = cell_state(f, c_prev, i, g, weights)
     tanh_c = np.tanh(c)
     h = o * tanh_c

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import DEFAULT_LN_EPS, check_inputs
-from impls.loop import check_dtype, check_upstream
+from harness.contract import DEFAULT_LN_EPS, check_dtype, check_inputs, check_upstream
+from harness.layouts import CANONICAL_ORDER, permute_gates
 
 __all__ = [
     "StackedLSTM",
@@ -37,25 +37,27 @@ __all__ = [
     "StackedCache",
     "stacked_forward",
     "stacked_backward",
-    "to_ifog",
-    "to_ifgo",
+    "INTERNAL_ORDER",
+    "to_internal",
+    "to_canonical",
     "sigmoid_",
     "tanh_slope",
     "times_sigmoid_slope_",
     "gate_views",
 ]
 
-
-def to_ifog(xp: Any, stacked: Any) -> Any:
-    """Canonical (4H, ...) in i, f, g, o -> internal i, f, o, g."""
-    i, f, g, o = xp.split(stacked, 4, axis=0)
-    return xp.concatenate([i, f, o, g], axis=0)
+#: The gate order of the stacked buffers: the three sigmoid gates first, as one contiguous (B, 3H) slice.
+INTERNAL_ORDER = "ifog"
 
 
-def to_ifgo(xp: Any, stacked: Any) -> Any:
-    """Internal (4H, ...) in i, f, o, g -> canonical i, f, g, o."""
-    i, f, o, g = xp.split(stacked, 4, axis=0)
-    return xp.concatenate([i, f, g, o], axis=0)
+def to_internal(xp: Any, stacked: Any) -> Any:
+    """Canonical (4H, ...) in i, f, g, o -> the internal order i, f, o, g, on ``xp``'s device."""
+    return permute_gates(stacked, CANONICAL_ORDER, INTERNAL_ORDER, xp=xp)
+
+
+def to_canonical(xp: Any, stacked: Any) -> Any:
+    """Internal (4H, ...) in i, f, o, g -> the canonical order i, f, g, o, on ``xp``'s device."""
+    return permute_gates(stacked, INTERNAL_ORDER, CANONICAL_ORDER, xp=xp)
 
 
 def sigmoid_(xp: Any, a: Any) -> Any:
@@ -237,15 +239,15 @@ def stacked_forward(
     x = xp.asarray(x, dtype=dtype)
     T, B, D = x.shape
     H = h0.shape[1]
-    W = to_ifog(xp, xp.asarray(params["W"], dtype=dtype))  # (4H, D)
-    R = to_ifog(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H)
+    W = to_internal(xp, xp.asarray(params["W"], dtype=dtype))  # (4H, D)
+    R = to_internal(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H)
     RT = xp.ascontiguousarray(R.T)  # (H, 4H)
     P = cell.prepare(xp, params, dtype, ln_eps=ln_eps)
 
     # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
     gates = (x.reshape(T * B, D) @ W.T).reshape(T, B, 4 * H)
     if cell.has_bias:
-        gates += to_ifog(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
+        gates += to_internal(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
     h = xp.empty((T + 1, B, H), dtype)  # h[0] = h0, h[t+1] = h_t
     c = xp.empty((T + 1, B, H), dtype)
     h[0] = xp.asarray(h0, dtype=dtype)
@@ -273,9 +275,9 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
     dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)
     dR = da2.T @ h[:T].reshape(T * B, H)  # (4H, T*B) @ (T*B, H)
-    grads = {"x": dx, "h0": dh, "c0": dc, "W": to_ifgo(xp, dW), "R": to_ifgo(xp, dR)}
+    grads = {"x": dx, "h0": dh, "c0": dc, "W": to_canonical(xp, dW), "R": to_canonical(xp, dR)}
     if cell.has_bias:
-        grads["b"] = to_ifgo(xp, da2.sum(axis=0))
+        grads["b"] = to_canonical(xp, da2.sum(axis=0))
     grads.update(cell.param_grads(xp, cache, da, G))
     return grads
 

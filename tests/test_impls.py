@@ -177,7 +177,7 @@ def test_integer_inputs_and_bad_upstream_shapes_are_rejected(name):
         impl.backward(case.dy, case.dh_T, case.dc_T.T, cache)
 
 
-# --- The stacked algorithm over an array namespace (issue 7: the same code over CuPy) -------------
+# --- The stacked algorithm over an array namespace (the same code runs over CuPy) ----------------
 
 #: What the stacked algorithm may call on its namespace: functions CuPy provides with NumPy's
 #: semantics (ufuncs with ``out=``, ``matmul`` with ``out=``). Array methods (reshape, mean, sum,

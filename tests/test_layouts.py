@@ -713,3 +713,32 @@ def test_batch_and_time_major_never_return_views(shape):
         out = convert(x)
         assert not np.shares_memory(out, x)
         np.testing.assert_array_equal(out, np.swapaxes(x, 0, 1))
+
+
+class _RecordingNamespace:
+    """NumPy's split and concatenate, counting the calls: the array stays in the namespace it came in."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def split(self, *args, **kwargs):
+        self.calls.append("split")
+        return np.split(*args, **kwargs)
+
+    def concatenate(self, *args, **kwargs):
+        self.calls.append("concatenate")
+        return np.concatenate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_permute_gates_over_an_array_namespace_reorders_there_and_equals_numpy(axis):
+    a = np.arange(24.0, dtype=np.float32).reshape(8, 3)
+    if axis:
+        a = np.ascontiguousarray(a.T)
+    xp = _RecordingNamespace()
+    got = L.permute_gates(a, "ifgo", "ifog", axis=axis, xp=xp)
+    assert xp.calls == ["split", "concatenate"]
+    assert got.dtype == a.dtype
+    np.testing.assert_array_equal(got, L.permute_gates(a, "ifgo", "ifog", axis=axis))
+    with pytest.raises(ValueError, match="^stacked: expected the length of axis"):
+        L.permute_gates(a[:6] if axis == 0 else a[:, :6], "ifgo", "ifog", axis=axis, xp=xp)
