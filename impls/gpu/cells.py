@@ -46,6 +46,9 @@ class _Fused(Cell):
     def backward_arrays(self, t, dy_t, dh, dc, da, a, c_prev, S, G, P) -> dict[str, Any]:
         return {"dy": dy_t, "dh": dh, "dc": dc, "da": da, "a": a, "c_prev": c_prev, "tanh_c": S["tanh_c"]}
 
+    def transposed(self, xp, a):
+        return xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
+
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
         launcher = launch.launcher_for(gates)
         if launcher is None:  # NumPy: step by step, each kernel emulated
