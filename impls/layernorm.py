@@ -34,7 +34,7 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
 from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
-from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_, tanh_slope, times_sigmoid_slope_
+from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, tanh_slope, times_sigmoid_slope_
 
 __all__ = [
     "LoopLayerNormLSTM",
@@ -44,6 +44,7 @@ __all__ = [
     "LNStepCache",
     "layer_norm",
     "layer_norm_backward",
+    "layer_norm_backward_",
     "cell_forward",
     "cell_backward",
 ]
@@ -71,6 +72,21 @@ def layer_norm_backward(dz, n, r, gamma):
     """
     dn = dz * gamma
     return r * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+
+
+def layer_norm_backward_(xp, dz, n, r, gamma, *, out, tmp):
+    """:func:`layer_norm_backward` into ``out`` (same shape as dz), with ``tmp`` (same shape) as scratch.
+
+    The same operations in the same order, so the same bits, without the temporaries.
+    """
+    xp.multiply(dz, gamma, out=out)  # dn
+    mean_dn = out.mean(axis=-1, keepdims=True)
+    mean_dn_n = xp.multiply(out, n, out=tmp).mean(axis=-1, keepdims=True)
+    xp.multiply(n, mean_dn_n, out=tmp)
+    out -= mean_dn
+    out -= tmp
+    xp.multiply(r, out, out=out)
+    return out
 
 
 # --- The readable loop version -------------------------------------------------------------------
@@ -244,8 +260,13 @@ class LayerNormCell(Cell):
         self._normalize_(xp, a3, S["n"][t].reshape(B, 4, H), S["r"][t], P["eps"])
         a3 *= gamma[:4]  # LN_k(a_k) for k = i, f, o, g
         a3 += beta[:4]
-        sigmoid_(xp, a[:, : 3 * H])  # i, f, o
-        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])  # g
+        # sigmoid(v) = 0.5 * (1 + tanh(v / 2)) for i, f, o and tanh for g: one tanh call over the
+        # whole contiguous (B, 4H) block, as in the vanilla cell.
+        ifo = a[:, : 3 * H]
+        ifo *= 0.5
+        xp.tanh(a, out=a)
+        ifo += 1.0
+        ifo *= 0.5
         i, f, o, g = gate_views(a, H)
         xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g
         xp.multiply(i, g, out=S["tmp"])
@@ -261,6 +282,7 @@ class LayerNormCell(Cell):
             "dz": xp.empty((T, B, 4 * H), dtype),  # gradients of the normalized gate pre-activations
             "dz_c": xp.empty((T, B, H), dtype),  # gradients of c_t = LN_c(s_t)
             "tmp": xp.empty((B, H), dtype),
+            "tmp4": xp.empty((B, 4 * H), dtype),
         }
 
     def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
@@ -279,19 +301,20 @@ class LayerNormCell(Cell):
         dz_c = G["dz_c"][t]
         xp.add(dc, tmp, out=dz_c)
         # ds = LN_c backward; dc (now free) holds it.
-        dc[...] = layer_norm_backward(dz_c, S["n_c"][t], S["r_c"][t], gamma[4])
+        layer_norm_backward_(xp, dz_c, S["n_c"][t], S["r_c"][t], gamma[4], out=dc, tmp=tmp)
         ds = dc
-        # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f);  dz_g = ds * i * (1 - g^2)
-        times_sigmoid_slope_(xp, xp.multiply(ds, g, out=dz_i), i, tmp)
-        times_sigmoid_slope_(xp, xp.multiply(ds, c_prev, out=dz_f), f, tmp)
+        # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f): the slopes of the contiguous
+        # (B, 2H) block i, f at once;  dz_g = ds * i * (1 - g^2)
+        xp.multiply(ds, g, out=dz_i)
+        xp.multiply(ds, c_prev, out=dz_f)
+        times_sigmoid_slope_(xp, dz[:, : 2 * H], a[:, : 2 * H], G["tmp4"][:, : 2 * H])
         tanh_slope(xp, g, out=tmp)
         tmp *= i
         xp.multiply(ds, tmp, out=dz_g)
         ds *= f  # dc_{t-1}
         # Back through the four gate layer norms at once, (B, 4, H).
-        da.reshape(B, 4, H)[...] = layer_norm_backward(
-            dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4]
-        )
+        layer_norm_backward_(xp, dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4],
+                             out=da.reshape(B, 4, H), tmp=G["tmp4"].reshape(B, 4, H))
 
     def param_grads(self, xp, cache: StackedCache, da, G):
         T, B, H = cache.c.shape[0] - 1, cache.c.shape[1], cache.c.shape[2]

@@ -37,6 +37,7 @@ __all__ = [
     "StackedCache",
     "stacked_forward",
     "stacked_backward",
+    "weight_grad",
     "INTERNAL_ORDER",
     "to_internal",
     "to_canonical",
@@ -280,6 +281,20 @@ def stacked_forward(
     return h[1:].copy(), h[T].copy(), c[T].copy(), cache
 
 
+def weight_grad(xp: Any, da2: Any, inputs: Any) -> Any:
+    """da2^T @ inputs, (4H, T*B) @ (T*B, K) -> (4H, K), with the gate blocks in the canonical order.
+
+    One GEMM per gate, each reading its (T*B, H) column block of da2 in place and writing its rows of
+    the canonical result, so that no (4H, K) gradient is copied afterwards only to reorder it.
+    """
+    H = da2.shape[1] // 4
+    out = xp.empty((4 * H, inputs.shape[1]), da2.dtype)
+    for k, gate in enumerate(INTERNAL_ORDER):
+        row = CANONICAL_ORDER.index(gate) * H
+        xp.matmul(da2[:, k * H : (k + 1) * H].T, inputs, out=out[row : row + H])
+    return out
+
+
 def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     """-> {"x": dx, "h0": dh0, "c0": dc0, "W": dW, "R": dR, ...} in the canonical layout."""
     x, R, h, c, gates = cache.x, cache.R, cache.h, cache.c, cache.gates
@@ -294,9 +309,9 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     cell.backward_loop(xp, dy, dh, dc, da, gates, c, R, cache.saved, G, cache.P)
     da2 = da.reshape(T * B, 4 * H)
     dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
-    dW = da2.T @ x.reshape(T * B, D)  # (4H, T*B) @ (T*B, D)
-    dR = da2.T @ h[:T].reshape(T * B, H)  # (4H, T*B) @ (T*B, H)
-    grads = {"x": dx, "h0": dh, "c0": dc, "W": to_canonical(xp, dW), "R": to_canonical(xp, dR)}
+    dW = weight_grad(xp, da2, x.reshape(T * B, D))  # (4H, T*B) @ (T*B, D)
+    dR = weight_grad(xp, da2, h[:T].reshape(T * B, H))  # (4H, T*B) @ (T*B, H)
+    grads = {"x": dx, "h0": dh, "c0": dc, "W": dW, "R": dR}
     if cell.has_bias:
         grads["b"] = to_canonical(xp, da2.sum(axis=0))
     grads.update(cell.param_grads(xp, cache, da, G))
