@@ -74,14 +74,23 @@ def layer_norm_backward(dz, n, r, gamma):
     return r * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
 
 
-def layer_norm_backward_(xp, dz, n, r, gamma, *, out, tmp):
-    """:func:`layer_norm_backward` into ``out`` (same shape as dz), with ``tmp`` (same shape) as scratch.
+def _row_mean(v, *, out):
+    """v.mean(axis=-1, keepdims=True) into out (..., 1): NumPy's mean is this sum then this division,
+    so the result has the same bits, without allocating."""
+    v.sum(axis=-1, keepdims=True, out=out)
+    out /= v.shape[-1]
+    return out
+
+
+def layer_norm_backward_(xp, dz, n, r, gamma, *, out, tmp, means):
+    """:func:`layer_norm_backward` into ``out`` (same shape as dz), with ``tmp`` (same shape) and
+    ``means`` (2, ..., 1) as scratch.
 
     The same operations in the same order, so the same bits, without the temporaries.
     """
     xp.multiply(dz, gamma, out=out)  # dn
-    mean_dn = out.mean(axis=-1, keepdims=True)
-    mean_dn_n = xp.multiply(out, n, out=tmp).mean(axis=-1, keepdims=True)
+    mean_dn = _row_mean(out, out=means[0])
+    mean_dn_n = _row_mean(xp.multiply(out, n, out=tmp), out=means[1])
     xp.multiply(n, mean_dn_n, out=tmp)
     out -= mean_dn
     out -= tmp
@@ -243,22 +252,25 @@ class LayerNormCell(Cell):
 
     @staticmethod
     def _normalize_(xp, v, n_out, r_out, eps) -> None:
-        """v (..., H) -> (v - mean) * r in place, also copied to n_out; r = 1 / sqrt(var + eps) to r_out."""
-        v -= v.mean(axis=-1, keepdims=True)
+        """n_out = (v - mean) * r, r_out = r = 1 / sqrt(var + eps), over the last axis of v (..., H).
+
+        v is scratch (it is left centred); r_out (..., 1) serves as scratch for the mean first.
+        """
+        v -= _row_mean(v, out=r_out)
         xp.multiply(v, v, out=n_out)  # n_out as scratch for the squares
-        var = n_out.mean(axis=-1, keepdims=True)
+        var = _row_mean(n_out, out=r_out)
         var += eps
         xp.sqrt(var, out=var)
         xp.divide(1.0, var, out=r_out)
-        v *= r_out
-        n_out[...] = v
+        xp.multiply(v, r_out, out=n_out)
 
     def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
         B, H = c.shape
         gamma, beta = P["gamma"], P["beta"]
         a3 = a.reshape(B, 4, H)  # a is a contiguous (B, 4H) row block: a view
-        self._normalize_(xp, a3, S["n"][t].reshape(B, 4, H), S["r"][t], P["eps"])
-        a3 *= gamma[:4]  # LN_k(a_k) for k = i, f, o, g
+        n3 = S["n"][t].reshape(B, 4, H)
+        self._normalize_(xp, a3, n3, S["r"][t], P["eps"])
+        xp.multiply(n3, gamma[:4], out=a3)  # LN_k(a_k) for k = i, f, o, g
         a3 += beta[:4]
         # sigmoid(v) = 0.5 * (1 + tanh(v / 2)) for i, f, o and tanh for g: one tanh call over the
         # whole contiguous (B, 4H) block, as in the vanilla cell.
@@ -272,7 +284,7 @@ class LayerNormCell(Cell):
         xp.multiply(i, g, out=S["tmp"])
         c += S["tmp"]
         self._normalize_(xp, c, S["n_c"][t], S["r_c"][t], P["eps"])
-        c *= gamma[4]  # c_t = LN_c(s_t)
+        xp.multiply(S["n_c"][t], gamma[4], out=c)  # c_t = LN_c(s_t)
         c += beta[4]
         xp.tanh(c, out=S["tanh_c"][t])
         xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
@@ -283,6 +295,8 @@ class LayerNormCell(Cell):
             "dz_c": xp.empty((T, B, H), dtype),  # gradients of c_t = LN_c(s_t)
             "tmp": xp.empty((B, H), dtype),
             "tmp4": xp.empty((B, 4 * H), dtype),
+            "tmp_means": xp.empty((2, B, 4, 1), dtype),  # the two row means of each layer norm's backward
+            "tmp_means_c": xp.empty((2, B, 1), dtype),
         }
 
     def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
@@ -301,7 +315,7 @@ class LayerNormCell(Cell):
         dz_c = G["dz_c"][t]
         xp.add(dc, tmp, out=dz_c)
         # ds = LN_c backward; dc (now free) holds it.
-        layer_norm_backward_(xp, dz_c, S["n_c"][t], S["r_c"][t], gamma[4], out=dc, tmp=tmp)
+        layer_norm_backward_(xp, dz_c, S["n_c"][t], S["r_c"][t], gamma[4], out=dc, tmp=tmp, means=G["tmp_means_c"])
         ds = dc
         # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f): the slopes of the contiguous
         # (B, 2H) block i, f at once;  dz_g = ds * i * (1 - g^2)
@@ -314,15 +328,17 @@ class LayerNormCell(Cell):
         ds *= f  # dc_{t-1}
         # Back through the four gate layer norms at once, (B, 4, H).
         layer_norm_backward_(xp, dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4],
-                             out=da.reshape(B, 4, H), tmp=G["tmp4"].reshape(B, 4, H))
+                             out=da.reshape(B, 4, H), tmp=G["tmp4"].reshape(B, 4, H), means=G["tmp_means"])
 
     def param_grads(self, xp, cache: StackedCache, da, G):
         T, B, H = cache.c.shape[0] - 1, cache.c.shape[1], cache.c.shape[2]
         S = cache.saved
-        n = S["n"].reshape(T, B, 4, H)
-        dz = G["dz"].reshape(T, B, 4, H)
-        dgamma = xp.concatenate([(dz * n).sum(axis=(0, 1)), (G["dz_c"] * S["n_c"]).sum(axis=(0, 1))[None]])
-        dbeta = xp.concatenate([dz.sum(axis=(0, 1)), G["dz_c"].sum(axis=(0, 1))[None]])
+        dz, dz_c = G["dz"].reshape(T * B, 4 * H), G["dz_c"].reshape(T * B, H)
+        dbeta = xp.concatenate([dz.sum(axis=0), dz_c.sum(axis=0)]).reshape(5, H)
+        # dz and dz_c are not needed any more: their products with n and n_c in place (no large temporaries).
+        dz *= S["n"].reshape(T * B, 4 * H)
+        dz_c *= S["n_c"].reshape(T * B, H)
+        dgamma = xp.concatenate([dz.sum(axis=0), dz_c.sum(axis=0)]).reshape(5, H)
         back = [_INTERNAL_ROWS.index(k) for k in range(5)]  # internal rows -> canonical i, f, g, o, c
         return {"gamma": dgamma[back], "beta": dbeta[back]}
 
