@@ -3,8 +3,9 @@
 Forward: the input projection of every timestep is one (T*B, D) x (D, 4H) GEMM; each step adds one
 (B, H) x (H, 4H) recurrent GEMM and applies the gate nonlinearities in place.
 Backward: the time loop only propagates the pre-activation gradients (one (B, 4H) x (4H, H) GEMM a
-step); dW, dR and dx are each a single large GEMM over all timesteps after the loop, and so are the
-variants' own parameter gradients (reductions over T and B).
+step); after the loop, dx is a single large GEMM over all timesteps and dW, dR one per gate block
+(written straight into the canonical gate order), and the variants' own parameter gradients are
+reductions over all T*B rows at once.
 
 The algorithm (:func:`stacked_forward`, :func:`stacked_backward`) is shared by every variant and is
 written against an *array namespace* ``xp``: NumPy here, CuPy for the GPU version. It uses only what
