@@ -34,7 +34,15 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
 from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
-from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, tanh_slope, times_sigmoid_slope_
+from impls.stacked import (
+    Cell,
+    StackedCache,
+    StackedLSTM,
+    activate_gates_,
+    gate_views,
+    tanh_slope,
+    times_sigmoid_slope_,
+)
 
 __all__ = [
     "LoopLayerNormLSTM",
@@ -272,13 +280,7 @@ class LayerNormCell(Cell):
         self._normalize_(xp, a3, n3, S["r"][t], P["eps"])
         xp.multiply(n3, gamma[:4], out=a3)  # LN_k(a_k) for k = i, f, o, g
         a3 += beta[:4]
-        # sigmoid(v) = 0.5 * (1 + tanh(v / 2)) for i, f, o and tanh for g: one tanh call over the
-        # whole contiguous (B, 4H) block, as in the vanilla cell.
-        ifo = a[:, : 3 * H]
-        ifo *= 0.5
-        xp.tanh(a, out=a)
-        ifo += 1.0
-        ifo *= 0.5
+        activate_gates_(xp, a, H)  # i, f, o = sigmoid, g = tanh
         i, f, o, g = gate_views(a, H)
         xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g
         xp.multiply(i, g, out=S["tmp"])
