@@ -32,6 +32,8 @@ __all__ = [
     "ContractError",
     "validate",
     "check_inputs",
+    "check_dtype",
+    "check_upstream",
     "input_specs",
     "output_specs",
     "gradient_keys",
@@ -360,3 +362,25 @@ def to_numpy(value: Any) -> np.ndarray:
         f"expected a NumPy array or something convertible to one (__array__, __dlpack__, .get()), "
         f"got {type(value).__module__}.{type(value).__name__}"
     )
+
+
+def check_dtype(impl: Any, x: Any) -> np.dtype:
+    """The compute dtype is the dtype of ``x``; it must be one ``impl.dtypes`` declares. Returns it.
+
+    Raises ``ValueError`` naming ``x``, the dtypes accepted and the one received.
+    """
+    dtype = np.dtype(x.dtype)
+    if dtype.name not in impl.dtypes:
+        raise ValueError(f"x: expected dtype {' or '.join(impl.dtypes)}, got {dtype.name}")
+    return dtype
+
+
+def check_upstream(dy: Any, dh_T: Any, dc_T: Any, *, T: int, B: int, H: int) -> None:
+    """Validate backward's upstream gradients against the forward's shapes: dy (T, B, H), dh_T and dc_T (B, H).
+
+    Raises ``ValueError`` naming the argument, the expected shape and the received one.
+    """
+    for arg, value, want in (("dy", dy, (T, B, H)), ("dh_T", dh_T, (B, H)), ("dc_T", dc_T, (B, H))):
+        got = tuple(np.shape(value))
+        if got != want:
+            raise ValueError(f"{arg}: expected shape {want} (the shape of the forward's output), got {got}")

@@ -163,13 +163,18 @@ def normalize_order(order: str, *, argument: str = "order") -> str:
     return norm
 
 
-def permute_gates(stacked: Any, src: str, dst: str, axis: int = 0) -> np.ndarray:
+def permute_gates(stacked: Any, src: str, dst: str, axis: int = 0, *, xp: Any = None) -> Any:
     """Reorder the four gate blocks of ``stacked`` along ``axis`` from order ``src`` to order ``dst``.
 
     ``src`` and ``dst`` are 4-letter strings over i, f, g, o (``c`` and ``j`` are accepted for ``g``)
     or names from :data:`GATE_ORDERS`. ``permute_gates(W, "ifgo", "iofc")`` gives ONNX's row order.
+
+    By default ``stacked`` is anything NumPy can read and the result a NumPy array. With ``xp`` (an
+    array namespace such as ``numpy`` or ``cupy``, whose ``split`` and ``concatenate`` are used),
+    ``stacked`` is an array of that namespace and is reordered there, on its device, without
+    conversion.
     """
-    a = _array(stacked, "stacked")
+    a = _array(stacked, "stacked") if xp is None else stacked
     s = normalize_order(src, argument="src")
     d = normalize_order(dst, argument="dst")
     if a.ndim == 0:
@@ -177,8 +182,9 @@ def permute_gates(stacked: Any, src: str, dst: str, axis: int = 0) -> np.ndarray
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -a.ndim <= axis < a.ndim:
         raise ValueError(f"axis: expected an axis of a {a.ndim}-dimensional array, got {axis!r}")
     _four_h(a.shape[axis], "stacked", f"the length of axis {axis}")
-    blocks = np.split(a, 4, axis=axis)  # four (..., H, ...) blocks
-    return np.concatenate([blocks[s.index(g)] for g in d], axis=axis)
+    xp = np if xp is None else xp
+    blocks = xp.split(a, 4, axis=axis)  # four (..., H, ...) blocks
+    return xp.concatenate([blocks[s.index(g)] for g in d], axis=axis)
 
 
 def _canonical(

@@ -21,8 +21,8 @@ TF1's ``forget_bias`` is the same as adding it to ``beta[f]``. ``ln_eps`` is a c
 
 This module holds the whole variant: the layer norm itself (:func:`layer_norm`,
 :func:`layer_norm_backward`, written with array methods only, so they run on any array namespace),
-the readable loop version (one function per gate) and the pointwise step of the stacked version
-(:class:`LayerNormCell`).
+the readable loop version (one small function for the sigmoid gates, one for the cell candidate)
+and the pointwise step of the stacked version (:class:`LayerNormCell`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
 from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
-from impls.stacked import Cell, StackedCache, StackedLSTM, gate_views, sigmoid_, tanh_slope, times_sigmoid_slope_
+from impls.stacked import (
+    Cell,
+    StackedCache,
+    StackedLSTM,
+    activate_gates_,
+    gate_views,
+    tanh_slope,
+    times_sigmoid_slope_,
+)
 
 __all__ = [
     "LoopLayerNormLSTM",
@@ -44,6 +52,7 @@ __all__ = [
     "LNStepCache",
     "layer_norm",
     "layer_norm_backward",
+    "layer_norm_backward_",
     "cell_forward",
     "cell_backward",
 ]
@@ -71,6 +80,30 @@ def layer_norm_backward(dz, n, r, gamma):
     """
     dn = dz * gamma
     return r * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+
+
+def _row_mean(v, *, out):
+    """v.mean(axis=-1, keepdims=True) into out (..., 1): NumPy's mean is this sum then this division,
+    so the result has the same bits, without allocating."""
+    v.sum(axis=-1, keepdims=True, out=out)
+    out /= v.shape[-1]
+    return out
+
+
+def layer_norm_backward_(xp, dz, n, r, gamma, *, out, tmp, means):
+    """:func:`layer_norm_backward` into ``out`` (same shape as dz), with ``tmp`` (same shape) and
+    ``means`` (2, ..., 1) as scratch.
+
+    The same operations in the same order, so the same bits, without the temporaries.
+    """
+    xp.multiply(dz, gamma, out=out)  # dn
+    mean_dn = _row_mean(out, out=means[0])
+    mean_dn_n = _row_mean(xp.multiply(out, n, out=tmp), out=means[1])
+    xp.multiply(n, mean_dn_n, out=tmp)
+    out -= mean_dn
+    out -= tmp
+    xp.multiply(r, out, out=out)
+    return out
 
 
 # --- The readable loop version -------------------------------------------------------------------
@@ -108,24 +141,16 @@ def normalized_preactivation(x_t, h_prev, w: LNGateWeights, eps: float):
     return z, LNStats(n, r)
 
 
-def input_gate(x_t, h_prev, w: LNGateWeights, eps):
-    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
-    return sigmoid(z), stats
-
-
-def forget_gate(x_t, h_prev, w: LNGateWeights, eps):
+def sigmoid_gate(x_t, h_prev, w: LNGateWeights, eps):
+    # The input, forget and output gates: sigmoid(LN_k(W_k x_t + R_k h_{t-1}))          (B, H)
     z, stats = normalized_preactivation(x_t, h_prev, w, eps)
     return sigmoid(z), stats
 
 
 def cell_candidate(x_t, h_prev, w: LNGateWeights, eps):
+    # g = tanh(LN_g(W_g x_t + R_g h_{t-1}))                                              (B, H)
     z, stats = normalized_preactivation(x_t, h_prev, w, eps)
     return np.tanh(z), stats
-
-
-def output_gate(x_t, h_prev, w: LNGateWeights, eps):
-    z, stats = normalized_preactivation(x_t, h_prev, w, eps)
-    return sigmoid(z), stats
 
 
 def cell_state(f, c_prev, i, g, weights: LNWeights):
@@ -144,10 +169,10 @@ class LNStepCache(StepCache):
 def cell_forward(x_t, h_prev, c_prev, weights: LNWeights):
     """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
     w, eps = weights.gates, weights.eps
-    i, st_i = input_gate(x_t, h_prev, w["i"], eps)
-    f, st_f = forget_gate(x_t, h_prev, w["f"], eps)
+    i, st_i = sigmoid_gate(x_t, h_prev, w["i"], eps)  # input gate
+    f, st_f = sigmoid_gate(x_t, h_prev, w["f"], eps)  # forget gate
     g, st_g = cell_candidate(x_t, h_prev, w["g"], eps)
-    o, st_o = output_gate(x_t, h_prev, w["o"], eps)
+    o, st_o = sigmoid_gate(x_t, h_prev, w["o"], eps)  # output gate
     c, st_c = cell_state(f, c_prev, i, g, weights)
     tanh_c = np.tanh(c)
     h = o * tanh_c
@@ -235,31 +260,33 @@ class LayerNormCell(Cell):
 
     @staticmethod
     def _normalize_(xp, v, n_out, r_out, eps) -> None:
-        """v (..., H) -> (v - mean) * r in place, also copied to n_out; r = 1 / sqrt(var + eps) to r_out."""
-        v -= v.mean(axis=-1, keepdims=True)
+        """n_out = (v - mean) * r, r_out = r = 1 / sqrt(var + eps), over the last axis of v (..., H).
+
+        v is scratch (it is left centred); r_out (..., 1) serves as scratch for the mean first.
+        """
+        v -= _row_mean(v, out=r_out)
         xp.multiply(v, v, out=n_out)  # n_out as scratch for the squares
-        var = n_out.mean(axis=-1, keepdims=True)
+        var = _row_mean(n_out, out=r_out)
         var += eps
         xp.sqrt(var, out=var)
         xp.divide(1.0, var, out=r_out)
-        v *= r_out
-        n_out[...] = v
+        xp.multiply(v, r_out, out=n_out)
 
     def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
         B, H = c.shape
         gamma, beta = P["gamma"], P["beta"]
         a3 = a.reshape(B, 4, H)  # a is a contiguous (B, 4H) row block: a view
-        self._normalize_(xp, a3, S["n"][t].reshape(B, 4, H), S["r"][t], P["eps"])
-        a3 *= gamma[:4]  # LN_k(a_k) for k = i, f, o, g
+        n3 = S["n"][t].reshape(B, 4, H)
+        self._normalize_(xp, a3, n3, S["r"][t], P["eps"])
+        xp.multiply(n3, gamma[:4], out=a3)  # LN_k(a_k) for k = i, f, o, g
         a3 += beta[:4]
-        sigmoid_(xp, a[:, : 3 * H])  # i, f, o
-        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])  # g
+        activate_gates_(xp, a, H)  # i, f, o = sigmoid, g = tanh
         i, f, o, g = gate_views(a, H)
         xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g
         xp.multiply(i, g, out=S["tmp"])
         c += S["tmp"]
         self._normalize_(xp, c, S["n_c"][t], S["r_c"][t], P["eps"])
-        c *= gamma[4]  # c_t = LN_c(s_t)
+        xp.multiply(S["n_c"][t], gamma[4], out=c)  # c_t = LN_c(s_t)
         c += beta[4]
         xp.tanh(c, out=S["tanh_c"][t])
         xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
@@ -269,6 +296,9 @@ class LayerNormCell(Cell):
             "dz": xp.empty((T, B, 4 * H), dtype),  # gradients of the normalized gate pre-activations
             "dz_c": xp.empty((T, B, H), dtype),  # gradients of c_t = LN_c(s_t)
             "tmp": xp.empty((B, H), dtype),
+            "tmp4": xp.empty((B, 4 * H), dtype),
+            "tmp_means": xp.empty((2, B, 4, 1), dtype),  # the two row means of each layer norm's backward
+            "tmp_means_c": xp.empty((2, B, 1), dtype),
         }
 
     def backward_step(self, xp, t, dh, dc, da, a, c_prev, c, S, G, P) -> None:
@@ -287,27 +317,30 @@ class LayerNormCell(Cell):
         dz_c = G["dz_c"][t]
         xp.add(dc, tmp, out=dz_c)
         # ds = LN_c backward; dc (now free) holds it.
-        dc[...] = layer_norm_backward(dz_c, S["n_c"][t], S["r_c"][t], gamma[4])
+        layer_norm_backward_(xp, dz_c, S["n_c"][t], S["r_c"][t], gamma[4], out=dc, tmp=tmp, means=G["tmp_means_c"])
         ds = dc
-        # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f);  dz_g = ds * i * (1 - g^2)
-        times_sigmoid_slope_(xp, xp.multiply(ds, g, out=dz_i), i, tmp)
-        times_sigmoid_slope_(xp, xp.multiply(ds, c_prev, out=dz_f), f, tmp)
+        # dz_i = ds * g * i (1 - i);  dz_f = ds * c_{t-1} * f (1 - f): the slopes of the contiguous
+        # (B, 2H) block i, f at once;  dz_g = ds * i * (1 - g^2)
+        xp.multiply(ds, g, out=dz_i)
+        xp.multiply(ds, c_prev, out=dz_f)
+        times_sigmoid_slope_(xp, dz[:, : 2 * H], a[:, : 2 * H], G["tmp4"][:, : 2 * H])
         tanh_slope(xp, g, out=tmp)
         tmp *= i
         xp.multiply(ds, tmp, out=dz_g)
         ds *= f  # dc_{t-1}
         # Back through the four gate layer norms at once, (B, 4, H).
-        da.reshape(B, 4, H)[...] = layer_norm_backward(
-            dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4]
-        )
+        layer_norm_backward_(xp, dz.reshape(B, 4, H), S["n"][t].reshape(B, 4, H), S["r"][t], gamma[:4],
+                             out=da.reshape(B, 4, H), tmp=G["tmp4"].reshape(B, 4, H), means=G["tmp_means"])
 
     def param_grads(self, xp, cache: StackedCache, da, G):
         T, B, H = cache.c.shape[0] - 1, cache.c.shape[1], cache.c.shape[2]
         S = cache.saved
-        n = S["n"].reshape(T, B, 4, H)
-        dz = G["dz"].reshape(T, B, 4, H)
-        dgamma = xp.concatenate([(dz * n).sum(axis=(0, 1)), (G["dz_c"] * S["n_c"]).sum(axis=(0, 1))[None]])
-        dbeta = xp.concatenate([dz.sum(axis=(0, 1)), G["dz_c"].sum(axis=(0, 1))[None]])
+        dz, dz_c = G["dz"].reshape(T * B, 4 * H), G["dz_c"].reshape(T * B, H)
+        dbeta = xp.concatenate([dz.sum(axis=0), dz_c.sum(axis=0)]).reshape(5, H)
+        # dz and dz_c are not needed any more: their products with n and n_c in place (no large temporaries).
+        dz *= S["n"].reshape(T * B, 4 * H)
+        dz_c *= S["n_c"].reshape(T * B, H)
+        dgamma = xp.concatenate([dz.sum(axis=0), dz_c.sum(axis=0)]).reshape(5, H)
         back = [_INTERNAL_ROWS.index(k) for k in range(5)]  # internal rows -> canonical i, f, g, o, c
         return {"gamma": dgamma[back], "beta": dbeta[back]}
 

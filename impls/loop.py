@@ -1,8 +1,9 @@
 """The readable reference: the standard LSTM one timestep and one gate at a time.
 
 This is the implementation to read next to the equations. Every gate has its own weights, sliced once
-from the canonical stacked parameters (gate order i, f, g, o), its own small function, and its own
-line in the hand-written backward pass. Nothing is fused, nothing is clever; speed lives in
+from the canonical stacked parameters (gate order i, f, g, o), its own line in the forward (the three
+sigmoid gates share one small function, the cell candidate has its own), and its own line in the
+hand-written backward pass. Nothing is fused, nothing is clever; speed lives in
 ``impls/stacked.py``.
 
     a_t = W x_t + R h_{t-1} + b
@@ -24,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import GATES, check_inputs
+from harness.contract import GATES, check_dtype, check_inputs, check_upstream
 
 __all__ = [
     "LoopLSTM",
     "GateWeights",
     "StepCache",
     "sigmoid",
+    "sigmoid_gate",
+    "cell_candidate",
     "split_gates",
     "join_gates",
     "gate_weights",
@@ -38,8 +41,6 @@ __all__ = [
     "cell_forward",
     "cell_backward",
     "preactivation_backward",
-    "check_dtype",
-    "check_upstream",
 ]
 
 
@@ -78,20 +79,14 @@ def preactivation(x_t: np.ndarray, h_prev: np.ndarray, w: GateWeights) -> np.nda
     return x_t @ w.W.T + h_prev @ w.R.T + w.b
 
 
-def input_gate(x_t, h_prev, w: GateWeights):
+def sigmoid_gate(x_t: np.ndarray, h_prev: np.ndarray, w: GateWeights) -> np.ndarray:
+    # The input, forget and output gates: sigmoid(W_k x_t + R_k h_{t-1} + b_k)        (B, H)
     return sigmoid(preactivation(x_t, h_prev, w))
 
 
-def forget_gate(x_t, h_prev, w: GateWeights):
-    return sigmoid(preactivation(x_t, h_prev, w))
-
-
-def cell_candidate(x_t, h_prev, w: GateWeights):
+def cell_candidate(x_t: np.ndarray, h_prev: np.ndarray, w: GateWeights) -> np.ndarray:
+    # g = tanh(W_g x_t + R_g h_{t-1} + b_g)                                            (B, H)
     return np.tanh(preactivation(x_t, h_prev, w))
-
-
-def output_gate(x_t, h_prev, w: GateWeights):
-    return sigmoid(preactivation(x_t, h_prev, w))
 
 
 @dataclass
@@ -108,19 +103,23 @@ class StepCache:
     tanh_c: np.ndarray
 
 
-def cell_forward(x_t, h_prev, c_prev, weights: dict[str, GateWeights]):
+def cell_forward(
+    x_t: np.ndarray, h_prev: np.ndarray, c_prev: np.ndarray, weights: Mapping[str, GateWeights]
+) -> tuple[np.ndarray, np.ndarray, StepCache]:
     """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
-    i = input_gate(x_t, h_prev, weights["i"])
-    f = forget_gate(x_t, h_prev, weights["f"])
+    i = sigmoid_gate(x_t, h_prev, weights["i"])  # input gate
+    f = sigmoid_gate(x_t, h_prev, weights["f"])  # forget gate
     g = cell_candidate(x_t, h_prev, weights["g"])
-    o = output_gate(x_t, h_prev, weights["o"])
+    o = sigmoid_gate(x_t, h_prev, weights["o"])  # output gate
     c = f * c_prev + i * g
     tanh_c = np.tanh(c)
     h = o * tanh_c
     return h, c, StepCache(x_t, h_prev, c_prev, i, f, g, o, tanh_c)
 
 
-def cell_backward(dh, dc, cache: StepCache, weights: dict[str, GateWeights]):
+def cell_backward(
+    dh: np.ndarray, dc: np.ndarray, cache: StepCache, weights: Mapping[str, GateWeights]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Back through one timestep.
 
     dh: dL/dh_t (B, H), everything that reaches h_t (from y_t and from step t+1).
@@ -149,7 +148,9 @@ def cell_backward(dh, dc, cache: StepCache, weights: dict[str, GateWeights]):
     return dx_t, dh_prev, dc_prev, grads
 
 
-def preactivation_backward(da: Mapping[str, np.ndarray], x_t, h_prev, weights: Mapping[str, Any]):
+def preactivation_backward(
+    da: Mapping[str, np.ndarray], x_t: np.ndarray, h_prev: np.ndarray, weights: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Back through a_k = W_k x_t + R_k h_{t-1} (+ b_k) for every gate k; da[k] is (B, H).
 
     Shared by every variant: returns dx_t (B, D), dh_prev (B, H) and {"W": (4H, D), "R": (4H, H)}.
@@ -161,22 +162,6 @@ def preactivation_backward(da: Mapping[str, np.ndarray], x_t, h_prev, weights: M
         "R": join_gates({k: da[k].T @ h_prev for k in GATES}),  # (H, B) @ (B, H) -> (4H, H)
     }
     return dx_t, dh_prev, grads
-
-
-def check_dtype(impl: Any, x: np.ndarray) -> np.dtype:
-    """The compute dtype is the dtype of x; it must be one the implementation declares."""
-    dtype = np.dtype(x.dtype)
-    if dtype.name not in impl.dtypes:
-        raise ValueError(f"x: expected dtype {' or '.join(impl.dtypes)}, got {dtype.name}")
-    return dtype
-
-
-def check_upstream(dy, dh_T, dc_T, *, T: int, B: int, H: int) -> None:
-    """Validate backward's upstream gradients against the forward's shapes."""
-    for arg, value, want in (("dy", dy, (T, B, H)), ("dh_T", dh_T, (B, H)), ("dc_T", dc_T, (B, H))):
-        got = tuple(np.shape(value))
-        if got != want:
-            raise ValueError(f"{arg}: expected shape {want} (the shape of the forward's output), got {got}")
 
 
 class LoopLSTM:
@@ -193,19 +178,22 @@ class LoopLSTM:
     def prepare(self, params: Mapping[str, np.ndarray]) -> Any:
         return gate_weights(params)
 
-    def cell_forward(self, x_t, h_prev, c_prev, weights):
+    def cell_forward(self, x_t: np.ndarray, h_prev: np.ndarray, c_prev: np.ndarray, weights: Any) -> tuple[Any, ...]:
         return cell_forward(x_t, h_prev, c_prev, weights)
 
-    def cell_backward(self, dh, dc, cache, weights):
+    def cell_backward(self, dh: np.ndarray, dc: np.ndarray, cache: Any, weights: Any) -> tuple[Any, ...]:
         return cell_backward(dh, dc, cache, weights)
 
-    def forward(self, x, h0, c0, params):
+    def forward(
+        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         T, B, D, H = check_inputs(self.variant, x, h0, c0, params)
         dtype = check_dtype(self, x)
         params = {k: np.asarray(v, dtype) for k, v in params.items()}
         weights = self.prepare(params)
         h, c = np.asarray(h0, dtype), np.asarray(c0, dtype)
-        ys, steps = [], []
+        ys: list[np.ndarray] = []
+        steps: list[Any] = []
         for t in range(T):
             h, c, step = self.cell_forward(x[t], h, c, weights)
             ys.append(h)
@@ -213,7 +201,7 @@ class LoopLSTM:
         y = np.stack(ys)  # (T, B, H)
         return y, h.copy(), c.copy(), (weights, steps, {k: v.shape for k, v in params.items()}, dtype)
 
-    def backward(self, dy, dh_T, dc_T, cache):
+    def backward(self, dy: np.ndarray, dh_T: np.ndarray, dc_T: np.ndarray, cache: Any) -> dict[str, np.ndarray]:
         weights, steps, shapes, dtype = cache
         T = len(steps)
         B, H = steps[0].c_prev.shape  # every variant's step cache keeps c_prev (B, H)

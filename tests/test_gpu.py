@@ -245,10 +245,11 @@ def _run_steps(cell, variant, dtype, B, H, seed, *, fused_step: bool, xp=np):
 
 
 def _written(t, a, c, h, dh, dc, da, S, G) -> dict:
-    """Every buffer a forward and a backward step write (step t of the per-step buffers; not scratch)."""
+    """Every buffer a forward and a backward step write (step t of the per-step buffers; not scratch,
+    whose names start with "tmp")."""
     out = {"a": a, "c": c, "h": h, "dc": dc, "da": da}
-    out.update({f"S.{k}": v[t] for k, v in S.items() if k != "tmp"})
-    out.update({f"G.{k}": v[t] for k, v in G.items() if k != "tmp"})
+    out.update({f"S.{k}": v[t] for k, v in S.items() if not k.startswith("tmp")})
+    out.update({f"G.{k}": v[t] for k, v in G.items() if not k.startswith("tmp")})
     if dh is not None:
         out["dh"] = dh
     return out

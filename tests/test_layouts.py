@@ -849,3 +849,32 @@ def test_named_layouts_are_the_known_ones():
 def test_layout_errors_say_what_to_pass(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+class _RecordingNamespace:
+    """NumPy's split and concatenate, counting the calls: the array stays in the namespace it came in."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def split(self, *args, **kwargs):
+        self.calls.append("split")
+        return np.split(*args, **kwargs)
+
+    def concatenate(self, *args, **kwargs):
+        self.calls.append("concatenate")
+        return np.concatenate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_permute_gates_over_an_array_namespace_reorders_there_and_equals_numpy(axis):
+    a = np.arange(24.0, dtype=np.float32).reshape(8, 3)
+    if axis:
+        a = np.ascontiguousarray(a.T)
+    xp = _RecordingNamespace()
+    got = L.permute_gates(a, "ifgo", "ifog", axis=axis, xp=xp)
+    assert xp.calls == ["split", "concatenate"]
+    assert got.dtype == a.dtype
+    np.testing.assert_array_equal(got, L.permute_gates(a, "ifgo", "ifog", axis=axis))
+    with pytest.raises(ValueError, match="^stacked: expected the length of axis"):
+        L.permute_gates(a[:6] if axis == 0 else a[:, :6], "ifgo", "ifog", axis=axis, xp=xp)

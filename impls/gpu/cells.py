@@ -6,16 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import DEFAULT_LN_EPS
+from harness.contract import DEFAULT_LN_EPS, check_upstream
 from impls.gpu import launch
 from impls.gpu.availability import require_cupy
 from impls.gpu.emulator import check_buffer
 from impls.gpu.kernels import KERNELS
 from impls.gpu.language import Kernel, block_size
 from impls.layernorm import LayerNormCell
-from impls.loop import check_upstream
 from impls.peephole import PeepholeCell
-from impls.stacked import StackedLSTM, VanillaCell, stacked_backward
+from impls.stacked import Cell, StackedLSTM, VanillaCell, stacked_backward
 
 __all__ = ["CupyLSTM", "CupyPeepholeLSTM", "CupyLayerNormLSTM", "FusedVanillaCell", "FusedPeepholeCell",
            "FusedLayerNormCell"]
@@ -24,8 +23,11 @@ __all__ = ["CupyLSTM", "CupyPeepholeLSTM", "CupyLayerNormLSTM", "FusedVanillaCel
 # --- Cells: one GEMM and one kernel per step ----------------------------------------------------
 
 
-class _Fused:
+class _Fused(Cell):
     """Mixin over a NumPy cell: ``step`` and ``step_backward`` become one GEMM and one fused kernel.
+
+    It comes first in a fused cell's bases (``FusedVanillaCell(_Fused, VanillaCell)``), so its
+    ``super()`` calls reach the NumPy cell's methods.
 
     Buffers, parameters and the reductions after the loop are the NumPy cell's (they run on any
     namespace). ``forward_step`` and ``backward_step`` are the kernels alone (with nothing to add),
@@ -43,6 +45,9 @@ class _Fused:
 
     def backward_arrays(self, t, dy_t, dh, dc, da, a, c_prev, S, G, P) -> dict[str, Any]:
         return {"dy": dy_t, "dh": dh, "dc": dc, "da": da, "a": a, "c_prev": c_prev, "tanh_c": S["tanh_c"]}
+
+    def transposed(self, xp, a):
+        return xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
 
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
         launcher = launch.launcher_for(gates)
@@ -160,10 +165,10 @@ class CupyLSTM(StackedLSTM):
     name = "cupy"
     variant = "vanilla"
     dtypes = ("float64", "float32")
-    cell = FusedVanillaCell()
+    cell: Cell = FusedVanillaCell()
     _xp: Any = None
 
-    @property  # type: ignore[override]
+    @property
     def xp(self) -> Any:
         if self._xp is None:
             self._xp = require_cupy()

@@ -59,6 +59,7 @@ def _c_of(node: ast.AST, *, integer: bool) -> str:
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Constant):
+        assert isinstance(node.value, int)  # _parse admits non-negative integer constants only
         return str(node.value) if integer else f"T({node.value})"
     if isinstance(node, ast.Call):
         assert isinstance(node.func, ast.Name)
@@ -219,8 +220,8 @@ def _check(kernel: Kernel) -> list[tuple[Any, ...]]:
     def expr(text: str, scope: set[str], at: str) -> Expr:
         e = _parse(text, integer=False, where=at)
         tree = ast.parse(text, mode="eval").body
-        for node in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.BinOp))]:
-            parts = [node] if node is tree else [node.left, node.right]
+        binops = [n for n in ast.walk(tree) if isinstance(n, ast.BinOp)]
+        for node, parts in [(tree, [tree]), *((n, [n.left, n.right]) for n in binops)]:
             if all(_integer_only(p) for p in parts):
                 raise ValueError(f"{at}: {ast.unparse(node)!r} in {text!r} is integer arithmetic of t, B, H: C "
                                  f"would compute it in integers, NumPy in floats; combine them with a value")
