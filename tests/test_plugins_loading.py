@@ -123,7 +123,7 @@ def test_error_while_importing_keeps_the_users_traceback(tmp_path):
     (f"{MISBEHAVING}:WrongSignature", "forward: expected forward(x, h0, c0, params), but it takes (x)"),
 ])
 def test_cli_exit_2_in_process(target, expected, capsys, tmp_path):
-    code = main(["certify", target, "--in-process", "--report-dir", str(tmp_path)])
+    code = main(["certify", target, "--in-process", "--report-dir", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert code == 2
     assert expected in err and err.startswith("lstm-harness certify: error:")
@@ -134,14 +134,14 @@ def test_cli_exit_2_from_the_worker(capsys, tmp_path):
     """The same errors, found by the worker process that loads the target in an isolated run."""
     bad = tmp_path / "broken_syntax.py"
     bad.write_text("def forward(:\n")
-    assert main(["certify", f"{bad}:MyLSTM", "--report-dir", str(tmp_path)]) == 2
+    assert main(["certify", f"{bad}:MyLSTM", "--report-dir", str(tmp_path / "report")]) == 2
     assert "syntax error" in capsys.readouterr().err
-    assert main(["certify", f"{MISBEHAVING}:NoForward", "--report-dir", str(tmp_path)]) == 2
+    assert main(["certify", f"{MISBEHAVING}:NoForward", "--report-dir", str(tmp_path / "report")]) == 2
     assert "forward: missing" in capsys.readouterr().err
 
 
 def test_cli_exit_2_when_the_module_kills_the_worker_while_loading(capsys, tmp_path):
     bad = tmp_path / "exits_at_import.py"
     bad.write_text("import os\nos._exit(7)\n")
-    assert main(["certify", f"{bad}:X", "--report-dir", str(tmp_path)]) == 2
+    assert main(["certify", f"{bad}:X", "--report-dir", str(tmp_path / "report")]) == 2
     assert "died while loading" in capsys.readouterr().err
