@@ -24,7 +24,7 @@ from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
 from harness.pool import run_parallel
 from harness.progress import Progress
-from harness.records import Record, order_records, unit_outcome, verdict
+from harness.records import Record, order_records, printable, unit_outcome, verdict
 from harness.session import (
     InvalidArgument,
     Job,
@@ -243,7 +243,7 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                                         isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
         except ValueError as exc:  # InvalidArgument included: the same message, one type for the caller
             raise InvalidArgument(str(exc)) from None
-        label = f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command
+        label = printable(f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command)
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
         outcomes: list[tuple[list[Record], list[str]]] = [([], []) for _ in prepared]
         try:

@@ -323,10 +323,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for r in impls:
         origin = f"  (entry point {r['target']})" if r["source"] == "entry point" else ""
         if r["available"]:
-            print(f"  {r['name']:<22} available    {r['variant']:<10} {', '.join(r['dtypes']):<18} "
+            print(f"  {printable(r['name']):<22} available    {r['variant']:<10} {', '.join(r['dtypes']):<18} "
                   f"{'forward+backward' if r['backward'] else 'forward only':<16}{origin}")
         else:
-            print(f"  {r['name']:<22} unavailable  {r['reason']}{origin}")
+            print(printable(f"  {r['name']:<22} unavailable  {r['reason']}{origin}"))
     if plugins:
         print("\nCertify an implementation with `lstm-harness certify NAME`; check several with "
               "`lstm-harness run --impl NAME --impl ...`.")
@@ -518,10 +518,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
     described = result.implementation
-    print(f"Certifying {described['name']} ({described['target']}): variant {described['variant']}, "
-          f"dtypes {', '.join(result.settings['dtypes'])}, "
-          f"{'forward and backward' if described['backward'] else 'forward only (no backward)'}, "
-          f"oracles: {', '.join(result.settings['oracles']) or 'none'}")
+    print(printable(f"Certifying {described['name']} ({described['target']}): variant {described['variant']}, "
+                    f"dtypes {', '.join(result.settings['dtypes'])}, "
+                    f"{'forward and backward' if described['backward'] else 'forward only (no backward)'}, "
+                    f"oracles: {', '.join(result.settings['oracles']) or 'none'}"))
     text = print_results(result.records, result.findings, notes=result.notes, verbose=args.verbose,
                          diagnosis=(result.diagnosis or {}).get("headline", ""))
     _print_files(result.report_files, result.report_problems)
@@ -541,7 +541,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(result.text())
+        print(printable(result.text()))
     return EXIT_OK if result.status == "standard" else EXIT_DISCREPANCY
 
 
@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (UsageError, LoadError, ContractError) as exc:
-        print(f"lstm-harness {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"lstm-harness {args.command}: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as exc:
         if exc.results:

@@ -22,6 +22,7 @@ from typing import Any
 
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, ImplementationInfo, validate
+from harness.records import printable
 from harness.runner import RunSettings
 from harness.subject import ExitCalled, InProcessSubject, exits_raise
 
@@ -271,7 +272,7 @@ def plan_units(jobs_list: Sequence[Job], jobs: int) -> Plan:
         for dtype in job.dtypes:
             for group in groups:
                 label = (f"{job.info.name} " if named else "") + dtype + (f" vs {group[0].name}" if split else "")
-                plan.units.append(Unit(index, dtype, group, label))
+                plan.units.append(Unit(index, dtype, group, printable(label)))  # a name is the user's text
         if jobs > 1 and not parallel:
             notes = plan.notes.setdefault(index, [])
             if not job.parallel:
