@@ -458,7 +458,7 @@ class _DeepLearningAIStyle:
 
 
 def _sigmoid(a):
-    return 1.0 / (1.0 + np.exp(-a))
+    return 0.5 * (1.0 + np.tanh(0.5 * a))  # the logistic function, without exp's overflow far from 0
 
 
 def test_per_gate_weights_over_h_then_x_certify_and_a_wrong_derivative_is_caught():
