@@ -224,7 +224,8 @@ def test_objects_pickle_for_the_worker_and_carry_their_replay_arguments():
     again = pickle.loads(pickle.dumps(impl))
     assert again.variant == "peephole" and again.convention.per_gate == "hx"
     assert again.replay_arguments.endswith("--variant peephole --per-gate hx --names W_i=Wi")
-    assert again.replay_arguments.startswith(f"--command '{sys.executable} {SCRIPT}'")
+    # One shell word for the whole command line, each of its own words quoted (a path may hold a space).
+    assert again.replay_arguments.startswith(f"--command {shlex.quote(shlex.join(_script()))}")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -252,7 +253,7 @@ def test_command_line_usage_errors(argv, message, capsys):
 
 
 def test_pytest_plugin_certifies_a_command(pytester):
-    result = pytester.runpytest("--lstm-command", f"{sys.executable} {SCRIPT}", "--lstm-max-examples", "2",
+    result = pytester.runpytest("--lstm-command", shlex.join(_script()), "--lstm-max-examples", "2",
                                 "--lstm-oracle", "finite-differences", "-v", "-p", "no:randomly",
                                 "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
