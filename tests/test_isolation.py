@@ -5,6 +5,7 @@ it died."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,10 @@ def test_closing_the_subject_kills_a_daemon_the_implementation_left_behind(tmp_p
     with subject("SpawnsAndReturns") as s:
         assert s.execute(SHORT, backward=True).forward_error is None
         pid = int(pidfile.read_text())
+        # The pid is written as soon as the shell forked; setsid(1) may not have run yet: give it time.
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and os.getsid(pid) == os.getsid(s._proc.popen.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not _gone(pid) and os.getsid(pid) != os.getsid(s._proc.popen.pid)  # a session of its own
     assert _wait_gone(pid), f"process {pid} that the implementation left running outlived the subject"
 
