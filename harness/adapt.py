@@ -323,8 +323,9 @@ HIDDEN_BIAS_SHARE = 0.25
 def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: int) -> None:
     """d b_ih and d b_hh (canonical gate order) must both be dL/db, since b = b_ih + b_hh; raise,
     saying where they differ, when they do beyond the harness's gradient tolerance."""
-    from harness.compare import TOLERANCES, compare_arrays, format_coords
+    from harness.compare import TOLERANCES, compare_arrays
     from harness.contract import quantity_specs
+    from harness.records import format_coords
 
     dtype = d_ih.dtype.name if d_ih.dtype.name in TOLERANCES else "float32"
     rec = compare_arrays(d_hh, d_ih, spec=quantity_specs(variant)["db"], H=H, tol=TOLERANCES[dtype]["gradients"],

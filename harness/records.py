@@ -133,7 +133,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, plus the rendered ``message``, in strict-JSON-safe values."""
-        return _json_safe({**dataclasses.asdict(self), "message": self.message})
+        return json_safe({**dataclasses.asdict(self), "message": self.message})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
@@ -147,10 +147,6 @@ class Record:
 
 def json_safe(value: Any) -> Any:
     """``value`` with NaN as None and infinities as +-1e300, so that strict JSON accepts it."""
-    return _json_safe(value)
-
-
-def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         if math.isnan(value):
             return None
@@ -158,18 +154,18 @@ def _json_safe(value: Any) -> Any:
             return 1e300 if value > 0 else -1e300
         return value
     if isinstance(value, np.floating):
-        return _json_safe(float(value))
+        return json_safe(float(value))
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def _from_json_safe(value: Any) -> Any:
-    """Undo :func:`_json_safe`'s stand-in for infinity (+-1e300), so that a record read back from
+    """Undo :func:`json_safe`'s stand-in for infinity (+-1e300), so that a record read back from
     report.json renders the same message as the one written."""
     if isinstance(value, float) and abs(value) >= 1e300:
         return math.copysign(math.inf, value)
