@@ -26,6 +26,7 @@ from hypothesis.errors import InvalidArgument
 
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS
 from harness.files import atomic_path
+from harness.structure import Structure
 
 __all__ = [
     "Case",
@@ -167,6 +168,11 @@ class Case:
     dc_T: np.ndarray  # (B, H)
     ln_eps: float = DEFAULT_LN_EPS
     spec: CaseSpec | None = field(default=None, compare=False)
+    #: The layer structure the arrays are drawn for (see :mod:`harness.structure`): with the default one,
+    #: every shape is as above; otherwise parameter names are prefixed and the states gain a leading axis.
+    structure: Structure = field(default_factory=Structure)
+    #: (B,) int64 valid lengths, when the structure has ``lengths``; None means every row has length T.
+    lengths: np.ndarray | None = None
 
     @property
     def T(self) -> int:
@@ -182,7 +188,8 @@ class Case:
 
     @property
     def H(self) -> int:
-        return self.h0.shape[1]
+        """The cell's hidden size (c0's features; h0 has the projection size when there is one)."""
+        return self.c0.shape[-1]
 
     @property
     def upstream(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,12 +225,17 @@ class Case:
             dy=self.dy.copy(),
             dh_T=self.dh_T.copy(),
             dc_T=self.dc_T.copy(),
+            lengths=None if self.lengths is None else self.lengths.copy(),
         )
 
     def digest(self) -> str:
         """12 hex digits of SHA-256 over everything that defines the case: variant, dtype, epsilon and
         every array's dtype, shape and bytes. Equal digests mean the same numbers, bit for bit."""
         h = hashlib.sha256(f"{self.variant}|{self.dtype}|{self.ln_eps!r}".encode())
+        if not self.structure.is_default:  # the default structure keeps the digests of earlier case files
+            h.update(f"|structure:{sorted(self.structure.to_dict().items())!r}".encode())
+        if self.lengths is not None:
+            h.update(f"|lengths:{np.asarray(self.lengths, dtype=np.int64).tolist()!r}".encode())
         for name, value in (("x", self.x), ("h0", self.h0), ("c0", self.c0), ("dy", self.dy), ("dh_T", self.dh_T),
                             ("dc_T", self.dc_T), *sorted(self.params.items())):
             a = np.ascontiguousarray(value)
