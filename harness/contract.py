@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from harness.limits import Limits
+from harness.structure import Structure
 
 __all__ = [
     "GATES",
@@ -37,6 +38,7 @@ __all__ = [
     "input_specs",
     "output_specs",
     "gradient_keys",
+    "param_shapes",
     "quantity_specs",
     "quantities",
     "DIRECTIONS",
@@ -140,6 +142,19 @@ def _variant(variant: str) -> VariantSpec:
         raise ValueError(
             f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}"
         ) from None
+
+
+def param_shapes(variant: str, structure: Structure | None = None, *, D: int, H: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter of ``variant`` in ``structure`` (default: one layer, one direction) by its name, in
+    report order: cell by cell (layer, then direction, as :meth:`Structure.cells` lists them), each
+    cell's parameters in the variant's order, then ``proj`` when there is a projection."""
+    structure = structure or Structure()
+    own = _variant(variant).param_shapes(D=D, H=H)
+    out: dict[str, tuple[int, ...]] = {}
+    for layer, _direction, prefix in structure.cells():
+        for name, shape in structure.cell_param_shapes(own, layer=layer, D=D, H=H).items():
+            out[prefix + name] = shape
+    return out
 
 
 def input_specs() -> tuple[ArraySpec, ...]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from harness.cases import Case
+from harness.structure import FEATURES, Structure
 
 __all__ = ["Oracle", "Reference", "Availability", "Projection", "module_available"]
 
@@ -95,6 +96,9 @@ class Oracle(ABC):
     gives_gradients: bool = True
     #: Said in every summary that includes this oracle, e.g. "forward only".
     limitation: str = ""
+    #: The layer-structure features (:data:`harness.structure.FEATURES`) this oracle computes; a case
+    #: whose structure uses another one is not checked against it. Nothing beyond one cell by default.
+    structures: frozenset[str] = frozenset()
 
     _availability: Availability | None = None
 
@@ -106,8 +110,9 @@ class Oracle(ABC):
     def _probe(self) -> Availability:
         return Availability(True)
 
-    def unsupported_reason(self, variant: str, dtype: str) -> str | None:
-        """None when this oracle can check ``variant`` at ``dtype``, else the reason it cannot."""
+    def unsupported_reason(self, variant: str, dtype: str, structure: Structure | None = None) -> str | None:
+        """None when this oracle can check ``variant`` at ``dtype`` (in ``structure``, when given), else the
+        reason it cannot."""
         avail = self.availability()
         if not avail.available:
             return f"{self.name} unavailable: {avail.reason}"
@@ -115,6 +120,10 @@ class Oracle(ABC):
             return f"{self.name} does not support the {variant} variant (covers {', '.join(self.variants)})"
         if self.compute_dtype_for(dtype) is None:
             return f"{self.name} cannot compute a {dtype} case (computes in {', '.join(self.compute_dtypes)})"
+        missing = sorted((structure or Structure()).features() - self.structures, key=FEATURES.index)
+        if missing:
+            computes = ", ".join(f for f in FEATURES if f in self.structures) or "one layer, one direction, full length"
+            return f"{self.name} does not compute {', '.join(missing)} (computes {computes})"
         return None
 
     def compute_dtype_for(self, dtype: str) -> str | None:
@@ -140,4 +149,5 @@ class Oracle(ABC):
             "forward": self.gives_forward,
             "gradients": self.gives_gradients,
             "limitation": self.limitation,
+            "structures": [f for f in FEATURES if f in self.structures],
         }
