@@ -321,13 +321,17 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
 
 
 def check_inputs(
-    variant: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: Mapping[str, np.ndarray]
+    variant: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: Mapping[str, np.ndarray], *,
+    structure: Structure | None = None, lengths: Any = None,
 ) -> tuple[int, int, int, int]:
-    """Validate forward inputs for ``variant``; return (T, B, D, H).
+    """Validate forward inputs for ``variant`` in ``structure`` (default: one layer, one direction, no
+    lengths); return (T, B, D, H), H the cell's hidden size (c0's last axis).
 
     Raises ``ValueError`` naming the argument, the expected shape and the received one, so that the
     built-in implementations (and any user who calls this) fail with a message that says what to fix.
     """
+    if (structure is not None and not structure.is_default) or lengths is not None:
+        return _check_structured_inputs(variant, x, h0, c0, params, structure or Structure(), lengths)
     spec = _variant(variant)
     for arg, value in (("x", x), ("h0", h0), ("c0", c0)):
         if not hasattr(value, "shape"):
@@ -361,6 +365,63 @@ def check_inputs(
     return T, B, D, H
 
 
+def _check_structured_inputs(variant: str, x: Any, h0: Any, c0: Any, params: Any, structure: Structure,
+                             lengths: Any) -> tuple[int, int, int, int]:
+    """:func:`check_inputs` for a structure other than the default (or with lengths)."""
+    problems = structure.problems(variant)
+    if problems:
+        raise ValueError("structure: " + "; ".join(problems))
+    for arg, value in (("x", x), ("h0", h0), ("c0", c0)):
+        if not hasattr(value, "shape"):
+            raise ValueError(f"{arg}: expected an array, got {type(value).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x: expected shape (T, B, D), got {tuple(x.shape)} ({x.ndim} dimensions)")
+    T, B, D = x.shape
+    n_state = 3 if structure.layered else 2
+    if c0.ndim != n_state:
+        layout = "(L * dirs, B, H)" if structure.layered else "(B, H)"
+        raise ValueError(f"c0: expected shape {layout} for structure {structure.describe()!r}, got {tuple(c0.shape)}")
+    H = c0.shape[-1]
+    if min(T, B, D, H) < 1:
+        raise ValueError(f"x, c0: expected T, B, D, H >= 1, got T={T}, B={B}, D={D}, H={H}")
+    states = structure.state_shapes(B=B, H=H)
+    for arg, value in (("h0", h0), ("c0", c0)):
+        if tuple(value.shape) != states[arg]:
+            raise ValueError(f"{arg}: expected shape {states[arg]} for structure {structure.describe()!r} "
+                             f"(B={B}, H={H}), got {tuple(value.shape)}")
+    shapes = param_shapes(variant, structure, D=D, H=H)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict of arrays {tuple(shapes)}, got {type(params).__name__}")
+    missing = [n for n in shapes if n not in params]
+    extra = [n for n in params if n not in shapes]
+    if missing or extra:
+        raise ValueError(f"params: expected keys {tuple(shapes)} for variant {variant!r} in structure "
+                         f"{structure.describe()!r}; missing {missing}, unexpected {extra}")
+    for name, want in shapes.items():
+        got = tuple(np.shape(params[name]))
+        if got != want:
+            raise ValueError(f"params[{name!r}]: expected shape {want}, got {got}")
+    _check_lengths(lengths, structure, T=T, B=B)
+    return T, B, D, H
+
+
+def _check_lengths(lengths: Any, structure: Structure, *, T: int, B: int) -> None:
+    """lengths: None, or (B,) integers in 1..T when the structure has lengths."""
+    if lengths is None:
+        return
+    if not structure.lengths:
+        raise ValueError("lengths: expected None (this structure does not take lengths: accepts_lengths is "
+                         f"False), got {type(lengths).__name__}")
+    arr = np.asarray(lengths)
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (B,), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"lengths: expected integers (int64), got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 1) | (arr > T))
+    if bad.size:
+        raise ValueError(f"lengths: expected every value in 1..T = 1..{T}, got lengths[{bad[0]}] = {arr[bad[0]]}")
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """Convert an implementation's output to NumPy: ndarray, CuPy (``.get()``), DLPack or ``__array__``."""
     if isinstance(value, np.ndarray):
@@ -390,12 +451,18 @@ def check_dtype(impl: Any, x: Any) -> np.dtype:
     return dtype
 
 
-def check_upstream(dy: Any, dh_T: Any, dc_T: Any, *, T: int, B: int, H: int) -> None:
-    """Validate backward's upstream gradients against the forward's shapes: dy (T, B, H), dh_T and dc_T (B, H).
+def check_upstream(dy: Any, dh_T: Any, dc_T: Any, *, T: int, B: int, H: int, structure: Structure | None = None) -> None:
+    """Validate backward's upstream gradients against the forward's shapes: dy (T, B, H), dh_T and dc_T (B, H)
+    in the default structure; in ``structure``, dy as its :meth:`~Structure.output_shape` and dh_T, dc_T as its
+    :meth:`~Structure.state_shapes` (H is the cell's hidden size).
 
     Raises ``ValueError`` naming the argument, the expected shape and the received one.
     """
-    for arg, value, want in (("dy", dy, (T, B, H)), ("dh_T", dh_T, (B, H)), ("dc_T", dc_T, (B, H))):
+    structure = structure or Structure()
+    states = structure.state_shapes(B=B, H=H)
+    expected = (("dy", dy, structure.output_shape(T=T, B=B, H=H)), ("dh_T", dh_T, states["h0"]),
+                ("dc_T", dc_T, states["c0"]))
+    for arg, value, want in expected:
         got = tuple(np.shape(value))
         if got != want:
             raise ValueError(f"{arg}: expected shape {want} (the shape of the forward's output), got {got}")

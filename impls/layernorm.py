@@ -28,7 +28,7 @@ and the pointwise step of the stacked version (:class:`LayerNormCell`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -163,24 +163,27 @@ def cell_state(f, c_prev, i, g, weights: LNWeights):
 class LNStepCache(StepCache):
     """The vanilla step's cache plus the LayerNorm statistics of each row."""
 
-    stats: dict[str, LNStats]  # per LN row i, f, g, o, c
+    stats: dict[str, LNStats] = field(default_factory=dict)  # per LN row i, f, g, o, c
 
 
-def cell_forward(x_t, h_prev, c_prev, weights: LNWeights):
+def cell_forward(x_t, h_prev, c_prev, weights: LNWeights, *, coupled=False):
     """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
     w, eps = weights.gates, weights.eps
     i, st_i = sigmoid_gate(x_t, h_prev, w["i"], eps)  # input gate
-    f, st_f = sigmoid_gate(x_t, h_prev, w["f"], eps)  # forget gate
+    if coupled:  # CIFG: f = 1 - i; the forget gate's row of W, R, gamma, beta is unused
+        f, st_f = 1.0 - i, None
+    else:
+        f, st_f = sigmoid_gate(x_t, h_prev, w["f"], eps)  # forget gate
     g, st_g = cell_candidate(x_t, h_prev, w["g"], eps)
     o, st_o = sigmoid_gate(x_t, h_prev, w["o"], eps)  # output gate
     c, st_c = cell_state(f, c_prev, i, g, weights)
     tanh_c = np.tanh(c)
     h = o * tanh_c
     stats = {"i": st_i, "f": st_f, "g": st_g, "o": st_o, "c": st_c}
-    return h, c, LNStepCache(x_t, h_prev, c_prev, i, f, g, o, tanh_c, stats)
+    return h, c, LNStepCache(x_t, h_prev, c_prev, i, f, g, o, tanh_c, stats=stats)
 
 
-def cell_backward(dh, dc, cache: LNStepCache, weights: LNWeights):
+def cell_backward(dh, dc, cache: LNStepCache, weights: LNWeights, *, coupled=False):
     """Back through one timestep.
 
     dh: dL/dh_t (B, H), everything that reaches h_t (from y_t and from step t+1).
@@ -193,17 +196,29 @@ def cell_backward(dh, dc, cache: LNStepCache, weights: LNWeights):
     dz_c = dc + dh * s.o * (1.0 - s.tanh_c**2)
     # c_t = LN_c(s_t), s_t = f * c_{t-1} + i * g
     ds = layer_norm_backward(dz_c, s.stats["c"].n, s.stats["c"].r, weights.gamma_c)
-    dz["i"] = ds * s.g * s.i * (1.0 - s.i)
-    dz["f"] = ds * s.c_prev * s.f * (1.0 - s.f)
+    di, df = ds * s.g, ds * s.c_prev
+    if coupled:
+        di, df = di - df, np.zeros_like(df)  # f = 1 - i: what reaches f reaches i, negated
+    dz["i"] = di * s.i * (1.0 - s.i)
+    dz["f"] = df * s.f * (1.0 - s.f)
     dz["g"] = ds * s.i * (1.0 - s.g**2)
     dc_prev = ds * s.f
     # Back through each gate's layer norm to its pre-activation a_k = W_k x_t + R_k h_{t-1}.
-    da = {k: layer_norm_backward(dz[k], s.stats[k].n, s.stats[k].r, w[k].gamma) for k in GATES}
+    da = {k: _ln_backward_or_zero(dz[k], s.stats[k], w[k].gamma) for k in GATES}
     dx_t, dh_prev, grads = preactivation_backward(da, s.x_t, s.h_prev, w)
     dz["c"] = dz_c
-    grads["gamma"] = np.stack([(dz[k] * s.stats[k].n).sum(axis=0) for k in LN_ROWS])  # (5, H)
+    grads["gamma"] = np.stack([_times_n(dz[k], s.stats[k]).sum(axis=0) for k in LN_ROWS])  # (5, H)
     grads["beta"] = np.stack([dz[k].sum(axis=0) for k in LN_ROWS])  # (5, H)
     return dx_t, dh_prev, dc_prev, grads
+
+
+def _ln_backward_or_zero(dz, stats: LNStats | None, gamma):
+    # A row that was not normalized (CIFG's forget gate) has dz = 0 and no gradient to pass.
+    return np.zeros_like(dz) if stats is None else layer_norm_backward(dz, stats.n, stats.r, gamma)
+
+
+def _times_n(dz, stats: LNStats | None):
+    return np.zeros_like(dz) if stats is None else dz * stats.n
 
 
 class LoopLayerNormLSTM(LoopLSTM):
@@ -221,10 +236,10 @@ class LoopLayerNormLSTM(LoopLSTM):
         return LNWeights(gates, gamma["c"], beta["c"], float(self.ln_eps))
 
     def cell_forward(self, x_t, h_prev, c_prev, weights):
-        return cell_forward(x_t, h_prev, c_prev, weights)
+        return cell_forward(x_t, h_prev, c_prev, weights, coupled=self.coupled_input_forget)
 
     def cell_backward(self, dh, dc, cache, weights):
-        return cell_backward(dh, dc, cache, weights)
+        return cell_backward(dh, dc, cache, weights, coupled=self.coupled_input_forget)
 
 
 # --- The stacked version's pointwise step --------------------------------------------------------
@@ -352,3 +367,4 @@ class StackedLayerNormLSTM(StackedLSTM):
     variant = "layernorm"
     ln_eps = DEFAULT_LN_EPS
     cell = LayerNormCell()
+    loop_class = LoopLayerNormLSTM

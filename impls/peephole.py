@@ -32,6 +32,7 @@ from impls.loop import (
     GateWeights,
     LoopLSTM,
     cell_candidate,
+    clip_cell,
     gate_weights,
     join_gates,
     preactivation,
@@ -97,22 +98,23 @@ class PeepholeStepCache:
     g: np.ndarray
     o: np.ndarray
     tanh_c: np.ndarray
+    inside: np.ndarray | None = None  # with cell clipping: 1 where c_t was not clipped
 
 
-def cell_forward(x_t, h_prev, c_prev, weights: PeepholeWeights):
-    """One timestep: (B, D), (B, H), (B, H) -> h_t (B, H), c_t (B, H), cache."""
+def cell_forward(x_t, h_prev, c_prev, weights: PeepholeWeights, *, coupled=False, clip=None):
+    """One timestep: (B, D), (B, H), (B, H) -> o * tanh(c_t) (B, H), c_t (B, H), cache."""
     w, p = weights.gates, weights.peep
     i = input_gate(x_t, h_prev, c_prev, w["i"], p.i)
-    f = forget_gate(x_t, h_prev, c_prev, w["f"], p.f)
+    f = 1.0 - i if coupled else forget_gate(x_t, h_prev, c_prev, w["f"], p.f)  # CIFG: f = 1 - i
     g = cell_candidate(x_t, h_prev, w["g"])
-    c = f * c_prev + i * g
+    c, inside = clip_cell(f * c_prev + i * g, clip)  # the output gate sees the clipped c_t
     o = output_gate(x_t, h_prev, c, w["o"], p.o)
     tanh_c = np.tanh(c)
     h = o * tanh_c
-    return h, c, PeepholeStepCache(x_t, h_prev, c_prev, c, i, f, g, o, tanh_c)
+    return h, c, PeepholeStepCache(x_t, h_prev, c_prev, c, i, f, g, o, tanh_c, inside)
 
 
-def cell_backward(dh, dc, cache: PeepholeStepCache, weights: PeepholeWeights):
+def cell_backward(dh, dc, cache: PeepholeStepCache, weights: PeepholeWeights, *, coupled=False):
     """Back through one timestep.
 
     dh: dL/dh_t (B, H), everything that reaches h_t (from y_t and from step t+1).
@@ -125,10 +127,15 @@ def cell_backward(dh, dc, cache: PeepholeStepCache, weights: PeepholeWeights):
     # through the output gate's peephole.
     da_o = dh * s.tanh_c * s.o * (1.0 - s.o)
     dc = dc + dh * s.o * (1.0 - s.tanh_c**2) + da_o * p.o
+    if s.inside is not None:
+        dc = dc * s.inside  # a clipped c_t does not depend on f, c_{t-1}, i, g
     # c_t = f * c_{t-1} + i * g
+    di, df = dc * s.g, dc * s.c_prev
+    if coupled:
+        di, df = di - df, np.zeros_like(df)  # f = 1 - i: what reaches f reaches i, negated
     da = {
-        "i": dc * s.g * s.i * (1.0 - s.i),
-        "f": dc * s.c_prev * s.f * (1.0 - s.f),
+        "i": di * s.i * (1.0 - s.i),
+        "f": df * s.f * (1.0 - s.f),
         "g": dc * s.i * (1.0 - s.g**2),
         "o": da_o,
     }
@@ -152,10 +159,10 @@ class LoopPeepholeLSTM(LoopLSTM):
         return PeepholeWeights(gate_weights(params), Peepholes(params["p_i"], params["p_f"], params["p_o"]))
 
     def cell_forward(self, x_t, h_prev, c_prev, weights):
-        return cell_forward(x_t, h_prev, c_prev, weights)
+        return cell_forward(x_t, h_prev, c_prev, weights, coupled=self.coupled_input_forget, clip=self.cell_clip)
 
     def cell_backward(self, dh, dc, cache, weights):
-        return cell_backward(dh, dc, cache, weights)
+        return cell_backward(dh, dc, cache, weights, coupled=self.coupled_input_forget)
 
 
 # --- The stacked version's pointwise step --------------------------------------------------------
@@ -241,3 +248,4 @@ class StackedPeepholeLSTM(StackedLSTM):
     name = "stacked-peephole"
     variant = "peephole"
     cell = PeepholeCell()
+    loop_class = LoopPeepholeLSTM

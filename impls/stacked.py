@@ -30,9 +30,12 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, check_dtype, check_inputs, check_upstream
 from harness.layouts import CANONICAL_ORDER, permute_gates
+from impls.layer import LayeredLSTM
+from impls.loop import LoopCache, LoopLSTM
 
 __all__ = [
     "StackedLSTM",
+    "SingleStackedLSTM",
     "Cell",
     "VanillaCell",
     "StackedCache",
@@ -328,11 +331,11 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     return grads
 
 
-class StackedLSTM:
-    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster.
+class SingleStackedLSTM:
+    """The stacked algorithm in the default structure only (one layer, one direction, full lengths):
+    the base of the GPU versions, which compute nothing else and so have no ``with_structure``.
 
-    ``xp`` is the array namespace the algorithm runs over and ``cell`` the variant's pointwise math;
-    the variants' stacked classes only change ``variant``, ``name`` and ``cell``.
+    ``xp`` is the array namespace the algorithm runs over and ``cell`` the variant's pointwise math.
     """
 
     name = "stacked"
@@ -350,4 +353,43 @@ class StackedLSTM:
     def backward(self, dy, dh_T, dc_T, cache):
         T, B, _ = cache.x.shape
         check_upstream(dy, dh_T, dc_T, T=T, B=B, H=cache.h.shape[2])
+        return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)
+
+
+class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
+    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster, in any structure.
+
+    The loops over layers, directions and lengths are :class:`impls.layer.LayeredLSTM`'s, around the
+    stacked algorithm of one sequence. The options that change the cell itself (projection, CIFG, cell
+    clipping) are not in the stacked cells: with any of them a direction runs the loop version of the
+    variant (``loop_class``), so the result is right but not fast. The variants' stacked classes only
+    change ``variant``, ``name``, ``cell`` and ``loop_class``.
+    """
+
+    loop_class: type[LoopLSTM] = LoopLSTM
+
+    def _cell_loop(self) -> LoopLSTM | None:
+        """The loop version that computes this instance's cell options, or None when the stacked cell does."""
+        if not (self.proj_size or self.coupled_input_forget or self.cell_clip is not None):
+            return None
+        loop = self.loop_class(coupled_input_forget=self.coupled_input_forget, cell_clip=self.cell_clip)
+        loop.ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
+        return loop
+
+    def sequence_forward(self, x, h0, c0, params, dtype):
+        loop = self._cell_loop()
+        if loop is not None:
+            return loop.sequence_forward(x, h0, c0, params, dtype)
+        ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
+        return stacked_forward(self.xp, self.cell, x, h0, c0, params, dtype, ln_eps=ln_eps)
+
+    def sequence_shape(self, cache):
+        T, B, _ = cache.x.shape
+        return T, B, cache.h.shape[2]
+
+    def sequence_backward(self, dy, dh_T, dc_T, cache):
+        if isinstance(cache, LoopCache):
+            loop = self._cell_loop()
+            assert loop is not None  # a loop cache comes from the loop this instance's options choose
+            return loop.sequence_backward(dy, dh_T, dc_T, cache)
         return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)

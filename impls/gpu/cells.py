@@ -14,7 +14,7 @@ from impls.gpu.kernels import KERNELS
 from impls.gpu.language import Kernel, block_size
 from impls.layernorm import LayerNormCell
 from impls.peephole import PeepholeCell
-from impls.stacked import Cell, StackedLSTM, VanillaCell, stacked_backward
+from impls.stacked import Cell, SingleStackedLSTM, VanillaCell, stacked_backward
 
 __all__ = ["CupyLSTM", "CupyPeepholeLSTM", "CupyLayerNormLSTM", "FusedVanillaCell", "FusedPeepholeCell",
            "FusedLayerNormCell"]
@@ -154,8 +154,12 @@ class FusedLayerNormCell(_Fused, LayerNormCell):
 # --- The implementations ---------------------------------------------------------------------------
 
 
-class CupyLSTM(StackedLSTM):
+class CupyLSTM(SingleStackedLSTM):
     """Vanilla LSTM on the GPU with CuPy: stacked GEMMs and one fused gate kernel per step.
+
+    Default structure only (one layer, one direction, full lengths, no projection, CIFG or clipping):
+    it has no ``with_structure``, so the harness gives it only cases of that structure, and inputs of
+    any other shape are refused by :func:`harness.contract.check_inputs` with the shape it expects.
 
     Inputs are NumPy (or CuPy) arrays; outputs and gradients stay CuPy arrays (the harness converts
     them). ``xp`` is CuPy, imported at first use; set ``impl.xp = numpy`` to run the very same code

@@ -1,0 +1,231 @@
+"""The LSTM layer around a cell: stacked layers, both directions and variable lengths, once for every
+built-in implementation.
+
+An implementation supplies the time loop of one direction over one sequence,
+``sequence_forward(x, h0, c0, params, dtype)`` and ``sequence_backward(dy, dh_T, dc_T, cache)``, with
+the cell's own (unprefixed) parameter names; :class:`LayeredLSTM` runs it for every layer and direction
+of the structure the implementation is configured with (:mod:`harness.structure` holds the rules):
+
+    for layer k = 0 .. L-1:                       input: x (T, B, D) for k = 0, else the previous y
+        for direction d in (forward, reverse):
+            y_d, h_T[k, d], c_T[k, d] = the cell's time loop over the steps d reads
+        y = [y_forward, y_reverse]                (T, B, dirs * H_out), forward features first
+
+Variable lengths need nothing from the time loop: the rows of one length are one shorter sequence.
+For every distinct length L the rows of that length run as a batch of their own over the L steps
+their direction reads (t = 0 .. L-1, or L-1 .. 0 for the reverse direction); steps t >= L are never
+computed, so y and dx are 0 there, dy there is never read and h_T is the state after the row's last
+valid step. Without lengths the whole batch is one such group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harness.contract import check_dtype, check_inputs, check_upstream, param_shapes
+from harness.structure import Structure
+
+__all__ = ["LayeredLSTM", "DirectionCache", "step_order"]
+
+
+def step_order(L: int, reverse: bool) -> np.ndarray:
+    """The timesteps a direction reads, in its order, for a row of length L: 0 .. L-1 forward,
+    L-1 .. 0 reverse."""
+    return np.arange(L - 1, -1, -1) if reverse else np.arange(L)
+
+
+@dataclass
+class DirectionCache:
+    """One direction of one layer: per group of rows (one length), the steps it read and its cache."""
+
+    T: int
+    B: int
+    D: int
+    groups: list[tuple[np.ndarray, np.ndarray, Any]]  # (rows, steps, cache of the time loop)
+
+
+@dataclass
+class LayerCache:
+    structure: Structure
+    T: int
+    B: int
+    H: int
+    dtype: np.dtype
+    cells: list[DirectionCache]  # in the states' axis order, layer * dirs + direction
+    names: tuple[str, ...]  # the gradient's parameter names, in report order
+
+
+class LayeredLSTM:
+    """Configuration and the layer loops; subclasses provide ``variant``, ``sequence_forward`` and
+    ``sequence_backward``.
+
+    The structure is set by constructor keywords (all optional, the defaults are the single-layer
+    LSTM) and read back as attributes; :meth:`with_structure` returns a new instance for another one.
+    """
+
+    variant: str
+    dtypes: tuple[str, ...] = ("float64", "float32")
+    num_layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    coupled_input_forget: bool = False
+    cell_clip: float | None = None
+    accepts_lengths: bool = False
+
+    def __init__(self, *, num_layers: int = 1, bidirectional: bool = False, proj_size: int = 0,
+                 coupled_input_forget: bool = False, cell_clip: float | None = None,
+                 accepts_lengths: bool = False) -> None:
+        structure = Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+                              coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
+                              lengths=accepts_lengths)
+        problems = structure.problems(self.variant)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.coupled_input_forget = coupled_input_forget
+        self.cell_clip = cell_clip
+        self.accepts_lengths = accepts_lengths
+
+    @property
+    def structure(self) -> Structure:
+        """The structure this instance computes (its ``lengths`` is ``accepts_lengths``)."""
+        return Structure(num_layers=self.num_layers, bidirectional=self.bidirectional, proj_size=self.proj_size,
+                         coupled_input_forget=self.coupled_input_forget, cell_clip=self.cell_clip,
+                         lengths=self.accepts_lengths)
+
+    def with_structure(self, structure: Structure) -> Any:
+        """A new instance of the same class, configured for ``structure``."""
+        return type(self)(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
+                          proj_size=structure.proj_size, coupled_input_forget=structure.coupled_input_forget,
+                          cell_clip=structure.cell_clip, accepts_lengths=structure.lengths)
+
+    # ----------------------------------------------------------------------------------------------
+    # What a subclass provides: one direction's time loop over one sequence.
+
+    def sequence_forward(self, x, h0, c0, params: Mapping[str, Any], dtype: np.dtype) -> tuple[Any, ...]:
+        """x (T, B, D_in), h0 (B, H_out), c0 (B, H) -> y (T, B, H_out), h_T, c_T, cache."""
+        raise NotImplementedError
+
+    def sequence_backward(self, dy, dh_T, dc_T, cache: Any) -> dict[str, Any]:
+        """-> {"x", "h0", "c0", and the cell's parameters without prefix}."""
+        raise NotImplementedError
+
+    def sequence_shape(self, cache: Any) -> tuple[int, int, int]:
+        """(T, B, H) of a default-structure cache, for checking backward's upstream gradients."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # The contract's forward and backward
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        structure = self.structure
+        if structure.is_default and lengths is None:
+            check_inputs(self.variant, x, h0, c0, params)
+            return self.sequence_forward(x, h0, c0, params, check_dtype(self, x))
+        T, B, D, H = check_inputs(self.variant, x, h0, c0, params, structure=structure, lengths=lengths)
+        dtype = check_dtype(self, x)
+        params = {k: np.asarray(v, dtype) for k, v in params.items()}
+        full = np.full(B, T) if lengths is None else np.asarray(lengths)
+        n_cells = structure.num_layers * structure.dirs
+        h0s = np.asarray(h0, dtype).reshape(n_cells, B, -1)  # (L * dirs, B, H_out), also when not layered
+        c0s = np.asarray(c0, dtype).reshape(n_cells, B, H)
+        h_T, c_T = np.empty_like(h0s), np.empty_like(c0s)
+        layer_in = np.asarray(x, dtype)  # (T, B, D), then (T, B, dirs * H_out)
+        caches: list[DirectionCache] = []
+        # One cell's parameter names without prefix: the variant's, and proj when there is one.
+        cell_names = tuple(param_shapes(self.variant, Structure(proj_size=structure.proj_size), D=D, H=H))
+        for layer in range(structure.num_layers):
+            outputs = []
+            for k, (cell_layer, direction, prefix) in enumerate(structure.cells()):
+                if cell_layer != layer:
+                    continue
+                own = {name: params[prefix + name] for name in cell_names}
+                y_d, h_T[k], c_T[k], cache = self._direction_forward(layer_in, h0s[k], c0s[k], own, full,
+                                                                     reverse=direction == 1, dtype=dtype)
+                outputs.append(y_d)  # (T, B, H_out)
+                caches.append(cache)
+            layer_in = np.concatenate(outputs, axis=2)  # (T, B, dirs * H_out)
+        names = tuple(param_shapes(self.variant, structure, D=D, H=H))
+        cache_all = LayerCache(structure, T, B, H, dtype, caches, names)
+        state_shapes = structure.state_shapes(B=B, H=H)
+        return layer_in, h_T.reshape(state_shapes["h0"]), c_T.reshape(state_shapes["c0"]), cache_all
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        if not isinstance(cache, LayerCache):
+            T, B, H = self.sequence_shape(cache)
+            check_upstream(dy, dh_T, dc_T, T=T, B=B, H=H)
+            return self.sequence_backward(dy, dh_T, dc_T, cache)
+        structure = cache.structure
+        T, B, H = cache.T, cache.B, cache.H
+        check_upstream(dy, dh_T, dc_T, T=T, B=B, H=H, structure=structure)
+        n_cells = structure.num_layers * structure.dirs
+        H_out = structure.h_out(H)
+        dtype = cache.dtype
+        dh_T = np.asarray(dh_T, dtype).reshape(n_cells, B, H_out)
+        dc_T = np.asarray(dc_T, dtype).reshape(n_cells, B, H)
+        dh0, dc0 = np.empty_like(dh_T), np.empty_like(dc_T)
+        grads: dict[str, Any] = {}
+        d_out = np.asarray(dy, dtype)  # dL/dy of the layer being processed, (T, B, dirs * H_out)
+        cells = structure.cells()
+        for layer in reversed(range(structure.num_layers)):
+            d_in = None  # dL/d(layer input), summed over the directions
+            for k, (cell_layer, direction, prefix) in enumerate(cells):
+                if cell_layer != layer:
+                    continue
+                dy_d = d_out[:, :, direction * H_out:(direction + 1) * H_out]  # (T, B, H_out)
+                g = self._direction_backward(dy_d, dh_T[k], dc_T[k], cache.cells[k])
+                d_in = g.pop("x") if d_in is None else d_in + g.pop("x")
+                dh0[k], dc0[k] = g.pop("h0"), g.pop("c0")
+                grads.update({prefix + name: v for name, v in g.items()})
+            d_out = d_in
+        states = structure.state_shapes(B=B, H=H)
+        out = {"x": d_out, "h0": dh0.reshape(states["h0"]), "c0": dc0.reshape(states["c0"])}
+        out.update({name: grads[name] for name in cache.names})
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # One direction: the rows of each length as one shorter sequence.
+
+    def step_order(self, L: int, reverse: bool) -> np.ndarray:
+        """The timesteps a direction reads for a row of length L, in order (see :func:`step_order`)."""
+        return step_order(L, reverse)
+
+    def _direction_forward(self, x, h0, c0, params, lengths, *, reverse: bool, dtype):
+        T, B, _ = x.shape
+        y = None
+        h_T, c_T = np.empty_like(h0), np.empty_like(c0)
+        groups = []
+        for L in np.unique(lengths):
+            rows = np.flatnonzero(lengths == L)
+            steps = self.step_order(int(L), reverse)
+            x_g = np.ascontiguousarray(x[steps[:, None], rows])  # (L, rows, D), in the order read
+            y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[rows], c0[rows], params, dtype)
+            if y is None:
+                y = np.zeros((T, B, y_g.shape[2]), dtype)  # steps t >= lengths[b] stay 0
+            y[steps[:, None], rows] = _numpy(y_g)
+            h_T[rows], c_T[rows] = _numpy(h_g), _numpy(c_g)
+            groups.append((rows, steps, cache))
+        return y, h_T, c_T, DirectionCache(T, B, x.shape[2], groups)
+
+    def _direction_backward(self, dy, dh_T, dc_T, cache: DirectionCache) -> dict[str, Any]:
+        dx = np.zeros((cache.T, cache.B, cache.D), dy.dtype)  # padded steps have no input gradient
+        dh0, dc0 = np.empty_like(dh_T), np.empty_like(dc_T)
+        total: dict[str, Any] = {}
+        for rows, steps, sub in cache.groups:
+            dy_g = np.ascontiguousarray(dy[steps[:, None], rows])  # (L, rows, H_out), dy at padded steps unread
+            g = {k: _numpy(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
+            dx[steps[:, None], rows] = g.pop("x")
+            dh0[rows], dc0[rows] = g.pop("h0"), g.pop("c0")
+            for name, v in g.items():
+                total[name] = v if name not in total else total[name] + v
+        return {"x": dx, "h0": dh0, "c0": dc0, **total}
+
+
+def _numpy(a: Any) -> np.ndarray:
+    return np.asarray(a)
