@@ -451,7 +451,9 @@ def check_dtype(impl: Any, x: Any) -> np.dtype:
     return dtype
 
 
-def check_upstream(dy: Any, dh_T: Any, dc_T: Any, *, T: int, B: int, H: int, structure: Structure | None = None) -> None:
+def check_upstream(
+    dy: Any, dh_T: Any, dc_T: Any, *, T: int, B: int, H: int, structure: Structure | None = None
+) -> None:
     """Validate backward's upstream gradients against the forward's shapes: dy (T, B, H), dh_T and dc_T (B, H)
     in the default structure; in ``structure``, dy as its :meth:`~Structure.output_shape` and dh_T, dc_T as its
     :meth:`~Structure.state_shapes` (H is the cell's hidden size).

@@ -68,7 +68,6 @@ class LayeredLSTM:
     """
 
     variant: str
-    dtypes: tuple[str, ...] = ("float64", "float32")
     num_layers: int = 1
     bidirectional: bool = False
     proj_size: int = 0
@@ -192,8 +191,8 @@ class LayeredLSTM:
     # ----------------------------------------------------------------------------------------------
     # One direction: the rows of each length as one shorter sequence.
 
-    def step_order(self, L: int, reverse: bool) -> np.ndarray:
-        """The timesteps a direction reads for a row of length L, in order (see :func:`step_order`)."""
+    def step_order(self, L: int, T: int, reverse: bool) -> np.ndarray:
+        """The timesteps (of T) a direction reads for a row of length L, in order (see :func:`step_order`)."""
         return step_order(L, reverse)
 
     def _direction_forward(self, x, h0, c0, params, lengths, *, reverse: bool, dtype):
@@ -203,7 +202,7 @@ class LayeredLSTM:
         groups = []
         for L in np.unique(lengths):
             rows = np.flatnonzero(lengths == L)
-            steps = self.step_order(int(L), reverse)
+            steps = self.step_order(int(L), T, reverse)
             x_g = np.ascontiguousarray(x[steps[:, None], rows])  # (L, rows, D), in the order read
             y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[rows], c0[rows], params, dtype)
             if y is None:

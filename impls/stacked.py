@@ -373,7 +373,8 @@ class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
         if not (self.proj_size or self.coupled_input_forget or self.cell_clip is not None):
             return None
         loop = self.loop_class(coupled_input_forget=self.coupled_input_forget, cell_clip=self.cell_clip)
-        loop.ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
+        if hasattr(loop, "ln_eps"):  # the LayerNorm loop: the same eps as this instance's
+            loop.ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
         return loop
 
     def sequence_forward(self, x, h0, c0, params, dtype):
