@@ -38,6 +38,7 @@ __all__ = [
     "order_records",
     "merge_after_stop",
     "format_coords",
+    "format_direction_steps",
     "format_ratio",
     "format_pair",
     "printable",
@@ -79,6 +80,9 @@ class Record:
     worst: dict[str, Any] | None = None  # index, coords, actual, expected, allowed
     first_bad_t: int | None = None
     last_bad_t: int | None = None
+    #: In a bidirectional structure, where each direction first departs in its own reading order:
+    #: direction name -> {"t": timestep, "step": steps it had taken} (harness.compare.first_bad_by_direction).
+    first_bad_by_direction: dict[str, dict[str, int]] | None = None
     rtol: float | None = None
     atol: float | None = None
     atol_scale: float | None = None
@@ -271,6 +275,27 @@ def format_coords(coords: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in coords.items())
 
 
+def format_direction_steps(by_direction: Mapping[str, Mapping[str, int]] | None) -> str:
+    """``forward t=3 (step 3), reverse t=5 (step 0): the reverse direction departs first``; "" for None."""
+    if not by_direction:
+        return ""
+    parts = []
+    for name, where in by_direction.items():
+        step = where.get("step", 0)
+        parts.append(f"{name} t={where.get('t')} ({'a padded step' if step < 0 else f'step {step}'})")
+    text = ", ".join(parts)
+    steps = {name: where.get("step", 0) for name, where in by_direction.items()}
+    first = min(steps.values())
+    leaders = [name for name, step in steps.items() if step == first]
+    if len(by_direction) == 1:
+        text += f": only the {leaders[0]} direction departs"
+    elif len(leaders) == 1:
+        text += f": the {leaders[0]} direction departs first"
+    else:
+        text += ": both directions depart at the same step"
+    return text
+
+
 # C0 controls but newline and tab, DEL, C1 controls, and the Unicode controls that reorder text on screen.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -363,6 +388,8 @@ def _message_body(rec: Record) -> str:
     lines.append(f"Greatest relative difference{among}: {rec.max_rel_error or 0.0:.3g}")
     if rec.first_bad_t is not None:
         lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
+    if rec.first_bad_by_direction:
+        lines.append(f"First step over tolerance by direction: {format_direction_steps(rec.first_bad_by_direction)}")
     scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
     factors = "; ".join(f"x {v:.3g} for {k}" for k, v in rec.tolerance_factors.items())
     cond = f" (including {factors})" if factors else ""

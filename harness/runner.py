@@ -195,7 +195,8 @@ def _attach_largest(failed: dict[RecordKey, Record], largest: dict[RecordKey, tu
             continue
         case_file = str(case.save(run.case_dir / case_file_name(name, case, "worst"))) if run.case_dir else ""
         r.worst_seen = {"ratio": big.ratio, "max_abs_error": big.max_abs_error, "max_rel_error": big.max_rel_error,
-                        "worst": big.worst, "first_bad_t": big.first_bad_t, "error_map": big.error_map,
+                        "worst": big.worst, "first_bad_t": big.first_bad_t,
+                        "first_bad_by_direction": big.first_bad_by_direction, "error_map": big.error_map,
                         "case": case.info(),
                         "case_file": case_file, "replay": replay_command(case_file, run.replay_target, r.oracle)}
 
