@@ -426,9 +426,9 @@ def _check_arrays(case: Case, path: Any) -> None:
             raise ValueError(f"{path}: {name} has dtype {array.dtype}, the case is {case.dtype}")
     structure = case.structure
     state_rank = 3 if structure.layered else 2
-    if case.x.ndim != 3 or case.c0.ndim != state_rank:
+    if case.x.ndim != 3 or case.h0.ndim != state_rank or case.c0.ndim != state_rank:
         want = "(L * dirs, B, H)" if structure.layered else "(B, H)"
-        raise ValueError(f"{path}: x must be (T, B, D) and c0 {want}; got x {case.x.shape}, c0 {case.c0.shape}")
+        raise ValueError(f"{path}: x must be (T, B, D) and h0 {want}; got x {case.x.shape}, h0 {case.h0.shape}")
     T, B, D = case.x.shape
     H = case.c0.shape[-1]
     if min(T, B, D, H) < 1:
@@ -715,6 +715,9 @@ def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, m
     return fields
 
 
+_DEFAULT_STRUCTURE = Structure()
+
+
 @st.composite
 def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure):
     variant = draw(st.sampled_from(variants), label="variant")
@@ -760,7 +763,7 @@ def case_specs(
     max_H: int = 8,
     weight_scales: tuple[str, ...] | list[str] = tuple(WEIGHT_SCALES),
     ln_eps: float = DEFAULT_LN_EPS,
-    structure: Structure | None = Structure(),
+    structure: Structure | None = _DEFAULT_STRUCTURE,
 ) -> st.SearchStrategy[CaseSpec]:
     """Strategy for :class:`CaseSpec`. Arguments are validated up front.
 

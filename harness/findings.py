@@ -128,7 +128,8 @@ def _headline(records: Sequence[Record]) -> dict[str, Any]:
     r = max(scored, key=lambda rec: rec.headline_ratio or 0.0)
     seen = r.worst_seen if r.worst_seen and r.headline_ratio != r.ratio else None
     source = seen or {"worst": r.worst, "max_abs_error": r.max_abs_error, "first_bad_t": r.first_bad_t,
-                      "first_bad_by_direction": r.first_bad_by_direction, "case": r.case, "case_file": r.case_file, "replay": r.replay}
+                      "first_bad_by_direction": r.first_bad_by_direction,
+                      "case": r.case, "case_file": r.case_file, "replay": r.replay}
     w = source.get("worst") or {}
     return {"quantity": r.quantity, "dtype": r.dtype, "oracle": r.oracle, "direction": r.direction,
             "ratio": r.headline_ratio, "abs_error": source.get("max_abs_error"), "coords": w.get("coords") or {},
