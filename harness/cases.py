@@ -679,29 +679,35 @@ def _dim(name: str, lo: int, hi: int, special: tuple[int, ...] = (1,)) -> st.Sea
     return st.one_of(st.sampled_from(specials), base) if specials else base
 
 
-#: The share of drawn cases (in thousandths) that use each structure feature, when structures are drawn:
-#: each feature on its own, so that most cases stay in the default structure and every feature is
-#: still drawn often. Each draw shrinks to the feature being off.
-FEATURE_SHARE = 120
+#: One in this many drawn cases is in a structure other than the default, when structures are drawn, so
+#: that most cases stay as they are in the default structure; in each of those, each feature is on or off
+#: with equal chance, so that features meet (a reverse direction over lengths, a projection in a stack)
+#: as often as they occur alone. Every draw shrinks to the feature being off, and the first to the
+#: default structure.
+STRUCTURED_ONE_IN = 3
+
+_STRUCTURED_DRAW = st.sampled_from((False,) * (STRUCTURED_ONE_IN - 1) + (True,))
 
 #: The most layers a drawn structure has.
 MAX_LAYERS = 3
 
 
 def _feature(draw: Any, name: str) -> bool:
-    return bool(draw(st.integers(0, 999), label=name) >= 1000 - FEATURE_SHARE)
+    return bool(draw(st.booleans(), label=name))
 
 
 def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, max_H: int,
                       weight_scale: str) -> dict[str, Any]:
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
-    or, when it is None, a drawn structure (see :data:`FEATURE_SHARE`)."""
+    or, when it is None, a drawn structure (see :data:`STRUCTURED_ONE_IN`)."""
     if structure is not None:
         clip = structure.cell_clip
         return dict(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
                     proj_size=structure.proj_size, cifg=structure.coupled_input_forget,
                     cell_clip=False if clip is None else float(clip),
                     lengths=draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none")
+    if not draw(_STRUCTURED_DRAW, label="structured"):
+        return {}
     layered = variant != "layernorm"  # LayerNorm with a projection or a clip is not defined
     fields: dict[str, Any] = {}
     fields["num_layers"] = draw(st.integers(2, MAX_LAYERS), label="num_layers") if _feature(draw, "layers") else 1
@@ -770,7 +776,7 @@ def case_specs(
     ``structure``: the layer structure of every case (its lengths drawn when it has them: all equal, all
     1 or unsorted random); None draws structures, as for an implementation that is configurable: up to
     :data:`MAX_LAYERS` layers, both directions, lengths, projections, CIFG and clipping, each in a modest
-    share of the cases (:data:`FEATURE_SHARE`), shrinking towards the default structure.
+    share of the cases (:data:`STRUCTURED_ONE_IN`), shrinking towards the default structure.
     """
     variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
     if not variants or any(v not in VARIANTS for v in variants):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS, quantities
+from harness.structure import Structure, parse_prefix
 
 __all__ = [
     "Record",
@@ -227,12 +228,16 @@ def order_records(records: Iterable[Record], oracles: Sequence[str] = ()) -> lis
     oorder = {name: i for i, name in enumerate(oracles)}
     dorder = {d: i for i, d in enumerate(DEFAULT_DTYPES)}
 
-    def quantity_rank(r: Record) -> int:
+    def quantity_rank(r: Record) -> tuple[int, int, int]:
         try:
             names = quantities(r.variant, r.direction)
         except (KeyError, ValueError):
-            return 99
-        return names.index(r.quantity) if r.quantity in names else 99
+            return (0, 0, 99)
+        layer, direction, bare = parse_prefix(r.quantity[1:]) if r.quantity.startswith("d") else (None, None, "")
+        if layer is not None:  # a prefixed parameter's gradient: after the inputs', cell by cell
+            name = "d" + bare
+            return (1 + layer, direction or 0, names.index(name) if name in names else 98)
+        return (0, 0, names.index(r.quantity) if r.quantity in names else 99)
 
     def rank(r: Record) -> tuple[Any, ...]:
         direction = DIRECTIONS.index(r.direction) if r.direction in DIRECTIONS else len(DIRECTIONS)
@@ -409,4 +414,7 @@ def _message_body(rec: Record) -> str:
 
 
 def _case_text(case: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case)
+    parts = [f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case]
+    if case.get("structure"):
+        parts.append(Structure.from_dict(case["structure"]).describe())
+    return ", ".join(parts)
