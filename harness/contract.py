@@ -210,7 +210,8 @@ def _structured_specs(variant: str, structure: Structure) -> _Specs:
             else:
                 shape, axes = own[name].shape, own[name].axes
             params.append(ArraySpec(prefix + name, shape, axes, dirs))
-    return (_INPUTS[0], *states), (ArraySpec("y", ("T", "B", y_width), y_axes, dirs), *finals), tuple(params)
+    x = ArraySpec("x", _INPUTS[0].shape, _INPUTS[0].axes, dirs)
+    return (x, *states), (ArraySpec("y", ("T", "B", y_width), y_axes, dirs), *finals), tuple(params)
 
 
 def quantity_specs(variant: str, structure: Structure | None = None) -> dict[str, ArraySpec]:
