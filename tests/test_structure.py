@@ -317,23 +317,31 @@ def test_drawn_structures_reach_every_feature_and_shrink_to_it_alone(feature, co
                 spec.lengths != "none"]) == 1, spec
 
 
-def test_drawn_structures_shrink_to_the_default_and_mostly_stay_there():
-    assert _find(lambda s: True, structure=None).structure.is_default
+def _sample(n=300, **kwargs):
     specs = []
 
-    @settings(max_examples=300, database=None, derandomize=True)
-    @given(case_specs(structure=None))
+    @settings(max_examples=n, database=None, derandomize=True)
+    @given(case_specs(**kwargs))
     def collect(spec):
         specs.append(spec)
 
     collect()
+    return specs
+
+
+def test_drawn_structures_shrink_to_the_default_and_mostly_stay_there():
+    assert _find(lambda s: True, structure=None).structure.is_default
+    specs = _sample(structure=None)
     default = sum(s.structure.is_default for s in specs)
     assert 0.4 * len(specs) < default < 0.95 * len(specs)
+    # A structure is never drawn for an implementation of a fixed one, the default included.
+    assert all(s.structure.is_default for s in _sample(100))
 
 
 def test_layernorm_draws_no_projection_or_clip():
-    with pytest.raises(Exception):  # noqa: B017 - find() raises when nothing satisfies the condition
-        _find(lambda s: s.proj_size > 0 or s.cell_clip, structure=None, variants=("layernorm",))
+    specs = _sample(variants=("layernorm",), structure=None)
+    assert not any(s.proj_size or s.cell_clip for s in specs)
+    assert any(s.num_layers > 1 for s in specs)
 
 
 def test_a_fixed_structure_is_drawn_exactly_with_lengths_of_every_kind():
@@ -419,19 +427,29 @@ def test_a_fixed_structure_is_checked_in_exactly_that_structure():
     assert skipped and all(r.status == "skip" and "skipped on every case" in r.reason for r in skipped)
 
 
-@pytest.mark.parametrize("bug, feature", [
-    ("reverse_ignores_lengths", "lengths"),
-    ("padded_steps_update", "lengths"),
-    ("gradient_through_clip", "clip"),
-    ("separate_forget_gate", "cifg"),
-    ("layer_fed_h_T", "layers"),
+@pytest.mark.parametrize("bug, spec", [
+    ("reverse_ignores_lengths", CaseSpec(T=4, B=3, bidirectional=True, lengths="random", seed=1)),
+    ("padded_steps_update", CaseSpec(T=4, B=3, lengths="ones", seed=1)),
+    ("gradient_through_clip", CaseSpec(T=4, B=3, cell_clip=True, weight_scale="large", seed=1)),
+    ("separate_forget_gate", CaseSpec(T=4, B=3, cifg=True, seed=1)),
+    ("layer_fed_h_T", CaseSpec(T=4, B=3, num_layers=2, seed=1)),
 ])
-def test_planted_structure_bugs_are_caught(bug, feature):
-    result = harness.certify(ConfigurableTorchLayer(bugs=(bug,)), oracles=ORACLES[:1], dtypes=["float64"],
-                             max_examples=100, write_report=False)
-    assert result.verdict == "discrepancies", bug
+def test_each_planted_bug_of_the_test_layer_departs_on_its_structure(bug, spec):
+    impl = ConfigurableTorchLayer(bugs=(bug,))
+    records = check_case(InProcessSubject(impl, validate(impl)), ORACLES[:1], build_case(spec))
+    assert any(r.status == "fail" for r in records), bug
+    correct = ConfigurableTorchLayer()
+    assert all(r.ok for r in check_case(InProcessSubject(correct, validate(correct)), ORACLES[:1], build_case(spec)))
+
+
+def test_a_broken_configurable_layer_is_caught_by_the_search():
+    result = harness.certify(ConfigurableTorchLayer(bugs=("separate_forget_gate",)), oracles=ORACLES[:1],
+                             dtypes=["float64"], max_examples=100, write_report=False)
+    assert result.verdict == "discrepancies"
     failing = [r for r in result.records if r.status == "fail"]
-    assert any(feature in Structure.from_dict(r.case["structure"]).features() for r in failing if "structure" in r.case)
+    assert failing and all("cifg" in Structure.from_dict(r.case["structure"]).features() for r in failing)
+    finding = result.findings[0]
+    assert "cifg" in "\n".join(finding.lines())  # the minimal case names its structure
 
 
 def test_diagnose_skips_a_fixed_layer_structure():
