@@ -43,6 +43,7 @@ __all__ = [
     "slug",
     "MAX_CASE_BYTES",
     "LENGTHS",
+    "structure_fields",
     "OVERFLOW_SCALES",
     "register_profiles",
     "PROFILES",
@@ -630,6 +631,15 @@ def _clear_of_clip(case: Case, structure: Structure) -> Case:
     return case
 
 
+def structure_fields(structure: Structure, *, lengths: str = "random") -> dict[str, Any]:
+    """The :class:`CaseSpec` fields of cases in ``structure`` (its clip, when it has one, as the value to
+    keep the cells clear of), with lengths of the kind ``lengths`` when the structure has them."""
+    clip = structure.cell_clip
+    return dict(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
+                proj_size=structure.proj_size, cifg=structure.coupled_input_forget,
+                cell_clip=False if clip is None else float(clip), lengths=lengths if structure.lengths else "none")
+
+
 def _lengths(spec: CaseSpec) -> np.ndarray:
     """(B,) int64 lengths as ``spec.lengths`` says, from their own stream (every other array is the same
     as without them)."""
@@ -701,11 +711,8 @@ def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, m
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
     or, when it is None, a drawn structure (see :data:`STRUCTURED_ONE_IN`)."""
     if structure is not None:
-        clip = structure.cell_clip
-        return dict(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
-                    proj_size=structure.proj_size, cifg=structure.coupled_input_forget,
-                    cell_clip=False if clip is None else float(clip),
-                    lengths=draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none")
+        kind = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none"
+        return structure_fields(structure, lengths=kind)
     if not draw(_STRUCTURED_DRAW, label="structured"):
         return {}
     layered = variant != "layernorm"  # LayerNorm with a projection or a clip is not defined

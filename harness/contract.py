@@ -198,6 +198,7 @@ def _structured_specs(variant: str, structure: Structure) -> _Specs:
     y_axes = ("t", "batch", "dir_unit") if dirs == 2 else ("t", "batch", "unit")
     own = {p.name: p for p in _variant(variant).params}
     params = []
+    shape: tuple[str, ...]
     for layer, _direction, prefix in structure.cells():
         inputs = "D" if layer == 0 else y_width
         for name in (*own, *(("proj",) if structure.proj_size else ())):
@@ -217,6 +218,9 @@ def _structured_specs(variant: str, structure: Structure) -> _Specs:
 def quantity_specs(variant: str, structure: Structure | None = None) -> dict[str, ArraySpec]:
     """Every compared quantity by its report name: ``y``, ``h_T``, ``c_T``, ``dx``, ``dW``, ...; in a
     layered structure the parameters' gradients are named after their prefixed keys (``dl1.reverse.W``)."""
+    inputs: tuple[ArraySpec, ...]
+    outputs: tuple[ArraySpec, ...]
+    params: tuple[ArraySpec, ...]
     if structure is None or structure.replace(lengths=False).is_default:
         inputs, outputs, params = _INPUTS, _OUTPUTS, _variant(variant).params
     else:

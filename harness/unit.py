@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command
+from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command, structure_fields
 from harness.check import check_case, structure_reason
 from harness.compare import compare_arrays, tolerance
 from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ImplementationInfo, quantities, quantity_specs
@@ -196,12 +196,7 @@ class StoredSubject:
 def _probe_spec(info: ImplementationInfo, dtype: str, seed: int | None) -> CaseSpec:
     # Distinct T, B, D, H so that a transposed axis cannot pass unnoticed; in the implementation's own
     # structure when it has a fixed one (a configurable one is probed in the default structure).
-    structure = info.structure
-    clip = structure.cell_clip
-    fields = {} if info.configurable else dict(
-        num_layers=structure.num_layers, bidirectional=structure.bidirectional, proj_size=structure.proj_size,
-        cifg=structure.coupled_input_forget, cell_clip=False if clip is None else float(clip),
-        lengths="random" if structure.lengths else "none")
+    fields = {} if info.configurable else structure_fields(info.structure)
     return CaseSpec(variant=info.variant, dtype=dtype, T=3, B=2, D=4, H=3, seed=(seed or 0) % 2**32,
                     weight_scale="unit", state="random", ln_eps=info.ln_eps, **fields)
 
