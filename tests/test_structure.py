@@ -484,3 +484,24 @@ def test_the_test_layer_matches_torch_nn_lstm():
         ours = layer_forward(structure, t["x"], t["h0"], t["c0"], {k: t[k] for k in case.params}, case.lengths)
     for theirs, mine in zip((y, h, c), ours):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_replay_runs_a_structured_case_and_refuses_one_of_another_structure(tmp_path):
+    from harness.api import InvalidArgument, replay
+
+    case = build_case(SPEC)
+    path = case.save(tmp_path / case_file_name("torch-layer", case))
+    result = replay(path, ConfigurableTorchLayer(), oracles=ORACLES[:1])
+    assert result.verdict == "certified"
+    assert result.case.structure == case.structure
+    assert all(r.case["structure"] == case.structure.to_dict() for r in result.records)
+    with pytest.raises(InvalidArgument, match="case: its layer structure .* is not the one torch-layer computes"):
+        replay(path, TorchLayer(num_layers=2), oracles=ORACLES[:1])
+
+
+def test_the_structure_note_counts_cases_per_feature():
+    from harness.unit import structure_note
+
+    note = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}})
+    assert note == ("loop (float64): 60 cases by layer structure: 9 stacked, 0 bidirectional, 4 with lengths, "
+                    "0 projected, 0 CIFG, 0 clipped")
