@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cases import Case, digest_in_name, load_case, replay_command
-from harness.check import check_case
+from harness.check import check_case, structure_reason
 from harness.diagnose import diagnose_subject
 from harness.files import check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
@@ -410,6 +410,9 @@ def replay(case: str | os.PathLike[str] | Case, impl: Any, *, oracles: Sequence[
         raise InvalidArgument(str(exc)) from None
     try:
         info = subject.info
+        if not info.configurable and info.structure != case.structure:
+            raise InvalidArgument(f"case: its layer structure ({case.structure.describe() or 'the default'}) is not "
+                                  f"the one {info.name} computes ({info.structure.describe() or 'the default'})")
         try:
             selected = select_oracles(oracles, info.variant)
         except ValueError as exc:
@@ -420,7 +423,8 @@ def replay(case: str | os.PathLike[str] | Case, impl: Any, *, oracles: Sequence[
         if not isinstance(first, WorkerFailure):
             second = inner.execute(case, backward=info.has_backward)
             for oracle in selected:
-                if oracle.unsupported_reason(info.variant, case.dtype):
+                if oracle.unsupported_reason(info.variant, case.dtype) or structure_reason(oracle, info.variant,
+                                                                                           case.dtype, case):
                     continue
                 base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant,
                             dtype=case.dtype)

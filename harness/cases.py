@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS
+from harness.clipping import MARGIN, cell_values, choose_clip
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, param_shapes
 from harness.files import atomic_path
 from harness.structure import Structure
 
@@ -41,6 +42,8 @@ __all__ = [
     "replay_command",
     "slug",
     "MAX_CASE_BYTES",
+    "LENGTHS",
+    "structure_fields",
     "OVERFLOW_SCALES",
     "register_profiles",
     "PROFILES",
@@ -97,6 +100,15 @@ class CaseSpec:
     upstream: str = "all"  # "all": dy, dh_T, dc_T random; "y_only": dh_T = dc_T = 0; "final_only": dy = 0
     rows: str = "random"  # "near_constant": each gate's W and R rows nearly equal (LayerNorm edge case)
     ln_eps: float = DEFAULT_LN_EPS
+    # The layer structure (harness.structure); the defaults are the single-layer, full-length LSTM.
+    num_layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    cifg: bool = False  # coupled input and forget gates
+    #: Clip the cell state: True lets build_case choose the value (harness.clipping); a float is the value
+    #: (an implementation's declared clip), the inputs then redrawn until every cell keeps the margin.
+    cell_clip: bool | float = False
+    lengths: str = "none"  # LENGTHS: "none" (no lengths), "equal", "ones" or "random" (unsorted)
 
     def replace(self, **changes: Any) -> CaseSpec:
         return dataclasses.replace(self, **changes)
@@ -104,12 +116,30 @@ class CaseSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def structure(self) -> Structure:
+        """The structure the case is drawn in; with ``cell_clip`` its clip is a placeholder (1.0) until
+        :func:`build_case` chooses the value from the case's numbers."""
+        clip = self.cell_clip
+        value = (1.0 if clip else None) if isinstance(clip, bool) else clip
+        return Structure(num_layers=self.num_layers, bidirectional=self.bidirectional, proj_size=self.proj_size,
+                         coupled_input_forget=self.cifg, cell_clip=value, lengths=self.lengths != "none")
+
     def describe(self) -> str:
+        structure = self.structure.replace(cell_clip=None, lengths=False).describe()
         return (
             f"{self.variant} {self.dtype} T={self.T} B={self.B} D={self.D} H={self.H} seed={self.seed} "
             f"weights={self.weight_scale} state={self.state} upstream={self.upstream}"
             + (f" rows={self.rows}" if self.rows != "random" else "")
+            + (f" {structure}" if structure else "")
+            + (" clip" if self.cell_clip else "")
+            + (f" lengths={self.lengths}" if self.lengths != "none" else "")
         )
+
+
+#: How a case's lengths are drawn (CaseSpec.lengths): none at all; every row the same length (drawn in
+#: 1..T); every row of length 1; each row its own length in 1..T, unsorted, with T among them.
+LENGTHS: tuple[str, ...] = ("none", "equal", "ones", "random")
 
 
 def slug(name: str) -> str:
@@ -122,8 +152,21 @@ def case_file_name(implementation: str, case: Case, what: str = "") -> str:
     scale), then the case's :meth:`Case.digest`, so that two different cases never share a file; ``what``
     it shows (``worst``, ``crash``, ...) is added when it is not a minimal failing case."""
     scale = f"-{case.spec.weight_scale}" if case.spec else ""
-    tag = f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}{scale}-{case.digest()}"
+    structure = _structure_tag(case.structure)
+    tag = f"{case.dtype}-T{case.T}B{case.B}D{case.D}H{case.H}{structure}{scale}-{case.digest()}"
     return f"{slug(implementation)}-{tag}" + (f"-{what}" if what else "") + ".npz"
+
+
+def _structure_tag(structure: Structure) -> str:
+    """``-L2bi-P3-cifg-clip-len`` for a structured case; "" for the default structure."""
+    parts = []
+    if structure.num_layers > 1 or structure.bidirectional:
+        parts.append(f"L{structure.num_layers}" + ("bi" if structure.bidirectional else ""))
+    if structure.proj_size:
+        parts.append(f"P{structure.proj_size}")
+    parts += [name for name, on in (("cifg", structure.coupled_input_forget), ("clip", structure.cell_clip is not None),
+                                    ("len", structure.lengths)) if on]
+    return "".join(f"-{p}" for p in parts)
 
 
 #: The digest at the end of a case file's name (before an optional ``-what``): see :func:`case_file_name`.
@@ -249,6 +292,10 @@ class Case:
     def info(self) -> dict[str, Any]:
         """What a record says of its case: shapes, dtype, and the spec (with its seed) that rebuilds it."""
         out: dict[str, Any] = {"T": self.T, "B": self.B, "D": self.D, "H": self.H, "dtype": self.dtype}
+        if not self.structure.is_default:
+            out["structure"] = self.structure.to_dict()
+        if self.lengths is not None:
+            out["lengths"] = [int(n) for n in self.lengths]
         if self.spec is not None:
             out["seed"] = self.spec.seed
             out["spec"] = self.spec.to_dict()
@@ -266,11 +313,15 @@ class Case:
             "spec": self.spec.to_dict() if self.spec else None,
             "format": "lstm-harness case 1",
         }
+        if not self.structure.is_default:
+            meta["structure"] = self.structure.to_dict()
         arrays: dict[str, np.ndarray] = {
             "x": self.x, "h0": self.h0, "c0": self.c0, "dy": self.dy, "dh_T": self.dh_T, "dc_T": self.dc_T,
             "meta": np.array(json.dumps(meta)),
             **{f"param_{k}": v for k, v in self.params.items()},
         }
+        if self.lengths is not None:
+            arrays["lengths"] = np.asarray(self.lengths, dtype=np.int64)
         with atomic_path(path, suffix=".npz") as tmp:  # a run killed while saving leaves no half file
             np.savez(tmp, **cast(dict[str, Any], arrays))
         return path
@@ -315,8 +366,12 @@ def load_case(path: str | os.PathLike[str]) -> Case:
             meta = json.loads(str(data["meta"]))
             variant, dtype, ln_eps = meta["variant"], meta["dtype"], float(meta["ln_eps"])
             spec = CaseSpec(**meta["spec"]) if meta.get("spec") else None
+            structure = Structure.from_dict(meta["structure"]) if meta.get("structure") else Structure()
         except Exception as exc:
             raise ValueError(f"{path}: unreadable metadata ({type(exc).__name__}: {exc})") from None
+        wrong = structure.problems(variant if variant in VARIANTS else None)
+        if wrong:
+            raise ValueError(f"{path}: its structure is not valid: {'; '.join(wrong)}")
         if variant not in VARIANTS:
             raise ValueError(f"{path}: variant {variant!r} is not one of {sorted(VARIANTS)}")
         if dtype not in DEFAULT_DTYPES:
@@ -324,16 +379,23 @@ def load_case(path: str | os.PathLike[str]) -> Case:
         if not (np.isfinite(ln_eps) and ln_eps > 0):
             raise ValueError(f"{path}: ln_eps must be a positive number, got {ln_eps!r}")
         params = {k[len("param_"):]: data[k] for k in data.files if k.startswith("param_")}
-        unexpected = sorted(names - {"meta", *_CORE} - {f"param_{k}" for k in params})
+        unexpected = sorted(names - {"meta", "lengths", *_CORE} - {f"param_{k}" for k in params})
         if unexpected:
             raise ValueError(f"{path}: unexpected arrays {unexpected}")
-        expected_params = VARIANTS[variant].param_names
+        expected_params = tuple(param_shapes(variant, structure, D=1, H=1))
         if sorted(params) != sorted(expected_params):
-            raise ValueError(f"{path}: the {variant} variant has parameters {list(expected_params)}, the file has "
-                             f"{sorted(params)}")
+            where = f" in the structure {structure.describe()}" if not structure.is_default else ""
+            raise ValueError(f"{path}: the {variant} variant has parameters {list(expected_params)}{where}, the "
+                             f"file has {sorted(params)}")
+        if structure.lengths != ("lengths" in names):
+            raise ValueError(f"{path}: " + ("its structure has lengths but the file has no lengths array"
+                                            if structure.lengths else
+                                            "the file has a lengths array but its structure has no lengths"))
+        lengths = data["lengths"] if "lengths" in names else None
         arrays = {k: data[k] for k in _CORE}
     case = Case(variant=variant, dtype=dtype, x=arrays["x"], h0=arrays["h0"], c0=arrays["c0"], params=params,
-                dy=arrays["dy"], dh_T=arrays["dh_T"], dc_T=arrays["dc_T"], ln_eps=ln_eps, spec=spec)
+                dy=arrays["dy"], dh_T=arrays["dh_T"], dc_T=arrays["dc_T"], ln_eps=ln_eps, spec=spec,
+                structure=structure, lengths=lengths)
     _check_arrays(case, path)
     return case
 
@@ -357,26 +419,39 @@ def _check_header(zf: Any, member: Any, path: Any) -> None:
 
 
 def _check_arrays(case: Case, path: Any) -> None:
-    """Dtypes, shapes consistent with one T, B, D, H and the variant, and finite values."""
+    """Dtypes, shapes consistent with one T, B, D, H, the variant and the structure, lengths in 1..T, and
+    finite values."""
     everything = {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
     for name, array in everything.items():
         if array.dtype != np.dtype(case.dtype):
             raise ValueError(f"{path}: {name} has dtype {array.dtype}, the case is {case.dtype}")
-    if case.x.ndim != 3 or case.h0.ndim != 2:
-        raise ValueError(f"{path}: x must be (T, B, D) and h0 (B, H); got x {case.x.shape}, h0 {case.h0.shape}")
+    structure = case.structure
+    state_rank = 3 if structure.layered else 2
+    if case.x.ndim != 3 or case.h0.ndim != state_rank or case.c0.ndim != state_rank:
+        want = "(L * dirs, B, H)" if structure.layered else "(B, H)"
+        raise ValueError(f"{path}: x must be (T, B, D) and h0 {want}; got x {case.x.shape}, h0 {case.h0.shape}")
     T, B, D = case.x.shape
-    H = case.h0.shape[1]
+    H = case.c0.shape[-1]
     if min(T, B, D, H) < 1:
         raise ValueError(f"{path}: T, B, D and H must all be at least 1; got {T}, {B}, {D}, {H}")
-    shapes = {"x": (T, B, D), "h0": (B, H), "c0": (B, H), "dy": (T, B, H), "dh_T": (B, H), "dc_T": (B, H),
-              **VARIANTS[case.variant].param_shapes(D=D, H=H)}
+    states = structure.state_shapes(B=B, H=H)
+    shapes = {"x": (T, B, D), **states, "dy": structure.output_shape(T=T, B=B, H=H), "dh_T": states["h0"],
+              "dc_T": states["c0"], **param_shapes(case.variant, structure, D=D, H=H)}
+    where = f", {structure.describe()}" if not structure.is_default else ""
     for name, array in everything.items():
         if array.shape != shapes[name]:
             raise ValueError(f"{path}: {name} has shape {array.shape}; with T={T}, B={B}, D={D}, H={H} "
-                             f"({case.variant}) it must be {shapes[name]}")
+                             f"({case.variant}{where}) it must be {shapes[name]}")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"{path}: {name} holds {int(np.sum(~np.isfinite(array)))} values that are not "
                              f"finite")
+    if case.lengths is not None:
+        lengths = case.lengths
+        if lengths.dtype != np.int64 or lengths.shape != (B,):
+            raise ValueError(f"{path}: lengths must be int64 of shape ({B},) (one per batch row); got "
+                             f"{lengths.dtype} {lengths.shape}")
+        if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+            raise ValueError(f"{path}: lengths must lie in 1..T={T}; got {lengths.tolist()}")
 
 
 def _check_spec(spec: CaseSpec) -> None:
@@ -395,11 +470,30 @@ def _check_spec(spec: CaseSpec) -> None:
         raise InvalidArgument(f"extra_scale: expected one of {sorted(EXTRA_SCALES)}, got {spec.extra_scale!r}")
     if spec.rows not in ROWS:
         raise InvalidArgument(f"rows: expected one of {ROWS}, got {spec.rows!r}")
+    if spec.lengths not in LENGTHS:
+        raise InvalidArgument(f"lengths: expected one of {LENGTHS}, got {spec.lengths!r}")
+    wrong = spec.structure.problems(spec.variant)
+    if wrong:
+        raise InvalidArgument("; ".join(wrong))
+    if not spec.structure.replace(lengths=False).is_default and spec.rows != "random":
+        raise InvalidArgument(f"rows: near-constant rows are drawn in the default structure only; with "
+                              f"{spec.structure.describe()} use rows='random'")
+    if spec.cell_clip and spec.weight_scale == "overflow":
+        raise InvalidArgument("cell_clip: a clipped case keeps its cells a margin away from the clip, which the "
+                              "overflow regime's cell states leave no room for; use another weight_scale")
 
 
 def build_case(spec: CaseSpec) -> Case:
-    """Turn a spec into arrays. Deterministic: the same spec gives the same bits on every machine."""
+    """Turn a spec into arrays. Deterministic: the same spec gives the same bits on every machine.
+
+    A spec in the default structure gives the arrays it always gave. In another structure the parameters
+    are those of :func:`harness.contract.param_shapes` (each cell's weights scaled to its own input size),
+    the states those of :meth:`Structure.state_shapes`, the lengths (int64) drawn as ``spec.lengths`` says
+    from a stream of their own, and the clip chosen from the case's numbers (:mod:`harness.clipping`).
+    """
     _check_spec(spec)
+    if not spec.structure.is_default:
+        return _build_structured(spec)
     rng = np.random.default_rng(spec.seed)
     T, B, D, H = spec.T, spec.B, spec.D, spec.H
     # Pre-activation a = W x + R h + b with x ~ N(0, 1) and |h| < 1: weights of std s / sqrt(D + H)
@@ -455,6 +549,113 @@ def build_case(spec: CaseSpec) -> Case:
     return case
 
 
+def _build_structured(spec: CaseSpec) -> Case:
+    """:func:`build_case` for a spec in a structure other than the default (see there)."""
+    structure = spec.structure.replace(cell_clip=None)
+    rng = np.random.default_rng(spec.seed)
+    T, B, D, H = spec.T, spec.B, spec.D, spec.H
+    H_out = structure.h_out(H)
+    overflow = spec.weight_scale == "overflow"
+    s = OVERFLOW_SCALES[spec.dtype] if overflow else WEIGHT_SCALES[spec.weight_scale]
+    states = structure.state_shapes(B=B, H=H)
+    x = rng.standard_normal((T, B, D))
+    if spec.state == "zero":
+        h0, c0 = np.zeros(states["h0"]), np.zeros(states["c0"])
+    else:
+        h0 = np.tanh(rng.standard_normal(states["h0"]))
+        c0 = rng.standard_normal(states["c0"]) * (s if overflow else 1.0)
+    e = EXTRA_SCALES[spec.extra_scale]
+    params: dict[str, np.ndarray] = {}
+    for layer, _direction, prefix in structure.cells():
+        D_in = D if layer == 0 else structure.dirs * H_out  # layer k > 0 reads the previous layer's y
+        w_std = s / np.sqrt(D_in + H_out)
+        if overflow and spec.variant != "layernorm":  # as in the default structure: see build_case
+            w_std = WEIGHT_SCALES["saturating"] / np.sqrt(D_in + H_out)
+        params[prefix + "W"] = rng.standard_normal((4 * H, D_in)) * w_std
+        params[prefix + "R"] = rng.standard_normal((4 * H, H_out)) * w_std
+        if spec.variant in ("vanilla", "peephole"):
+            params[prefix + "b"] = rng.standard_normal(4 * H) * (s if overflow else s / 2)
+        if spec.variant == "peephole":
+            for name in ("p_i", "p_f", "p_o"):
+                params[prefix + name] = rng.standard_normal(H) * e
+        if spec.variant == "layernorm":
+            if spec.gain == "near_zero":
+                params[prefix + "gamma"] = rng.standard_normal((5, H)) * 1e-3
+            elif spec.gain == "random":
+                params[prefix + "gamma"] = rng.standard_normal((5, H)) * max(e, 0.1)
+            else:
+                params[prefix + "gamma"] = 1.0 + rng.standard_normal((5, H)) * 0.1
+            params[prefix + "beta"] = rng.standard_normal((5, H)) * e
+        if structure.proj_size:
+            params[prefix + "proj"] = rng.standard_normal((structure.proj_size, H)) / np.sqrt(H)
+    dy = rng.standard_normal(structure.output_shape(T=T, B=B, H=H))
+    dh_T = rng.standard_normal(states["h0"])
+    dc_T = rng.standard_normal(states["c0"])
+    if spec.upstream == "y_only":
+        dh_T[:] = 0.0
+        dc_T[:] = 0.0
+    elif spec.upstream == "final_only":
+        dy[:] = 0.0
+    lengths = _lengths(spec) if structure.lengths else None
+    case = Case(spec.variant, "float64", x, h0, c0, params, dy, dh_T, dc_T, ln_eps=spec.ln_eps, spec=spec,
+                structure=structure, lengths=lengths)
+    case = case.astype(spec.dtype)
+    if isinstance(spec.cell_clip, bool) and spec.cell_clip:
+        # chosen on the numbers the implementation receives (after rounding to the dtype)
+        clip = choose_clip(case.variant, structure, case.x, case.h0, case.c0, case.params, lengths)
+        case.structure = structure.replace(cell_clip=clip)
+    elif not isinstance(spec.cell_clip, bool):
+        case = _clear_of_clip(case, structure.replace(cell_clip=float(spec.cell_clip)))
+    case.spec = spec
+    return case
+
+
+#: How often x is redrawn for a given clip before the case is used as it is.
+REDRAWS = 16
+
+
+def _clear_of_clip(case: Case, structure: Structure) -> Case:
+    """The case with the given clip, x redrawn (from streams of its own) until every cell value keeps
+    :data:`harness.clipping.MARGIN` away from the clip. After :data:`REDRAWS` tries the last draw stands:
+    a cell may then sit near the clip, where the derivative jumps."""
+    clip = structure.cell_clip
+    assert clip is not None and case.spec is not None
+    for k in range(REDRAWS + 1):
+        if k:
+            rng = np.random.default_rng([case.spec.seed, 3, k])
+            case.x = rng.standard_normal(case.x.shape).astype(case.dtype)
+        values = cell_values(case.variant, structure, case.x, case.h0, case.c0, case.params, case.lengths, clip)
+        if not values.size or np.min(np.abs(values - clip)) >= MARGIN:
+            break
+    case.structure = structure
+    return case
+
+
+def structure_fields(structure: Structure, *, lengths: str = "random") -> dict[str, Any]:
+    """The :class:`CaseSpec` fields of cases in ``structure`` (its clip, when it has one, as the value to
+    keep the cells clear of), with lengths of the kind ``lengths`` when the structure has them."""
+    clip = structure.cell_clip
+    return dict(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
+                proj_size=structure.proj_size, cifg=structure.coupled_input_forget,
+                cell_clip=False if clip is None else float(clip), lengths=lengths if structure.lengths else "none")
+
+
+def _lengths(spec: CaseSpec) -> np.ndarray:
+    """(B,) int64 lengths as ``spec.lengths`` says, from their own stream (every other array is the same
+    as without them)."""
+    rng = np.random.default_rng([spec.seed, 2])
+    T, B = spec.T, spec.B
+    if spec.lengths == "ones":
+        return np.ones(B, dtype=np.int64)
+    if spec.lengths == "equal":
+        return np.full(B, rng.integers(1, T + 1), dtype=np.int64)
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[rng.integers(B)] = T  # the longest row spans the whole sequence
+    if B > 1 and len(set(lengths.tolist())) > 1 and np.all(np.diff(lengths) <= 0):
+        lengths = lengths[::-1].copy()  # unsorted: never the decreasing order packed sequences may require
+    return lengths.astype(np.int64)
+
+
 def _near_constant_rows(spec: CaseSpec, w_std: float) -> tuple[np.ndarray, np.ndarray]:
     """W (4H, D) and R (4H, H) whose H rows within each gate block are one shared row plus a small
     deviation: every gate's pre-activations then agree across units up to a spread of about
@@ -488,8 +689,50 @@ def _dim(name: str, lo: int, hi: int, special: tuple[int, ...] = (1,)) -> st.Sea
     return st.one_of(st.sampled_from(specials), base) if specials else base
 
 
+#: One in this many drawn cases is in a structure other than the default, when structures are drawn, so
+#: that most cases stay as they are in the default structure; in each of those, each feature is on or off
+#: with equal chance, so that features meet (a reverse direction over lengths, a projection in a stack)
+#: as often as they occur alone. Every draw shrinks to the feature being off, and the first to the
+#: default structure.
+STRUCTURED_ONE_IN = 3
+
+_STRUCTURED_DRAW = st.sampled_from((False,) * (STRUCTURED_ONE_IN - 1) + (True,))
+
+#: The most layers a drawn structure has.
+MAX_LAYERS = 3
+
+
+def _feature(draw: Any, name: str) -> bool:
+    return bool(draw(st.booleans(), label=name))
+
+
+def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, max_H: int,
+                      weight_scale: str) -> dict[str, Any]:
+    """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
+    or, when it is None, a drawn structure (see :data:`STRUCTURED_ONE_IN`)."""
+    if structure is not None:
+        kind = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none"
+        return structure_fields(structure, lengths=kind)
+    if not draw(_STRUCTURED_DRAW, label="structured"):
+        return {}
+    layered = variant != "layernorm"  # LayerNorm with a projection or a clip is not defined
+    fields: dict[str, Any] = {}
+    fields["num_layers"] = draw(st.integers(2, MAX_LAYERS), label="num_layers") if _feature(draw, "layers") else 1
+    fields["bidirectional"] = _feature(draw, "bidirectional")
+    fields["lengths"] = (draw(st.sampled_from(LENGTHS[1:]), label="lengths") if _feature(draw, "lengths")
+                         else "none")
+    fields["proj_size"] = (draw(st.integers(1, max_H), label="proj_size")
+                           if layered and _feature(draw, "proj") else 0)
+    fields["cifg"] = _feature(draw, "cifg")
+    fields["cell_clip"] = layered and weight_scale != "overflow" and _feature(draw, "clip")
+    return fields
+
+
+_DEFAULT_STRUCTURE = Structure()
+
+
 @st.composite
-def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps):
+def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure):
     variant = draw(st.sampled_from(variants), label="variant")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     min_H = 2 if variant == "layernorm" else 1
@@ -504,6 +747,9 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
     # difference oracle cannot resolve (it reports a dW off by a factor of 10 where PyTorch, TensorFlow
     # and JAX agree with the implementation), so the two are not combined.
     near_constant_allowed = variant == "layernorm" and weight_scale != "overflow"
+    fields = _structure_fields(draw, variant=variant, structure=structure, max_H=max_H, weight_scale=weight_scale)
+    if not CaseSpec(**fields).structure.replace(lengths=False).is_default:
+        near_constant_allowed = False  # near-constant rows are drawn in the default structure only
     return CaseSpec(
         variant=variant,
         dtype=dtype,
@@ -516,6 +762,7 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
         upstream=draw(st.sampled_from(("all", "y_only", "final_only")), label="upstream"),
         rows=draw(st.sampled_from(ROWS), label="rows") if near_constant_allowed else "random",
         ln_eps=ln_eps,
+        **fields,
     )
 
 
@@ -529,8 +776,15 @@ def case_specs(
     max_H: int = 8,
     weight_scales: tuple[str, ...] | list[str] = tuple(WEIGHT_SCALES),
     ln_eps: float = DEFAULT_LN_EPS,
+    structure: Structure | None = _DEFAULT_STRUCTURE,
 ) -> st.SearchStrategy[CaseSpec]:
-    """Strategy for :class:`CaseSpec`. Arguments are validated up front."""
+    """Strategy for :class:`CaseSpec`. Arguments are validated up front.
+
+    ``structure``: the layer structure of every case (its lengths drawn when it has them: all equal, all
+    1 or unsorted random); None draws structures, as for an implementation that is configurable: up to
+    :data:`MAX_LAYERS` layers, both directions, lengths, projections, CIFG and clipping, each in a modest
+    share of the cases (:data:`STRUCTURED_ONE_IN`), shrinking towards the default structure.
+    """
     variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
     if not variants or any(v not in VARIANTS for v in variants):
         raise InvalidArgument(f"variants: expected a non-empty subset of {sorted(VARIANTS)}, got {variants!r}")
@@ -547,9 +801,17 @@ def case_specs(
         raise InvalidArgument(f"max_H: the layernorm variant needs H >= 2, so max_H >= 2; got {max_H}")
     if not ln_eps > 0:
         raise InvalidArgument(f"ln_eps: expected a positive float, got {ln_eps!r}")
+    if structure is not None:
+        if not isinstance(structure, Structure):
+            raise InvalidArgument(f"structure: expected a harness.structure.Structure or None (draw structures), "
+                                  f"got {type(structure).__name__}")
+        for variant in variants:
+            wrong = structure.problems(variant)
+            if wrong:
+                raise InvalidArgument(f"structure: {'; '.join(wrong)}")
     return _specs(
         variants=variants, dtypes=dtypes, max_T=max_T, max_B=max_B, max_D=max_D, max_H=max_H,
-        weight_scales=weight_scales, ln_eps=float(ln_eps),
+        weight_scales=weight_scales, ln_eps=float(ln_eps), structure=structure,
     )
 
 

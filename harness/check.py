@@ -22,7 +22,7 @@ from harness.records import Record
 from harness.subject import Execution, Subject
 from oracles.base import Oracle, Reference
 
-__all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors"]
+__all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors", "structure_reason"]
 
 
 def records_for(
@@ -82,14 +82,14 @@ def compare_execution(
     ``unchecked``: quantities the implementation declared it cannot produce (its limits); their shape
     and dtype are not held against it (they are reported as not compared).
     """
-    variant, T, B, H = case.variant, case.T, case.B, case.H
-    specs = quantity_specs(variant)
+    variant, T, B, H, structure = case.variant, case.T, case.B, case.H, case.structure
+    specs = quantity_specs(variant, structure)
     records: list[Record] = []
     factors: dict[str, float] | None = None  # computed once, when the first comparison needs it
     for direction in directions:
         base = dict(implementation=implementation, oracle=oracle.name, variant=variant,
                     dtype=case.dtype, direction=direction)
-        names = quantities(variant, direction)
+        names = quantities(variant, direction, structure)
         # What stops this direction before any comparison, in order of precedence.
         if direction == "forward" and not oracle.gives_forward:
             records += records_for(base, names, "skip", f"{oracle.name} gives no forward values", case)
@@ -136,13 +136,13 @@ def compare_execution(
             tol = _scaled(tolerance(tol_dtype, "values"), factors)
             for q in names:
                 rec = compare_arrays(actual[q], reference.outputs[q], spec=specs[q], H=H, tol=tol,
-                                     tolerance_dtype=tol_dtype, base={**base, "quantity": q})
+                                     tolerance_dtype=tol_dtype, base={**base, "quantity": q}, lengths=case.lengths)
                 rec.case = case.info()
                 rec.tolerance_factors = dict(factors)
                 records.append(rec)
             continue
         grads = execution.gradients or {}
-        keys = gradient_keys(variant)
+        keys = gradient_keys(variant, structure)
         not_computed = [k for k in execution.not_computed if k in keys]
         missing = [k for k in keys if k not in grads and k not in not_computed]
         extra = [k for k in grads if k not in keys]
@@ -170,7 +170,7 @@ def compare_execution(
             if reference.gradients is not None:
                 extra_err = (reference.gradient_error or {}).get(k, 0.0)
                 rec = compare_arrays(grads[k], reference.gradients[k], spec=specs[q], H=H, tol=tol,
-                                     tolerance_dtype=tol_dtype, extra=extra_err, base=qbase)
+                                     tolerance_dtype=tol_dtype, extra=extra_err, base=qbase, lengths=case.lengths)
             else:
                 assert reference.projections is not None
                 proj = reference.projections[k]
@@ -188,24 +188,44 @@ def compare_execution(
     return records
 
 
+def structure_reason(oracle: Oracle, variant: str, dtype: str, case: Case) -> str:
+    """Why ``oracle`` does not compute ``case``'s layer structure ("" when it does, or when the case is
+    in the default structure, which every oracle computes)."""
+    if case.structure.is_default:
+        return ""
+    return oracle.unsupported_reason(variant, dtype, case.structure) or ""
+
+
 def check_case(
     subject: Subject,
     oracles: Sequence[Oracle],
     case: Case,
     *,
     references: dict[str, Reference] | None = None,
+    skipped: dict[str, dict[str, int]] | None = None,
 ) -> list[Record]:
-    """One case through the implementation once, compared with every oracle that supports it."""
+    """One case through the implementation once, compared with every oracle that supports it.
+
+    An oracle that does not compute the case's layer structure gives skip records with the reason; or,
+    when ``skipped`` is given (a search over many cases), no records, and the case is counted there
+    instead: ``skipped[oracle][reason] += 1``.
+    """
     info = subject.info
     execution: Execution | None = None
     records: list[Record] = []
     for oracle in oracles:
         why = oracle.unsupported_reason(info.variant, case.dtype)
         base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=case.dtype)
+        if not why:
+            why = structure_reason(oracle, info.variant, case.dtype, case)
+            if why and skipped is not None:
+                counts = skipped.setdefault(oracle.name, {})
+                counts[why] = counts.get(why, 0) + 1
+                continue
         if why:
             for direction in DIRECTIONS:
-                records += records_for({**base, "direction": direction}, quantities(info.variant, direction),
-                                        "skip", why, case)
+                records += records_for({**base, "direction": direction},
+                                        quantities(info.variant, direction, case.structure), "skip", why, case)
             continue
         if execution is None:
             execution = subject.execute(case, backward=info.has_backward)
@@ -218,7 +238,7 @@ def check_case(
                 # must not leave the verdict "certified".
                 for direction in DIRECTIONS:
                     records += records_for({**base, "direction": direction},
-                                            quantities(info.variant, direction), "error",
+                                            quantities(info.variant, direction, case.structure), "error",
                                             f"the oracle {oracle.name} failed on this case "
                                             f"(not the implementation): {type(exc).__name__}: {exc}",
                                             case)

@@ -28,6 +28,7 @@ import numpy as np
 
 from harness.contract import GATES, LN_ROWS, ArraySpec
 from harness.records import STATUSES, Record, format_coords, render_message
+from harness.structure import DIRECTION_NAMES, parse_prefix
 
 __all__ = [
     "Tolerance",
@@ -39,6 +40,7 @@ __all__ = [
     "compare_arrays",
     "compare_projections",
     "decode_index",
+    "first_bad_by_direction",
     "format_coords",
     "error_map",
     "render_message",
@@ -123,19 +125,80 @@ def tolerance(dtype: str, kind: str) -> Tolerance:
         raise ValueError(f"kind: expected 'values' or 'gradients', got {kind!r}") from None
 
 
-def decode_index(index: tuple[int, ...], spec: ArraySpec, H: int) -> dict[str, Any]:
-    """Name the coordinates of one element: ``gate_unit`` row 9 with H=4 is gate=g, unit=1."""
+def _name_coords(name: str, dirs: int) -> dict[str, Any]:
+    """Layer and direction of a prefixed (gradient) name: ``dl1.reverse.W`` is layer=1, direction=reverse;
+    the direction only when the structure has two."""
+    layer, direction, _bare = parse_prefix(name)
+    if layer is None and name.startswith("d"):
+        layer, direction, _bare = parse_prefix(name[1:])
+    if layer is None:
+        return {}
+    return {"layer": layer, **({"direction": DIRECTION_NAMES[direction or 0]} if dirs == 2 else {})}
+
+
+def decode_index(index: tuple[int, ...], spec: ArraySpec, H: int, *,
+                 shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Name the coordinates of one element: ``gate_unit`` row 9 with H=4 is gate=g, unit=1. In a layered
+    structure the layer and direction come first: from a prefixed name, from the states' ``layer_dir``
+    axis (index layer * dirs + direction) or from y's ``dir_unit`` axis (the forward direction's
+    features first; ``shape`` gives its width, else 2H)."""
+    lead = _name_coords(spec.name, spec.dirs)
     coords: dict[str, Any] = {}
-    for axis, i in zip(spec.axes, index):
+    for k, (axis, i) in enumerate(zip(spec.axes, index)):
         i = int(i)
         if axis == "gate_unit":
             coords["gate"] = GATES[i // H]
             coords["unit"] = i % H
         elif axis == "ln_row":
             coords["row"] = LN_ROWS[i]
+        elif axis == "layer_dir":
+            lead["layer"] = i // spec.dirs
+            if spec.dirs == 2:
+                lead["direction"] = DIRECTION_NAMES[i % 2]
+        elif axis == "dir_unit":
+            width = shape[k] // spec.dirs if shape is not None else H
+            lead["direction"] = DIRECTION_NAMES[i // width]
+            coords["unit"] = i % width
         else:
             coords[axis] = i
-    return coords
+    return {**lead, **coords}
+
+
+def first_bad_by_direction(mismatch: np.ndarray, spec: ArraySpec,
+                           lengths: np.ndarray | None = None) -> dict[str, dict[str, int]] | None:
+    """Where each direction of a bidirectional structure first departs, in its own reading order.
+
+    For y (a ``dir_unit`` axis) each direction's half of the features is read the way that direction
+    computes it: the forward one from t=0 up, the reverse one from each row's last valid step down. For
+    a quantity with a time axis but no direction axis (dx) the two directions' contributions are summed,
+    so the whole array is read as each direction's *gradient* flows: the forward direction's from the last
+    valid step down, the reverse direction's from t=0 up. Per direction: ``t`` (the timestep), ``step``
+    (how many steps that direction had taken before it; negative: a padded step beyond a row's length,
+    which the reverse reading meets before its start). None when it does not apply or nothing departs.
+    """
+    if spec.dirs != 2 or "t" not in spec.axes or "batch" not in spec.axes or not mismatch.any():
+        return None
+    t_axis, b_axis = spec.axes.index("t"), spec.axes.index("batch")
+    T, B = mismatch.shape[t_axis], mismatch.shape[b_axis]
+    m = np.moveaxis(mismatch, (t_axis, b_axis), (0, 1))  # (T, B, ...)
+    lens = np.full(B, T, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+    t = np.arange(T)[:, None]
+    upward = np.broadcast_to(t, (T, B))  # steps taken reading t = 0, 1, ...
+    downward = lens[None, :] - 1 - t  # steps taken reading from the row's last valid step down
+    if "dir_unit" in spec.axes:
+        halves = np.split(m, 2, axis=-1)
+        readings = {"forward": (halves[0], upward), "reverse": (halves[1], downward)}
+    else:
+        readings = {"forward": (m, downward), "reverse": (m, upward)}
+    out: dict[str, dict[str, int]] = {}
+    for name, (bad, steps) in readings.items():
+        where = bad.reshape(T, B, -1).any(axis=-1)  # (T, B)
+        if not where.any():
+            continue
+        candidates = np.where(where, steps, np.iinfo(np.int64).max)
+        flat = int(np.argmin(candidates))
+        out[name] = {"t": flat // B, "step": int(candidates.flat[flat])}
+    return out or None
 
 
 _MAP_SIDE = 48
@@ -204,8 +267,10 @@ def compare_arrays(
     tolerance_dtype: str,
     extra: np.ndarray | float = 0.0,
     base: dict[str, Any],
+    lengths: np.ndarray | None = None,
 ) -> Record:
     """Compare elementwise; ``base`` holds the Record's identifying fields (implementation, ...).
+    ``lengths`` (B,): the case's valid lengths, where each direction's first bad step is counted from.
 
     ``actual`` and ``expected`` must already have the same shape (shape errors are contract
     violations, reported by the runner before any comparison).
@@ -241,7 +306,7 @@ def compare_arrays(
         nonfinite=int(bad_nonfinite.sum()),
         worst={
             "index": [int(i) for i in worst_idx],
-            "coords": decode_index(tuple(int(i) for i in worst_idx), spec, H),
+            "coords": decode_index(tuple(int(i) for i in worst_idx), spec, H, shape=a.shape),
             "actual": float(a[worst_idx]) if ratio.size else None,
             "expected": float(e[worst_idx]) if ratio.size else None,
             "abs_error": float(diff[worst_idx]) if ratio.size else None,
@@ -256,6 +321,7 @@ def compare_arrays(
         t_axis = spec.axes.index("t")
         bad_t = np.nonzero(mismatch.any(axis=tuple(i for i in range(mismatch.ndim) if i != t_axis)))[0]
         rec.first_bad_t, rec.last_bad_t = int(bad_t[0]), int(bad_t[-1])
+        rec.first_bad_by_direction = first_bad_by_direction(mismatch, spec, lengths)
     if n_bad:
         rec.error_map = error_map(np.where(np.isfinite(ratio), ratio, 1e9), spec, H)
     return rec

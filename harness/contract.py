@@ -57,18 +57,24 @@ DEFAULT_LN_EPS = 1e-5
 class ArraySpec:
     """One named array: its shape in symbols and the name of each axis.
 
-    Shape symbols are ``T``, ``B``, ``D``, ``H``, ``4H`` or a literal integer string such as ``"5"``.
-    Axis names are the coordinates a discrepancy is reported in: ``t``, ``batch``, ``unit``,
+    Shape symbols are ``T``, ``B``, ``D``, ``H``, ``4H``, ``2H`` or a literal integer string such as
+    ``"5"``. Axis names are the coordinates a discrepancy is reported in: ``t``, ``batch``, ``unit``,
     ``input`` (an element of x_t), ``unit_in`` (an element of h_{t-1}), ``gate_unit`` (a row of a
-    stacked (4H, ...) block, decoded to gate and unit) and ``ln_row`` (a LayerNorm row i, f, g, o, c).
+    stacked (4H, ...) block, decoded to gate and unit), ``ln_row`` (a LayerNorm row i, f, g, o, c),
+    and in a layered structure (:mod:`harness.structure`) ``layer_dir`` (the states' leading axis,
+    decoded to layer and direction), ``dir_unit`` (y's features, decoded to direction and unit) and
+    ``h_unit`` (a projection's row: an element of the projected h). ``dirs`` is the structure's number
+    of directions, which those two decodings need; a prefixed name (``dl1.reverse.W``) adds its own
+    layer and direction (:func:`harness.structure.parse_prefix`).
     """
 
     name: str
     shape: tuple[str, ...]
     axes: tuple[str, ...]
+    dirs: int = 1
 
     def concrete_shape(self, *, T: int, B: int, D: int, H: int) -> tuple[int, ...]:
-        sizes = {"T": T, "B": B, "D": D, "H": H, "4H": 4 * H}
+        sizes = {"T": T, "B": B, "D": D, "H": H, "4H": 4 * H, "2H": 2 * H}
         return tuple(sizes[s] if s in sizes else int(s) for s in self.shape)
 
 
@@ -165,16 +171,63 @@ def output_specs() -> tuple[ArraySpec, ...]:
     return _OUTPUTS
 
 
-def gradient_keys(variant: str) -> tuple[str, ...]:
-    """Keys of the dict ``backward`` returns: the inputs, then the variant's parameters."""
-    return tuple(s.name for s in _INPUTS) + _variant(variant).param_names
+def gradient_keys(variant: str, structure: Structure | None = None) -> tuple[str, ...]:
+    """Keys of the dict ``backward`` returns: the inputs, then every parameter of ``variant`` in
+    ``structure`` (default: one layer, one direction), prefixed when the structure is layered."""
+    return tuple(s.name for s in _INPUTS) + tuple(param_shapes(variant, structure, D=1, H=1))
 
 
-def quantity_specs(variant: str) -> dict[str, ArraySpec]:
-    """Every compared quantity by its report name: ``y``, ``h_T``, ``c_T``, ``dx``, ``dW``, ..."""
-    specs = {s.name: s for s in _OUTPUTS}
-    for s in _INPUTS + _variant(variant).params:
-        specs["d" + s.name] = ArraySpec("d" + s.name, s.shape, s.axes)
+_Specs = tuple[tuple[ArraySpec, ...], tuple[ArraySpec, ...], tuple[ArraySpec, ...]]
+
+
+def _structured_specs(variant: str, structure: Structure) -> _Specs:
+    """Inputs, outputs and parameters of ``variant`` in a structure other than the default: shapes in
+    symbols (literal numbers where the structure fixes them), axes that decode to layer and direction."""
+    dirs = structure.dirs
+    H_out = str(structure.proj_size) if structure.proj_size else "H"
+    y_width = H_out if dirs == 1 else (str(2 * structure.proj_size) if structure.proj_size else "2H")
+    if structure.layered:
+        n = str(structure.num_layers * dirs)
+        states = (ArraySpec("h0", (n, "B", H_out), ("layer_dir", "batch", "unit"), dirs),
+                  ArraySpec("c0", (n, "B", "H"), ("layer_dir", "batch", "unit"), dirs))
+        finals = (ArraySpec("h_T", (n, "B", H_out), ("layer_dir", "batch", "unit"), dirs),
+                  ArraySpec("c_T", (n, "B", "H"), ("layer_dir", "batch", "unit"), dirs))
+    else:
+        states = (ArraySpec("h0", ("B", H_out), ("batch", "unit")), _INPUTS[2])
+        finals = (ArraySpec("h_T", ("B", H_out), ("batch", "unit")), _OUTPUTS[2])
+    y_axes = ("t", "batch", "dir_unit") if dirs == 2 else ("t", "batch", "unit")
+    own = {p.name: p for p in _variant(variant).params}
+    params = []
+    shape: tuple[str, ...]
+    for layer, _direction, prefix in structure.cells():
+        inputs = "D" if layer == 0 else y_width
+        for name in (*own, *(("proj",) if structure.proj_size else ())):
+            if name == "W":
+                shape, axes = ("4H", inputs), own["W"].axes
+            elif name == "R":
+                shape, axes = ("4H", H_out), own["R"].axes
+            elif name == "proj":
+                shape, axes = (str(structure.proj_size), "H"), ("h_unit", "unit")
+            else:
+                shape, axes = own[name].shape, own[name].axes
+            params.append(ArraySpec(prefix + name, shape, axes, dirs))
+    x = ArraySpec("x", _INPUTS[0].shape, _INPUTS[0].axes, dirs)
+    return (x, *states), (ArraySpec("y", ("T", "B", y_width), y_axes, dirs), *finals), tuple(params)
+
+
+def quantity_specs(variant: str, structure: Structure | None = None) -> dict[str, ArraySpec]:
+    """Every compared quantity by its report name: ``y``, ``h_T``, ``c_T``, ``dx``, ``dW``, ...; in a
+    layered structure the parameters' gradients are named after their prefixed keys (``dl1.reverse.W``)."""
+    inputs: tuple[ArraySpec, ...]
+    outputs: tuple[ArraySpec, ...]
+    params: tuple[ArraySpec, ...]
+    if structure is None or structure.replace(lengths=False).is_default:
+        inputs, outputs, params = _INPUTS, _OUTPUTS, _variant(variant).params
+    else:
+        inputs, outputs, params = _structured_specs(variant, structure)
+    specs = {s.name: s for s in outputs}
+    for s in (*inputs, *params):
+        specs["d" + s.name] = ArraySpec("d" + s.name, s.shape, s.axes, s.dirs)
     return specs
 
 
@@ -184,14 +237,14 @@ DIRECTIONS: tuple[str, ...] = ("forward", "backward")
 FORWARD_QUANTITIES: tuple[str, ...] = tuple(s.name for s in _OUTPUTS)
 
 
-def quantities(variant: str, direction: str) -> tuple[str, ...]:
+def quantities(variant: str, direction: str, structure: Structure | None = None) -> tuple[str, ...]:
     """The quantities one direction of a check compares, in report order: ``y, h_T, c_T`` forward;
-    ``dx, dh0, dc0`` and one per parameter backward."""
+    ``dx, dh0, dc0`` and one per parameter (of ``structure``, prefixed when it is layered) backward."""
     if direction == "forward":
         return FORWARD_QUANTITIES
     if direction != "backward":
         raise ValueError(f"direction: expected 'forward' or 'backward', got {direction!r}")
-    return tuple("d" + k for k in gradient_keys(variant))
+    return tuple("d" + k for k in gradient_keys(variant, structure))
 
 
 class ContractError(Exception):
@@ -230,6 +283,11 @@ class ImplementationInfo:
     ln_eps: float
     #: What the implementation declared it cannot do (its ``limits`` attribute; nothing by default).
     limits: Limits = field(default_factory=Limits)
+    #: The layer structure it declared (num_layers, bidirectional, accepts_lengths, proj_size,
+    #: coupled_input_forget, cell_clip): the structure of every case it gets, unless it is configurable.
+    structure: Structure = field(default_factory=Structure)
+    #: It has ``with_structure(structure)``: the harness draws structures for it and configures it per case.
+    configurable: bool = False
 
 
 def _accepts_positional(fn: Any, n: int) -> str | None:
@@ -308,6 +366,12 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
                         f"got {type(limits).__name__}")
         limits = Limits()
 
+    structure = _declared_structure(obj, declared if declared in VARIANTS else None, problems)
+    configure = getattr(obj, "with_structure", None)
+    if configure is not None and not callable(configure):
+        problems.append(f"with_structure: expected a method with_structure(structure) returning a configured "
+                        f"implementation, or no attribute, got {type(configure).__name__}")
+
     if problems:
         raise ContractError(problems, subject=f"implementation {name!r}")
     return ImplementationInfo(
@@ -317,7 +381,33 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         has_backward=backward is not None,
         ln_eps=float(ln_eps),
         limits=limits,
+        structure=structure,
+        configurable=configure is not None,
     )
+
+
+#: Declared attribute -> Structure field, for the attributes whose names differ.
+_STRUCTURE_ATTRIBUTES = {"accepts_lengths": "lengths"}
+
+
+def _declared_structure(obj: Any, variant: str | None, problems: list[str]) -> Structure:
+    """The structure ``obj`` declares by its attributes (the defaults where it declares none); what is
+    wrong with it goes into ``problems``, named by the attribute."""
+    fields = ("num_layers", "bidirectional", "accepts_lengths", "proj_size", "coupled_input_forget", "cell_clip")
+    declared = {_STRUCTURE_ATTRIBUTES.get(a, a): getattr(obj, a) for a in fields if hasattr(obj, a)}
+    if isinstance(declared.get("num_layers"), np.integer):
+        declared["num_layers"] = int(declared["num_layers"])
+    if isinstance(declared.get("proj_size"), np.integer):
+        declared["proj_size"] = int(declared["proj_size"])
+    if isinstance(declared.get("cell_clip"), (int, np.floating)) and not isinstance(declared["cell_clip"], bool):
+        declared["cell_clip"] = float(declared["cell_clip"])
+    structure = Structure(**declared)
+    bad = structure.problems(variant)
+    renamed = {field_name: attr for attr, field_name in _STRUCTURE_ATTRIBUTES.items()}
+    for problem in bad:
+        head, _, rest = problem.partition(":")
+        problems.append(f"{renamed.get(head, head)}:{rest}")
+    return Structure() if bad else structure
 
 
 def check_inputs(

@@ -176,7 +176,8 @@ class Hint:
 class Diagnosis:
     """What :func:`diagnose` found. ``status``: "standard" (matches as declared, backward too),
     "backward" (forward matches as declared, backward does not), "convention" (matches only under
-    another convention or variant), "none" (no convention tried matches)."""
+    another convention or variant), "none" (no convention tried matches), "skipped" (the search does
+    not apply to the implementation: ``note`` says why)."""
 
     name: str
     declared_variant: str
@@ -224,6 +225,8 @@ class Diagnosis:
 
     def headline(self) -> str:
         """One line a report can put on top."""
+        if self.status == "skipped":
+            return f"convention search skipped: {self.note}"
         if self.status == "standard":
             return f"{self.name} matches the standard LSTM as declared; {self._backward_headline()}"
         if self.status == "backward":
@@ -257,6 +260,9 @@ class Diagnosis:
         tried = f"{self.tried} convention{'s' if self.tried != 1 else ''} tried"
         head = f"Diagnosis of {self.name} (declared variant: {self.declared_variant}; {tried})"
         lines = [head]
+        if self.status == "skipped":
+            lines.append(f"The convention search was skipped: {self.note}")
+            return "\n".join(lines)
         if self.status == "standard":
             lines.append("It matches the standard LSTM as declared: no other convention is needed.")
             lines.append(self._backward_text())
@@ -585,6 +591,13 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     declared = info.variant
     if dtype is not None and dtype not in info.dtypes:
         raise InvalidArgument(f"dtype: {info.name} declares {', '.join(info.dtypes)}; got {dtype!r}")
+    if not info.configurable and not info.structure.is_default:
+        # The conventions searched are those of one cell (gate orders, weight layouts, state roles); an
+        # implementation of a fixed layer structure gets no trial cases it could take.
+        return Diagnosis(name=info.name, declared_variant=declared, status="skipped", match=None, closest=None,
+                         backward=[], has_backward=info.has_backward, tried=0,
+                         note=f"{info.name} computes the layer structure {info.structure.describe()}; the search "
+                              f"tries conventions of a single-layer, one-direction, full-length LSTM only")
     use_dtype = dtype or ("float64" if "float64" in info.dtypes else info.dtypes[0])
     isolated = callable(getattr(subject, "adapted", None))
     base_obj = getattr(subject, "impl", None)

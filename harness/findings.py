@@ -27,7 +27,8 @@ from typing import Any
 
 from harness.compare import FLOAT32_ORACLE
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS
-from harness.records import Record, format_coords, format_pair, format_ratio, status_rank
+from harness.records import Record, format_coords, format_direction_steps, format_pair, format_ratio, status_rank
+from harness.structure import Structure
 
 __all__ = ["Finding", "KINDS", "findings", "render_findings"]
 
@@ -84,6 +85,9 @@ class Finding:
                        + (f" [{on}]" if on else ""))
         if self.first_bad_t is not None:
             out.append(f"  First timestep over tolerance: t={self.first_bad_t}")
+        if w.get("first_bad_by_direction"):
+            out.append(f"  First step over tolerance by direction: "
+                       f"{format_direction_steps(w['first_bad_by_direction'])}")
         if self.evidence:
             out.append(f"  {self.evidence}")
         out += [f"  Note: {n}" for n in self.notes]
@@ -97,6 +101,8 @@ class Finding:
 def _case_text(case: Mapping[str, Any]) -> str:
     parts = [f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case]
     spec = case.get("spec") or {}
+    if case.get("structure"):
+        parts.append(Structure.from_dict(case["structure"]).describe())
     if spec.get("weight_scale"):
         parts.append(f"weights {spec['weight_scale']}")
     if case.get("dtype"):
@@ -122,12 +128,14 @@ def _headline(records: Sequence[Record]) -> dict[str, Any]:
     r = max(scored, key=lambda rec: rec.headline_ratio or 0.0)
     seen = r.worst_seen if r.worst_seen and r.headline_ratio != r.ratio else None
     source = seen or {"worst": r.worst, "max_abs_error": r.max_abs_error, "first_bad_t": r.first_bad_t,
+                      "first_bad_by_direction": r.first_bad_by_direction,
                       "case": r.case, "case_file": r.case_file, "replay": r.replay}
     w = source.get("worst") or {}
     return {"quantity": r.quantity, "dtype": r.dtype, "oracle": r.oracle, "direction": r.direction,
             "ratio": r.headline_ratio, "abs_error": source.get("max_abs_error"), "coords": w.get("coords") or {},
             "actual": w.get("actual"), "expected": w.get("expected"), "allowed": w.get("allowed"),
-            "first_bad_t": source.get("first_bad_t"), "case": source.get("case") or {},
+            "first_bad_t": source.get("first_bad_t"), "first_bad_by_direction": source.get("first_bad_by_direction"),
+            "case": source.get("case") or {},
             "case_file": source.get("case_file", ""), "replay": source.get("replay", ""),
             "minimal_ratio": r.ratio}
 

@@ -44,7 +44,8 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
-from harness.subject import Execution, bounded, merge_backward, run_backward, run_forward
+from harness.structure import Structure
+from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
 __all__ = ["IsolatedSubject", "MIN_LOAD_TIMEOUT", "ReplyTooLarge", "WorkerFailure", "WorkerLoadError",
            "check_timeout", "default_memory_limit", "describe_exit", "reply_cap", "DEFAULT_TIMEOUT", "GIB"]
@@ -157,9 +158,12 @@ class _SharedArrays:
     @staticmethod
     def case_of(views: dict[str, np.ndarray], meta: dict[str, Any]) -> Case:
         core = ("x", "h0", "c0", "dy", "dh_T", "dc_T")
+        lengths = meta.get("lengths")
         return Case(meta["variant"], meta["dtype"], x=views["x"], h0=views["h0"], c0=views["c0"],
                     params={k: v for k, v in views.items() if k not in core},
-                    dy=views["dy"], dh_T=views["dh_T"], dc_T=views["dc_T"], ln_eps=meta["ln_eps"], spec=meta["spec"])
+                    dy=views["dy"], dh_T=views["dh_T"], dc_T=views["dc_T"], ln_eps=meta["ln_eps"], spec=meta["spec"],
+                    structure=meta.get("structure") or Structure(),
+                    lengths=None if lengths is None else np.asarray(lengths, dtype=np.int64))
 
 
 def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, dict | None]:
@@ -253,13 +257,16 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                     pending = None
                     conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
                     continue
-            obj = adapted[key][0] if key is not None else impl
             given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
             case = given.copy()  # the worker's own check: the parent checks the shared arrays too
             try:
-                execution, result = run_forward(obj, case, given)
+                obj, failed = configured(adapted[key][0] if key is not None else impl, case)
+                if failed is not None:
+                    execution, result = failed, None
+                else:
+                    execution, result = run_forward(obj, case, given)
             except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like from the implementation
-                execution, result = _exit_execution("forward", exc, None), None
+                obj, execution, result = None, _exit_execution("forward", exc, None), None
             pending = (obj, adapted[key][1] if key is not None else info, case, given, result)
         else:  # "backward", right after a forward that returned
             if pending is None or pending[4] is None:
@@ -689,7 +696,9 @@ class IsolatedSubject:
         originals = {**case.arrays(), "dy": case.dy, "dh_T": case.dh_T, "dc_T": case.dc_T}
         for name, view in views.items():
             view[...] = originals[name]
-        meta = {"variant": case.variant, "dtype": case.dtype, "ln_eps": case.ln_eps, "spec": case.spec}
+        meta = {"variant": case.variant, "dtype": case.dtype, "ln_eps": case.ln_eps, "spec": case.spec,
+                "structure": case.structure,
+                "lengths": None if case.lengths is None else [int(n) for n in case.lengths]}
         cap = reply_cap(case)
         out = self._call(("forward", meta, entries, size, _key), "forward", None, cap, start)
         if isinstance(out, WorkerFailure):

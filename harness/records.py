@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS, quantities
+from harness.structure import Structure, parse_prefix
 
 __all__ = [
     "Record",
@@ -38,6 +39,7 @@ __all__ = [
     "order_records",
     "merge_after_stop",
     "format_coords",
+    "format_direction_steps",
     "format_ratio",
     "format_pair",
     "printable",
@@ -79,6 +81,9 @@ class Record:
     worst: dict[str, Any] | None = None  # index, coords, actual, expected, allowed
     first_bad_t: int | None = None
     last_bad_t: int | None = None
+    #: In a bidirectional structure, where each direction first departs in its own reading order:
+    #: direction name -> {"t": timestep, "step": steps it had taken} (harness.compare.first_bad_by_direction).
+    first_bad_by_direction: dict[str, dict[str, int]] | None = None
     rtol: float | None = None
     atol: float | None = None
     atol_scale: float | None = None
@@ -223,12 +228,16 @@ def order_records(records: Iterable[Record], oracles: Sequence[str] = ()) -> lis
     oorder = {name: i for i, name in enumerate(oracles)}
     dorder = {d: i for i, d in enumerate(DEFAULT_DTYPES)}
 
-    def quantity_rank(r: Record) -> int:
+    def quantity_rank(r: Record) -> tuple[int, int, int]:
         try:
             names = quantities(r.variant, r.direction)
         except (KeyError, ValueError):
-            return 99
-        return names.index(r.quantity) if r.quantity in names else 99
+            return (0, 0, 99)
+        layer, direction, bare = parse_prefix(r.quantity[1:]) if r.quantity.startswith("d") else (None, None, "")
+        if layer is not None:  # a prefixed parameter's gradient: after the inputs', cell by cell
+            name = "d" + bare
+            return (1 + layer, direction or 0, names.index(name) if name in names else 98)
+        return (0, 0, names.index(r.quantity) if r.quantity in names else 99)
 
     def rank(r: Record) -> tuple[Any, ...]:
         direction = DIRECTIONS.index(r.direction) if r.direction in DIRECTIONS else len(DIRECTIONS)
@@ -269,6 +278,27 @@ def merge_after_stop(partial: Sequence[Record], stopped: Sequence[Record]) -> li
 
 def format_coords(coords: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in coords.items())
+
+
+def format_direction_steps(by_direction: Mapping[str, Mapping[str, int]] | None) -> str:
+    """``forward t=3 (step 3), reverse t=5 (step 0): the reverse direction departs first``; "" for None."""
+    if not by_direction:
+        return ""
+    parts = []
+    for name, where in by_direction.items():
+        step = where.get("step", 0)
+        parts.append(f"{name} t={where.get('t')} ({'a padded step' if step < 0 else f'step {step}'})")
+    text = ", ".join(parts)
+    steps = {name: where.get("step", 0) for name, where in by_direction.items()}
+    first = min(steps.values())
+    leaders = [name for name, step in steps.items() if step == first]
+    if len(by_direction) == 1:
+        text += f": only the {leaders[0]} direction departs"
+    elif len(leaders) == 1:
+        text += f": the {leaders[0]} direction departs first"
+    else:
+        text += ": both directions depart at the same step"
+    return text
 
 
 # C0 controls but newline and tab, DEL, C1 controls, and the Unicode controls that reorder text on screen.
@@ -363,6 +393,8 @@ def _message_body(rec: Record) -> str:
     lines.append(f"Greatest relative difference{among}: {rec.max_rel_error or 0.0:.3g}")
     if rec.first_bad_t is not None:
         lines.append(f"First timestep over tolerance: t={rec.first_bad_t}")
+    if rec.first_bad_by_direction:
+        lines.append(f"First step over tolerance by direction: {format_direction_steps(rec.first_bad_by_direction)}")
     scale = f" x {rec.atol_scale:.3g}" if rec.atol_scale and rec.atol_scale != 1.0 else ""
     factors = "; ".join(f"x {v:.3g} for {k}" for k, v in rec.tolerance_factors.items())
     cond = f" (including {factors})" if factors else ""
@@ -382,4 +414,7 @@ def _message_body(rec: Record) -> str:
 
 
 def _case_text(case: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case)
+    parts = [f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case]
+    if case.get("structure"):
+        parts.append(Structure.from_dict(case["structure"]).describe())
+    return ", ".join(parts)

@@ -25,11 +25,12 @@ from hypothesis.errors import Flaky
 
 from harness.cases import PROFILES, Case, CaseSpec, build_case, case_file_name, case_specs, replay_command
 from harness.check import check_case
+from harness.contract import DIRECTIONS, quantities
 from harness.records import Record, RecordKey, keep_worst, order_records
 from harness.subject import Subject
 from oracles.base import Oracle
 
-__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES"]
+__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "note_skipped"]
 
 
 @dataclass
@@ -77,18 +78,20 @@ class _Search:
     #: The failing record with the largest error per key, on whatever case (shrinking included), and its case.
     largest: dict[RecordKey, tuple[Record, Case]] = field(default_factory=dict)
     examples: int = 0  # cases generated before the failure; shrinking attempts are not counted
+    #: Of those cases, how many used each structure feature (harness.structure.FEATURES).
+    features: dict[str, int] = field(default_factory=dict)
     failure: CheckFailed | None = None
     flaky: str = ""
 
 
 def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: RunSettings, ignore: set[RecordKey],
             progress: Callable[[int], None] | None, counted: int,
-            largest: dict[RecordKey, tuple[Record, Case]]) -> _Search:
+            largest: dict[RecordKey, tuple[Record, Case]], skipped: dict[str, dict[str, int]]) -> _Search:
     out = _Search(largest=largest)
 
     def one(spec: CaseSpec) -> None:
         case = build_case(spec)
-        records = check_case(subject, oracles, case)
+        records = check_case(subject, oracles, case, skipped=skipped)
         compared = [r.ratio for r in records if r.status in ("pass", "fail") and r.ratio is not None]
         if compared:  # steer generation towards the cases that err most (finite values only)
             target(float(min(max(compared), 1e12)), label="worst error / tolerance")
@@ -100,6 +103,8 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
         failing = [r for r in records if not r.ok and r.key not in ignore]
         if out.failure is None and not failing:
             out.examples += 1
+            for feature in case.structure.features():
+                out.features[feature] = out.features.get(feature, 0) + 1
             if progress:
                 progress(counted + out.examples)
         if failing:
@@ -133,24 +138,34 @@ def run_checks(
     dtype: str,
     run: RunSettings | None = None,
     progress: Callable[[int], None] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[Record]:
     """Cross-check one implementation in one dtype against ``oracles`` on Hypothesis cases.
 
     Returns one record per (oracle, direction, quantity): for a quantity that failed, the record of
     its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set); otherwise the worst
     passing record seen. ``examples`` on each record counts the cases generated, not shrinking.
+
+    The cases are in the implementation's declared structure, or, for a configurable one, in drawn
+    structures (:func:`harness.cases.case_specs`). An oracle that does not compute a case's structure
+    is skipped for that case; its records say on how many cases (:func:`note_skipped`). ``stats``, when
+    given, receives ``cases`` (generated), ``features`` (cases per structure feature) and ``skipped``
+    (oracle -> reason -> cases).
     """
     run = run or RunSettings()
     info = subject.info
     strategy = case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
-                          max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps)
+                          max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
+                          structure=None if info.configurable else info.structure)
+    skipped: dict[str, dict[str, int]] = {}
+    features: dict[str, int] = {}
     worst: dict[RecordKey, Record] = {}
     failed: dict[RecordKey, Record] = {}
     largest: dict[RecordKey, tuple[Record, Case]] = {}
     examples = 0
     for _ in range(MAX_SEARCHES):
         try:
-            search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest)
+            search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest, skipped)
         except BaseException as exc:
             # Something outside the comparison stopped the search (a crashed or hung worker, an
             # interrupt): what earlier searches found is still true; hand it to the caller.
@@ -158,6 +173,8 @@ def run_checks(
             exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
             raise
         examples += search.examples
+        for feature, n in search.features.items():
+            features[feature] = features.get(feature, 0) + n
         for r in search.worst.values():
             keep_worst(worst, r)
         if search.failure is None:
@@ -177,7 +194,33 @@ def run_checks(
         if {r.key for r in search.failure.records} <= failed.keys():
             break  # every quantity already fails: nothing left to find
     _attach_largest(failed, largest, run, info.name)
-    return _stamped({**worst, **failed}, examples, oracles)
+    records = _stamped({**worst, **failed}, examples, oracles)
+    records += note_skipped(records, skipped, info, dtype, examples)
+    if stats is not None:
+        stats.update(cases=examples, features=features, skipped=skipped)
+    return order_records(records, [o.name for o in oracles])
+
+
+def note_skipped(records: list[Record], skipped: dict[str, dict[str, int]], info: Any, dtype: str,
+                 examples: int) -> list[Record]:
+    """Say on every record of an oracle on how many cases it was skipped, and why (it does not compute
+    their structure); for an oracle skipped on every case, the skip records that say so (returned)."""
+    out: list[Record] = []
+    for oracle, reasons in skipped.items():
+        total = sum(reasons.values())
+        why = "; ".join(f"{reason} ({n} cases)" for reason, n in reasons.items())
+        mine = [r for r in records if r.oracle == oracle]
+        if mine:
+            for r in mine:
+                r.add_note(f"{oracle} was skipped on {total} cases (shrinking included) whose structure it does not "
+                           f"compute: {why}")
+            continue
+        for direction in DIRECTIONS:
+            for q in quantities(info.variant, direction, None if info.configurable else info.structure):
+                out.append(Record(implementation=info.name, oracle=oracle, variant=info.variant, dtype=dtype,
+                                  direction=direction, quantity=q, status="skip", examples=examples,
+                                  reason=f"skipped on every case ({total}): {why}"))
+    return out
 
 
 #: The largest error seen must exceed the minimal case's by this factor to be reported beside it.
@@ -195,7 +238,8 @@ def _attach_largest(failed: dict[RecordKey, Record], largest: dict[RecordKey, tu
             continue
         case_file = str(case.save(run.case_dir / case_file_name(name, case, "worst"))) if run.case_dir else ""
         r.worst_seen = {"ratio": big.ratio, "max_abs_error": big.max_abs_error, "max_rel_error": big.max_rel_error,
-                        "worst": big.worst, "first_bad_t": big.first_bad_t, "error_map": big.error_map,
+                        "worst": big.worst, "first_bad_t": big.first_bad_t,
+                        "first_bad_by_direction": big.first_bad_by_direction, "error_map": big.error_map,
                         "case": case.info(),
                         "case_file": case_file, "replay": replay_command(case_file, run.replay_target, r.oracle)}
 

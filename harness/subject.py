@@ -22,7 +22,8 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, to_numpy
 
-__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "execute", "merge_backward",
+__all__ = ["Execution", "Subject", "InProcessSubject", "MAX_TEXT", "bounded", "configured", "execute",
+           "merge_backward",
            "run_backward", "run_forward", "short_traceback", "exits_raise", "ExitCalled"]
 
 # The harness package's own folder, with a trailing separator so that a user's "harness_x/" is not it.
@@ -134,22 +135,42 @@ def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str 
     return out, None
 
 
+def configured(impl: Any, case: Case) -> tuple[Any, Execution | None]:
+    """The implementation that computes ``case``'s structure: ``impl.with_structure(case.structure)`` for
+    a configurable one (see :mod:`harness.structure`), ``impl`` itself otherwise; or, when configuring
+    raised, None and the Execution that reports it."""
+    if getattr(impl, "with_structure", None) is None:
+        return impl, None
+    try:
+        return impl.with_structure(case.structure), None
+    except (Exception, SystemExit) as exc:
+        out = Execution(forward_error=_raised(f"with_structure({case.structure.describe() or 'default'})", exc))
+        out.traceback = short_traceback(exc)
+        return None, out
+
+
 def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) -> Execution:
-    """Run ``impl`` on ``case`` in this process. Never raises for anything the implementation does.
+    """Run ``impl`` (configured for the case's structure) on ``case`` in this process. Never raises for
+    anything the implementation does.
 
     ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
     caught, so that a person can still stop a run.
     """
+    obj, failed = configured(impl, case)
+    if failed is not None:
+        return failed
     given = case.copy()  # the implementation gets its own copies; case keeps the originals
-    out, result = run_forward(impl, case, given)
+    out, result = run_forward(obj, case, given)
     if result is not None and backward and info.has_backward:
-        out = merge_backward(out, run_backward(impl, case, given, result, case.copy()))
+        out = merge_backward(out, run_backward(obj, case, given, result, case.copy()))
     return out
 
 
 def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
     """Call ``impl.forward`` on the arrays of ``given`` (which ``case`` holds unchanged, to detect
-    writes into them): the Execution, and the whole result when forward kept the contract (else None).
+    writes into them), with ``lengths=`` when the case's structure has lengths: the Execution, and the
+    whole result when forward kept the contract (else None). ``impl`` is already configured for the
+    case's structure (:func:`configured`).
     """
     import time
 
@@ -157,7 +178,10 @@ def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
     names = ("x", "h0", "c0", *case.params)
     start = time.perf_counter()
     try:
-        result = impl.forward(given.x, given.h0, given.c0, given.params)
+        if case.structure.lengths:
+            result = impl.forward(given.x, given.h0, given.c0, given.params, lengths=given.lengths)
+        else:
+            result = impl.forward(given.x, given.h0, given.c0, given.params)
     except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
         out.forward_contract = bounded("forward: " + "; ".join(map(str, exc.problems)))
         out.seconds = time.perf_counter() - start

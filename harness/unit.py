@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command
-from harness.check import check_case
+from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command, structure_fields
+from harness.check import check_case, structure_reason
 from harness.compare import compare_arrays, tolerance
 from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ImplementationInfo, quantities, quantity_specs
 from harness.limits import Limits
 from harness.records import Record, merge_after_stop, status_rank
 from harness.runner import RunSettings, run_checks
+from harness.structure import FEATURES
 from harness.subject import Execution
 
 __all__ = ["run_unit", "RestrictedSubject", "RestrictedOracle", "StoredSubject", "disagreement", "restricted",
@@ -193,9 +194,11 @@ class StoredSubject:
 
 
 def _probe_spec(info: ImplementationInfo, dtype: str, seed: int | None) -> CaseSpec:
-    # Distinct T, B, D, H so that a transposed axis cannot pass unnoticed.
+    # Distinct T, B, D, H so that a transposed axis cannot pass unnoticed; in the implementation's own
+    # structure when it has a fixed one (a configurable one is probed in the default structure).
+    fields = {} if info.configurable else structure_fields(info.structure)
     return CaseSpec(variant=info.variant, dtype=dtype, T=3, B=2, D=4, H=3, seed=(seed or 0) % 2**32,
-                    weight_scale="unit", state="random", ln_eps=info.ln_eps)
+                    weight_scale="unit", state="random", ln_eps=info.ln_eps, **fields)
 
 
 def _execution_arrays(ex: Execution) -> dict[str, np.ndarray]:
@@ -209,7 +212,7 @@ def _execution_arrays(ex: Execution) -> dict[str, np.ndarray]:
 
 def disagreement(first: Execution, second: Execution, case: Case, base: dict[str, Any]) -> list[Record]:
     """Records (status "contract") for every quantity two runs of the same case disagree on."""
-    specs = quantity_specs(case.variant)
+    specs = quantity_specs(case.variant, case.structure)
     a, b = _execution_arrays(first), _execution_arrays(second)
     out: list[Record] = []
     for direction, err_a, err_b in (("forward", first.forward_error, second.forward_error),
@@ -229,7 +232,8 @@ def disagreement(first: Execution, second: Execution, case: Case, base: dict[str
         direction = "forward" if q in FORWARD_QUANTITIES else "backward"
         kind = "values" if direction == "forward" else "gradients"
         rec = compare_arrays(b[q], a[q], spec=specs[q], H=case.H, tol=tolerance(case.dtype, kind),
-                             tolerance_dtype=case.dtype, base={**base, "direction": direction, "quantity": q})
+                             tolerance_dtype=case.dtype, base={**base, "direction": direction, "quantity": q},
+                             lengths=case.lengths)
         if rec.status == "pass":
             rec.reason = (f"two calls on the same input differ in the last bits (up to {rec.max_abs_error:.2g}; "
                           f"within tolerance)")
@@ -299,7 +303,7 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
         guard.execute(case_b, backward=info.has_backward)
         again = guard.execute(case_a, backward=info.has_backward)
         for oracle in oracles:
-            if oracle.unsupported_reason(info.variant, dtype):
+            if oracle.unsupported_reason(info.variant, dtype) or structure_reason(oracle, info.variant, dtype, case_a):
                 continue
             base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype)
             for rec in disagreement(first, again, case_a, base):
@@ -320,8 +324,11 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
             rec.case_file = case_file
 
     # 2. Hypothesis.
+    stats: dict[str, Any] = {}
     try:
-        records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count)
+        records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count, stats=stats)
+        if info.configurable or not info.structure.is_default:
+            notes.append(structure_note(info.name, dtype, stats))
     except Exception as exc:
         # What the searches before this one found is still true (run_checks hands it over).
         partial = list(getattr(exc, "partial_records", None) or [])
@@ -361,6 +368,16 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
                 rec.reason += f" (the comparison with {old.oracle} also failed on its own minimal case)"
             records[i] = rec
     return finish(records)
+
+
+def structure_note(name: str, dtype: str, stats: Mapping[str, Any]) -> str:
+    """The line a run's summary shows of the structures checked: ``loop (float64): 60 cases in drawn layer
+    structures: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES)."""
+    features = stats.get("features") or {}
+    words = {"layers": "stacked", "bidirectional": "bidirectional", "lengths": "with lengths",
+             "proj": "projected", "cifg": "CIFG", "clip": "clipped"}
+    counts = ", ".join(f"{features.get(f, 0)} {words[f]}" for f in FEATURES)
+    return f"{name} ({dtype}): {stats.get('cases', 0)} cases by layer structure: {counts}"
 
 
 def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: RunSettings, examples: int) -> list[Record]:

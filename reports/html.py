@@ -33,7 +33,8 @@ from typing import Any
 
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS
 from harness.files import write_atomically
-from harness.records import Record, format_coords, format_pair, format_ratio, status_rank
+from harness.records import Record, format_coords, format_direction_steps, format_pair, format_ratio, status_rank
+from harness.structure import Structure
 
 __all__ = ["render_html", "write_html", "MAX_SECTIONS", "MAX_PLOTTED"]
 
@@ -195,6 +196,10 @@ def _case_rows(case: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]:
     for k in ("dtype", "seed"):
         if k in case:
             rows.append((k, _num(case[k])))
+    if case.get("structure"):
+        rows.append(("structure", Structure.from_dict(case["structure"]).describe()))
+    if case.get("lengths") is not None:
+        rows.append(("lengths", ", ".join(str(n) for n in case["lengths"])))
     spec = case.get("spec") or {}
     spec_text = json.dumps(spec, sort_keys=False) if spec else ""
     return rows, spec_text
@@ -225,6 +230,8 @@ def _worst_rows(r: Record) -> list[tuple[str, str]]:
         rows.append(("first timestep over tolerance", f"t={r.first_bad_t}"))
     if r.last_bad_t is not None and r.last_bad_t != r.first_bad_t:
         rows.append(("last timestep over tolerance", f"t={r.last_bad_t}"))
+    if r.first_bad_by_direction:
+        rows.append(("first step over tolerance by direction", format_direction_steps(r.first_bad_by_direction)))
     if r.rtol is not None:
         scale = f" × {r.atol_scale:.3g}" if r.atol_scale not in (None, 1.0) else ""
         rows.append(("tolerance", f"{r.tolerance_dtype}: rtol={r.rtol:.1e}, atol={r.atol:.1e}{scale}"))
@@ -280,6 +287,8 @@ def _relative(path: Path, base: Path) -> str:
 def _case_words(case: Mapping[str, Any]) -> str:
     """``T=3, B=2, D=5, H=4, unit weights``: which case a figure or a link is about."""
     parts = [f"{k}={case[k]}" for k in ("T", "B", "D", "H") if k in case]
+    if case.get("structure"):
+        parts.append(Structure.from_dict(case["structure"]).describe())
     scale = (case.get("spec") or {}).get("weight_scale")
     if scale:
         parts.append(f"{scale} weights")

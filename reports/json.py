@@ -35,9 +35,11 @@ Schema (``schema_version`` 1)::
 
 A record's fields: implementation, oracle, variant, dtype, direction, quantity, status, method,
 max_abs_error, max_rel_error, ratio, mismatched, total, nonfinite, worst {index, coords, actual,
-expected, abs_error, allowed}, first_bad_t, last_bad_t, rtol, atol, atol_scale, tolerance_dtype,
-tolerance_factors (what rtol and atol above were multiplied by, by reason), reason,
-traceback, case {T, B, D, H, dtype, seed, spec}, error_map {quantity, panels}, examples,
+expected, abs_error, allowed}, first_bad_t, last_bad_t, first_bad_by_direction (in a bidirectional
+structure: {forward|reverse: {t, step}}, where each direction first departs in its own reading order),
+rtol, atol, atol_scale, tolerance_dtype, tolerance_factors (what rtol and atol above were multiplied by,
+by reason), reason, traceback, case {T, B, D, H, dtype, seed, spec, and for a structured case structure
+(harness.structure.Structure.to_dict()) and lengths}, error_map {quantity, panels}, examples,
 case_file, replay, message. NaN is written as null and infinity as +-1e300 (strict JSON).
 """
 
