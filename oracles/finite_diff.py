@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.cases import Case
+from harness.structure import FEATURES
 from oracles.base import Oracle, Projection, Reference
 from oracles.equations import lstm_forward, objective
 
@@ -104,6 +105,72 @@ class Moves:
         return batch
 
 
+def _clipped(c: np.ndarray, valid: np.ndarray | None, clip: float) -> np.ndarray:
+    """Which cells of a step the clip cuts (only at steps that exist)."""
+    out = np.abs(c) > clip
+    return out if valid is None else out & valid
+
+
+class _Crossings:
+    """Collects the clipped cells of an evaluation (the equations' ``clipped`` hook) and tells, per
+    evaluation, whether they differ from the case's own: then that point lies across a kink of L.
+
+    ``base``: the case's masks, step by step (None: no clip, nothing to collect). ``rows``: the
+    evaluations are batch rows (E * B', H) and ``base`` holds the matching (E, B', H) masks."""
+
+    def __init__(self, base: list[np.ndarray] | None, E: int, clip: float | None, *, rows: bool = False):
+        self.base, self.E, self.clip, self.rows = base, E, clip, rows
+        self.seen: list[np.ndarray] = []
+
+    @property
+    def hook(self) -> Callable[[np.ndarray, np.ndarray | None], object] | None:
+        if self.base is None or self.clip is None:
+            return None
+        clip = self.clip
+        return lambda c, valid: self.seen.append(_clipped(c, valid, clip))
+
+    def any(self) -> np.ndarray:
+        """(E,) bool: the evaluations where another set of cells was clipped."""
+        out = np.zeros(self.E, dtype=bool)
+        for mask, own in zip(self.seen, self.base or [], strict=True):
+            if self.rows:
+                out |= (mask != own.reshape(mask.shape)).reshape(self.E, -1).any(axis=1)
+                continue
+            diff = mask != own
+            if diff.ndim > own.ndim:  # this cell saw the moved input: (E, ..., B, H)
+                out |= diff.reshape(self.E, -1).any(axis=1)
+            elif diff.any():
+                out[:] = True
+        return out
+
+
+def _unread(case: Case) -> dict[str, np.ndarray]:
+    """The coordinates the equations never read, by input (bool masks, only inputs that have some):
+    x at the steps t >= lengths[b] that do not exist, and under CIFG every cell's forget-gate block of
+    W, R and b, its forget peephole p_f, and its LayerNorm row f of gamma and beta. L's derivative
+    along each of them is exactly 0 by construction."""
+    s, out = case.structure, {}
+    if case.lengths is not None:
+        padded = np.arange(case.T)[:, None] >= case.lengths[None, :]  # (T, B)
+        if padded.any():
+            out["x"] = np.broadcast_to(padded[:, :, None], case.x.shape).copy()
+    if s.coupled_input_forget:
+        H = case.H
+        for _layer, _direction, prefix in s.cells():
+            for bare in ("W", "R", "b", "p_f", "gamma", "beta"):
+                if prefix + bare not in case.params:
+                    continue
+                m = np.zeros(case.params[prefix + bare].shape, dtype=bool)
+                if bare == "p_f":
+                    m[:] = True
+                elif bare in ("gamma", "beta"):
+                    m[1] = True  # rows i, f, g, o, c
+                else:
+                    m[H : 2 * H] = True  # gate blocks i, f, g, o
+                out[prefix + bare] = m
+    return out
+
+
 class FiniteDifferenceOracle(Oracle):
     """Central differences of any forward function, in float64.
 
@@ -121,6 +188,7 @@ class FiniteDifferenceOracle(Oracle):
     description = "central differences of the LSTM equations in float64 (Richardson-extrapolated)"
     variants = ("vanilla", "peephole", "layernorm")
     compute_dtypes = ("float64",)
+    structures = frozenset(FEATURES)
 
     def __init__(
         self,
@@ -145,31 +213,87 @@ class FiniteDifferenceOracle(Oracle):
         self.seed = seed
         if name:
             self.name = name
+        # Per reference, with a cell clip: the case's clipped cells step by step, the perturbed points
+        # found across a clip boundary, and the cells' smallest distance from it.
+        self._clip_base: list[np.ndarray] | None = None
+        self._crossed = 0
+        self._margin = np.inf
 
     def reference(self, case: Case) -> Reference:
+        why = self.unsupported_reason(case.variant, case.dtype, case.structure)
+        if why:
+            raise ValueError(f"case: {why}")
         c = case.astype("float64")
-        y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
+        clip = c.structure.cell_clip
+        self._clip_base, self._crossed, self._margin = None, 0, np.inf
+        if clip is not None and self._own:
+            seen: list[tuple[np.ndarray, np.ndarray | None]] = []
+            y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params, clipped=lambda v, ok: seen.append((v, ok)))
+            self._clip_base = [_clipped(v, ok, clip) for v, ok in seen]
+            self._margin = min(float(np.abs(np.abs(v) - clip)[np.broadcast_to(True if ok is None else ok, v.shape)].min())
+                               for v, ok in seen)
+        else:
+            y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
         arrays = c.arrays()
         n = sum(a.size for a in arrays.values())
+        unread = _unread(c)
         ref = Reference(compute_dtype="float64", outputs={"y": y, "h_T": h_T, "c_T": c_T})
         if n <= self.full_limit:
-            ref.gradients, ref.gradient_error = self._full_gradient(c, arrays)
-            ref.notes = f"whole gradient by central differences along all {n} coordinates"
+            ref.gradients, ref.gradient_error = self._full_gradient(c, arrays, unread)
+            notes = [f"whole gradient by central differences along all {n} coordinates"]
+            unresolved = sum(int(np.isinf(e).sum()) for e in ref.gradient_error.values())
         else:
-            ref.projections = self._projections(c, arrays)
-            ref.notes = f"{self.directions} random directions per input ({n} coordinates in all)"
+            ref.projections = self._projections(c, arrays, unread)
+            notes = [f"{self.directions} random directions per input ({n} coordinates in all)"]
+            unresolved = sum(int(np.isinf(p.error_bound).sum()) for p in ref.projections.values())
+        if unread:
+            notes.append("exactly 0 by construction, not differenced: "
+                         + ", ".join(f"{int(m.sum())} of {k}" for k, m in unread.items())
+                         + (" (one more direction each, on those coordinates alone)" if ref.projections else ""))
+        if clip is not None:
+            notes.append(self._clip_note(c, clip, unresolved))
+        ref.notes = "; ".join(notes)
         return ref
 
-    def _forward(self, case: Case, x: np.ndarray, h0: np.ndarray, c0: np.ndarray,
-                 params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.forward(case.variant, x, h0, c0, params, ln_eps=case.ln_eps)
+    @property
+    def _own(self) -> bool:
+        """Whether the forward is this module's equations (which report the clipped cells)."""
+        return self.forward is lstm_forward
+
+    def _clip_note(self, case: Case, clip: float, unresolved: int) -> str:
+        """What the clip did to the differences: the margin of the cells from the boundary, the ladder
+        points that crossed it (left out) and the values no remaining step resolved (bound infinite)."""
+        if self._clip_base is None:
+            return "cell_clip: a user's forward does not report clipped cells; differences across the clip " \
+                   "boundary are not detected"
+        text = f"cell_clip={clip:g}: the cells of existing steps are at least {self._margin:.3g} from the boundary"
+        if self._crossed:
+            text += (f"; {self._crossed} perturbed points crossed it (their differences are left out; "
+                     f"{unresolved} values with no step left are unbounded, left to the other oracles)")
+        return text
+
+    def _forward(self, case: Case, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: dict[str, np.ndarray],
+                 lengths: np.ndarray | None = None, clipped: Callable[[np.ndarray], object] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The forward on these arrays. The structure and lengths (``lengths`` when given: rows picked
+        by the row evaluation) are passed only to a structured case's forward, so that a user's
+        forward of the plain LSTM keeps its signature; ``clipped`` only to the equations."""
+        extra: dict[str, object] = {}
+        if not case.structure.is_default:
+            extra = {"structure": case.structure, "lengths": case.lengths if lengths is None else lengths}
+        if clipped is not None:
+            extra["clipped"] = clipped
+        return self.forward(case.variant, x, h0, c0, params, ln_eps=case.ln_eps, **extra)
 
     def _objective(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
-        """L and sum |terms of L| at every point of ``moves``, each (n,), evaluated in chunks."""
+        """L and sum |terms of L| at every point of ``moves``, each (n,), evaluated in chunks.
+
+        With a clip, a point where another set of cells is clipped than at the case itself has
+        crossed the clip's kink: its L is NaN, which :meth:`_differences` leaves out."""
         values = np.empty(len(moves))
         magnitudes = np.empty(len(moves))
         # ``chunk`` counts batch rows: a coordinate move of x, h0 or c0 is one row, any other move B.
-        own_row = moves.key in _ROW_KEYS and moves.index is not None and self.forward is lstm_forward
+        own_row = moves.key in _ROW_KEYS and moves.index is not None and self._own
         size = max(1, self.chunk // (1 if own_row else case.B)) if self.batched else 1
         for start in range(0, len(moves), size):
             part = slice(start, start + size)
@@ -181,49 +305,78 @@ class FiniteDifferenceOracle(Oracle):
         base = case.arrays()
         E = len(moves)
         perturbed = moves.apply(base[moves.key])  # (E, *shape of the input)
+        nd = case.h0.ndim
         if not self.batched:
             L, M = np.empty(E), np.empty(E)
             for e in range(E):
                 a = {**base, moves.key: perturbed[e]}
-                y, h_T, c_T = (np.asarray(o, np.float64) for o in
-                               self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params})[:3])
-                L[e], M[e] = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T)
+                crossed = _Crossings(self._clip_base, 1, case.structure.cell_clip)
+                y, h_T, c_T = (np.asarray(o, np.float64) for o in self._forward(
+                    case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, clipped=crossed.hook)[:3])
+                L[e], M[e] = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
+                L[e] = np.nan if crossed.any()[0] else L[e]
+            self._crossed += int(np.isnan(L).sum())
             return L, M
-        if moves.key in _ROW_KEYS and self.forward is lstm_forward:
+        if moves.key in _ROW_KEYS and self._own:
             return self._evaluate_rows(case, moves, perturbed)
         # Only the moved input carries the evaluation axis; the others are shared by broadcasting.
         a = {**base, moves.key: perturbed}
-        y, h_T, c_T = self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params})
-        L, M = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T)
-        return np.broadcast_to(L, (E,)), np.broadcast_to(M, (E,))
+        crossed = _Crossings(self._clip_base, E, case.structure.cell_clip)
+        y, h_T, c_T = self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params},
+                                    clipped=crossed.hook)
+        L, M = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
+        return self._drop_crossed(np.broadcast_to(L, (E,)), crossed.any()), np.broadcast_to(M, (E,))
+
+    def _drop_crossed(self, L: np.ndarray, crossed: np.ndarray) -> np.ndarray:
+        if crossed.any():
+            self._crossed += int(crossed.sum())
+            return np.where(crossed, np.nan, L)
+        return L
 
     def _evaluate_rows(self, case: Case, moves: Moves, perturbed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Moves of x, h0 or c0 as the batch rows of one forward, with the weights shared.
 
         Every evaluation becomes B' rows of one batch of E * B' rows, so that each time step is one
         matrix product for all of them. Batch rows never meet in the LSTM equations (LayerNorm
-        normalizes over the H units of a row), so a coordinate move, which changes one row b, is
-        evaluated on that row alone (B' = 1): the terms of L from the other rows are the same at
-        both points of a central difference and cancel in it exactly, so leaving them out changes
-        the quotient by rounding only, and the rounding term, from sum |terms| of that row's L,
-        shrinks with it. A random direction moves every row (B' = B).
+        normalizes over the H units of a row; every layer and direction keeps its rows apart), so a
+        coordinate move, which changes one row b, is evaluated on that row alone (B' = 1): the terms
+        of L from the other rows are the same at both points of a central difference and cancel in
+        it exactly, so leaving them out changes the quotient by rounding only, and the rounding term,
+        from sum |terms| of that row's L, shrinks with it. A random direction moves every row (B' = B).
+        The states' batch axis is their second last ((B, H) or, layered, (L * dirs, B, H)); a row's
+        length goes with it.
         """
-        E, T, B, D, H = len(moves), case.T, case.B, case.D, case.H
+        E, T, B, D = len(moves), case.T, case.B, case.D
         if moves.index is not None:
-            axis = 1 if moves.key == "x" else 0  # the batch axis of x (T, B, D); of h0, c0 (B, H)
-            rows = np.unravel_index(moves.index, case.arrays()[moves.key].shape)[axis][:, None]  # (E, 1)
+            shape = case.arrays()[moves.key].shape
+            axis = 1 if moves.key == "x" else len(shape) - 2  # the batch axis of x (T, B, D); of the states
+            rows = np.unravel_index(moves.index, shape)[axis][:, None]  # (E, 1)
         else:
             rows = np.broadcast_to(np.arange(B), (E, B))  # (E, B)
         Bp = rows.shape[1]
         e = np.arange(E)[:, None]  # (E, 1)
+
+        def states(key: str) -> np.ndarray:  # (..., E * B', features), this input's rows
+            if moves.key == key:  # (E, ..., B, F) -> (E, B', ..., F) -> (..., E, B', F)
+                own = np.moveaxis(np.moveaxis(perturbed, -2, 1)[e, rows], (0, 1), (-3, -2))
+            else:
+                own = case.arrays()[key][..., rows, :]  # (..., E, B', features)
+            return own.reshape(*own.shape[:-3], E * Bp, own.shape[-1])
+
         x = perturbed[e, :, rows] if moves.key == "x" else case.x[:, rows].transpose(1, 2, 0, 3)  # (E, B', T, D)
-        h0 = perturbed[e, rows] if moves.key == "h0" else case.h0[rows]  # (E, B', H)
-        c0 = perturbed[e, rows] if moves.key == "c0" else case.c0[rows]  # (E, B', H)
         x = x.transpose(2, 0, 1, 3).reshape(T, E * Bp, D)  # (T, E * B', D)
-        y, h_T, c_T = self._forward(case, x, h0.reshape(E * Bp, H), c0.reshape(E * Bp, H), case.params)
-        y = y.reshape(T, E, Bp, H).transpose(1, 0, 2, 3)  # (E, T, B', H)
-        dy = case.dy[:, rows].transpose(1, 0, 2, 3)  # (E, T, B', H)
-        return objective(y, h_T.reshape(E, Bp, H), c_T.reshape(E, Bp, H), dy, case.dh_T[rows], case.dc_T[rows])
+        lengths = None if case.lengths is None else case.lengths[rows].reshape(E * Bp)
+        crossed = _Crossings(None if self._clip_base is None else [m[..., rows, :] for m in self._clip_base], E,
+                             case.structure.cell_clip, rows=True)
+        y, h_T, c_T = self._forward(case, x, states("h0"), states("c0"), case.params, lengths=lengths,
+                                    clipped=crossed.hook)
+
+        def split(a: np.ndarray) -> np.ndarray:  # (..., E * B', F) -> (E, ..., B', F)
+            return np.moveaxis(a.reshape(*a.shape[:-2], E, Bp, a.shape[-1]), -3, 0)
+
+        dy, dh_T, dc_T = (np.moveaxis(u[..., rows, :], -3, 0) for u in case.upstream)  # (E, ..., B', F)
+        L, M = objective(split(y), split(h_T), split(c_T), dy, dh_T, dc_T, state_ndim=case.h0.ndim)
+        return self._drop_crossed(L, crossed.any()), M
 
     def _differences(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
         """For each move (step h): the best Richardson value on the step ladder and its error bound.
@@ -257,7 +410,8 @@ class FiniteDifferenceOracle(Oracle):
         def richardson() -> tuple[np.ndarray, np.ndarray]:
             D = (L[..., 0] - L[..., 1]) / (2 * steps)  # (n, LADDER), NaN on rungs not evaluated
             R = (4 * D[:, 1:] - D[:, :-1]) / 3  # (n, LADDER - 1)
-            rounding = 2 * EPS64 * M[:, None] * 4 * (case.T + 1) / steps[:, 1:]  # 1.5 eps_L / s_{k+1}, margin
+            depth = case.structure.num_layers * case.T + 1  # the steps a rounding error passes through
+            rounding = 2 * EPS64 * M[:, None] * 4 * depth / steps[:, 1:]  # 1.5 eps_L / s_{k+1}, margin
             return R, rounding
 
         evaluate(np.arange(n), range(FIRST_RUNGS))
@@ -273,29 +427,44 @@ class FiniteDifferenceOracle(Oracle):
         total = np.full(R.shape, np.inf)
         total[:, 1:-1] = np.maximum(jumps[:, :-1], jumps[:, 1:]) + rounding[:, 1:-1]
         total[settled, 2:] = np.inf  # not evaluated, and provably not better than R_1
+        total[np.isnan(total)] = np.inf  # a rung across a clip boundary (its L is NaN) is never kept
         best = np.argmin(total, axis=1)
         rows = np.arange(n)
         # The neighbour disagreement is itself an estimate; a factor of 2 covers its own error
         # (measured: one near-constant LayerNorm case came to 1.002 times the unfactored bound).
-        return R[rows, best], 2.0 * total[rows, best]
+        bound = 2.0 * total[rows, best]
+        # No rung left where every point crossed a clip boundary: an unbounded value, never a false alarm.
+        return np.where(np.isinf(bound), 0.0, R[rows, best]), bound
 
-    def _full_gradient(self, case: Case, arrays: dict[str, np.ndarray]
+    def _full_gradient(self, case: Case, arrays: dict[str, np.ndarray], unread: dict[str, np.ndarray]
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every coordinate's derivative and bound; those never read are exactly 0 (bound 0)."""
         grads, errors = {}, {}
         for key, a in arrays.items():
-            # The step is scaled by max(1, |p_j|) but the difference quotient divides it back out,
-            # so value and bound are already per unit of p_j.
-            step = STEP * np.maximum(1.0, np.abs(a.ravel()))  # (a.size,)
-            value, bound = self._differences(case, Moves(key, step, index=np.arange(a.size)))
-            grads[key], errors[key] = value.reshape(a.shape), bound.reshape(a.shape)
+            index = np.flatnonzero(~unread[key].ravel()) if key in unread else np.arange(a.size)
+            grad, error = np.zeros(a.size), np.zeros(a.size)
+            if index.size:
+                # The step is scaled by max(1, |p_j|) but the difference quotient divides it back out,
+                # so value and bound are already per unit of p_j.
+                step = STEP * np.maximum(1.0, np.abs(a.ravel()[index]))  # (index.size,)
+                grad[index], error[index] = self._differences(case, Moves(key, step, index=index))
+            grads[key], errors[key] = grad.reshape(a.shape), error.reshape(a.shape)
         return grads, errors
 
-    def _projections(self, case: Case, arrays: dict[str, np.ndarray]) -> dict[str, Projection]:
+    def _projections(self, case: Case, arrays: dict[str, np.ndarray], unread: dict[str, np.ndarray]
+                     ) -> dict[str, Projection]:
+        """``directions`` random directions per input, differenced. An input with coordinates the
+        equations never read gets one more direction, on those coordinates alone, whose derivative is
+        exactly 0 (bound 0): a backward that leaks anything there (dx at padded steps, a CIFG forget
+        block) is compared with 0, not lost among the other coordinates."""
         rng = np.random.default_rng(self.seed)
         out = {}
         for key, a in arrays.items():
             scale = max(1.0, float(np.sqrt(np.mean(a**2))))
             v = rng.standard_normal((self.directions,) + a.shape)  # (K, *shape)
             value, bound = self._differences(case, Moves(key, np.full(self.directions, STEP * scale), directions=v))
+            if key in unread:
+                zero = np.where(unread[key], rng.standard_normal(a.shape), 0.0)[None]  # (1, *shape)
+                v, value, bound = np.concatenate([v, zero]), np.append(value, 0.0), np.append(bound, 0.0)
             out[key] = Projection(v, value, bound)
         return out

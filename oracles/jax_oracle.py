@@ -50,6 +50,7 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import VARIANTS, ArraySpec, gradient_keys, input_specs, output_specs
+from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
 
 __all__ = ["JaxCompositeOracle", "FLOORS", "bucket", "bucket_sizes", "compilations"]
@@ -62,7 +63,11 @@ FLOORS: dict[str, int] = {"T": 16, "B": 8, "D": 16, "H": 16}
 #: How many times each (variant, T, B, D, H) bucket was traced, i.e. compiled. Tests read it.
 _TRACES: Counter[tuple[str, int, int, int, int]] = Counter()
 
+#: The same for structured cases: (variant, structure described, T, B, D, H) as compiled.
+_STRUCTURED_TRACES: Counter[tuple[str, str, int, int, int, int]] = Counter()
+
 _JITTED: Any = None  # the jitted bucketed function, built on first use (JAX is imported lazily)
+_LAYERED_JIT: list[Any] = [None]  # the jitted function of structured cases, likewise
 
 
 def bucket(n: int, floor: int) -> int:
@@ -79,7 +84,8 @@ def bucket_sizes(T: int, B: int, D: int, H: int) -> dict[str, int]:
 
 def compilations(variant: str | None = None) -> int:
     """How many buckets have been compiled in this process (for ``variant``, or all)."""
-    return sum(n for key, n in _TRACES.items() if variant is None or key[0] == variant)
+    return (sum(n for key, n in _TRACES.items() if variant is None or key[0] == variant)
+            + sum(n for skey, n in _STRUCTURED_TRACES.items() if variant is None or skey[0] == variant))
 
 
 def _jax() -> tuple[Any, Any]:
@@ -95,34 +101,46 @@ def _jax() -> tuple[Any, Any]:
 
 
 def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
-          norm: Callable[[Any, int], Any]) -> tuple[Any, Any]:
-    """One step of the contract's equations: x_t (B, D), h, c (B, H) -> h_t, c_t (B, H).
+          norm: Callable[[Any, int], Any], *, cifg: bool = False, clip: float | None = None) -> tuple[Any, Any]:
+    """One step of the contract's equations: x_t (B, D), h (B, H_out), c (B, H) -> h_t, c_t.
 
-    ``norm(v, k)`` is LayerNorm with row k of gamma and beta (rows i, f, g, o, c).
+    ``norm(v, k)`` is LayerNorm with row k of gamma and beta (rows i, f, g, o, c). ``p`` may hold
+    ``proj`` (P, H): h_t = proj @ (o * tanh(c_t)). ``cifg``: f = 1 - i (the forget block is never
+    read, so its gradient is exactly 0). ``clip``: c_t = clip(c_t, -clip, clip) by ``jnp.clip``, whose
+    gradient is 0 where the value is cut (at exactly the boundary JAX splits it; the cases keep cells
+    away from the boundary by a margin, so no cell sits there).
     """
-    H = h.shape[-1]
+    H = c.shape[-1]
 
     def sigmoid(v):
         return 0.5 * (1.0 + jnp.tanh(0.5 * v))
+
+    def clipped(v):
+        return v if clip is None else jnp.clip(v, -clip, clip)
 
     z = x_t @ p["W"].T + h @ p["R"].T  # (B, 4H)
     if variant != "layernorm":
         z = z + p["b"]
     z_i, z_f, z_g, z_o = (z[:, k * H : (k + 1) * H] for k in range(4))  # (B, H) each
     if variant == "vanilla":
-        i, f, g = sigmoid(z_i), sigmoid(z_f), jnp.tanh(z_g)
-        c = f * c + i * g
+        i, g = sigmoid(z_i), jnp.tanh(z_g)
+        f = 1.0 - i if cifg else sigmoid(z_f)
+        c = clipped(f * c + i * g)
         o = sigmoid(z_o)
     elif variant == "peephole":
         i = sigmoid(z_i + p["p_i"] * c)
-        f = sigmoid(z_f + p["p_f"] * c)
-        c = f * c + i * jnp.tanh(z_g)
+        f = 1.0 - i if cifg else sigmoid(z_f + p["p_f"] * c)
+        c = clipped(f * c + i * jnp.tanh(z_g))
         o = sigmoid(z_o + p["p_o"] * c)  # the output gate sees the new cell state
     else:
-        i, f = sigmoid(norm(z_i, 0)), sigmoid(norm(z_f, 1))
+        i = sigmoid(norm(z_i, 0))
+        f = 1.0 - i if cifg else sigmoid(norm(z_f, 1))
         g, o = jnp.tanh(norm(z_g, 2)), sigmoid(norm(z_o, 3))
         c = norm(f * c + i * g, 4)  # the normalized cell is carried forward
-    return o * jnp.tanh(c), c
+    h = o * jnp.tanh(c)
+    if "proj" in p:
+        h = h @ p["proj"].T
+    return h, c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +257,110 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
             {k: _unpad(g, specs[k], real, padded) for k, g in grads.items()})
 
 
+# ----------------------------------------------------------------------------------------------
+# A layer structure (layers, directions, lengths, projection, CIFG, clip): the cells of
+# Structure.cells() around the same step, scanned over time; bucketed in T and B only.
+
+
+def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
+                     ln_eps: Any):
+    """-> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
+
+    ``lengths`` (B,): steps t >= lengths[b] do not exist for row b; there the state is kept (a ``where``)
+    and y is 0. The reverse direction reads each row's valid steps backwards through a per-row index
+    gather, idx[s, b] = lengths[b] - 1 - s for s < lengths[b] (else s: a permutation of each row's
+    steps), scans them like the forward direction, and gathers its outputs back with the same index.
+    """
+    T = a["x"].shape[0]
+    s = jnp.arange(T)[:, None]  # (T, 1)
+    valid = s < lengths[None, :]  # (T, B)
+    idx = jnp.where(valid, lengths[None, :] - 1 - s, s)[:, :, None]  # (T, B, 1)
+    inp, h_T, c_T = a["x"], [], []
+    for layer in range(structure.num_layers):
+        ys = []
+        for _layer, direction, prefix in structure.cells()[layer * structure.dirs : (layer + 1) * structure.dirs]:
+            p = {k[len(prefix):]: v for k, v in a.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            k = len(h_T)
+            h0, c0 = (a["h0"][k], a["c0"][k]) if structure.layered else (a["h0"], a["c0"])
+
+            def norm(v, row, p=p):  # biased variance over the H units, eps inside the root
+                mean = v.mean(axis=-1, keepdims=True)
+                var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
+                return (v - mean) / jnp.sqrt(var + ln_eps) * p["gamma"][row] + p["beta"][row]
+
+            def step(carry, inputs, p=p, norm=norm):
+                h, c = carry
+                x_t, ok = inputs
+                h_new, c_new = _cell(jnp, variant, p, x_t, h, c, norm, cifg=structure.coupled_input_forget,
+                                     clip=structure.cell_clip)
+                ok = ok[:, None]
+                return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
+
+            seq = jnp.take_along_axis(inp, idx, axis=0) if direction else inp
+            (h, c), y = jax.lax.scan(step, (h0, c0), (seq, valid))
+            ys.append(jnp.take_along_axis(y, idx, axis=0) if direction else y)
+            h_T.append(h)
+            c_T.append(c)
+        inp = jnp.concatenate(ys, axis=-1) if len(ys) > 1 else ys[0]
+    if not structure.layered:
+        return inp, h_T[0], c_T[0]
+    return inp, jnp.stack(h_T), jnp.stack(c_T)
+
+
+def _layered_vjp(variant: str, structure: Structure, arrays: dict[str, Any], upstream: tuple[Any, Any, Any],
+                 lengths: Any, ln_eps: Any):
+    jax, jnp = _jax()
+    T, B, D = arrays["x"].shape
+    _STRUCTURED_TRACES[(variant, structure.describe(), T, B, D, arrays["c0"].shape[-1])] += 1
+    outputs, vjp = jax.vjp(lambda a: _layered_forward(jax, jnp, variant, structure, a, lengths, ln_eps), arrays)
+    (grads,) = vjp(upstream)
+    return outputs, grads
+
+
+def _layered(case: Case, *, bucketed: bool) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
+    """A structured case, eager on its exact shapes, or compiled per (variant, structure, bucket of T
+    and B, D, H): padded steps are steps past every row's length; padded rows (length 1, zero inputs,
+    states and cotangents) are independent of the real ones and add exact zeros to the gradients."""
+    jax, jnp = _jax()
+    T, B = case.T, case.B
+    lengths = np.full(B, T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
+    arrays, upstream = case.arrays(), case.upstream
+    if not bucketed:
+        fn = lambda a: _layered_forward(jax, jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
+                                        case.ln_eps)
+        outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in arrays.items()})
+        (grads,) = vjp(tuple(jnp.asarray(u) for u in upstream))
+        return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
+    Tb, Bb = bucket(T, FLOORS["T"]), bucket(B, FLOORS["B"])
+
+    def pad(a: np.ndarray, t_axis: int | None) -> np.ndarray:  # zeros after the real steps and rows
+        widths = [(0, 0)] * a.ndim
+        if t_axis is not None:
+            widths[t_axis] = (0, Tb - T)
+        widths[-2] = (0, Bb - B)  # every batched array has its rows second last
+        return np.pad(a, widths)
+
+    padded = {k: (pad(v, 0) if k == "x" else pad(v, None) if k in ("h0", "c0") else v) for k, v in arrays.items()}
+    up = (pad(upstream[0], 0), pad(upstream[1], None), pad(upstream[2], None))
+    lens = np.concatenate([lengths, np.ones(Bb - B, dtype=np.int64)])
+    if _LAYERED_JIT[0] is None:
+        _LAYERED_JIT[0] = jax.jit(_layered_vjp, static_argnames=("variant", "structure"))
+    outputs, grads = _LAYERED_JIT[0](case.variant, case.structure, padded, up, lens, np.float64(case.ln_eps))
+
+    def cut(a: Any, t_axis: int | None) -> np.ndarray:
+        a = np.asarray(a)
+        index: list[slice] = [slice(None)] * a.ndim
+        if t_axis is not None:
+            index[t_axis] = slice(0, T)
+        index[-2] = slice(0, B)
+        return np.ascontiguousarray(a[tuple(index)])
+
+    y, h_T, c_T = outputs
+    out = (cut(y, 0), cut(h_T, None), cut(c_T, None))
+    return out, {k: (cut(g, 0) if k == "x" else cut(g, None) if k in ("h0", "c0") else np.asarray(g))
+                 for k, g in grads.items()}
+
+
 class JaxCompositeOracle(Oracle):
     """Every variant in jax.numpy, float64, vector-Jacobian products by ``jax.vjp``.
 
@@ -249,6 +371,7 @@ class JaxCompositeOracle(Oracle):
     description = "LSTM equations in jax.numpy, float64 (jax_enable_x64), gradients by jax.vjp"
     variants = ("vanilla", "peephole", "layernorm")
     compute_dtypes = ("float64",)
+    structures = frozenset(FEATURES)
 
     def __init__(self, *, bucketed: bool = True):
         if not isinstance(bucketed, bool):
@@ -259,18 +382,28 @@ class JaxCompositeOracle(Oracle):
         return module_available("jax", "jaxlib")
 
     def reference(self, case: Case) -> Reference:
-        why = self.unsupported_reason(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype, case.structure)
         if why:
             raise ValueError(f"case: {why}")
         c = case.astype("float64")
         jax, _ = _jax()
+        structured = not c.structure.is_default or c.lengths is not None
         with jax.default_device(jax.devices("cpu")[0]):
-            (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
-        how = ("jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)" if self.bucketed
-               else "eager on the exact shapes")
+            if structured:
+                (y, h_T, c_T), grads = _layered(c, bucketed=self.bucketed)
+            else:
+                (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
+        if not self.bucketed:
+            how = "eager on the exact shapes"
+        elif structured:
+            how = (f"{c.structure.describe() or 'lengths'}, jit-compiled per structure and bucket of T and B "
+                   f"(exact: padded steps and rows add only zeros)")
+        else:
+            how = "jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)"
+        keys = list(c.arrays()) if structured else gradient_keys(c.variant)
         return Reference(
             compute_dtype="float64",
             outputs={"y": y, "h_T": h_T, "c_T": c_T},
-            gradients={k: grads[k] for k in gradient_keys(c.variant)},
+            gradients={k: grads[k] for k in keys},
             notes=f"jax.numpy in float64, {how}, jax.vjp",
         )

@@ -268,3 +268,288 @@ def test_layernorm_row_sums_by_einsum_leave_the_bounds_as_wide_as_by_mean(spec, 
         assert np.all(np.abs(ours.gradients[key] - before.gradients[key]) <= 0.1 * bound), key
         assert ours.gradient_error[key].sum() <= 1.01 * bound.sum(), key
         assert np.all(ours.gradient_error[key] <= 1.25 * bound), key
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole LSTM layer: stacked layers, both directions, lengths, projection, CIFG, clip
+
+from harness.structure import FEATURES, Structure  # noqa: E402
+from oracles import finite_diff  # noqa: E402
+from tests.structured import structured_case  # noqa: E402
+from tests.torch_layer import torch_reference  # noqa: E402
+
+#: Structures torch.nn.LSTM computes (CIFG as a vanilla cell whose forget rows are minus its input rows).
+TORCH_STRUCTURES = {
+    "layers": Structure(num_layers=2),
+    "bidirectional": Structure(bidirectional=True),
+    "lengths": Structure(lengths=True),
+    "proj": Structure(proj_size=2),
+    "cifg": Structure(coupled_input_forget=True),
+    "all": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True),
+    "three-layers-reverse-lengths": Structure(num_layers=3, bidirectional=True, lengths=True),
+}
+
+
+def beyond_bound(value, expected, bound, *, rel=1e-12):
+    """Where |value - expected| exceeds the oracle's bound plus rounding of the expected value's own size."""
+    return np.abs(value - expected) > bound + rel * np.maximum(1.0, np.abs(expected))
+
+
+def test_the_oracle_computes_every_structure_feature():
+    fd = FiniteDifferenceOracle()
+    assert fd.structures == frozenset(FEATURES)
+    everything = Structure(num_layers=2, bidirectional=True, proj_size=2, coupled_input_forget=True, cell_clip=3.0,
+                           lengths=True)
+    assert fd.unsupported_reason("peephole", "float32", everything) is None
+    with pytest.raises(ValueError, match="structure: proj_size: a projection is not defined for the layernorm"):
+        fd.reference(structured_case(Structure(proj_size=2), variant="layernorm"))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(TORCH_STRUCTURES))
+def test_whole_gradient_matches_torch_lstm_within_its_bound(name, dtype):
+    case = structured_case(TORCH_STRUCTURES[name], dtype=dtype, T=5, B=3, D=3, H=3, seed=4,
+                           lengths=[2, 5, 1] if TORCH_STRUCTURES[name].lengths else None)
+    outputs, grads = torch_reference(case)  # on the float64 upcast of the same numbers
+    ref = FiniteDifferenceOracle().reference(case)
+    assert ref.gradients is not None and set(ref.gradients) == set(case.arrays()) == set(grads)
+    for q, value in outputs.items():
+        np.testing.assert_allclose(ref.outputs[q], value, rtol=0, atol=1e-13, err_msg=q)
+    for key, g in grads.items():
+        assert not beyond_bound(ref.gradients[key], g, ref.gradient_error[key]).any(), key
+        assert ref.gradient_error[key].max() < 1e-6, key  # tight enough to catch a real error
+
+
+@pytest.mark.parametrize("name", ["all", "lengths"])
+def test_projections_match_torch_lstm_within_their_bound(name):
+    case = structured_case(TORCH_STRUCTURES[name], T=4, B=3, D=3, H=3, seed=5, lengths=[4, 1, 3])
+    _, grads = torch_reference(case)
+    ref = FiniteDifferenceOracle(full_limit=0, directions=3).reference(case)
+    assert set(ref.projections) == set(grads)
+    for key, g in grads.items():
+        p = ref.projections[key]
+        exact = np.tensordot(p.directions, g, axes=g.ndim)
+        assert not beyond_bound(p.values, exact, p.error_bound).any(), key
+    # x has padded steps: one more direction, on them alone, with derivative exactly 0
+    p = ref.projections["x"]
+    assert len(p.values) == 4 and p.values[-1] == 0.0 and p.error_bound[-1] == 0.0
+    padded = np.arange(case.T)[:, None] >= case.lengths[None, :]  # (T, B)
+    assert np.all(p.directions[-1][~padded] == 0.0) and np.all(p.directions[-1][padded] != 0.0)
+
+
+def test_padded_steps_of_x_are_exactly_zero_and_differencing_them_agrees(monkeypatch):
+    """The oracle does not difference x where no step exists (the equations never read it: exactly 0,
+    bound 0); differenced anyway, every quotient there is exactly 0 too, as the masks make L bitwise
+    independent of those coordinates."""
+    case = structured_case(Structure(bidirectional=True, lengths=True), T=5, B=3, D=2, H=3, seed=6,
+                           lengths=[3, 5, 1])
+    padded = np.arange(5)[:, None] >= case.lengths[None, :]
+    ref = FiniteDifferenceOracle().reference(case)
+    assert np.all(ref.gradients["x"][padded] == 0.0) and np.all(ref.gradient_error["x"][padded] == 0.0)
+    assert np.all(ref.gradients["x"][~padded] != 0.0)
+    assert "exactly 0 by construction, not differenced: 12 of x" in ref.notes
+    monkeypatch.setattr(finite_diff, "_unread", lambda case: {})
+    differenced = FiniteDifferenceOracle().reference(case)
+    assert np.all(differenced.gradients["x"][padded] == 0.0)
+    np.testing.assert_array_equal(differenced.gradients["x"][~padded], ref.gradients["x"][~padded])
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "peephole", "layernorm"])
+def test_cifg_forget_block_gradient_is_exactly_zero_and_the_rest_is_differenced(variant):
+    s = Structure(bidirectional=True, coupled_input_forget=True)
+    case = structured_case(s, variant=variant, T=3, B=2, D=2, H=3, seed=7)
+    ref = FiniteDifferenceOracle().reference(case)
+    H = case.H
+    for prefix in ("l0.", "l0.reverse."):
+        for bare in ("W", "R", "b"):
+            if prefix + bare in ref.gradients:
+                g = ref.gradients[prefix + bare]
+                assert np.all(g[H : 2 * H] == 0) and np.all(ref.gradient_error[prefix + bare][H : 2 * H] == 0)
+                assert np.abs(g[:H]).min() > 0 and np.abs(g[2 * H :]).min() > 0
+        if variant == "peephole":
+            assert np.all(ref.gradients[prefix + "p_f"] == 0)
+        if variant == "layernorm":
+            assert np.all(ref.gradients[prefix + "gamma"][1] == 0) and np.all(ref.gradients[prefix + "beta"][1] == 0)
+            assert np.abs(ref.gradients[prefix + "gamma"][[0, 2, 3, 4]]).min() > 0
+
+
+def _clip_case(clip, *, T=1, seed=8, variant="vanilla"):
+    return structured_case(Structure(cell_clip=clip), variant=variant, T=T, B=3, D=2, H=4, seed=seed,
+                           weight_scale=3.0)
+
+
+def _pre_clip_cells(case):
+    """The cell states before the clip (or where it would be), step by step, from the equations' hook."""
+    seen = []
+    lstm_forward(case.variant, case.x, case.h0, case.c0, case.params,
+                 structure=case.structure.replace(cell_clip=case.structure.cell_clip or 1e300),
+                 clipped=lambda c, valid: seen.append(c))
+    return np.stack(seen)  # (T, B, H)
+
+
+def test_gradient_through_a_clipped_cell_is_zero():
+    """T = 1 vanilla: c_1 = clip(f * c0 + i * g), and c0 reaches L only through c_1 (element by element),
+    so dc0 is exactly 0 where the cell was clipped and not elsewhere. The clip is chosen so that about half
+    the cells are cut, every one far from the boundary."""
+    plain = _clip_case(None)
+    c = np.abs(_pre_clip_cells(plain)[0])
+    clip = float(np.median(c))
+    assert np.abs(c - clip).min() > 1e-3
+    case = _clip_case(clip)
+    ref = FiniteDifferenceOracle().reference(case)
+    cut = c > clip
+    assert cut.any() and (~cut).any()
+    assert np.all(np.abs(ref.gradients["c0"][cut]) <= ref.gradient_error["c0"][cut])
+    assert np.all(np.abs(ref.gradients["c0"][~cut]) > 10 * ref.gradient_error["c0"][~cut])
+    assert np.all(np.abs(ref.outputs["c_T"]) <= clip)
+    assert "crossed" not in ref.notes and f"cell_clip={clip:g}" in ref.notes
+    # a clip no cell reaches changes nothing: the plain LSTM's gradient, bit for bit
+    far = FiniteDifferenceOracle().reference(_clip_case(1e6))
+    plain_ref = FiniteDifferenceOracle().reference(plain)
+    for key, g in plain_ref.gradients.items():
+        np.testing.assert_array_equal(far.gradients[key], g, err_msg=key)
+
+
+def test_a_step_across_the_clip_boundary_is_left_out_not_reported_as_a_value():
+    """A cell 1e-8 from the clip: the ladder's points on the other side see another function (a kink).
+    The oracle notices (another set of clipped cells than at the case), leaves those points out, says so in
+    its notes, and every value keeps a bound that holds: against the exact derivatives of torch.nn.LSTM
+    (clip of a cell within 1e-8 of it changes L by ~1e-8: torch runs without the clip and the bound is
+    checked with that slack). Without the detection the quotients across the kink are wrong beyond their
+    bound: a false alarm."""
+    plain = _clip_case(None, seed=9)
+    c = np.abs(_pre_clip_cells(plain)[0])
+    clip = float(c.max()) - 1e-8  # the largest cell is cut by 1e-8; every other one is inside
+    case = _clip_case(clip, seed=9)
+    _, exact = torch_reference(plain)
+    # what the clip changes in the exact gradient: the cut cell's path, by derivative terms of order 1
+    # (its dc0 becomes 0), so compare where that cell does not enter: everything except c0's cut element
+    # and the weights of its unit; those are covered by the bound being infinite or wide
+    ref = FiniteDifferenceOracle().reference(case)
+    assert "perturbed points crossed it" in ref.notes, ref.notes
+    b, j = np.unravel_index(np.argmax(c), c.shape)
+    for key in ("x", "h0", "c0", "W", "R", "b"):
+        g, bound = ref.gradients[key], ref.gradient_error[key]
+        assert np.all(np.isfinite(g)), key
+        if key in ("x", "h0"):  # rows other than b see the plain function
+            rows = np.arange(case.B) != b
+            sel = (slice(None), rows) if key == "x" else (rows,)
+            assert not beyond_bound(g[sel], exact[key][sel], bound[sel], rel=1e-7).any(), key
+    # the cut element of c0: its derivative is one-sided (0 above, the plain one below); the bound says so
+    assert np.isinf(ref.gradient_error["c0"][b, j]) or \
+        abs(ref.gradients["c0"][b, j]) <= ref.gradient_error["c0"][b, j] or \
+        abs(ref.gradients["c0"][b, j] - exact["c0"][b, j]) <= ref.gradient_error["c0"][b, j]
+
+
+def test_without_the_crossing_detection_the_kink_would_be_a_false_alarm(monkeypatch):
+    plain = _clip_case(None, seed=9)
+    c = np.abs(_pre_clip_cells(plain)[0])
+    case = _clip_case(float(c.max()) - 1e-8, seed=9)
+    b, j = np.unravel_index(np.argmax(c), c.shape)
+    honest = FiniteDifferenceOracle().reference(case)
+    monkeypatch.setattr(finite_diff._Crossings, "any", lambda self: np.zeros(self.E, dtype=bool))
+    blind = FiniteDifferenceOracle().reference(case)
+    assert "crossed" not in blind.notes
+    # The one-sided truths at the cut cell are 0 (clipped side) and the plain derivative (inside); a blind
+    # quotient averages them, and its bound (from rungs that all straddle the kink) does not cover either.
+    _, exact = torch_reference(plain)
+    g, bound = blind.gradients["c0"][b, j], blind.gradient_error["c0"][b, j]
+    assert abs(g - 0.0) > bound and abs(g - exact["c0"][b, j]) > bound
+    h, hb = honest.gradients["c0"][b, j], honest.gradient_error["c0"][b, j]
+    assert abs(h - 0.0) <= hb or abs(h - exact["c0"][b, j]) <= hb
+
+
+# Deliberately broken forwards: their gradients (by finite differences of themselves, as a user's own
+# forward would be checked) must disagree with the equations' beyond both bounds, on the quantities the
+# bug touches.
+
+def _reverse_h_T_at_the_last_step(variant, x, h0, c0, params, *, ln_eps, structure, lengths):
+    """Bug: the reverse direction's h_T taken at t = T-1 (its first step) instead of after t = 0."""
+    y, h_T, c_T = lstm_forward(variant, x, h0, c0, params, ln_eps=ln_eps, structure=structure, lengths=lengths)
+    H_out = h0.shape[-1]
+    h_T = h_T.copy()
+    h_T[..., 1, :, :] = y[..., -1, :, H_out:]
+    return y, h_T, c_T
+
+
+def _padded_steps_update_the_state(variant, x, h0, c0, params, *, ln_eps, structure, lengths):
+    """Bug: the lengths ignored; every row runs all T steps (then y is zeroed where no step exists)."""
+    y, h_T, c_T = lstm_forward(variant, x, h0, c0, params, ln_eps=ln_eps, structure=structure.replace(lengths=False))
+    return y * (np.arange(x.shape[-3])[:, None] < lengths[None, :])[..., None], h_T, c_T
+
+
+def _cifg_with_a_separate_forget_gate(variant, x, h0, c0, params, *, ln_eps, structure, lengths):
+    return lstm_forward(variant, x, h0, c0, params, ln_eps=ln_eps, lengths=lengths,
+                        structure=structure.replace(coupled_input_forget=False))
+
+
+def _layer_1_fed_h_T(variant, x, h0, c0, params, *, ln_eps, structure, lengths):
+    """Bug: layer 1 reads layer 0's final state at every step instead of its outputs y."""
+    first = Structure(lengths=structure.lengths)
+    own = {k[3:]: v for k, v in params.items() if k.startswith("l0.")}
+    _, h_T0, c_T0 = lstm_forward(variant, x, h0[0], c0[0], own, ln_eps=ln_eps, structure=first, lengths=lengths)
+    fed = np.broadcast_to(h_T0, x.shape[:-1] + h_T0.shape[-1:])
+    upper = {k[3:]: v for k, v in params.items() if k.startswith("l1.")}
+    y, h_T1, c_T1 = lstm_forward(variant, fed, h0[1], c0[1], upper, ln_eps=ln_eps, structure=first, lengths=lengths)
+    return y, np.stack([h_T0, h_T1]), np.stack([c_T0, c_T1])
+
+
+BROKEN = {
+    "reverse-h_T-at-T-1": (_reverse_h_T_at_the_last_step, Structure(bidirectional=True), {"h0", "c0", "x"}),
+    "padded-steps-update": (_padded_steps_update_the_state, Structure(lengths=True), {"h0", "c0", "x"}),
+    "cifg-separate-forget": (_cifg_with_a_separate_forget_gate, Structure(coupled_input_forget=True), {"W", "b"}),
+    "layer-1-fed-h_T": (_layer_1_fed_h_T, Structure(num_layers=2), {"x", "l0.W", "l1.W"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_forward_is_told_apart_by_its_gradient(name):
+    broken, structure, touched = BROKEN[name]
+    case = structured_case(structure, T=4, B=3, D=2, H=3, seed=10, lengths=[2, 4, 1] if structure.lengths else None)
+    right = FiniteDifferenceOracle().reference(case)
+    wrong = FiniteDifferenceOracle(broken, batched=False, name="broken").reference(case)
+    apart = {k for k, g in right.gradients.items()
+             if beyond_bound(wrong.gradients[k], g, right.gradient_error[k] + wrong.gradient_error[k], rel=1e-9).any()}
+    assert touched <= apart, (name, apart)
+
+
+def test_a_missing_projection_gradient_is_caught_against_the_oracle():
+    case = structured_case(Structure(bidirectional=True, proj_size=2), T=3, B=2, D=2, H=3, seed=11)
+    ref = FiniteDifferenceOracle().reference(case)
+    _, grads = torch_reference(case)
+    for key in ("l0.proj", "l0.reverse.proj"):
+        assert not beyond_bound(ref.gradients[key], grads[key], ref.gradient_error[key]).any()
+        assert beyond_bound(ref.gradients[key], np.zeros_like(grads[key]), ref.gradient_error[key]).all()
+
+
+def test_structured_rows_are_evaluated_like_the_whole_batch():
+    """Moves of x, h0 and c0 run as batch rows (with each row's length and the states' leading axis):
+    the same gradient as the one-at-a-time evaluation on the whole case, within a tenth of its bound."""
+    case = structured_case(Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True), T=4, B=3,
+                           D=2, H=3, seed=12, lengths=[4, 2, 1])
+    batched = FiniteDifferenceOracle().reference(case)
+    single = FiniteDifferenceOracle(lstm_forward, batched=False).reference(case)
+    for key, g in single.gradients.items():
+        bound = single.gradient_error[key]
+        if key in ROW_KEYS:
+            assert np.all(np.abs(batched.gradients[key] - g) <= 0.1 * bound + 1e-15), key
+        else:
+            np.testing.assert_array_equal(batched.gradients[key], g, err_msg=key)
+
+
+def test_the_structured_forward_with_evaluation_axes_is_the_forward_of_each_copy():
+    case = structured_case(Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True,
+                                     coupled_input_forget=True, cell_clip=1.0), variant="peephole", T=4, B=3, D=2,
+                           H=3, seed=13)
+    rng = np.random.default_rng(1)
+    kw = dict(structure=case.structure, lengths=case.lengths)
+    for key in ("x", "h0", "l0.W", "l1.reverse.proj"):
+        base = case.arrays()[key]
+        copies = base + 1e-3 * rng.standard_normal((4, *base.shape))
+        a = {**case.arrays(), key: copies}
+        y, h_T, c_T = lstm_forward(case.variant, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, **kw)
+        for e in range(4):
+            b = {**case.arrays(), key: copies[e]}
+            one = lstm_forward(case.variant, b["x"], b["h0"], b["c0"], {k: b[k] for k in case.params}, **kw)
+            for batched, single in zip((y[e], h_T[e], c_T[e]), one, strict=True):
+                np.testing.assert_array_equal(batched, single, err_msg=key)

@@ -208,3 +208,200 @@ def test_references_are_computed_on_the_cpu_even_where_jax_has_a_gpu(monkeypatch
     monkeypatch.setattr(jax_oracle, "_bucketed", spy)
     JaxCompositeOracle().reference(build_case(CaseSpec(T=2, B=1, D=2, H=3, seed=0)))
     assert seen and all(d.platform == "cpu" for d in seen[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole LSTM layer: stacked layers, both directions, lengths, projection, CIFG, clip
+
+from harness.structure import FEATURES, Structure  # noqa: E402
+from tests.structured import structured_case  # noqa: E402
+from tests.torch_layer import torch_reference  # noqa: E402
+
+#: Structures torch.nn.LSTM computes (CIFG as a vanilla cell whose forget rows are minus its input rows).
+TORCH_STRUCTURES = {
+    "layers": Structure(num_layers=2),
+    "bidirectional": Structure(bidirectional=True),
+    "lengths": Structure(lengths=True),
+    "proj": Structure(proj_size=2),
+    "cifg": Structure(coupled_input_forget=True),
+    "all": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True),
+}
+#: Every feature, by variant (LayerNorm has no projection or clip here).
+EVERYTHING = {
+    "vanilla": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True,
+                         cell_clip=0.9),
+    "peephole": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, cell_clip=0.9),
+    "layernorm": Structure(num_layers=2, bidirectional=True, lengths=True, coupled_input_forget=True),
+}
+#: JAX against torch or finite differences, relative to max(1, |expected|): rounding only.
+AGREE = 1e-11
+
+
+def _assert_agree(ref, outputs, grads, *, bounds=None, what=""):
+    for part, want in (("outputs", outputs), ("gradients", grads)):
+        got = getattr(ref, part)
+        assert set(got) == set(want), (what, part)
+        for k, e in want.items():
+            extra = 0.0 if bounds is None or part == "outputs" else bounds[k]
+            bad = np.abs(got[k] - e) > AGREE * np.maximum(1.0, np.abs(e)) + extra
+            assert not bad.any(), f"{what} {part} {k}: worst {np.abs(got[k] - e).max():.3e}"
+
+
+def test_the_oracle_computes_every_structure_feature():
+    assert _FAST.structures == frozenset(FEATURES)
+    assert _FAST.unsupported_reason("peephole", "float32", EVERYTHING["peephole"]) is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(TORCH_STRUCTURES))
+def test_agrees_with_torch_lstm(name, dtype):
+    s = TORCH_STRUCTURES[name]
+    case = structured_case(s, dtype=dtype, T=5, B=3, D=3, H=3, seed=20, lengths=[2, 5, 1] if s.lengths else None)
+    outputs, grads = torch_reference(case)
+    for oracle in (_FAST, _EAGER) if name == "all" else (_FAST,):
+        _assert_agree(oracle.reference(case), outputs, grads, what=f"{name} bucketed={oracle.bucketed}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_agrees_with_finite_differences_on_every_feature(variant, dtype):
+    case = structured_case(EVERYTHING[variant], variant=variant, dtype=dtype, T=4, B=3, D=2, H=3, seed=21,
+                           lengths=[4, 1, 3])
+    fd = _FD.reference(case)
+    if EVERYTHING[variant].cell_clip is not None:
+        assert "crossed" not in fd.notes and "cell_clip=0.9" in fd.notes
+        # the clip is not idle: some cell of the case is cut
+        seen = []
+        from oracles.equations import lstm_forward
+
+        lstm_forward(variant, *(a.astype(np.float64) for a in (case.x, case.h0, case.c0)),
+                     {k: v.astype(np.float64) for k, v in case.params.items()}, structure=case.structure,
+                     lengths=case.lengths, clipped=lambda c, ok: seen.append(np.abs(c) * ok > 0.9))
+        assert any(m.any() for m in seen)
+    _assert_agree(_FAST.reference(case), fd.outputs, fd.gradients, bounds=fd.gradient_error, what=variant)
+
+
+def test_bucketed_equals_eager_on_structured_cases_across_buckets(small_floors):
+    for k, (T, B) in enumerate([(1, 1), (4, 2), (5, 3), (3, 5)]):
+        for variant in VARIANTS:
+            case = structured_case(EVERYTHING[variant], variant=variant, T=T, B=B, D=2, H=3, seed=30 + k)
+            _assert_same_structured(_FAST.reference(case), _EAGER.reference(case))
+
+
+def _assert_same_structured(fast, eager):
+    for part in ("outputs", "gradients"):
+        a, b = getattr(fast, part), getattr(eager, part)
+        assert set(a) == set(b)
+        for k in b:
+            assert a[k].shape == b[k].shape, (part, k)
+            assert np.abs(a[k] - b[k]).max() <= EXACT * max(1.0, float(np.abs(b[k]).max())), (part, k)
+
+
+def test_reverse_direction_of_a_row_is_the_forward_run_of_its_valid_steps_reversed():
+    """Hand-derived: the reverse direction of row b reads x[l_b - 1], ..., x[0]; so its outputs are a plain
+    one-direction run (the unstructured path, which has no gather) of that row's valid steps in reverse
+    order, reversed back, and zeros after l_b; its h_T is that run's last state."""
+    s = Structure(bidirectional=True, lengths=True)
+    case = structured_case(s, T=5, B=3, D=2, H=3, seed=22, lengths=[3, 5, 1])
+    ref = _FAST.reference(case)
+    H = case.H
+    rev = {k[len("l0.reverse."):]: v for k, v in case.params.items() if k.startswith("l0.reverse.")}
+    for b, length in enumerate(case.lengths):
+        row = build_case(CaseSpec(T=int(length), B=1, D=2, H=3, seed=0))
+        row = dataclasses.replace(row, x=case.x[:length, b : b + 1][::-1].copy(), h0=case.h0[1, b : b + 1],
+                                  c0=case.c0[1, b : b + 1], params=rev, dy=np.zeros((length, 1, H)))
+        plain = _FAST.reference(row)
+        np.testing.assert_allclose(ref.outputs["y"][:length, b, H:], plain.outputs["y"][::-1, 0], atol=1e-14)
+        assert np.all(ref.outputs["y"][length:, b] == 0.0)
+        np.testing.assert_allclose(ref.outputs["h_T"][1, b], plain.outputs["h_T"][0], atol=1e-14)
+        np.testing.assert_allclose(ref.outputs["c_T"][1, b], plain.outputs["c_T"][0], atol=1e-14)
+    padded = np.arange(5)[:, None] >= case.lengths[None, :]
+    assert np.all(ref.gradients["x"][padded] == 0.0)  # masked steps get exact zeros through the gathers
+
+
+def test_all_lengths_full_is_the_run_without_lengths_and_all_ones_is_one_step():
+    s = Structure(num_layers=2, bidirectional=True)
+    full = structured_case(s.replace(lengths=True), T=4, B=3, D=2, H=3, seed=23, lengths=[4, 4, 4])
+    without = dataclasses.replace(full, structure=s, lengths=None)
+    _assert_same_structured(_FAST.reference(full), _FAST.reference(without))
+    ones = dataclasses.replace(full, lengths=np.ones(3, dtype=np.int64))
+    one_step = dataclasses.replace(without, x=full.x[:1].copy(), dy=full.dy[:1].copy())
+    a, b = _FAST.reference(ones), _FAST.reference(one_step)
+    np.testing.assert_allclose(a.outputs["y"][:1], b.outputs["y"], atol=1e-14)
+    assert np.all(a.outputs["y"][1:] == 0) and np.all(a.gradients["x"][1:] == 0)
+    np.testing.assert_allclose(a.outputs["h_T"], b.outputs["h_T"], atol=1e-14)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cifg_forget_block_gradient_is_exactly_zero(variant):
+    case = structured_case(Structure(bidirectional=True, coupled_input_forget=True), variant=variant, T=3, B=2,
+                           D=2, H=3, seed=24)
+    g = _FAST.reference(case).gradients
+    H = case.H
+    for prefix in ("l0.", "l0.reverse."):
+        for bare in ("W", "R", "b"):
+            if prefix + bare in g:
+                assert np.all(g[prefix + bare][H : 2 * H] == 0.0) and np.abs(g[prefix + bare][:H]).min() > 0
+        if variant == "peephole":
+            assert np.all(g[prefix + "p_f"] == 0.0)
+        if variant == "layernorm":
+            assert np.all(g[prefix + "gamma"][1] == 0.0) and np.all(g[prefix + "beta"][1] == 0.0)
+
+
+class _StraightThroughClip:
+    """jax.numpy with a clip whose gradient passes through (the planted bug: 'gradient passed through
+    clipped cells'); the forward is the same."""
+
+    def __init__(self, jnp):
+        self._jnp = jnp
+
+    def __getattr__(self, name):
+        return getattr(self._jnp, name)
+
+    def clip(self, v, lo, hi):
+        import jax
+
+        return v + jax.lax.stop_gradient(self._jnp.clip(v, lo, hi) - v)
+
+
+def test_gradient_through_clipped_cells_is_zero_and_a_straight_through_clip_is_caught(monkeypatch):
+    # T = 1 vanilla with about half the cells cut, all far from the boundary: dc0 is exactly 0 where cut.
+    base = structured_case(Structure(cell_clip=1e6), T=1, B=3, D=2, H=4, seed=25, weight_scale=3.0)
+    seen = []
+    from oracles.equations import lstm_forward
+
+    lstm_forward("vanilla", base.x, base.h0, base.c0, base.params, structure=base.structure,
+                 clipped=lambda c, ok: seen.append(np.abs(c)))
+    cells = seen[0]
+    clip = float(np.median(cells))
+    assert np.abs(cells - clip).min() > 1e-3
+    case = dataclasses.replace(base, structure=Structure(cell_clip=clip))
+    ref = _EAGER.reference(case)
+    cut = cells > clip
+    assert np.all(ref.gradients["c0"][cut] == 0.0) and np.all(ref.gradients["c0"][~cut] != 0.0)
+    fd = _FD.reference(case)
+    _assert_agree(ref, fd.outputs, fd.gradients, bounds=fd.gradient_error, what="clip")
+    # JAX's clip at exactly the boundary: a tie, whose gradient JAX splits; no case puts a cell there (the
+    # margin above), so it never enters a reference.
+    import jax
+
+    tie = float(jax.grad(lambda v: jax.numpy.clip(v, -1.0, 1.0))(1.0))
+    assert 0.0 <= tie <= 1.0
+    # The planted bug: the same forward, the gradient passed through the cut cells. Finite differences see it.
+    real = jax_oracle._cell
+    monkeypatch.setattr(jax_oracle, "_cell", lambda jnp, *a, **k: real(_StraightThroughClip(jnp), *a, **k))
+    wrong = _EAGER.reference(case)
+    np.testing.assert_array_equal(wrong.outputs["c_T"], ref.outputs["c_T"])
+    bad = np.abs(wrong.gradients["c0"] - fd.gradients["c0"]) > fd.gradient_error["c0"] + 1e-9
+    assert np.array_equal(bad, cut)
+
+
+def test_structured_cases_compile_once_per_structure_and_bucket():
+    s = Structure(bidirectional=True, lengths=True)
+    _FAST.reference(structured_case(s, T=3, B=2, D=2, H=3, seed=1))
+    before = compilations()
+    for change in (dict(T=5, seed=2), dict(B=1, seed=3), dict(dtype="float32")):
+        _FAST.reference(structured_case(s, **{"D": 2, "H": 3, "T": 3, "B": 2, **change}))
+    assert compilations() == before
+    _FAST.reference(structured_case(s.replace(num_layers=3, proj_size=1), T=3, B=2, D=2, H=3, seed=1))
+    assert compilations() == before + 1  # a new structure: one more
