@@ -67,6 +67,7 @@ import numpy as np
 from harness.structure import Structure
 
 __all__ = [
+    "select_cell",
     "cell_params",
     "join_cells",
     "to_onnx_layer",
@@ -281,10 +282,11 @@ def _structure(structure: Any) -> Structure:
     return structure
 
 
-def cell_params(params: Mapping[str, Any], structure: Structure | None, layer: int, direction: int
-                ) -> dict[str, np.ndarray]:
-    """The parameters of one cell (``layer``, ``direction``) of ``structure``, without their prefix:
-    ``cell_params(p, s, 1, 1)`` is ``{"W": p["l1.reverse.W"], ...}``."""
+def select_cell(params: Mapping[str, Any], structure: Structure | None, layer: int, direction: int
+                ) -> dict[str, Any]:
+    """The entries of one cell (``layer``, ``direction``) of ``structure`` with their prefix removed,
+    values as they are (NumPy arrays, framework tensors): ``select_cell(p, s, 1, 1)`` is
+    ``{"W": p["l1.reverse.W"], ...}``. Oracles use it on tensors; :func:`cell_params` copies to NumPy."""
     structure = _structure(structure)
     if not isinstance(params, Mapping):
         raise ValueError(f"params: expected a dict of named arrays, got {type(params).__name__}")
@@ -293,12 +295,18 @@ def cell_params(params: Mapping[str, Any], structure: Structure | None, layer: i
         raise ValueError(f"layer, direction: expected a cell of a structure with {structure.num_layers} layer(s) "
                          f"and {structure.dirs} direction(s), got ({layer!r}, {direction!r})")
     prefix = cells[(layer, direction)]
-    out = {k[len(prefix):]: _array(v, f"params[{k!r}]").copy() for k, v in params.items()
-           if k.startswith(prefix) and "." not in k[len(prefix):]}
+    out = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
     if "W" not in out:
         raise ValueError(f"params: expected {prefix}W and the other parameters of cell {prefix or '(unprefixed)'}, "
                          f"got keys {sorted(params)}")
     return out
+
+
+def cell_params(params: Mapping[str, Any], structure: Structure | None, layer: int, direction: int
+                ) -> dict[str, np.ndarray]:
+    """The parameters of one cell (``layer``, ``direction``) of ``structure``, without their prefix, as
+    new NumPy arrays: ``cell_params(p, s, 1, 1)`` is ``{"W": p["l1.reverse.W"], ...}``."""
+    return {k: _array(v, f"params[{k!r}]").copy() for k, v in select_cell(params, structure, layer, direction).items()}
 
 
 def join_cells(cells: Mapping[tuple[int, int], Mapping[str, Any]], structure: Structure | None

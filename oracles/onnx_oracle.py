@@ -1,7 +1,7 @@
 """ONNX oracles: an ``LSTM`` model built with ``onnx.helper``, run two independent ways. Forward only.
 
 * ``onnxruntime``: ONNX Runtime's CPU kernel. Its LSTM accepts float only ("LSTM operator does not
-  support double yet", checked on 1.31), so float32 cases run in float32 and float64 cases skip.
+  support double yet", checked on 1.31 and 1.32), so float32 cases run in float32 and float64 cases skip.
 * ``onnx-reference``: ``onnx.reference.ReferenceEvaluator``, the NumPy reference implementation of
   the ONNX operator specification, in float64.
 
@@ -16,7 +16,7 @@ layer's ``Y`` (T, dirs, B, H) transposed and reshaped to (T, B, dirs * H) as the
 ONNX Runtime also takes ``sequence_lens`` (lengths) and ``input_forget=1`` (CIFG): both were checked
 numerically against the contract (tests/test_oracles.py): Y is 0 at padded steps, Y_h / Y_c hold the
 state after each row's last valid step, the reverse direction starts at lengths[b] - 1, and with
-``input_forget`` the forget gate is 1 - i. ``onnx.reference`` (checked on onnx 1.20) ignores both
+``input_forget`` the forget gate is 1 - i. ``onnx.reference`` (onnx 1.23: its LSTM takes them as unused arguments) ignores both
 ``sequence_lens`` and ``input_forget``, so it declares neither. ONNX's LSTM has no projection; its
 ``clip`` attribute clips the gates' pre-activations, not the cell state, so it is not ``cell_clip``
 and is never set.

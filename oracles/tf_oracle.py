@@ -43,7 +43,7 @@ import numpy as np
 
 from harness import layouts
 from harness.cases import Case
-from harness.contract import gradient_keys
+from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
 
 __all__ = ["KerasLSTMOracle", "BlockLSTMV2Oracle", "TFCompositeOracle", "TF_THREADS"]
@@ -118,7 +118,7 @@ class _TFBase(Oracle):
         return module_available("tensorflow")
 
     def _check(self, case: Case) -> str:
-        why = self.unsupported_reason(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype, case.structure)
         if why:
             raise ValueError(f"case: {why}")
         dtype = self.compute_dtype_for(case.dtype)
@@ -320,66 +320,106 @@ class BlockLSTMV2Oracle(_TFBase):
 # Composite
 
 
-def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any):
-    """One time step of the contract's equations as a ``tf.scan`` body: ((h, c), x_t) -> (h, c)."""
+def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structure: Structure, clip: Any):
+    """One time step of the contract's equations as a ``tf.scan`` body:
+    ((h, c, y), (x_t, m_t)) -> (h, c, y), where ``m_t`` (B, 1) is 1 where the step exists and 0 where
+    it does not (the state is kept and y is 0 there)."""
 
     def ln(v, k):  # LayerNorm row k: biased variance over the H units, eps inside the square root
         mean, var = tf.nn.moments(v, axes=[-1], keepdims=True)
         return (v - mean) * tf.math.rsqrt(var + eps) * p["gamma"][k] + p["beta"][k]
 
-    def step(state, x_t):
-        h, c = state  # (B, H) each
+    def step(state, inputs):
+        h, c, _ = state  # (B, H_out), (B, H)
+        x_t, m_t = inputs  # (B, D_in), (B, 1)
         a = tf.matmul(x_t, p["W"], transpose_b=True) + tf.matmul(h, p["R"], transpose_b=True)  # (B, 4H)
         if variant != "layernorm":
             a = a + p["b"]
         a_i, a_f, a_g, a_o = tf.split(a, 4, axis=1)
         if variant == "vanilla":
-            c = tf.sigmoid(a_f) * c + tf.sigmoid(a_i) * tf.tanh(a_g)
-            o = tf.sigmoid(a_o)
+            i = tf.sigmoid(a_i)
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f)
+            c_new = f * c + i * tf.tanh(a_g)
         elif variant == "peephole":
             i = tf.sigmoid(a_i + p["p_i"] * c)
-            f = tf.sigmoid(a_f + p["p_f"] * c)
-            c = f * c + i * tf.tanh(a_g)
-            o = tf.sigmoid(a_o + p["p_o"] * c)  # the output gate sees the new cell state
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f + p["p_f"] * c)
+            c_new = f * c + i * tf.tanh(a_g)
         else:
-            i, f = tf.sigmoid(ln(a_i, 0)), tf.sigmoid(ln(a_f, 1))
-            g, o = tf.tanh(ln(a_g, 2)), tf.sigmoid(ln(a_o, 3))
-            c = ln(f * c + i * g, 4)  # the normalized cell is carried forward
-        return o * tf.tanh(c), c
+            i = tf.sigmoid(ln(a_i, 0))
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(ln(a_f, 1))
+            c_new = ln(f * c + i * tf.tanh(ln(a_g, 2)), 4)  # the normalized cell is carried forward
+        if structure.cell_clip is not None:  # clip_by_value passes no gradient where it clips
+            c_new = tf.clip_by_value(c_new, -clip, clip)
+        if variant == "peephole":
+            o = tf.sigmoid(a_o + p["p_o"] * c_new)  # the output gate sees the new cell state
+        elif variant == "vanilla":
+            o = tf.sigmoid(a_o)
+        else:
+            o = tf.sigmoid(ln(a_o, 3))
+        h_new = o * tf.tanh(c_new)
+        if structure.proj_size:
+            h_new = tf.matmul(h_new, p["proj"], transpose_b=True)  # (B, P)
+        keep = m_t > 0
+        return tf.where(keep, h_new, h), tf.where(keep, c_new, c), tf.where(keep, h_new, tf.zeros_like(h_new))
 
     return step
 
 
+def _composite_layers(tf: Any, variant: str, structure: Structure, x, h0, c0, params, lengths, eps, clip):
+    """Every layer and direction of ``structure``: y (T, B, dirs * H_out) and the (L * dirs, B, ...)
+    final states. The reverse direction reads each row's valid prefix reversed (``tf.reverse_sequence``)."""
+    T = tf.shape(x)[0]
+    mask = tf.cast(tf.range(T)[:, None] < tf.cast(lengths, tf.int32)[None, :], x.dtype)[..., None]  # (T, B, 1)
+    inp, h_T, c_T = x, [], []
+    for layer in range(structure.num_layers):
+        outs = []
+        for direction in range(structure.dirs):
+            n = layer * structure.dirs + direction
+            p = layouts.select_cell(params, structure, layer, direction)
+            seq = inp if direction == 0 else tf.reverse_sequence(inp, lengths, seq_axis=0, batch_axis=1)
+            init = (h0[n], c0[n], tf.zeros_like(h0[n]))
+            hs, cs, ys = tf.scan(_composite_step(tf, variant, p, eps, structure, clip), (seq, mask), initializer=init)
+            outs.append(ys if direction == 0 else tf.reverse_sequence(ys, lengths, seq_axis=0, batch_axis=1))
+            h_T.append(hs[-1])  # a row's state is kept after its last valid step
+            c_T.append(cs[-1])
+        inp = tf.concat(outs, axis=2)
+    return inp, tf.stack(h_T), tf.stack(c_T)
+
+
 class TFCompositeOracle(_TFBase):
-    """The LSTM of every variant from TF primitives in a cached ``tf.function``, float64."""
+    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64."""
 
     name = "tf-composite"
     description = "LSTM equations in TensorFlow primitives (tf.scan, tf.nn.moments), float64 GradientTape"
     variants = ("vanilla", "peephole", "layernorm")
     compute_dtypes = ("float64",)
+    structures = frozenset(FEATURES)
 
     def __init__(self) -> None:
-        self._functions: dict[tuple[str, str], Any] = {}
+        self._functions: dict[tuple[str, str, Structure], Any] = {}
 
-    def _function(self, variant: str, dtype: str, param_shapes: dict[str, int]) -> Any:
-        key = (variant, dtype)
+    def _function(self, variant: str, dtype: str, structure: Structure, param_shapes: dict[str, int]) -> Any:
+        # Traced once per (variant, dtype, layer shape): lengths and the clip value are inputs.
+        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0)
+        key = (variant, dtype, shape)
         if key not in self._functions:
             tf = _tf()
+            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
             seq = tf.TensorSpec([None, None, None], dtype)
-            mat = tf.TensorSpec([None, None], dtype)
             pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
-            eps_spec = tf.TensorSpec([], dtype)
+            scalar = tf.TensorSpec([], dtype)
+            lens = tf.TensorSpec([None], tf.int64)
 
-            @tf.function(input_signature=[seq, mat, mat, pspec, seq, mat, mat, eps_spec])
-            def run(x, h0, c0, params, dy, dh_T, dc_T, eps):
+            @tf.function(input_signature=[seq, state, state, pspec, seq, state, state, lens, scalar, scalar])
+            def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
                 names = ["x", "h0", "c0", *params]
                 inputs = [x, h0, c0] + [params[k] for k in names[3:]]
                 with tf.GradientTape() as tape:
                     tape.watch(inputs)
-                    hs, cs = tf.scan(_composite_step(tf, variant, params, eps), x, initializer=(h0, c0))
-                    loss = _objective(tf, hs, hs[-1], cs[-1], dy, dh_T, dc_T)
+                    y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
+                    loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                return hs, hs[-1], cs[-1], dict(zip(names, grads, strict=True))
+                return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
             self._functions[key] = run
         return self._functions[key]
@@ -387,13 +427,19 @@ class TFCompositeOracle(_TFBase):
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
-        keys = gradient_keys(c.variant)
-        fn = self._function(c.variant, dtype, {k: v.ndim for k, v in c.params.items()})
-        y, h_T, c_T, g = fn(c.x, c.h0, c.c0, dict(c.params), c.dy, c.dh_T, c.dc_T,
-                            np.asarray(c.ln_eps, dtype))
+        s = c.structure
+        keys = ("x", "h0", "c0", *c.params)
+        fn = self._function(c.variant, dtype, s, {k: v.ndim for k, v in c.params.items()})
+        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        lengths = np.full(c.B, c.T, np.int64) if c.lengths is None else np.asarray(c.lengths, np.int64)
+        y, h_T, c_T, g = fn(c.x, lift(c.h0), lift(c.c0), dict(c.params), c.dy, lift(c.dh_T), lift(c.dc_T),
+                            lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.cell_clip or 0.0, dtype))
+        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
+        grads = {k: _numpy(g[k]) for k in keys}
+        grads["h0"], grads["c0"] = unlift(grads["h0"]), unlift(grads["c0"])
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": _numpy(y), "h_T": _numpy(h_T), "c_T": _numpy(c_T)},
-            gradients={k: _numpy(g[k]) for k in keys},
+            outputs={"y": _numpy(y), "h_T": unlift(_numpy(h_T)), "c_T": unlift(_numpy(c_T))},
+            gradients=grads,
             notes=f"TensorFlow primitives in {dtype}",
         )

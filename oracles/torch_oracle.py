@@ -243,8 +243,7 @@ def _composite_forward(torch: Any, variant: str, x, h0, c0, params: dict[str, An
         outs = []
         for direction in range(structure.dirs):
             n = layer * structure.dirs + direction
-            prefix = [pre for k, d, pre in structure.cells() if (k, d) == (layer, direction)][0]
-            p = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            p = layouts.select_cell(params, structure, layer, direction)
             seq = inp if direction == 0 else _reverse_valid(torch, inp, full)
             y, h, c = _cell_forward(torch, variant, seq, h0[n], c0[n], p, ln_eps, mask, structure)
             outs.append(y if direction == 0 else _reverse_valid(torch, y, full))
