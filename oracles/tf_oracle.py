@@ -20,6 +20,13 @@ kernel, see below), so one case is one graph call.
   dw and db come back swapped and every other gradient is wrong with them. The oracle therefore
   calls the matching V2 backward kernel itself with the upstream gradients, which agrees with
   finite differences; tests/test_oracle_tf.py pins the bug down while it lasts.
+
+  Its ``cell_clip`` is not declared as the contract's cell clipping: the forward kernel does clip
+  c_t after the update and carries the clipped value (as the contract says), but its backward
+  kernel ``BlockLSTMGradV2`` passes the gradient through the clipped elements unchanged (a
+  straight-through gradient), where the contract's gradient there is zero; both facts are pinned
+  in tests/test_oracle_tf.py. Nor does it take lengths (``seq_len_max`` is one length for every
+  row), a projection, CIFG, or more than one layer and direction.
 * ``tf-composite``: the equations of every variant from TF primitives (LayerNorm with
   ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan``; float64.
 
@@ -140,47 +147,67 @@ def _pad_last(a: np.ndarray, n: int) -> np.ndarray:
     return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
 
 
-def _pad_vanilla(params: dict[str, np.ndarray], Dp: int, Hp: int) -> dict[str, np.ndarray]:
-    """Canonical W, R, b of an (D, H) LSTM embedded in a (Dp, Hp) one, every new weight zero."""
-    H = params["R"].shape[1]
-    out = {}
-    for k, cols in (("W", Dp), ("R", Hp), ("b", None)):
-        blocks = np.split(params[k], 4, axis=0)  # per gate: (H, ...) each
-        padded = [np.pad(blk, [(0, Hp - H)] + ([(0, cols - blk.shape[1])] if cols else [])) for blk in blocks]
-        out[k] = np.concatenate(padded, axis=0)  # (4Hp, ...)
-    return out
+def _pad_blocks(a: np.ndarray, axis: int, blocks: int, n: int) -> np.ndarray:
+    """Split ``axis`` of ``a`` into ``blocks`` equal parts and zero-pad each to length ``n``."""
+    parts = np.split(a, blocks, axis=axis)
+    pad = lambda p: np.pad(p, [(0, n - p.shape[axis]) if ax == axis else (0, 0) for ax in range(a.ndim)])  # noqa: E731
+    return np.concatenate([pad(p) for p in parts], axis=axis)
 
 
-def _unpad_vanilla(grads: dict[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
-    out = {}
-    for k, cols in (("W", D), ("R", H), ("b", None)):
-        blocks = np.split(grads[k], 4, axis=0)
-        out[k] = np.concatenate([blk[:H, :cols] if cols else blk[:H] for blk in blocks], axis=0)
-    return out
+def _unpad_blocks(a: np.ndarray, axis: int, blocks: int, n: int) -> np.ndarray:
+    """The inverse of :func:`_pad_blocks`: keep the first ``n`` of each of the ``blocks`` parts."""
+    parts = np.split(a, blocks, axis=axis)
+    return np.concatenate([np.take(p, range(n), axis=axis) for p in parts], axis=axis)
+
+
+def _pad_cell(p: dict[str, np.ndarray], in_blocks: int, Dp: int, Hp: int) -> dict[str, np.ndarray]:
+    """Canonical W, R, b of a cell embedded in a larger one, every new weight zero: each gate's rows
+    padded to Hp, W's input columns (``in_blocks`` equal parts: 1, or one per direction of the layer
+    below) each padded to Dp, R's columns to Hp."""
+    return {"W": _pad_blocks(_pad_blocks(p["W"], 0, 4, Hp), 1, in_blocks, Dp),
+            "R": _pad_blocks(_pad_blocks(p["R"], 0, 4, Hp), 1, 1, Hp),
+            "b": _pad_blocks(p["b"], 0, 4, Hp)}
+
+
+def _unpad_cell(g: dict[str, np.ndarray], in_blocks: int, D: int, H: int) -> dict[str, np.ndarray]:
+    return {"W": _unpad_blocks(_unpad_blocks(g["W"], 0, 4, H), 1, in_blocks, D),
+            "R": _unpad_blocks(_unpad_blocks(g["R"], 0, 4, H), 1, 1, H),
+            "b": _unpad_blocks(g["b"], 0, 4, H)}
 
 
 class KerasLSTMOracle(_TFBase):
     """``keras.layers.LSTM`` in float64 on the TensorFlow backend, gradients by GradientTape.
+
+    Whole layers: one ``LSTM`` per layer, wrapped in ``Bidirectional`` for both directions (its
+    backward layer is the same LSTM with ``go_backwards=True``), each layer fed the one below's
+    sequence output; lengths as Keras's ``mask`` (True where t < lengths[b]). Keras's masked
+    semantics were checked against the contract (tests/test_oracle_tf.py): at a masked step the
+    state is carried unchanged; the backward layer reverses the whole padded sequence, so it passes
+    the padded steps first with its state unchanged and starts, in effect, at lengths[b] - 1;
+    ``Bidirectional`` reverses its output back. At a masked step a plain LSTM outputs its previous
+    output unless ``zero_output_for_mask=True`` (which ``Bidirectional`` sets for its layers), so
+    every layer here is built with ``zero_output_for_mask=True``: y is 0 there, as the contract says.
 
     A Keras layer has fixed sizes and tracing its call takes about half a second, which would
     dominate a run whose cases draw many different (D, H). With ``bucket=True`` (the default) a case
     runs in a layer of the next bucket size (D and H rounded up to 8, 16, 32, ...), its extra inputs,
     state units, weights and upstream gradients all zero. That embedding is exact: a padded unit
     has pre-activation 0, so its c stays 0 and its h = sigmoid(0) * tanh(0) = 0, it feeds nothing
-    into the real units (its recurrent weights are zero) and receives no upstream gradient; only
-    the floating-point summation order of the matrix products can differ. ``bucket=False`` builds a
-    layer of exactly the case's sizes.
+    into the real units (its recurrent weights are zero, as are the next layer's weights from it)
+    and receives no upstream gradient; only the floating-point summation order of the matrix
+    products can differ. ``bucket=False`` builds layers of exactly the case's sizes.
     """
 
     name = "tf-keras"
     description = "keras.layers.LSTM (TensorFlow backend) with converted weights, GradientTape gradients"
     variants = ("vanilla",)
     compute_dtypes = ("float64",)
+    structures = frozenset({"layers", "bidirectional", "lengths"})
 
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
         self.smallest_bucket = smallest_bucket
-        self._built: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+        self._built: dict[tuple[int, int, str, int, bool], tuple[Any, Any]] = {}
 
     def _probe(self) -> Availability:
         avail = super()._probe()
@@ -201,23 +228,41 @@ class KerasLSTMOracle(_TFBase):
                                        "(set KERAS_BACKEND=tensorflow before importing keras)")
         return Availability(True, "", {**avail.versions, **keras_avail.versions})
 
-    def _layer(self, D: int, H: int, dtype: str) -> tuple[Any, Any]:
-        key = (D, H, dtype)
+    def _layers(self, D: int, H: int, dtype: str, num_layers: int, bidirectional: bool) -> tuple[Any, Any]:
+        key = (D, H, dtype, num_layers, bidirectional)
         if key not in self._built:
             tf = _tf()
             import keras
 
-            layer = keras.layers.LSTM(H, return_sequences=True, return_state=True, dtype=dtype)
-            layer.build((None, None, D))
-            weights = (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias)
+            dirs = 2 if bidirectional else 1
+            layers, weights = [], []
+            for k in range(num_layers):
+                lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
+                                         dtype=dtype)
+                layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
+                layer.build((None, None, D if k == 0 else dirs * H))
+                cells = [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]
+                for one in cells:  # to_keras_layers's order: forward, then backward
+                    weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]
+                layers.append(layer)
             seq = tf.TensorSpec([None, None, None], dtype)  # (B, T, ...) batch-major
-            mat = tf.TensorSpec([None, None], dtype)
+            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
+            mask_spec = tf.TensorSpec([None, None], tf.bool)  # (B, T)
 
-            @tf.function(input_signature=[seq, mat, mat, seq, mat, mat])
-            def run(x, h0, c0, dy, dh_T, dc_T):
+            @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state])
+            def run(x, h0, c0, mask, dy, dh_T, dc_T):
                 with tf.GradientTape() as tape:
                     tape.watch([x, h0, c0])
-                    y, h_T, c_T = layer(x, initial_state=[h0, c0])  # (B, T, H), (B, H), (B, H)
+                    inp, h_T, c_T = x, [], []
+                    for k, layer in enumerate(layers):
+                        init = []
+                        for d in range(dirs):
+                            init += [h0[k * dirs + d], c0[k * dirs + d]]
+                        out = layer(inp, mask=mask, initial_state=init)  # y, then h, c per direction
+                        inp = out[0]
+                        h_T += list(out[1::2])
+                        c_T += list(out[2::2])
+                    y, h_T, c_T = inp, tf.stack(h_T), tf.stack(c_T)
                     loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, [x, h0, c0, *weights],
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -229,28 +274,42 @@ class KerasLSTMOracle(_TFBase):
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
-        D, H = c.D, c.H
+        s = c.structure
+        D, H, dirs = c.D, c.H, s.dirs
         Dp, Hp = D, H
         if self.bucket:
             Dp, Hp = _bucket(D, self.smallest_bucket), _bucket(H, self.smallest_bucket)
-        weights, run = self._layer(Dp, Hp, dtype)
-        k = layouts.to_keras(_pad_vanilla(c.params, Dp, Hp))
-        for var, value in zip(weights, (k["kernel"], k["recurrent_kernel"], k["bias"]), strict=True):
+        weights, run = self._layers(Dp, Hp, dtype, s.num_layers, s.bidirectional)
+        cells = {(k, d): _pad_cell(layouts.cell_params(c.params, s, k, d), 1 if k == 0 else dirs,
+                                   Dp if k == 0 else Hp, Hp)
+                 for k, d, _ in s.cells()}
+        padded = layouts.to_keras_layers(layouts.join_cells(cells, s), s)
+        for var, value in zip(weights, [a for per_layer in padded for a in per_layer], strict=True):
             var.assign(value)
+        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        lengths = np.full(c.B, c.T) if c.lengths is None else np.asarray(c.lengths)
+        mask = np.arange(c.T)[None, :] < lengths[:, None]  # (B, T)
         y, h_T, c_T, g = run(
             layouts.batch_major(_pad_last(c.x, Dp)),  # (B, T, Dp)
-            _pad_last(c.h0, Hp), _pad_last(c.c0, Hp),  # (B, Hp)
-            layouts.batch_major(_pad_last(c.dy, Hp)), _pad_last(c.dh_T, Hp), _pad_last(c.dc_T, Hp),
+            _pad_last(lift(c.h0), Hp), _pad_last(lift(c.c0), Hp),  # (L * dirs, B, Hp)
+            mask,
+            layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp)), _pad_last(lift(c.dh_T), Hp),
+            _pad_last(lift(c.dc_T), Hp),
         )
-        dparams = layouts.from_keras(*(_numpy(t) for t in g[3:]))  # gradients convert like the weights
+        per_layer = [[_numpy(t) for t in g[3 + 3 * dirs * k : 3 + 3 * dirs * (k + 1)]] for k in range(s.num_layers)]
+        dpadded = layouts.from_keras_layers(per_layer, s)  # gradients convert like the weights
+        dcells = {(k, d): _unpad_cell(layouts.cell_params(dpadded, s, k, d), 1 if k == 0 else dirs,
+                                      D if k == 0 else H, H)
+                  for k, d, _ in s.cells()}
+        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": layouts.time_major(_numpy(y))[..., :H], "h_T": _numpy(h_T)[:, :H],
-                     "c_T": _numpy(c_T)[:, :H]},
-            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": _numpy(g[1])[:, :H],
-                       "c0": _numpy(g[2])[:, :H], **_unpad_vanilla(dparams, D, H)},
-            notes=f"keras.layers.LSTM in {dtype}" + (f", run in a padded (D={Dp}, H={Hp}) layer"
-                                                     if (Dp, Hp) != (D, H) else ""),
+            outputs={"y": _unpad_blocks(layouts.time_major(_numpy(y)), 2, dirs, H),
+                     "h_T": unlift(_numpy(h_T)[..., :H]), "c_T": unlift(_numpy(c_T)[..., :H])},
+            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": unlift(_numpy(g[1])[..., :H]),
+                       "c0": unlift(_numpy(g[2])[..., :H]), **layouts.join_cells(dcells, s)},
+            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()})" if not s.is_default else "")
+                  + (f", run in a padded (D={Dp}, H={Hp}) layer" if (Dp, Hp) != (D, H) else ""),
         )
 
 
@@ -265,7 +324,9 @@ class BlockLSTMV2Oracle(_TFBase):
     description = "tf.raw_ops.BlockLSTMV2 and BlockLSTMGradV2, TensorFlow's fused LSTM kernels, float32"
     variants = ("vanilla", "peephole")
     compute_dtypes = ("float32",)
-    limitation = "float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it"
+    limitation = ("float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it; one layer, "
+                  "one direction, full length: its cell_clip gradient passes through clipped cells, not the "
+                  "contract's clip")
 
     def __init__(self) -> None:
         self._functions: dict[bool, Any] = {}
