@@ -646,7 +646,7 @@ def from_onnx_layer(W: Any, R: Any, B: Any = None, P: Any = None, *, structure: 
             raise ValueError(f"{name}: expected shape ({structure.dirs}, 4H, ...) (num_directions first), "
                              f"got {tuple(a.shape)}")
     out: dict[str, np.ndarray] = {}
-    for k, d, prefix in cells:
+    for _layer, d, prefix in cells:
         one = {name: None if a is None else _array(a, name)[d : d + 1] for name, a in arrays.items()}
         out.update({prefix + key: v for key, v in from_onnx(one["W"], one["R"], one["B"], one["P"]).items()})
     return out
@@ -685,8 +685,9 @@ def from_keras_layers(weights: Any, structure: Structure | None) -> dict[str, np
     prefixed canonical params. Gradients convert the same way."""
     structure = _structure(structure)
     if not isinstance(weights, (list, tuple)) or len(weights) != structure.num_layers:
+        size = len(weights) if hasattr(weights, "__len__") else "?"
         raise ValueError(f"weights: expected a list of {structure.num_layers} per-layer weight lists, "
-                         f"got {type(weights).__name__} of length {len(weights) if hasattr(weights, '__len__') else '?'}")
+                         f"got {type(weights).__name__} of length {size}")
     cells = {}
     for layer, per_layer in enumerate(weights):
         if len(per_layer) != 3 * structure.dirs:

@@ -14,12 +14,12 @@ training gradients, and the reference evaluator is forward only.
 Whole layers: one ``LSTM`` node per layer, ``direction="bidirectional"`` for both directions, each
 layer's ``Y`` (T, dirs, B, H) transposed and reshaped to (T, B, dirs * H) as the next layer's ``X``.
 ONNX Runtime also takes ``sequence_lens`` (lengths) and ``input_forget=1`` (CIFG): both were checked
-numerically against the contract (tests/test_oracles.py): Y is 0 at padded steps, Y_h / Y_c hold the
-state after each row's last valid step, the reverse direction starts at lengths[b] - 1, and with
-``input_forget`` the forget gate is 1 - i. ``onnx.reference`` (onnx 1.23: its LSTM takes them as unused arguments) ignores both
-``sequence_lens`` and ``input_forget``, so it declares neither. ONNX's LSTM has no projection; its
-``clip`` attribute clips the gates' pre-activations, not the cell state, so it is not ``cell_clip``
-and is never set.
+numerically against the contract (tests/test_oracles_structure.py): Y is 0 at padded steps, Y_h / Y_c
+hold the state after each row's last valid step, the reverse direction starts at lengths[b] - 1, and
+with ``input_forget`` the forget gate is 1 - i. ``onnx.reference`` (onnx 1.23: its LSTM takes them as
+unused arguments) ignores both ``sequence_lens`` and ``input_forget``, so it declares neither. ONNX's
+LSTM has no projection; its ``clip`` attribute clips the gates' pre-activations, not the cell state,
+so it is not ``cell_clip`` and is never set.
 
 Cached: one model (and one ORT session or evaluator) per (variant, dtype, D, H, structure), since
 ``hidden_size`` and the node chain are fixed in the graph; T and B are symbolic dimensions.
@@ -134,7 +134,7 @@ class _OnnxBase(Oracle):
     gives_gradients = False
 
     def __init__(self) -> None:
-        self._runners: dict[tuple[str, str, int, int], Any] = {}
+        self._runners: dict[tuple[str, str, int, int, Structure], Any] = {}
 
     def _make_runner(self, model: Any) -> Any:
         raise NotImplementedError
