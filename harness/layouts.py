@@ -36,6 +36,23 @@ and transposes blocks; the one exception is a split bias, whose two halves each 
 dL/db (use one half, not their sum). ``from_keras(dkernel, drecurrent_kernel, dbias)`` turns Keras
 gradients into canonical ones, and so on.
 
+Whole layers (:mod:`harness.structure`: stacked layers, both directions, a projection) are stored by
+each framework cell by cell, in its own naming; the canonical names are ``l{k}.W``, ``l{k}.reverse.W``,
+... (unprefixed for one layer, one direction), and :func:`cell_params` / :func:`join_cells` split and
+join them:
+
+================  ==========================================================================
+PyTorch nn.LSTM   ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, and
+                  ``weight_hr_l{k}`` (= proj) with ``proj_size``; the reverse direction's names end
+                  in ``_reverse``. ``to_torch(params, structure)`` / ``from_torch(sd, structure)``.
+ONNX LSTM         one node per layer: W (dirs, 4H, D_in), R (dirs, 4H, H), B (dirs, 8H), P (dirs,
+                  3H), forward direction first; a layer's Y (T, dirs, B, H) is the next layer's X
+                  as (T, B, dirs*H) (:func:`onnx_layer_output`). ``to_onnx_layer`` / ``from_onnx_layer``.
+Keras 3           one ``LSTM`` (or ``Bidirectional(LSTM)``) per layer; a Bidirectional layer's
+                  weights are the forward layer's [kernel, recurrent_kernel, bias], then the backward
+                  layer's. ``to_keras_layers`` / ``from_keras_layers``.
+================  ==========================================================================
+
 Every function returns new NumPy arrays (never views of its input) in the input's dtype, and accepts
 NumPy arrays or anything ``np.asarray`` takes, including CPU PyTorch tensors and TensorFlow tensors.
 """
@@ -47,7 +64,17 @@ from typing import Any
 
 import numpy as np
 
+from harness.structure import Structure
+
 __all__ = [
+    "select_cell",
+    "cell_params",
+    "join_cells",
+    "to_onnx_layer",
+    "from_onnx_layer",
+    "onnx_layer_output",
+    "to_keras_layers",
+    "from_keras_layers",
     "GATE_ORDERS",
     "CANONICAL_ORDER",
     "normalize_order",
@@ -244,39 +271,150 @@ def _optional_peepholes(names: tuple[str, str, str], values: tuple[Any, Any, Any
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch nn.LSTM (one layer, one direction)
+# Whole layers: cells by layer and direction
 
 
-def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _structure(structure: Any) -> Structure:
+    if structure is None:
+        return Structure()
+    if not isinstance(structure, Structure):
+        raise ValueError(f"structure: expected a harness.structure.Structure, got {type(structure).__name__}")
+    return structure
+
+
+def select_cell(params: Mapping[str, Any], structure: Structure | None, layer: int, direction: int
+                ) -> dict[str, Any]:
+    """The entries of one cell (``layer``, ``direction``) of ``structure`` with their prefix removed,
+    values as they are (NumPy arrays, framework tensors): ``select_cell(p, s, 1, 1)`` is
+    ``{"W": p["l1.reverse.W"], ...}``. Oracles use it on tensors; :func:`cell_params` copies to NumPy."""
+    structure = _structure(structure)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict of named arrays, got {type(params).__name__}")
+    cells = {(k, d): prefix for k, d, prefix in structure.cells()}
+    if (layer, direction) not in cells:
+        raise ValueError(f"layer, direction: expected a cell of a structure with {structure.num_layers} layer(s) "
+                         f"and {structure.dirs} direction(s), got ({layer!r}, {direction!r})")
+    prefix = cells[(layer, direction)]
+    out = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    if "W" not in out:
+        raise ValueError(f"params: expected {prefix}W and the other parameters of cell {prefix or '(unprefixed)'}, "
+                         f"got keys {sorted(params)}")
+    return out
+
+
+def cell_params(params: Mapping[str, Any], structure: Structure | None, layer: int, direction: int
+                ) -> dict[str, np.ndarray]:
+    """The parameters of one cell (``layer``, ``direction``) of ``structure``, without their prefix, as
+    new NumPy arrays: ``cell_params(p, s, 1, 1)`` is ``{"W": p["l1.reverse.W"], ...}``."""
+    return {k: _array(v, f"params[{k!r}]").copy() for k, v in select_cell(params, structure, layer, direction).items()}
+
+
+def join_cells(cells: Mapping[tuple[int, int], Mapping[str, Any]], structure: Structure | None
+               ) -> dict[str, np.ndarray]:
+    """The inverse of :func:`cell_params`: {(layer, direction): bare params} -> prefixed params, cell
+    by cell in the structure's order."""
+    structure = _structure(structure)
+    out: dict[str, np.ndarray] = {}
+    for layer, direction, prefix in structure.cells():
+        if (layer, direction) not in cells:
+            raise ValueError(f"cells: expected a cell (layer={layer}, direction={direction}), got {sorted(cells)}")
+        for k, v in cells[(layer, direction)].items():
+            out[prefix + k] = _array(v, f"cells[{(layer, direction)}][{k!r}]").copy()
+    return out
+
+
+def _cell_weights(p: Mapping[str, Any], prefix: str, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """W (4H, D_in), R (4H, H_out), b (4H,) of one cell, checked; -> W, R, b, H."""
+    W = _array(p["W"], f"params[{prefix + 'W'!r}]")
+    if W.ndim != 2:
+        raise ValueError(f"params[{prefix + 'W'!r}]: expected shape (4H, D), got {tuple(W.shape)}")
+    H = _four_h(W.shape[0], f"params[{prefix + 'W'!r}]", "the number of rows")
+    H_out = P or H
+    R = _array(p["R"], f"params[{prefix + 'R'!r}]")
+    _check_shape(R, f"params[{prefix + 'R'!r}]", (4 * H, H_out), f"(4H, H_out) = ({4 * H}, {H_out})")
+    if "b" not in p:
+        raise ValueError(f"params: expected {prefix}b (the layernorm variant has no bias, so no layout here)")
+    b = _array(p["b"], f"params[{prefix + 'b'!r}]")
+    _check_shape(b, f"params[{prefix + 'b'!r}]", (4 * H,), f"(4H,) = ({4 * H},)")
+    return W, R, b, H
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch nn.LSTM
+
+
+def _torch_suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def to_torch(params: Mapping[str, Any], structure: Structure | None = None) -> dict[str, np.ndarray]:
     """-> ``weight_ih_l0`` (4H, D), ``weight_hh_l0`` (4H, H), ``bias_ih_l0`` = b, ``bias_hh_l0`` = 0.
 
     PyTorch's gate order is the canonical i, f, g, o; load with
     ``lstm.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch(params).items()})``.
+    With a ``structure``, every cell: ``..._l{k}`` and ``..._l{k}_reverse``, and ``weight_hr_l{k}``
+    (= ``proj``) with a projection, as ``nn.LSTM(num_layers=, bidirectional=, proj_size=)`` names them.
     """
-    W, R, b = _canonical(params)
-    return {"weight_ih_l0": W.copy(), "weight_hh_l0": R.copy(), "bias_ih_l0": b.copy(),
-            "bias_hh_l0": np.zeros_like(b)}
+    structure = _structure(structure)
+    if not structure.layered and not structure.proj_size:
+        W, R, b = _canonical(params)
+        return {"weight_ih_l0": W.copy(), "weight_hh_l0": R.copy(), "bias_ih_l0": b.copy(),
+                "bias_hh_l0": np.zeros_like(b)}
+    out: dict[str, np.ndarray] = {}
+    for layer, direction, prefix in structure.cells():
+        p = cell_params(params, structure, layer, direction)
+        W, R, b, H = _cell_weights(p, prefix, structure.proj_size)
+        sfx = _torch_suffix(layer, direction)
+        out.update({f"weight_ih{sfx}": W.copy(), f"weight_hh{sfx}": R.copy(), f"bias_ih{sfx}": b.copy(),
+                    f"bias_hh{sfx}": np.zeros_like(b)})
+        if structure.proj_size:
+            proj = _array(p["proj"], f"params[{prefix + 'proj'!r}]") if "proj" in p else None
+            if proj is None:
+                raise ValueError(f"params: expected {prefix}proj for proj_size={structure.proj_size}")
+            _check_shape(proj, f"params[{prefix + 'proj'!r}]", (structure.proj_size, H),
+                         f"(P, H) = ({structure.proj_size}, {H})")
+            out[f"weight_hr{sfx}"] = proj.copy()
+    return out
 
 
-def from_torch(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """From an ``nn.LSTM`` state dict (or its layer-0 arrays): b = bias_ih_l0 + bias_hh_l0."""
+def from_torch(state_dict: Mapping[str, Any], structure: Structure | None = None) -> dict[str, np.ndarray]:
+    """From an ``nn.LSTM`` state dict (or its layer-0 arrays): b = bias_ih_l0 + bias_hh_l0.
+
+    With a ``structure``, every cell's arrays (see :func:`to_torch`) -> prefixed canonical params. A
+    missing bias half counts as zero, so that autograd gradients convert too: pass ``bias_ih``'s
+    gradient alone (dL/db is the gradient of either half)."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
-    need = ("weight_ih_l0", "weight_hh_l0")
-    missing = [k for k in need if k not in state_dict]
-    if missing:
-        raise ValueError(
-            f"state_dict: expected keys {list(need)} (and bias_ih_l0, bias_hh_l0), missing {missing}"
-        )
-    W, R, H = _stacked_weights(state_dict["weight_ih_l0"], state_dict["weight_hh_l0"],
-                               "state_dict['weight_ih_l0']", "state_dict['weight_hh_l0']")
-    b = np.zeros(4 * H, W.dtype)
-    for key in ("bias_ih_l0", "bias_hh_l0"):
-        if key in state_dict and state_dict[key] is not None:
-            part = _array(state_dict[key], f"state_dict[{key!r}]")
-            _check_shape(part, f"state_dict[{key!r}]", (4 * H,), f"(4H,) = ({4 * H},)")
-            b = b + part
-    return _result(W, R, b.astype(W.dtype, copy=False))
+    structure = _structure(structure)
+    cells = {}
+    for layer, direction, _prefix in structure.cells():
+        sfx = _torch_suffix(layer, direction)
+        need = [f"weight_ih{sfx}", f"weight_hh{sfx}"] + ([f"weight_hr{sfx}"] if structure.proj_size else [])
+        missing = [k for k in need if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: expected keys {need} (and bias_ih{sfx}, bias_hh{sfx}), "
+                             f"missing {missing}")
+        W = _array(state_dict[f"weight_ih{sfx}"], f"state_dict['weight_ih{sfx}']")
+        if W.ndim != 2:
+            raise ValueError(f"state_dict['weight_ih{sfx}']: expected shape (4H, D), got {tuple(W.shape)}")
+        H = _four_h(W.shape[0], f"state_dict['weight_ih{sfx}']", "the number of rows")
+        H_out = structure.proj_size or H
+        R = _array(state_dict[f"weight_hh{sfx}"], f"state_dict['weight_hh{sfx}']")
+        _check_shape(R, f"state_dict['weight_hh{sfx}']", (4 * H, H_out), f"(4H, H_out) = ({4 * H}, {H_out})")
+        b = np.zeros(4 * H, W.dtype)
+        for key in (f"bias_ih{sfx}", f"bias_hh{sfx}"):
+            if key in state_dict and state_dict[key] is not None:
+                part = _array(state_dict[key], f"state_dict[{key!r}]")
+                _check_shape(part, f"state_dict[{key!r}]", (4 * H,), f"(4H,) = ({4 * H},)")
+                b = b + part
+        cell = _result(W, R, b.astype(W.dtype, copy=False))
+        if structure.proj_size:
+            proj = _array(state_dict[f"weight_hr{sfx}"], f"state_dict['weight_hr{sfx}']")
+            _check_shape(proj, f"state_dict['weight_hr{sfx}']", (structure.proj_size, H),
+                         f"(P, H) = ({structure.proj_size}, {H})")
+            cell["proj"] = proj.copy()
+        cells[(layer, direction)] = cell
+    return join_cells(cells, structure)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,6 +611,91 @@ def from_onnx(W: Any, R: Any, B: Any = None, P: Any = None) -> dict[str, np.ndar
         peep = {k: peep[k] for k in _PEEPHOLES}
     return _result(permute_gates(Wa[0], "onnx", CANONICAL_ORDER),
                    permute_gates(Ra[0], "onnx", CANONICAL_ORDER), b, peep)
+
+
+def _onnx_layer_cells(structure: Structure, layer: Any) -> list[tuple[int, int, str]]:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < structure.num_layers:
+        raise ValueError(f"layer: expected a layer index in 0..{structure.num_layers - 1}, got {layer!r}")
+    if structure.proj_size:
+        raise ValueError(f"structure: ONNX's LSTM has no projection, got proj_size={structure.proj_size}")
+    return [cell for cell in structure.cells() if cell[0] == layer]
+
+
+def to_onnx_layer(params: Mapping[str, Any], structure: Structure | None, layer: int, peepholes: Any = None
+                  ) -> dict[str, np.ndarray]:
+    """Layer ``layer`` of a whole LSTM as the inputs of one ONNX ``LSTM`` node with
+    ``direction="bidirectional"`` (two directions) or ``"forward"``: ``W`` (dirs, 4H, D_in), ``R``
+    (dirs, 4H, H), ``B`` (dirs, 8H), and ``P`` (dirs, 3H) as :func:`to_onnx` decides per cell; the
+    forward direction is index 0. ONNX has no projection (a ValueError says so)."""
+    structure = _structure(structure)
+    parts = [to_onnx(cell_params(params, structure, k, d), peepholes)
+             for k, d, _ in _onnx_layer_cells(structure, layer)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def from_onnx_layer(W: Any, R: Any, B: Any = None, P: Any = None, *, structure: Structure | None, layer: int
+                    ) -> dict[str, np.ndarray]:
+    """The inverse of :func:`to_onnx_layer`: one node's W (dirs, 4H, D_in), R, B, P -> the layer's
+    prefixed canonical params (``l{k}.W``, ``l{k}.reverse.W``, ...; unprefixed when not layered)."""
+    structure = _structure(structure)
+    cells = _onnx_layer_cells(structure, layer)
+    arrays = {"W": W, "R": R, "B": B, "P": P}
+    for name in ("W", "R"):
+        a = _array(arrays[name], name)
+        if a.ndim != 3 or a.shape[0] != structure.dirs:
+            raise ValueError(f"{name}: expected shape ({structure.dirs}, 4H, ...) (num_directions first), "
+                             f"got {tuple(a.shape)}")
+    out: dict[str, np.ndarray] = {}
+    for _layer, d, prefix in cells:
+        one = {name: None if a is None else _array(a, name)[d : d + 1] for name, a in arrays.items()}
+        out.update({prefix + key: v for key, v in from_onnx(one["W"], one["R"], one["B"], one["P"]).items()})
+    return out
+
+
+def onnx_layer_output(Y: Any) -> np.ndarray:
+    """An ONNX LSTM node's ``Y`` (T, num_directions, B, H) -> (T, B, num_directions * H), the forward
+    direction's features first: the contract's y, and the next layer's input."""
+    a = _array(Y, "Y")
+    if a.ndim != 4:
+        raise ValueError(f"Y: expected shape (T, num_directions, B, H), got {tuple(a.shape)}")
+    T, dirs, B, H = a.shape
+    return np.ascontiguousarray(np.transpose(a, (0, 2, 1, 3)).reshape(T, B, dirs * H))
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras 3, a whole layer: one LSTM or Bidirectional(LSTM) per layer
+
+
+def to_keras_layers(params: Mapping[str, Any], structure: Structure | None) -> list[list[np.ndarray]]:
+    """Per layer, the list ``layer.set_weights`` takes: ``[kernel, recurrent_kernel, bias]`` of the
+    forward LSTM, followed for a ``Bidirectional`` layer by the backward LSTM's three (Keras's own
+    weight order of ``Bidirectional``). Keras's LSTM has no projection (a ValueError says so)."""
+    structure = _structure(structure)
+    if structure.proj_size:
+        raise ValueError(f"structure: Keras's LSTM has no projection, got proj_size={structure.proj_size}")
+    out: list[list[np.ndarray]] = [[] for _ in range(structure.num_layers)]
+    for layer, direction, _ in structure.cells():
+        k = to_keras(cell_params(params, structure, layer, direction))
+        out[layer] += [k["kernel"], k["recurrent_kernel"], k["bias"]]
+    return out
+
+
+def from_keras_layers(weights: Any, structure: Structure | None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`to_keras_layers`: per layer, 3 (or 6 for Bidirectional) Keras arrays ->
+    prefixed canonical params. Gradients convert the same way."""
+    structure = _structure(structure)
+    if not isinstance(weights, (list, tuple)) or len(weights) != structure.num_layers:
+        size = len(weights) if hasattr(weights, "__len__") else "?"
+        raise ValueError(f"weights: expected a list of {structure.num_layers} per-layer weight lists, "
+                         f"got {type(weights).__name__} of length {size}")
+    cells = {}
+    for layer, per_layer in enumerate(weights):
+        if len(per_layer) != 3 * structure.dirs:
+            raise ValueError(f"weights[{layer}]: expected {3 * structure.dirs} arrays (kernel, recurrent_kernel, "
+                             f"bias per direction), got {len(per_layer)}")
+        for d in range(structure.dirs):
+            cells[(layer, d)] = from_keras(*per_layer[3 * d : 3 * d + 3])
+    return join_cells(cells, structure)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ kernel, see below), so one case is one graph call.
   dw and db come back swapped and every other gradient is wrong with them. The oracle therefore
   calls the matching V2 backward kernel itself with the upstream gradients, which agrees with
   finite differences; tests/test_oracle_tf.py pins the bug down while it lasts.
+
+  Its ``cell_clip`` is not declared as the contract's cell clipping: the forward kernel does clip
+  c_t after the update and carries the clipped value (as the contract says), but its backward
+  kernel ``BlockLSTMGradV2`` passes the gradient through the clipped elements unchanged (a
+  straight-through gradient), where the contract's gradient there is zero; both facts are pinned
+  in tests/test_oracle_tf.py. Nor does it take lengths (``seq_len_max`` is one length for every
+  row), a projection, CIFG, or more than one layer and direction.
 * ``tf-composite``: the equations of every variant from TF primitives (LayerNorm with
   ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan``; float64.
 
@@ -43,7 +50,7 @@ import numpy as np
 
 from harness import layouts
 from harness.cases import Case
-from harness.contract import gradient_keys
+from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
 
 __all__ = ["KerasLSTMOracle", "BlockLSTMV2Oracle", "TFCompositeOracle", "TF_THREADS"]
@@ -118,7 +125,7 @@ class _TFBase(Oracle):
         return module_available("tensorflow")
 
     def _check(self, case: Case) -> str:
-        why = self.unsupported_reason(case.variant, case.dtype)
+        why = self.unsupported_reason(case.variant, case.dtype, case.structure)
         if why:
             raise ValueError(f"case: {why}")
         dtype = self.compute_dtype_for(case.dtype)
@@ -140,47 +147,67 @@ def _pad_last(a: np.ndarray, n: int) -> np.ndarray:
     return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
 
 
-def _pad_vanilla(params: dict[str, np.ndarray], Dp: int, Hp: int) -> dict[str, np.ndarray]:
-    """Canonical W, R, b of an (D, H) LSTM embedded in a (Dp, Hp) one, every new weight zero."""
-    H = params["R"].shape[1]
-    out = {}
-    for k, cols in (("W", Dp), ("R", Hp), ("b", None)):
-        blocks = np.split(params[k], 4, axis=0)  # per gate: (H, ...) each
-        padded = [np.pad(blk, [(0, Hp - H)] + ([(0, cols - blk.shape[1])] if cols else [])) for blk in blocks]
-        out[k] = np.concatenate(padded, axis=0)  # (4Hp, ...)
-    return out
+def _pad_blocks(a: np.ndarray, axis: int, blocks: int, n: int) -> np.ndarray:
+    """Split ``axis`` of ``a`` into ``blocks`` equal parts and zero-pad each to length ``n``."""
+    parts = np.split(a, blocks, axis=axis)
+    pad = lambda p: np.pad(p, [(0, n - p.shape[axis]) if ax == axis else (0, 0) for ax in range(a.ndim)])  # noqa: E731
+    return np.concatenate([pad(p) for p in parts], axis=axis)
 
 
-def _unpad_vanilla(grads: dict[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
-    out = {}
-    for k, cols in (("W", D), ("R", H), ("b", None)):
-        blocks = np.split(grads[k], 4, axis=0)
-        out[k] = np.concatenate([blk[:H, :cols] if cols else blk[:H] for blk in blocks], axis=0)
-    return out
+def _unpad_blocks(a: np.ndarray, axis: int, blocks: int, n: int) -> np.ndarray:
+    """The inverse of :func:`_pad_blocks`: keep the first ``n`` of each of the ``blocks`` parts."""
+    parts = np.split(a, blocks, axis=axis)
+    return np.concatenate([np.take(p, range(n), axis=axis) for p in parts], axis=axis)
+
+
+def _pad_cell(p: dict[str, np.ndarray], in_blocks: int, Dp: int, Hp: int) -> dict[str, np.ndarray]:
+    """Canonical W, R, b of a cell embedded in a larger one, every new weight zero: each gate's rows
+    padded to Hp, W's input columns (``in_blocks`` equal parts: 1, or one per direction of the layer
+    below) each padded to Dp, R's columns to Hp."""
+    return {"W": _pad_blocks(_pad_blocks(p["W"], 0, 4, Hp), 1, in_blocks, Dp),
+            "R": _pad_blocks(_pad_blocks(p["R"], 0, 4, Hp), 1, 1, Hp),
+            "b": _pad_blocks(p["b"], 0, 4, Hp)}
+
+
+def _unpad_cell(g: dict[str, np.ndarray], in_blocks: int, D: int, H: int) -> dict[str, np.ndarray]:
+    return {"W": _unpad_blocks(_unpad_blocks(g["W"], 0, 4, H), 1, in_blocks, D),
+            "R": _unpad_blocks(_unpad_blocks(g["R"], 0, 4, H), 1, 1, H),
+            "b": _unpad_blocks(g["b"], 0, 4, H)}
 
 
 class KerasLSTMOracle(_TFBase):
     """``keras.layers.LSTM`` in float64 on the TensorFlow backend, gradients by GradientTape.
+
+    Whole layers: one ``LSTM`` per layer, wrapped in ``Bidirectional`` for both directions (its
+    backward layer is the same LSTM with ``go_backwards=True``), each layer fed the one below's
+    sequence output; lengths as Keras's ``mask`` (True where t < lengths[b]). Keras's masked
+    semantics were checked against the contract (tests/test_oracle_tf.py): at a masked step the
+    state is carried unchanged; the backward layer reverses the whole padded sequence, so it passes
+    the padded steps first with its state unchanged and starts, in effect, at lengths[b] - 1;
+    ``Bidirectional`` reverses its output back. At a masked step a plain LSTM outputs its previous
+    output unless ``zero_output_for_mask=True`` (which ``Bidirectional`` sets for its layers), so
+    every layer here is built with ``zero_output_for_mask=True``: y is 0 there, as the contract says.
 
     A Keras layer has fixed sizes and tracing its call takes about half a second, which would
     dominate a run whose cases draw many different (D, H). With ``bucket=True`` (the default) a case
     runs in a layer of the next bucket size (D and H rounded up to 8, 16, 32, ...), its extra inputs,
     state units, weights and upstream gradients all zero. That embedding is exact: a padded unit
     has pre-activation 0, so its c stays 0 and its h = sigmoid(0) * tanh(0) = 0, it feeds nothing
-    into the real units (its recurrent weights are zero) and receives no upstream gradient; only
-    the floating-point summation order of the matrix products can differ. ``bucket=False`` builds a
-    layer of exactly the case's sizes.
+    into the real units (its recurrent weights are zero, as are the next layer's weights from it)
+    and receives no upstream gradient; only the floating-point summation order of the matrix
+    products can differ. ``bucket=False`` builds layers of exactly the case's sizes.
     """
 
     name = "tf-keras"
     description = "keras.layers.LSTM (TensorFlow backend) with converted weights, GradientTape gradients"
     variants = ("vanilla",)
     compute_dtypes = ("float64",)
+    structures = frozenset({"layers", "bidirectional", "lengths"})
 
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
         self.smallest_bucket = smallest_bucket
-        self._built: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+        self._built: dict[tuple[int, int, str, int, bool], tuple[Any, Any]] = {}
 
     def _probe(self) -> Availability:
         avail = super()._probe()
@@ -201,23 +228,41 @@ class KerasLSTMOracle(_TFBase):
                                        "(set KERAS_BACKEND=tensorflow before importing keras)")
         return Availability(True, "", {**avail.versions, **keras_avail.versions})
 
-    def _layer(self, D: int, H: int, dtype: str) -> tuple[Any, Any]:
-        key = (D, H, dtype)
+    def _layers(self, D: int, H: int, dtype: str, num_layers: int, bidirectional: bool) -> tuple[Any, Any]:
+        key = (D, H, dtype, num_layers, bidirectional)
         if key not in self._built:
             tf = _tf()
             import keras
 
-            layer = keras.layers.LSTM(H, return_sequences=True, return_state=True, dtype=dtype)
-            layer.build((None, None, D))
-            weights = (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias)
+            dirs = 2 if bidirectional else 1
+            layers, weights = [], []
+            for k in range(num_layers):
+                lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
+                                         dtype=dtype)
+                layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
+                layer.build((None, None, D if k == 0 else dirs * H))
+                cells = [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]
+                for one in cells:  # to_keras_layers's order: forward, then backward
+                    weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]
+                layers.append(layer)
             seq = tf.TensorSpec([None, None, None], dtype)  # (B, T, ...) batch-major
-            mat = tf.TensorSpec([None, None], dtype)
+            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
+            mask_spec = tf.TensorSpec([None, None], tf.bool)  # (B, T)
 
-            @tf.function(input_signature=[seq, mat, mat, seq, mat, mat])
-            def run(x, h0, c0, dy, dh_T, dc_T):
+            @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state])
+            def run(x, h0, c0, mask, dy, dh_T, dc_T):
                 with tf.GradientTape() as tape:
                     tape.watch([x, h0, c0])
-                    y, h_T, c_T = layer(x, initial_state=[h0, c0])  # (B, T, H), (B, H), (B, H)
+                    inp, h_T, c_T = x, [], []
+                    for k, layer in enumerate(layers):
+                        init = []
+                        for d in range(dirs):
+                            init += [h0[k * dirs + d], c0[k * dirs + d]]
+                        out = layer(inp, mask=mask, initial_state=init)  # y, then h, c per direction
+                        inp = out[0]
+                        h_T += list(out[1::2])
+                        c_T += list(out[2::2])
+                    y, h_T, c_T = inp, tf.stack(h_T), tf.stack(c_T)
                     loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, [x, h0, c0, *weights],
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -229,28 +274,42 @@ class KerasLSTMOracle(_TFBase):
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
-        D, H = c.D, c.H
+        s = c.structure
+        D, H, dirs = c.D, c.H, s.dirs
         Dp, Hp = D, H
         if self.bucket:
             Dp, Hp = _bucket(D, self.smallest_bucket), _bucket(H, self.smallest_bucket)
-        weights, run = self._layer(Dp, Hp, dtype)
-        k = layouts.to_keras(_pad_vanilla(c.params, Dp, Hp))
-        for var, value in zip(weights, (k["kernel"], k["recurrent_kernel"], k["bias"]), strict=True):
+        weights, run = self._layers(Dp, Hp, dtype, s.num_layers, s.bidirectional)
+        cells = {(k, d): _pad_cell(layouts.cell_params(c.params, s, k, d), 1 if k == 0 else dirs,
+                                   Dp if k == 0 else Hp, Hp)
+                 for k, d, _ in s.cells()}
+        padded = layouts.to_keras_layers(layouts.join_cells(cells, s), s)
+        for var, value in zip(weights, [a for per_layer in padded for a in per_layer], strict=True):
             var.assign(value)
+        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        lengths = np.full(c.B, c.T) if c.lengths is None else np.asarray(c.lengths)
+        mask = np.arange(c.T)[None, :] < lengths[:, None]  # (B, T)
         y, h_T, c_T, g = run(
             layouts.batch_major(_pad_last(c.x, Dp)),  # (B, T, Dp)
-            _pad_last(c.h0, Hp), _pad_last(c.c0, Hp),  # (B, Hp)
-            layouts.batch_major(_pad_last(c.dy, Hp)), _pad_last(c.dh_T, Hp), _pad_last(c.dc_T, Hp),
+            _pad_last(lift(c.h0), Hp), _pad_last(lift(c.c0), Hp),  # (L * dirs, B, Hp)
+            mask,
+            layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp)), _pad_last(lift(c.dh_T), Hp),
+            _pad_last(lift(c.dc_T), Hp),
         )
-        dparams = layouts.from_keras(*(_numpy(t) for t in g[3:]))  # gradients convert like the weights
+        per_layer = [[_numpy(t) for t in g[3 + 3 * dirs * k : 3 + 3 * dirs * (k + 1)]] for k in range(s.num_layers)]
+        dpadded = layouts.from_keras_layers(per_layer, s)  # gradients convert like the weights
+        dcells = {(k, d): _unpad_cell(layouts.cell_params(dpadded, s, k, d), 1 if k == 0 else dirs,
+                                      D if k == 0 else H, H)
+                  for k, d, _ in s.cells()}
+        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": layouts.time_major(_numpy(y))[..., :H], "h_T": _numpy(h_T)[:, :H],
-                     "c_T": _numpy(c_T)[:, :H]},
-            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": _numpy(g[1])[:, :H],
-                       "c0": _numpy(g[2])[:, :H], **_unpad_vanilla(dparams, D, H)},
-            notes=f"keras.layers.LSTM in {dtype}" + (f", run in a padded (D={Dp}, H={Hp}) layer"
-                                                     if (Dp, Hp) != (D, H) else ""),
+            outputs={"y": _unpad_blocks(layouts.time_major(_numpy(y)), 2, dirs, H),
+                     "h_T": unlift(_numpy(h_T)[..., :H]), "c_T": unlift(_numpy(c_T)[..., :H])},
+            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": unlift(_numpy(g[1])[..., :H]),
+                       "c0": unlift(_numpy(g[2])[..., :H]), **layouts.join_cells(dcells, s)},
+            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()})" if not s.is_default else "")
+                  + (f", run in a padded (D={Dp}, H={Hp}) layer" if (Dp, Hp) != (D, H) else ""),
         )
 
 
@@ -265,7 +324,9 @@ class BlockLSTMV2Oracle(_TFBase):
     description = "tf.raw_ops.BlockLSTMV2 and BlockLSTMGradV2, TensorFlow's fused LSTM kernels, float32"
     variants = ("vanilla", "peephole")
     compute_dtypes = ("float32",)
-    limitation = "float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it"
+    limitation = ("float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it; one layer, "
+                  "one direction, full length: its cell_clip gradient passes through clipped cells, not the "
+                  "contract's clip")
 
     def __init__(self) -> None:
         self._functions: dict[bool, Any] = {}
@@ -320,66 +381,106 @@ class BlockLSTMV2Oracle(_TFBase):
 # Composite
 
 
-def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any):
-    """One time step of the contract's equations as a ``tf.scan`` body: ((h, c), x_t) -> (h, c)."""
+def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structure: Structure, clip: Any):
+    """One time step of the contract's equations as a ``tf.scan`` body:
+    ((h, c, y), (x_t, m_t)) -> (h, c, y), where ``m_t`` (B, 1) is 1 where the step exists and 0 where
+    it does not (the state is kept and y is 0 there)."""
 
     def ln(v, k):  # LayerNorm row k: biased variance over the H units, eps inside the square root
         mean, var = tf.nn.moments(v, axes=[-1], keepdims=True)
         return (v - mean) * tf.math.rsqrt(var + eps) * p["gamma"][k] + p["beta"][k]
 
-    def step(state, x_t):
-        h, c = state  # (B, H) each
+    def step(state, inputs):
+        h, c, _ = state  # (B, H_out), (B, H)
+        x_t, m_t = inputs  # (B, D_in), (B, 1)
         a = tf.matmul(x_t, p["W"], transpose_b=True) + tf.matmul(h, p["R"], transpose_b=True)  # (B, 4H)
         if variant != "layernorm":
             a = a + p["b"]
         a_i, a_f, a_g, a_o = tf.split(a, 4, axis=1)
         if variant == "vanilla":
-            c = tf.sigmoid(a_f) * c + tf.sigmoid(a_i) * tf.tanh(a_g)
-            o = tf.sigmoid(a_o)
+            i = tf.sigmoid(a_i)
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f)
+            c_new = f * c + i * tf.tanh(a_g)
         elif variant == "peephole":
             i = tf.sigmoid(a_i + p["p_i"] * c)
-            f = tf.sigmoid(a_f + p["p_f"] * c)
-            c = f * c + i * tf.tanh(a_g)
-            o = tf.sigmoid(a_o + p["p_o"] * c)  # the output gate sees the new cell state
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f + p["p_f"] * c)
+            c_new = f * c + i * tf.tanh(a_g)
         else:
-            i, f = tf.sigmoid(ln(a_i, 0)), tf.sigmoid(ln(a_f, 1))
-            g, o = tf.tanh(ln(a_g, 2)), tf.sigmoid(ln(a_o, 3))
-            c = ln(f * c + i * g, 4)  # the normalized cell is carried forward
-        return o * tf.tanh(c), c
+            i = tf.sigmoid(ln(a_i, 0))
+            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(ln(a_f, 1))
+            c_new = ln(f * c + i * tf.tanh(ln(a_g, 2)), 4)  # the normalized cell is carried forward
+        if structure.cell_clip is not None:  # clip_by_value passes no gradient where it clips
+            c_new = tf.clip_by_value(c_new, -clip, clip)
+        if variant == "peephole":
+            o = tf.sigmoid(a_o + p["p_o"] * c_new)  # the output gate sees the new cell state
+        elif variant == "vanilla":
+            o = tf.sigmoid(a_o)
+        else:
+            o = tf.sigmoid(ln(a_o, 3))
+        h_new = o * tf.tanh(c_new)
+        if structure.proj_size:
+            h_new = tf.matmul(h_new, p["proj"], transpose_b=True)  # (B, P)
+        keep = m_t > 0
+        return tf.where(keep, h_new, h), tf.where(keep, c_new, c), tf.where(keep, h_new, tf.zeros_like(h_new))
 
     return step
 
 
+def _composite_layers(tf: Any, variant: str, structure: Structure, x, h0, c0, params, lengths, eps, clip):
+    """Every layer and direction of ``structure``: y (T, B, dirs * H_out) and the (L * dirs, B, ...)
+    final states. The reverse direction reads each row's valid prefix reversed (``tf.reverse_sequence``)."""
+    T = tf.shape(x)[0]
+    mask = tf.cast(tf.range(T)[:, None] < tf.cast(lengths, tf.int32)[None, :], x.dtype)[..., None]  # (T, B, 1)
+    inp, h_T, c_T = x, [], []
+    for layer in range(structure.num_layers):
+        outs = []
+        for direction in range(structure.dirs):
+            n = layer * structure.dirs + direction
+            p = layouts.select_cell(params, structure, layer, direction)
+            seq = inp if direction == 0 else tf.reverse_sequence(inp, lengths, seq_axis=0, batch_axis=1)
+            init = (h0[n], c0[n], tf.zeros_like(h0[n]))
+            hs, cs, ys = tf.scan(_composite_step(tf, variant, p, eps, structure, clip), (seq, mask), initializer=init)
+            outs.append(ys if direction == 0 else tf.reverse_sequence(ys, lengths, seq_axis=0, batch_axis=1))
+            h_T.append(hs[-1])  # a row's state is kept after its last valid step
+            c_T.append(cs[-1])
+        inp = tf.concat(outs, axis=2)
+    return inp, tf.stack(h_T), tf.stack(c_T)
+
+
 class TFCompositeOracle(_TFBase):
-    """The LSTM of every variant from TF primitives in a cached ``tf.function``, float64."""
+    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64."""
 
     name = "tf-composite"
     description = "LSTM equations in TensorFlow primitives (tf.scan, tf.nn.moments), float64 GradientTape"
     variants = ("vanilla", "peephole", "layernorm")
     compute_dtypes = ("float64",)
+    structures = frozenset(FEATURES)
 
     def __init__(self) -> None:
-        self._functions: dict[tuple[str, str], Any] = {}
+        self._functions: dict[tuple[str, str, Structure], Any] = {}
 
-    def _function(self, variant: str, dtype: str, param_shapes: dict[str, int]) -> Any:
-        key = (variant, dtype)
+    def _function(self, variant: str, dtype: str, structure: Structure, param_shapes: dict[str, int]) -> Any:
+        # Traced once per (variant, dtype, layer shape): lengths and the clip value are inputs.
+        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0)
+        key = (variant, dtype, shape)
         if key not in self._functions:
             tf = _tf()
+            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
             seq = tf.TensorSpec([None, None, None], dtype)
-            mat = tf.TensorSpec([None, None], dtype)
             pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
-            eps_spec = tf.TensorSpec([], dtype)
+            scalar = tf.TensorSpec([], dtype)
+            lens = tf.TensorSpec([None], tf.int64)
 
-            @tf.function(input_signature=[seq, mat, mat, pspec, seq, mat, mat, eps_spec])
-            def run(x, h0, c0, params, dy, dh_T, dc_T, eps):
+            @tf.function(input_signature=[seq, state, state, pspec, seq, state, state, lens, scalar, scalar])
+            def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
                 names = ["x", "h0", "c0", *params]
                 inputs = [x, h0, c0] + [params[k] for k in names[3:]]
                 with tf.GradientTape() as tape:
                     tape.watch(inputs)
-                    hs, cs = tf.scan(_composite_step(tf, variant, params, eps), x, initializer=(h0, c0))
-                    loss = _objective(tf, hs, hs[-1], cs[-1], dy, dh_T, dc_T)
+                    y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
+                    loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                return hs, hs[-1], cs[-1], dict(zip(names, grads, strict=True))
+                return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
             self._functions[key] = run
         return self._functions[key]
@@ -387,13 +488,19 @@ class TFCompositeOracle(_TFBase):
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
-        keys = gradient_keys(c.variant)
-        fn = self._function(c.variant, dtype, {k: v.ndim for k, v in c.params.items()})
-        y, h_T, c_T, g = fn(c.x, c.h0, c.c0, dict(c.params), c.dy, c.dh_T, c.dc_T,
-                            np.asarray(c.ln_eps, dtype))
+        s = c.structure
+        keys = ("x", "h0", "c0", *c.params)
+        fn = self._function(c.variant, dtype, s, {k: v.ndim for k, v in c.params.items()})
+        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        lengths = np.full(c.B, c.T, np.int64) if c.lengths is None else np.asarray(c.lengths, np.int64)
+        y, h_T, c_T, g = fn(c.x, lift(c.h0), lift(c.c0), dict(c.params), c.dy, lift(c.dh_T), lift(c.dc_T),
+                            lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.cell_clip or 0.0, dtype))
+        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
+        grads = {k: _numpy(g[k]) for k in keys}
+        grads["h0"], grads["c0"] = unlift(grads["h0"]), unlift(grads["c0"])
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": _numpy(y), "h_T": _numpy(h_T), "c_T": _numpy(c_T)},
-            gradients={k: _numpy(g[k]) for k in keys},
+            outputs={"y": _numpy(y), "h_T": unlift(_numpy(h_T)), "c_T": unlift(_numpy(c_T))},
+            gradients=grads,
             notes=f"TensorFlow primitives in {dtype}",
         )

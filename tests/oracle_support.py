@@ -74,3 +74,28 @@ def assert_references_agree(case: Case, a: Reference, a_name: str, b: Reference,
             assert_close(a.gradients[k], b.gradients[k], quantity="d" + k, variant=case.variant, H=case.H,
                          dtype=dtype, kind="gradients", actual_name=a_name, expected_name=b_name, extra=extra,
                          factors=factors)
+
+
+def structured_mismatches(case: Case, a: Reference, b: Reference) -> list[str]:
+    """Every quantity of a structured case (any layer structure) where ``a`` and ``b`` differ beyond the
+    tolerance table at the lowest precision involved (doubled when both computed in float32): each as
+    ``"dl1.reverse.W: 3.1e-02 > 1.0e-05 allowed"``. Outputs and every gradient key both give."""
+    dtype = effective_dtype(case.dtype, a.compute_dtype, b.compute_dtype)
+    factor = 2.0 if a.compute_dtype == b.compute_dtype == "float32" else 1.0
+    pairs = []
+    if a.outputs is not None and b.outputs is not None:
+        pairs += [(q, a.outputs[q], b.outputs[q], "values") for q in ("y", "h_T", "c_T")]
+    if a.gradients is not None and b.gradients is not None:
+        assert set(a.gradients) == set(b.gradients), (sorted(a.gradients), sorted(b.gradients))
+        pairs += [("d" + k, a.gradients[k], b.gradients[k], "gradients") for k in b.gradients]
+    out = []
+    for name, x, e, kind in pairs:
+        tol = tolerance(dtype, kind)
+        x, e = np.asarray(x, np.float64), np.asarray(e, np.float64)
+        assert x.shape == e.shape, f"{name}: shapes {x.shape} vs {e.shape}"
+        allowed = factor * (tol.atol * max(1.0, float(np.max(np.abs(e), initial=0.0))) + tol.rtol * np.abs(e))
+        diff = np.abs(x - e)
+        if np.any(diff > allowed):
+            worst = np.unravel_index(np.argmax(diff - allowed), diff.shape)
+            out.append(f"{name}: {diff[worst]:.1e} > {allowed[worst]:.1e} allowed at {tuple(map(int, worst))}")
+    return out

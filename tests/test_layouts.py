@@ -10,6 +10,8 @@ deliberately wrong conversion is shown to fail each one.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -17,8 +19,10 @@ from hypothesis import strategies as st
 
 from harness import layouts as L
 from harness.cases import CaseSpec, build_case
+from harness.structure import Structure
 from oracles.equations import lstm_forward
 from tests.oracle_support import assert_outputs_close, is_close
+from tests.structured import structured_case
 
 ORDERS = ["ifgo", "ifco", "icfo", "ijfo", "iofc", "ifog", "gofi", "oigf"]
 
@@ -878,3 +882,136 @@ def test_permute_gates_over_an_array_namespace_reorders_there_and_equals_numpy(a
     np.testing.assert_array_equal(got, L.permute_gates(a, "ifgo", "ifog", axis=axis))
     with pytest.raises(ValueError, match="^stacked: expected the length of axis"):
         L.permute_gates(a[:6] if axis == 0 else a[:, :6], "ifgo", "ifog", axis=axis, xp=xp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole layers: every cell of a structure, in each framework's naming and stacking
+
+_LAYER_STRUCTURES = [
+    Structure(),
+    Structure(num_layers=2),
+    Structure(bidirectional=True),
+    Structure(num_layers=3, bidirectional=True),
+    Structure(proj_size=2),
+    Structure(num_layers=2, bidirectional=True, proj_size=2),
+]
+_NO_PROJ = [s for s in _LAYER_STRUCTURES if not s.proj_size]
+
+
+def _layer_params(structure, variant="vanilla", dtype="float64"):
+    return structured_case(structure, variant=variant, dtype=dtype, D=3, H=4).params
+
+
+def _ids(s):
+    return s.describe().replace(" ", "-") or "default"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("structure", _LAYER_STRUCTURES, ids=_ids)
+def test_torch_layer_round_trip_and_names(structure, dtype):
+    params = _layer_params(structure, dtype=dtype)
+    sd = L.to_torch(params, structure)
+    back = L.from_torch(sd, structure)
+    assert list(back) == list(params)
+    for k in params:
+        assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
+    torch = pytest.importorskip("torch")
+    module = torch.nn.LSTM(3, 4, num_layers=structure.num_layers, bidirectional=structure.bidirectional,
+                           proj_size=structure.proj_size)
+    assert set(sd) == set(module.state_dict())  # exactly PyTorch's names
+    for k, v in module.state_dict().items():
+        assert tuple(v.shape) == sd[k].shape, k
+    module.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in sd.items()})
+
+
+@pytest.mark.parametrize("structure", _LAYER_STRUCTURES, ids=_ids)
+def test_torch_layer_names_each_cell(structure):
+    params = _layer_params(structure)
+    sd = L.to_torch(params, structure)
+    for layer, direction, prefix in structure.cells():
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        assert np.array_equal(sd[f"weight_ih{sfx}"], params[prefix + "W"])
+        assert np.array_equal(sd[f"weight_hh{sfx}"], params[prefix + "R"])
+        assert np.array_equal(sd[f"bias_ih{sfx}"] + sd[f"bias_hh{sfx}"], params[prefix + "b"])
+        if structure.proj_size:
+            assert np.array_equal(sd[f"weight_hr{sfx}"], params[prefix + "proj"])
+
+
+def _swapped_directions(params, structure):
+    """A wrong conversion: the forward and reverse cells' arrays exchanged."""
+    sd = L.to_torch(params, structure)
+    return {k: sd[k.replace("_reverse", "") if k.endswith("_reverse") else k + "_reverse"] for k in sd}
+
+
+def test_a_conversion_with_directions_swapped_fails_the_round_trip():
+    structure = Structure(num_layers=2, bidirectional=True)
+    params = _layer_params(structure)
+    back = L.from_torch(_swapped_directions(params, structure), structure)
+    assert not all(np.array_equal(back[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("variant", ["vanilla", "peephole"])
+@pytest.mark.parametrize("structure", _NO_PROJ, ids=_ids)
+def test_onnx_layer_round_trip(structure, variant, dtype):
+    params = _layer_params(structure, variant, dtype)
+    got = {}
+    for layer in range(structure.num_layers):
+        node = L.to_onnx_layer(params, structure, layer)
+        dirs, D_in = structure.dirs, 3 if layer == 0 else structure.dirs * 4
+        assert node["W"].shape == (dirs, 16, D_in) and node["R"].shape == (dirs, 16, 4)
+        assert node["B"].shape == (dirs, 32) and ("P" in node) == (variant == "peephole")
+        for d in range(dirs):  # index d of the num_directions axis is the cell of direction d
+            one = L.to_onnx(L.cell_params(params, structure, layer, d))
+            assert np.array_equal(node["W"][d], one["W"][0])
+        got.update(L.from_onnx_layer(**node, structure=structure, layer=layer))
+    assert list(got) == list(params)
+    for k in params:
+        assert got[k].dtype == params[k].dtype and np.array_equal(got[k], params[k]), k
+
+
+def test_onnx_layer_output_puts_the_forward_features_first():
+    T, dirs, B, H = 3, 2, 4, 5
+    Y = np.arange(T * dirs * B * H, dtype=float).reshape(T, dirs, B, H)
+    y = L.onnx_layer_output(Y)
+    assert y.shape == (T, B, dirs * H)
+    assert np.array_equal(y[..., :H], Y[:, 0]) and np.array_equal(y[..., H:], Y[:, 1])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("structure", _NO_PROJ, ids=_ids)
+def test_keras_layers_round_trip(structure, dtype):
+    params = _layer_params(structure, dtype=dtype)
+    weights = L.to_keras_layers(params, structure)
+    assert len(weights) == structure.num_layers and all(len(w) == 3 * structure.dirs for w in weights)
+    assert weights[0][0].shape == (3, 16)  # kernel (D, 4H)
+    if structure.bidirectional:  # forward layer's three, then the backward layer's
+        assert np.array_equal(weights[0][3], L.to_keras(L.cell_params(params, structure, 0, 1))["kernel"])
+    back = L.from_keras_layers(weights, structure)
+    assert list(back) == list(params)
+    for k in params:
+        assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
+
+
+def test_cell_params_of_the_forward_direction_leave_the_reverse_out():
+    structure = Structure(num_layers=2, bidirectional=True)
+    params = _layer_params(structure)
+    fwd = L.cell_params(params, structure, 1, 0)
+    assert sorted(fwd) == ["R", "W", "b"] and np.array_equal(fwd["W"], params["l1.W"])
+    assert np.array_equal(L.cell_params(params, structure, 1, 1)["W"], params["l1.reverse.W"])
+    cells = {(k, d): L.cell_params(params, structure, k, d) for k, d, _ in structure.cells()}
+    assert list(L.join_cells(cells, structure)) == list(params)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.to_onnx_layer(_layer_params(Structure(proj_size=2)), Structure(proj_size=2), 0), "projection"),
+    (lambda: L.to_keras_layers(_layer_params(Structure(proj_size=2)), Structure(proj_size=2)), "projection"),
+    (lambda: L.to_onnx_layer(_layer_params(Structure(num_layers=2)), Structure(num_layers=2), 2), "layer:"),
+    (lambda: L.cell_params(_layer_params(Structure()), Structure(), 0, 1), "layer, direction"),
+    (lambda: L.from_torch({"weight_ih_l0": np.zeros((8, 3))}, Structure(bidirectional=True)), "missing"),
+    (lambda: L.to_torch(_layer_params(Structure()), "bidirectional"), "structure:"),
+    (lambda: L.from_keras_layers([[np.zeros((3, 8))] * 3], Structure(bidirectional=True)), "weights[0]"),
+])
+def test_layer_layout_errors_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

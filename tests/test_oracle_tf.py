@@ -83,3 +83,97 @@ def test_keras_bucketed_layer_agrees_with_an_exact_size_layer(shape, same_bucket
     assert_references_agree(other, bucketed.reference(other), "tf-keras (bucketed)", exact.reference(other),
                             "tf-keras (exact size)")
     assert len(bucketed._built) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-layer facts: Keras masking, BlockLSTMV2's cell_clip
+
+
+def _structured(structure, dtype="float64", **kw):
+    from tests.structured import structured_case
+
+    return structured_case(structure, dtype=dtype, T=5, B=3, D=2, H=3, seed=4, **kw)
+
+
+def test_plain_keras_lstm_repeats_its_output_at_masked_steps_unless_zero_output_for_mask():
+    """Why the Keras oracle builds every layer with zero_output_for_mask=True: a plain LSTM carries its
+    state through masked steps (as the contract says) but outputs its last output there, not 0."""
+    from harness.structure import Structure
+    from oracles.tf_oracle import _tf
+
+    require(KerasLSTMOracle())
+    tf = _tf()
+    import keras
+
+    case = _structured(Structure(lengths=True), lengths=[2, 5, 3])
+    mask = np.arange(case.T)[None, :] < case.lengths[:, None]
+    k = layouts.to_keras(case.params)
+    outs = {}
+    for zero in (False, True):
+        layer = keras.layers.LSTM(case.H, return_sequences=True, return_state=True, zero_output_for_mask=zero,
+                                  dtype="float64")
+        layer.build((None, None, case.D))
+        layer.set_weights([k["kernel"], k["recurrent_kernel"], k["bias"]])
+        y, h_T, _ = layer(layouts.batch_major(case.x), mask=tf.constant(mask), initial_state=[case.h0, case.c0])
+        outs[zero] = (layouts.time_major(y.numpy()), h_T.numpy())
+    y_plain, h_plain = outs[False]
+    y_zero, h_zero = outs[True]
+    np.testing.assert_array_equal(h_plain, h_zero)  # the state is the same either way
+    assert np.allclose(y_plain[2:, 0], y_plain[1, 0])  # row 0 (length 2) repeats its last output
+    assert np.all(y_zero[2:, 0] == 0)
+
+
+def test_keras_bidirectional_with_a_mask_is_the_contract():
+    """Bidirectional's backward layer reverses the whole padded sequence, but the mask keeps its state
+    through the padded steps, so it starts at lengths[b] - 1; its output is reversed back and 0 at padded
+    steps. Checked against the torch composite, which gathers each row's valid prefix."""
+    from harness.structure import Structure
+    from oracles.torch_oracle import TorchCompositeOracle
+    from tests.oracle_support import structured_mismatches
+
+    oracle = require(KerasLSTMOracle(bucket=False))
+    case = _structured(Structure(bidirectional=True, lengths=True), lengths=[2, 5, 1])
+    assert not structured_mismatches(case, oracle.reference(case), TorchCompositeOracle().reference(case))
+
+
+def test_block_lstm_v2_cell_clip_clips_forward_but_passes_the_gradient_through():
+    """Forward: BlockLSTMV2's cell_clip is the contract's (clip after the update, clipped value carried).
+    Backward: BlockLSTMGradV2 ignores the clip (a straight-through gradient), so the oracle does not
+    declare "clip"."""
+    import torch
+
+    from harness.structure import Structure
+    from oracles import torch_oracle
+    from oracles.tf_oracle import _tf
+
+    require(BlockLSTMV2Oracle())
+    tf = _tf()
+    clip = 0.4
+    case = _structured(Structure(cell_clip=clip))
+    d = layouts.to_block_lstm_v2(case.params)
+    f32 = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
+    zeros = np.zeros(case.H)
+    args = dict(seq_len_max=tf.constant(case.T, tf.int64), x=f32(case.x), cs_prev=f32(case.c0), h_prev=f32(case.h0),
+                w=f32(d["w"]), wci=f32(zeros), wcf=f32(zeros), wco=f32(zeros), b=f32(d["b"]), use_peephole=False)
+    i, cs, f, o, ci, co, h = tf.raw_ops.BlockLSTMV2(cell_clip=clip, **args)
+    contract = torch_oracle.TorchCompositeOracle().reference(case)
+    assert np.any(np.abs(cs.numpy()) >= clip * (1 - 1e-6)), "the case should clip"
+    np.testing.assert_allclose(h.numpy(), contract.outputs["y"], atol=1e-6)
+    np.testing.assert_allclose(cs.numpy()[-1], contract.outputs["c_T"], atol=1e-6)
+    grads = tf.raw_ops.BlockLSTMGradV2(i=i, cs=cs, f=f, o=o, ci=ci, co=co, h=h, cs_grad=tf.zeros_like(cs),
+                                       h_grad=f32(case.dy), **args)
+    dx = grads[0].numpy()
+    # The contract's gradient (zero through clipped cells) with only dy upstream ...
+    only_dy = case.copy()
+    only_dy.dh_T, only_dy.dc_T = np.zeros_like(case.dh_T), np.zeros_like(case.dc_T)
+    right = torch_oracle.TorchCompositeOracle().reference(only_dy).gradients["x"]
+    # ... and a straight-through clip's
+    saved = torch.clamp
+    try:
+        torch.clamp = lambda c, lo, hi: c + (saved(c, lo, hi) - c).detach()
+        straight = torch_oracle.TorchCompositeOracle().reference(only_dy).gradients["x"]
+    finally:
+        torch.clamp = saved
+    assert np.abs(right - straight).max() > 1e-2
+    np.testing.assert_allclose(dx, straight, atol=1e-5)
+    assert np.abs(dx - right).max() > 1e-2

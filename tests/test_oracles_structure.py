@@ -1,0 +1,258 @@
+"""The framework oracles on whole layers (stacked, bidirectional, variable lengths, projection, CIFG,
+cell clip): each against the torch composite for every feature it declares, forward and gradients,
+both dtypes; the torch composite against torch.nn.LSTM and against a NumPy transcription of the
+contract (values, and gradients by central differences) for what no framework kernel computes.
+Deliberately wrong oracles (directions swapped, the reverse direction not restricted to the valid
+length, padded steps updating the state, the gradient passed through clipped cells) must be caught.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import layouts
+from harness.structure import FEATURES, Structure
+from oracles.onnx_oracle import OnnxReferenceOracle, OnnxRuntimeOracle
+from oracles.tf_oracle import KerasLSTMOracle, TFCompositeOracle
+from oracles.torch_oracle import TorchCompositeOracle, TorchLSTMOracle
+from tests.oracle_support import require, structured_mismatches
+from tests.structured import structured_case
+
+pytestmark = pytest.mark.frameworks
+
+_COMPOSITE = TorchCompositeOracle()
+_ORACLES = {o.name: o for o in (TorchLSTMOracle(), TFCompositeOracle(), KerasLSTMOracle(), OnnxRuntimeOracle(),
+                                OnnxReferenceOracle())}
+
+#: The structures each declared feature is checked in: alone, and combined with the others.
+_BY_FEATURE = {
+    "layers": [Structure(num_layers=2), Structure(num_layers=3, bidirectional=True)],
+    "bidirectional": [Structure(bidirectional=True)],
+    "lengths": [Structure(lengths=True), Structure(num_layers=2, bidirectional=True, lengths=True)],
+    "proj": [Structure(proj_size=2), Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)],
+    "cifg": [Structure(coupled_input_forget=True),
+             Structure(num_layers=2, bidirectional=True, coupled_input_forget=True, lengths=True)],
+    "clip": [Structure(cell_clip=0.5), Structure(bidirectional=True, cell_clip=0.5, coupled_input_forget=True,
+                                                 lengths=True, proj_size=2)],
+}
+
+
+def _declared():
+    for name in _ORACLES:
+        for feature in FEATURES:
+            for n, structure in enumerate(_BY_FEATURE[feature]):
+                yield pytest.param(name, feature, n, structure, id=f"{name}-{feature}-{n}")
+
+
+def _case(structure, variant, dtype, seed=0, **kw):
+    return structured_case(structure, variant=variant, dtype=dtype, T=5, B=4, D=3, H=3, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name, feature, n, structure", list(_declared()))
+def test_oracle_agrees_with_the_torch_composite_on_every_declared_feature(name, feature, n, structure, dtype):
+    oracle = require(_ORACLES[name])
+    if feature not in oracle.structures:
+        pytest.skip(f"{name} does not declare {feature}")
+    # One variant per (structure, dtype), taking turns, keeps the traced TensorFlow functions few.
+    variants = [v for v in oracle.variants if not structure.problems(v)]
+    variant = variants[(n + (dtype == "float32")) % len(variants)]
+    why = oracle.unsupported_reason(variant, dtype, structure)
+    if why:
+        assert dtype not in oracle.compute_dtypes and "compute" in why, why
+        pytest.skip(why)
+    case = _case(structure, variant, dtype, seed=len(name))
+    ref, expected = oracle.reference(case), _COMPOSITE.reference(case)
+    assert oracle.gives_gradients == (ref.gradients is not None)
+    assert not structured_mismatches(case, ref, expected), (variant, structure.describe())
+
+
+@pytest.mark.parametrize("name", sorted(set(_ORACLES) - {"tf-composite"}))
+def test_unsupported_reason_names_the_missing_features(name):
+    oracle = require(_ORACLES[name])
+    everything = Structure(num_layers=2, bidirectional=True, lengths=True, proj_size=2, coupled_input_forget=True,
+                           cell_clip=1.0)
+    why = oracle.unsupported_reason("vanilla", oracle.compute_dtypes[0], everything)
+    missing = [f for f in FEATURES if f not in oracle.structures]
+    assert why is not None and all(f in why.split("(computes")[0] for f in missing), why
+    assert _COMPOSITE.unsupported_reason("vanilla", "float64", everything) is None
+
+
+def test_declared_structures():
+    assert _ORACLES["torch-nn-lstm"].structures == {"layers", "bidirectional", "lengths", "proj"}
+    assert _ORACLES["tf-keras"].structures == {"layers", "bidirectional", "lengths"}
+    assert _ORACLES["onnxruntime"].structures == {"layers", "bidirectional", "lengths", "cifg"}
+    assert _ORACLES["onnx-reference"].structures == {"layers", "bidirectional"}
+    assert _ORACLES["tf-composite"].structures == _COMPOSITE.structures == set(FEATURES)
+
+
+# --------------------------------------------------------------------------------------------------
+# The torch composite against an independent transcription of the contract
+
+
+def _sig(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def _numpy_layer(case):
+    """The contract's whole layer in NumPy, written from LAYER_DESIGN's text alone (vanilla)."""
+    s = case.structure
+    lift = (lambda a: a) if s.layered else (lambda a: a[None])
+    h0, c0 = lift(case.h0), lift(case.c0)
+    T, B = case.T, case.B
+    lengths = np.full(B, T) if case.lengths is None else case.lengths
+    inp, hs, cs = case.x, [], []
+    for k in range(s.num_layers):
+        outs = []
+        for d in range(s.dirs):
+            p = layouts.cell_params(case.params, s, k, d)
+            n = k * s.dirs + d
+            y = np.zeros((T, B, h0.shape[-1]))
+            for b in range(B):
+                h, c = h0[n, b], c0[n, b]
+                steps = range(lengths[b]) if d == 0 else range(lengths[b] - 1, -1, -1)
+                for t in steps:
+                    a = p["W"] @ inp[t, b] + p["R"] @ h + p["b"]
+                    i, f, g, o = np.split(a, 4)
+                    i, f, g, o = _sig(i), _sig(f), np.tanh(g), _sig(o)
+                    if s.coupled_input_forget:
+                        f = 1 - i
+                    c = f * c + i * g
+                    if s.cell_clip is not None:
+                        c = np.clip(c, -s.cell_clip, s.cell_clip)
+                    h = o * np.tanh(c)
+                    if s.proj_size:
+                        h = p["proj"] @ h
+                    y[t, b] = h
+                hs.append((n, b, h))
+                cs.append((n, b, c))
+            outs.append(y)
+        inp = np.concatenate(outs, axis=2)
+    h_T, c_T = np.zeros_like(h0), np.zeros_like(c0)
+    for n, b, h in hs:
+        h_T[n, b] = h
+    for n, b, c in cs:
+        c_T[n, b] = c
+    un = (lambda a: a) if s.layered else (lambda a: a[0])
+    return inp, un(h_T), un(c_T)
+
+
+def _objective(case, y, h_T, c_T):
+    return float(np.sum(case.dy * y) + np.sum(case.dh_T * h_T) + np.sum(case.dc_T * c_T))
+
+
+_CONTRACT_STRUCTURES = [
+    Structure(num_layers=2, bidirectional=True, lengths=True),
+    Structure(bidirectional=True, proj_size=2, lengths=True),
+    Structure(coupled_input_forget=True, num_layers=2),
+    Structure(cell_clip=0.4, bidirectional=True, lengths=True),
+]
+
+
+@pytest.mark.parametrize("structure", _CONTRACT_STRUCTURES, ids=lambda s: s.describe().replace(" ", "-"))
+def test_torch_composite_is_the_contract(structure):
+    case = structured_case(structure, T=4, B=3, D=2, H=2, seed=3, lengths=[2, 4, 1] if structure.lengths else None)
+    ref = _COMPOSITE.reference(case)
+    for got, want in zip((ref.outputs["y"], ref.outputs["h_T"], ref.outputs["c_T"]), _numpy_layer(case), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    if structure.lengths:  # padded steps: y is 0, dx is 0
+        pad = np.arange(case.T)[:, None] >= case.lengths[None, :]
+        assert np.all(ref.outputs["y"][pad] == 0) and np.all(ref.gradients["x"][pad] == 0)
+    if structure.cell_clip is not None:
+        assert np.any(np.abs(ref.outputs["c_T"]) == structure.cell_clip), "the case should clip somewhere"
+    # gradients by central differences on the NumPy transcription, along random directions
+    rng = np.random.default_rng(0)
+    for key, value in case.arrays().items():
+        v = rng.standard_normal(value.shape)
+        eps = 1e-6
+
+        def at(delta, key=key, v=v):
+            c = case.copy()
+            if key in c.params:
+                c.params[key] = c.params[key] + delta * v
+            else:
+                setattr(c, key, getattr(c, key) + delta * v)
+            return _objective(c, *_numpy_layer(c))
+
+        fd = (at(eps) - at(-eps)) / (2 * eps)
+        assert abs(float(np.sum(ref.gradients[key] * v)) - fd) < 1e-6 * max(1.0, abs(fd)), key
+    if structure.coupled_input_forget:  # the forget gate's rows exist, unused: gradient zero
+        for name, g in ref.gradients.items():
+            if name.rsplit(".", 1)[-1] in ("W", "R", "b"):
+                H = case.H
+                assert np.all(g[H : 2 * H] == 0), name
+
+
+def test_torch_composite_agrees_with_nn_lstm_on_packed_sequences_of_every_order():
+    nn_lstm = require(_ORACLES["torch-nn-lstm"])
+    for lengths in ([5, 5, 5, 5], [1, 1, 1, 1], [1, 3, 5, 2], [5, 4, 3, 1]):
+        case = _case(Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True), "vanilla", "float64",
+                     lengths=lengths)
+        assert not structured_mismatches(case, nn_lstm.reference(case), _COMPOSITE.reference(case)), lengths
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrong oracles, caught
+
+
+class _Wrong(TorchCompositeOracle):
+    """The torch composite with one planted departure from the contract."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def reference(self, case):
+        import oracles.torch_oracle as mod
+
+        saved = (mod._reverse_valid, mod._cell_forward)
+        try:
+            if self.how == "reverse over the whole padded sequence":
+                mod._reverse_valid = lambda torch, seq, lengths: torch.flip(seq, [0])
+            elif self.how == "padded steps update the state":
+                cell = saved[1]
+                mod._cell_forward = lambda torch, v, x, h0, c0, p, eps, mask, s: cell(torch, v, x, h0, c0, p, eps,
+                                                                                       None, s)
+            return super().reference(case)
+        finally:
+            mod._reverse_valid, mod._cell_forward = saved
+
+
+@pytest.mark.parametrize("how", ["reverse over the whole padded sequence", "padded steps update the state"])
+def test_a_wrong_lengths_oracle_is_caught_by_nn_lstm(how):
+    nn_lstm = require(_ORACLES["torch-nn-lstm"])
+    case = _case(Structure(bidirectional=True, lengths=True), "vanilla", "float64", lengths=[2, 5, 3, 1])
+    assert structured_mismatches(case, _Wrong(how).reference(case), nn_lstm.reference(case))
+
+
+def test_onnx_with_directions_swapped_is_caught():
+    ort = require(_ORACLES["onnxruntime"])
+    structure = Structure(bidirectional=True, lengths=True)
+    case = _case(structure, "vanilla", "float32")
+    swapped = case.copy()
+    for name in list(case.params):  # feed the reverse direction's weights to the forward one and back
+        layer, direction, bare = name.split(".")[0], "reverse." in name, name.rsplit(".", 1)[-1]
+        other = f"{layer}.{bare}" if direction else f"{layer}.reverse.{bare}"
+        swapped.params[name] = case.params[other]
+    assert not structured_mismatches(case, ort.reference(case), _COMPOSITE.reference(case))
+    assert structured_mismatches(case, ort.reference(swapped), _COMPOSITE.reference(case))
+
+
+def test_a_clip_passing_the_gradient_through_is_caught():
+    """A straight-through clip (what TF's BlockLSTMGradV2 computes) differs from the contract's."""
+    import torch
+
+    import oracles.torch_oracle as mod
+
+    case = _case(Structure(cell_clip=0.4), "vanilla", "float64")
+    right = _COMPOSITE.reference(case)
+    saved = torch.clamp
+    try:
+        mod_torch = mod._torch()
+        mod_torch.clamp = lambda c, lo, hi: c + (saved(c, lo, hi) - c).detach()
+        straight = _COMPOSITE.reference(case)
+    finally:
+        torch.clamp = saved
+    assert not structured_mismatches(case, right, right)
+    np.testing.assert_allclose(straight.outputs["y"], right.outputs["y"])
+    assert any(m.startswith("dW") or m.startswith("dx") for m in structured_mismatches(case, straight, right))
