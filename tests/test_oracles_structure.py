@@ -184,12 +184,31 @@ def test_torch_composite_is_the_contract(structure):
                 assert np.all(g[H : 2 * H] == 0), name
 
 
-def test_torch_composite_agrees_with_nn_lstm_on_packed_sequences_of_every_order():
-    nn_lstm = require(_ORACLES["torch-nn-lstm"])
+@pytest.mark.parametrize("name", ["torch-nn-lstm", "onnxruntime", "tf-keras"])
+def test_lengths_of_every_order_agree_with_the_composite(name):
+    """All full, all 1, unsorted and sorted lengths: packed sequences, sequence_lens and masks."""
+    oracle = require(_ORACLES[name])
+    structure = Structure(num_layers=2, bidirectional=True, lengths=True)
+    dtype = oracle.compute_dtypes[0]
     for lengths in ([5, 5, 5, 5], [1, 1, 1, 1], [1, 3, 5, 2], [5, 4, 3, 1]):
-        case = _case(Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True), "vanilla", "float64",
-                     lengths=lengths)
-        assert not structured_mismatches(case, nn_lstm.reference(case), _COMPOSITE.reference(case)), lengths
+        case = _case(structure, "vanilla", dtype, lengths=lengths)
+        assert not structured_mismatches(case, oracle.reference(case), _COMPOSITE.reference(case)), lengths
+
+
+@pytest.mark.parametrize("name", sorted(_ORACLES))
+def test_structured_caches_keep_nothing_between_cases(name):
+    """A cached module, model or traced function per structure: results do not depend on what ran before."""
+    oracle = require(_ORACLES[name])
+    dtype = oracle.compute_dtypes[0]
+    first = _case(Structure(num_layers=2, bidirectional=True), "vanilla", dtype, seed=1)
+    other = _case(Structure(bidirectional=True), "vanilla", dtype, seed=2)
+    before = oracle.reference(first)
+    oracle.reference(other)
+    after = oracle.reference(first)
+    for q in before.outputs:
+        np.testing.assert_array_equal(before.outputs[q], after.outputs[q])
+    for k in before.gradients or {}:
+        np.testing.assert_array_equal(before.gradients[k], after.gradients[k])
 
 
 # --------------------------------------------------------------------------------------------------
