@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness import layouts
 from harness.structure import FEATURES, Structure
@@ -85,6 +87,35 @@ def test_declared_structures():
     assert _ORACLES["onnxruntime"].structures == {"layers", "bidirectional", "lengths", "cifg"}
     assert _ORACLES["onnx-reference"].structures == {"layers", "bidirectional"}
     assert _ORACLES["tf-composite"].structures == _COMPOSITE.structures == set(FEATURES)
+
+
+@st.composite
+def _structures(draw, features):
+    """A structure using only ``features``, shrinking towards one layer, one direction, full length."""
+    return Structure(
+        num_layers=draw(st.integers(1, 3), label="num_layers") if "layers" in features else 1,
+        bidirectional=draw(st.booleans(), label="bidirectional") if "bidirectional" in features else False,
+        lengths=draw(st.booleans(), label="lengths") if "lengths" in features else False,
+        proj_size=draw(st.integers(0, 2), label="proj_size") if "proj" in features else 0,
+        coupled_input_forget=draw(st.booleans(), label="cifg") if "cifg" in features else False,
+        cell_clip=draw(st.sampled_from([None, 0.5]), label="cell_clip") if "clip" in features else None,
+    )
+
+
+@pytest.mark.parametrize("name", ["torch-nn-lstm", "onnxruntime", "onnx-reference"])
+def test_random_structures_agree_with_the_composite(name):
+    oracle = require(_ORACLES[name])
+
+    @settings(max_examples=min(settings.default.max_examples, 20), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(structure=_structures(oracle.structures), variant=st.sampled_from(oracle.variants),
+           dtype=st.sampled_from(oracle.compute_dtypes), T=st.integers(1, 5), B=st.integers(1, 3),
+           seed=st.integers(0, 2**16))
+    def check(structure, variant, dtype, T, B, seed):
+        case = structured_case(structure, variant=variant, dtype=dtype, T=T, B=B, D=2, H=3, seed=seed)
+        assert not structured_mismatches(case, oracle.reference(case), _COMPOSITE.reference(case))
+
+    check()
 
 
 # --------------------------------------------------------------------------------------------------
