@@ -290,19 +290,15 @@ def test_onnx_with_directions_swapped_is_caught():
 
 def test_a_clip_passing_the_gradient_through_is_caught():
     """A straight-through clip (what TF's BlockLSTMGradV2 computes) differs from the contract's."""
-    import torch
-
-    import oracles.torch_oracle as mod
+    torch = pytest.importorskip("torch")
 
     case = _case(Structure(cell_clip=0.4), "vanilla", "float64")
     right = _COMPOSITE.reference(case)
     saved = torch.clamp
     try:
-        mod_torch = mod._torch()
-        mod_torch.clamp = lambda c, lo, hi: c + (saved(c, lo, hi) - c).detach()
+        torch.clamp = lambda c, lo, hi: c + (saved(c, lo, hi) - c).detach()
         straight = _COMPOSITE.reference(case)
     finally:
         torch.clamp = saved
-    assert not structured_mismatches(case, right, right)
-    np.testing.assert_allclose(straight.outputs["y"], right.outputs["y"])
-    assert any(m.startswith("dW") or m.startswith("dx") for m in structured_mismatches(case, straight, right))
+    np.testing.assert_array_equal(straight.outputs["y"], right.outputs["y"])  # the same forward
+    assert any(m.startswith(("dW", "dx")) for m in structured_mismatches(case, straight, right))
