@@ -226,6 +226,19 @@ def test_lengths_of_every_order_agree_with_the_composite(name):
         assert not structured_mismatches(case, oracle.reference(case), _COMPOSITE.reference(case)), lengths
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cudnn_lstm_computes_the_structures_it_inherits(dtype):
+    """torch-cuda-lstm is nn.LSTM on CUDA, so it declares nn.LSTM's structures: checked where there is a GPU."""
+    from oracles.torch_cuda_oracle import TorchCudaLSTMOracle
+
+    oracle = require(TorchCudaLSTMOracle())
+    assert oracle.structures == _ORACLES["torch-nn-lstm"].structures
+    for structure in (Structure(num_layers=2, bidirectional=True, lengths=True),
+                      Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)):
+        case = _case(structure, "vanilla", dtype, lengths=[2, 5, 1, 3])
+        assert not structured_mismatches(case, oracle.reference(case), _COMPOSITE.reference(case)), structure
+
+
 @pytest.mark.parametrize("name", sorted(_ORACLES))
 def test_structured_caches_keep_nothing_between_cases(name):
     """A cached module, model or traced function per structure: results do not depend on what ran before."""
