@@ -209,6 +209,7 @@ class KerasLSTMOracle(_TFBase):
     variants = ("vanilla",)
     compute_dtypes = ("float64",)
     structures = frozenset({"layers", "bidirectional", "lengths"})
+    structures_note = "Keras's LSTM has no projection, coupled input and forget gates or cell clipping"
 
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
@@ -333,6 +334,8 @@ class BlockLSTMV2Oracle(_TFBase):
     limitation = ("float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it; one layer, "
                   "one direction, full length: its cell_clip gradient passes through clipped cells, not the "
                   "contract's clip")
+    structures_note = ("BlockLSTMV2 is one layer and direction with one length for the batch, and its cell_clip "
+                       "gradient passes through clipped cells (the contract's is zero there)")
 
     def __init__(self) -> None:
         self._functions: dict[bool, Any] = {}

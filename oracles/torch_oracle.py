@@ -82,6 +82,7 @@ class TorchLSTMOracle(_TorchBase):
     variants = ("vanilla",)
     compute_dtypes = ("float64", "float32")
     structures = frozenset({"layers", "bidirectional", "lengths", "proj"})
+    structures_note = "nn.LSTM has no coupled input and forget gates or cell clipping"
 
     def __init__(self, *, native_float32: bool = True):
         self.native_float32 = native_float32

@@ -78,6 +78,7 @@ def test_unsupported_reason_names_the_missing_features(name):
     why = oracle.unsupported_reason("vanilla", oracle.compute_dtypes[0], everything)
     missing = [f for f in FEATURES if f not in oracle.structures]
     assert why is not None and all(f in why.split("(computes")[0] for f in missing), why
+    assert oracle.structures_note and why.endswith(oracle.structures_note), why  # says why the framework cannot
     assert _COMPOSITE.unsupported_reason("vanilla", "float64", everything) is None
 
 
