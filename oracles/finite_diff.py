@@ -321,11 +321,12 @@ class FiniteDifferenceOracle(Oracle):
             return self._evaluate_rows(case, moves, perturbed)
         # Only the moved input carries the evaluation axis; the others are shared by broadcasting.
         a = {**base, moves.key: perturbed}
-        crossed = _Crossings(self._clip_base, E, case.structure.cell_clip)
+        crossed = None if self._clip_base is None else _Crossings(self._clip_base, E, case.structure.cell_clip)
         y, h_T, c_T = self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params},
-                                    clipped=crossed.hook)
+                                    clipped=None if crossed is None else crossed.hook)
         L, M = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
-        return self._drop_crossed(np.broadcast_to(L, (E,)), crossed.any()), np.broadcast_to(M, (E,))
+        L = np.broadcast_to(L, (E,))
+        return (L if crossed is None else self._drop_crossed(L, crossed.any())), np.broadcast_to(M, (E,))
 
     def _drop_crossed(self, L: np.ndarray, crossed: np.ndarray) -> np.ndarray:
         if crossed.any():
@@ -356,27 +357,34 @@ class FiniteDifferenceOracle(Oracle):
         Bp = rows.shape[1]
         e = np.arange(E)[:, None]  # (E, 1)
 
+        layered = case.h0.ndim == 3  # the states' leading (L * dirs) axis; the plain case keeps its fast path
+
         def states(key: str) -> np.ndarray:  # (..., E * B', features), this input's rows
-            if moves.key == key:  # (E, ..., B, F) -> (E, B', ..., F) -> (..., E, B', F)
+            if moves.key != key:
+                own = getattr(case, key)[..., rows, :]  # (..., E, B', features)
+            elif layered:  # (E, n, B, F) -> (E, B', n, F) -> (n, E, B', F)
                 own = np.moveaxis(np.moveaxis(perturbed, -2, 1)[e, rows], (0, 1), (-3, -2))
             else:
-                own = case.arrays()[key][..., rows, :]  # (..., E, B', features)
+                own = perturbed[e, rows]  # (E, B', F)
             return own.reshape(*own.shape[:-3], E * Bp, own.shape[-1])
 
         x = perturbed[e, :, rows] if moves.key == "x" else case.x[:, rows].transpose(1, 2, 0, 3)  # (E, B', T, D)
         x = x.transpose(2, 0, 1, 3).reshape(T, E * Bp, D)  # (T, E * B', D)
         lengths = None if case.lengths is None else case.lengths[rows].reshape(E * Bp)
-        crossed = _Crossings(None if self._clip_base is None else [m[..., rows, :] for m in self._clip_base], E,
-                             case.structure.cell_clip, rows=True)
+        crossed = None if self._clip_base is None else _Crossings(
+            [m[..., rows, :] for m in self._clip_base], E, case.structure.cell_clip, rows=True)
         y, h_T, c_T = self._forward(case, x, states("h0"), states("c0"), case.params, lengths=lengths,
-                                    clipped=crossed.hook)
-
-        def split(a: np.ndarray) -> np.ndarray:  # (..., E * B', F) -> (E, ..., B', F)
-            return np.moveaxis(a.reshape(*a.shape[:-2], E, Bp, a.shape[-1]), -3, 0)
-
-        dy, dh_T, dc_T = (np.moveaxis(u[..., rows, :], -3, 0) for u in case.upstream)  # (E, ..., B', F)
-        L, M = objective(split(y), split(h_T), split(c_T), dy, dh_T, dc_T, state_ndim=case.h0.ndim)
-        return self._drop_crossed(L, crossed.any()), M
+                                    clipped=None if crossed is None else crossed.hook)
+        y = y.reshape(T, E, Bp, y.shape[-1]).transpose(1, 0, 2, 3)  # (E, T, B', F)
+        dy = case.dy[:, rows].transpose(1, 0, 2, 3)  # (E, T, B', F)
+        if layered:  # (n, E * B', F) -> (E, n, B', F)
+            h_T, c_T = (np.moveaxis(a.reshape(a.shape[0], E, Bp, a.shape[-1]), 1, 0) for a in (h_T, c_T))
+            dh_T, dc_T = (np.moveaxis(u[:, rows], 1, 0) for u in (case.dh_T, case.dc_T))
+        else:
+            h_T, c_T = (a.reshape(E, Bp, a.shape[-1]) for a in (h_T, c_T))
+            dh_T, dc_T = case.dh_T[rows], case.dc_T[rows]
+        L, M = objective(y, h_T, c_T, dy, dh_T, dc_T, state_ndim=case.h0.ndim)
+        return (L if crossed is None else self._drop_crossed(L, crossed.any())), M
 
     def _differences(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
         """For each move (step h): the best Richardson value on the step ladder and its error bound.
