@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,8 @@ LADDER = 6
 FIRST_RUNGS = 4
 
 ForwardFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: The equations' ``clipped`` hook: (cell state before the clip, rows that exist or None).
+ClipHook = Callable[[np.ndarray, np.ndarray | None], object]
 #: The inputs whose batch rows are independent: x (T, B, D), h0 and c0 (B, H).
 _ROW_KEYS = ("x", "h0", "c0")
 
@@ -123,7 +126,7 @@ class _Crossings:
         self.seen: list[np.ndarray] = []
 
     @property
-    def hook(self) -> Callable[[np.ndarray, np.ndarray | None], object] | None:
+    def hook(self) -> ClipHook | None:
         if self.base is None or self.clip is None:
             return None
         clip = self.clip
@@ -230,8 +233,8 @@ class FiniteDifferenceOracle(Oracle):
             seen: list[tuple[np.ndarray, np.ndarray | None]] = []
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params, clipped=lambda v, ok: seen.append((v, ok)))
             self._clip_base = [_clipped(v, ok, clip) for v, ok in seen]
-            self._margin = min(float(np.abs(np.abs(v) - clip)[np.broadcast_to(True if ok is None else ok, v.shape)].min())
-                               for v, ok in seen)
+            exist = [np.broadcast_to(True if ok is None else ok, v.shape) for v, ok in seen]
+            self._margin = min(float(np.abs(np.abs(v) - clip)[m].min()) for (v, _), m in zip(seen, exist, strict=True))
         else:
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
         arrays = c.arrays()
@@ -273,12 +276,12 @@ class FiniteDifferenceOracle(Oracle):
         return text
 
     def _forward(self, case: Case, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: dict[str, np.ndarray],
-                 lengths: np.ndarray | None = None, clipped: Callable[[np.ndarray], object] | None = None
+                 lengths: np.ndarray | None = None, clipped: ClipHook | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The forward on these arrays. The structure and lengths (``lengths`` when given: rows picked
         by the row evaluation) are passed only to a structured case's forward, so that a user's
         forward of the plain LSTM keeps its signature; ``clipped`` only to the equations."""
-        extra: dict[str, object] = {}
+        extra: dict[str, Any] = {}
         if not case.structure.is_default:
             extra = {"structure": case.structure, "lengths": case.lengths if lengths is None else lengths}
         if clipped is not None:
@@ -310,11 +313,11 @@ class FiniteDifferenceOracle(Oracle):
             L, M = np.empty(E), np.empty(E)
             for e in range(E):
                 a = {**base, moves.key: perturbed[e]}
-                crossed = _Crossings(self._clip_base, 1, case.structure.cell_clip)
+                one = _Crossings(self._clip_base, 1, case.structure.cell_clip)
                 y, h_T, c_T = (np.asarray(o, np.float64) for o in self._forward(
-                    case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, clipped=crossed.hook)[:3])
+                    case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, clipped=one.hook)[:3])
                 L[e], M[e] = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
-                L[e] = np.nan if crossed.any()[0] else L[e]
+                L[e] = np.nan if one.any()[0] else L[e]
             self._crossed += int(np.isnan(L).sum())
             return L, M
         if moves.key in _ROW_KEYS and self._own:

@@ -278,7 +278,9 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
     s = jnp.arange(T)[:, None]  # (T, 1)
     valid = s < lengths[None, :]  # (T, B)
     idx = jnp.where(valid, lengths[None, :] - 1 - s, s)[:, :, None]  # (T, B, 1)
-    inp, h_T, c_T = a["x"], [], []
+    inp = a["x"]
+    h_T: list[Any] = []
+    c_T: list[Any] = []
     for layer in range(structure.num_layers):
         ys = []
         for _layer, direction, prefix in structure.cells()[layer * structure.dirs : (layer + 1) * structure.dirs]:
