@@ -41,6 +41,30 @@ floating-point operations on the same numbers as a forward called once per point
 value and bound are those of the one-at-a-time evaluation to the last bit. Where B = 1 they agree to
 rounding only: NumPy multiplies a single row by a matrix with another BLAS routine, which adds up
 in another order than the product of many rows the batch makes of it.
+
+Layer structures. The case's structure and lengths go to the equations, which loop over layers and
+directions around the one cell (:mod:`oracles.equations`); parameter names carry their prefixes and
+every one is differenced like any other. Rows stay apart through every layer and direction, so the
+row evaluation holds, each row with its own length. The rounding term counts L * T + 1 steps.
+
+Coordinates never read. x at steps t >= lengths[b] and, under CIFG, each cell's forget block of W, R
+and b, its p_f and its LayerNorm row f never enter the equations (masks discard them, f = 1 - i
+replaces them): L's derivative along them is exactly 0, so they are given as 0 with bound 0 rather
+than differenced (a quotient there is exactly 0 as well, but its rounding term would let a small
+leak pass). With random directions such an input gets one more direction, supported on those
+coordinates alone, with derivative 0 and bound 0.
+
+Clip kinks. With a cell clip L is only piecewise smooth: where a cell meets the clip boundary its
+derivative jumps, and a central difference across the kink averages two one-sided derivatives,
+matching neither, with a ladder that may agree with itself. The step cannot be sized from a margin
+alone (how far a cell moves for a step depends on the derivatives), so the oracle checks instead:
+the equations report the cells before the clip, and a perturbed point at which another set of cells
+is clipped than at the case itself lies across a kink. Its L is left out (NaN), every Richardson
+value that uses it is never kept, and a coordinate whose whole ladder crossed gets value 0 with an
+infinite bound (nothing to compare; the other oracles still check it). The notes say how far the
+case's cells are from the boundary and how many points crossed. The case builder keeps cells a
+margin away, so crossings are rare; when they happen the result is a wider bound, never a false
+alarm. A user's own forward (``forward=``) does not report its cells: no detection there.
 """
 
 from __future__ import annotations

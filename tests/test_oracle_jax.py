@@ -282,8 +282,8 @@ def test_agrees_with_finite_differences_on_every_feature(variant, dtype):
 
 
 def test_bucketed_equals_eager_on_structured_cases_across_buckets(small_floors):
-    for k, (T, B, variant) in enumerate([(1, 1, "vanilla"), (5, 3, "vanilla"), (4, 2, "peephole"),
-                                         (3, 5, "layernorm")]):
+    # T = 5 and B = 5 padded to 8, B = 3 to 4 (each compilation of a stacked bidirectional cell takes seconds)
+    for k, (T, B, variant) in enumerate([(5, 3, "peephole"), (3, 5, "layernorm")]):
         case = structured_case(EVERYTHING[variant], variant=variant, T=T, B=B, D=2, H=3, seed=30 + k)
         _assert_same_structured(_FAST.reference(case), _EAGER.reference(case))
 
