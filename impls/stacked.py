@@ -22,6 +22,7 @@ contiguous (B, 3H) slice; the canonical order i, f, g, o is restored at the boun
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,37 @@ class Cell:
     has_bias = True
     #: Canonical names of the cell's own parameters (beyond W, R and b).
     param_names: tuple[str, ...] = ()
+    #: CIFG: f = 1 - i (the forget gate's pre-activation is computed but unused; its gradient is 0).
+    coupled: bool = False
+    #: Cell clipping: c_t is clipped to [-clip, clip]; no gradient passes a clipped element.
+    clip: float | None = None
+
+    def with_options(self, *, coupled: bool, clip: float | None) -> Cell:
+        """A copy of this cell computing CIFG and clipping as given (the GPU cells compute neither)."""
+        cell = copy.copy(self)
+        cell.coupled, cell.clip = coupled, clip
+        return cell
+
+    def couple_(self, xp: Any, i: Any, f: Any) -> None:
+        """CIFG, in place after the gates' nonlinearities: f = 1 - i."""
+        if self.coupled:
+            xp.subtract(1.0, i, out=f)
+
+    def clip_(self, xp: Any, c: Any) -> None:
+        """Cell clipping, in place on the new cell state c_t."""
+        if self.clip is not None:
+            xp.clip(c, -self.clip, self.clip, out=c)
+
+    def clip_backward_(self, xp: Any, dc: Any, c: Any) -> None:
+        """dL/dc_t *= 1 where c_t is inside (-clip, clip), 0 where it was clipped (it sits on the bound)."""
+        if self.clip is not None:
+            dc *= xp.abs(c) < c.dtype.type(self.clip)  # the bound as c holds it (in float32, 0.7 is 0.69999999)
+
+    def couple_backward_(self, di: Any, df: Any) -> None:
+        """CIFG backwards on the gradients of the gates i and f: what reaches f = 1 - i reaches i, negated."""
+        if self.coupled:
+            di -= df
+            df[...] = 0.0
 
     def prepare(self, xp: Any, params: Mapping[str, Any], dtype: Any, *, ln_eps: float) -> dict[str, Any]:
         """The cell's own parameters, converted to ``xp`` and the internal layout (and constants)."""
@@ -240,8 +272,10 @@ class VanillaCell(Cell):
         H = c.shape[1]
         activate_gates_(xp, a, H)
         i, f, o, g = gate_views(a, H)
+        self.couple_(xp, i, f)
         xp.multiply(f, c_prev, out=c)  # c_t = f * c_{t-1} + i * g
         c += xp.multiply(i, g, out=S["tmp"])
+        self.clip_(xp, c)
         xp.tanh(c, out=S["tanh_c"][t])
         xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
 
@@ -256,10 +290,12 @@ class VanillaCell(Cell):
         tmp *= o
         tmp *= dh
         dc += tmp
+        self.clip_backward_(xp, dc, c)
         # d(pre-activation) = d(gate) * gate'(.); the sigmoid gates' slopes s * (1 - s) are applied to
         # the contiguous (B, 3H) block i, f, o at once.
         xp.multiply(dc, g, out=di)
         xp.multiply(dc, c_prev, out=df)
+        self.couple_backward_(di, df)
         xp.multiply(dh, tanh_c, out=do)
         times_sigmoid_slope_(xp, da[:, : 3 * H], a[:, : 3 * H], G["tmp3"])
         xp.multiply(dc, i, out=dg)
@@ -361,16 +397,22 @@ class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
 
     The loops over layers, directions and lengths are :class:`impls.layer.LayeredLSTM`'s, around the
     stacked algorithm of one sequence. The options that change the cell itself (projection, CIFG, cell
-    clipping) are not in the stacked cells: with any of them a direction runs the loop version of the
-    variant (``loop_class``), so the result is right but not fast. The variants' stacked classes only
-    change ``variant``, ``name``, ``cell`` and ``loop_class``.
+    clipping): CIFG and clipping are options of the stacked cells (:meth:`Cell.with_options`); with a
+    projection a direction runs the loop version of the variant (``loop_class``), so the result is right
+    but not fast. The variants' stacked classes only change ``variant``, ``name``, ``cell`` and
+    ``loop_class``.
     """
 
     loop_class: type[LoopLSTM] = LoopLSTM
 
+    def _cell(self) -> Cell:
+        if not self.coupled_input_forget and self.cell_clip is None:
+            return self.cell
+        return self.cell.with_options(coupled=self.coupled_input_forget, clip=self.cell_clip)
+
     def _cell_loop(self) -> LoopLSTM | None:
-        """The loop version that computes this instance's cell options, or None when the stacked cell does."""
-        if not (self.proj_size or self.coupled_input_forget or self.cell_clip is not None):
+        """The loop version that computes this instance's projection, or None without one."""
+        if not self.proj_size:
             return None
         loop = self.loop_class(coupled_input_forget=self.coupled_input_forget, cell_clip=self.cell_clip)
         if hasattr(loop, "ln_eps"):  # the LayerNorm loop: the same eps as this instance's
@@ -382,7 +424,7 @@ class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
         if loop is not None:
             return loop.sequence_forward(x, h0, c0, params, dtype)
         ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
-        return stacked_forward(self.xp, self.cell, x, h0, c0, params, dtype, ln_eps=ln_eps)
+        return stacked_forward(self.xp, self._cell(), x, h0, c0, params, dtype, ln_eps=ln_eps)
 
     def sequence_shape(self, cache):
         T, B, _ = cache.x.shape
@@ -393,4 +435,4 @@ class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
             loop = self._cell_loop()
             assert loop is not None  # a loop cache comes from the loop this instance's options choose
             return loop.sequence_backward(dy, dh_T, dc_T, cache)
-        return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)
+        return stacked_backward(self.xp, self._cell(), dy, dh_T, dc_T, cache)
