@@ -207,8 +207,8 @@ class LayeredLSTM:
             y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[rows], c0[rows], params, dtype)
             if y is None:
                 y = np.zeros((T, B, y_g.shape[2]), dtype)  # steps t >= lengths[b] stay 0
-            y[steps[:, None], rows] = _numpy(y_g)
-            h_T[rows], c_T[rows] = _numpy(h_g), _numpy(c_g)
+            y[steps[:, None], rows] = np.asarray(y_g)
+            h_T[rows], c_T[rows] = np.asarray(h_g), np.asarray(c_g)
             groups.append((rows, steps, cache))
         return y, h_T, c_T, DirectionCache(T, B, x.shape[2], groups)
 
@@ -218,13 +218,9 @@ class LayeredLSTM:
         total: dict[str, Any] = {}
         for rows, steps, sub in cache.groups:
             dy_g = np.ascontiguousarray(dy[steps[:, None], rows])  # (L, rows, H_out), dy at padded steps unread
-            g = {k: _numpy(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
+            g = {k: np.asarray(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
             dx[steps[:, None], rows] = g.pop("x")
             dh0[rows], dc0[rows] = g.pop("h0"), g.pop("c0")
             for name, v in g.items():
                 total[name] = v if name not in total else total[name] + v
         return {"x": dx, "h0": dh0, "c0": dc0, **total}
-
-
-def _numpy(a: Any) -> np.ndarray:
-    return np.asarray(a)

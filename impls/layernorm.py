@@ -369,4 +369,3 @@ class StackedLayerNormLSTM(StackedLSTM):
     variant = "layernorm"
     ln_eps = DEFAULT_LN_EPS
     cell = LayerNormCell()
-    loop_class = LoopLayerNormLSTM

@@ -236,7 +236,7 @@ class PeepholeCell(Cell):
         dc += tmp
 
     def param_grads(self, xp, cache: StackedCache, da, G):
-        H = cache.h.shape[2]
+        H = cache.c.shape[2]
         T = da.shape[0]
         c_prev, c_new = cache.c[:T], cache.c[1:]  # (T, B, H) each
         return {
@@ -252,4 +252,3 @@ class StackedPeepholeLSTM(StackedLSTM):
     name = "stacked-peephole"
     variant = "peephole"
     cell = PeepholeCell()
-    loop_class = LoopPeepholeLSTM

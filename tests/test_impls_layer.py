@@ -99,6 +99,11 @@ def test_default_structure_keeps_names_shapes_and_the_stacked_cache():
         assert y.shape == (3, 2, 4) and h_T.shape == (2, 4) and list(grads) == ["x", "h0", "c0", "W", "R", "b"]
     *_, cache = StackedLSTM().forward(case.x, case.h0, case.c0, case.params)
     assert type(cache).__name__ == "StackedCache"  # the default path is the stacked algorithm itself
+    # Every option runs in the stacked algorithm itself, not in a loop behind it.
+    s = Structure(bidirectional=True, proj_size=2, coupled_input_forget=True, cell_clip=0.7, lengths=True)
+    case = structured_case(s, T=3, B=2)
+    *_, cache = StackedLSTM().with_structure(s).forward(case.x, case.h0, case.c0, case.params, lengths=case.lengths)
+    assert {type(sub).__name__ for d in cache.cells for _, _, sub in d.groups} == {"StackedCache"}
 
 
 def test_configuration_is_keywords_attributes_and_with_structure():
