@@ -139,11 +139,12 @@ class LayeredLSTM:
         caches: list[DirectionCache] = []
         # One cell's parameter names without prefix: the variant's, and proj when there is one.
         cell_names = tuple(param_shapes(self.variant, Structure(proj_size=structure.proj_size), D=D, H=H))
+        cells = structure.cells()  # (layer, direction, prefix), index k = layer * dirs + direction
         for layer in range(structure.num_layers):
             outputs = []
-            for k, (cell_layer, direction, prefix) in enumerate(structure.cells()):
-                if cell_layer != layer:
-                    continue
+            for direction in range(structure.dirs):
+                k = layer * structure.dirs + direction
+                prefix = cells[k][2]  # "l{layer}." or "l{layer}.reverse." ("" when not layered)
                 own = {name: params[prefix + name] for name in cell_names}
                 y_d, h_T[k], c_T[k], cache = self._direction_forward(layer_in, h0s[k], c0s[k], own, full,
                                                                      reverse=direction == 1, dtype=dtype)
@@ -174,9 +175,9 @@ class LayeredLSTM:
         cells = structure.cells()
         for layer in reversed(range(structure.num_layers)):
             d_in = None  # dL/d(layer input), summed over the directions
-            for k, (cell_layer, direction, prefix) in enumerate(cells):
-                if cell_layer != layer:
-                    continue
+            for direction in range(structure.dirs):
+                k = layer * structure.dirs + direction
+                prefix = cells[k][2]
                 dy_d = d_out[:, :, direction * H_out:(direction + 1) * H_out]  # (T, B, H_out)
                 g = self._direction_backward(dy_d, dh_T[k], dc_T[k], cache.cells[k])
                 d_in = g.pop("x") if d_in is None else d_in + g.pop("x")
