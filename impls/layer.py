@@ -20,6 +20,7 @@ valid step. Without lengths the whole batch is one such group.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,18 +79,9 @@ class LayeredLSTM:
     def __init__(self, *, num_layers: int = 1, bidirectional: bool = False, proj_size: int = 0,
                  coupled_input_forget: bool = False, cell_clip: float | None = None,
                  accepts_lengths: bool = False) -> None:
-        structure = Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
-                              coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
-                              lengths=accepts_lengths)
-        problems = structure.problems(self.variant)
-        if problems:
-            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
-        self.num_layers = num_layers
-        self.bidirectional = bidirectional
-        self.proj_size = proj_size
-        self.coupled_input_forget = coupled_input_forget
-        self.cell_clip = cell_clip
-        self.accepts_lengths = accepts_lengths
+        self._configure(Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+                                  coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
+                                  lengths=accepts_lengths))
 
     @property
     def structure(self) -> Structure:
@@ -99,10 +91,21 @@ class LayeredLSTM:
                          lengths=self.accepts_lengths)
 
     def with_structure(self, structure: Structure) -> Any:
-        """A new instance of the same class, configured for ``structure``."""
-        return type(self)(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
-                          proj_size=structure.proj_size, coupled_input_forget=structure.coupled_input_forget,
-                          cell_clip=structure.cell_clip, accepts_lengths=structure.lengths)
+        """A copy of this instance (its other settings, such as ``ln_eps``, kept) configured for ``structure``."""
+        new = copy.copy(self)
+        new._configure(structure)
+        return new
+
+    def _configure(self, structure: Structure) -> None:
+        problems = structure.problems(self.variant)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.num_layers = structure.num_layers
+        self.bidirectional = structure.bidirectional
+        self.proj_size = structure.proj_size
+        self.coupled_input_forget = structure.coupled_input_forget
+        self.cell_clip = structure.cell_clip
+        self.accepts_lengths = structure.lengths
 
     # ----------------------------------------------------------------------------------------------
     # What a subclass provides: one direction's time loop over one sequence.

@@ -114,6 +114,9 @@ def test_configuration_is_keywords_attributes_and_with_structure():
     other = impl.with_structure(s)
     assert type(other) is StackedPeepholeLSTM and other.structure == s and impl.num_layers == 2
     assert StackedPeepholeLSTM().with_structure(s).structure == s
+    ln = LoopLayerNormLSTM()
+    ln.ln_eps = 1e-3
+    assert ln.with_structure(Structure(num_layers=2)).ln_eps == 1e-3  # other settings are kept
 
 
 @pytest.mark.parametrize("cls", [LoopLayerNormLSTM, StackedLayerNormLSTM])
