@@ -27,7 +27,7 @@ from hypothesis.errors import InvalidArgument
 from harness.clipping import MARGIN, cell_values, choose_clip
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, param_shapes
 from harness.files import atomic_path
-from harness.structure import Structure
+from harness.structure import FEATURES, Structure
 
 __all__ = [
     "Case",
@@ -707,24 +707,30 @@ def _feature(draw: Any, name: str) -> bool:
 
 
 def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, max_H: int,
-                      weight_scale: str) -> dict[str, Any]:
+                      weight_scale: str, features: frozenset[str]) -> dict[str, Any]:
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
-    or, when it is None, a drawn structure (see :data:`STRUCTURED_ONE_IN`)."""
+    or, when it is None, a drawn structure using only ``features`` (see :data:`STRUCTURED_ONE_IN`)."""
     if structure is not None:
         kind = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none"
         return structure_fields(structure, lengths=kind)
-    if not draw(_STRUCTURED_DRAW, label="structured"):
+    drawable = set(features)
+    if variant == "layernorm":  # LayerNorm with a projection or a clip is not defined
+        drawable -= {"proj", "clip"}
+    if weight_scale == "overflow":  # no room for a margin around a clip there
+        drawable.discard("clip")
+    if not drawable or not draw(_STRUCTURED_DRAW, label="structured"):
         return {}
-    layered = variant != "layernorm"  # LayerNorm with a projection or a clip is not defined
+
+    def on(name: str) -> bool:
+        return name in drawable and _feature(draw, name)
+
     fields: dict[str, Any] = {}
-    fields["num_layers"] = draw(st.integers(2, MAX_LAYERS), label="num_layers") if _feature(draw, "layers") else 1
-    fields["bidirectional"] = _feature(draw, "bidirectional")
-    fields["lengths"] = (draw(st.sampled_from(LENGTHS[1:]), label="lengths") if _feature(draw, "lengths")
-                         else "none")
-    fields["proj_size"] = (draw(st.integers(1, max_H), label="proj_size")
-                           if layered and _feature(draw, "proj") else 0)
-    fields["cifg"] = _feature(draw, "cifg")
-    fields["cell_clip"] = layered and weight_scale != "overflow" and _feature(draw, "clip")
+    fields["num_layers"] = draw(st.integers(2, MAX_LAYERS), label="num_layers") if on("layers") else 1
+    fields["bidirectional"] = on("bidirectional")
+    fields["lengths"] = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if on("lengths") else "none"
+    fields["proj_size"] = draw(st.integers(1, max_H), label="proj_size") if on("proj") else 0
+    fields["cifg"] = on("cifg")
+    fields["cell_clip"] = on("clip")
     return fields
 
 
@@ -732,7 +738,7 @@ _DEFAULT_STRUCTURE = Structure()
 
 
 @st.composite
-def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure):
+def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure, features):
     variant = draw(st.sampled_from(variants), label="variant")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     min_H = 2 if variant == "layernorm" else 1
@@ -747,7 +753,8 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
     # difference oracle cannot resolve (it reports a dW off by a factor of 10 where PyTorch, TensorFlow
     # and JAX agree with the implementation), so the two are not combined.
     near_constant_allowed = variant == "layernorm" and weight_scale != "overflow"
-    fields = _structure_fields(draw, variant=variant, structure=structure, max_H=max_H, weight_scale=weight_scale)
+    fields = _structure_fields(draw, variant=variant, structure=structure, max_H=max_H, weight_scale=weight_scale,
+                               features=features)
     if not CaseSpec(**fields).structure.replace(lengths=False).is_default:
         near_constant_allowed = False  # near-constant rows are drawn in the default structure only
     return CaseSpec(
@@ -777,13 +784,15 @@ def case_specs(
     weight_scales: tuple[str, ...] | list[str] = tuple(WEIGHT_SCALES),
     ln_eps: float = DEFAULT_LN_EPS,
     structure: Structure | None = _DEFAULT_STRUCTURE,
+    features: frozenset[str] | set[str] | tuple[str, ...] = FEATURES,
 ) -> st.SearchStrategy[CaseSpec]:
     """Strategy for :class:`CaseSpec`. Arguments are validated up front.
 
     ``structure``: the layer structure of every case (its lengths drawn when it has them: all equal, all
     1 or unsorted random); None draws structures, as for an implementation that is configurable: up to
     :data:`MAX_LAYERS` layers, both directions, lengths, projections, CIFG and clipping, each in a modest
-    share of the cases (:data:`STRUCTURED_ONE_IN`), shrinking towards the default structure.
+    share of the cases (:data:`STRUCTURED_ONE_IN`), shrinking towards the default structure. ``features``
+    (of :data:`harness.structure.FEATURES`) are those drawn structures may use (what some oracle computes).
     """
     variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
     if not variants or any(v not in VARIANTS for v in variants):
@@ -809,9 +818,12 @@ def case_specs(
             wrong = structure.problems(variant)
             if wrong:
                 raise InvalidArgument(f"structure: {'; '.join(wrong)}")
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise InvalidArgument(f"features: expected a subset of {FEATURES}, got unknown {unknown}")
     return _specs(
         variants=variants, dtypes=dtypes, max_T=max_T, max_B=max_B, max_D=max_D, max_H=max_H,
-        weight_scales=weight_scales, ln_eps=float(ln_eps), structure=structure,
+        weight_scales=weight_scales, ln_eps=float(ln_eps), structure=structure, features=frozenset(features),
     )
 
 

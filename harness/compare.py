@@ -364,7 +364,7 @@ def compare_projections(
         nonfinite=int((~np.isfinite(a)).sum()),
         worst={
             "index": [k],
-            "coords": {"direction": k},
+            "coords": {"random_direction": k},  # not a layer direction (forward, reverse): the k-th probe
             "actual": float(a[k]),
             "expected": float(e[k]),
             "abs_error": float(diff[k]),

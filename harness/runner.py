@@ -27,6 +27,7 @@ from harness.cases import PROFILES, Case, CaseSpec, build_case, case_file_name, 
 from harness.check import check_case
 from harness.contract import DIRECTIONS, quantities
 from harness.records import Record, RecordKey, keep_worst, order_records
+from harness.structure import FEATURES
 from harness.subject import Subject
 from oracles.base import Oracle
 
@@ -147,16 +148,21 @@ def run_checks(
     passing record seen. ``examples`` on each record counts the cases generated, not shrinking.
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
-    structures (:func:`harness.cases.case_specs`). An oracle that does not compute a case's structure
+    structures (:func:`harness.cases.case_specs`) of the features at least one of ``oracles`` computes
+    (none: the default structure only). An oracle that does not compute a case's structure
     is skipped for that case; its records say on how many cases (:func:`note_skipped`). ``stats``, when
     given, receives ``cases`` (generated), ``features`` (cases per structure feature) and ``skipped``
     (oracle -> reason -> cases).
     """
     run = run or RunSettings()
     info = subject.info
+    # A configurable implementation gets drawn structures, using the features some oracle here computes.
+    computed = frozenset(f for o in oracles if not o.unsupported_reason(info.variant, dtype)
+                         for f in getattr(o, "structures", ()))
     strategy = case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
-                          structure=None if info.configurable else info.structure)
+                          structure=None if info.configurable else info.structure,
+                          features=computed & frozenset(FEATURES))
     skipped: dict[str, dict[str, int]] = {}
     features: dict[str, int] = {}
     worst: dict[RecordKey, Record] = {}

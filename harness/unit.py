@@ -404,7 +404,7 @@ def internal_error(info: ImplementationInfo, oracles: Sequence[Any], dtype: str,
     out = []
     for oracle in oracles:
         for direction in DIRECTIONS:
-            for q in quantities(info.variant, direction):
+            for q in quantities(info.variant, direction, None if info.configurable else info.structure):
                 out.append(Record(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=dtype,
                                   direction=direction, quantity=q, status="error", reason=reason, traceback=tb,
                                   examples=examples))

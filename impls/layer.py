@@ -20,6 +20,7 @@ valid step. Without lengths the whole batch is one such group.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,18 +79,9 @@ class LayeredLSTM:
     def __init__(self, *, num_layers: int = 1, bidirectional: bool = False, proj_size: int = 0,
                  coupled_input_forget: bool = False, cell_clip: float | None = None,
                  accepts_lengths: bool = False) -> None:
-        structure = Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
-                              coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
-                              lengths=accepts_lengths)
-        problems = structure.problems(self.variant)
-        if problems:
-            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
-        self.num_layers = num_layers
-        self.bidirectional = bidirectional
-        self.proj_size = proj_size
-        self.coupled_input_forget = coupled_input_forget
-        self.cell_clip = cell_clip
-        self.accepts_lengths = accepts_lengths
+        self._configure(Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+                                  coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
+                                  lengths=accepts_lengths))
 
     @property
     def structure(self) -> Structure:
@@ -99,10 +91,21 @@ class LayeredLSTM:
                          lengths=self.accepts_lengths)
 
     def with_structure(self, structure: Structure) -> Any:
-        """A new instance of the same class, configured for ``structure``."""
-        return type(self)(num_layers=structure.num_layers, bidirectional=structure.bidirectional,
-                          proj_size=structure.proj_size, coupled_input_forget=structure.coupled_input_forget,
-                          cell_clip=structure.cell_clip, accepts_lengths=structure.lengths)
+        """A copy of this instance (its other settings, such as ``ln_eps``, kept) configured for ``structure``."""
+        new = copy.copy(self)
+        new._configure(structure)
+        return new
+
+    def _configure(self, structure: Structure) -> None:
+        problems = structure.problems(self.variant)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.num_layers = structure.num_layers
+        self.bidirectional = structure.bidirectional
+        self.proj_size = structure.proj_size
+        self.coupled_input_forget = structure.coupled_input_forget
+        self.cell_clip = structure.cell_clip
+        self.accepts_lengths = structure.lengths
 
     # ----------------------------------------------------------------------------------------------
     # What a subclass provides: one direction's time loop over one sequence.
@@ -139,11 +142,12 @@ class LayeredLSTM:
         caches: list[DirectionCache] = []
         # One cell's parameter names without prefix: the variant's, and proj when there is one.
         cell_names = tuple(param_shapes(self.variant, Structure(proj_size=structure.proj_size), D=D, H=H))
+        cells = structure.cells()  # (layer, direction, prefix), index k = layer * dirs + direction
         for layer in range(structure.num_layers):
             outputs = []
-            for k, (cell_layer, direction, prefix) in enumerate(structure.cells()):
-                if cell_layer != layer:
-                    continue
+            for direction in range(structure.dirs):
+                k = layer * structure.dirs + direction
+                prefix = cells[k][2]  # "l{layer}." or "l{layer}.reverse." ("" when not layered)
                 own = {name: params[prefix + name] for name in cell_names}
                 y_d, h_T[k], c_T[k], cache = self._direction_forward(layer_in, h0s[k], c0s[k], own, full,
                                                                      reverse=direction == 1, dtype=dtype)
@@ -174,9 +178,9 @@ class LayeredLSTM:
         cells = structure.cells()
         for layer in reversed(range(structure.num_layers)):
             d_in = None  # dL/d(layer input), summed over the directions
-            for k, (cell_layer, direction, prefix) in enumerate(cells):
-                if cell_layer != layer:
-                    continue
+            for direction in range(structure.dirs):
+                k = layer * structure.dirs + direction
+                prefix = cells[k][2]
                 dy_d = d_out[:, :, direction * H_out:(direction + 1) * H_out]  # (T, B, H_out)
                 g = self._direction_backward(dy_d, dh_T[k], dc_T[k], cache.cells[k])
                 d_in = g.pop("x") if d_in is None else d_in + g.pop("x")
@@ -207,8 +211,8 @@ class LayeredLSTM:
             y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[rows], c0[rows], params, dtype)
             if y is None:
                 y = np.zeros((T, B, y_g.shape[2]), dtype)  # steps t >= lengths[b] stay 0
-            y[steps[:, None], rows] = _numpy(y_g)
-            h_T[rows], c_T[rows] = _numpy(h_g), _numpy(c_g)
+            y[steps[:, None], rows] = np.asarray(y_g)
+            h_T[rows], c_T[rows] = np.asarray(h_g), np.asarray(c_g)
             groups.append((rows, steps, cache))
         return y, h_T, c_T, DirectionCache(T, B, x.shape[2], groups)
 
@@ -218,13 +222,9 @@ class LayeredLSTM:
         total: dict[str, Any] = {}
         for rows, steps, sub in cache.groups:
             dy_g = np.ascontiguousarray(dy[steps[:, None], rows])  # (L, rows, H_out), dy at padded steps unread
-            g = {k: _numpy(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
+            g = {k: np.asarray(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
             dx[steps[:, None], rows] = g.pop("x")
             dh0[rows], dc0[rows] = g.pop("h0"), g.pop("c0")
             for name, v in g.items():
                 total[name] = v if name not in total else total[name] + v
         return {"x": dx, "h0": dh0, "c0": dc0, **total}
-
-
-def _numpy(a: Any) -> np.ndarray:
-    return np.asarray(a)

@@ -297,6 +297,7 @@ class LayerNormCell(Cell):
         a3 += beta[:4]
         activate_gates_(xp, a, H)  # i, f, o = sigmoid, g = tanh
         i, f, o, g = gate_views(a, H)
+        self.couple_(xp, i, f)
         xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g
         xp.multiply(i, g, out=S["tmp"])
         c += S["tmp"]
@@ -338,6 +339,7 @@ class LayerNormCell(Cell):
         # (B, 2H) block i, f at once;  dz_g = ds * i * (1 - g^2)
         xp.multiply(ds, g, out=dz_i)
         xp.multiply(ds, c_prev, out=dz_f)
+        self.couple_backward_(dz_i, dz_f)
         times_sigmoid_slope_(xp, dz[:, : 2 * H], a[:, : 2 * H], G["tmp4"][:, : 2 * H])
         tanh_slope(xp, g, out=tmp)
         tmp *= i
@@ -367,4 +369,3 @@ class StackedLayerNormLSTM(StackedLSTM):
     variant = "layernorm"
     ln_eps = DEFAULT_LN_EPS
     cell = LayerNormCell()
-    loop_class = LoopLayerNormLSTM

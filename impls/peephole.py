@@ -192,10 +192,12 @@ class PeepholeCell(Cell):
         xp.multiply(c_prev, P["p_f"], out=tmp)
         f += tmp
         sigmoid_(xp, a[:, : 2 * H])  # i, f
+        self.couple_(xp, i, f)
         xp.tanh(g, out=g)
         xp.multiply(f, c_prev, out=c)  # c_t = f * c_{t-1} + i * g
         xp.multiply(i, g, out=tmp)
         c += tmp
+        self.clip_(xp, c)
         xp.multiply(c, P["p_o"], out=tmp)  # o sees c_t
         o += tmp
         sigmoid_(xp, o)
@@ -216,10 +218,12 @@ class PeepholeCell(Cell):
         dc += tmp
         xp.multiply(do, P["p_o"], out=tmp)
         dc += tmp
+        self.clip_backward_(xp, dc, c)
         # da_i = dc * g * i * (1 - i);  da_f = dc * c_{t-1} * f * (1 - f): the slopes of the contiguous
         # (B, 2H) block i, f at once;  da_g = dc * i * (1 - g^2)
         xp.multiply(dc, g, out=di)
         xp.multiply(dc, c_prev, out=df)
+        self.couple_backward_(di, df)
         times_sigmoid_slope_(xp, da[:, : 2 * H], a[:, : 2 * H], G["tmp2"])
         tanh_slope(xp, g, out=tmp)
         tmp *= i
@@ -232,7 +236,7 @@ class PeepholeCell(Cell):
         dc += tmp
 
     def param_grads(self, xp, cache: StackedCache, da, G):
-        H = cache.h.shape[2]
+        H = cache.c.shape[2]
         T = da.shape[0]
         c_prev, c_new = cache.c[:T], cache.c[1:]  # (T, B, H) each
         return {
@@ -248,4 +252,3 @@ class StackedPeepholeLSTM(StackedLSTM):
     name = "stacked-peephole"
     variant = "peephole"
     cell = PeepholeCell()
-    loop_class = LoopPeepholeLSTM

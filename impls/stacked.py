@@ -22,6 +22,7 @@ contiguous (B, 3H) slice; the canonical order i, f, g, o is restored at the boun
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,6 @@ import numpy as np
 from harness.contract import DEFAULT_LN_EPS, check_dtype, check_inputs, check_upstream
 from harness.layouts import CANONICAL_ORDER, permute_gates
 from impls.layer import LayeredLSTM
-from impls.loop import LoopCache, LoopLSTM
 
 __all__ = [
     "StackedLSTM",
@@ -119,12 +119,15 @@ class StackedCache:
 
     x: Any  # (T, B, D)
     W: Any  # (4H, D), internal gate order
-    R: Any  # (4H, H), internal gate order
+    R: Any  # (4H, H_out), internal gate order
     P: dict[str, Any]  # the cell's own parameters, internal layout
-    h: Any  # (T + 1, B, H)
+    h: Any  # (T + 1, B, H_out)
     c: Any  # (T + 1, B, H)
     gates: Any  # (T, B, 4H)
     saved: dict[str, Any] = field(default_factory=dict)
+    #: With a projection: proj (P, H) and o * tanh(c_t) of every step (T, B, H), which it projects.
+    proj: Any = None
+    m: Any = None
 
 
 class Cell:
@@ -140,6 +143,37 @@ class Cell:
     has_bias = True
     #: Canonical names of the cell's own parameters (beyond W, R and b).
     param_names: tuple[str, ...] = ()
+    #: CIFG: f = 1 - i (the forget gate's pre-activation is computed but unused; its gradient is 0).
+    coupled: bool = False
+    #: Cell clipping: c_t is clipped to [-clip, clip]; no gradient passes a clipped element.
+    clip: float | None = None
+
+    def with_options(self, *, coupled: bool, clip: float | None) -> Cell:
+        """A copy of this cell computing CIFG and clipping as given (the GPU cells compute neither)."""
+        cell = copy.copy(self)
+        cell.coupled, cell.clip = coupled, clip
+        return cell
+
+    def couple_(self, xp: Any, i: Any, f: Any) -> None:
+        """CIFG, in place after the gates' nonlinearities: f = 1 - i."""
+        if self.coupled:
+            xp.subtract(1.0, i, out=f)
+
+    def clip_(self, xp: Any, c: Any) -> None:
+        """Cell clipping, in place on the new cell state c_t."""
+        if self.clip is not None:
+            xp.clip(c, -self.clip, self.clip, out=c)
+
+    def clip_backward_(self, xp: Any, dc: Any, c: Any) -> None:
+        """dL/dc_t *= 1 where c_t is inside (-clip, clip), 0 where it was clipped (it sits on the bound)."""
+        if self.clip is not None:
+            dc *= xp.abs(c) < c.dtype.type(self.clip)  # the bound as c holds it (in float32, 0.7 is 0.69999999)
+
+    def couple_backward_(self, di: Any, df: Any) -> None:
+        """CIFG backwards on the gradients of the gates i and f: what reaches f = 1 - i reaches i, negated."""
+        if self.coupled:
+            di -= df
+            df[...] = 0.0
 
     def prepare(self, xp: Any, params: Mapping[str, Any], dtype: Any, *, ln_eps: float) -> dict[str, Any]:
         """The cell's own parameters, converted to ``xp`` and the internal layout (and constants)."""
@@ -240,8 +274,10 @@ class VanillaCell(Cell):
         H = c.shape[1]
         activate_gates_(xp, a, H)
         i, f, o, g = gate_views(a, H)
+        self.couple_(xp, i, f)
         xp.multiply(f, c_prev, out=c)  # c_t = f * c_{t-1} + i * g
         c += xp.multiply(i, g, out=S["tmp"])
+        self.clip_(xp, c)
         xp.tanh(c, out=S["tanh_c"][t])
         xp.multiply(o, S["tanh_c"][t], out=h)  # h_t = o * tanh(c_t)
 
@@ -256,10 +292,12 @@ class VanillaCell(Cell):
         tmp *= o
         tmp *= dh
         dc += tmp
+        self.clip_backward_(xp, dc, c)
         # d(pre-activation) = d(gate) * gate'(.); the sigmoid gates' slopes s * (1 - s) are applied to
         # the contiguous (B, 3H) block i, f, o at once.
         xp.multiply(dc, g, out=di)
         xp.multiply(dc, c_prev, out=df)
+        self.couple_backward_(di, df)
         xp.multiply(dh, tanh_c, out=do)
         times_sigmoid_slope_(xp, da[:, : 3 * H], a[:, : 3 * H], G["tmp3"])
         xp.multiply(dc, i, out=dg)
@@ -270,27 +308,38 @@ class VanillaCell(Cell):
 def stacked_forward(
     xp: Any, cell: Cell, x, h0, c0, params: Mapping[str, Any], dtype: Any, *, ln_eps: float = DEFAULT_LN_EPS
 ):
-    """-> y (T, B, H), h_T (B, H), c_T (B, H), cache. Inputs may be NumPy; they are moved to ``xp``."""
+    """-> y (T, B, H_out), h_T (B, H_out), c_T (B, H), cache. Inputs may be NumPy; they are moved to ``xp``.
+
+    H_out is H, or P with a projection ``params["proj"]`` (P, H): h_t = proj (o * tanh(c_t)).
+    """
     x = xp.asarray(x, dtype=dtype)
     T, B, D = x.shape
-    H = h0.shape[1]
+    H, H_out = c0.shape[1], h0.shape[1]
     W = to_internal(xp, xp.asarray(params["W"], dtype=dtype))  # (4H, D)
-    R = to_internal(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H)
-    RT = cell.transposed(xp, R)  # (H, 4H), C-contiguous: the per-step GEMM is faster than with R.T
+    R = to_internal(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H_out)
+    RT = cell.transposed(xp, R)  # (H_out, 4H), C-contiguous: the per-step GEMM is faster than with R.T
     P = cell.prepare(xp, params, dtype, ln_eps=ln_eps)
 
     # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
     gates = (x.reshape(T * B, D) @ W.T).reshape(T, B, 4 * H)
     if cell.has_bias:
         gates += to_internal(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
-    h = xp.empty((T + 1, B, H), dtype)  # h[0] = h0, h[t+1] = h_t
+    h = xp.empty((T + 1, B, H_out), dtype)  # h[0] = h0, h[t+1] = h_t
     c = xp.empty((T + 1, B, H), dtype)
     h[0] = xp.asarray(h0, dtype=dtype)
     c[0] = xp.asarray(c0, dtype=dtype)
     S = cell.forward_buffers(xp, T, B, H, dtype)
     rec = xp.empty((B, 4 * H), dtype)
-    cell.forward_loop(xp, gates, rec, h, RT, c, S, P)
     cache = StackedCache(x, W, R, P, h, c, gates, S)
+    if "proj" not in params:
+        cell.forward_loop(xp, gates, rec, h, RT, c, S, P)
+    else:
+        cache.proj = xp.asarray(params["proj"], dtype=dtype)  # (P, H)
+        projT = cell.transposed(xp, cache.proj)  # (H, P)
+        cache.m = m = xp.empty((T, B, H), dtype)
+        for t in range(T):
+            cell.step(xp, t, gates[t], rec, h[t], RT, c[t], c[t + 1], m[t], S, P)  # m_t = o * tanh(c_t)
+            xp.matmul(m[t], projT, out=h[t + 1])  # h_t = proj m_t: (B, H) @ (H, P)
     return h[1:].copy(), h[T].copy(), c[T].copy(), cache
 
 
@@ -312,22 +361,33 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     """-> {"x": dx, "h0": dh0, "c0": dc0, "W": dW, "R": dR, ...} in the canonical layout."""
     x, R, h, c, gates = cache.x, cache.R, cache.h, cache.c, cache.gates
     T, B, D = x.shape
-    H = h.shape[2]
+    H, H_out = c.shape[2], h.shape[2]
     dtype = x.dtype
     dy = xp.asarray(dy, dtype=dtype)
     dh = xp.array(dh_T, dtype=dtype, copy=True)
     dc = xp.array(dc_T, dtype=dtype, copy=True)
     da = xp.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
     G = cell.backward_buffers(xp, T, B, H, dtype)
-    cell.backward_loop(xp, dy, dh, dc, da, gates, c, R, cache.saved, G, cache.P)
+    if cache.proj is None:
+        cell.backward_loop(xp, dy, dh, dc, da, gates, c, R, cache.saved, G, cache.P)
+    else:
+        dh_all = xp.empty((T, B, H_out), dtype)  # dL/dh_t of every step, for dproj
+        dm = xp.empty((B, H), dtype)
+        for t in reversed(range(T)):
+            xp.add(dh, dy[t], out=dh_all[t])  # dL/dh_t: from y_t and from step t+1
+            xp.matmul(dh_all[t], cache.proj, out=dm)  # dL/dm_t: (B, P) @ (P, H)
+            cell.backward_step(xp, t, dm, dc, da[t], gates[t], c[t], c[t + 1], cache.saved, G, cache.P)
+            xp.matmul(da[t], R, out=dh)  # (B, 4H) @ (4H, P) -> dL/dh_{t-1}
     da2 = da.reshape(T * B, 4 * H)
     dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
     dW = weight_grad(xp, da2, x.reshape(T * B, D))  # (4H, T*B) @ (T*B, D)
-    dR = weight_grad(xp, da2, h[:T].reshape(T * B, H))  # (4H, T*B) @ (T*B, H)
+    dR = weight_grad(xp, da2, h[:T].reshape(T * B, H_out))  # (4H, T*B) @ (T*B, H_out)
     grads = {"x": dx, "h0": dh, "c0": dc, "W": dW, "R": dR}
     if cell.has_bias:
         grads["b"] = to_canonical(xp, da2.sum(axis=0))
     grads.update(cell.param_grads(xp, cache, da, G))
+    if cache.proj is not None:
+        grads["proj"] = dh_all.reshape(T * B, H_out).T @ cache.m.reshape(T * B, H)  # (P, T*B) @ (T*B, H)
     return grads
 
 
@@ -361,36 +421,23 @@ class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
 
     The loops over layers, directions and lengths are :class:`impls.layer.LayeredLSTM`'s, around the
     stacked algorithm of one sequence. The options that change the cell itself (projection, CIFG, cell
-    clipping) are not in the stacked cells: with any of them a direction runs the loop version of the
-    variant (``loop_class``), so the result is right but not fast. The variants' stacked classes only
-    change ``variant``, ``name``, ``cell`` and ``loop_class``.
+    clipping) are in the stacked algorithm too: CIFG and clipping as options of the stacked cells
+    (:meth:`Cell.with_options`), the projection as one more GEMM a step (:func:`stacked_forward`). The
+    variants' stacked classes only change ``variant``, ``name`` and ``cell``.
     """
 
-    loop_class: type[LoopLSTM] = LoopLSTM
-
-    def _cell_loop(self) -> LoopLSTM | None:
-        """The loop version that computes this instance's cell options, or None when the stacked cell does."""
-        if not (self.proj_size or self.coupled_input_forget or self.cell_clip is not None):
-            return None
-        loop = self.loop_class(coupled_input_forget=self.coupled_input_forget, cell_clip=self.cell_clip)
-        if hasattr(loop, "ln_eps"):  # the LayerNorm loop: the same eps as this instance's
-            loop.ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
-        return loop
+    def _cell(self) -> Cell:
+        if not self.coupled_input_forget and self.cell_clip is None:
+            return self.cell
+        return self.cell.with_options(coupled=self.coupled_input_forget, clip=self.cell_clip)
 
     def sequence_forward(self, x, h0, c0, params, dtype):
-        loop = self._cell_loop()
-        if loop is not None:
-            return loop.sequence_forward(x, h0, c0, params, dtype)
         ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
-        return stacked_forward(self.xp, self.cell, x, h0, c0, params, dtype, ln_eps=ln_eps)
+        return stacked_forward(self.xp, self._cell(), x, h0, c0, params, dtype, ln_eps=ln_eps)
 
     def sequence_shape(self, cache):
         T, B, _ = cache.x.shape
-        return T, B, cache.h.shape[2]
+        return T, B, cache.c.shape[2]
 
     def sequence_backward(self, dy, dh_T, dc_T, cache):
-        if isinstance(cache, LoopCache):
-            loop = self._cell_loop()
-            assert loop is not None  # a loop cache comes from the loop this instance's options choose
-            return loop.sequence_backward(dy, dh_T, dc_T, cache)
-        return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)
+        return stacked_backward(self.xp, self._cell(), dy, dh_T, dc_T, cache)

@@ -99,6 +99,9 @@ class Oracle(ABC):
     #: The layer-structure features (:data:`harness.structure.FEATURES`) this oracle computes; a case
     #: whose structure uses another one is not checked against it. Nothing beyond one cell by default.
     structures: frozenset[str] = frozenset()
+    #: Why the framework cannot compute some of :data:`FEATURES`, added to the reason a case needing
+    #: one of them gets (e.g. "onnx.reference ignores the LSTM's sequence_lens and input_forget").
+    structures_note: str = ""
 
     _availability: Availability | None = None
 
@@ -123,7 +126,8 @@ class Oracle(ABC):
         missing = sorted((structure or Structure()).features() - self.structures, key=FEATURES.index)
         if missing:
             computes = ", ".join(f for f in FEATURES if f in self.structures) or "one layer, one direction, full length"
-            return f"{self.name} does not compute {', '.join(missing)} (computes {computes})"
+            note = f"; {self.structures_note}" if self.structures_note else ""
+            return f"{self.name} does not compute {', '.join(missing)} (computes {computes}){note}"
         return None
 
     def compute_dtype_for(self, dtype: str) -> str | None:

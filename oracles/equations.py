@@ -4,6 +4,10 @@ This is the finite-difference oracle's own forward function. It is written from 
 the contract, independently of ``impls/`` (an oracle must not share code with what it checks), and
 every array may carry leading "evaluation" axes: ``x`` (..., T, B, D), ``W`` (..., 4H, D), and so
 on, so that thousands of perturbed copies of one case run as one batched computation.
+
+The layer structure (:mod:`harness.structure`: layers, directions, lengths, projection, CIFG, clip)
+is a loop over layers and directions around the one cell (:func:`_direction`); the default
+structure runs the cell alone, as it always did.
 """
 
 from __future__ import annotations

@@ -41,12 +41,37 @@ floating-point operations on the same numbers as a forward called once per point
 value and bound are those of the one-at-a-time evaluation to the last bit. Where B = 1 they agree to
 rounding only: NumPy multiplies a single row by a matrix with another BLAS routine, which adds up
 in another order than the product of many rows the batch makes of it.
+
+Layer structures. The case's structure and lengths go to the equations, which loop over layers and
+directions around the one cell (:mod:`oracles.equations`); parameter names carry their prefixes and
+every one is differenced like any other. Rows stay apart through every layer and direction, so the
+row evaluation holds, each row with its own length. The rounding term counts L * T + 1 steps.
+
+Coordinates never read. x at steps t >= lengths[b] and, under CIFG, each cell's forget block of W, R
+and b, its p_f and its LayerNorm row f never enter the equations (masks discard them, f = 1 - i
+replaces them): L's derivative along them is exactly 0, so they are given as 0 with bound 0 rather
+than differenced (a quotient there is exactly 0 as well, but its rounding term would let a small
+leak pass). With random directions such an input gets one more direction, supported on those
+coordinates alone, with derivative 0 and bound 0.
+
+Clip kinks. With a cell clip L is only piecewise smooth: where a cell meets the clip boundary its
+derivative jumps, and a central difference across the kink averages two one-sided derivatives,
+matching neither, with a ladder that may agree with itself. The step cannot be sized from a margin
+alone (how far a cell moves for a step depends on the derivatives), so the oracle checks instead:
+the equations report the cells before the clip, and a perturbed point at which another set of cells
+is clipped than at the case itself lies across a kink. Its L is left out (NaN), every Richardson
+value that uses it is never kept, and a coordinate whose whole ladder crossed gets value 0 with an
+infinite bound (nothing to compare; the other oracles still check it). The notes say how far the
+case's cells are from the boundary and how many points crossed. The case builder keeps cells a
+margin away, so crossings are rare; when they happen the result is a wider bound, never a false
+alarm. A user's own forward (``forward=``) does not report its cells: no detection there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +92,8 @@ LADDER = 6
 FIRST_RUNGS = 4
 
 ForwardFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: The equations' ``clipped`` hook: (cell state before the clip, rows that exist or None).
+ClipHook = Callable[[np.ndarray, np.ndarray | None], object]
 #: The inputs whose batch rows are independent: x (T, B, D), h0 and c0 (B, H).
 _ROW_KEYS = ("x", "h0", "c0")
 
@@ -123,7 +150,7 @@ class _Crossings:
         self.seen: list[np.ndarray] = []
 
     @property
-    def hook(self) -> Callable[[np.ndarray, np.ndarray | None], object] | None:
+    def hook(self) -> ClipHook | None:
         if self.base is None or self.clip is None:
             return None
         clip = self.clip
@@ -230,8 +257,8 @@ class FiniteDifferenceOracle(Oracle):
             seen: list[tuple[np.ndarray, np.ndarray | None]] = []
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params, clipped=lambda v, ok: seen.append((v, ok)))
             self._clip_base = [_clipped(v, ok, clip) for v, ok in seen]
-            self._margin = min(float(np.abs(np.abs(v) - clip)[np.broadcast_to(True if ok is None else ok, v.shape)].min())
-                               for v, ok in seen)
+            exist = [np.broadcast_to(True if ok is None else ok, v.shape) for v, ok in seen]
+            self._margin = min(float(np.abs(np.abs(v) - clip)[m].min()) for (v, _), m in zip(seen, exist, strict=True))
         else:
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
         arrays = c.arrays()
@@ -273,12 +300,12 @@ class FiniteDifferenceOracle(Oracle):
         return text
 
     def _forward(self, case: Case, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, params: dict[str, np.ndarray],
-                 lengths: np.ndarray | None = None, clipped: Callable[[np.ndarray], object] | None = None
+                 lengths: np.ndarray | None = None, clipped: ClipHook | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The forward on these arrays. The structure and lengths (``lengths`` when given: rows picked
         by the row evaluation) are passed only to a structured case's forward, so that a user's
         forward of the plain LSTM keeps its signature; ``clipped`` only to the equations."""
-        extra: dict[str, object] = {}
+        extra: dict[str, Any] = {}
         if not case.structure.is_default:
             extra = {"structure": case.structure, "lengths": case.lengths if lengths is None else lengths}
         if clipped is not None:
@@ -310,22 +337,23 @@ class FiniteDifferenceOracle(Oracle):
             L, M = np.empty(E), np.empty(E)
             for e in range(E):
                 a = {**base, moves.key: perturbed[e]}
-                crossed = _Crossings(self._clip_base, 1, case.structure.cell_clip)
+                one = _Crossings(self._clip_base, 1, case.structure.cell_clip)
                 y, h_T, c_T = (np.asarray(o, np.float64) for o in self._forward(
-                    case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, clipped=crossed.hook)[:3])
+                    case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params}, clipped=one.hook)[:3])
                 L[e], M[e] = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
-                L[e] = np.nan if crossed.any()[0] else L[e]
+                L[e] = np.nan if one.any()[0] else L[e]
             self._crossed += int(np.isnan(L).sum())
             return L, M
         if moves.key in _ROW_KEYS and self._own:
             return self._evaluate_rows(case, moves, perturbed)
         # Only the moved input carries the evaluation axis; the others are shared by broadcasting.
         a = {**base, moves.key: perturbed}
-        crossed = _Crossings(self._clip_base, E, case.structure.cell_clip)
+        crossed = None if self._clip_base is None else _Crossings(self._clip_base, E, case.structure.cell_clip)
         y, h_T, c_T = self._forward(case, a["x"], a["h0"], a["c0"], {k: a[k] for k in case.params},
-                                    clipped=crossed.hook)
+                                    clipped=None if crossed is None else crossed.hook)
         L, M = objective(y, h_T, c_T, case.dy, case.dh_T, case.dc_T, state_ndim=nd)
-        return self._drop_crossed(np.broadcast_to(L, (E,)), crossed.any()), np.broadcast_to(M, (E,))
+        L = np.broadcast_to(L, (E,))
+        return (L if crossed is None else self._drop_crossed(L, crossed.any())), np.broadcast_to(M, (E,))
 
     def _drop_crossed(self, L: np.ndarray, crossed: np.ndarray) -> np.ndarray:
         if crossed.any():
@@ -356,27 +384,34 @@ class FiniteDifferenceOracle(Oracle):
         Bp = rows.shape[1]
         e = np.arange(E)[:, None]  # (E, 1)
 
+        layered = case.h0.ndim == 3  # the states' leading (L * dirs) axis; the plain case keeps its fast path
+
         def states(key: str) -> np.ndarray:  # (..., E * B', features), this input's rows
-            if moves.key == key:  # (E, ..., B, F) -> (E, B', ..., F) -> (..., E, B', F)
+            if moves.key != key:
+                own = getattr(case, key)[..., rows, :]  # (..., E, B', features)
+            elif layered:  # (E, n, B, F) -> (E, B', n, F) -> (n, E, B', F)
                 own = np.moveaxis(np.moveaxis(perturbed, -2, 1)[e, rows], (0, 1), (-3, -2))
             else:
-                own = case.arrays()[key][..., rows, :]  # (..., E, B', features)
+                own = perturbed[e, rows]  # (E, B', F)
             return own.reshape(*own.shape[:-3], E * Bp, own.shape[-1])
 
         x = perturbed[e, :, rows] if moves.key == "x" else case.x[:, rows].transpose(1, 2, 0, 3)  # (E, B', T, D)
         x = x.transpose(2, 0, 1, 3).reshape(T, E * Bp, D)  # (T, E * B', D)
         lengths = None if case.lengths is None else case.lengths[rows].reshape(E * Bp)
-        crossed = _Crossings(None if self._clip_base is None else [m[..., rows, :] for m in self._clip_base], E,
-                             case.structure.cell_clip, rows=True)
+        crossed = None if self._clip_base is None else _Crossings(
+            [m[..., rows, :] for m in self._clip_base], E, case.structure.cell_clip, rows=True)
         y, h_T, c_T = self._forward(case, x, states("h0"), states("c0"), case.params, lengths=lengths,
-                                    clipped=crossed.hook)
-
-        def split(a: np.ndarray) -> np.ndarray:  # (..., E * B', F) -> (E, ..., B', F)
-            return np.moveaxis(a.reshape(*a.shape[:-2], E, Bp, a.shape[-1]), -3, 0)
-
-        dy, dh_T, dc_T = (np.moveaxis(u[..., rows, :], -3, 0) for u in case.upstream)  # (E, ..., B', F)
-        L, M = objective(split(y), split(h_T), split(c_T), dy, dh_T, dc_T, state_ndim=case.h0.ndim)
-        return self._drop_crossed(L, crossed.any()), M
+                                    clipped=None if crossed is None else crossed.hook)
+        y = y.reshape(T, E, Bp, y.shape[-1]).transpose(1, 0, 2, 3)  # (E, T, B', F)
+        dy = case.dy[:, rows].transpose(1, 0, 2, 3)  # (E, T, B', F)
+        if layered:  # (n, E * B', F) -> (E, n, B', F)
+            h_T, c_T = (np.moveaxis(a.reshape(a.shape[0], E, Bp, a.shape[-1]), 1, 0) for a in (h_T, c_T))
+            dh_T, dc_T = (np.moveaxis(u[:, rows], 1, 0) for u in (case.dh_T, case.dc_T))
+        else:
+            h_T, c_T = (a.reshape(E, Bp, a.shape[-1]) for a in (h_T, c_T))
+            dh_T, dc_T = case.dh_T[rows], case.dc_T[rows]
+        L, M = objective(y, h_T, c_T, dy, dh_T, dc_T, state_ndim=case.h0.ndim)
+        return (L if crossed is None else self._drop_crossed(L, crossed.any())), M
 
     def _differences(self, case: Case, moves: Moves) -> tuple[np.ndarray, np.ndarray]:
         """For each move (step h): the best Richardson value on the step ladder and its error bound.

@@ -263,19 +263,24 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
 
 
 def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
-                     ln_eps: Any):
+                     ln_eps: Any, clip: Any = None, *, scan: bool = True):
     """-> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
 
     ``lengths`` (B,): steps t >= lengths[b] do not exist for row b; there the state is kept (a ``where``)
     and y is 0. The reverse direction reads each row's valid steps backwards through a per-row index
     gather, idx[s, b] = lengths[b] - 1 - s for s < lengths[b] (else s: a permutation of each row's
     steps), scans them like the forward direction, and gathers its outputs back with the same index.
+    ``scan=False`` loops over the steps in Python (the eager baseline: op by op, nothing compiled).
+    ``clip``: the cell clip (a traced scalar, so that every clip value shares one compilation), or None;
+    ``structure.cell_clip`` is not read.
     """
     T = a["x"].shape[0]
     s = jnp.arange(T)[:, None]  # (T, 1)
     valid = s < lengths[None, :]  # (T, B)
     idx = jnp.where(valid, lengths[None, :] - 1 - s, s)[:, :, None]  # (T, B, 1)
-    inp, h_T, c_T = a["x"], [], []
+    inp = a["x"]
+    h_T: list[Any] = []
+    c_T: list[Any] = []
     for layer in range(structure.num_layers):
         ys = []
         for _layer, direction, prefix in structure.cells()[layer * structure.dirs : (layer + 1) * structure.dirs]:
@@ -292,12 +297,19 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
                 h, c = carry
                 x_t, ok = inputs
                 h_new, c_new = _cell(jnp, variant, p, x_t, h, c, norm, cifg=structure.coupled_input_forget,
-                                     clip=structure.cell_clip)
+                                     clip=clip)
                 ok = ok[:, None]
                 return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
 
             seq = jnp.take_along_axis(inp, idx, axis=0) if direction else inp
-            (h, c), y = jax.lax.scan(step, (h0, c0), (seq, valid))
+            if scan:
+                (h, c), y = jax.lax.scan(step, (h0, c0), (seq, valid))
+            else:
+                carry, outs = (h0, c0), []
+                for t in range(T):
+                    carry, out = step(carry, (seq[t], valid[t]))
+                    outs.append(out)
+                (h, c), y = carry, jnp.stack(outs)
             ys.append(jnp.take_along_axis(y, idx, axis=0) if direction else y)
             h_T.append(h)
             c_T.append(c)
@@ -308,11 +320,13 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
 
 
 def _layered_vjp(variant: str, structure: Structure, arrays: dict[str, Any], upstream: tuple[Any, Any, Any],
-                 lengths: Any, ln_eps: Any):
+                 lengths: Any, ln_eps: Any, clip: Any):
     jax, jnp = _jax()
     T, B, D = arrays["x"].shape
-    _STRUCTURED_TRACES[(variant, structure.describe(), T, B, D, arrays["c0"].shape[-1])] += 1
-    outputs, vjp = jax.vjp(lambda a: _layered_forward(jax, jnp, variant, structure, a, lengths, ln_eps), arrays)
+    shown = structure.describe() + (" clip" if clip is not None else "")
+    _STRUCTURED_TRACES[(variant, shown, T, B, D, arrays["c0"].shape[-1])] += 1
+    outputs, vjp = jax.vjp(lambda a: _layered_forward(jax, jnp, variant, structure, a, lengths, ln_eps, clip),
+                           arrays)
     (grads,) = vjp(upstream)
     return outputs, grads
 
@@ -327,7 +341,7 @@ def _layered(case: Case, *, bucketed: bool) -> tuple[tuple[np.ndarray, ...], dic
     arrays, upstream = case.arrays(), case.upstream
     if not bucketed:
         fn = lambda a: _layered_forward(jax, jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
-                                        case.ln_eps)
+                                        case.ln_eps, case.structure.cell_clip, scan=False)
         outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in arrays.items()})
         (grads,) = vjp(tuple(jnp.asarray(u) for u in upstream))
         return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
@@ -345,7 +359,10 @@ def _layered(case: Case, *, bucketed: bool) -> tuple[tuple[np.ndarray, ...], dic
     lens = np.concatenate([lengths, np.ones(Bb - B, dtype=np.int64)])
     if _LAYERED_JIT[0] is None:
         _LAYERED_JIT[0] = jax.jit(_layered_vjp, static_argnames=("variant", "structure"))
-    outputs, grads = _LAYERED_JIT[0](case.variant, case.structure, padded, up, lens, np.float64(case.ln_eps))
+    clip = case.structure.cell_clip
+    static = case.structure.replace(cell_clip=None)  # the clip's value is traced: one compilation for all
+    outputs, grads = _LAYERED_JIT[0](case.variant, static, padded, up, lens, np.float64(case.ln_eps),
+                                     None if clip is None else np.float64(clip))
 
     def cut(a: Any, t_axis: int | None) -> np.ndarray:
         a = np.asarray(a)

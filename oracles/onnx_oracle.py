@@ -175,6 +175,7 @@ class OnnxRuntimeOracle(_OnnxBase):
     compute_dtypes = ("float32",)
     limitation = FORWARD_ONLY
     structures = frozenset({"layers", "bidirectional", "lengths", "cifg"})
+    structures_note = "ONNX's LSTM has no projection, and its clip attribute (on pre-activations) is not cell_clip"
 
     def _probe(self) -> Availability:
         return module_available("onnx", "onnxruntime")
@@ -198,6 +199,8 @@ class OnnxReferenceOracle(_OnnxBase):
     limitation = ("forward only: onnx.reference evaluates the operator specification, without gradients; it "
                   "ignores the LSTM's sequence_lens and input_forget, so no lengths or CIFG")
     structures = frozenset({"layers", "bidirectional"})
+    structures_note = ("onnx.reference ignores the LSTM's sequence_lens and input_forget; ONNX's LSTM has no "
+                       "projection, and its clip attribute is not cell_clip")
 
     def _probe(self) -> Availability:
         avail = module_available("onnx")

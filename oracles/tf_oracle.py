@@ -5,8 +5,10 @@ the case's upstream gradients (by ``tf.GradientTape``, or for BlockLSTMV2 by its
 kernel, see below), so one case is one graph call.
 
 * ``tf-keras``: ``keras.layers.LSTM(return_sequences=True, return_state=True)`` called with the
-  case's initial state, weights from :func:`harness.layouts.to_keras`; vanilla, float64 (Keras 3
-  runs a float64 layer when built with ``dtype="float64"``).
+  case's initial state, weights from :func:`harness.layouts.to_keras_layers`; vanilla, float64
+  (Keras 3 runs a float64 layer when built with ``dtype="float64"``); stacked layers,
+  ``Bidirectional`` and lengths as a mask (see :class:`KerasLSTMOracle` for why its masked
+  semantics are the contract's).
 * ``tf-block-lstm-v2``: ``tf.raw_ops.BlockLSTMV2``, TensorFlow's fused LSTM kernel, and its fused
   backward kernel ``tf.raw_ops.BlockLSTMGradV2``; vanilla and peephole (``use_peephole=True``),
   float32 only (the op accepts half and float), ``cell_clip=0`` which disables clipping in V2. Its
@@ -27,12 +29,16 @@ kernel, see below), so one case is one graph call.
   straight-through gradient), where the contract's gradient there is zero; both facts are pinned
   in tests/test_oracle_tf.py. Nor does it take lengths (``seq_len_max`` is one length for every
   row), a projection, CIFG, or more than one layer and direction.
-* ``tf-composite``: the equations of every variant from TF primitives (LayerNorm with
-  ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan``; float64.
+* ``tf-composite``: the equations of every variant and every layer structure from TF primitives
+  (LayerNorm with ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan`` per layer and
+  direction, lengths a mask, the reverse direction ``tf.reverse_sequence`` of each row's valid
+  prefix, CIFG, ``tf.clip_by_value`` for the cell clip (no gradient where it clips), the
+  projection; float64.
 
 Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, H, so it is traced
-once per (variant, dtype) and never again for new shapes; Keras layers are built (and their
-calls traced) once per size bucket and dtype (see :class:`KerasLSTMOracle`), their variables
+once per (variant, dtype, layer structure) and never again for new shapes (lengths and the clip
+value are inputs); Keras layers are built (and their calls traced) once per size bucket, dtype,
+number of layers and directions (see :class:`KerasLSTMOracle`), their variables
 overwritten by each case. Threads are pinned small
 (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
@@ -203,6 +209,7 @@ class KerasLSTMOracle(_TFBase):
     variants = ("vanilla",)
     compute_dtypes = ("float64",)
     structures = frozenset({"layers", "bidirectional", "lengths"})
+    structures_note = "Keras's LSTM has no projection, coupled input and forget gates or cell clipping"
 
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
@@ -327,6 +334,8 @@ class BlockLSTMV2Oracle(_TFBase):
     limitation = ("float32 only: the BlockLSTMV2 kernel accepts half and float, so float64 cases skip it; one layer, "
                   "one direction, full length: its cell_clip gradient passes through clipped cells, not the "
                   "contract's clip")
+    structures_note = ("BlockLSTMV2 is one layer and direction with one length for the batch, and its cell_clip "
+                       "gradient passes through clipped cells (the contract's is zero there)")
 
     def __init__(self) -> None:
         self._functions: dict[bool, Any] = {}

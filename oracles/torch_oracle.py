@@ -31,6 +31,7 @@ are small and many, where threads only add scheduling noise.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,7 @@ class TorchLSTMOracle(_TorchBase):
     variants = ("vanilla",)
     compute_dtypes = ("float64", "float32")
     structures = frozenset({"layers", "bidirectional", "lengths", "proj"})
+    structures_note = "nn.LSTM has no coupled input and forget gates or cell clipping"
 
     def __init__(self, *, native_float32: bool = True):
         self.native_float32 = native_float32
@@ -137,14 +139,17 @@ class TorchLSTMOracle(_TorchBase):
             x = tensor(c.x, grad=True)  # (T, B, D)
             h0 = tensor(lift(c.h0), grad=True)  # (L * dirs, B, H_out)
             c0 = tensor(lift(c.c0), grad=True)  # (L * dirs, B, H)
-            if c.lengths is None:
-                y, (h_T, c_T) = module(x, (h0, c0))  # (T, B, dirs * H_out), states as h0, c0
-            else:
-                rnn = torch.nn.utils.rnn
-                packed = rnn.pack_padded_sequence(x, torch.from_numpy(np.asarray(c.lengths, np.int64)),
-                                                  enforce_sorted=False)
-                out, (h_T, c_T) = module(packed, (h0, c0))
-                y, _ = rnn.pad_packed_sequence(out, total_length=c.T)  # 0 at padded steps
+            with warnings.catch_warnings():
+                # PyTorch's CPU build says once that oneDNN has no projection and it uses its own kernel.
+                warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+                if c.lengths is None:
+                    y, (h_T, c_T) = module(x, (h0, c0))  # (T, B, dirs * H_out), states as h0, c0
+                else:
+                    rnn = torch.nn.utils.rnn
+                    packed = rnn.pack_padded_sequence(x, torch.from_numpy(np.asarray(c.lengths, np.int64)),
+                                                      enforce_sorted=False)
+                    out, (h_T, c_T) = module(packed, (h0, c0))
+                    y, _ = rnn.pad_packed_sequence(out, total_length=c.T)  # 0 at padded steps
             grads = torch.autograd.grad(
                 (y, h_T, c_T),
                 (x, h0, c0, *weights),

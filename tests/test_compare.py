@@ -134,7 +134,7 @@ def test_projection_comparison_names_the_direction():
                               tolerance_dtype="float64", scale=3.0,
                               base={**BASE, "direction": "backward", "quantity": "dW"})
     assert rec.status == "fail" and rec.method == "projection"
-    assert rec.worst["coords"] == {"direction": 1}
+    assert rec.worst["coords"] == {"random_direction": 1}
     assert "Mismatched directional derivatives: 1 / 3" in rec.message
 
 

@@ -37,7 +37,7 @@ STRUCTURES = [
     Structure(lengths=True),
     Structure(proj_size=2),
     Structure(coupled_input_forget=True),
-    Structure(cell_clip=0.6),
+    Structure(cell_clip=0.7),  # 0.7 is not a float32: the stacked mask must use the bound c holds
     Structure(num_layers=2, bidirectional=True, lengths=True),
     Structure(num_layers=2, bidirectional=True, proj_size=3, lengths=True),
     Structure(bidirectional=True, coupled_input_forget=True, cell_clip=0.6, lengths=True),
@@ -99,6 +99,11 @@ def test_default_structure_keeps_names_shapes_and_the_stacked_cache():
         assert y.shape == (3, 2, 4) and h_T.shape == (2, 4) and list(grads) == ["x", "h0", "c0", "W", "R", "b"]
     *_, cache = StackedLSTM().forward(case.x, case.h0, case.c0, case.params)
     assert type(cache).__name__ == "StackedCache"  # the default path is the stacked algorithm itself
+    # Every option runs in the stacked algorithm itself, not in a loop behind it.
+    s = Structure(bidirectional=True, proj_size=2, coupled_input_forget=True, cell_clip=0.7, lengths=True)
+    case = structured_case(s, T=3, B=2)
+    *_, cache = StackedLSTM().with_structure(s).forward(case.x, case.h0, case.c0, case.params, lengths=case.lengths)
+    assert {type(sub).__name__ for d in cache.cells for _, _, sub in d.groups} == {"StackedCache"}
 
 
 def test_configuration_is_keywords_attributes_and_with_structure():
@@ -109,6 +114,9 @@ def test_configuration_is_keywords_attributes_and_with_structure():
     other = impl.with_structure(s)
     assert type(other) is StackedPeepholeLSTM and other.structure == s and impl.num_layers == 2
     assert StackedPeepholeLSTM().with_structure(s).structure == s
+    ln = LoopLayerNormLSTM()
+    ln.ln_eps = 1e-3
+    assert ln.with_structure(Structure(num_layers=2)).ln_eps == 1e-3  # other settings are kept
 
 
 @pytest.mark.parametrize("cls", [LoopLayerNormLSTM, StackedLayerNormLSTM])

@@ -282,10 +282,10 @@ def test_agrees_with_finite_differences_on_every_feature(variant, dtype):
 
 
 def test_bucketed_equals_eager_on_structured_cases_across_buckets(small_floors):
-    for k, (T, B) in enumerate([(1, 1), (4, 2), (5, 3), (3, 5)]):
-        for variant in VARIANTS:
-            case = structured_case(EVERYTHING[variant], variant=variant, T=T, B=B, D=2, H=3, seed=30 + k)
-            _assert_same_structured(_FAST.reference(case), _EAGER.reference(case))
+    # T = 5 and B = 5 padded to 8, B = 3 to 4 (each compilation of a stacked bidirectional cell takes seconds)
+    for k, (T, B, variant) in enumerate([(5, 3, "peephole"), (3, 5, "layernorm")]):
+        case = structured_case(EVERYTHING[variant], variant=variant, T=T, B=B, D=2, H=3, seed=30 + k)
+        _assert_same_structured(_FAST.reference(case), _EAGER.reference(case))
 
 
 def _assert_same_structured(fast, eager):
@@ -397,11 +397,13 @@ def test_gradient_through_clipped_cells_is_zero_and_a_straight_through_clip_is_c
 
 
 def test_structured_cases_compile_once_per_structure_and_bucket():
-    s = Structure(bidirectional=True, lengths=True)
+    """Shapes within a bucket, dtypes and the clip's value (traced) share one compilation."""
+    s = Structure(bidirectional=True, lengths=True, cell_clip=2.0)
     _FAST.reference(structured_case(s, T=3, B=2, D=2, H=3, seed=1))
     before = compilations()
     for change in (dict(T=5, seed=2), dict(B=1, seed=3), dict(dtype="float32")):
         _FAST.reference(structured_case(s, **{"D": 2, "H": 3, "T": 3, "B": 2, **change}))
+    _FAST.reference(structured_case(s.replace(cell_clip=0.5), T=3, B=2, D=2, H=3, seed=4))
     assert compilations() == before
     _FAST.reference(structured_case(s.replace(num_layers=3, proj_size=1), T=3, B=2, D=2, H=3, seed=1))
     assert compilations() == before + 1  # a new structure: one more

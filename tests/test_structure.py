@@ -505,3 +505,17 @@ def test_the_structure_note_counts_cases_per_feature():
     note = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}})
     assert note == ("loop (float64): 60 cases by layer structure: 9 stacked, 0 bidirectional, 4 with lengths, "
                     "0 projected, 0 CIFG, 0 clipped")
+
+
+def test_drawn_structures_use_only_the_features_some_oracle_computes():
+    specs = _sample(150, structure=None, features={"layers", "lengths"})
+    assert all(s.structure.features() <= {"layers", "lengths"} for s in specs)
+    assert any(s.num_layers > 1 for s in specs) and any(s.lengths != "none" for s in specs)
+    # With no oracle that computes any feature, a configurable implementation gets the default structure only.
+    from harness.runner import RunSettings, run_checks
+
+    impl = ConfigurableTorchLayer()
+    stats: dict = {}
+    run_checks(InProcessSubject(impl, validate(impl)), [TorchLayerOracle("cell-only", frozenset())],
+               dtype="float64", run=RunSettings(max_examples=20), stats=stats)
+    assert stats["cases"] >= 20 and stats["features"] == {} and stats["skipped"] == {}
