@@ -465,33 +465,49 @@ class TFCompositeOracle(_TFBase):
     compute_dtypes = ("float64",)
     structures = frozenset(FEATURES)
 
+    #: Uses of one layer shape that run eagerly before it is traced. Tracing a layered structure takes
+    #: seconds; running it eagerly a fraction of one. Drawn structures rarely repeat within a run, the
+    #: default one does at every case: so a shape is traced only once it has come back this many times.
+    EAGER_USES = 2
+
     def __init__(self) -> None:
         self._functions: dict[tuple[str, str, Structure], Any] = {}
+        self._uses: dict[tuple[str, str, Structure], int] = {}
 
     def _function(self, variant: str, dtype: str, structure: Structure, param_shapes: dict[str, int]) -> Any:
-        # Traced once per (variant, dtype, layer shape): lengths and the clip value are inputs.
-        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0)
+        # One function per (variant, dtype, layer shape): lengths, the clip value and the projection size
+        # are inputs, so none of them makes a new trace.
+        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0,
+                                  proj_size=min(structure.proj_size, 1))
         key = (variant, dtype, shape)
-        if key not in self._functions:
-            tf = _tf()
-            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
-            seq = tf.TensorSpec([None, None, None], dtype)
-            pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
-            scalar = tf.TensorSpec([], dtype)
-            lens = tf.TensorSpec([None], tf.int64)
+        self._uses[key] = uses = self._uses.get(key, 0) + 1
+        if key in self._functions:
+            return self._functions[key]
+        tf = _tf()
 
-            @tf.function(input_signature=[seq, state, state, pspec, seq, state, state, lens, scalar, scalar])
-            def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
-                names = ["x", "h0", "c0", *params]
-                inputs = [x, h0, c0] + [params[k] for k in names[3:]]
-                with tf.GradientTape() as tape:
-                    tape.watch(inputs)
-                    y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
-                    loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
-                grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                return y, h_T, c_T, dict(zip(names, grads, strict=True))
+        def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
+            names = ["x", "h0", "c0", *params]
+            inputs = [x, h0, c0] + [params[k] for k in names[3:]]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
+                loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
+            grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
-            self._functions[key] = run
+        if uses <= self.EAGER_USES:
+            def eager(*args: Any) -> Any:
+                x, h0, c0, params, *rest = args
+                return run(*(tf.constant(a) for a in (x, h0, c0)), {k: tf.constant(v) for k, v in params.items()},
+                           *(tf.constant(a) for a in rest))
+            return eager
+        state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
+        seq = tf.TensorSpec([None, None, None], dtype)
+        pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
+        scalar = tf.TensorSpec([], dtype)
+        lens = tf.TensorSpec([None], tf.int64)
+        self._functions[key] = tf.function(run, input_signature=[seq, state, state, pspec, seq, state, state, lens,
+                                                                  scalar, scalar])
         return self._functions[key]
 
     def reference(self, case: Case) -> Reference:
