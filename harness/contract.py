@@ -550,10 +550,13 @@ def check_upstream(
 
     Raises ``ValueError`` naming the argument, the expected shape and the received one.
     """
-    structure = structure or Structure()
-    states = structure.state_shapes(B=B, H=H)
-    expected = (("dy", dy, structure.output_shape(T=T, B=B, H=H)), ("dh_T", dh_T, states["h0"]),
-                ("dc_T", dc_T, states["c0"]))
+    if structure is None:
+        expected: tuple[tuple[str, Any, tuple[int, ...]], ...] = (
+            ("dy", dy, (T, B, H)), ("dh_T", dh_T, (B, H)), ("dc_T", dc_T, (B, H)))
+    else:
+        states = structure.state_shapes(B=B, H=H)
+        expected = (("dy", dy, structure.output_shape(T=T, B=B, H=H)), ("dh_T", dh_T, states["h0"]),
+                    ("dc_T", dc_T, states["c0"]))
     for arg, value, want in expected:
         got = tuple(np.shape(value))
         if got != want:

@@ -22,15 +22,18 @@ class _Planted:
     variant = "vanilla"
     structure = Structure()
 
+    def __init_subclass__(cls) -> None:
+        # The declared attributes, on the class as on its instances, from the one ``structure``.
+        s = cls.structure
+        cls.name = "planted-layer-" + cls.__name__
+        cls.num_layers = s.num_layers
+        cls.bidirectional = s.bidirectional
+        cls.accepts_lengths = s.lengths
+        cls.proj_size = s.proj_size
+        cls.coupled_input_forget = s.coupled_input_forget
+        cls.cell_clip = s.cell_clip
+
     def __init__(self) -> None:
-        s = self.structure
-        self.name = "planted-layer-" + type(self).__name__
-        self.num_layers = s.num_layers
-        self.bidirectional = s.bidirectional
-        self.accepts_lengths = s.lengths
-        self.proj_size = s.proj_size
-        self.coupled_input_forget = s.coupled_input_forget
-        self.cell_clip = s.cell_clip
         self.inner = self.make_inner()
 
     def make_inner(self):
