@@ -258,7 +258,9 @@ class FiniteDifferenceOracle(Oracle):
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params, clipped=lambda v, ok: seen.append((v, ok)))
             self._clip_base = [_clipped(v, ok, clip) for v, ok in seen]
             exist = [np.broadcast_to(True if ok is None else ok, v.shape) for v, ok in seen]
-            self._margin = min(float(np.abs(np.abs(v) - clip)[m].min()) for (v, _), m in zip(seen, exist, strict=True))
+            # a step whose every row is past its length has no existing cell: it has no margin to offer
+            self._margin = min((float(np.abs(np.abs(v) - clip)[m].min()) for (v, _), m in zip(seen, exist, strict=True)
+                                if m.any()), default=np.inf)
         else:
             y, h_T, c_T = self._forward(c, c.x, c.h0, c.c0, c.params)
         arrays = c.arrays()

@@ -545,3 +545,18 @@ def test_the_structured_forward_with_evaluation_axes_is_the_forward_of_each_copy
             one = lstm_forward(case.variant, b["x"], b["h0"], b["c0"], {k: b[k] for k in case.params}, **kw)
             for batched, single in zip((y[e], h_T[e], c_T[e]), one, strict=True):
                 np.testing.assert_array_equal(batched, single, err_msg=key)
+
+
+def test_clip_with_a_step_no_row_reaches():
+    """Lengths all 1 with T = 2: step 1 exists for no row, so it has no cell to measure the clip's margin
+    on. The oracle must still answer, and agree with the loop reference (found by the search: it raised
+    on an empty minimum)."""
+    case = structured_case(Structure(cell_clip=5.0, lengths=True), T=2, B=1, D=1, H=1, seed=3, lengths=[1])
+    ref = FiniteDifferenceOracle().reference(case)
+    impl = LoopLSTM().with_structure(case.structure)
+    y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params, lengths=case.lengths)
+    np.testing.assert_allclose(ref.outputs["y"], y, rtol=1e-12, atol=1e-15)
+    grads = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+    for key, g in grads.items():
+        assert np.all(np.abs(ref.gradients[key] - g) <= ref.gradient_error[key] + 1e-12), key
+    np.testing.assert_array_equal(ref.gradients["x"][1], 0)
