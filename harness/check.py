@@ -193,6 +193,8 @@ def structure_reason(oracle: Oracle, variant: str, dtype: str, case: Case) -> st
     in the default structure, which every oracle computes)."""
     if case.structure.is_default:
         return ""
+    if hasattr(oracle, "case_reason"):  # an oracle of the user's own may predate it
+        return oracle.case_reason(case) or ""
     return oracle.unsupported_reason(variant, dtype, case.structure) or ""
 
 

@@ -130,6 +130,12 @@ class Oracle(ABC):
             return f"{self.name} does not compute {', '.join(missing)} (computes {computes}){note}"
         return None
 
+    def case_reason(self, case: Case) -> str | None:
+        """None when this oracle computes ``case``'s structure, else why not: :meth:`unsupported_reason`
+        for its features; an oracle with limits that depend on the sizes too (torch.nn.LSTM's projection
+        must be smaller than H) adds them here."""
+        return self.unsupported_reason(case.variant, case.dtype, case.structure)
+
     def compute_dtype_for(self, dtype: str) -> str | None:
         """float64 whenever offered (exact upcast); otherwise the case's own dtype, if offered."""
         if "float64" in self.compute_dtypes:

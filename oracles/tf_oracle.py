@@ -38,9 +38,9 @@ kernel, see below), so one case is one graph call.
 Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, H, so it is traced
 once per (variant, dtype, layer shape) and never again for new sizes (lengths, the clip value and
 the projection size are inputs); the composite runs a layer shape eagerly until it has come back
-(:attr:`TFCompositeOracle.EAGER_USES`), as drawn structures rarely repeat; Keras layers are built (and their calls traced) once per size bucket, dtype,
-number of layers and directions (see :class:`KerasLSTMOracle`), their variables
-overwritten by each case. Threads are pinned small
+(:attr:`TFCompositeOracle.EAGER_USES`), as drawn structures rarely repeat. Keras layers are built
+(and their calls traced) once per size bucket, dtype, number of layers and directions (see
+:class:`KerasLSTMOracle`), their variables overwritten by each case. Threads are pinned small
 (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
 """

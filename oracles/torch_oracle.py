@@ -88,6 +88,12 @@ class TorchLSTMOracle(_TorchBase):
         self.native_float32 = native_float32
         self._modules: dict[tuple[int, int, str, int, bool, int], Any] = {}
 
+    def case_reason(self, case: Case) -> str | None:
+        if case.structure.proj_size >= case.H:
+            return (f"{self.name} does not compute a projection of {case.structure.proj_size} features from "
+                    f"H={case.H} (nn.LSTM requires proj_size < hidden_size)")
+        return super().case_reason(case)
+
     def compute_dtype_for(self, dtype: str) -> str | None:
         """The case's own dtype (see the module docstring), unless ``native_float32=False``."""
         if not self.native_float32:

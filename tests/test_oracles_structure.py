@@ -316,3 +316,22 @@ def test_a_clip_passing_the_gradient_through_is_caught():
         torch.clamp = saved
     np.testing.assert_array_equal(straight.outputs["y"], right.outputs["y"])  # the same forward
     assert any(m.startswith(("dW", "dx")) for m in structured_mismatches(case, straight, right))
+
+
+def test_torch_nn_lstm_refuses_a_projection_not_smaller_than_h_by_its_reason():
+    """nn.LSTM requires proj_size < hidden_size: such a case is one the oracle does not compute (a skip with
+    the reason), never an oracle failure; the drawn cases keep the projection smaller than H."""
+    from harness.cases import case_specs
+    from harness.check import structure_reason
+
+    oracle = TorchLSTMOracle()
+    case = structured_case(Structure(proj_size=3), T=2, B=2, D=2, H=3)
+    assert "proj_size < hidden_size" in structure_reason(oracle, "vanilla", "float64", case)
+    assert structure_reason(oracle, "vanilla", "float64", structured_case(Structure(proj_size=2), H=3)) == ""
+
+    @settings(max_examples=200, database=None, deadline=None)
+    @given(case_specs(variants=("vanilla",), dtypes=("float64",), structure=None))
+    def drawn(spec):
+        assert spec.proj_size < spec.H or spec.proj_size == 0
+
+    drawn()
