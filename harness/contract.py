@@ -286,7 +286,8 @@ class ImplementationInfo:
     #: The layer structure it declared (num_layers, bidirectional, accepts_lengths, proj_size,
     #: coupled_input_forget, cell_clip): the structure of every case it gets, unless it is configurable.
     structure: Structure = field(default_factory=Structure)
-    #: It has ``with_structure(structure)``: the harness draws structures for it and configures it per case.
+    #: It has ``with_structure(structure)`` (and no ``configurable = False``): the harness draws structures
+    #: for it and configures it per case.
     configurable: bool = False
 
 
@@ -382,7 +383,7 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         ln_eps=float(ln_eps),
         limits=limits,
         structure=structure,
-        configurable=configure is not None,
+        configurable=configure is not None and getattr(obj, "configurable", True) is not False,
     )
 
 

@@ -260,7 +260,8 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
             given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
             case = given.copy()  # the worker's own check: the parent checks the shared arrays too
             try:
-                obj, failed = configured(adapted[key][0] if key is not None else impl, case)
+                subject, subject_info = adapted[key] if key is not None else (impl, info)
+                obj, failed = configured(subject, subject_info, case)
                 if failed is not None:
                     execution, result = failed, None
                 else:

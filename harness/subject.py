@@ -135,11 +135,12 @@ def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str 
     return out, None
 
 
-def configured(impl: Any, case: Case) -> tuple[Any, Execution | None]:
+def configured(impl: Any, info: ImplementationInfo, case: Case) -> tuple[Any, Execution | None]:
     """The implementation that computes ``case``'s structure: ``impl.with_structure(case.structure)`` for
-    a configurable one (see :mod:`harness.structure`), ``impl`` itself otherwise; or, when configuring
-    raised, None and the Execution that reports it."""
-    if getattr(impl, "with_structure", None) is None:
+    a configurable one (see :mod:`harness.structure`) when the case is in another structure than its own,
+    ``impl`` itself otherwise (the very object, so that state kept between calls stays visible); or, when
+    configuring raised, None and the Execution that reports it."""
+    if not info.configurable or case.structure == info.structure:
         return impl, None
     try:
         return impl.with_structure(case.structure), None
@@ -156,7 +157,7 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
     caught, so that a person can still stop a run.
     """
-    obj, failed = configured(impl, case)
+    obj, failed = configured(impl, info, case)
     if failed is not None:
         return failed
     given = case.copy()  # the implementation gets its own copies; case keeps the originals

@@ -69,6 +69,10 @@ class LayeredLSTM:
     """
 
     variant: str
+    #: Whether the harness draws structures for this implementation (through :meth:`with_structure`). A
+    #: subclass that replaces ``forward`` or ``backward`` is not, unless it says so: its own methods may
+    #: not take lengths or layered states, so it is certified in the structure it declares.
+    configurable: bool = True
     num_layers: int = 1
     bidirectional: bool = False
     proj_size: int = 0
@@ -82,6 +86,11 @@ class LayeredLSTM:
         self._configure(Structure(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
                                   coupled_input_forget=coupled_input_forget, cell_clip=cell_clip,
                                   lengths=accepts_lengths))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "configurable" not in cls.__dict__ and ("forward" in cls.__dict__ or "backward" in cls.__dict__):
+            cls.configurable = False
 
     @property
     def structure(self) -> Structure:
@@ -100,12 +109,16 @@ class LayeredLSTM:
         problems = structure.problems(self.variant)
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
-        self.num_layers = structure.num_layers
-        self.bidirectional = structure.bidirectional
-        self.proj_size = structure.proj_size
-        self.coupled_input_forget = structure.coupled_input_forget
-        self.cell_clip = structure.cell_clip
-        self.accepts_lengths = structure.lengths
+        settings = {"num_layers": structure.num_layers, "bidirectional": structure.bidirectional,
+                    "proj_size": structure.proj_size, "coupled_input_forget": structure.coupled_input_forget,
+                    "cell_clip": structure.cell_clip, "accepts_lengths": structure.lengths}
+        for name, value in settings.items():
+            # A setting equal to the class's default is not kept on the instance: a default instance has no
+            # state of its own, so the harness can load it again by its class in another process.
+            if value == getattr(type(self), name):
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, value)
 
     # ----------------------------------------------------------------------------------------------
     # What a subclass provides: one direction's time loop over one sequence.

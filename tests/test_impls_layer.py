@@ -436,3 +436,33 @@ def test_each_planted_layer_bug_differs_from_the_loop_reference(planted):
         "CIFGSeparateForgetGate": {"y", "dW"},
     }[planted.__name__]
     assert expected <= differs, differs
+
+
+def test_a_default_builtin_has_no_state_of_its_own_and_subclasses_that_replace_the_contract_are_not_configurable():
+    """A default instance is loadable again by its class (parallel units, replay commands); a configured one
+    keeps its structure. A subclass that replaces forward or backward is certified in its declared
+    structure (its methods may not take lengths); one that changes a cell stays configurable."""
+    from harness.contract import validate
+    from harness.session import guess_target
+    from impls.loop import LoopLSTM
+
+    assert vars(LoopLSTM()) == {} and guess_target(LoopLSTM()) == "impls.loop:LoopLSTM"
+    configured = LoopLSTM().with_structure(Structure(num_layers=2))
+    assert configured.num_layers == 2 and LoopLSTM.num_layers == 1 and guess_target(configured) is None
+    assert vars(configured.with_structure(Structure())) == {}
+
+    class OwnForward(LoopLSTM):
+        def forward(self, x, h0, c0, params):
+            return super().forward(x, h0, c0, params)
+
+    class OwnCell(LoopLSTM):
+        def cell_forward(self, *args):
+            return super().cell_forward(*args)
+
+    class SaysSo(OwnForward):
+        configurable = True
+
+    assert validate(LoopLSTM()).configurable
+    assert not validate(OwnForward()).configurable
+    assert validate(OwnCell()).configurable
+    assert validate(SaysSo()).configurable
