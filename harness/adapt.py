@@ -30,6 +30,8 @@ The conventions an adapter knows (all combinable):
                        (H, D) on x and R_<gate> (H, H) on h (TMVA); ``"hx"`` one W_<gate> (H, H+D) on
                        [h; x] (deeplearning.ai's Wf, Wi, Wc, Wo); ``"xh"`` on [x; h]. With
                        ``transposed`` each matrix is transposed. Biases are (H,)
+``column_bias``        biases kept as columns, (4H, 1) or per gate (H, 1) (course code that broadcasts
+                       ``W @ x + b`` over (H, B)); their gradients may come back as columns too
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
 =====================  =============================================================================
 
@@ -98,9 +100,10 @@ class Convention:
     per_gate: str | None = None
     initial_hidden: bool = True
     layout: str = "TBD"
+    column_bias: bool = False
 
     def __post_init__(self) -> None:
-        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden", "column_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         layout = layouts.normalize_layout(self.layout, argument="layout")
@@ -123,6 +126,8 @@ class Convention:
                                  "with names=...")
             if self.bias != "single":
                 raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
+        if self.column_bias and self.bias == "folded" and self.per_gate is None:
+            raise ValueError("column_bias: a bias folded into the weight matrix is no vector; drop column_bias=True")
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not np.isfinite(self.forget_bias):
             raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
@@ -146,6 +151,8 @@ class Convention:
             parts.append({"separate": "it keeps an input and a state matrix and a bias per gate",
                           "hx": "it keeps one matrix per gate over [h; x] and a bias per gate",
                           "xh": "it keeps one matrix per gate over [x; h] and a bias per gate"}[self.per_gate])
+        if self.column_bias:
+            parts.append("its biases are columns ((n, 1) instead of (n,))")
         if self.forget_bias:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
@@ -220,6 +227,27 @@ class Convention:
         return layouts.permute_gates(a, self.gate_order, layouts.CANONICAL_ORDER)
 
     def params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
+        """Canonical parameters -> this convention's, by default names (biases as columns with
+        ``column_bias``)."""
+        out = self._params_to(params, variant)
+        if self.column_bias:
+            for key in out:
+                if _is_bias(key):
+                    out[key] = np.ascontiguousarray(out[key].reshape(-1, 1))
+        return out
+
+    def _columns_flat(self, arrays: Mapping[str, Any]) -> Mapping[str, Any]:
+        """With ``column_bias``: the (n, 1) biases (and their gradients) as the (n,) vectors the layouts take."""
+        if not self.column_bias:
+            return arrays
+        out = dict(arrays)
+        for key, value in arrays.items():
+            a = to_numpy(value)
+            if _is_bias(key) and a.ndim == 2 and a.shape[1] == 1:
+                out[key] = a[:, 0]
+        return out
+
+    def _params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
         """Canonical parameters -> this convention's, by default names.
 
         Separate biases get uneven shares of b (b_hh = b / 4, b_ih = b - b_hh): with b_hh = 0 an
@@ -256,6 +284,7 @@ class Convention:
 
     def params_from(self, mine: Mapping[str, np.ndarray], variant: str, D: int, H: int) -> dict[str, np.ndarray]:
         """This convention's parameters (default names) -> canonical ones: the inverse of :meth:`params_to`."""
+        mine = self._columns_flat(mine)
         out = self._from(mine, variant, D, H, b=lambda: mine["b_ih"] + mine["b_hh"])
         if not self.forget_bias:
             return out
@@ -271,6 +300,7 @@ class Convention:
         of db. d b_ih is compared with db; d b_hh must agree with it, which is checked here with the
         harness's gradient tolerance, since the comparison has one db to compare.
         """
+        grads = self._columns_flat(grads)
 
         def split_bias() -> np.ndarray:
             d_ih, d_hh = np.asarray(grads["b_ih"]), np.asarray(grads["b_hh"])
@@ -314,6 +344,11 @@ class Convention:
         if name == "W" and self.bias == "folded" and variant != "layernorm":
             return ("W", "R", "b")
         return (name,)
+
+
+def _is_bias(key: str) -> bool:
+    """Whether a parameter (by its default name) is a bias vector: b, b_ih, b_hh or a gate's b_<gate>."""
+    return key in ("b", "b_ih", "b_hh") or (key.startswith("b_") and key[2:] in layouts.CANONICAL_ORDER)
 
 
 #: The share of b given to b_hh when an implementation has separate biases (see Convention.params_to).
@@ -851,6 +886,7 @@ def adapt(
     final_cell: bool = True,
     initial_hidden: bool = True,
     per_gate: str | None = None,
+    column_bias: bool = False,
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
     call: Callable[..., Any] | None = None,
@@ -896,12 +932,14 @@ def adapt(
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
                           interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
-                                     "initial_cell": (initial_cell, True),
+                                     "initial_cell": (initial_cell, True), "per_gate": (per_gate, None),
+                                     "column_bias": (column_bias, False),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout)
+                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout,
+                            column_bias=column_bias)
     source = impl if impl is not None else forward_fn if forward_fn is not None else step_forward
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
@@ -1001,7 +1039,8 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     old = adapter.convention
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
-                            initial_hidden=old.initial_hidden, layout=layout)
+                            initial_hidden=old.initial_hidden, layout=layout, per_gate=old.per_gate,
+                            column_bias=old.column_bias)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
