@@ -71,7 +71,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,7 @@ from harness import layouts
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, to_numpy
 from harness.limits import Limits
 
-__all__ = ["adapt", "Convention", "Adapted"]
+__all__ = ["adapt", "adapt_keywords", "Convention", "Adapted"]
 
 _BIASES = ("single", "separate", "folded")
 _UPSTREAM = ("dy", "dh_T", "dc_T", "cache")
@@ -992,6 +992,24 @@ def adapt(
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
+
+
+def adapt_keywords(keywords: Mapping[str, Any]) -> dict[str, Any]:
+    """``keywords`` of :func:`adapt` that describe a convention (the fields of :class:`Convention`, ``names``
+    and ``step``), checked before anything is adapted: a ``ValueError`` names the first bad one."""
+    own = {f.name for f in fields(Convention)}
+    allowed = sorted(own | {"names", "step"})
+    out = dict(keywords)
+    unknown = [k for k in out if k not in allowed]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a convention keyword; expected among {allowed}")
+    Convention(**{k: v for k, v in out.items() if k in own})
+    if not isinstance(out.get("step", False), bool):
+        raise ValueError(f"step: expected True or False, got {out['step']!r}")
+    names = out.get("names")
+    if names is not None and not (isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())):
+        raise ValueError(f"names: expected a dict from the harness's names to the implementation's, got {names!r}")
+    return out
 
 
 def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backward: Callable[..., Any] | None,

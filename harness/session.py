@@ -44,7 +44,7 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
     Raises :class:`harness.plugins.LoadError` or :class:`harness.contract.ContractError` when the
     target cannot be used; ``ValueError`` for bad arguments.
     """
-    from harness.plugins import LoadError, load_implementation
+    from harness.plugins import AdaptedTarget, LoadError, load_implementation, parse_target
 
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)} or None, got {variant!r}")
@@ -75,6 +75,15 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
                 raise LoadError(f"loading {impl!r} called os._exit({exc.code!r}), which would have ended the "
                                 f"whole run") from None
         described = {"target": impl, "loaded": target.to_dict(), "isolated": False}
+    elif isinstance(impl, AdaptedTarget):  # a TARGET read in a convention (the command line's options)
+        with exits_raise():
+            try:
+                obj = impl.load()
+            except ExitCalled as exc:
+                raise LoadError(f"loading {impl.target!r} called os._exit({exc.code!r}), which would have ended "
+                                f"the whole run") from None
+        info = validate(obj, variant=variant)
+        described = {"target": None, "loaded": parse_target(impl.target).to_dict(), "isolated": False}
     else:
         obj, info = impl, validate(impl, variant=variant)
         described = {"target": guess_target(impl), "loaded": None, "isolated": False}
