@@ -390,11 +390,13 @@ class Adapted:
     def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
                  ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
-                 torch_module: Any = None, call: Callable[..., Any] | None = None):
+                 torch_module: Any = None, call: Callable[..., Any] | None = None, dtypes_declared: bool = True):
         self.convention = convention
         self.variant = variant
         self.name = name
         self.dtypes = dtypes
+        #: False when neither adapt() nor what it wraps declared dtypes: certify checks the ones it computes in.
+        self.dtypes_declared = dtypes_declared
         self.ln_eps = ln_eps
         self._names = names
         self._forward = forward
@@ -965,10 +967,11 @@ def adapt(
     declared_name = name or getattr(impl, "name", None) or getattr(source, "__name__", None) \
         or type(source).__name__
     declared_dtypes = tuple(dtypes) if dtypes is not None else tuple(getattr(impl, "dtypes", DEFAULT_DTYPES))
+    dtypes_declared = dtypes is not None or (impl is not None and hasattr(impl, "dtypes"))
     eps = ln_eps if ln_eps is not None else getattr(impl, "ln_eps", DEFAULT_LN_EPS)
     common: dict[str, Any] = dict(convention=convention, variant=variant, name=str(declared_name),
-                                  dtypes=declared_dtypes,
-                  ln_eps=eps, names=names_map, upstream=upstream)
+                                  dtypes=declared_dtypes, dtypes_declared=dtypes_declared,
+                                  ln_eps=eps, names=names_map, upstream=upstream)
     if impl is not None and _is_torch_module(impl):
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
     if call is not None:
@@ -1068,6 +1071,7 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     names = {k: adapter._names.get(k, k) for k in convention.param_keys(variant)}
     return Adapted(convention=convention, variant=variant, name=name or adapter.name,
                    dtypes=tuple(dtypes) if dtypes is not None else adapter.dtypes,
+                   dtypes_declared=dtypes is not None or adapter.dtypes_declared,
                    ln_eps=ln_eps if ln_eps is not None else adapter.ln_eps, names=names, forward=adapter._forward,
                    backward=adapter._backward, params_as=adapter._params_as, upstream=adapter._upstream,
                    torch_module=adapter._module, call=adapter._call)

@@ -230,6 +230,9 @@ class ImplementationInfo:
     ln_eps: float
     #: What the implementation declared it cannot do (its ``limits`` attribute; nothing by default).
     limits: Limits = field(default_factory=Limits)
+    #: Whether it declares its dtypes (a ``dtypes`` attribute, or an adapter given ``dtypes=``); when it does
+    #: not, :func:`harness.certify` checks which dtypes it computes in as written.
+    dtypes_declared: bool = True
 
 
 def _accepts_positional(fn: Any, n: int) -> str | None:
@@ -317,6 +320,7 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         has_backward=backward is not None,
         ln_eps=float(ln_eps),
         limits=limits,
+        dtypes_declared=bool(getattr(obj, "dtypes_declared", hasattr(obj, "dtypes"))),
     )
 
 
