@@ -390,7 +390,8 @@ class Adapted:
     def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
                  ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
-                 torch_module: Any = None, call: Callable[..., Any] | None = None, dtypes_declared: bool = True):
+                 torch_module: Any = None, call: Callable[..., Any] | None = None, dtypes_declared: bool = True,
+                 engine: _Engine | None = None):
         self.convention = convention
         self.variant = variant
         self.name = name
@@ -405,7 +406,8 @@ class Adapted:
         self._upstream = upstream
         self._module = torch_module
         self._call = call
-        if backward is not None or torch_module is not None:
+        self._engine = engine
+        if backward is not None or torch_module is not None or engine is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
         if not convention.initial_hidden:
@@ -436,6 +438,8 @@ class Adapted:
         xs, h0s, c0s = conv.seq_to(x), conv.state_to(h0, "h0"), conv.state_to(c0, "c0")
         if self._module is not None:
             y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
+        elif self._engine is not None:
+            y, h_T, c_T, cache, handed = self._engine_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
         else:
             # Converted copies (the parameters, x and the states in another layout) are watched; what is
             # passed as it is, the caller (harness.subject.execute) watches itself.
@@ -493,7 +497,8 @@ class Adapted:
         H = cache.H
         # h_T is y[T-1]: when the implementation does not take dh_T, or autograd has no h_T of the
         # module's to send it to, its upstream gradient joins dy's last step (exact).
-        fold = "dh_T" not in self._upstream or (self._module is not None and cache.h_from_y)
+        autodiff = self._module is not None or self._engine is not None
+        fold = "dh_T" not in self._upstream or (autodiff and cache.h_from_y)
         dys = dy
         if fold:
             dys = dy.copy()
@@ -503,6 +508,8 @@ class Adapted:
         not_computed: set[str] = set()
         if self._module is not None:
             raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
+        elif self._engine is not None:
+            raw, not_computed = self._engine_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
         else:
             # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
@@ -627,6 +634,146 @@ class Adapted:
                 g = torch.zeros_like(leaf)
             out[key] = g.detach().cpu().numpy()
         return out, none
+
+
+    # -- a function written in a framework: forward in it, backward by its gradients
+
+    def _engine_forward(self, given, converted, mine, params):
+        assert self._engine is not None
+        conv = self.convention
+        keys = ["x", *conv.initial_states("h0", "c0"), *conv.param_keys(self.variant)]
+        arrays = {"x": converted[0], "h0": converted[1], "c0": converted[2], **mine}
+        inputs, (outs, state) = self._engine.forward(self._forward, [np.asarray(arrays[k]) for k in keys])
+        # What the function was handed is watched (a framework array can be changed in place too).
+        x_given, h0, c0 = given
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
+                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
+        watched = dict(zip(keys, inputs))
+        handed = _Handed(self, watched, {k: v for k, v in back.items() if k in watched}, params,
+                         x_given.shape[2], h0.shape[1])
+        y, h_T, c_T = outs
+        blanks = [np.zeros_like(arrays[k]) for k in keys]  # stand-ins for gradients the framework does not reach
+        return y, h_T, c_T, (keys, state, blanks), handed
+
+    def _engine_backward(self, cache, dys, dh_T, dc_T):
+        assert self._engine is not None
+        keys, state, blanks = cache
+        grads = self._engine.backward(state, [dys, dh_T, dc_T])
+        out, none = {}, set()
+        for key, g, blank in zip(keys, grads, blanks):
+            if g is None:  # the framework reached no such input: the function does not compute this gradient
+                none.add(key)
+            out[key] = blank if g is None else g
+        return out, none
+
+
+AUTOGRAD_FRAMEWORKS = ("torch", "jax", "tf")
+
+
+def _outputs(result: Any, is_array: Callable[[Any], bool]) -> tuple[Any, Any, Any]:
+    """(y, h_T, c_T) from what a function or module returned: (y, (h_T, c_T)), (y, h_T, c_T), (y, h_T) or y."""
+    if is_array(result):
+        return result, None, None
+    if isinstance(result, (tuple, list)):
+        if len(result) == 2 and isinstance(result[1], (tuple, list)) and len(result[1]) == 2:
+            return result[0], result[1][0], result[1][1]
+        if len(result) == 3:
+            return result[0], result[1], result[2]
+        if len(result) == 2:
+            return result[0], result[1], None
+    raise TypeError(f"forward returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T)")
+
+
+class _Engine:
+    """One framework's way to run a function and take the gradients of its outputs (vector-Jacobian
+    products): ``forward(fn, arrays)`` -> (the inputs as the framework holds them, ((y, h_T, c_T) as
+    NumPy arrays, state)); ``backward(state, [dy, dh_T, dc_T])`` -> one gradient per input (None where
+    the framework reached none). An upstream gradient of None, or for an output it did not return, is left out."""
+
+    def forward(self, fn: Callable[..., Any], arrays: list[np.ndarray]) -> tuple[list[Any], tuple[Any, Any]]:
+        raise NotImplementedError
+
+    def backward(self, state: Any, upstream: list[Any]) -> list[np.ndarray | None]:
+        raise NotImplementedError
+
+
+class _TorchEngine(_Engine):
+    """PyTorch: the inputs as leaf tensors, the backward by ``torch.autograd.grad`` (a function built on a
+    ``torch.autograd.Function`` uses that Function's own backward)."""
+
+    def forward(self, fn, arrays):
+        import torch
+
+        leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+        with torch.enable_grad():
+            outs = _outputs(fn(*leaves), lambda r: isinstance(r, torch.Tensor))
+        return leaves, ([None if o is None else o.detach().cpu().numpy() for o in outs], (leaves, outs))
+
+    def backward(self, state, upstream):
+        import torch
+
+        leaves, outs = state
+        pairs = [(o, torch.tensor(np.asarray(g), dtype=o.dtype).reshape(o.shape)) for o, g in zip(outs, upstream)
+                 if o is not None and g is not None and o.requires_grad]
+        grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
+        return [None if g is None else g.detach().cpu().numpy() for g in grads]
+
+
+class _JaxEngine(_Engine):
+    """JAX: the forward under ``jax.vjp``, the backward its vector-Jacobian product. float64 needs
+    ``jax_enable_x64``: it is switched on when a float64 case comes (a process-wide JAX setting; the
+    harness's JAX oracle does the same), since without it JAX would compute float64 inputs in float32."""
+
+    def forward(self, fn, arrays):
+        import jax
+        import jax.numpy as jnp
+
+        if any(a.dtype == np.float64 for a in arrays) and not jax.config.read("jax_enable_x64"):
+            jax.config.update("jax_enable_x64", True)
+        inputs = [jnp.asarray(a) for a in arrays]
+
+        def outputs(*args: Any) -> tuple[Any, Any, Any]:
+            return _outputs(fn(*args), lambda r: hasattr(r, "shape") and hasattr(r, "dtype"))
+
+        outs, vjp = jax.vjp(outputs, *inputs)
+        return inputs, ([None if o is None else np.asarray(o) for o in outs], (outs, vjp))
+
+    def backward(self, state, upstream):
+        import jax.numpy as jnp
+
+        outs, vjp = state
+        cotangents = tuple(None if o is None else jnp.zeros_like(o) if g is None
+                           else jnp.asarray(np.asarray(g), dtype=o.dtype).reshape(o.shape)
+                           for o, g in zip(outs, upstream))
+        return [np.asarray(g) for g in vjp(cotangents)]
+
+
+class _TensorFlowEngine(_Engine):
+    """TensorFlow: the forward recorded on a ``tf.GradientTape`` watching every input, the backward
+    ``tape.gradient`` with the upstream gradients as ``output_gradients``."""
+
+    def forward(self, fn, arrays):
+        import tensorflow as tf
+
+        inputs = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            for t in inputs:
+                tape.watch(t)
+            outs = _outputs(fn(*inputs), tf.is_tensor)
+        return inputs, ([None if o is None else np.asarray(o) for o in outs], (tape, inputs, outs))
+
+    def backward(self, state, upstream):
+        import tensorflow as tf
+
+        tape, inputs, outs = state
+        pairs = [(o, tf.reshape(tf.constant(np.asarray(g), dtype=o.dtype), o.shape)) for o, g in zip(outs, upstream)
+                 if o is not None and g is not None]
+        grads = tape.gradient([p[0] for p in pairs], inputs, output_gradients=[p[1] for p in pairs],
+                              unconnected_gradients=tf.UnconnectedGradients.NONE)
+        return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads]
+
+
+_ENGINES: dict[str, type[_Engine]] = {"torch": _TorchEngine, "jax": _JaxEngine, "tf": _TensorFlowEngine}
 
 
 @dataclass
@@ -892,6 +1039,7 @@ def adapt(
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
     call: Callable[..., Any] | None = None,
+    autograd: str | None = None,
 ) -> Adapted:
     """Wrap an implementation written in another convention so that it can be certified as it is.
 
@@ -930,6 +1078,15 @@ def adapt(
         if isinstance(impl, Adapted) or _is_torch_module(impl):
             raise ValueError("step: expected a cell object with forward(x_t, prev_h, prev_c, params) and "
                              "backward(dnext_h, dnext_c, cache) methods (or step_forward/step_backward ones)")
+    if autograd is not None:
+        if autograd not in AUTOGRAD_FRAMEWORKS:
+            raise ValueError(f"autograd: expected one of {AUTOGRAD_FRAMEWORKS} (the framework whose gradients are the "
+                             f"backward), got {autograd!r}")
+        if forward_fn is None or backward_fn is not None:
+            raise ValueError("autograd: goes with forward_fn (a function written in that framework) and no "
+                             "backward_fn; a PyTorch nn.Module is passed as impl and uses autograd already")
+        if tuple(backward_takes) != _UPSTREAM:
+            raise ValueError("backward_takes: does not apply with autograd=, whose backward is the framework's")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
@@ -994,6 +1151,8 @@ def adapt(
                  ", ".join(["x", *convention.initial_states("h0", "c0"), *(names_map[k] for k in keys)]))
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
+    if autograd is not None:
+        return Adapted(**common, forward=forward_fn, backward=None, params_as="args", engine=_ENGINES[autograd]())
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
 
 
@@ -1074,7 +1233,7 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
                    dtypes_declared=dtypes is not None or adapter.dtypes_declared,
                    ln_eps=ln_eps if ln_eps is not None else adapter.ln_eps, names=names, forward=adapter._forward,
                    backward=adapter._backward, params_as=adapter._params_as, upstream=adapter._upstream,
-                   torch_module=adapter._module, call=adapter._call)
+                   torch_module=adapter._module, call=adapter._call, engine=adapter._engine)
 
 
 def _check_arity(fn: Callable[..., Any], n: int, what: str, expected: str) -> None:
