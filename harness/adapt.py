@@ -1211,16 +1211,25 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     sequence layout are replaced, and its interface (parameter names, bias form, cell states, the
     upstream gradients its backward takes, ``call``) is kept, and with it its limits.
     """
-    given = [k for k, (value, default) in interface.items() if value != default]
+    old = adapter.convention
+    # Its own values may be given again (the call diagnose prints spells out the whole convention); a per-gate
+    # matrix over [h; x] may be read over [x; h] instead, since the two have the same parameters.
+    own = {"bias": old.bias, "initial_hidden": old.initial_hidden, "initial_cell": old.initial_cell,
+           "per_gate": old.per_gate, "column_bias": old.column_bias, "final_cell": old.final_cell,
+           "names": None, "backward_takes": adapter._upstream, "call": adapter._call}
+    concatenated = ("hx", "xh")
+    per_gate = interface["per_gate"][0]
+    swap = old.per_gate in concatenated and per_gate in concatenated
+    given = [k for k, (value, default) in interface.items()
+             if value != default and value != own[k] and not (k == "per_gate" and swap)]
     if given:
         raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
-                         f"convention (gate_order, transposed, forget_bias, batch_major or layout) and variant, name, "
-                         f"dtypes and ln_eps can be given again")
-    old = adapter.convention
+                         f"convention (gate_order, transposed, forget_bias, batch_major or layout; per_gate 'hx' "
+                         f"or 'xh' for one that has either) and variant, name, dtypes and ln_eps can be given again")
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
-                            initial_hidden=old.initial_hidden, layout=layout, per_gate=old.per_gate,
-                            column_bias=old.column_bias)
+                            initial_hidden=old.initial_hidden, layout=layout,
+                            per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")

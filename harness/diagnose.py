@@ -29,8 +29,12 @@ pass computes (from t = T-1 down to 0): dx at its latest timestep over tolerance
 order. The coordinates are those of the largest error (relative to tolerance) at that timestep.
 
 Trials are ordered from the declared convention outwards: the implementation as declared first,
-then the declared variant before the others, the sequence layout, transposition, forget bias, and
-last the 24 gate orders, identity first.
+then the declared variant before the others, the per-gate concatenation ([h; x] or [x; h], for an
+adapter with ``per_gate="hx"`` or ``"xh"``), the sequence layout (time-major, batch-major,
+feature-first), transposition, forget bias, and last the 24 gate orders, identity first (for stacked
+gate blocks only: per-gate matrices are named). An adapter keeps its interface in every trial (its
+parameter names, bias form, initial and final states, column biases), and the ``adapt(...)`` call a
+match prints spells out the whole convention, so that evaluated on the same object it certifies.
 """
 
 from __future__ import annotations
@@ -472,20 +476,33 @@ def _close_enough(execution: Any, reference: Any, dtype: str, unchecked: Mapping
 # The search
 
 
-def _candidates(declared: str) -> Iterator[tuple[str, Convention]]:
+#: Sequence layouts tried, time-major first: batch-major, then feature-first (course code's (D, B, T)).
+SEARCHED_LAYOUTS: tuple[str, ...] = ("TBD", "BTD", "DBT")
+_CONCATENATED = ("hx", "xh")
+
+
+def _candidates(declared: str, own: Convention | None = None) -> Iterator[tuple[str, Convention]]:
+    """Every convention tried, simplest first. ``own`` is the implementation's own (an adapter's): its
+    interface (bias form, cell states, per-gate form, column biases) is kept; a per-gate matrix over
+    [h; x] is also read over [x; h]; gate orders are permuted only for stacked gate blocks."""
+    own = own or Convention()
     variants = [declared] + [v for v in VARIANTS if v != declared]
+    per_gates = [own.per_gate] + [f for f in _CONCATENATED if own.per_gate in _CONCATENATED and f != own.per_gate]
+    orders = GATE_PERMUTATIONS if own.per_gate is None else (own.gate_order,)
     for variant in variants:
-        for batch_major in (False, True):
-            for transposed in (False, True):
-                for forget_bias in (0.0, 1.0):
-                    for order in GATE_PERMUTATIONS:
-                        yield variant, Convention(gate_order=order, transposed=transposed, forget_bias=forget_bias,
-                                                  batch_major=batch_major)
+        for per_gate in per_gates:
+            for layout in SEARCHED_LAYOUTS:
+                for transposed in (False, True):
+                    for forget_bias in (0.0, 1.0):
+                        for order in orders:
+                            yield variant, dataclasses.replace(own, gate_order=order, transposed=transposed,
+                                                               forget_bias=forget_bias, layout=layout,
+                                                               batch_major=layout == "BTD", per_gate=per_gate)
 
 
 def _same_convention(a: Convention, b: Convention) -> bool:
-    return (a.gate_order, a.transposed, a.forget_bias, a.batch_major) == \
-        (b.gate_order, b.transposed, b.forget_bias, b.batch_major)
+    return (a.gate_order, a.transposed, a.forget_bias, a.layout, a.per_gate) == \
+        (b.gate_order, b.transposed, b.forget_bias, b.layout, b.per_gate)
 
 
 class _Search:
@@ -615,7 +632,7 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
             f"yet tried were not diagnosed.")
     plan: Iterator[tuple[str, Convention, bool]] = itertools.chain(
         [(declared, own, True)],
-        ((v, c, False) for v, c in _candidates(declared)
+        ((v, c, False) for v, c in _candidates(declared, own)
          if isolated or v != declared or not _same_convention(c, own)))
     for v, conv, as_declared in plan:
         trial = Trial(conv if not as_declared else Convention(), v, as_declared=as_declared)
