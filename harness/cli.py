@@ -287,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  1  it matches only under another convention, or under none\n"
                "  2  bad usage, or TARGET could not be loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_diag.add_argument("target", metavar="TARGET", help="the implementation to diagnose (see below)")
+    p_diag.add_argument("target", metavar="TARGET", nargs="?", help="the implementation to diagnose (see below; "
+                                                                    "or --command)")
     p_diag.add_argument("--variant", choices=sorted(VARIANTS), help="the variant it is meant to be")
     p_diag.add_argument("--dtype", choices=DEFAULT_DTYPES, help="dtype of the trial cases (default: the "
                                                                  "most precise it declares)")
     p_diag.add_argument("--json", action="store_true", help="machine-readable output")
     _add_isolation_options(p_diag)
+    _add_command_options(p_diag)
 
     p_replay = sub.add_parser(
         "replay", help="run one saved case (.npz) through TARGET and the oracles again",
@@ -596,9 +598,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from harness.diagnose import diagnose
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)  # a program, or a TARGET read in the convention the options give
     try:
-        result = diagnose(args.target, variant=args.variant, dtype=args.dtype, isolate=isolate,
-                          timeout=timeout, memory_limit=_memory_limit(args))
+        result = diagnose(args.target if impl is None else impl,
+                          variant=args.variant if args.command_line is None else None, dtype=args.dtype,
+                          isolate=isolate, timeout=timeout, memory_limit=_memory_limit(args))
     except InvalidArgument as exc:
         raise _usage(exc) from None
     if args.json:

@@ -142,6 +142,16 @@ class Trial:
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return f"harness.adapt(impl{', ' + args if args else ''})"
 
+    def options(self, declared: str) -> str:
+        """The same convention as options of ``lstm-harness certify`` (for a TARGET or a --command)."""
+        from harness.command_protocol import convention_arguments
+
+        kwargs = self.convention.keywords()
+        if self.as_declared:
+            kwargs = {}
+        variant = ["--variant", self.variant] if self.variant != declared else []
+        return " ".join(variant + convention_arguments(kwargs)) or "(none)"
+
     def first_departure(self) -> str:
         return self.departure.text() if self.departure else ""
 
@@ -274,7 +284,8 @@ class Diagnosis:
                 lines.append(f"Declare variant = {self.match.variant!r} in the implementation, or certify it with "
                              f"--variant {self.match.variant}.")
             else:
-                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant)}.")
+                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant)}, or on the "
+                             f"command line with the options {self.match.options(self.declared_variant)}.")
             lines.append(self._backward_text())
         else:
             lines.append("No convention tried makes it match the standard LSTM.")
@@ -299,7 +310,8 @@ class Diagnosis:
                 return None
             return {"variant": t.variant, "convention": t.convention.keywords(), "as_declared": t.as_declared,
                     "ratio": t.ratio, "description": t.describe(self.declared_variant),
-                    "adapt": t.adapt_call(self.declared_variant), "first_departure": t.first_departure(),
+                    "adapt": t.adapt_call(self.declared_variant), "options": t.options(self.declared_variant),
+                    "first_departure": t.first_departure(),
                     "departure": t.departure.to_dict() if t.departure else None, "error": t.error}
 
         return {"name": self.name, "declared_variant": self.declared_variant, "status": self.status,

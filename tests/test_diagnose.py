@@ -362,3 +362,21 @@ def test_feature_first_sequences_are_found_and_the_printed_call_certifies():
     assert found.status == "convention", found.text()
     assert found.match.convention.layout == "DBT"
     assert "layout='DBT'" in _printed_call_certifies(found, declared)
+
+
+def test_the_printed_command_line_options_certify_the_target(tmp_path, capsys):
+    target = f"{FOREIGN}:ifog"
+    assert main(["diagnose", target, "--in-process"]) == 1
+    out = capsys.readouterr().out
+    options = re.search(r"on the command line with the options (.*)\.$", out, flags=re.M).group(1)
+    assert options == "--gate-order ifog"
+    assert main(["certify", target, *options.split(), "--in-process", "--max-examples", "4", "--oracle",
+                 "finite-differences", "--report-dir", str(tmp_path)]) == 0
+
+
+def test_diagnose_takes_the_convention_options_and_a_command(capsys):
+    # Read as declared in the options, a target that matches them is standard.
+    assert main(["diagnose", f"{FOREIGN}:ifog", "--gate-order", "ifog", "--in-process"]) == 0
+    assert "matches the standard LSTM as declared" in capsys.readouterr().out
+    assert main(["diagnose", "--command", "true", "--step"]) == 2
+    assert "--step: applies to a Python TARGET" in capsys.readouterr().err
