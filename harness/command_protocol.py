@@ -203,9 +203,12 @@ def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | N
             **convention: Any) -> Any:
     """An implementation object for an LSTM behind the command protocol, usable with :func:`harness.certify`.
 
-    ``convention`` takes the keywords of :func:`harness.adapt` that describe a layout (``gate_order``,
-    ``transposed``, ``bias``, ``forget_bias``, ``batch_major``, ``per_gate``, ``names``): the command
-    then receives its parameters, and returns their gradients, in its own layout and names.
+    ``convention`` takes the keywords of :func:`harness.adapt` that describe a layout
+    (:data:`CONVENTION_KEYWORDS`: ``gate_order``, ``transposed``, ``bias``, ``forget_bias``,
+    ``batch_major``, ``layout``, ``per_gate``, ``column_bias``, ``initial_hidden``, ``initial_cell``,
+    ``names``): the command then receives its arrays, and returns their gradients, in its own layout
+    and names; with ``initial_hidden=False`` (``initial_cell=False``) it is given no ``h0.npy``
+    (``c0.npy``) and writes no gradient of it.
     """
     unknown = [k for k in convention if k not in CONVENTION_KEYWORDS]
     if unknown:
