@@ -967,17 +967,11 @@ def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:
     """(y, h_T, c_T) from what a module returned: (y, (h, c)), (y, h, c) or y."""
     import torch
 
-    if isinstance(result, torch.Tensor):
-        return result, None, None
-    if isinstance(result, (tuple, list)):
-        if len(result) == 2 and isinstance(result[1], (tuple, list)) and len(result[1]) == 2:
-            return result[0], result[1][0], result[1][1]
-        if len(result) == 3:
-            return result[0], result[1], result[2]
-        if len(result) == 2:
-            return result[0], result[1], None
-    raise TypeError(f"the module returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T); "
-                    f"pass call=... to adapt() to say how to call it")
+    try:
+        return _outputs(result, lambda r: isinstance(r, torch.Tensor))
+    except TypeError:
+        raise TypeError(f"the module returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T); "
+                        f"pass call=... to adapt() to say how to call it") from None
 
 
 class _swapped_parameters:
