@@ -1214,15 +1214,20 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     concatenated = ("hx", "xh")
     per_gate = interface["per_gate"][0]
     swap = old.per_gate in concatenated and per_gate in concatenated
+    # Its bias form may be read as another (separate or folded) when it has one bias: its names are kept.
+    bias = interface["bias"][0]
+    rebias = old.bias == "single" and bias != "single"
+    allowed = {"per_gate": swap, "bias": rebias}
     given = [k for k, (value, default) in interface.items()
-             if value != default and value != own[k] and not (k == "per_gate" and swap)]
+             if value != default and value != own[k] and not allowed.get(k, False)]
     if given:
         raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
                          f"convention (gate_order, transposed, forget_bias, batch_major or layout; per_gate 'hx' "
-                         f"or 'xh' for one that has either) and variant, name, dtypes and ln_eps can be given again")
-    convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
-                            initial_hidden=old.initial_hidden, layout=layout,
+                         f"or 'xh' for one that has either; bias for one with a single bias) and variant, name, "
+                         f"dtypes and ln_eps can be given again")
+    convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias if rebias else old.bias,
+                            forget_bias=forget_bias, batch_major=batch_major, initial_cell=old.initial_cell,
+                            final_cell=old.final_cell, initial_hidden=old.initial_hidden, layout=layout,
                             per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:

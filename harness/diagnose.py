@@ -29,7 +29,9 @@ pass computes (from t = T-1 down to 0): dx at its latest timestep over tolerance
 order. The coordinates are those of the largest error (relative to tolerance) at that timestep.
 
 Trials are ordered from the declared convention outwards: the implementation as declared first,
-then the declared variant before the others, the per-gate concatenation ([h; x] or [x; h], for an
+then the declared variant before the others (and last of all, for an implementation with one bias,
+the same again with two summed biases b_ih + b_hh, then with the bias folded into the weight matrix),
+the per-gate concatenation ([h; x] or [x; h], for an
 adapter with ``per_gate="hx"`` or ``"xh"``), the sequence layout (time-major, batch-major,
 feature-first), transposition, forget bias, and last the 24 gate orders, identity first (for stacked
 gate blocks only: per-gate matrices are named). An adapter keeps its interface in every trial (its
@@ -491,6 +493,7 @@ def _close_enough(execution: Any, reference: Any, dtype: str, unchecked: Mapping
 #: Sequence layouts tried, time-major first: batch-major, then feature-first (course code's (D, B, T)).
 SEARCHED_LAYOUTS: tuple[str, ...] = ("TBD", "BTD", "DBT")
 _CONCATENATED = ("hx", "xh")
+_BIAS_FORMS = ("single", "separate", "folded")
 
 
 def _candidates(declared: str, own: Convention | None = None) -> Iterator[tuple[str, Convention]]:
@@ -501,20 +504,26 @@ def _candidates(declared: str, own: Convention | None = None) -> Iterator[tuple[
     variants = [declared] + [v for v in VARIANTS if v != declared]
     per_gates = [own.per_gate] + [f for f in _CONCATENATED if own.per_gate in _CONCATENATED and f != own.per_gate]
     orders = GATE_PERMUTATIONS if own.per_gate is None else (own.gate_order,)
-    for variant in variants:
-        for per_gate in per_gates:
-            for layout in SEARCHED_LAYOUTS:
-                for transposed in (False, True):
-                    for forget_bias in (0.0, 1.0):
-                        for order in orders:
-                            yield variant, dataclasses.replace(own, gate_order=order, transposed=transposed,
-                                                               forget_bias=forget_bias, layout=layout,
-                                                               batch_major=layout == "BTD", per_gate=per_gate)
+    # One bias may be two that are summed (b_ih + b_hh) or a column of a folded matrix: tried last, since
+    # the implementation's parameters then change names (the LayerNorm variant has no bias).
+    biases = [own.bias] + [b for b in _BIAS_FORMS if own.bias == "single" and own.per_gate is None and b != "single"]
+    for bias in biases:
+        for variant in variants:
+            if bias != own.bias and variant == "layernorm":
+                continue
+            for per_gate in per_gates:
+                for layout in SEARCHED_LAYOUTS:
+                    for transposed in (False, True):
+                        for forget_bias in (0.0, 1.0):
+                            for order in orders:
+                                yield variant, dataclasses.replace(
+                                    own, gate_order=order, transposed=transposed, forget_bias=forget_bias,
+                                    layout=layout, batch_major=layout == "BTD", per_gate=per_gate, bias=bias)
 
 
 def _same_convention(a: Convention, b: Convention) -> bool:
-    return (a.gate_order, a.transposed, a.forget_bias, a.layout, a.per_gate) == \
-        (b.gate_order, b.transposed, b.forget_bias, b.layout, b.per_gate)
+    return (a.gate_order, a.transposed, a.forget_bias, a.layout, a.per_gate, a.bias) == \
+        (b.gate_order, b.transposed, b.forget_bias, b.layout, b.per_gate, b.bias)
 
 
 class _Search:

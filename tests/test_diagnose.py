@@ -76,7 +76,8 @@ def test_forward_matches_backward_does_not():
 def test_nothing_matches_and_the_closest_departure_is_located():
     result = diagnose(f"{FOREIGN}:nonsense")
     assert result.status == "none" and result.match is None
-    assert result.tried == 24 * 2 * 2 * 3 * 3  # orders, forget bias, transposed, layouts, variants
+    # orders, forget bias, transposed, layouts; three variants with one bias, two with b_ih + b_hh, two folded
+    assert result.tried == 24 * 2 * 2 * 3 * (3 + 2 + 2)
     assert result.closest is not None and result.closest.convention.is_standard
     text = result.text()
     assert "No convention tried makes it match" in text
@@ -273,15 +274,15 @@ def test_every_distinct_reason_trials_failed_is_listed_with_its_count():
     result = diagnose(_RaisesByConvention())
     assert result.status == "none" and result.closest is None and result.mismatched == 0
     # Most frequent first; ties in the order the search met them (as declared first, then the variants).
-    assert result.failures == [("forward raised ValueError: peephole weights given", 288),
-                               ("forward raised KeyError: 'no bias'", 288),
+    assert result.failures == [("forward raised KeyError: 'no bias'", 288 + 4 * 288),  # separate, folded too
+                               ("forward raised ValueError: peephole weights given", 288),
                                ("forward raised ValueError: weights transposed", 192),  # (H, B) states too
                                ("forward raised ArithmeticError: always broken", 96)]
     text = result.text()
-    assert "864 of 864 trials could not run:" in text
+    assert "2016 of 2016 trials could not run:" in text
     for reason, n in result.failures:
         assert f"  {n} x {reason}" in text
-    assert result.to_dict()["failures"][1] == {"reason": "forward raised KeyError: 'no bias'", "trials": 288}
+    assert result.to_dict()["failures"][0] == {"reason": "forward raised KeyError: 'no bias'", "trials": 1440}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,3 +381,22 @@ def test_diagnose_takes_the_convention_options_and_a_command(capsys):
     assert "matches the standard LSTM as declared" in capsys.readouterr().out
     assert main(["diagnose", "--command", "true", "--step"]) == 2
     assert "--step: applies to a Python TARGET" in capsys.readouterr().err
+
+
+def test_two_summed_biases_and_a_folded_bias_are_found_and_the_printed_call_certifies():
+    from tests.plugins.foreign import FoldedLSTM
+    from tests.test_adapt import _PyTorchStyleBiases
+
+    two = diagnose(_PyTorchStyleBiases())  # declared as it is: one bias b, but the code reads b_ih + b_hh
+    assert two.status == "convention", two.text()
+    assert two.match.convention.bias == "separate" and "separate input and hidden biases" in two.text()
+    assert "bias='separate'" in _printed_call_certifies(two, _PyTorchStyleBiases())
+    assert "--bias separate" in two.text()
+    # The minimal NumPy LSTM's WLSTM (1+D+H, 4H), gates i, f, o, g, behind an adapter that says one bias.
+    declared = adapt(FoldedLSTM(), names={"W": "WLSTM"}, transposed=True)
+    folded = diagnose(declared)
+    assert folded.status == "convention", folded.text()
+    assert (folded.match.convention.bias, folded.match.convention.gate_order) == ("folded", "ifog")
+    _printed_call_certifies(folded, declared)
+    # A planted bug is not explained away: no bias form makes an LSTM that ignores b_hh match.
+    assert diagnose(_PyTorchStyleBiases("ignores_b_hh")).status == "none"
