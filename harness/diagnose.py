@@ -29,9 +29,9 @@ pass computes (from t = T-1 down to 0): dx at its latest timestep over tolerance
 order. The coordinates are those of the largest error (relative to tolerance) at that timestep.
 
 Trials are ordered from the declared convention outwards: the implementation as declared first,
-then the declared variant before the others (and last of all, for an implementation with one bias,
-the same again with two summed biases b_ih + b_hh, then with the bias folded into the weight matrix),
-the per-gate concatenation ([h; x] or [x; h], for an
+then the declared variant before the others (and last of all, for an implementation with one bias
+none of whose trials could even run, the same again with two summed biases b_ih + b_hh, then with the
+bias folded into the weight matrix), the per-gate concatenation ([h; x] or [x; h], for an
 adapter with ``per_gate="hx"`` or ``"xh"``), the sequence layout (time-major, batch-major,
 feature-first), transposition, forget bias, and last the 24 gate orders, identity first (for stacked
 gate blocks only: per-gate matrices are named). An adapter keeps its interface in every trial (its
@@ -496,17 +496,20 @@ _CONCATENATED = ("hx", "xh")
 _BIAS_FORMS = ("single", "separate", "folded")
 
 
-def _candidates(declared: str, own: Convention | None = None) -> Iterator[tuple[str, Convention]]:
+def _candidates(declared: str, own: Convention | None = None, *,
+                other_biases: bool = False) -> Iterator[tuple[str, Convention]]:
     """Every convention tried, simplest first. ``own`` is the implementation's own (an adapter's): its
     interface (bias form, cell states, per-gate form, column biases) is kept; a per-gate matrix over
-    [h; x] is also read over [x; h]; gate orders are permuted only for stacked gate blocks."""
+    [h; x] is also read over [x; h]; gate orders are permuted only for stacked gate blocks.
+
+    ``other_biases``: instead, the same with its one bias read as two summed biases (b_ih + b_hh) and
+    as a column of a folded matrix (its parameters then change names; the LayerNorm variant has no bias)."""
     own = own or Convention()
     variants = [declared] + [v for v in VARIANTS if v != declared]
     per_gates = [own.per_gate] + [f for f in _CONCATENATED if own.per_gate in _CONCATENATED and f != own.per_gate]
     orders = GATE_PERMUTATIONS if own.per_gate is None else (own.gate_order,)
-    # One bias may be two that are summed (b_ih + b_hh) or a column of a folded matrix: tried last, since
-    # the implementation's parameters then change names (the LayerNorm variant has no bias).
-    biases = [own.bias] + [b for b in _BIAS_FORMS if own.bias == "single" and own.per_gate is None and b != "single"]
+    biases = [own.bias] if not other_biases else \
+        [b for b in _BIAS_FORMS if own.bias == "single" and own.per_gate is None and b != "single"]
     for bias in biases:
         for variant in variants:
             if bias != own.bias and variant == "layernorm":
@@ -651,10 +654,17 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     note = ""
     stop = (f"Stopped after {MAX_WORKER_FAILURES} crashes or timeouts of the implementation; the conventions not "
             f"yet tried were not diagnosed.")
+    def other_biases() -> Iterator[tuple[str, Convention, bool]]:
+        # Only when no trial so far could even run: an implementation that computes something from one
+        # bias b is not explained by renaming its parameters, and each trial of a program costs a process.
+        if not any(t.ratio is not None for t in trials):
+            yield from ((v, c, False) for v, c in _candidates(declared, own, other_biases=True))
+
     plan: Iterator[tuple[str, Convention, bool]] = itertools.chain(
         [(declared, own, True)],
         ((v, c, False) for v, c in _candidates(declared, own)
-         if isolated or v != declared or not _same_convention(c, own)))
+         if isolated or v != declared or not _same_convention(c, own)),
+        other_biases())
     for v, conv, as_declared in plan:
         trial = Trial(conv if not as_declared else Convention(), v, as_declared=as_declared)
         trials.append(trial)

@@ -76,8 +76,8 @@ def test_forward_matches_backward_does_not():
 def test_nothing_matches_and_the_closest_departure_is_located():
     result = diagnose(f"{FOREIGN}:nonsense")
     assert result.status == "none" and result.match is None
-    # orders, forget bias, transposed, layouts; three variants with one bias, two with b_ih + b_hh, two folded
-    assert result.tried == 24 * 2 * 2 * 3 * (3 + 2 + 2)
+    # orders, forget bias, transposed, layouts, variants (trials ran: no other bias forms are tried)
+    assert result.tried == 24 * 2 * 2 * 3 * 3
     assert result.closest is not None and result.closest.convention.is_standard
     text = result.text()
     assert "No convention tried makes it match" in text
@@ -273,6 +273,8 @@ class _RaisesByConvention:
 def test_every_distinct_reason_trials_failed_is_listed_with_its_count():
     result = diagnose(_RaisesByConvention())
     assert result.status == "none" and result.closest is None and result.mismatched == 0
+    # No trial ran: the one bias is also read as two summed biases and as folded (two variants each).
+    assert result.tried == 24 * 2 * 2 * 3 * (3 + 2 + 2)
     # Most frequent first; ties in the order the search met them (as declared first, then the variants).
     assert result.failures == [("forward raised KeyError: 'no bias'", 288 + 4 * 288),  # separate, folded too
                                ("forward raised ValueError: peephole weights given", 288),
