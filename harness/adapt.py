@@ -44,6 +44,13 @@ h_T is read off y); and ``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict 
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
 
+A function written in a framework and no backward of its own: ``forward_fn=..., autograd="torch"``
+(``"jax"``, ``"tf"``): the function takes the same arguments as above, as the framework's tensors, and
+returns ``(y, h_T, c_T)``, ``(y, (h_T, c_T))``, ``(y, h_T)`` or ``y``; the backward is the framework's
+(``torch.autograd.grad``, through a ``torch.autograd.Function``'s own backward when it is one;
+``jax.vjp``, with ``jax_enable_x64`` switched on for float64; ``tf.GradientTape``). An input the
+framework reaches no gradient for is reported as not computed.
+
 One timestep instead of a sequence: ``step_forward(x_t, prev_h, prev_c, *params)`` returning
 ``(next_h, next_c, cache)`` and ``step_backward(dnext_h, dnext_c, cache)`` returning ``(dx_t, dprev_h,
 dprev_c, *dparams)`` (the course exercise's ``lstm_step_forward``/``lstm_step_backward``), or
