@@ -30,6 +30,8 @@ The conventions an adapter knows (all combinable):
                        (H, D) on x and R_<gate> (H, H) on h (TMVA); ``"hx"`` one W_<gate> (H, H+D) on
                        [h; x] (deeplearning.ai's Wf, Wi, Wc, Wo); ``"xh"`` on [x; h]. With
                        ``transposed`` each matrix is transposed. Biases are (H,)
+``column_bias``        biases kept as columns, (4H, 1) or per gate (H, 1) (course code that broadcasts
+                       ``W @ x + b`` over (H, B)); their gradients may come back as columns too
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
 =====================  =============================================================================
 
@@ -41,6 +43,13 @@ h_T is read off y); and ``backward_fn(dy, dh_T, dc_T, cache)`` returning a dict 
 ``"h0"``, ...) or a tuple (dx, [dh0,] [dc0,] *dparams) in the same order. ``backward_takes`` names the
 upstream gradients it accepts: a course-style ``backward(dh, cache)`` is ``("dy", "cache")`` — dh_T
 is then added into the last step of dy (exact: h_T is y[T-1]) and dc_T is held at zero.
+
+A function written in a framework and no backward of its own: ``forward_fn=..., autograd="torch"``
+(``"jax"``, ``"tf"``): the function takes the same arguments as above, as the framework's tensors, and
+returns ``(y, h_T, c_T)``, ``(y, (h_T, c_T))``, ``(y, h_T)`` or ``y``; the backward is the framework's
+(``torch.autograd.grad``, through a ``torch.autograd.Function``'s own backward when it is one;
+``jax.vjp``, with ``jax_enable_x64`` switched on for float64; ``tf.GradientTape``). An input the
+framework reaches no gradient for is reported as not computed.
 
 One timestep instead of a sequence: ``step_forward(x_t, prev_h, prev_c, *params)`` returning
 ``(next_h, next_c, cache)`` and ``step_backward(dnext_h, dnext_c, cache)`` returning ``(dx_t, dprev_h,
@@ -69,7 +78,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -78,7 +87,7 @@ from harness import layouts
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, to_numpy
 from harness.limits import Limits
 
-__all__ = ["adapt", "Convention", "Adapted"]
+__all__ = ["adapt", "adapt_keywords", "Convention", "Adapted"]
 
 _BIASES = ("single", "separate", "folded")
 _UPSTREAM = ("dy", "dh_T", "dc_T", "cache")
@@ -98,9 +107,10 @@ class Convention:
     per_gate: str | None = None
     initial_hidden: bool = True
     layout: str = "TBD"
+    column_bias: bool = False
 
     def __post_init__(self) -> None:
-        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden"):
+        for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden", "column_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         layout = layouts.normalize_layout(self.layout, argument="layout")
@@ -123,6 +133,8 @@ class Convention:
                                  "with names=...")
             if self.bias != "single":
                 raise ValueError(f"per_gate: has one bias per gate; bias={self.bias!r} does not apply")
+        if self.column_bias and self.bias == "folded" and self.per_gate is None:
+            raise ValueError("column_bias: a bias folded into the weight matrix is no vector; drop column_bias=True")
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not np.isfinite(self.forget_bias):
             raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
@@ -146,6 +158,8 @@ class Convention:
             parts.append({"separate": "it keeps an input and a state matrix and a bias per gate",
                           "hx": "it keeps one matrix per gate over [h; x] and a bias per gate",
                           "xh": "it keeps one matrix per gate over [x; h] and a bias per gate"}[self.per_gate])
+        if self.column_bias:
+            parts.append("its biases are columns ((n, 1) instead of (n,))")
         if self.forget_bias:
             parts.append(f"it adds a forget bias of {self.forget_bias:+g} itself")
         if self.batch_major:
@@ -220,6 +234,27 @@ class Convention:
         return layouts.permute_gates(a, self.gate_order, layouts.CANONICAL_ORDER)
 
     def params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
+        """Canonical parameters -> this convention's, by default names (biases as columns with
+        ``column_bias``)."""
+        out = self._params_to(params, variant)
+        if self.column_bias:
+            for key in out:
+                if _is_bias(key):
+                    out[key] = np.ascontiguousarray(out[key].reshape(-1, 1))
+        return out
+
+    def _columns_flat(self, arrays: Mapping[str, Any]) -> Mapping[str, Any]:
+        """With ``column_bias``: the (n, 1) biases (and their gradients) as the (n,) vectors the layouts take."""
+        if not self.column_bias:
+            return arrays
+        out = dict(arrays)
+        for key, value in arrays.items():
+            a = to_numpy(value)
+            if _is_bias(key) and a.ndim == 2 and a.shape[1] == 1:
+                out[key] = a[:, 0]
+        return out
+
+    def _params_to(self, params: Mapping[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
         """Canonical parameters -> this convention's, by default names.
 
         Separate biases get uneven shares of b (b_hh = b / 4, b_ih = b - b_hh): with b_hh = 0 an
@@ -256,6 +291,7 @@ class Convention:
 
     def params_from(self, mine: Mapping[str, np.ndarray], variant: str, D: int, H: int) -> dict[str, np.ndarray]:
         """This convention's parameters (default names) -> canonical ones: the inverse of :meth:`params_to`."""
+        mine = self._columns_flat(mine)
         out = self._from(mine, variant, D, H, b=lambda: mine["b_ih"] + mine["b_hh"])
         if not self.forget_bias:
             return out
@@ -271,6 +307,7 @@ class Convention:
         of db. d b_ih is compared with db; d b_hh must agree with it, which is checked here with the
         harness's gradient tolerance, since the comparison has one db to compare.
         """
+        grads = self._columns_flat(grads)
 
         def split_bias() -> np.ndarray:
             d_ih, d_hh = np.asarray(grads["b_ih"]), np.asarray(grads["b_hh"])
@@ -316,6 +353,11 @@ class Convention:
         return (name,)
 
 
+def _is_bias(key: str) -> bool:
+    """Whether a parameter (by its default name) is a bias vector: b, b_ih, b_hh or a gate's b_<gate>."""
+    return key in ("b", "b_ih", "b_hh") or (key.startswith("b_") and key[2:] in layouts.CANONICAL_ORDER)
+
+
 #: The share of b given to b_hh when an implementation has separate biases (see Convention.params_to).
 HIDDEN_BIAS_SHARE = 0.25
 
@@ -355,11 +397,14 @@ class Adapted:
     def __init__(self, *, convention: Convention, variant: str, name: str, dtypes: tuple[str, ...],
                  ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
-                 torch_module: Any = None, call: Callable[..., Any] | None = None):
+                 torch_module: Any = None, call: Callable[..., Any] | None = None, dtypes_declared: bool = True,
+                 engine: _Engine | None = None):
         self.convention = convention
         self.variant = variant
         self.name = name
         self.dtypes = dtypes
+        #: False when neither adapt() nor what it wraps declared dtypes: certify checks the ones it computes in.
+        self.dtypes_declared = dtypes_declared
         self.ln_eps = ln_eps
         self._names = names
         self._forward = forward
@@ -368,7 +413,8 @@ class Adapted:
         self._upstream = upstream
         self._module = torch_module
         self._call = call
-        if backward is not None or torch_module is not None:
+        self._engine = engine
+        if backward is not None or torch_module is not None or engine is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
         if not convention.initial_hidden:
@@ -399,6 +445,8 @@ class Adapted:
         xs, h0s, c0s = conv.seq_to(x), conv.state_to(h0, "h0"), conv.state_to(c0, "c0")
         if self._module is not None:
             y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
+        elif self._engine is not None:
+            y, h_T, c_T, cache, handed = self._engine_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
         else:
             # Converted copies (the parameters, x and the states in another layout) are watched; what is
             # passed as it is, the caller (harness.subject.execute) watches itself.
@@ -456,7 +504,8 @@ class Adapted:
         H = cache.H
         # h_T is y[T-1]: when the implementation does not take dh_T, or autograd has no h_T of the
         # module's to send it to, its upstream gradient joins dy's last step (exact).
-        fold = "dh_T" not in self._upstream or (self._module is not None and cache.h_from_y)
+        autodiff = self._module is not None or self._engine is not None
+        fold = "dh_T" not in self._upstream or (autodiff and cache.h_from_y)
         dys = dy
         if fold:
             dys = dy.copy()
@@ -466,6 +515,8 @@ class Adapted:
         not_computed: set[str] = set()
         if self._module is not None:
             raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
+        elif self._engine is not None:
+            raw, not_computed = self._engine_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
         else:
             # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
@@ -590,6 +641,146 @@ class Adapted:
                 g = torch.zeros_like(leaf)
             out[key] = g.detach().cpu().numpy()
         return out, none
+
+
+    # -- a function written in a framework: forward in it, backward by its gradients
+
+    def _engine_forward(self, given, converted, mine, params):
+        assert self._engine is not None
+        conv = self.convention
+        keys = ["x", *conv.initial_states("h0", "c0"), *conv.param_keys(self.variant)]
+        arrays = {"x": converted[0], "h0": converted[1], "c0": converted[2], **mine}
+        inputs, (outs, state) = self._engine.forward(self._forward, [np.asarray(arrays[k]) for k in keys])
+        # What the function was handed is watched (a framework array can be changed in place too).
+        x_given, h0, c0 = given
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
+                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
+        watched = dict(zip(keys, inputs))
+        handed = _Handed(self, watched, {k: v for k, v in back.items() if k in watched}, params,
+                         x_given.shape[2], h0.shape[1])
+        y, h_T, c_T = outs
+        blanks = [np.zeros_like(arrays[k]) for k in keys]  # stand-ins for gradients the framework does not reach
+        return y, h_T, c_T, (keys, state, blanks), handed
+
+    def _engine_backward(self, cache, dys, dh_T, dc_T):
+        assert self._engine is not None
+        keys, state, blanks = cache
+        grads = self._engine.backward(state, [dys, dh_T, dc_T])
+        out, none = {}, set()
+        for key, g, blank in zip(keys, grads, blanks):
+            if g is None:  # the framework reached no such input: the function does not compute this gradient
+                none.add(key)
+            out[key] = blank if g is None else g
+        return out, none
+
+
+AUTOGRAD_FRAMEWORKS = ("torch", "jax", "tf")
+
+
+def _outputs(result: Any, is_array: Callable[[Any], bool]) -> tuple[Any, Any, Any]:
+    """(y, h_T, c_T) from what a function or module returned: (y, (h_T, c_T)), (y, h_T, c_T), (y, h_T) or y."""
+    if is_array(result):
+        return result, None, None
+    if isinstance(result, (tuple, list)):
+        if len(result) == 2 and isinstance(result[1], (tuple, list)) and len(result[1]) == 2:
+            return result[0], result[1][0], result[1][1]
+        if len(result) == 3:
+            return result[0], result[1], result[2]
+        if len(result) == 2:
+            return result[0], result[1], None
+    raise TypeError(f"forward returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T)")
+
+
+class _Engine:
+    """One framework's way to run a function and take the gradients of its outputs (vector-Jacobian
+    products): ``forward(fn, arrays)`` -> (the inputs as the framework holds them, ((y, h_T, c_T) as
+    NumPy arrays, state)); ``backward(state, [dy, dh_T, dc_T])`` -> one gradient per input (None where
+    the framework reached none). An upstream gradient of None, or for an output it did not return, is left out."""
+
+    def forward(self, fn: Callable[..., Any], arrays: list[np.ndarray]) -> tuple[list[Any], tuple[Any, Any]]:
+        raise NotImplementedError
+
+    def backward(self, state: Any, upstream: list[Any]) -> list[np.ndarray | None]:
+        raise NotImplementedError
+
+
+class _TorchEngine(_Engine):
+    """PyTorch: the inputs as leaf tensors, the backward by ``torch.autograd.grad`` (a function built on a
+    ``torch.autograd.Function`` uses that Function's own backward)."""
+
+    def forward(self, fn, arrays):
+        import torch
+
+        leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+        with torch.enable_grad():
+            outs = _outputs(fn(*leaves), lambda r: isinstance(r, torch.Tensor))
+        return leaves, ([None if o is None else o.detach().cpu().numpy() for o in outs], (leaves, outs))
+
+    def backward(self, state, upstream):
+        import torch
+
+        leaves, outs = state
+        pairs = [(o, torch.tensor(np.asarray(g), dtype=o.dtype).reshape(o.shape)) for o, g in zip(outs, upstream)
+                 if o is not None and g is not None and o.requires_grad]
+        grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
+        return [None if g is None else g.detach().cpu().numpy() for g in grads]
+
+
+class _JaxEngine(_Engine):
+    """JAX: the forward under ``jax.vjp``, the backward its vector-Jacobian product. float64 needs
+    ``jax_enable_x64``: it is switched on when a float64 case comes (a process-wide JAX setting; the
+    harness's JAX oracle does the same), since without it JAX would compute float64 inputs in float32."""
+
+    def forward(self, fn, arrays):
+        import jax
+        import jax.numpy as jnp
+
+        if any(a.dtype == np.float64 for a in arrays) and not jax.config.read("jax_enable_x64"):
+            jax.config.update("jax_enable_x64", True)
+        inputs = [jnp.asarray(a) for a in arrays]
+
+        def outputs(*args: Any) -> tuple[Any, Any, Any]:
+            return _outputs(fn(*args), lambda r: hasattr(r, "shape") and hasattr(r, "dtype"))
+
+        outs, vjp = jax.vjp(outputs, *inputs)
+        return inputs, ([None if o is None else np.asarray(o) for o in outs], (outs, vjp))
+
+    def backward(self, state, upstream):
+        import jax.numpy as jnp
+
+        outs, vjp = state
+        cotangents = tuple(None if o is None else jnp.zeros_like(o) if g is None
+                           else jnp.asarray(np.asarray(g), dtype=o.dtype).reshape(o.shape)
+                           for o, g in zip(outs, upstream))
+        return [np.asarray(g) for g in vjp(cotangents)]
+
+
+class _TensorFlowEngine(_Engine):
+    """TensorFlow: the forward recorded on a ``tf.GradientTape`` watching every input, the backward
+    ``tape.gradient`` with the upstream gradients as ``output_gradients``."""
+
+    def forward(self, fn, arrays):
+        import tensorflow as tf
+
+        inputs = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            for t in inputs:
+                tape.watch(t)
+            outs = _outputs(fn(*inputs), tf.is_tensor)
+        return inputs, ([None if o is None else np.asarray(o) for o in outs], (tape, inputs, outs))
+
+    def backward(self, state, upstream):
+        import tensorflow as tf
+
+        tape, inputs, outs = state
+        pairs = [(o, tf.reshape(tf.constant(np.asarray(g), dtype=o.dtype), o.shape)) for o, g in zip(outs, upstream)
+                 if o is not None and g is not None]
+        grads = tape.gradient([p[0] for p in pairs], inputs, output_gradients=[p[1] for p in pairs],
+                              unconnected_gradients=tf.UnconnectedGradients.NONE)
+        return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads]
+
+
+_ENGINES: dict[str, type[_Engine]] = {"torch": _TorchEngine, "jax": _JaxEngine, "tf": _TensorFlowEngine}
 
 
 @dataclass
@@ -783,17 +974,11 @@ def _torch_outputs(result: Any) -> tuple[Any, Any, Any]:
     """(y, h_T, c_T) from what a module returned: (y, (h, c)), (y, h, c) or y."""
     import torch
 
-    if isinstance(result, torch.Tensor):
-        return result, None, None
-    if isinstance(result, (tuple, list)):
-        if len(result) == 2 and isinstance(result[1], (tuple, list)) and len(result[1]) == 2:
-            return result[0], result[1][0], result[1][1]
-        if len(result) == 3:
-            return result[0], result[1], result[2]
-        if len(result) == 2:
-            return result[0], result[1], None
-    raise TypeError(f"the module returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T); "
-                    f"pass call=... to adapt() to say how to call it")
+    try:
+        return _outputs(result, lambda r: isinstance(r, torch.Tensor))
+    except TypeError:
+        raise TypeError(f"the module returned {type(result).__name__}: expected y, (y, (h_T, c_T)) or (y, h_T, c_T); "
+                        f"pass call=... to adapt() to say how to call it") from None
 
 
 class _swapped_parameters:
@@ -851,9 +1036,11 @@ def adapt(
     final_cell: bool = True,
     initial_hidden: bool = True,
     per_gate: str | None = None,
+    column_bias: bool = False,
     names: Mapping[str, str] | None = None,
     backward_takes: Sequence[str] = _UPSTREAM,
     call: Callable[..., Any] | None = None,
+    autograd: str | None = None,
 ) -> Adapted:
     """Wrap an implementation written in another convention so that it can be certified as it is.
 
@@ -892,16 +1079,27 @@ def adapt(
         if isinstance(impl, Adapted) or _is_torch_module(impl):
             raise ValueError("step: expected a cell object with forward(x_t, prev_h, prev_c, params) and "
                              "backward(dnext_h, dnext_c, cache) methods (or step_forward/step_backward ones)")
+    if autograd is not None:
+        if autograd not in AUTOGRAD_FRAMEWORKS:
+            raise ValueError(f"autograd: expected one of {AUTOGRAD_FRAMEWORKS} (the framework whose gradients are the "
+                             f"backward), got {autograd!r}")
+        if forward_fn is None or backward_fn is not None:
+            raise ValueError("autograd: goes with forward_fn (a function written in that framework) and no "
+                             "backward_fn; a PyTorch nn.Module is passed as impl and uses autograd already")
+        if tuple(backward_takes) != _UPSTREAM:
+            raise ValueError("backward_takes: does not apply with autograd=, whose backward is the framework's")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
                           interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
-                                     "initial_cell": (initial_cell, True),
+                                     "initial_cell": (initial_cell, True), "per_gate": (per_gate, None),
+                                     "column_bias": (column_bias, False),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout)
+                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout,
+                            column_bias=column_bias)
     source = impl if impl is not None else forward_fn if forward_fn is not None else step_forward
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
@@ -927,10 +1125,11 @@ def adapt(
     declared_name = name or getattr(impl, "name", None) or getattr(source, "__name__", None) \
         or type(source).__name__
     declared_dtypes = tuple(dtypes) if dtypes is not None else tuple(getattr(impl, "dtypes", DEFAULT_DTYPES))
+    dtypes_declared = dtypes is not None or (impl is not None and hasattr(impl, "dtypes"))
     eps = ln_eps if ln_eps is not None else getattr(impl, "ln_eps", DEFAULT_LN_EPS)
     common: dict[str, Any] = dict(convention=convention, variant=variant, name=str(declared_name),
-                                  dtypes=declared_dtypes,
-                  ln_eps=eps, names=names_map, upstream=upstream)
+                                  dtypes=declared_dtypes, dtypes_declared=dtypes_declared,
+                                  ln_eps=eps, names=names_map, upstream=upstream)
     if impl is not None and _is_torch_module(impl):
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
     if call is not None:
@@ -953,7 +1152,27 @@ def adapt(
                  ", ".join(["x", *convention.initial_states("h0", "c0"), *(names_map[k] for k in keys)]))
     if backward_fn is not None:
         _check_arity(backward_fn, len(upstream), "backward_fn", ", ".join(upstream))
+    if autograd is not None:
+        return Adapted(**common, forward=forward_fn, backward=None, params_as="args", engine=_ENGINES[autograd]())
     return Adapted(**common, forward=forward_fn, backward=backward_fn, params_as="args")
+
+
+def adapt_keywords(keywords: Mapping[str, Any]) -> dict[str, Any]:
+    """``keywords`` of :func:`adapt` that describe a convention (the fields of :class:`Convention`, ``names``
+    and ``step``), checked before anything is adapted: a ``ValueError`` names the first bad one."""
+    own = {f.name for f in fields(Convention)}
+    allowed = sorted(own | {"names", "step"})
+    out = dict(keywords)
+    unknown = [k for k in out if k not in allowed]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a convention keyword; expected among {allowed}")
+    Convention(**{k: v for k, v in out.items() if k in own})
+    if not isinstance(out.get("step", False), bool):
+        raise ValueError(f"step: expected True or False, got {out['step']!r}")
+    names = out.get("names")
+    if names is not None and not (isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())):
+        raise ValueError(f"names: expected a dict from the harness's names to the implementation's, got {names!r}")
+    return out
 
 
 def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backward: Callable[..., Any] | None,
@@ -993,15 +1212,30 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     sequence layout are replaced, and its interface (parameter names, bias form, cell states, the
     upstream gradients its backward takes, ``call``) is kept, and with it its limits.
     """
-    given = [k for k, (value, default) in interface.items() if value != default]
+    old = adapter.convention
+    # Its own values may be given again (the call diagnose prints spells out the whole convention); a per-gate
+    # matrix over [h; x] may be read over [x; h] instead, since the two have the same parameters.
+    own = {"bias": old.bias, "initial_hidden": old.initial_hidden, "initial_cell": old.initial_cell,
+           "per_gate": old.per_gate, "column_bias": old.column_bias, "final_cell": old.final_cell,
+           "names": None, "backward_takes": adapter._upstream, "call": adapter._call}
+    concatenated = ("hx", "xh")
+    per_gate = interface["per_gate"][0]
+    swap = old.per_gate in concatenated and per_gate in concatenated
+    # Its bias form may be read as another (separate or folded) when it has one bias: its names are kept.
+    bias = interface["bias"][0]
+    rebias = old.bias == "single" and bias != "single"
+    allowed = {"per_gate": swap, "bias": rebias}
+    given = [k for k, (value, default) in interface.items()
+             if value != default and value != own[k] and not allowed.get(k, False)]
     if given:
         raise ValueError(f"{given[0]}: an adapter passed to adapt() keeps its own {', '.join(interface)}; only its "
-                         f"convention (gate_order, transposed, forget_bias, batch_major or layout) and variant, name, "
+                         f"convention (gate_order, transposed, forget_bias, batch_major or layout; per_gate 'hx' "
+                         f"or 'xh' for one that has either; bias for one with a single bias) and variant, name, "
                          f"dtypes and ln_eps can be given again")
-    old = adapter.convention
-    convention = Convention(gate_order=gate_order, transposed=transposed, bias=old.bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=old.initial_cell, final_cell=old.final_cell,
-                            initial_hidden=old.initial_hidden, layout=layout)
+    convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias if rebias else old.bias,
+                            forget_bias=forget_bias, batch_major=batch_major, initial_cell=old.initial_cell,
+                            final_cell=old.final_cell, initial_hidden=old.initial_hidden, layout=layout,
+                            per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias)
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
@@ -1011,9 +1245,10 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     names = {k: adapter._names.get(k, k) for k in convention.param_keys(variant)}
     return Adapted(convention=convention, variant=variant, name=name or adapter.name,
                    dtypes=tuple(dtypes) if dtypes is not None else adapter.dtypes,
+                   dtypes_declared=dtypes is not None or adapter.dtypes_declared,
                    ln_eps=ln_eps if ln_eps is not None else adapter.ln_eps, names=names, forward=adapter._forward,
                    backward=adapter._backward, params_as=adapter._params_as, upstream=adapter._upstream,
-                   torch_module=adapter._module, call=adapter._call)
+                   torch_module=adapter._module, call=adapter._call, engine=adapter._engine)
 
 
 def _check_arity(fn: Callable[..., Any], n: int, what: str, expected: str) -> None:

@@ -150,45 +150,87 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
                         "each call (split like a shell would, never run by one; see below)")
     g.add_argument("--forward-only", action="store_true",
                    help="the program computes the forward pass only: it is never asked for gradients")
-    g.add_argument("--gate-order", metavar="ORDER", help="order of its stacked gate blocks, e.g. ifco, icfo, iofc")
-    g.add_argument("--transposed", action="store_true", help="its weights are (D, 4H) and (H, 4H) (per gate: "
+    c = p.add_argument_group("its convention (TARGET or --command), as harness.adapt takes it")
+    c.add_argument("--gate-order", metavar="ORDER", help="order of its stacked gate blocks, e.g. ifco, icfo, iofc")
+    c.add_argument("--transposed", action="store_true", help="its weights are (D, 4H) and (H, 4H) (per gate: "
                                                              "each matrix transposed)")
-    g.add_argument("--bias", choices=("single", "separate", "folded"),
+    c.add_argument("--bias", choices=("single", "separate", "folded"),
                    help="single b; separate b_ih and b_hh; folded into one matrix over [1, x, h]")
-    g.add_argument("--forget-bias", type=float, metavar="F", help="a constant it adds to the forget gate itself")
-    g.add_argument("--batch-major", action="store_true", help="x is (B, T, D) and y (B, T, H)")
-    g.add_argument("--per-gate", choices=("separate", "hx", "xh"),
+    c.add_argument("--forget-bias", type=float, metavar="F", help="a constant it adds to the forget gate itself")
+    c.add_argument("--batch-major", action="store_true", help="x is (B, T, D) and y (B, T, H) (--layout BTD)")
+    c.add_argument("--layout", metavar="AXES", help="the axes of its sequences, an arrangement of TBD: TBD "
+                                                     "(time-major), BTD (batch-major), DBT (feature-first; "
+                                                     "its states are then (H, B))")
+    c.add_argument("--per-gate", choices=("separate", "hx", "xh"),
                    help="one matrix and bias per gate (W_i, ..., R_i, ..., b_i, ...): separate input and state "
                         "matrices, or one matrix over [h; x] (hx) or [x; h] (xh)")
-    g.add_argument("--names", metavar="OURS=THEIRS,...",
-                   help="its own file names for the parameters, e.g. W=kernel,R=recurrent_kernel "
-                        "(files are THEIRS.npy and grad_THEIRS.npy)")
+    c.add_argument("--column-bias", action="store_true", help="its biases are columns, (4H, 1) or (H, 1)")
+    c.add_argument("--no-initial-hidden", dest="initial_hidden", action="store_false",
+                   help="it takes no h0 (its hidden state starts at zero)")
+    c.add_argument("--no-initial-cell", dest="initial_cell", action="store_false",
+                   help="it takes no c0 (its cell state starts at zero)")
+    c.add_argument("--step", action="store_true",
+                   help="TARGET is a one-timestep cell (forward(x_t, prev_h, prev_c, params), backward(dnext_h, "
+                        "dnext_c, cache)): the harness runs the loop and the backward through time")
+    c.add_argument("--names", metavar="OURS=THEIRS,...",
+                   help="its own names for the parameters, e.g. W=kernel,R=recurrent_kernel (for a command, its "
+                        "files are THEIRS.npy and grad_THEIRS.npy)")
 
 
-_CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "per_gate", "names")
+_CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
+                       "column_bias", "initial_hidden", "initial_cell", "step", "names")
 
 
-def _command_impl(args: argparse.Namespace) -> object | None:
-    """The implementation --command names (adapted to its convention), or None for a TARGET."""
-    given = {k: getattr(args, k) for k in _CONVENTION_OPTIONS if getattr(args, k) not in (None, False)}
-    if args.command_line is None:
-        if given or args.forward_only:
-            first = next(iter(given), "forward_only")
-            raise UsageError(f"--{first.replace('_', '-')}: applies to --command; for a Python implementation "
-                             f"use harness.adapt (see the README)")
-        if args.target is None:
-            raise UsageError("expected TARGET or --command 'CMD ARGS...'")
-        return None
-    if args.target is not None:
-        raise UsageError(f"expected TARGET or --command, not both (got {args.target!r} and --command)")
-    from harness.command_protocol import command
+def _convention(args: argparse.Namespace) -> dict[str, Any]:
+    """The convention options given, as keywords of harness.adapt (checked: a bad one is a UsageError)."""
+    from harness.adapt import adapt_keywords
 
+    given: dict[str, Any] = {}
+    for key in _CONVENTION_OPTIONS:
+        value = getattr(args, key, None)
+        if key in ("initial_hidden", "initial_cell"):
+            if value is False:
+                given[key] = False
+        elif value not in (None, False):
+            given[key] = value
     if "names" in given:
         pairs = [item.partition("=") for item in given["names"].split(",") if item.strip()]
         if not pairs or any(not sep or not ours or not theirs for ours, sep, theirs in pairs):
             raise UsageError(f"--names: expected OURS=THEIRS pairs separated by commas, e.g. W=kernel,R=recurrent, "
                              f"got {given['names']!r}")
         given["names"] = {ours.strip(): theirs.strip() for ours, _, theirs in pairs}
+    try:
+        return adapt_keywords(given)
+    except ValueError as exc:
+        key, _, rest = str(exc).partition(":")
+        raise UsageError(f"--{key.replace('_', '-')}:{rest}") from None
+
+
+def _command_impl(args: argparse.Namespace) -> object | None:
+    """The implementation --command names, or a TARGET read in the convention the options give (both
+    adapted to their convention); None for a TARGET as it is."""
+    given = _convention(args)
+    if args.command_line is None:
+        if args.forward_only:
+            raise UsageError("--forward-only: applies to --command; a Python implementation without a backward "
+                             "method is checked forward only")
+        if args.target is None:
+            raise UsageError("expected TARGET or --command 'CMD ARGS...'")
+        if not given:
+            return None
+        from harness.plugins import AdaptedTarget, LoadError
+
+        try:
+            return AdaptedTarget(args.target, given)
+        except (LoadError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    if args.target is not None:
+        raise UsageError(f"expected TARGET or --command, not both (got {args.target!r} and --command)")
+    if given.get("step"):
+        raise UsageError("--step: applies to a Python TARGET that computes one timestep; a command computes "
+                         "whole sequences")
+    from harness.command_protocol import command
+
     try:
         return command(args.command_line, variant=args.variant or "vanilla", backward=not args.forward_only,
                        **given)
@@ -220,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--impl", action="append", metavar="TARGET",
                        help="implementation to check: a built-in name or any TARGET (see below); repeatable "
                             "(default: every available built-in)")
+    p_run.add_argument("--variant", choices=sorted(VARIANTS), help="the variant the --command program computes")
     add_run_options(p_run)
+    _add_command_options(p_run)
 
     p_cert = sub.add_parser(
         "certify", help="certify one implementation (yours): every check, a verdict, a report",
@@ -243,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  1  it matches only under another convention, or under none\n"
                "  2  bad usage, or TARGET could not be loaded\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_diag.add_argument("target", metavar="TARGET", help="the implementation to diagnose (see below)")
+    p_diag.add_argument("target", metavar="TARGET", nargs="?", help="the implementation to diagnose (see below; "
+                                                                    "or --command)")
     p_diag.add_argument("--variant", choices=sorted(VARIANTS), help="the variant it is meant to be")
     p_diag.add_argument("--dtype", choices=DEFAULT_DTYPES, help="dtype of the trial cases (default: the "
                                                                  "most precise it declares)")
     p_diag.add_argument("--json", action="store_true", help="machine-readable output")
     _add_isolation_options(p_diag)
+    _add_command_options(p_diag)
 
     p_replay = sub.add_parser(
         "replay", help="run one saved case (.npz) through TARGET and the oracles again",
@@ -386,10 +432,29 @@ def _run_selection(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(selected))
 
 
+def _run_command(args: argparse.Namespace) -> object | None:
+    """The --command program ``run`` checks besides the --impl TARGETs (the convention options are its)."""
+    if args.command_line is None:
+        given = [k for k in _CONVENTION_OPTIONS if k in _convention(args)]
+        if given or args.forward_only or args.variant:
+            first = given[0] if given else "forward_only" if args.forward_only else "variant"
+            raise UsageError(f"--{first.replace('_', '-')}: in run, applies to the --command program; to read a "
+                             f"Python TARGET in a convention, certify it: lstm-harness certify TARGET "
+                             f"--{first.replace('_', '-')} ...")
+        return None
+    args.target = None
+    return _command_impl(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.api import Interrupted, InvalidArgument, certify_many
 
-    targets = _run_selection(args)
+    program = _run_command(args)
+    targets: list[Any] = _run_selection(args) if args.impl or program is None else []
+    labels = list(targets)
+    if program is not None:
+        targets.append(program)
+        labels.append(getattr(program, "replay_arguments", args.command_line))
     if not targets:
         raise UsageError("nothing to check: no available implementation was selected")
     try:
@@ -410,7 +475,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         results, interrupted = exc.results, exc.signal
     try:
-        return _run_report(results, targets, args, interrupted)
+        return _run_report(results, labels, args, interrupted)
     finally:
         claim.release()
 
@@ -509,7 +574,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     impl = _command_impl(args)  # a command declares its variant itself
     try:
         result = certify(
-            args.target if impl is None else impl, variant=args.variant if impl is None else None,
+            args.target if impl is None else impl, variant=args.variant if args.command_line is None else None,
             dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
@@ -533,9 +598,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from harness.diagnose import diagnose
 
     isolate, timeout = _isolation(args)
+    impl = _command_impl(args)  # a program, or a TARGET read in the convention the options give
     try:
-        result = diagnose(args.target, variant=args.variant, dtype=args.dtype, isolate=isolate,
-                          timeout=timeout, memory_limit=_memory_limit(args))
+        result = diagnose(args.target if impl is None else impl,
+                          variant=args.variant if args.command_line is None else None, dtype=args.dtype,
+                          isolate=isolate, timeout=timeout, memory_limit=_memory_limit(args))
     except InvalidArgument as exc:
         raise _usage(exc) from None
     if args.json:

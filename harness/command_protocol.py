@@ -40,7 +40,12 @@ import numpy as np
 
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError
 
-__all__ = ["CommandLSTM", "CommandError", "command", "STDERR_LIMIT"]
+__all__ = ["CommandLSTM", "CommandError", "command", "convention_arguments", "STDERR_LIMIT", "CONVENTION_KEYWORDS"]
+
+#: The :func:`harness.adapt` keywords that describe how a program (or a Python TARGET on the command line)
+#: lays out its arrays; each is a command-line option of the same name (``--gate-order``, ...).
+CONVENTION_KEYWORDS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
+                       "column_bias", "initial_hidden", "initial_cell", "names")
 
 #: Characters of a failing command's stderr kept in its error (the start and the end, if longer).
 STDERR_LIMIT = 4000
@@ -99,8 +104,12 @@ class CommandLSTM:
     """
 
     def __init__(self, command: str | Sequence[str], *, variant: str = "vanilla", name: str | None = None,
-                 dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True):
+                 dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True,
+                 states: Sequence[str] = ("h0", "c0")):
         self.argv = _argv(command)
+        #: The initial states the program takes (``h0.npy``, ``c0.npy``): an adapter with
+        #: ``initial_hidden=False`` or ``initial_cell=False`` calls forward without the others.
+        self.states = tuple(s for s in ("h0", "c0") if s in states)
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         self.variant = variant
@@ -116,8 +125,12 @@ class CommandLSTM:
     def __repr__(self) -> str:
         return f"CommandLSTM({shlex.join(self.argv)!r}, variant={self.variant!r})"
 
-    def forward(self, x, h0, c0, params):
-        inputs = {"x": x, "h0": h0, "c0": c0, **params}
+    def forward(self, x, *states_and_params):
+        *states, params = states_and_params
+        if len(states) != len(self.states):
+            raise TypeError(f"forward: expected x, {', '.join(self.states)} and params, got {len(states) + 2} "
+                            f"arguments")
+        inputs = {"x": x, **dict(zip(self.states, states)), **params}
         out = self._run(inputs, upstream=None, expect=_OUTPUTS, call="forward")
         return out["y"], out["h_T"], out["c_T"], inputs
 
@@ -190,17 +203,22 @@ def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | N
             **convention: Any) -> Any:
     """An implementation object for an LSTM behind the command protocol, usable with :func:`harness.certify`.
 
-    ``convention`` takes the keywords of :func:`harness.adapt` that describe a layout (``gate_order``,
-    ``transposed``, ``bias``, ``forget_bias``, ``batch_major``, ``per_gate``, ``names``): the command
-    then receives its parameters, and returns their gradients, in its own layout and names.
+    ``convention`` takes the keywords of :func:`harness.adapt` that describe a layout
+    (:data:`CONVENTION_KEYWORDS`: ``gate_order``, ``transposed``, ``bias``, ``forget_bias``,
+    ``batch_major``, ``layout``, ``per_gate``, ``column_bias``, ``initial_hidden``, ``initial_cell``,
+    ``names``): the command then receives its arrays, and returns their gradients, in its own layout
+    and names; with ``initial_hidden=False`` (``initial_cell=False``) it is given no ``h0.npy``
+    (``c0.npy``) and writes no gradient of it.
     """
-    impl = CommandLSTM(cmd, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, backward=backward)
+    unknown = [k for k in convention if k not in CONVENTION_KEYWORDS]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a convention keyword for a command; expected among "
+                         f"{CONVENTION_KEYWORDS}")
+    states = [s for s, key in (("h0", "initial_hidden"), ("c0", "initial_cell")) if convention.get(key, True)]
+    impl = CommandLSTM(cmd, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, backward=backward,
+                       states=states)
     if not convention:
         return impl
-    allowed = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "per_gate", "names")
-    unknown = [k for k in convention if k not in allowed]
-    if unknown:
-        raise ValueError(f"{unknown[0]}: not a convention keyword for a command; expected among {allowed}")
     from harness.adapt import adapt
 
     adapted = adapt(impl, **convention)
@@ -215,12 +233,22 @@ def _arguments(argv: Sequence[str], variant: str, backward: bool, convention: Ma
         parts += ["--variant", variant]
     if not backward:
         parts.append("--forward-only")
+    return " ".join(parts + convention_arguments(convention))
+
+
+def convention_arguments(convention: Mapping[str, Any]) -> list[str]:
+    """The command-line options (shell-quoted) that select ``convention`` (keywords of :func:`harness.adapt`):
+    ``--per-gate hx``, ``--no-initial-hidden``, ``--names W=kernel``, ... (``step=True`` is ``--step``)."""
+    parts: list[str] = []
     for key, value in convention.items():
         option = "--" + key.replace("_", "-")
-        if value is True:
+        if key in ("initial_hidden", "initial_cell"):
+            if value is False:
+                parts.append("--no-" + key.replace("_", "-"))
+        elif value is True:
             parts.append(option)
         elif key == "names":
             parts += [option, shlex.quote(",".join(f"{k}={v}" for k, v in value.items()))]
         elif value not in (False, None):
             parts += [option, shlex.quote(str(value))]
-    return " ".join(parts)
+    return parts

@@ -289,6 +289,9 @@ class ImplementationInfo:
     #: It has ``with_structure(structure)`` (and no ``configurable = False``): the harness draws structures
     #: for it and configures it per case.
     configurable: bool = False
+    #: Whether it declares its dtypes (a ``dtypes`` attribute, or an adapter given ``dtypes=``); when it does
+    #: not, :func:`harness.certify` checks which dtypes it computes in as written.
+    dtypes_declared: bool = True
 
 
 def _accepts_positional(fn: Any, n: int) -> str | None:
@@ -384,6 +387,7 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         limits=limits,
         structure=structure,
         configurable=configure is not None and getattr(obj, "configurable", True) is not False,
+        dtypes_declared=bool(getattr(obj, "dtypes_declared", hasattr(obj, "dtypes"))),
     )
 
 

@@ -29,8 +29,14 @@ pass computes (from t = T-1 down to 0): dx at its latest timestep over tolerance
 order. The coordinates are those of the largest error (relative to tolerance) at that timestep.
 
 Trials are ordered from the declared convention outwards: the implementation as declared first,
-then the declared variant before the others, the sequence layout, transposition, forget bias, and
-last the 24 gate orders, identity first.
+then the declared variant before the others (and last of all, for an implementation with one bias
+none of whose trials could even run, the same again with two summed biases b_ih + b_hh, then with the
+bias folded into the weight matrix), the per-gate concatenation ([h; x] or [x; h], for an
+adapter with ``per_gate="hx"`` or ``"xh"``), the sequence layout (time-major, batch-major,
+feature-first), transposition, forget bias, and last the 24 gate orders, identity first (for stacked
+gate blocks only: per-gate matrices are named). An adapter keeps its interface in every trial (its
+parameter names, bias form, initial and final states, column biases), and the ``adapt(...)`` call a
+match prints spells out the whole convention, so that evaluated on the same object it certifies.
 """
 
 from __future__ import annotations
@@ -137,6 +143,16 @@ class Trial:
             kwargs = {"variant": self.variant, **kwargs}
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return f"harness.adapt(impl{', ' + args if args else ''})"
+
+    def options(self, declared: str) -> str:
+        """The same convention as options of ``lstm-harness certify`` (for a TARGET or a --command)."""
+        from harness.command_protocol import convention_arguments
+
+        kwargs = self.convention.keywords()
+        if self.as_declared:
+            kwargs = {}
+        variant = ["--variant", self.variant] if self.variant != declared else []
+        return " ".join(variant + convention_arguments(kwargs)) or "(none)"
 
     def first_departure(self) -> str:
         return self.departure.text() if self.departure else ""
@@ -276,7 +292,8 @@ class Diagnosis:
                 lines.append(f"Declare variant = {self.match.variant!r} in the implementation, or certify it with "
                              f"--variant {self.match.variant}.")
             else:
-                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant)}.")
+                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant)}, or on the "
+                             f"command line with the options {self.match.options(self.declared_variant)}.")
             lines.append(self._backward_text())
         else:
             lines.append("No convention tried makes it match the standard LSTM.")
@@ -301,7 +318,8 @@ class Diagnosis:
                 return None
             return {"variant": t.variant, "convention": t.convention.keywords(), "as_declared": t.as_declared,
                     "ratio": t.ratio, "description": t.describe(self.declared_variant),
-                    "adapt": t.adapt_call(self.declared_variant), "first_departure": t.first_departure(),
+                    "adapt": t.adapt_call(self.declared_variant), "options": t.options(self.declared_variant),
+                    "first_departure": t.first_departure(),
                     "departure": t.departure.to_dict() if t.departure else None, "error": t.error}
 
         return {"name": self.name, "declared_variant": self.declared_variant, "status": self.status,
@@ -478,20 +496,43 @@ def _close_enough(execution: Any, reference: Any, dtype: str, unchecked: Mapping
 # The search
 
 
-def _candidates(declared: str) -> Iterator[tuple[str, Convention]]:
+#: Sequence layouts tried, time-major first: batch-major, then feature-first (course code's (D, B, T)).
+SEARCHED_LAYOUTS: tuple[str, ...] = ("TBD", "BTD", "DBT")
+_CONCATENATED = ("hx", "xh")
+_BIAS_FORMS = ("single", "separate", "folded")
+
+
+def _candidates(declared: str, own: Convention | None = None, *,
+                other_biases: bool = False) -> Iterator[tuple[str, Convention]]:
+    """Every convention tried, simplest first. ``own`` is the implementation's own (an adapter's): its
+    interface (bias form, cell states, per-gate form, column biases) is kept; a per-gate matrix over
+    [h; x] is also read over [x; h]; gate orders are permuted only for stacked gate blocks.
+
+    ``other_biases``: instead, the same with its one bias read as two summed biases (b_ih + b_hh) and
+    as a column of a folded matrix (its parameters then change names; the LayerNorm variant has no bias)."""
+    own = own or Convention()
     variants = [declared] + [v for v in VARIANTS if v != declared]
-    for variant in variants:
-        for batch_major in (False, True):
-            for transposed in (False, True):
-                for forget_bias in (0.0, 1.0):
-                    for order in GATE_PERMUTATIONS:
-                        yield variant, Convention(gate_order=order, transposed=transposed, forget_bias=forget_bias,
-                                                  batch_major=batch_major)
+    per_gates = [own.per_gate] + [f for f in _CONCATENATED if own.per_gate in _CONCATENATED and f != own.per_gate]
+    orders = GATE_PERMUTATIONS if own.per_gate is None else (own.gate_order,)
+    biases = [own.bias] if not other_biases else \
+        [b for b in _BIAS_FORMS if own.bias == "single" and own.per_gate is None and b != "single"]
+    for bias in biases:
+        for variant in variants:
+            if bias != own.bias and variant == "layernorm":
+                continue
+            for per_gate in per_gates:
+                for layout in SEARCHED_LAYOUTS:
+                    for transposed in (False, True):
+                        for forget_bias in (0.0, 1.0):
+                            for order in orders:
+                                yield variant, dataclasses.replace(
+                                    own, gate_order=order, transposed=transposed, forget_bias=forget_bias,
+                                    layout=layout, batch_major=layout == "BTD", per_gate=per_gate, bias=bias)
 
 
 def _same_convention(a: Convention, b: Convention) -> bool:
-    return (a.gate_order, a.transposed, a.forget_bias, a.batch_major) == \
-        (b.gate_order, b.transposed, b.forget_bias, b.batch_major)
+    return (a.gate_order, a.transposed, a.forget_bias, a.layout, a.per_gate, a.bias) == \
+        (b.gate_order, b.transposed, b.forget_bias, b.layout, b.per_gate, b.bias)
 
 
 class _Search:
@@ -626,10 +667,17 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     note = ""
     stop = (f"Stopped after {MAX_WORKER_FAILURES} crashes or timeouts of the implementation; the conventions not "
             f"yet tried were not diagnosed.")
+    def other_biases() -> Iterator[tuple[str, Convention, bool]]:
+        # Only when no trial so far could even run: an implementation that computes something from one
+        # bias b is not explained by renaming its parameters, and each trial of a program costs a process.
+        if not any(t.ratio is not None for t in trials):
+            yield from ((v, c, False) for v, c in _candidates(declared, own, other_biases=True))
+
     plan: Iterator[tuple[str, Convention, bool]] = itertools.chain(
         [(declared, own, True)],
-        ((v, c, False) for v, c in _candidates(declared)
-         if isolated or v != declared or not _same_convention(c, own)))
+        ((v, c, False) for v, c in _candidates(declared, own)
+         if isolated or v != declared or not _same_convention(c, own)),
+        other_biases())
     for v, conv, as_declared in plan:
         trial = Trial(conv if not as_declared else Convention(), v, as_declared=as_declared)
         trials.append(trial)

@@ -167,7 +167,7 @@ class _SharedArrays:
 
 
 def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, dict | None]:
-    from harness.plugins import load_target
+    from harness.plugins import AdaptedTarget, load_target, parse_target
 
     if source.get("target") is not None:
         obj, target = load_target(source["target"])
@@ -175,6 +175,9 @@ def _load_in_worker(source: dict[str, Any]) -> tuple[Any, ImplementationInfo, di
     else:
         obj = pickle.loads(source["pickled"])
         target_dict = None
+        if isinstance(obj, AdaptedTarget):  # a TARGET read in a convention: loaded and adapted here
+            target_dict = parse_target(obj.target).to_dict()
+            obj = obj.load()
     return obj, validate(obj, variant=source.get("variant")), target_dict
 
 

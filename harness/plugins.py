@@ -22,8 +22,10 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import shlex
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "load_implementation",
     "entry_points",
     "instantiate",
+    "AdaptedTarget",
 ]
 
 ENTRY_POINT_GROUP = "lstm_harness.implementations"
@@ -300,3 +303,35 @@ def load_implementation(text: str, *, variant: str | None = None) -> tuple[Any, 
     """
     obj, target = load_target(text)
     return obj, validate(obj, variant=variant), target
+
+
+class AdaptedTarget:
+    """A TARGET read in another convention: ``harness.adapt(<what TARGET names>, **convention)``.
+
+    What the command line makes of ``TARGET --gate-order ifco ...``. Nothing is imported when it is
+    made: :meth:`load` imports and adapts, in whichever process runs the implementation (it pickles
+    as the TARGET and the keywords). The keywords are checked now, so that a bad one is a usage error.
+    """
+
+    def __init__(self, target: str, convention: Mapping[str, Any]):
+        from harness.adapt import adapt_keywords
+        from harness.command_protocol import convention_arguments
+
+        parse_target(target)
+        self.target = target
+        self.convention = adapt_keywords(convention)
+        #: How ``lstm-harness replay`` loads it again: the TARGET and the same options.
+        self.replay_arguments = " ".join([shlex.quote(target), *convention_arguments(self.convention)])
+
+    def __repr__(self) -> str:
+        return f"AdaptedTarget({self.target!r}, {self.convention!r})"
+
+    def load(self) -> Any:
+        """The implementation TARGET names, adapted; :class:`LoadError` when it cannot be adapted so."""
+        from harness.adapt import adapt
+
+        obj, _ = load_target(self.target)
+        try:
+            return adapt(obj, **self.convention)
+        except (ValueError, TypeError) as exc:
+            raise LoadError(f"{self.target} cannot be adapted as the options say: {exc}") from None

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from harness.cases import PROFILES
-from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, ImplementationInfo, validate
+from harness.contract import DEFAULT_DTYPES, FORWARD_QUANTITIES, VARIANTS, ContractError, ImplementationInfo, validate
 from harness.records import printable
 from harness.runner import RunSettings
 from harness.subject import ExitCalled, InProcessSubject, exits_raise
@@ -44,7 +46,7 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
     Raises :class:`harness.plugins.LoadError` or :class:`harness.contract.ContractError` when the
     target cannot be used; ``ValueError`` for bad arguments.
     """
-    from harness.plugins import LoadError, load_implementation
+    from harness.plugins import AdaptedTarget, LoadError, load_implementation, parse_target
 
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)} or None, got {variant!r}")
@@ -75,6 +77,15 @@ def open_subject(impl: Any, *, variant: str | None = None, isolate: bool = False
                 raise LoadError(f"loading {impl!r} called os._exit({exc.code!r}), which would have ended the "
                                 f"whole run") from None
         described = {"target": impl, "loaded": target.to_dict(), "isolated": False}
+    elif isinstance(impl, AdaptedTarget):  # a TARGET read in a convention (the command line's options)
+        with exits_raise():
+            try:
+                obj = impl.load()
+            except ExitCalled as exc:
+                raise LoadError(f"loading {impl.target!r} called os._exit({exc.code!r}), which would have ended "
+                                f"the whole run") from None
+        info = validate(obj, variant=variant)
+        described = {"target": None, "loaded": parse_target(impl.target).to_dict(), "isolated": False}
     else:
         obj, info = impl, validate(impl, variant=variant)
         described = {"target": guess_target(impl), "loaded": None, "isolated": False}
@@ -144,6 +155,7 @@ class Job:
     settings: RunSettings
     opening: dict[str, Any]  # how a parallel child opens it: impl (TARGET or object), variant, isolate, ...
     parallel: bool  # whether the implementation can be sent to another process
+    notes: list[str] = field(default_factory=list)  # what was decided that the report should say
 
     def close(self) -> None:
         close = getattr(self.subject, "close", None)
@@ -168,6 +180,11 @@ def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, ora
         if dtypes is not None and not chosen:
             raise ValueError(f"dtypes: {info.name} declares {', '.join(info.dtypes)}; none of {dtypes} is "
                              f"among them")
+        notes: list[str] = []
+        if not info.dtypes_declared:
+            works, notes = dtypes_as_written(subject, info.dtypes, requested=dtypes)
+            if dtypes is None:  # asked for by name, a dtype is checked all the same; the notes say what to expect
+                chosen = works
         selected = select_oracles(oracles, info.variant)
     except Exception:
         close = getattr(subject, "close", None)
@@ -185,7 +202,54 @@ def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, ora
     portable = portable_form(impl, target)
     opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
                "memory_limit": memory_limit}
-    return Job(subject, described, info, chosen, selected, settings, opening, portable is not None)
+    return Job(subject, described, info, chosen, selected, settings, opening, portable is not None, notes)
+
+
+def dtypes_as_written(subject: Any, dtypes: Sequence[str], *,
+                      requested: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """Of ``dtypes``, the ones an implementation that does not declare its dtypes computes in, and notes.
+
+    Code that allocates with ``np.zeros(shape)`` computes in float64 whatever it is given, and a module
+    with float32 buffers refuses float64 or answers in float32. One small forward case per dtype says
+    which dtypes it computes in as written; the others are left out, each with a note that says what
+    it returned and how to declare or fix it, instead of a contract failure in every case. The dtypes
+    the caller asked for by name (``requested``) are all kept, with a note for each that will fail.
+    Nothing is left out when no dtype works: the checks then report what goes wrong.
+    """
+    from harness.cases import CaseSpec, build_case
+
+    failing: dict[str, str] = {}
+    for dtype in dtypes:
+        case = build_case(CaseSpec(variant=subject.info.variant, dtype=dtype, T=2, B=2, D=3, H=4, seed=0,
+                                   ln_eps=subject.info.ln_eps))
+        execution = subject.execute(case, backward=False)
+        if execution.forward is not None:
+            wrong = [f"{q} in {np.asarray(a).dtype}" for q, a in zip(FORWARD_QUANTITIES, execution.forward)
+                     if np.asarray(a).dtype != np.dtype(dtype)]
+            if wrong:
+                failing[dtype] = f"given {dtype} inputs it returns {', '.join(wrong)}"
+        elif execution.forward_error or execution.forward_contract:
+            reason = (execution.forward_error or execution.forward_contract or "").strip().splitlines()[0]
+            failing[dtype] = f"given {dtype} inputs it fails ({reason})"
+    works = [d for d in dtypes if d not in failing]
+    if not failing or not works:
+        return list(dtypes), []
+    name = subject.info.name
+    notes = []
+    for dtype, why in failing.items():
+        if requested is not None and dtype not in requested:
+            continue
+        fix = (f"to certify {dtype} too, make it compute in the dtype of its inputs (allocate with x.dtype, e.g. "
+               f"np.zeros(shape, dtype=x.dtype); a module's buffers in the dtype of x); to say it computes in "
+               f"{' and '.join(works)} only, declare dtypes = {tuple(works)!r} (an attribute, or dtypes= to "
+               f"harness.adapt)")
+        if requested is not None:
+            notes.append(f"dtypes: {name} does not declare its dtypes and {why}; {dtype} was asked for and is "
+                         f"checked, and will fail. {fix[0].upper()}{fix[1:]}")
+        else:
+            notes.append(f"dtypes: {name} does not declare its dtypes and {why}: it is certified in "
+                         f"{' and '.join(works)} only, as written. {fix[0].upper()}{fix[1:]}")
+    return (list(dtypes) if requested is not None else works), notes
 
 
 def check_settings(profile: str, max_examples: Any, seed: Any, jobs: Any) -> None:
@@ -267,6 +331,8 @@ def plan_units(jobs_list: Sequence[Job], jobs: int) -> Plan:
     named = len(jobs_list) > 1
     plan = Plan(units=[], parallel=parallel)
     for index, job in enumerate(jobs_list):
+        if job.notes:
+            plan.notes.setdefault(index, []).extend(job.notes)
         split = parallel and len(job.oracles) > 1
         groups = [(o,) for o in job.oracles] if split else [tuple(job.oracles)]
         for dtype in job.dtypes:

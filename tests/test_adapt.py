@@ -588,8 +588,9 @@ class _FeatureFirst:
 
     variant = "vanilla"
 
-    def __init__(self, bug=None):
+    def __init__(self, bug=None, column=False):
         self.bug = bug
+        self.column = column  # the course's biases as columns: bf (n_a, 1), dbf (n_a, 1)
         self.name = f"feature-first-{bug or 'correct'}"
 
     def forward(self, x, a0, p):
@@ -597,12 +598,15 @@ class _FeatureFirst:
         T_x = x.shape[2]
         a = np.zeros((n_a, m, T_x), dtype=x.dtype)
         a_prev, c_prev, caches = a0, np.zeros_like(a0), []
+        b = {g: p["b" + g] if self.column else p["b" + g][:, None] for g in "fico"}  # (n_a, 1)
+        if self.column:
+            assert all(v.shape == (n_a, 1) for v in b.values())
         for t in range(T_x):
             concat = np.concatenate([a_prev, x[:, :, t]], axis=0)  # (n_a + n_x, m)
-            ft = _sigmoid(p["Wf"] @ concat + p["bf"][:, None])
-            it = _sigmoid(p["Wi"] @ concat + p["bi"][:, None])
-            cct = np.tanh(p["Wc"] @ concat + p["bc"][:, None])
-            ot = _sigmoid(p["Wo"] @ concat + p["bo"][:, None])
+            ft = _sigmoid(p["Wf"] @ concat + b["f"])
+            it = _sigmoid(p["Wi"] @ concat + b["i"])
+            cct = np.tanh(p["Wc"] @ concat + b["c"])
+            ot = _sigmoid(p["Wo"] @ concat + b["o"])
             c_next = ft * c_prev + it * cct
             a_prev = ot * np.tanh(c_next)
             caches.append((concat, c_prev, c_next, ft, it, cct, ot))
@@ -623,7 +627,7 @@ class _FeatureFirst:
             dconcat = np.zeros_like(concat)
             for gate, d in pre.items():
                 grads["dW" + gate] += d @ concat.T
-                grads["db" + gate] += d.sum(axis=1)
+                grads["db" + gate] += d.sum(axis=1, keepdims=self.column)
                 dconcat += p["W" + gate].T @ d
             da_prevt, dc_prevt = dconcat[:n_a], dc * ft
             dx[:, :, t] = dconcat[n_a:]
@@ -650,6 +654,31 @@ def test_feature_first_missing_recurrent_gradient_is_caught():
     assert result.verdict == "discrepancies"
     failing = {r.quantity for r in result.records if r.status == "fail"}
     assert {"dx", "dW"} <= failing and all(r.direction == "backward" for r in result.records if r.status == "fail")
+
+
+def test_column_biases_certify_and_a_missing_recurrent_gradient_is_caught():
+    good = _certify(adapt(_FeatureFirst(column=True), **_FEATURE_FIRST, column_bias=True), max_examples=8)
+    assert good.verdict == "certified", good.details()
+    assert "its biases are columns" in repr(adapt(_FeatureFirst(column=True), **_FEATURE_FIRST, column_bias=True))
+    bad = _certify(adapt(_FeatureFirst("no_recurrent_da", column=True), **_FEATURE_FIRST, column_bias=True),
+                   dtypes=["float64"], max_examples=8)
+    assert bad.verdict == "discrepancies"
+    # Without column_bias the same code is handed (H,) biases, which it refuses.
+    assert _certify(adapt(_FeatureFirst(column=True), **_FEATURE_FIRST), dtypes=["float64"],
+                    max_examples=3).verdict != "certified"
+
+
+@pytest.mark.parametrize("keywords", [{}, {"per_gate": "separate"}, {"bias": "separate", "gate_order": "ifog"}])
+def test_column_bias_conversions_are_inverse(keywords):
+    params, _ = _random_params("vanilla")
+    conv = Convention(column_bias=True, **keywords)
+    mine = conv.params_to(params, "vanilla")
+    assert all(v.ndim == 2 and v.shape[1] == 1 for k, v in mine.items() if k.startswith("b"))
+    back = conv.params_from(mine, "vanilla", D=params["W"].shape[1], H=params["R"].shape[1])
+    for k in params:
+        np.testing.assert_array_equal(back[k], params[k])
+    with pytest.raises(ValueError, match="column_bias: a bias folded"):
+        Convention(column_bias=True, bias="folded")
 
 
 def test_layout_keyword_and_batch_major_are_one_convention():

@@ -268,3 +268,51 @@ def test_run_impl_takes_any_target(user_packages, tmp_path, capsys):
 def test_run_impl_that_cannot_be_loaded_is_a_usage_error(capsys):
     assert main(["run", "--impl", "no_such_module_xyz:LSTM", *FD]) == 2
     assert "--impl: cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Convention options read a Python TARGET as harness.adapt would (in the worker that runs it)
+
+FOREIGN = Path(__file__).parent / "plugins" / "foreign.py"
+_CELL = ["--step", "--gate-order", "ifog", "--transposed", "--names", "W=Wx,R=Wh"]
+
+
+@pytest.mark.parametrize("attribute, options", [
+    ("ifog", ["--gate-order", "ifog"]),
+    ("batch_major", ["--layout", "BTD"]),
+    ("transposed", ["--transposed"]),
+    ("course_cell", _CELL),
+])
+def test_convention_options_certify_a_python_target(attribute, options, tmp_path, capsys):
+    target = f"{FOREIGN}:{attribute}"
+    common = ["--max-examples", "4", *FD, "--report-dir"]
+    assert main(["certify", target, *options, *common, str(tmp_path / "a")]) == 0
+    assert "Verdict: certified" in capsys.readouterr().out
+    if attribute != "course_cell":  # as it is (a cell cannot even be called as a sequence)
+        assert main(["certify", target, "--dtype", "float64", *common, str(tmp_path / "b")]) == 1
+
+
+def test_a_planted_bug_in_a_cell_is_caught_and_replays_with_its_options(tmp_path, capsys):
+    target = f"{FOREIGN}:course_cell_planted"
+    assert main(["certify", target, *_CELL, "--in-process", "--dtype", "float64", "--max-examples", "5", *FD,
+                 "--report-dir", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    failing = [r for r in report["records"] if r["status"] == "fail"]
+    assert failing and {r["direction"] for r in failing} == {"backward"}
+    replay = shlex.split(failing[0]["replay"])
+    assert replay[3:5] == [target, "--gate-order"] and "--step" in replay
+    capsys.readouterr()
+    assert main(replay[1:]) == 1
+    assert "Reproduced: the case still fails." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layout", "TB"], "--layout: expected the axes of a sequence"),
+    (["--gate-order", "ifgx"], "--gate-order: expected a permutation"),
+    (["--per-gate", "hx", "--gate-order", "ifog"], "--per-gate: each gate's weights are named"),
+    (["--forget-bias", "nan"], "--forget-bias: expected a finite float"),
+    (["--names", "W"], "--names: expected OURS=THEIRS pairs"),
+])
+def test_convention_options_usage_errors_exit_2(args, message, capsys, tmp_path):
+    assert main(["certify", f"{FOREIGN}:ifog", *args, "--report-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -243,7 +243,14 @@ def test_bad_arguments_say_what_to_pass(kwargs, message):
 @pytest.mark.parametrize("argv, message", [
     (["certify", "loop", "--command", "true"], "expected TARGET or --command, not both"),
     (["certify"], "expected TARGET or --command"),
-    (["certify", "loop", "--per-gate", "hx"], "--per-gate: applies to --command"),
+    (["certify", "loop", "--forward-only"], "--forward-only: applies to --command"),
+    (["certify", "--command", "true", "--step"], "--step: applies to a Python TARGET"),
+    (["certify", "--command", "true", "--layout", "TBX"], "--layout: expected the axes of a sequence"),
+    (["certify", "--command", "true", "--gate-order", "ifgx"], "--gate-order: expected a permutation"),
+    (["certify", "--command", "true", "--per-gate", "hx", "--bias", "folded"], "--per-gate: has one bias per gate"),
+    (["certify", "--command", "true", "--bias", "folded", "--column-bias"], "--column-bias: a bias folded"),
+    (["certify", "--command", "true", "--batch-major", "--layout", "DBT"], "--batch-major: True is layout='BTD'"),
+    (["run", "--impl", "loop", "--layout", "BTD"], "--layout: in run, applies to the --command program"),
     (["certify", "--command", "no-such-program-here"], "--command: 'no-such-program-here' is not found on PATH"),
     (["certify", "--command", "true", "--names", "W"], "--names: expected OURS=THEIRS pairs"),
 ])
@@ -269,3 +276,39 @@ def test_a_crash_names_the_signal():
     case = build_case(CaseSpec(variant="vanilla", dtype="float64", T=1, B=1, D=1, H=1, seed=0))
     with pytest.raises(CommandError, match=r"was killed by SIGSEGV \(signal 11\); stderr was empty"):
         CommandLSTM(_sh("kill -SEGV $$")).forward(case.x, case.h0, case.c0, case.params)
+
+
+@pytest.mark.parametrize("flags, options", [
+    (["--feature-first"], ["--layout", "DBT"]),
+    (["--no-h0"], ["--no-initial-hidden"]),
+    (["--feature-first", "--no-h0"], ["--layout", "dbt", "--no-initial-hidden"]),
+])
+def test_layout_and_initial_state_options_certify_a_command_and_without_them_it_fails(flags, options, tmp_path,
+                                                                                       capsys):
+    cmd = shlex.join([*_script(), *flags])
+    common = [*FD, "--max-examples", "4", "--dtype", "float64", "--in-process"]
+    assert main(["certify", "--command", cmd, *options, *common, "--report-dir", str(tmp_path / "a")]) == 0
+    assert "Verdict: certified" in capsys.readouterr().out
+    # Without them it is not certified: checked by the search alone (a failing certify also runs the convention
+    # search, a process per trial for a program, which a test need not wait for).
+    from harness.contract import validate
+    from harness.runner import RunSettings, run_checks
+    from harness.subject import InProcessSubject
+    from oracles.finite_diff import FiniteDifferenceOracle
+
+    plain = command(cmd)
+    records = run_checks(InProcessSubject(plain, validate(plain)), [FiniteDifferenceOracle()], dtype="float64",
+                         run=RunSettings(max_examples=4, case_dir=tmp_path / "cases"))
+    assert any(r.status in ("fail", "error", "contract") for r in records)
+    if flags == ["--no-h0"]:  # it runs, and ignores the h0 it is given: y departs
+        assert "y" in {r.quantity for r in records if r.status == "fail"}
+
+
+def test_run_checks_a_command_with_its_convention(tmp_path, capsys):
+    cmd = shlex.join([*_script(), "--feature-first"])
+    assert main(["run", "--command", cmd, "--layout", "DBT", *FD, "--max-examples", "3", "--dtype", "float64",
+                 "--report-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [i["target"] for i in report["implementations"]] == [f"--command {shlex.quote(cmd)} --layout DBT"]
+    assert main(["run", "--command", cmd, *FD, "--max-examples", "3", "--dtype", "float64", "--force",
+                 "--report-dir", str(tmp_path)]) == 1

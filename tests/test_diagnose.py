@@ -76,7 +76,8 @@ def test_forward_matches_backward_does_not():
 def test_nothing_matches_and_the_closest_departure_is_located():
     result = diagnose(f"{FOREIGN}:nonsense")
     assert result.status == "none" and result.match is None
-    assert result.tried == 24 * 2 * 2 * 2 * 3
+    # orders, forget bias, transposed, layouts, variants (trials ran: no other bias forms are tried)
+    assert result.tried == 24 * 2 * 2 * 3 * 3
     assert result.closest is not None and result.closest.convention.is_standard
     text = result.text()
     assert "No convention tried makes it match" in text
@@ -167,7 +168,8 @@ def test_function_pair_adapter_is_diagnosed_through_what_it_wraps(tmp_path):
     found = {"gate_order": "ifog", "transposed": True, "batch_major": True}
     result = diagnose(wrong)
     assert result.status == "convention", result.text()
-    assert result.match.convention.keywords() == found
+    # The whole convention, the adapter's own cell states included: the printed call evaluates on it as it is.
+    assert result.match.convention.keywords() == {**found, "initial_cell": False, "final_cell": False}
     assert "Its backward pass matches too" in result.text()
     certified = certify(adapt(wrong, **found), max_examples=10, oracles=["finite-differences"], dtypes=["float64"])
     assert certified.verdict == "certified", certified.details()
@@ -271,16 +273,18 @@ class _RaisesByConvention:
 def test_every_distinct_reason_trials_failed_is_listed_with_its_count():
     result = diagnose(_RaisesByConvention())
     assert result.status == "none" and result.closest is None and result.mismatched == 0
+    # No trial ran: the one bias is also read as two summed biases and as folded (two variants each).
+    assert result.tried == 24 * 2 * 2 * 3 * (3 + 2 + 2)
     # Most frequent first; ties in the order the search met them (as declared first, then the variants).
-    assert result.failures == [("forward raised ValueError: peephole weights given", 192),
-                               ("forward raised KeyError: 'no bias'", 192),
-                               ("forward raised ArithmeticError: always broken", 96),
-                               ("forward raised ValueError: weights transposed", 96)]
+    assert result.failures == [("forward raised KeyError: 'no bias'", 288 + 4 * 288),  # separate, folded too
+                               ("forward raised ValueError: peephole weights given", 288),
+                               ("forward raised ValueError: weights transposed", 192),  # (H, B) states too
+                               ("forward raised ArithmeticError: always broken", 96)]
     text = result.text()
-    assert "576 of 576 trials could not run:" in text
+    assert "2016 of 2016 trials could not run:" in text
     for reason, n in result.failures:
         assert f"  {n} x {reason}" in text
-    assert result.to_dict()["failures"][1] == {"reason": "forward raised KeyError: 'no bias'", "trials": 192}
+    assert result.to_dict()["failures"][0] == {"reason": "forward raised KeyError: 'no bias'", "trials": 1440}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,3 +327,78 @@ def test_cli_diagnose_help_describes_target(capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", "--help"])
     assert re.search(r"positional arguments:\s+TARGET\s+the implementation to diagnose", capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-gate concatenation orders and sequence layouts, on adapters as a user would write them; the
+# adapt(...) call the diagnosis prints, evaluated, certifies
+
+
+def _printed_call_certifies(diagnosis, impl):
+    import harness
+    from harness.api import certify
+
+    call = diagnosis.match.adapt_call(diagnosis.declared_variant)
+    assert call.startswith("harness.adapt(impl")
+    adapted = eval(call, {"harness": harness, "impl": impl})  # noqa: S307 - the text the diagnosis prints
+    result = certify(adapted, oracles=["finite-differences"], max_examples=5, dtypes=["float64"])
+    assert result.verdict == "certified", result.details()
+    return call
+
+
+def test_per_gate_matrices_over_x_then_h_are_found_and_the_printed_call_certifies():
+    from tests.test_adapt import _DLAI_NAMES, _DeepLearningAIStyle
+
+    declared = adapt(_DeepLearningAIStyle(), per_gate="xh", names=_DLAI_NAMES)  # the code uses [h; x]
+    found = diagnose(declared)
+    assert found.status == "convention", found.text()
+    assert found.match.convention.per_gate == "hx"
+    assert "per_gate='hx'" in _printed_call_certifies(found, declared)
+    assert "over [h; x]" in found.text()
+
+
+def test_feature_first_sequences_are_found_and_the_printed_call_certifies():
+    from tests.test_adapt import _FEATURE_FIRST, _FeatureFirst
+
+    declared = adapt(_FeatureFirst(), **{**_FEATURE_FIRST, "layout": "TBD"})  # the code is (D, B, T)
+    found = diagnose(declared)
+    assert found.status == "convention", found.text()
+    assert found.match.convention.layout == "DBT"
+    assert "layout='DBT'" in _printed_call_certifies(found, declared)
+
+
+def test_the_printed_command_line_options_certify_the_target(tmp_path, capsys):
+    target = f"{FOREIGN}:ifog"
+    assert main(["diagnose", target, "--in-process"]) == 1
+    out = capsys.readouterr().out
+    options = re.search(r"on the command line with the options (.*)\.$", out, flags=re.M).group(1)
+    assert options == "--gate-order ifog"
+    assert main(["certify", target, *options.split(), "--in-process", "--max-examples", "4", "--oracle",
+                 "finite-differences", "--report-dir", str(tmp_path)]) == 0
+
+
+def test_diagnose_takes_the_convention_options_and_a_command(capsys):
+    # Read as declared in the options, a target that matches them is standard.
+    assert main(["diagnose", f"{FOREIGN}:ifog", "--gate-order", "ifog", "--in-process"]) == 0
+    assert "matches the standard LSTM as declared" in capsys.readouterr().out
+    assert main(["diagnose", "--command", "true", "--step"]) == 2
+    assert "--step: applies to a Python TARGET" in capsys.readouterr().err
+
+
+def test_two_summed_biases_and_a_folded_bias_are_found_and_the_printed_call_certifies():
+    from tests.plugins.foreign import FoldedLSTM
+    from tests.test_adapt import _PyTorchStyleBiases
+
+    two = diagnose(_PyTorchStyleBiases())  # declared as it is: one bias b, but the code reads b_ih + b_hh
+    assert two.status == "convention", two.text()
+    assert two.match.convention.bias == "separate" and "separate input and hidden biases" in two.text()
+    assert "bias='separate'" in _printed_call_certifies(two, _PyTorchStyleBiases())
+    assert "--bias separate" in two.text()
+    # The minimal NumPy LSTM's WLSTM (1+D+H, 4H), gates i, f, o, g, behind an adapter that says one bias.
+    declared = adapt(FoldedLSTM(), names={"W": "WLSTM"}, transposed=True)
+    folded = diagnose(declared)
+    assert folded.status == "convention", folded.text()
+    assert (folded.match.convention.bias, folded.match.convention.gate_order) == ("folded", "ifog")
+    _printed_call_certifies(folded, declared)
+    # A planted bug is not explained away: no bias form makes an LSTM that ignores b_hh match.
+    assert diagnose(_PyTorchStyleBiases("ignores_b_hh")).status == "none"

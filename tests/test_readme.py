@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from harness.contract import validate
 from harness.runner import RunSettings, run_checks
 from harness.subject import InProcessSubject
@@ -36,3 +38,41 @@ def test_example_implementation_certifies_forward_only():
         backward = [r for r in records if r.direction == "backward"]
         assert forward and all(r.status == "pass" for r in forward), [r.message for r in forward]
         assert backward and all(r.status == "skip" and "checked forward only" in r.reason for r in backward)
+
+
+def _examples() -> dict[str, tuple[str, bool]]:
+    """The README's complete adapt examples: blocks that start with ``# example: NAME`` (the object to
+    certify), ``(forward only)`` when the example has no backward."""
+    out = {}
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
+        first = block.splitlines()[0]
+        if first.startswith("# example: "):
+            name, _, rest = first[len("# example: "):].partition(" ")
+            out[name] = (block, "forward only" in rest)
+    return out
+
+
+_FRAMEWORK = {"jax_lstm": "jax", "keras_style": "tensorflow"}
+
+
+def test_the_readme_has_its_complete_examples():
+    assert {"columns", "jax_lstm", "keras_style"} <= set(_examples())
+
+
+@pytest.mark.parametrize("name", ["columns", "jax_lstm", "keras_style"])
+def test_each_complete_readme_example_certifies(name):
+    if name in _FRAMEWORK:
+        pytest.importorskip(_FRAMEWORK[name], reason=f"the example needs {_FRAMEWORK[name]}")
+    from harness.api import certify
+
+    source, forward_only = _examples()[name]
+    namespace: dict = {}
+    exec(compile(source, f"README-{name}", "exec"), namespace)
+    result = certify(namespace[name], oracles=["finite-differences"], max_examples=3)
+    assert result.verdict == "certified", result.details()
+    assert result.settings["dtypes"] == ["float64", "float32"]
+    backward = [r for r in result.records if r.direction == "backward"]
+    if forward_only:
+        assert all(r.status == "skip" for r in backward)
+    else:
+        assert backward and any(r.status == "pass" for r in backward)

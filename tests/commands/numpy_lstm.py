@@ -1,6 +1,10 @@
 """A standard LSTM (vanilla variant) behind the command protocol, in NumPy alone, for the tests.
 
-    python numpy_lstm.py REQUEST_DIR RESPONSE_DIR
+    python numpy_lstm.py [--feature-first] [--no-h0] REQUEST_DIR RESPONSE_DIR
+
+--feature-first: its sequences are (D, B, T) and (H, B, T) and its states (H, B), as course code lays
+them out (certified with --layout DBT). --no-h0: it takes no h0 and starts from zero (certified with
+--no-initial-hidden; given an h0 anyway, it ignores it).
 """
 
 import json
@@ -46,14 +50,24 @@ def backward(x, W, R, steps, dy, dh, dc):
 
 
 def main(argv):
-    request, response = Path(argv[-2]), Path(argv[-1])
+    flags, (request, response) = set(argv[:-2]), map(Path, argv[-2:])
     spec = json.loads((request / "request.json").read_text())
     arrays = {p.stem: np.load(p) for p in request.glob("*.npy")}
+    if "--feature-first" in flags:  # (D, B, T) -> (T, B, D); states (H, B) -> (B, H); and back on the way out
+        arrays = {k: v.transpose(2, 1, 0) if k in ("x", "dy") else v.T if k in ("h0", "c0", "dh_T", "dc_T") else v
+                  for k, v in arrays.items()}
+    if "--no-h0" in flags:
+        arrays["h0"] = np.zeros_like(arrays["c0"])
     y, h_T, c_T, steps = forward(arrays["x"], arrays["h0"], arrays["c0"], arrays["W"], arrays["R"], arrays["b"])
     out = {"y": y, "h_T": h_T, "c_T": c_T}
     if spec["gradients"]:
         grads = backward(arrays["x"], arrays["W"], arrays["R"], steps, arrays["dy"], arrays["dh_T"], arrays["dc_T"])
+        if "--no-h0" in flags:
+            del grads["h0"]
         out.update({f"grad_{k}": v for k, v in grads.items()})
+    if "--feature-first" in flags:
+        out = {k: v.transpose(2, 1, 0) if v.ndim == 3 else v.T if k in ("h_T", "c_T", "grad_h0", "grad_c0") else v
+               for k, v in out.items()}
     for key, value in out.items():
         np.save(response / f"{key}.npy", value.astype(spec["dtype"]))
     return 0

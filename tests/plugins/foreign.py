@@ -264,3 +264,39 @@ class FoldedLSTM:
 
 
 folded = adapt(FoldedLSTM(), bias="folded", transposed=True, gate_order="ifog", names={"W": "WLSTM"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# A one-timestep cell object in the course's shapes (certified on the command line with --step
+# --gate-order ifog --transposed --names W=Wx,R=Wh): forward(x_t, prev_h, prev_c, params) ->
+# (next_h, next_c, cache); backward(dnext_h, dnext_c, cache) -> (dx, dprev_h, dprev_c, {name: grad}).
+
+
+class CourseCell:
+    variant = "vanilla"
+
+    def __init__(self, bug=None):
+        self.bug = bug  # "dprev_c_without_f": the cell gradient passed back without the forget gate
+        self.name = f"course-cell{'-' + bug if bug else ''}"
+
+    def forward(self, x, prev_h, prev_c, p):
+        H = prev_h.shape[1]
+        a = x @ p["Wx"] + prev_h @ p["Wh"] + p["b"]  # (N, 4H), gates i, f, o, g
+        i, f, o = _sigmoid(a[:, :H]), _sigmoid(a[:, H : 2 * H]), _sigmoid(a[:, 2 * H : 3 * H])
+        g = np.tanh(a[:, 3 * H :])
+        next_c = f * prev_c + i * g
+        next_h = o * np.tanh(next_c)
+        return next_h, next_c, (x, prev_h, prev_c, p["Wx"], p["Wh"], i, f, o, g, next_c)
+
+    def backward(self, dnext_h, dnext_c, cache):
+        x, prev_h, prev_c, Wx, Wh, i, f, o, g, next_c = cache
+        tc = np.tanh(next_c)
+        dc = dnext_c + dnext_h * o * (1 - tc**2)
+        da = np.concatenate([dc * g * i * (1 - i), dc * prev_c * f * (1 - f), dnext_h * tc * o * (1 - o),
+                             dc * i * (1 - g**2)], axis=1)  # (N, 4H)
+        dprev_c = dc if self.bug == "dprev_c_without_f" else dc * f
+        return da @ Wx.T, da @ Wh.T, dprev_c, {"Wx": x.T @ da, "Wh": prev_h.T @ da, "b": da.sum(axis=0)}
+
+
+course_cell = CourseCell()
+course_cell_planted = CourseCell("dprev_c_without_f")
