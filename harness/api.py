@@ -45,8 +45,8 @@ from reports.html import write_html
 from reports.json import build_report, write_report
 from reports.junit import write_junit
 
-__all__ = ["certify", "certify_many", "replay", "CertifyResult", "ReplayResult", "InvalidArgument", "Interrupted",
-           "open_subject", "select_oracles", "write_reports", "write_html_report", "Progress"]
+__all__ = ["certify", "certify_many", "certification_units", "replay", "CertifyResult", "ReplayResult",
+           "InvalidArgument", "Interrupted", "open_subject", "select_oracles", "write_reports", "write_html_report", "Progress"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +227,24 @@ def certify(
                         profile=profile, seed=seed, timeout=timeout, isolate=isolate, report_dir=report_dir,
                         jobs=jobs, memory_limit=memory_limit, progress=progress, junit_xml=junit_xml,
                         write_report=write_report, command=command, force=force, units=units, shard=shard)[0]
+
+
+def certification_units(impl: Any, *, variant: str | None = None, dtypes: Sequence[str] | None = None,
+                        oracles: Sequence[Any] | None = None, isolate: bool = False, timeout: float | None = None,
+                        memory_limit: int | None = None) -> list[str]:
+    """The names of the units :func:`certify` would cut ``impl``'s certification into to spread it (one per
+    dtype and oracle, in the plan's order), for ``certify(impl, units=[name])``. Loads ``impl`` the way
+    certify does, and raises what certify raises before any check runs."""
+    try:
+        check_limits(timeout, memory_limit)
+        job = prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles, max_examples=None, profile="ci",
+                      seed=None, timeout=timeout, isolate=isolate, report_dir=None, memory_limit=memory_limit)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    try:
+        return [u.name for u in plan_units([job], 1, split=True).units]
+    finally:
+        job.close()
 
 
 class Interrupted(KeyboardInterrupt):
