@@ -12,8 +12,10 @@ Records of a unit depend only on the implementation, the oracle, the dtype and t
 ``seed``, or a derandomized profile such as ``ci``, which derives it from the check itself), never on
 which process or host ran the unit. :func:`content` is what "the same records" means when two runs are
 compared: every field of every record, the verdict, the counts and the findings, except the paths that
-depend on where a run wrote its files (``case_file``, ``replay`` and the ``message`` that quotes it, in
-records, in their ``worst_seen`` and in findings).
+depend on where a run wrote its files (``case_file``, ``replay`` and the ``message`` that quotes it,
+wherever they appear: in records, their ``worst_seen``, and findings). Numbers are compared exactly: the
+same code on the same machine computes the same bits in any process; hosts with other CPUs, BLAS builds
+or library versions may differ in the last bits.
 """
 
 from __future__ import annotations
@@ -145,14 +147,14 @@ _PATHS = ("case_file", "replay", "message")
 
 def content(report: dict[str, Any]) -> dict[str, Any]:
     """What two reports of the same certification must agree on, wherever and however their units ran:
-    the verdict, the counts, every record and every finding, without the paths of saved cases (see the
-    module's doc)."""
-    def bare(d: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in d.items() if k not in _PATHS}
-        if isinstance(out.get("worst_seen"), dict):
-            out["worst_seen"] = bare(out["worst_seen"])
-        return out
+    the verdict, the counts, every record and every finding, without the paths of saved cases (the keys
+    ``case_file``, ``replay`` and ``message``, at any depth: see the module's doc)."""
+    def bare(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: bare(v) for k, v in value.items() if k not in _PATHS}
+        if isinstance(value, list):
+            return [bare(v) for v in value]
+        return value
 
     return {"verdict": report.get("verdict"), "counts": report.get("counts"),
-            "records": [bare(r) for r in report.get("records") or []],
-            "findings": [bare(f) for f in report.get("findings") or []]}
+            "records": bare(report.get("records") or []), "findings": bare(report.get("findings") or [])}
