@@ -29,11 +29,11 @@ from harness.records import Record, order_records, printable, unit_outcome, verd
 from harness.session import (
     InvalidArgument,
     Job,
+    Plan,
     Unit,
     check_limits,
     check_settings,
     open_subject,
-    Plan,
     plan_units,
     prepare,
     select_oracles,
@@ -46,7 +46,8 @@ from reports.json import build_report, write_report
 from reports.junit import write_junit
 
 __all__ = ["certify", "certify_many", "certification_units", "replay", "CertifyResult", "ReplayResult",
-           "InvalidArgument", "Interrupted", "open_subject", "select_oracles", "write_reports", "write_html_report", "Progress"]
+           "InvalidArgument", "Interrupted", "open_subject", "select_oracles", "write_reports", "write_html_report",
+           "Progress"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ class CertifyItem(pytest.Item):
             raise self.problem
         impl = _impl(self.target, self.command)
         with _hypothesis_storage(self.config):
-            result = certify(impl, units=[self.unit], **_unit_settings(self.config, self.target, impl))
+            result = certify(impl, units=[str(self.unit)], **_unit_settings(self.config, self.target, impl))
         if result.report is not None:
             from harness.merge import part_note
 
