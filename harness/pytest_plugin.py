@@ -1,13 +1,20 @@
 """The lstm-harness pytest plugin (entry point ``pytest11``: loaded by pytest whenever lstm-harness is
 installed). It puts certification into a project's own test suite, two ways:
 
-* name the implementation on the command line or in the ini file, and the session gains one test,
-  ``lstm-certify[TARGET]``, that passes when TARGET is certified and otherwise fails with the summary
-  table and every discrepancy::
+* name the implementation on the command line or in the ini file, and the session gains one test per
+  unit of its certification (one dtype against one oracle), ``lstm-certify[TARGET]::float64-vs-torch``,
+  that passes when every check of the unit agrees and otherwise fails with the unit's findings and
+  table::
 
       pytest --lstm-certify mypkg.lstm:MyLSTM
       # or in pytest.ini / pyproject.toml [tool.pytest.ini_options]:
       lstm_certify = mypkg.lstm:MyLSTM
+
+  ``-k`` selects units by name, ``--lf`` reruns the failed ones, and pytest-xdist (``-n auto``,
+  ``--tx``) spreads them over workers and hosts. With ``--lstm-report-dir`` the session writes one
+  report of each target (report.json, index.html, junit.xml) however its units were spread: each xdist
+  worker hands its units' reports to the controller (``workeroutput``), which merges them
+  (:mod:`harness.merge`) at the end of the session.
 
 * call :func:`harness.certify` in a test, or use the ``lstm_certify`` fixture, which is the same
   function with the session's settings (``--lstm-max-examples``, ``--lstm-profile``, ...) as defaults
