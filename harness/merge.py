@@ -44,6 +44,9 @@ def part_note(units: dict[str, Any] | None) -> str | None:
     if not units or units.get("run") == units.get("planned"):
         return None
     what = f"shard {units['shard']}" if units.get("shard") else "part"
+    if not units.get("run"):
+        return (f"this {what} holds no unit: the certification has only {len(units['planned'])}, so nothing was "
+                f"checked here; use at most {len(units['planned'])} shards")
     return (f"this report is one {what} of the certification ({len(units['run'])} of {len(units['planned'])} "
             f"units): its verdict speaks for these units only; merge the parts with `lstm-harness report`")
 

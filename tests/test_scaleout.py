@@ -175,3 +175,38 @@ def test_the_merged_report_is_not_written_over_a_users_directory(tmp_path, capsy
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     assert main(["report", str(tmp_path / "s" / "report.json"), "-o", str(tmp_path / "mine")]) == 2
     assert "-o: " in capsys.readouterr().err and not (tmp_path / "mine" / "report.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Units by name, and the slices
+
+
+class _Oracle:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def test_shards_deal_the_plan_round_robin_and_cover_it_once():
+    from harness.session import Unit, select_units
+
+    units = [Unit(0, dtype, (_Oracle(o),), "") for dtype in ("float64", "float32") for o in ("a", "b", "c")]
+    names = [u.name for u in units]
+    assert names[:3] == ["float64-vs-a", "float64-vs-b", "float64-vs-c"]
+    for count in (1, 2, 4, 7):
+        slices = [[u.name for u in select_units(units, shard=(k, count))] for k in range(1, count + 1)]
+        assert sorted(n for s in slices for n in s) == sorted(names)  # every unit once
+        assert slices[0] == names[::count]  # the K-th slice: units K, K+N, K+2N, ... of the plan
+    assert [u.name for u in select_units(units, names=["float32-vs-b", "float64-vs-a"])] == ["float64-vs-a",
+                                                                                             "float32-vs-b"]
+    with pytest.raises(ValueError, match="units: expected names from float64-vs-a, .*got float16-vs-a"):
+        select_units(units, names=["float16-vs-a"])
+
+
+def test_certify_names_its_units_and_refuses_one_it_lacks():
+    from harness.api import InvalidArgument, certification_units, certify
+
+    assert certification_units("loop", oracles=ORACLES) == UNITS
+    with pytest.raises(InvalidArgument, match="units: expected names from float64-vs-finite-differences"):
+        certify("loop", oracles=ORACLES, units=["float64-vs-torch"])
+    with pytest.raises(InvalidArgument, match="shard: expected"):
+        certify("loop", oracles=ORACLES, shard=(0, 2))
