@@ -22,12 +22,14 @@ from harness.diagnose import diagnose_subject
 from harness.files import check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
+from harness.merge import part_note
 from harness.pool import run_parallel
 from harness.progress import Progress
 from harness.records import Record, order_records, printable, unit_outcome, verdict
 from harness.session import (
     InvalidArgument,
     Job,
+    Plan,
     Unit,
     check_limits,
     check_settings,
@@ -35,6 +37,7 @@ from harness.session import (
     plan_units,
     prepare,
     select_oracles,
+    select_units,
 )
 from harness.summary import details, summary_table, terminal_text
 from harness.unit import StoredSubject, disagreement, mark_unchecked, restricted, run_unit
@@ -42,8 +45,9 @@ from reports.html import write_html
 from reports.json import build_report, write_report
 from reports.junit import write_junit
 
-__all__ = ["certify", "certify_many", "replay", "CertifyResult", "ReplayResult", "InvalidArgument", "Interrupted",
-           "open_subject", "select_oracles", "write_reports", "write_html_report", "Progress"]
+__all__ = ["certify", "certify_many", "certification_units", "replay", "CertifyResult", "ReplayResult",
+           "InvalidArgument", "Interrupted", "open_subject", "select_oracles", "write_reports", "write_html_report",
+           "Progress"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,12 +120,11 @@ class ReplayResult:
 # Running units, here or in parallel child processes
 
 
-def _run_jobs(jobs_list: list[Job], jobs: int, display: Progress,
+def _run_jobs(jobs_list: list[Job], plan: Plan, jobs: int, display: Progress,
               results: list[tuple[list[Record], list[str]]]) -> None:
-    """Every unit of every job: here, one after another, or spread over ``jobs`` child processes. Each
+    """Every unit of the plan: here, one after another, or spread over ``jobs`` child processes. Each
     finished unit's records go into ``results`` (one (records, notes) per job) at once, so that an
     interrupted run keeps what finished."""
-    plan = plan_units(jobs_list, jobs)
     for index, notes in plan.notes.items():
         results[index][1].extend(notes)
 
@@ -144,6 +147,27 @@ def _run_jobs(jobs_list: list[Job], jobs: int, display: Progress,
         records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress)
         display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
         done(unit, records, notes)
+
+
+def _plan(jobs_list: list[Job], jobs: int, units: Sequence[str] | None,
+          shard: tuple[int, int] | None) -> tuple[Plan, dict[str, Any] | None]:
+    """The plan of units to run, and what the report says of it: ``None`` for a whole certification
+    cut as it always was; else, when ``units`` or ``shard`` choose part of it, one unit per dtype and
+    oracle, and ``{"planned": [every unit's name], "run": [the chosen ones], "shard": "K/N" or None}``.
+    ``ValueError`` for a name the plan lacks or a bad shard."""
+    if units is None and shard is None:
+        return plan_units(jobs_list, jobs), None
+    if len(jobs_list) != 1:
+        raise ValueError("units: choosing units (units=, shard=) applies to one implementation at a time")
+    if isinstance(units, str):
+        units = [units]
+    plan = plan_units(jobs_list, jobs, split=True)
+    planned = [u.name for u in plan.units]
+    plan.units = select_units(plan.units, names=units, shard=shard)
+    plan.parallel = plan.parallel and len(plan.units) > 1
+    described = {"planned": planned, "run": [u.name for u in plan.units],
+                 "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None}
+    return plan, described
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +193,8 @@ def certify(
     write_report: bool = True,
     command: str = "certify",
     force: bool = False,
+    units: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> CertifyResult:
     """Certify one implementation: every check, every declared dtype, every chosen oracle.
 
@@ -183,6 +209,11 @@ def certify(
     to a fresh temporary directory that ``notes`` names, so that every failure can be replayed.
     ``junit_xml`` names a JUnit XML file. ``progress=True`` shows progress on stderr.
 
+    ``units`` (names such as ``"float64-vs-torch"``) or ``shard`` ((K, N): the K-th of N round-robin
+    slices) check only part of the certification, cut into one unit per dtype and oracle; the report
+    says which units it holds (``units``), and ``lstm-harness report`` merges the parts into one
+    (see :mod:`harness.merge`). The verdict of a part speaks for its units only.
+
     ``report_dir`` must be new, empty or a previous report (it is marked as one); ``force=True`` writes
     into any other directory. While the run writes it, the directory is locked against other runs.
     Ctrl-C or SIGTERM (raised as :class:`Interrupted`) stops the run; the report of everything that had
@@ -196,7 +227,25 @@ def certify(
     return certify_many([impl], variant=variant, dtypes=dtypes, oracles=oracles, max_examples=max_examples,
                         profile=profile, seed=seed, timeout=timeout, isolate=isolate, report_dir=report_dir,
                         jobs=jobs, memory_limit=memory_limit, progress=progress, junit_xml=junit_xml,
-                        write_report=write_report, command=command, force=force)[0]
+                        write_report=write_report, command=command, force=force, units=units, shard=shard)[0]
+
+
+def certification_units(impl: Any, *, variant: str | None = None, dtypes: Sequence[str] | None = None,
+                        oracles: Sequence[Any] | None = None, isolate: bool = False, timeout: float | None = None,
+                        memory_limit: int | None = None) -> list[str]:
+    """The names of the units :func:`certify` would cut ``impl``'s certification into to spread it (one per
+    dtype and oracle, in the plan's order), for ``certify(impl, units=[name])``. Loads ``impl`` the way
+    certify does, and raises what certify raises before any check runs."""
+    try:
+        check_limits(timeout, memory_limit)
+        job = prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles, max_examples=None, profile="ci",
+                      seed=None, timeout=timeout, isolate=isolate, report_dir=None, memory_limit=memory_limit)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    try:
+        return [u.name for u in plan_units([job], 1, split=True).units]
+    finally:
+        job.close()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -214,7 +263,8 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                  seed: int | None = None, timeout: float | None = None, isolate: bool = False,
                  report_dir: str | os.PathLike[str] | None = None, jobs: int = 1, memory_limit: int | None = None,
                  progress: bool | Progress = False, junit_xml: str | os.PathLike[str] | None = None,
-                 write_report: bool = True, command: str = "certify", force: bool = False) -> list[CertifyResult]:
+                 write_report: bool = True, command: str = "certify", force: bool = False,
+                 units: Sequence[str] | None = None, shard: tuple[int, int] | None = None) -> list[CertifyResult]:
     """:func:`certify` for several implementations at once (what ``lstm-harness run`` does): with
     ``jobs`` > 1 every (implementation, dtype, oracle) unit goes to one shared pool of processes.
     Each result has its own report; ``report_dir`` and ``junit_xml`` are for a single implementation."""
@@ -241,13 +291,14 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                 prepared.append(prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles,
                                         max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
                                         isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
+            plan, chosen = _plan(prepared, jobs, units, shard)
         except ValueError as exc:  # InvalidArgument included: the same message, one type for the caller
             raise InvalidArgument(str(exc)) from None
         label = printable(f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command)
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
         outcomes: list[tuple[list[Record], list[str]]] = [([], []) for _ in prepared]
         try:
-            _run_jobs(prepared, jobs, display, outcomes)
+            _run_jobs(prepared, plan, jobs, display, outcomes)
             diagnoses = [_diagnosis(job, records, display) for job, (records, _) in zip(prepared, outcomes)]
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the command line's handler
             interrupted = exc.signal if isinstance(exc, Interrupted) else "SIGINT"
@@ -258,7 +309,7 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                          "isolate": isolate, "jobs": jobs, "memory_limit": memory_limit, "variant": variant}
         results = [_finish(job, records, notes, settings_base, command=command, report_dir=report_dir,
                            write_report=write_report, junit_xml=junit_xml, diagnosis=diagnosis,
-                           interrupted=interrupted, start=start)
+                           interrupted=interrupted, start=start, units=chosen)
                    for job, (records, notes), diagnosis in zip(prepared, outcomes, diagnoses)]
     finally:
         for job in prepared:
@@ -287,7 +338,7 @@ def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[s
 
 def _finish(job: Job, records: list[Record], notes: list[str], settings_base: dict[str, Any], *, command: str,
             report_dir: Any, write_report: bool, junit_xml: Any, diagnosis: dict[str, Any] | None,
-            interrupted: str, start: Path) -> CertifyResult:
+            interrupted: str, start: Path, units: dict[str, Any] | None = None) -> CertifyResult:
     info = job.info
     records = order_records(records, [o.name for o in job.oracles])
     for r in records:  # saved cases as seen from where the run started (the replay commands run there)
@@ -303,6 +354,8 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
                      f"to keep them beside the report)")
     if interrupted:
         notes.append(f"interrupted by {interrupted}: the report holds only the units that had finished")
+    if part_note(units):
+        notes.append(str(part_note(units)))
     settings_dict = {**settings_base, "dtypes": job.dtypes, "oracles": [o.name for o in job.oracles]}
     found = findings(records, [o.name for o in job.oracles])
     result = CertifyResult(records=records, verdict=verdict(records, interrupted=bool(interrupted)),
@@ -311,7 +364,7 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     result.report = build_report(records, command=command, target=impl_dict["target"], settings=settings_dict,
                                  implementations=[impl_dict], oracles=[o.describe() for o in job.oracles],
                                  target_info=impl_dict, notes=notes, found=found, diagnosis=diagnosis,
-                                 interrupted=bool(interrupted))
+                                 interrupted=bool(interrupted), units=units)
     if report_dir is not None and write_report:
         result.report_files = write_reports(result.report, report_dir, junit=junit_xml,
                                             note=result.report_problems.append)

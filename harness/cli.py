@@ -91,6 +91,15 @@ def _gib(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from harness.session import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("shard: ")) from None
+
+
 def _jobs(text: str) -> int:
     if text == "auto":
         return max(1, os.cpu_count() or 1)
@@ -274,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_TARGET_TEXT + "\n" + _EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_cert.add_argument("target", metavar="TARGET", nargs="?", help="the implementation (see below)")
     p_cert.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant it declares")
+    p_cert.add_argument("--shard", type=_shard, metavar="K/N",
+                        help="check only the K-th of N slices of the certification (one unit per dtype and "
+                             "oracle, dealt round-robin), e.g. one job of a CI matrix; merge the N reports with "
+                             "`lstm-harness report A.json B.json ... -o DIR`")
     add_run_options(p_cert)
     _add_isolation_options(p_cert)
     _add_command_options(p_cert)
@@ -317,13 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command_options(p_replay)
 
     p_report = sub.add_parser(
-        "report", help="render the HTML report from a report.json again",
+        "report", help="render the HTML report from a report.json again, or merge the parts of a certification",
         description="Render index.html (and, if asked, JUnit XML) again from a report.json that certify\n"
-                    "or run wrote, without running any check.")
-    p_report.add_argument("json_path", metavar="report.json", type=Path, help="the report.json to render")
-    p_report.add_argument("-o", "--output", type=Path, metavar="OUT.html",
-                          help="where to write it (default: index.html beside report.json)")
-    p_report.add_argument("--junit-xml", type=Path, metavar="PATH", help="also write JUnit XML here")
+                    "or run wrote, without running any check.\n\n"
+                    "With several report.json files (the shards of `certify --shard K/N`, from other machines\n"
+                    "or CI jobs) and -o DIR: merge them into one report in DIR (report.json, index.html,\n"
+                    "junit.xml), the findings and the verdict computed over every unit. Parts of different\n"
+                    "harness versions, targets or settings, or holding the same unit twice, are refused;\n"
+                    "units that no part holds are named, and the merged report is then not certified.",
+        epilog="exit codes:\n  0  rendered; merged: certified\n  1  merged: discrepancies, errors or units "
+               "missing\n  2  bad usage, or reports that cannot be read or merged\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_report.add_argument("json_paths", metavar="report.json", type=Path, nargs="+",
+                          help="the report.json to render, or the parts to merge")
+    p_report.add_argument("-o", "--output", type=Path, metavar="OUT.html|DIR",
+                          help="where to write: an .html file (one report rendered again; default: index.html "
+                               "beside report.json), or a directory for the merged report")
+    p_report.add_argument("--junit-xml", type=Path, metavar="PATH",
+                          help="also write JUnit XML here (merged: default DIR/junit.xml)")
+    p_report.add_argument("--force", action="store_true",
+                          help="merge into a non-empty directory that holds no previous lstm-harness report")
     return parser
 
 
@@ -578,7 +604,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             dtypes=args.dtype, oracles=args.oracle,
             max_examples=args.max_examples, profile=args.profile, seed=args.seed, timeout=timeout,
             isolate=isolate, report_dir=args.report_dir, junit_xml=args.junit_xml, jobs=args.jobs,
-            memory_limit=_memory_limit(args), progress=True, force=args.force,
+            memory_limit=_memory_limit(args), progress=True, force=args.force, shard=args.shard,
         )
     except InvalidArgument as exc:  # only the arguments: anything else is not a usage error
         raise _usage(exc) from None
@@ -637,17 +663,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK if result.verdict == "certified" else EXIT_DISCREPANCY
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from harness.api import write_html_report
+def _read_reports(paths: Sequence[Path]) -> list[tuple[str, dict[str, Any]]]:
     from reports.json import read_report
 
-    try:
-        report = read_report(args.json_path)
-    except FileNotFoundError:
-        raise UsageError(f"report.json: expected an existing file, got {str(args.json_path)!r}") from None
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"report.json: {exc}") from None
-    out = args.output or args.json_path.parent / "index.html"
+    out = []
+    for path in paths:
+        try:
+            out.append((_shown(path), read_report(path)))
+        except FileNotFoundError:
+            raise UsageError(f"report.json: expected an existing file, got {str(path)!r}") from None
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"report.json: {exc}") from None
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.api import write_html_report
+
+    merging = len(args.json_paths) > 1 or (args.output is not None and args.output.suffix.lower() != ".html")
+    if merging:
+        return _merge_reports(args)
+    ((_, report),) = _read_reports(args.json_paths)
+    out = args.output or args.json_paths[0].parent / "index.html"
     problems: list[str] = []
     path = write_html_report(report, out, note=problems.append)
     if args.junit_xml:
@@ -658,6 +695,40 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(problems[0] if problems else "the HTML report could not be written")
     print(f"HTML report: {path}")
     return EXIT_OK
+
+
+def _merge_reports(args: argparse.Namespace) -> int:
+    """``report A.json B.json ... -o DIR``: one report from the parts of a certification."""
+    from harness.api import write_reports
+    from harness.merge import MergeError, merge_reports
+    from harness.records import Record
+
+    if args.output is None:
+        raise UsageError("-o: expected the directory to write the merged report into (report A.json B.json ... "
+                         "-o DIR)")
+    parts = _read_reports(args.json_paths)
+    try:
+        merged = merge_reports(parts)
+    except MergeError as exc:
+        raise UsageError(str(exc)) from None
+    junit = args.junit_xml or args.output / "junit.xml"
+    try:
+        check_writable_file(junit, "--junit-xml")
+        claim = claim_report_dir(args.output, force=args.force)
+    except ReportDirError as exc:
+        raise UsageError(str(exc).replace("report directory:", "-o:", 1)) from None
+    try:
+        records = [Record.from_dict(r) for r in merged["records"]]
+        found = [Finding.from_dict(f) for f in merged["findings"]]
+        print(printable(f"Merged {len(parts)} report{'s' if len(parts) > 1 else ''} of {merged['target']}"))
+        print(printable(terminal_text(records, found, notes=merged["notes"])))
+        if merged["verdict"] != verdict(records):
+            print(f"Verdict of the merged report: {merged['verdict']} (some units are in no report; see the notes)")
+        problems: list[str] = []
+        _print_files(write_reports(merged, args.output, junit=junit, note=problems.append), problems)
+    finally:
+        claim.release()
+    return EXIT_OK if merged["verdict"] == "certified" else EXIT_DISCREPANCY
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "certify": cmd_certify, "diagnose": cmd_diagnose,

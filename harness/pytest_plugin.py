@@ -1,13 +1,20 @@
 """The lstm-harness pytest plugin (entry point ``pytest11``: loaded by pytest whenever lstm-harness is
 installed). It puts certification into a project's own test suite, two ways:
 
-* name the implementation on the command line or in the ini file, and the session gains one test,
-  ``lstm-certify[TARGET]``, that passes when TARGET is certified and otherwise fails with the summary
-  table and every discrepancy::
+* name the implementation on the command line or in the ini file, and the session gains one test per
+  unit of its certification (one dtype against one oracle), ``lstm-certify[TARGET]::float64-vs-torch``,
+  that passes when every check of the unit agrees and otherwise fails with the unit's findings and
+  table::
 
       pytest --lstm-certify mypkg.lstm:MyLSTM
       # or in pytest.ini / pyproject.toml [tool.pytest.ini_options]:
       lstm_certify = mypkg.lstm:MyLSTM
+
+  ``-k`` selects units by name, ``--lf`` reruns the failed ones, and pytest-xdist (``-n auto``,
+  ``--tx``) spreads them over workers and hosts. With ``--lstm-report-dir`` the session writes one
+  report of each target (report.json, index.html, junit.xml) however its units were spread: each xdist
+  worker hands its units' reports to the controller (``workeroutput``), which merges them
+  (:mod:`harness.merge`) at the end of the session.
 
 * call :func:`harness.certify` in a test, or use the ``lstm_certify`` fixture, which is the same
   function with the session's settings (``--lstm-max-examples``, ``--lstm-profile``, ...) as defaults
@@ -51,7 +58,7 @@ import pytest
 
 from harness.isolation import DEFAULT_TIMEOUT
 
-__all__ = ["CertifyItem", "CertifyTargets", "certify_settings", "files_dir", "DEFAULT_TIMEOUT"]
+__all__ = ["CertifyItem", "CertifyTarget", "certify_settings", "files_dir", "DEFAULT_TIMEOUT"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -213,27 +220,66 @@ class CertifyFailed(Exception):
         self.result = result
 
 
-class CertifyItem(pytest.Item):
-    """One certification: passes when the target is certified."""
+def _several(config: pytest.Config) -> bool:
+    return len(_targets(config)) + len(_commands(config)) > 1
 
-    def __init__(self, *, target: str, command: str | None = None, **kwargs: Any):
+
+def _report_dir(config: pytest.Config, target: str) -> Path | None:
+    """Where ``target``'s merged report goes: ``--lstm-report-dir``, with one sub-directory per target when
+    the session certifies several; None without the option."""
+    given = config.getoption("lstm_report_dir")
+    if not given:
+        return None
+    from harness.cases import slug
+
+    return Path(given) / slug(target) if _several(config) else Path(given)
+
+
+def _impl(target: str, line: str | None) -> Any:
+    from harness.command_protocol import command
+
+    return command(line) if line is not None else target
+
+
+def _unit_settings(config: pytest.Config, target: str, impl: Any) -> dict[str, Any]:
+    """The keyword arguments of ``certify`` for one unit of ``target``: the session's settings, the files
+    under :func:`files_dir` (or the report directory), a worker process for a TARGET string, and no
+    report of its own: the session merges the units' reports into one (see :func:`pytest_sessionfinish`)."""
+    settings = certify_settings(config)
+    where = _report_dir(config, target)
+    if where is not None:
+        settings["report_dir"] = str(where)
+    settings = {**_file_defaults(config, settings, target), **settings}
+    return {**_worker_defaults(impl, settings), **settings, "write_report": False}
+
+
+class CertifyItem(pytest.Item):
+    """One unit of a certification (one dtype against one oracle, named like ``float64-vs-torch``):
+    passes when every check of the unit agrees. ``unit`` None: the target could not be planned, and the
+    item fails with the reason."""
+
+    def __init__(self, *, target: str, command: str | None = None, unit: str | None = None,
+                 problem: BaseException | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.target = target
         self.command = command  # a command line (the command protocol) instead of a TARGET
+        self.unit = unit
+        self.problem = problem
 
     def runtest(self) -> None:
         from harness.api import certify
-        from harness.command_protocol import command
 
-        settings = certify_settings(self.config)
-        if "report_dir" in settings and len(_targets(self.config)) + len(_commands(self.config)) > 1:
-            from harness.cases import slug
-
-            settings["report_dir"] = f"{settings['report_dir']}/{slug(self.target)}"
-        settings = {**_file_defaults(self.config, settings, self.target), **settings}
-        impl = command(self.command) if self.command is not None else self.target
+        if self.problem is not None:
+            raise self.problem
+        impl = _impl(self.target, self.command)
         with _hypothesis_storage(self.config):
-            result = certify(impl, **{**_worker_defaults(impl, settings), **settings})
+            result = certify(impl, units=[str(self.unit)], **_unit_settings(self.config, self.target, impl))
+        if result.report is not None:
+            from harness.merge import part_note
+
+            # Being one unit of several is what this item is; the note says so to a report's reader only.
+            result.notes = [n for n in result.notes if n != part_note(result.report.get("units"))]
+            self.config.stash.setdefault(_PARTS, {}).setdefault(self.target, {})[str(self.unit)] = result.report
         self.user_properties.append(("verdict", result.verdict))
         if not result.ok:
             raise CertifyFailed(result)
@@ -243,46 +289,143 @@ class CertifyItem(pytest.Item):
         from harness.plugins import LoadError
 
         exc = excinfo.value
+        what = f"{self.target} ({self.unit})" if self.unit else self.target
         if isinstance(exc, CertifyFailed):
             r = exc.result
-            return (f"{self.target} is not certified (verdict: {r.verdict})\n\n{r.summary(verbose=False)}"
-                    + (f"\n\nReport: {r.report_path}" if r.report_path else ""))
+            return f"{what} is not certified (verdict: {r.verdict})\n\n{r.summary(verbose=False)}"
         if isinstance(exc, (LoadError, ContractError, ValueError)):
             return f"{self.target} could not be certified: {exc}"
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
-        return self.path, None, f"lstm-certify[{self.target}]"
+        return self.path, None, self.nodeid
 
 
-class CertifyTargets(pytest.Collector):
-    """The configured targets, collected the way pytest collects a file's tests, so that the session
-    counts them among the collected items (and ``-k`` / ``-m`` deselect them the same way)."""
+class CertifyTarget(pytest.Collector):
+    """One configured target, collected the way pytest collects a file's tests: one item per unit of its
+    certification, so that ``-k float32``, ``--lf`` and pytest-xdist (``-n``, ``--tx``) select, rerun and
+    spread the units of one certification like any tests."""
 
-    def __init__(self, *, targets: list[tuple[str, str | None]], **kwargs: Any):
+    def __init__(self, *, target: str, command: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.targets = targets  # (TARGET, None), or ("command CMD", CMD) for the command protocol
+        self.target = target
+        self.command = command
 
     def collect(self) -> list[pytest.Item]:
-        # The node id is the test's own name: its first part is what the terminal shows where a file
-        # name would be ("lstm-certify[TARGET] F"); under the session it would be empty and show as ".".
-        return [CertifyItem.from_parent(self, name=f"lstm-certify[{t}]", nodeid=f"lstm-certify[{t}]", target=t,
-                                        command=line)
-                for t, line in self.targets]
+        from harness.api import certification_units
+        from harness.contract import ContractError
+        from harness.plugins import LoadError
+
+        impl = _impl(self.target, self.command)
+        settings = _unit_settings(self.config, self.target, impl)
+        try:
+            names = certification_units(impl, **{k: settings[k] for k in _PLANNING if k in settings})
+        except (LoadError, ContractError, ValueError) as exc:  # the item fails with it; the session goes on
+            return [CertifyItem.from_parent(self, name="load", nodeid=f"{self.nodeid}::load", target=self.target,
+                                            command=self.command, problem=exc)]
+        return [CertifyItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}", target=self.target,
+                                        command=self.command, unit=name)
+                for name in names]
+
+
+#: The certify arguments that decide a certification's units.
+_PLANNING = ("variant", "dtypes", "oracles", "isolate", "timeout", "memory_limit")
+
+#: What the units of this process certified: target -> unit name -> the unit's report (a dict).
+_PARTS = pytest.StashKey[dict[str, dict[str, dict[str, Any]]]]()
+#: Lines for the terminal summary: where each merged report went.
+_WRITTEN = pytest.StashKey[list[str]]()
+_WORKER_OUTPUT = "lstm_harness_parts"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect, so that they apply to these items too
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     targets = [(t, None) for t in _targets(config)] + [(f"command {line}", line) for line in _commands(config)]
-    if not targets:
+    for target, line in targets:
+        # The node id is the target's own name: what the terminal shows where a file name would be
+        # ("lstm-certify[TARGET] .F"); under the session it would be empty and show as ".".
+        name = f"lstm-certify[{target}]"
+        collector = CertifyTarget.from_parent(session, name=name, nodeid=name, target=target, command=line)
+        # What pytest does for each collector (collect_one_node, then the report), so that the terminal
+        # counts these items as collected: otherwise "collected 3 items / 4 deselected / -1 selected".
+        collector.ihook.pytest_collectstart(collector=collector)
+        report = collector.ihook.pytest_make_collect_report(collector=collector)
+        collector.ihook.pytest_collectreport(report=report)
+        items.extend(x for x in report.result if isinstance(x, pytest.Item))
+
+
+# --------------------------------------------------------------------------------------------------
+# One report per session, however the units were spread: each pytest-xdist worker hands the reports of
+# its units to the controller (workeroutput), which merges them with harness.merge, as
+# `lstm-harness report` merges shards.
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Check the report directories now (and mark them), not after the units ran; the controller only."""
+    config = session.config
+    if hasattr(config, "workerinput"):
         return
-    group = CertifyTargets.from_parent(session, name="lstm-certify", nodeid="lstm-certify", targets=targets)
-    # What pytest does for each collector (collect_one_node, then the report), so that the terminal
-    # counts these items as collected: otherwise "collected 3 items / 4 deselected / -1 selected".
-    group.ihook.pytest_collectstart(collector=group)
-    report = group.ihook.pytest_make_collect_report(collector=group)
-    group.ihook.pytest_collectreport(report=report)
-    items.extend(x for x in report.result if isinstance(x, pytest.Item))
+    from harness.files import ReportDirError, claim_report_dir
+
+    for target in [*_targets(config), *(f"command {line}" for line in _commands(config))]:
+        where = _report_dir(config, target)
+        if where is None:
+            continue
+        try:
+            claim_report_dir(where).release()
+        except ReportDirError as exc:
+            raise pytest.UsageError(str(exc).replace("report directory:", "--lstm-report-dir:", 1)) from None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, on the controller: a worker finished; keep the reports of the units it ran."""
+    import json
+
+    data = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
+    if not data:
+        return
+    parts = node.config.stash.setdefault(_PARTS, {})
+    for target, units in json.loads(data).items():
+        parts.setdefault(target, {}).update(units)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import json
+
+    config = session.config
+    parts = config.stash.get(_PARTS, {})
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: its units go to the controller
+        config.workeroutput[_WORKER_OUTPUT] = json.dumps(parts)
+        return
+    for target, units in parts.items():
+        where = _report_dir(config, target)
+        if where is not None and units:
+            config.stash.setdefault(_WRITTEN, []).append(_write_merged(target, units, where))
+
+
+def _write_merged(target: str, units: dict[str, dict[str, Any]], where: Path) -> str:
+    from harness.api import write_reports
+    from harness.files import ReportDirError, claim_report_dir
+    from harness.merge import MergeError, merge_reports
+
+    try:
+        merged = merge_reports(sorted(units.items()))
+        with claim_report_dir(where):
+            problems: list[str] = []
+            files = write_reports(merged, where, junit=where / "junit.xml", note=problems.append)
+    except (MergeError, ReportDirError, OSError) as exc:
+        return f"{target}: the report could not be written: {exc}"
+    return (f"{target}: {merged['verdict']} ({len(merged['units']['run'])} of {len(merged['units']['planned'])} "
+            f"units); report: {files['json']}" + "".join(f"\n  {p}" for p in problems))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = terminalreporter.config.stash.get(_WRITTEN, [])
+    if lines:
+        terminalreporter.section("lstm-harness")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

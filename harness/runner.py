@@ -14,7 +14,8 @@ of its own), and steers generation towards larger errors with ``hypothesis.targe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from harness.structure import FEATURES
 from harness.subject import Subject
 from oracles.base import Oracle
 
-__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "note_skipped"]
+__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "note_skipped", "same_cases_in_every_process"]
 
 
 @dataclass
@@ -132,6 +133,40 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
     return out
 
 
+class _NoConstants:
+    """A pool of constants with nothing in it, for every kind of choice."""
+
+    def set_for_type(self, choice_type: Any) -> tuple[()]:
+        return ()
+
+
+@contextmanager
+def same_cases_in_every_process() -> Iterator[None]:
+    """While the harness searches, Hypothesis draws no constants from this process's own modules.
+
+    Now and then Hypothesis draws a constant it found in the source of the "local" modules the process
+    has imported (``hypothesis.internal.conjecture.providers``), so the same search would draw other cases
+    in a pytest session that has imported its test modules, or in an xdist worker after the units it ran
+    before. Without that pool a unit's cases depend only on its settings (a derandomized profile or a
+    seed), in any process, on any host: what lets a certification be split over processes, shards and
+    machines and come to the same records. These are Hypothesis's private names; where they are gone,
+    nothing is changed.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+
+        saved = (providers._get_local_constants, providers.CONSTANTS_CACHE)
+    except (ImportError, AttributeError):
+        yield
+        return
+    providers._get_local_constants = _NoConstants  # type: ignore[assignment]
+    providers.CONSTANTS_CACHE = {}  # type: ignore[assignment]  # it holds the pool's constants per kind of choice
+    try:
+        yield
+    finally:
+        providers._get_local_constants, providers.CONSTANTS_CACHE = saved
+
+
 def run_checks(
     subject: Subject,
     oracles: Sequence[Oracle],
@@ -171,7 +206,8 @@ def run_checks(
     examples = 0
     for _ in range(MAX_SEARCHES):
         try:
-            search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest, skipped)
+            with same_cases_in_every_process():
+                search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest, skipped)
         except BaseException as exc:
             # Something outside the comparison stopped the search (a crashed or hung worker, an
             # interrupt): what earlier searches found is still true; hand it to the caller.

@@ -30,7 +30,7 @@ from harness.subject import ExitCalled, InProcessSubject, exits_raise
 
 __all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
            "check_settings", "check_limits", "prepare", "plan_units", "replay_target", "oracle_portable",
-           "portable_form", "oracle_payload", "oracle_from_payload"]
+           "portable_form", "oracle_payload", "oracle_from_payload", "select_units", "parse_shard"]
 
 
 class InvalidArgument(ValueError):
@@ -312,6 +312,13 @@ class Unit:
     oracles: tuple[Any, ...]
     label: str  # what the progress display calls it
 
+    @property
+    def name(self) -> str:
+        """The unit's stable name within its certification, the same in every process and on every host:
+        ``float64-vs-torch`` (or ``float64-vs-torch+tensorflow`` for a unit that checks several oracles at
+        once). Shards, pytest items and reports name units by it."""
+        return self.dtype + ("-vs-" + "+".join(o.name for o in self.oracles) if self.oracles else "")
+
 
 @dataclass
 class Plan:
@@ -320,8 +327,9 @@ class Plan:
     notes: dict[int, list[str]] = field(default_factory=dict)  # job index -> why it could not run in parallel
 
 
-def plan_units(jobs_list: Sequence[Job], jobs: int) -> Plan:
-    """Cut the jobs into units: one per dtype, or, in parallel, one per dtype and oracle.
+def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> Plan:
+    """Cut the jobs into units: one per dtype, or, in parallel or with ``split``, one per dtype and
+    oracle (the units a certification is spread by: shards, pytest items, parallel processes).
 
     Parallel child processes need every implementation and oracle in a form another process can
     load; when one is not, everything runs here, and the plan's notes say why.
@@ -333,11 +341,11 @@ def plan_units(jobs_list: Sequence[Job], jobs: int) -> Plan:
     for index, job in enumerate(jobs_list):
         if job.notes:
             plan.notes.setdefault(index, []).extend(job.notes)
-        split = parallel and len(job.oracles) > 1
-        groups = [(o,) for o in job.oracles] if split else [tuple(job.oracles)]
+        split_job = (parallel or split) and len(job.oracles) > 1
+        groups = [(o,) for o in job.oracles] if split_job else [tuple(job.oracles)]
         for dtype in job.dtypes:
             for group in groups:
-                label = (f"{job.info.name} " if named else "") + dtype + (f" vs {group[0].name}" if split else "")
+                label = (f"{job.info.name} " if named else "") + dtype + (f" vs {group[0].name}" if split_job else "")
                 plan.units.append(Unit(index, dtype, group, printable(label)))  # a name is the user's text
         if jobs > 1 and not parallel:
             notes = plan.notes.setdefault(index, [])
@@ -406,3 +414,41 @@ def _picklable(obj: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing units: by name (a pytest item), or a deterministic slice (a shard of a CI matrix)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` as (K, N) with 1 <= K <= N; ``ValueError`` naming what was expected otherwise."""
+    k, sep, n = str(text).partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index = count = 0
+    if not sep or count < 1 or not 1 <= index <= count:
+        raise ValueError(f"shard: expected K/N with whole numbers 1 <= K <= N (the K-th of N slices), got {text!r}")
+    return index, count
+
+
+def select_units(units: Sequence[Unit], *, names: Sequence[str] | None = None,
+                 shard: tuple[int, int] | None = None) -> list[Unit]:
+    """The units named by ``names`` (``ValueError`` for a name the plan lacks), then the ``shard``
+    (K, N): every N-th unit of the plan starting at the K-th, round-robin over the plan's order, which
+    depends only on the implementation's dtypes and the chosen oracles, so every host slices alike."""
+    chosen = list(units)
+    if names is not None:
+        known = {u.name: u for u in chosen}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"units: expected names from {', '.join(known) or '(none)'}, got {', '.join(unknown)}")
+        wanted = set(names)
+        chosen = [u for u in chosen if u.name in wanted]
+    if shard is not None:
+        index, count = shard
+        if isinstance(index, bool) or not isinstance(index, int) or not isinstance(count, int) \
+                or not 1 <= index <= count:
+            raise ValueError(f"shard: expected (K, N) with 1 <= K <= N, got {shard!r}")
+        chosen = chosen[index - 1::count]
+    return chosen

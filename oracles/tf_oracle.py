@@ -497,10 +497,10 @@ class TFCompositeOracle(_TFBase):
             return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
         if uses <= self.EAGER_USES:
-            def eager(*args: Any) -> Any:
-                x, h0, c0, params, *rest = args
-                return run(*(tf.constant(a) for a in (x, h0, c0)), {k: tf.constant(v) for k, v in params.items()},
-                           *(tf.constant(a) for a in rest))
+            def eager(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
+                const = tf.constant
+                return run(const(x), const(h0), const(c0), {k: const(v) for k, v in params.items()}, const(dy),
+                           const(dh_T), const(dc_T), const(lengths), const(eps), const(clip))
             return eager
         state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
         seq = tf.TensorSpec([None, None, None], dtype)

@@ -30,6 +30,11 @@ Schema (``schema_version`` 1)::
                    "forward", "gradients", "limitation"}],
       "counts": {"pass": n, "fail": n, "error": n, "contract": n, "skip": n},
       "notes": ["...", ...],                           # run-wide remarks, e.g. last-bit nondeterminism
+      "units": null or {"planned": ["float64-vs-torch", ...],   # a certification cut into one unit per
+                        "run": [...], "shard": "K/N" or null,   # dtype and oracle: every unit's name,
+                        "parts": [...]},                         # those this report holds, its shard;
+                                                       # a merged report: "parts" = [{"file", "shard",
+                                                       # "run", "created", "environment"}] (harness.merge)
       "records": [Record.to_dict(), ...]               # see harness.compare.Record
     }
 
@@ -179,9 +184,13 @@ def build_report(
     found: Sequence[Finding] | None = None,
     diagnosis: dict[str, Any] | None = None,
     interrupted: bool = False,
+    units: dict[str, Any] | None = None,
+    environment_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a dict. ``found``: the findings already computed from ``records`` (computed here if
-    not given), so that the terminal, the JSON and the HTML show the same ones."""
+    not given), so that the terminal, the JSON and the HTML show the same ones. ``units``: which units of
+    the certification the report holds (see the schema); ``environment_info``: the environment the records
+    came from, when that is not this process's (a merged report keeps its first part's)."""
     counts = Counter(r.status for r in records)
     if found is None:
         found = findings(records, [o.get("name", "") for o in oracles])
@@ -194,7 +203,7 @@ def build_report(
         "target_info": dict(target_info) if target_info is not None else None,
         "verdict": verdict(records, interrupted=interrupted),
         "interrupted": interrupted,
-        "environment": environment(),
+        "environment": environment_info if environment_info is not None else environment(),
         "settings": settled(settings),
         "tolerances": {
             dtype: {kind: {"rtol": t.rtol, "atol": t.atol, "reason": t.reason} for kind, t in table.items()}
@@ -206,6 +215,7 @@ def build_report(
         "notes": list(notes),
         "findings": [json_safe(f.to_dict()) for f in found],
         "diagnosis": json_safe(diagnosis),
+        "units": json_safe(units),
         "records": [r.to_dict() for r in records],
     }
 

@@ -263,12 +263,12 @@ def test_pytest_plugin_certifies_a_command(pytester):
     result = pytester.runpytest("--lstm-command", shlex.join(_script()), "--lstm-max-examples", "2",
                                 "--lstm-oracle", "finite-differences", "-v", "-p", "no:randomly",
                                 "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*lstm-certify?command*numpy_lstm.py?*PASSED*"])
+    result.assert_outcomes(passed=2)  # one test per unit: float64 and float32
+    result.stdout.fnmatch_lines(["*lstm-certify?command*numpy_lstm.py?::float64-vs-finite-differences PASSED*"])
     failing = pytester.runpytest("--lstm-command", "true",
                                  "--lstm-max-examples", "2", "--lstm-oracle", "finite-differences",
                                  "-p", "no:randomly", "-p", "no:cacheprovider")
-    failing.assert_outcomes(failed=1)
+    failing.assert_outcomes(failed=2)
     failing.stdout.fnmatch_lines(["*wrote no y.npy*"])
 
 

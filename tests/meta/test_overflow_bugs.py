@@ -81,9 +81,16 @@ def test_the_overflow_regime_reaches_beyond_exp_and_the_lstm_stays_finite(dtype)
 @pytest.mark.parametrize("impl", ["NaiveTanhLSTM", "NaiveSigmoidLSTM"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_a_formula_that_overflows_is_caught(impl, dtype):
-    result = certify(f"{__file__}:{impl}", dtypes=[dtype], max_examples=60, oracles=["finite-differences"],
+    # 150 cases: Hypothesis draws the overflow regime less often than OVERFLOW_SHARE (about 7%: its integers
+    # lean to small values), and the sigmoid form breaks on some overflow cases only. With 60, whether the
+    # few overflow cases broke it was down to the derandomized sequence, which the harness's searches no
+    # longer vary with the modules a process has imported (harness.runner.same_cases_in_every_process).
+    result = certify(f"{__file__}:{impl}", dtypes=[dtype], max_examples=150, oracles=["finite-differences"],
                      profile="ci")
     assert result.verdict == "discrepancies", result.summary()
     failing = [r for r in result.records if r.status == "fail"]
     assert any(r.nonfinite for r in failing), result.summary()
-    assert all(r.case["spec"]["weight_scale"] == "overflow" for r in failing)  # nowhere else is it wrong
+    # Nowhere else is it wrong; but float32's exp overflows at 88.7, so tanh's exp(2a) already at a > 44.4,
+    # which saturating weights (pre-activations of standard deviation 25) reach too.
+    allowed = {"overflow"} if dtype == "float64" else {"overflow", "saturating"}
+    assert all(r.case["spec"]["weight_scale"] in allowed for r in failing)
