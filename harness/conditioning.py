@@ -48,5 +48,6 @@ def condition_number(case: Case) -> float:
         var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
         kappa = max(kappa, float(np.sqrt((v**2).mean(axis=-1, keepdims=True) / (var + c64.ln_eps)).max()))
 
-    lstm_forward("layernorm", c64.x, c64.h0, c64.c0, c64.params, ln_eps=c64.ln_eps, observe=observe)
+    lstm_forward("layernorm", c64.x, c64.h0, c64.c0, c64.params, ln_eps=c64.ln_eps, observe=observe,
+                 structure=c64.structure, lengths=c64.lengths)
     return kappa
