@@ -19,6 +19,7 @@ from harness.compare import FLOAT32_ORACLE, Tolerance, compare_arrays, compare_p
 from harness.conditioning import condition_number
 from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, gradient_keys, quantities, quantity_specs
 from harness.records import Record
+from harness.structure import parse_prefix
 from harness.subject import Execution, Subject
 from oracles.base import Oracle, Reference
 
@@ -58,6 +59,21 @@ def tolerance_factors(case: Case, reference: Reference) -> dict[str, float]:
     if case.dtype == "float32" and reference.compute_dtype == "float32":
         factors[FLOAT32_ORACLE] = 2.0
     return factors
+
+
+#: Why a peephole weight's gradient gets a wider tolerance (see :func:`_cell_magnitude`).
+PEEPHOLE_CELL = "the cell state's magnitude, which peephole weights multiply"
+
+
+def _cell_magnitude(case: Case, reference: Reference) -> float:
+    """How large the cell state runs in this case: max |c| over c0 and the reference's c_T (at least 1).
+    A peephole weight's gradient sums (gate derivative) * c_{t-1} over steps and rows, so its rounding,
+    in any correct implementation, is relative to |c| where the other gradients' terms are of order 1: a
+    case with cell states in the hundreds (the overflow regime) needs that much more room."""
+    seen = [float(np.max(np.abs(case.c0), initial=0.0))]
+    if reference.outputs is not None:
+        seen.append(float(np.max(np.abs(reference.outputs["c_T"]), initial=0.0)))
+    return max(1.0, *seen)
 
 
 def _scaled(tol: Tolerance, factors: dict[str, float]) -> Tolerance:
@@ -161,6 +177,10 @@ def compare_execution(
         for k in keys:
             q = "d" + k
             qbase = {**base, "quantity": q}
+            own, tol_k = dict(factors), tol
+            if parse_prefix(k)[2] in ("p_i", "p_f", "p_o"):
+                own[PEEPHOLE_CELL] = _cell_magnitude(case, reference)
+                tol_k = tol.scaled(own[PEEPHOLE_CELL], PEEPHOLE_CELL)
             if k in not_computed:
                 records += records_for(base, [q], "contract",
                                        f"{q}: not computed: the backward returned None for it, so there is nothing "
@@ -169,7 +189,7 @@ def compare_execution(
                 continue
             if reference.gradients is not None:
                 extra_err = (reference.gradient_error or {}).get(k, 0.0)
-                rec = compare_arrays(grads[k], reference.gradients[k], spec=specs[q], H=H, tol=tol,
+                rec = compare_arrays(grads[k], reference.gradients[k], spec=specs[q], H=H, tol=tol_k,
                                      tolerance_dtype=tol_dtype, extra=extra_err, base=qbase, lengths=case.lengths)
             else:
                 assert reference.projections is not None
@@ -179,11 +199,11 @@ def compare_execution(
                 with np.errstate(invalid="ignore", over="ignore"):
                     actual_proj = np.tensordot(proj.directions, g, axes=(axes, tuple(range(g.ndim))))
                     scale = float(np.max(np.abs(proj.directions * g).sum(axis=axes)))
-                rec = compare_projections(actual_proj, proj.values, proj.error_bound, tol=tol,
+                rec = compare_projections(actual_proj, proj.values, proj.error_bound, tol=tol_k,
                                           tolerance_dtype=tol_dtype,
                                           scale=scale if np.isfinite(scale) else 1.0, base=qbase)
             rec.case = case.info()
-            rec.tolerance_factors = dict(factors)
+            rec.tolerance_factors = own
             records.append(rec)
     return records
 

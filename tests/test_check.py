@@ -222,3 +222,26 @@ def test_a_contract_error_raised_by_the_implementation_is_a_contract_record():
     bwd = [r for r in records if r.direction == "backward"]
     assert {r.status for r in bwd} == {"contract"}
     assert bwd[0].reason == "backward: c_T: the wrapped module returned None; adapt it with final_cell=False"
+
+
+def test_peephole_weight_gradients_get_room_in_proportion_to_the_cell_state():
+    """dp_f sums (gate derivative) * c_{t-1}: with cell states in the hundreds its float32 rounding is that
+    many times the other gradients'. Only the peephole weights' tolerance widens, by max |c| (c0 or the
+    reference's c_T); every other quantity keeps the table's."""
+    from harness.cases import CaseSpec, build_case
+    from harness.check import PEEPHOLE_CELL, check_case
+    from harness.contract import validate
+    from harness.subject import InProcessSubject
+    from impls.peephole import StackedPeepholeLSTM
+    from oracles.finite_diff import FiniteDifferenceOracle
+
+    case = build_case(CaseSpec(variant="peephole", dtype="float32", T=3, B=2, D=3, H=4, seed=5,
+                               weight_scale="overflow"))
+    impl = StackedPeepholeLSTM()
+    records = check_case(InProcessSubject(impl, validate(impl)), [FiniteDifferenceOracle()], case)
+    by_quantity = {r.quantity: r for r in records}
+    magnitude = max(float(abs(case.c0).max()), 1.0)
+    assert magnitude > 50  # the overflow regime's cell states
+    for q in ("dp_i", "dp_f", "dp_o"):
+        assert by_quantity[q].tolerance_factors[PEEPHOLE_CELL] >= magnitude
+    assert all(PEEPHOLE_CELL not in r.tolerance_factors for q, r in by_quantity.items() if not q.startswith("dp_"))
