@@ -93,7 +93,9 @@ def test_variant_ratios_are_judged_against_their_goal(quick_run):
     assert [r["ratio"] for r in rows] == ["stacked-peephole / stacked", "stacked-layernorm / stacked"]
     for r in rows:
         assert RATIO.match(r["value"]) and r["goal"] == "<= 1.3x" and r["goal met"] in {"met", "NOT met"}
-        assert (r["goal met"] == "met") == (float(r["value"][:-1]) <= 1.3)
+        shown = float(r["value"][:-1])
+        if shown != 1.3:  # the table rounds the ratio; at the goal itself the verdict is the unrounded one's
+            assert (r["goal met"] == "met") == (shown <= 1.3)
 
 
 def test_fd_table_gives_cases_per_second_and_a_verdict(quick_run):
