@@ -184,6 +184,7 @@ _CONTRACT_STRUCTURES = [
 
 @pytest.mark.parametrize("structure", _CONTRACT_STRUCTURES, ids=lambda s: s.describe().replace(" ", "-"))
 def test_torch_composite_is_the_contract(structure):
+    pytest.importorskip("torch")
     case = structured_case(structure, T=4, B=3, D=2, H=2, seed=3, lengths=[2, 4, 1] if structure.lengths else None)
     ref = _COMPOSITE.reference(case)
     for got, want in zip((ref.outputs["y"], ref.outputs["h_T"], ref.outputs["c_T"]), _numpy_layer(case), strict=True):
@@ -324,6 +325,7 @@ def test_torch_nn_lstm_refuses_a_projection_not_smaller_than_h_by_its_reason():
     from harness.cases import case_specs
     from harness.check import structure_reason
 
+    pytest.importorskip("torch")
     oracle = TorchLSTMOracle()
     case = structured_case(Structure(proj_size=3), T=2, B=2, D=2, H=3)
     assert "proj_size < hidden_size" in structure_reason(oracle, "vanilla", "float64", case)

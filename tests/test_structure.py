@@ -8,7 +8,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import find, given, settings
 from hypothesis.errors import InvalidArgument
 
@@ -21,7 +20,10 @@ from harness.contract import ContractError, gradient_keys, param_shapes, quantit
 from harness.records import format_direction_steps
 from harness.structure import Structure
 from harness.subject import InProcessSubject
-from tests.layer_support import ConfigurableTorchLayer, TorchLayer, TorchLayerOracle, layer_forward
+
+torch = pytest.importorskip("torch")  # the test-only layer and oracle here are torch autograd
+
+from tests.layer_support import ConfigurableTorchLayer, TorchLayer, TorchLayerOracle, layer_forward  # noqa: E402
 
 STACKED_BI_PROJ = Structure(num_layers=2, bidirectional=True, proj_size=3)
 
