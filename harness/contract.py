@@ -428,12 +428,7 @@ def check_inputs(
     if (structure is not None and not structure.is_default) or lengths is not None:
         return _check_structured_inputs(variant, x, h0, c0, params, structure or Structure(), lengths)
     spec = _variant(variant)
-    for arg, value in (("x", x), ("h0", h0), ("c0", c0)):
-        if not hasattr(value, "shape"):
-            raise ValueError(f"{arg}: expected an array, got {type(value).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x: expected shape (T, B, D), got {tuple(x.shape)} ({x.ndim} dimensions)")
-    T, B, D = x.shape
+    T, B, D = _sequence_shape(x, h0, c0)
     if h0.ndim != 2:
         raise ValueError(f"h0: expected shape (B, H) = ({B}, H), got {tuple(h0.shape)}")
     H = h0.shape[1]
@@ -460,18 +455,24 @@ def check_inputs(
     return T, B, D, H
 
 
-def _check_structured_inputs(variant: str, x: Any, h0: Any, c0: Any, params: Any, structure: Structure,
-                             lengths: Any) -> tuple[int, int, int, int]:
-    """:func:`check_inputs` for a structure other than the default (or with lengths)."""
-    problems = structure.problems(variant)
-    if problems:
-        raise ValueError("structure: " + "; ".join(problems))
+def _sequence_shape(x: Any, h0: Any, c0: Any) -> tuple[int, int, int]:
+    """(T, B, D) of x, once x, h0 and c0 are arrays and x is (T, B, D); else a ValueError naming which."""
     for arg, value in (("x", x), ("h0", h0), ("c0", c0)):
         if not hasattr(value, "shape"):
             raise ValueError(f"{arg}: expected an array, got {type(value).__name__}")
     if x.ndim != 3:
         raise ValueError(f"x: expected shape (T, B, D), got {tuple(x.shape)} ({x.ndim} dimensions)")
     T, B, D = x.shape
+    return T, B, D
+
+
+def _check_structured_inputs(variant: str, x: Any, h0: Any, c0: Any, params: Any, structure: Structure,
+                             lengths: Any) -> tuple[int, int, int, int]:
+    """:func:`check_inputs` for a structure other than the default (or with lengths)."""
+    problems = structure.problems(variant)
+    if problems:
+        raise ValueError("structure: " + "; ".join(problems))
+    T, B, D = _sequence_shape(x, h0, c0)
     n_state = 3 if structure.layered else 2
     if c0.ndim != n_state:
         layout = "(L * dirs, B, H)" if structure.layered else "(B, H)"

@@ -276,16 +276,10 @@ def test_layernorm_row_sums_by_einsum_leave_the_bounds_as_wide_as_by_mean(spec, 
 from harness.structure import FEATURES, Structure  # noqa: E402
 from oracles import finite_diff  # noqa: E402
 from tests.structured import structured_case  # noqa: E402
-from tests.torch_layer import torch_reference  # noqa: E402
+from tests.torch_layer import TORCH_STRUCTURES, torch_reference  # noqa: E402
 
-#: Structures torch.nn.LSTM computes (CIFG as a vanilla cell whose forget rows are minus its input rows).
 TORCH_STRUCTURES = {
-    "layers": Structure(num_layers=2),
-    "bidirectional": Structure(bidirectional=True),
-    "lengths": Structure(lengths=True),
-    "proj": Structure(proj_size=2),
-    "cifg": Structure(coupled_input_forget=True),
-    "all": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True),
+    **TORCH_STRUCTURES,
     "three-layers-reverse-lengths": Structure(num_layers=3, bidirectional=True, lengths=True),
 }
 

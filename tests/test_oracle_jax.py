@@ -216,17 +216,8 @@ def test_references_are_computed_on_the_cpu_even_where_jax_has_a_gpu(monkeypatch
 
 from harness.structure import FEATURES, Structure  # noqa: E402
 from tests.structured import structured_case  # noqa: E402
-from tests.torch_layer import torch_reference  # noqa: E402
+from tests.torch_layer import TORCH_STRUCTURES, torch_reference  # noqa: E402
 
-#: Structures torch.nn.LSTM computes (CIFG as a vanilla cell whose forget rows are minus its input rows).
-TORCH_STRUCTURES = {
-    "layers": Structure(num_layers=2),
-    "bidirectional": Structure(bidirectional=True),
-    "lengths": Structure(lengths=True),
-    "proj": Structure(proj_size=2),
-    "cifg": Structure(coupled_input_forget=True),
-    "all": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True),
-}
 #: Every feature, by variant (LayerNorm has no projection or clip here).
 EVERYTHING = {
     "vanilla": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True,

@@ -17,6 +17,17 @@ import numpy as np
 import pytest
 
 from harness.cases import Case
+from harness.structure import Structure
+
+#: Structures torch.nn.LSTM computes (CIFG as a vanilla cell whose forget rows are minus its input rows).
+TORCH_STRUCTURES = {
+    "layers": Structure(num_layers=2),
+    "bidirectional": Structure(bidirectional=True),
+    "lengths": Structure(lengths=True),
+    "proj": Structure(proj_size=2),
+    "cifg": Structure(coupled_input_forget=True),
+    "all": Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True, coupled_input_forget=True),
+}
 
 
 def torch_reference(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
