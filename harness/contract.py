@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from harness.limits import Limits
-from harness.structure import Structure
+from harness.structure import FEATURES, Structure
 
 __all__ = [
     "GATES",
@@ -289,6 +289,9 @@ class ImplementationInfo:
     #: It has ``with_structure(structure)`` (and no ``configurable = False``): the harness draws structures
     #: for it and configures it per case.
     configurable: bool = False
+    #: The structure features (:data:`harness.structure.FEATURES`) a configurable implementation computes
+    #: (its ``structures`` attribute; all of them by default): drawn structures use no other.
+    structures: frozenset[str] = frozenset(FEATURES)
     #: Whether it declares its dtypes (a ``dtypes`` attribute, or an adapter given ``dtypes=``); when it does
     #: not, :func:`harness.certify` checks which dtypes it computes in as written.
     dtypes_declared: bool = True
@@ -376,6 +379,13 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         problems.append(f"with_structure: expected a method with_structure(structure) returning a configured "
                         f"implementation, or no attribute, got {type(configure).__name__}")
 
+    computes = getattr(obj, "structures", FEATURES)
+    if isinstance(computes, str) or not isinstance(computes, (tuple, list, set, frozenset)) \
+            or set(computes) - set(FEATURES):
+        problems.append(f"structures: expected the structure features it computes, a subset of {FEATURES}, "
+                        f"got {computes!r}")
+        computes = FEATURES
+
     if problems:
         raise ContractError(problems, subject=f"implementation {name!r}")
     return ImplementationInfo(
@@ -387,6 +397,7 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         limits=limits,
         structure=structure,
         configurable=configure is not None and getattr(obj, "configurable", True) is not False,
+        structures=frozenset(computes),
         dtypes_declared=bool(getattr(obj, "dtypes_declared", hasattr(obj, "dtypes"))),
     )
 

@@ -28,7 +28,6 @@ from harness.cases import PROFILES, Case, CaseSpec, build_case, case_file_name, 
 from harness.check import check_case
 from harness.contract import DIRECTIONS, quantities
 from harness.records import Record, RecordKey, keep_worst, order_records
-from harness.structure import FEATURES
 from harness.subject import Subject
 from oracles.base import Oracle
 
@@ -191,13 +190,13 @@ def run_checks(
     """
     run = run or RunSettings()
     info = subject.info
-    # A configurable implementation gets drawn structures, using the features some oracle here computes.
+    # A configurable implementation gets drawn structures, using the features it and some oracle here compute.
     computed = frozenset(f for o in oracles if not o.unsupported_reason(info.variant, dtype)
                          for f in getattr(o, "structures", ()))
     strategy = case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
                           structure=None if info.configurable else info.structure,
-                          features=computed & frozenset(FEATURES))
+                          features=computed & info.structures)
     skipped: dict[str, dict[str, int]] = {}
     features: dict[str, int] = {}
     worst: dict[RecordKey, Record] = {}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from harness.contract import check_dtype, check_inputs, check_upstream, param_shapes
-from harness.structure import Structure
+from harness.structure import FEATURES, Structure
 
 __all__ = ["LayeredLSTM", "DirectionCache", "step_order"]
 
@@ -79,6 +79,10 @@ class LayeredLSTM:
     coupled_input_forget: bool = False
     cell_clip: float | None = None
     accepts_lengths: bool = False
+    #: The structure features (:data:`harness.structure.FEATURES`) this implementation computes; another one
+    #: is refused with :attr:`structures_note` as the reason (the harness draws none it does not compute).
+    structures: tuple[str, ...] = FEATURES
+    structures_note: str = ""
 
     def __init__(self, *, num_layers: int = 1, bidirectional: bool = False, proj_size: int = 0,
                  coupled_input_forget: bool = False, cell_clip: float | None = None,
@@ -107,6 +111,10 @@ class LayeredLSTM:
 
     def _configure(self, structure: Structure) -> None:
         problems = structure.problems(self.variant)
+        missing = [f for f in FEATURES if f in structure.features() and f not in self.structures]
+        if missing:
+            problems.append(f"does not compute {', '.join(missing)}" + (f": {self.structures_note}"
+                                                                        if self.structures_note else ""))
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         settings = {"num_layers": structure.num_layers, "bidirectional": structure.bidirectional,
@@ -145,13 +153,14 @@ class LayeredLSTM:
             return self.sequence_forward(x, h0, c0, params, check_dtype(self, x))
         T, B, D, H = check_inputs(self.variant, x, h0, c0, params, structure=structure, lengths=lengths)
         dtype = check_dtype(self, x)
-        params = {k: np.asarray(v, dtype) for k, v in params.items()}
-        full = np.full(B, T) if lengths is None else np.asarray(lengths)
+        xp = self.namespace()
+        params = {k: xp.asarray(v, dtype) for k, v in params.items()}
+        full = np.full(B, T) if lengths is None else np.asarray(lengths)  # on the host: it only plans the groups
         n_cells = structure.num_layers * structure.dirs
-        h0s = np.asarray(h0, dtype).reshape(n_cells, B, -1)  # (L * dirs, B, H_out), also when not layered
-        c0s = np.asarray(c0, dtype).reshape(n_cells, B, H)
-        h_T, c_T = np.empty_like(h0s), np.empty_like(c0s)
-        layer_in = np.asarray(x, dtype)  # (T, B, D), then (T, B, dirs * H_out)
+        h0s = xp.asarray(h0, dtype).reshape(n_cells, B, -1)  # (L * dirs, B, H_out), also when not layered
+        c0s = xp.asarray(c0, dtype).reshape(n_cells, B, H)
+        h_T, c_T = xp.empty_like(h0s), xp.empty_like(c0s)
+        layer_in = xp.asarray(x, dtype)  # (T, B, D), then (T, B, dirs * H_out)
         caches: list[DirectionCache] = []
         # One cell's parameter names without prefix: the variant's, and proj when there is one.
         cell_names = tuple(param_shapes(self.variant, Structure(proj_size=structure.proj_size), D=D, H=H))
@@ -166,7 +175,7 @@ class LayeredLSTM:
                                                                      reverse=direction == 1, dtype=dtype)
                 outputs.append(y_d)  # (T, B, H_out)
                 caches.append(cache)
-            layer_in = np.concatenate(outputs, axis=2)  # (T, B, dirs * H_out)
+            layer_in = outputs[0] if len(outputs) == 1 else xp.concatenate(outputs, axis=2)  # (T, B, dirs * H_out)
         names = tuple(param_shapes(self.variant, structure, D=D, H=H))
         cache_all = LayerCache(structure, T, B, H, dtype, caches, names)
         state_shapes = structure.state_shapes(B=B, H=H)
@@ -183,11 +192,12 @@ class LayeredLSTM:
         n_cells = structure.num_layers * structure.dirs
         H_out = structure.h_out(H)
         dtype = cache.dtype
-        dh_T = np.asarray(dh_T, dtype).reshape(n_cells, B, H_out)
-        dc_T = np.asarray(dc_T, dtype).reshape(n_cells, B, H)
-        dh0, dc0 = np.empty_like(dh_T), np.empty_like(dc_T)
+        xp = self.namespace()
+        dh_T = xp.asarray(dh_T, dtype).reshape(n_cells, B, H_out)
+        dc_T = xp.asarray(dc_T, dtype).reshape(n_cells, B, H)
+        dh0, dc0 = xp.empty_like(dh_T), xp.empty_like(dc_T)
         grads: dict[str, Any] = {}
-        d_out = np.asarray(dy, dtype)  # dL/dy of the layer being processed, (T, B, dirs * H_out)
+        d_out = xp.asarray(dy, dtype)  # dL/dy of the layer being processed, (T, B, dirs * H_out)
         cells = structure.cells()
         for layer in reversed(range(structure.num_layers)):
             d_in = None  # dL/d(layer input), summed over the directions
@@ -208,36 +218,64 @@ class LayeredLSTM:
     # ----------------------------------------------------------------------------------------------
     # One direction: the rows of each length as one shorter sequence.
 
+    def namespace(self) -> Any:
+        """The array namespace the layer loops run over: the implementation's ``xp`` (CuPy for the GPU
+        versions), else NumPy. Lengths and the groups of rows stay on the host."""
+        return getattr(self, "xp", np)
+
     def step_order(self, L: int, T: int, reverse: bool) -> np.ndarray:
         """The timesteps (of T) a direction reads for a row of length L, in order (see :func:`step_order`)."""
         return step_order(L, reverse)
 
     def _direction_forward(self, x, h0, c0, params, lengths, *, reverse: bool, dtype):
+        xp = self.namespace()
         T, B, _ = x.shape
         y = None
-        h_T, c_T = np.empty_like(h0), np.empty_like(c0)
+        h_T, c_T = xp.empty_like(h0), xp.empty_like(c0)
         groups = []
         for L in np.unique(lengths):
             rows = np.flatnonzero(lengths == L)
             steps = self.step_order(int(L), T, reverse)
-            x_g = np.ascontiguousarray(x[steps[:, None], rows])  # (L, rows, D), in the order read
-            y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[rows], c0[rows], params, dtype)
+            if _whole(rows, steps, B, T):
+                # The whole batch, every step in time order: the sequence itself, without a gathered copy.
+                y, h_T, c_T, cache = self.sequence_forward(x, h0, c0, params, dtype)
+                groups.append((rows, steps, cache))
+                return xp.asarray(y), xp.asarray(h_T), xp.asarray(c_T), DirectionCache(T, B, x.shape[2], groups)
+            t, r = _index(xp, steps, rows)
+            x_g = xp.ascontiguousarray(x[t, r])  # (L, rows, D), in the order read
+            y_g, h_g, c_g, cache = self.sequence_forward(x_g, h0[r], c0[r], params, dtype)
             if y is None:
-                y = np.zeros((T, B, y_g.shape[2]), dtype)  # steps t >= lengths[b] stay 0
-            y[steps[:, None], rows] = np.asarray(y_g)
-            h_T[rows], c_T[rows] = np.asarray(h_g), np.asarray(c_g)
+                y = xp.zeros((T, B, y_g.shape[2]), dtype)  # steps t >= lengths[b] stay 0
+            y[t, r] = xp.asarray(y_g)
+            h_T[r], c_T[r] = xp.asarray(h_g), xp.asarray(c_g)
             groups.append((rows, steps, cache))
         return y, h_T, c_T, DirectionCache(T, B, x.shape[2], groups)
 
     def _direction_backward(self, dy, dh_T, dc_T, cache: DirectionCache) -> dict[str, Any]:
-        dx = np.zeros((cache.T, cache.B, cache.D), dy.dtype)  # padded steps have no input gradient
-        dh0, dc0 = np.empty_like(dh_T), np.empty_like(dc_T)
+        xp = self.namespace()
+        rows, steps, sub = cache.groups[0]
+        if _whole(rows, steps, cache.B, cache.T):
+            return {k: xp.asarray(v) for k, v in self.sequence_backward(dy, dh_T, dc_T, sub).items()}
+        dx = xp.zeros((cache.T, cache.B, cache.D), dy.dtype)  # padded steps have no input gradient
+        dh0, dc0 = xp.empty_like(dh_T), xp.empty_like(dc_T)
         total: dict[str, Any] = {}
         for rows, steps, sub in cache.groups:
-            dy_g = np.ascontiguousarray(dy[steps[:, None], rows])  # (L, rows, H_out), dy at padded steps unread
-            g = {k: np.asarray(v) for k, v in self.sequence_backward(dy_g, dh_T[rows], dc_T[rows], sub).items()}
-            dx[steps[:, None], rows] = g.pop("x")
-            dh0[rows], dc0[rows] = g.pop("h0"), g.pop("c0")
+            t, r = _index(xp, steps, rows)
+            dy_g = xp.ascontiguousarray(dy[t, r])  # (L, rows, H_out), dy at padded steps unread
+            g = {k: xp.asarray(v) for k, v in self.sequence_backward(dy_g, dh_T[r], dc_T[r], sub).items()}
+            dx[t, r] = g.pop("x")
+            dh0[r], dc0[r] = g.pop("h0"), g.pop("c0")
             for name, v in g.items():
                 total[name] = v if name not in total else total[name] + v
         return {"x": dx, "h0": dh0, "c0": dc0, **total}
+
+
+def _whole(rows: np.ndarray, steps: np.ndarray, B: int, T: int) -> bool:
+    """Whether a group is every row of the batch reading every step in time order."""
+    return len(rows) == B and len(steps) == T and bool(steps[0] == 0)
+
+
+def _index(xp: Any, steps: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
+    """A group's steps (L, 1) and rows (rows,) as ``xp`` index arrays: ``a[t, r]`` is the group's
+    (L, rows, ...) block of a (T, B, ...) array, ``s[r]`` its rows of a (B, ...) state."""
+    return xp.asarray(steps)[:, None], xp.asarray(rows)

@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import DEFAULT_LN_EPS, check_dtype, check_inputs, check_upstream
+from harness.contract import DEFAULT_LN_EPS
 from harness.layouts import CANONICAL_ORDER, permute_gates
 from impls.layer import LayeredLSTM
 
 __all__ = [
     "StackedLSTM",
-    "SingleStackedLSTM",
     "Cell",
     "VanillaCell",
     "StackedCache",
@@ -391,9 +390,14 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     return grads
 
 
-class SingleStackedLSTM:
-    """The stacked algorithm in the default structure only (one layer, one direction, full lengths):
-    the base of the GPU versions, which compute nothing else and so have no ``with_structure``.
+class StackedLSTM(LayeredLSTM):
+    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster, in any structure.
+
+    The loops over layers, directions and lengths are :class:`impls.layer.LayeredLSTM`'s, around the
+    stacked algorithm of one sequence. The options that change the cell itself (projection, CIFG, cell
+    clipping) are in the stacked algorithm too: CIFG and clipping as options of the stacked cells
+    (:meth:`Cell.with_options`), the projection as one more GEMM a step (:func:`stacked_forward`). The
+    variants' stacked classes only change ``variant``, ``name`` and ``cell``; the GPU versions also ``xp``.
 
     ``xp`` is the array namespace the algorithm runs over and ``cell`` the variant's pointwise math.
     """
@@ -403,28 +407,6 @@ class SingleStackedLSTM:
     dtypes = ("float64", "float32")
     xp: Any = np
     cell: Cell = VanillaCell()
-
-    def forward(self, x, h0, c0, params):
-        check_inputs(self.variant, x, h0, c0, params)
-        dtype = check_dtype(self, x)
-        ln_eps = getattr(self, "ln_eps", DEFAULT_LN_EPS)
-        return stacked_forward(self.xp, self.cell, x, h0, c0, params, dtype, ln_eps=ln_eps)
-
-    def backward(self, dy, dh_T, dc_T, cache):
-        T, B, _ = cache.x.shape
-        check_upstream(dy, dh_T, dc_T, T=T, B=B, H=cache.h.shape[2])
-        return stacked_backward(self.xp, self.cell, dy, dh_T, dc_T, cache)
-
-
-class StackedLSTM(LayeredLSTM, SingleStackedLSTM):
-    """Vanilla LSTM with stacked-gate GEMMs; same results as ``loop``, much faster, in any structure.
-
-    The loops over layers, directions and lengths are :class:`impls.layer.LayeredLSTM`'s, around the
-    stacked algorithm of one sequence. The options that change the cell itself (projection, CIFG, cell
-    clipping) are in the stacked algorithm too: CIFG and clipping as options of the stacked cells
-    (:meth:`Cell.with_options`), the projection as one more GEMM a step (:func:`stacked_forward`). The
-    variants' stacked classes only change ``variant``, ``name`` and ``cell``.
-    """
 
     def _cell(self) -> Cell:
         if not self.coupled_input_forget and self.cell_clip is None:

@@ -41,6 +41,7 @@ from harness import registry
 from harness.cases import CaseSpec, build_case, case_specs
 from harness.check import check_case
 from harness.contract import DEFAULT_DTYPES, quantities, validate
+from harness.structure import FEATURES, Structure
 from harness.subject import InProcessSubject
 from impls import gpu
 from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum, launch
@@ -293,6 +294,10 @@ def test_emulated_implementation_uses_only_what_cupy_provides(name):
     impl, info = emulated(name)
     impl.xp = test_impls.RestrictedNamespace()
     check(impl, info, CaseSpec(variant=info.variant, dtype="float32", T=3, B=2, D=3, H=4, seed=4))
+    # The layer loops too: two layers, both directions, lengths (and a projection where it is defined).
+    check(impl, info, CaseSpec(variant=info.variant, dtype="float32", T=4, B=3, D=3, H=4, seed=4, num_layers=2,
+                               bidirectional=True, proj_size=0 if info.variant == "layernorm" else 2,
+                               lengths="random"))
 
 
 def test_emulated_layernorm_uses_its_declared_eps():
@@ -317,6 +322,60 @@ def test_upstream_gradients_that_are_not_contiguous_are_accepted():
     want = impl.backward(case.dy, case.dh_T, case.dc_T, cache2)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# --- The whole layer: layers, directions, lengths and projections around the fused cell -------------
+
+#: What the GPU versions compute beyond one cell (not CIFG or clipping: they would change the kernels).
+GPU_FEATURES = ("layers", "bidirectional", "lengths", "proj")
+
+
+def structured_specs(info, dtype: str, **sizes):
+    """Case specs in drawn structures of the features the GPU versions compute, every one structured."""
+    features = frozenset(GPU_FEATURES)
+    return case_specs(variants=(info.variant,), dtypes=(dtype,), ln_eps=info.ln_eps, structure=None,
+                      features=features, **sizes).filter(lambda s: not s.structure.is_default)
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_the_gpu_versions_declare_the_features_their_kernels_compute(name):
+    impl, info = emulated(name)
+    assert info.configurable and info.structures == frozenset(GPU_FEATURES)
+    for option in (dict(coupled_input_forget=True), dict(cell_clip=1.0)):
+        with pytest.raises(ValueError, match="without CIFG or cell clipping"):
+            impl.with_structure(Structure(**option))
+    if info.variant != "layernorm":
+        layered = Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)
+        assert impl.with_structure(layered).structure == layered
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_emulated_layer_equals_its_numpy_twin_bit_for_bit(name, data):
+    """Layers, directions, lengths and projections: the layer loops over the emulated fused cell give the
+    NumPy stacked version's bits, in every drawn structure."""
+    impl, info = emulated(name)
+    spec = data.draw(structured_specs(info, "float64", max_T=5, max_B=4, max_D=5, max_H=6), label="spec")
+    case = build_case(spec)
+    outputs, grads = forward_backward(impl.with_structure(case.structure), case)
+    ref, want = forward_backward(NUMPY_TWIN[name]().with_structure(case.structure), case)
+    for key, a, b in zip(("y", "h_T", "c_T"), outputs, ref):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+    assert list(grads) == list(want)
+    for key in want:
+        np.testing.assert_array_equal(grads[key], want[key], err_msg=f"d{key}")
+
+
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@settings(max_examples=8)
+@given(data=st.data())
+def test_emulated_layer_matches_finite_differences(name, dtype, data):
+    impl, info = emulated(name)
+    spec = data.draw(structured_specs(info, dtype, **SIZES), label="spec")
+    records = check(impl, info, spec)
+    assert {r.status for r in records} == {"pass"}
 
 
 # --- Planted bugs in the kernel tables are caught ----------------------------------------------------
@@ -697,6 +756,7 @@ class NumpyTwinOracle(Oracle):
     """The NumPy stacked implementation of a variant as an oracle, computing in the case's own dtype."""
 
     compute_dtypes = ("float64", "float32")
+    structures = frozenset(FEATURES)
 
     def __init__(self, name: str):
         self.twin = NUMPY_TWIN[name]()
@@ -709,8 +769,10 @@ class NumpyTwinOracle(Oracle):
     def reference(self, case) -> Reference:
         if hasattr(self.twin, "ln_eps"):
             self.twin.ln_eps = case.ln_eps
-        y, h_T, c_T, cache = self.twin.forward(case.x, case.h0, case.c0, case.params)
-        grads = self.twin.backward(case.dy, case.dh_T, case.dc_T, cache)
+        twin = self.twin.with_structure(case.structure)
+        extra = {"lengths": case.lengths} if case.lengths is not None else {}
+        y, h_T, c_T, cache = twin.forward(case.x, case.h0, case.c0, case.params, **extra)
+        grads = twin.backward(case.dy, case.dh_T, case.dc_T, cache)
         return Reference(compute_dtype=case.dtype, outputs={"y": y, "h_T": h_T, "c_T": c_T}, gradients=grads)
 
 
@@ -819,3 +881,19 @@ def test_gpu_layernorm_uses_its_declared_eps():
     check(impl, info, spec)
     records = check_case(InProcessSubject(impl, info), [ORACLE], build_case(spec.replace(ln_eps=1e-5)))
     assert {r.quantity for r in records if r.status == "fail"} >= {"y", "h_T", "c_T"}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_gpu_layer_matches_finite_differences_and_its_numpy_twin(name, dtype, data):
+    """Stacked layers, both directions, lengths and projections on the device, against finite
+    differences and the NumPy stacked version in the same structure, every quantity compared."""
+    impl, info = _on_device(name)
+    spec = data.draw(structured_specs(info, dtype, **SIZES), label="spec")
+    records = check(impl, info, spec, oracles=(ORACLE, NumpyTwinOracle(name)))
+    assert {r.status for r in records} == {"pass"}
+    assert {r.oracle for r in records} == {ORACLE.name, NumpyTwinOracle(name).name}

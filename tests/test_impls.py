@@ -182,8 +182,8 @@ def test_integer_inputs_and_bad_upstream_shapes_are_rejected(name):
 #: What the stacked algorithm may call on its namespace: functions CuPy provides with NumPy's
 #: semantics (ufuncs with ``out=``, ``matmul`` with ``out=``). Array methods (reshape, mean, sum,
 #: copy) are the arrays' own.
-CUPY_COMPATIBLE = ("asarray", "array", "empty", "matmul", "tanh", "multiply", "subtract", "add", "divide",
-                   "sqrt", "split", "concatenate", "ascontiguousarray")
+CUPY_COMPATIBLE = ("asarray", "array", "empty", "empty_like", "zeros", "zeros_like", "matmul", "tanh", "multiply",
+                   "subtract", "add", "divide", "sqrt", "split", "concatenate", "ascontiguousarray")
 
 
 class RestrictedNamespace:

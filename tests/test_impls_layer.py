@@ -128,10 +128,11 @@ def test_layernorm_with_projection_or_clip_is_refused(cls, option):
         cls().with_structure(Structure(**option))
 
 
-def test_gpu_versions_compute_only_the_default_structure():
+def test_a_gpu_version_in_its_default_structure_refuses_layered_inputs():
+    """Configured by with_structure like the others (tests/test_gpu.py runs its layer loops); an instance in
+    the default structure takes (B, H) states only. Creating one needs no CuPy."""
     from impls.gpu.cells import CupyLSTM
 
-    assert not hasattr(CupyLSTM, "with_structure")
     case = structured_case(Structure(num_layers=2), T=3, B=2)
     with pytest.raises(ValueError, match=r"h0: expected shape \(B, H\)"):
         CupyLSTM().forward(case.x, case.h0, case.c0, case.params)
@@ -466,3 +467,39 @@ def test_a_default_builtin_has_no_state_of_its_own_and_subclasses_that_replace_t
     assert not validate(OwnForward()).configurable
     assert validate(OwnCell()).configurable
     assert validate(SaysSo()).configurable
+
+
+# --- An implementation that computes some of the features -----------------------------------------
+
+
+class _StacksOnly(StackedLSTM):
+    name = "stacks-only"
+    structures = ("layers", "bidirectional")
+    structures_note = "its kernels have no masking"
+
+
+def test_an_implementation_declares_the_features_it_computes_and_gets_no_other():
+    from harness.contract import ContractError, validate
+    from harness.runner import RunSettings, run_checks
+    from harness.subject import InProcessSubject
+    from oracles.finite_diff import FiniteDifferenceOracle
+
+    impl = _StacksOnly()
+    info = validate(impl)
+    assert info.configurable and info.structures == frozenset({"layers", "bidirectional"})
+    assert validate(StackedLSTM()).structures == frozenset(("layers", "bidirectional", "lengths", "proj", "cifg",
+                                                             "clip"))
+    with pytest.raises(ValueError, match="does not compute lengths, proj: its kernels have no masking"):
+        impl.with_structure(Structure(lengths=True, proj_size=2))
+    stats: dict = {}
+    records = run_checks(InProcessSubject(impl, info), [FiniteDifferenceOracle()], dtype="float64",
+                         run=RunSettings(max_examples=45), stats=stats)
+    assert all(r.ok for r in records)
+    assert stats["features"] and set(stats["features"]) <= {"layers", "bidirectional"}, stats["features"]
+
+    class Wrong(_StacksOnly):
+        structures = ("layers", "wings")
+
+    with pytest.raises(ContractError, match=r"structures: expected the structure features it computes, a subset "
+                                            r"of .*got \('layers', 'wings'\)"):
+        validate(Wrong())

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import DEFAULT_LN_EPS, check_upstream
+from harness.contract import DEFAULT_LN_EPS
 from impls.gpu import launch
 from impls.gpu.availability import require_cupy
 from impls.gpu.emulator import check_buffer
@@ -14,7 +14,7 @@ from impls.gpu.kernels import KERNELS
 from impls.gpu.language import Kernel, block_size
 from impls.layernorm import LayerNormCell
 from impls.peephole import PeepholeCell
-from impls.stacked import Cell, SingleStackedLSTM, VanillaCell, stacked_backward
+from impls.stacked import Cell, StackedLSTM, VanillaCell
 
 __all__ = ["CupyLSTM", "CupyPeepholeLSTM", "CupyLayerNormLSTM", "FusedVanillaCell", "FusedPeepholeCell",
            "FusedLayerNormCell"]
@@ -154,13 +154,13 @@ class FusedLayerNormCell(_Fused, LayerNormCell):
 # --- The implementations ---------------------------------------------------------------------------
 
 
-class CupyLSTM(SingleStackedLSTM):
+class CupyLSTM(StackedLSTM):
     """Vanilla LSTM on the GPU with CuPy: stacked GEMMs and one fused gate kernel per step.
 
-    Default structure only (one layer, one direction, full lengths, no projection, CIFG or clipping):
-    it has no ``with_structure``, so the harness gives it only cases of that structure, and inputs of
-    any other shape are refused by :func:`harness.contract.check_inputs` with the shape it expects.
-
+    Stacked layers, both directions, variable lengths and projections: the layer loops of
+    :class:`impls.layer.LayeredLSTM` around the fused cell (a projection is one more GEMM a step, as in
+    ``stacked``). Not CIFG or cell clipping: they would change the fused kernels' gate math, so they
+    are refused with that reason and the harness draws no case with them.
     Inputs are NumPy (or CuPy) arrays; outputs and gradients stay CuPy arrays (the harness converts
     them). ``xp`` is CuPy, imported at first use; set ``impl.xp = numpy`` to run the very same code
     with every kernel emulated by NumPy (what CI does, having no GPU).
@@ -170,6 +170,8 @@ class CupyLSTM(SingleStackedLSTM):
     variant = "vanilla"
     dtypes = ("float64", "float32")
     cell: Cell = FusedVanillaCell()
+    structures = ("layers", "bidirectional", "lengths", "proj")
+    structures_note = "the fused CUDA kernels compute the cell without CIFG or cell clipping"
     _xp: Any = None
 
     @property
@@ -182,13 +184,12 @@ class CupyLSTM(SingleStackedLSTM):
     def xp(self, value: Any) -> None:
         self._xp = value
 
-    def backward(self, dy, dh_T, dc_T, cache):
-        T, B, _ = cache.x.shape
-        check_upstream(dy, dh_T, dc_T, T=T, B=B, H=cache.h.shape[2])
+    def sequence_backward(self, dy, dh_T, dc_T, cache):
         xp = self.xp
-        # The backward kernel indexes dy[t] as a flat (B, H) block: make dy C-contiguous up front.
+        # The backward kernel indexes dy[t] as a flat (B, H) block: make dy C-contiguous up front (one
+        # direction's dy is a column slice of the layer's).
         dy = xp.ascontiguousarray(xp.asarray(dy, dtype=cache.x.dtype))
-        return stacked_backward(xp, self.cell, dy, dh_T, dc_T, cache)
+        return super().sequence_backward(dy, dh_T, dc_T, cache)
 
 
 class CupyPeepholeLSTM(CupyLSTM):
