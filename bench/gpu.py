@@ -18,7 +18,8 @@ Rows:
 * ``cupy-peephole`` and ``cupy-layernorm``, which cuDNN has no counterpart for.
 
 Forward is the training forward (it keeps what the backward needs), forward+backward computes every
-gradient (dx, dh0, dc0 and the weights'). Target: the CuPy forward+backward within 2x of cuDNN's.
+gradient (dx, dh0, dc0 and the weights'). Targets: the CuPy forward+backward at most 1.0x cuDNN's
+(TF32 off), and with NumPy inputs (the contract path, copies included) at most 1.3x.
 Prints one skip line, and exits 0, where there is no GPU (or no CUDA PyTorch for the cuDNN rows).
 """
 
@@ -33,12 +34,14 @@ from typing import Any
 from bench.common import lstm_flops, table
 from harness.cases import CaseSpec, build_case
 
-__all__ = ["main", "GpuRow", "TARGET_RATIO", "SHAPE"]
+__all__ = ["main", "GpuRow", "TARGET_RATIO", "NUMPY_INPUTS_RATIO", "SHAPE"]
 
 #: (T, B, D, H, dtype) of the issue's target.
 SHAPE = (100, 64, 512, 512, "float32")
-#: CuPy forward+backward time over cuDNN's (TF32 off) must not exceed this.
-TARGET_RATIO = 2.0
+#: CuPy forward+backward time over cuDNN's (TF32 off) must not exceed this, inputs on the device ...
+TARGET_RATIO = 1.0
+#: ... and this with NumPy inputs (the contract path: the host-to-device copies included).
+NUMPY_INPUTS_RATIO = 1.3
 
 
 @dataclass
@@ -191,11 +194,15 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
         lines.append(f"cuDNN rows skipped: {torch_why}; the target ratio was not measured")
     else:
         ratio = rows[0].total_ms / ref.total_ms
-        met = ratio <= TARGET_RATIO
+        numpy_ratio = rows[1].total_ms / ref.total_ms
+        met = ratio <= TARGET_RATIO and numpy_ratio <= NUMPY_INPUTS_RATIO
         lines.append(
-            f"Target: cupy fwd+bwd within {TARGET_RATIO:g}x of cuDNN fwd+bwd (float32, TF32 off): "
-            f"{ratio:.2f}x (forward {rows[0].forward_ms / ref.forward_ms:.2f}x): {'MET' if met else 'NOT MET'}"
-        )
+            f"Target: cupy fwd+bwd at most {TARGET_RATIO:g}x cuDNN fwd+bwd ({dtype}, TF32 off): "
+            f"{ratio:.2f}x (forward {rows[0].forward_ms / ref.forward_ms:.2f}x): "
+            f"{'MET' if ratio <= TARGET_RATIO else 'NOT MET'}")
+        lines.append(
+            f"Target: with NumPy inputs at most {NUMPY_INPUTS_RATIO:g}x: {numpy_ratio:.2f}x: "
+            f"{'MET' if numpy_ratio <= NUMPY_INPUTS_RATIO else 'NOT MET'}")
     return "\n".join(lines), met
 
 
