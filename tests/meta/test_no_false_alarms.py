@@ -47,8 +47,8 @@ def test_drawn_layer_structures_without_a_false_alarm(impl, dtype):
     bad = [r.message for r in records if r.status != "pass"]
     assert not bad, "\n\n".join(bad)
     by_quantity = {r.quantity: r for r in records}
-    # Hypothesis may end a search a few cases early when drawn structures make it retry many draws
-    assert 280 <= by_quantity["y"].examples == by_quantity["dx"].examples <= 300
+    # Every case asked for (drawn structures once made Hypothesis's target phase spin on overruns and stop early)
+    assert by_quantity["y"].examples == by_quantity["dx"].examples == 300
     assert set(stats["features"]) == {"layers", "bidirectional", "lengths", "proj", "cifg", "clip"}
     assert any(q.startswith("dl1.") for q in by_quantity) and any(q.endswith("proj") for q in by_quantity)
     assert max(r.ratio for r in records) < 0.5
