@@ -65,6 +65,17 @@ class ReverseFinalsAtFirstStep(planted._Planted):
         return y, h_T, c_T, None
 
 
+class StatesIndexedReverseFirst(planted._Planted):
+    """h0, c0 read and h_T, c_T written with the reverse direction at index 2k and the forward one at 2k+1."""
+
+    structure = Structure(num_layers=2, bidirectional=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        swap = [1, 0, 3, 2]
+        y, h_T, c_T, cache = self.inner.forward(x, h0[swap], c0[swap], params)
+        return y, h_T[swap], c_T[swap], cache
+
+
 #: planted bug -> the facts its diagnosis must name, from how it is planted (cells as (layer, direction)).
 BUGS = {
     planted.ReverseFinalAtWrongEnd: [LayerFact("first-step", "h_T", ((0, 1),))],
@@ -76,6 +87,9 @@ BUGS = {
     planted.StatesDirectionMajor: [LayerFact("direction-major"),
                                    LayerFact("direction-major", "h_T", ((0, 1), (1, 0))),
                                    LayerFact("direction-major", "c_T", ((0, 1), (1, 0)))],
+    StatesIndexedReverseFirst: [LayerFact("states"),
+                                LayerFact("swapped", "h_T", ((0, 0), (0, 1), (1, 0), (1, 1))),
+                                LayerFact("swapped", "c_T", ((0, 0), (0, 1), (1, 0), (1, 1)))],
     planted.FinalStatesDirectionsSwapped: [LayerFact("swapped", "h_T", ((0, 0), (0, 1))),
                                            LayerFact("swapped", "c_T", ((0, 0), (0, 1)))],
 }
