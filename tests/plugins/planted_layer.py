@@ -198,8 +198,8 @@ class DirectionParametersSwapped(_Planted):
 
     def backward(self, dy, dh_T, dc_T, cache):
         grads = self.inner.backward(dy, dh_T, dc_T, cache)
-        states = {k: grads.pop(k) for k in ("x", "h0", "c0")}
-        return {**states, **_swap_directions(grads)}
+        params = _swap_directions({k: v for k, v in grads.items() if k not in ("x", "h0", "c0")})
+        return {k: params.get(k, v) for k, v in grads.items()}
 
 
 def _halves_swapped(a):
