@@ -177,7 +177,7 @@ def _readings(s: Structure) -> list[tuple[str, ...]]:
     states: list[tuple[str, ...]] = [(), ("states",)] + ([("direction-major",)] if s.num_layers > 1 else [])
     concat: list[tuple[str, ...]] = [(), ("concat",)] if s.num_layers > 1 else [()]
     combos = [p + st + c for p in ((), ("params",)) for st in states for c in concat]
-    return sorted(combos, key=len)  # stable: the simplest first, in the order of READINGS
+    return sorted(combos, key=lambda r: (len(r), [READINGS.index(w) for w in r]))  # the simplest first
 
 
 def _read(case: Case, reading: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

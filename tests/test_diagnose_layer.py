@@ -153,6 +153,15 @@ def test_a_configured_loop_is_diagnosed_in_its_own_structure():
     assert found.status == "standard" and found.layer is None, found.text()
 
 
+def test_readings_go_simplest_first():
+    from harness.layer_diagnosis import _readings
+
+    found = _readings(Structure(num_layers=2, bidirectional=True))
+    assert found[:5] == [(), ("params",), ("states",), ("direction-major",), ("concat",)]
+    assert len(found) == 12 and len(set(found)) == 12
+    assert _readings(Structure(bidirectional=True)) == [(), ("params",), ("states",), ("params", "states")]
+
+
 def test_nothing_is_recognised_in_correct_outputs():
     s = Structure(num_layers=2, bidirectional=True, lengths=True)
     cases = [build_case(CaseSpec(T=3, B=2, D=5, H=4, seed=seed, **structure_fields(s))) for seed in (1, 2)]
@@ -185,6 +194,9 @@ def test_a_partial_explanation_is_said_as_one():
     assert found.layer.facts == [LayerFact("first-step", "h_T", ((0, 1),))]
     assert "Part of it is explained by its layer structure (the rest departs otherwise):" in found.text()
     assert found.headline().startswith("no convention explains it; closest:")
+    # the reverse direction's final state is the one after t = 0
+    assert "It first departs at h_T (after the reverse direction's last step, t=0) at layer=0, direction=reverse" \
+        in found.text()
 
 
 class _IgnoresH0(planted._Planted):
