@@ -37,6 +37,17 @@ feature-first), transposition, forget bias, and last the 24 gate orders, identit
 gate blocks only: per-gate matrices are named). An adapter keeps its interface in every trial (its
 parameter names, bias form, initial and final states, column biases), and the ``adapt(...)`` call a
 match prints spells out the whole convention, so that evaluated on the same object it certifies.
+
+An implementation of a layer structure (:mod:`harness.structure`: stacked layers, both directions,
+lengths, ...) gets its trial cases in that structure, with lengths of their own per row when it takes
+them, and the references are the same equations over the whole layer. When a bidirectional one does
+not match as declared, its outputs are also compared with the standard layer's re-arranged
+(:mod:`harness.layer_diagnosis`): the reverse direction's final state taken after its first step, the
+two directions swapped in y, in the states or in the parameters, states in direction-major order.
+When that explains every output no cell convention is tried; when it explains some, the text says
+which. Cell conventions are tried only through an adapter that computes the implementation's own
+structure; where :func:`harness.adapt.adapt` gives one of another structure the search ends there,
+with that reason as its note.
 """
 
 from __future__ import annotations
@@ -51,12 +62,14 @@ from typing import Any
 import numpy as np
 
 from harness.adapt import Convention
-from harness.cases import Case, CaseSpec, build_case
+from harness.cases import Case, CaseSpec, build_case, structure_fields
 from harness.check import compare_execution
 from harness.compare import decode_index, tolerance
 from harness.contract import FORWARD_QUANTITIES, VARIANTS, quantities, quantity_specs
+from harness.layer_diagnosis import LayerFinding, recognise
 from harness.limits import Limits
 from harness.records import Record, format_coords
+from harness.structure import Structure
 from harness.unit import RestrictedOracle, RestrictedSubject, mark_unchecked
 
 __all__ = ["diagnose", "diagnose_subject", "Diagnosis", "Trial", "Departure", "GATE_PERMUTATIONS",
@@ -97,7 +110,8 @@ class Departure:
         coords = dict(self.coords)
         final = self.quantity in ("h_T", "c_T") and self.t is not None
         at = format_coords(coords)
-        head = f"{self.quantity} (after the last step, t={self.t})" if final else self.quantity
+        whose = "the reverse direction's" if self.coords.get("direction") == "reverse" else "the"
+        head = f"{self.quantity} (after {whose} last step, t={self.t})" if final else self.quantity
         values = (f"actual {self.actual:.6g}, expected {self.expected:.6g}; "
                   if self.actual is not None and self.expected is not None else "")
         return f"{head} at {at} ({values}{self.mismatched} of {self.total} elements over tolerance)"
@@ -192,8 +206,8 @@ class Hint:
 class Diagnosis:
     """What :func:`diagnose` found. ``status``: "standard" (matches as declared, backward too),
     "backward" (forward matches as declared, backward does not), "convention" (matches only under
-    another convention or variant), "none" (no convention tried matches), "skipped" (the search does
-    not apply to the implementation: ``note`` says why)."""
+    another convention or variant), "none" (no convention tried matches: ``layer``, ``ignored`` and
+    ``closest`` say what is known); ``note``: why the search ended early, when it did."""
 
     name: str
     declared_variant: str
@@ -211,6 +225,9 @@ class Diagnosis:
     mismatched: int = 0
     backward_departure: Departure | None = None
     ignored: Hint | None = None
+    #: What its outputs as declared show about a bidirectional layer (directions swapped, states in
+    #: direction-major order, the reverse direction's final state taken at the wrong end).
+    layer: LayerFinding | None = None
 
     def _backward_text(self) -> str:
         if not self.has_backward:
@@ -241,8 +258,6 @@ class Diagnosis:
 
     def headline(self) -> str:
         """One line a report can put on top."""
-        if self.status == "skipped":
-            return f"convention search skipped: {self.note}"
         if self.status == "standard":
             return f"{self.name} matches the standard LSTM as declared; {self._backward_headline()}"
         if self.status == "backward":
@@ -252,6 +267,8 @@ class Diagnosis:
             line = f"it matches if {self.match.describe(self.declared_variant)}"
             backward = self._backward_headline()
             return line if backward == "its backward matches too" else f"{line}; {backward}"
+        if self.layer is not None and self.layer.complete:
+            return f"no convention explains it: {self.layer.headline()}"
         if self.ignored is not None:
             return f"no convention explains it: {self.ignored.headline(self.declared_variant)}"
         if self.closest is not None:
@@ -276,9 +293,6 @@ class Diagnosis:
         tried = f"{self.tried} convention{'s' if self.tried != 1 else ''} tried"
         head = f"Diagnosis of {self.name} (declared variant: {self.declared_variant}; {tried})"
         lines = [head]
-        if self.status == "skipped":
-            lines.append(f"The convention search was skipped: {self.note}")
-            return "\n".join(lines)
         if self.status == "standard":
             lines.append("It matches the standard LSTM as declared: no other convention is needed.")
             lines.append(self._backward_text())
@@ -297,6 +311,8 @@ class Diagnosis:
             lines.append(self._backward_text())
         else:
             lines.append("No convention tried makes it match the standard LSTM.")
+            if self.layer is not None:
+                lines += self.layer.lines()
             if self.closest is not None:
                 c = self.closest
                 worst = f", in {c.worst_quantity}" if c.worst_quantity else ""
@@ -329,7 +345,7 @@ class Diagnosis:
                 "failures": [{"reason": r, "trials": n} for r, n in self.failures],
                 "mismatched": self.mismatched, "backward": [r.to_dict() for r in self.backward],
                 "backward_departure": self.backward_departure.to_dict() if self.backward_departure else None,
-                "text": self.text()}
+                "layer": self.layer.to_dict() if self.layer else None, "text": self.text()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +353,7 @@ class Diagnosis:
 
 
 def _locate(rec: Record, actual: np.ndarray | None, expected: np.ndarray | None, t: int,
-            H: int) -> tuple[dict[str, Any], float | None, float | None]:
+            case: Case) -> tuple[dict[str, Any], float | None, float | None]:
     """Coordinates, actual and expected of the largest error (relative to the record's tolerance)
     at timestep ``t`` of a quantity with a leading time axis; the record's worst when not computable."""
     worst = rec.worst or {}
@@ -351,18 +367,19 @@ def _locate(rec: Record, actual: np.ndarray | None, expected: np.ndarray | None,
         ratio = np.abs(a - e) / allowed
     ratio = np.where(np.isfinite(ratio), ratio, np.inf)
     idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-    spec = quantity_specs(rec.variant)[rec.quantity]
-    coords = decode_index((t, *(int(i) for i in idx)), spec, H)
+    spec = quantity_specs(rec.variant, case.structure)[rec.quantity]
+    coords = decode_index((t, *(int(i) for i in idx)), spec, case.H, shape=actual.shape)
     return coords, float(a[idx]), float(e[idx])
 
 
 def _first_departure(records: Sequence[Record], actual: Mapping[str, np.ndarray],
-                     expected: Mapping[str, np.ndarray], *, T: int, H: int) -> Departure | None:
+                     expected: Mapping[str, np.ndarray], case: Case) -> Departure | None:
     """The first failing record in time order (see the module docstring), located."""
     bad = [r for r in records if r.status == "fail"]
     if not bad:
         return None
-    backward_order = quantities(bad[0].variant, "backward")
+    T = case.T
+    backward_order = quantities(bad[0].variant, "backward", case.structure)
 
     def position(r: Record) -> tuple[int, int]:
         if r.quantity == "y":
@@ -380,11 +397,13 @@ def _first_departure(records: Sequence[Record], actual: Mapping[str, np.ndarray]
     if q in ("y", "dx") and (first.first_bad_t if q == "y" else first.last_bad_t) is not None:
         t: int | None = first.first_bad_t if q == "y" else first.last_bad_t
         assert t is not None
-        coords, a, e = _locate(first, actual.get(q), expected.get(q), t, H)
+        coords, a, e = _locate(first, actual.get(q), expected.get(q), t, case)
     else:
         worst = first.worst or {}
         coords, a, e = dict(worst.get("coords", {})), worst.get("actual"), worst.get("expected")
-        t = T - 1 if q in ("h_T", "c_T") else 0 if q in ("dh0", "dc0") else None
+        # the reverse direction's final state is the one after t = 0, its last step
+        reverse = coords.get("direction") == "reverse"
+        t = (0 if reverse else T - 1) if q in ("h_T", "c_T") else 0 if q in ("dh0", "dc0") else None
     return Departure(quantity=q, t=t, coords=coords, actual=a, expected=e, mismatched=first.mismatched,
                      total=first.total)
 
@@ -414,10 +433,12 @@ def _distance(trial: Trial) -> tuple[float, float]:
     return (-good_prefix, round(share, 2))
 
 
-def _trial_cases(variant: str, dtype: str, ln_eps: float) -> list[Case]:
-    # T, B, D, H all distinct, and D != 4H: a misread axis shows as an error or a mismatch.
+def _trial_cases(variant: str, dtype: str, ln_eps: float, structure: Structure) -> list[Case]:
+    # T, B, D, H all distinct, and D != 4H: a misread axis shows as an error or a mismatch. In the
+    # implementation's own structure, with lengths of their own per row when it takes them.
     return [build_case(CaseSpec(variant=variant, dtype=dtype, T=3, B=2, D=5, H=4, seed=seed, weight_scale="unit",
-                                state="random", ln_eps=ln_eps)) for seed in (11, 12)]
+                                state="random", ln_eps=ln_eps, **structure_fields(structure)))
+            for seed in (11, 12)]
 
 
 def _zeroed(case: Case, names: Sequence[str]) -> Case:
@@ -437,7 +458,7 @@ class _References:
     alone for the search (the LSTM equations in float64), the finite-difference oracle's whole
     reference only for the backward of the match."""
 
-    def __init__(self, dtype: str, ln_eps: float):
+    def __init__(self, dtype: str, ln_eps: float, structure: Structure):
         from oracles.finite_diff import FiniteDifferenceOracle
 
         class ForwardValues(FiniteDifferenceOracle):
@@ -450,13 +471,13 @@ class _References:
 
         self.oracle = FiniteDifferenceOracle()
         self._forward_oracle = ForwardValues()
-        self._dtype, self._ln_eps = dtype, ln_eps
+        self._dtype, self._ln_eps, self._structure = dtype, ln_eps, structure
         self._cases: dict[str, list[Case]] = {}
         self._cache: dict[Any, tuple[list[Case], list[Any]]] = {}
 
     def cases(self, variant: str, zero: tuple[str, ...] = ()) -> list[Case]:
         if variant not in self._cases:
-            self._cases[variant] = _trial_cases(variant, self._dtype, self._ln_eps)
+            self._cases[variant] = _trial_cases(variant, self._dtype, self._ln_eps, self._structure)
         return [_zeroed(c, zero) for c in self._cases[variant]]
 
     def get(self, variant: str, limits: Limits, zero: tuple[str, ...] = (), *,
@@ -530,6 +551,10 @@ def _candidates(declared: str, own: Convention | None = None, *,
                                     layout=layout, batch_major=layout == "BTD", per_gate=per_gate, bias=bias)
 
 
+class _StructureLost(Exception):
+    """An adapter around the implementation does not compute its layer structure (its message says so)."""
+
+
 def _same_convention(a: Convention, b: Convention) -> bool:
     return (a.gate_order, a.transposed, a.forget_bias, a.layout, a.per_gate, a.bias) == \
         (b.gate_order, b.transposed, b.forget_bias, b.layout, b.per_gate, b.bias)
@@ -547,6 +572,7 @@ class _Search:
         self.declared_limits = self.info.limits
         self.failures = 0
         self.hint: Hint | None = None
+        self.layer: LayerFinding | None = None
 
     def run(self, trial: Trial, run: Any) -> None:
         """Fill in ``trial`` from the forward outputs of ``run``. One mismatching case rejects it."""
@@ -576,12 +602,26 @@ class _Search:
                 worst, trial.records = ratio, recs
                 if ratio > 1.0:
                     actual, expected = _forward_arrays(execution, ref)
-                    trial.departure = _first_departure(recs, actual, expected, T=case.T, H=case.H)
+                    trial.departure = _first_departure(recs, actual, expected, case)
             trial.ratio = worst
             if ratio > 1.0:
                 break
+        if trial.as_declared and trial.ratio is not None and not trial.matches and self.failures < MAX_WORKER_FAILURES:
+            self._layer(trial, subject, limits, executions)
         if not trial.matches and self.hint is None and self.failures < MAX_WORKER_FAILURES:
             self._ignored_states(trial, subject, limits, executions)
+
+    def _layer(self, trial: Trial, subject: Any, limits: Limits, executions: list[Any]) -> None:
+        """What the outputs as declared show about a bidirectional layer (:mod:`harness.layer_diagnosis`)."""
+        if not self.info.structure.bidirectional:
+            return
+        originals = self.refs.cases(trial.variant)
+        for case in originals[len(executions):]:
+            executions.append(subject.execute(case, backward=False))
+        if any(e.forward is None for e in executions):
+            return
+        self.layer = recognise([_zeroed(c, limits.zero) for c in originals], [e.forward for e in executions],
+                               unchecked=[q for q in FORWARD_QUANTITIES if q in limits.unchecked])
 
     def _ignored_states(self, trial: Trial, subject: Any, limits: Limits, executions: list[Any]) -> None:
         """Whether ``trial``'s outputs are the standard LSTM's with an initial state held at zero: the
@@ -632,13 +672,6 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     declared = info.variant
     if dtype is not None and dtype not in info.dtypes:
         raise InvalidArgument(f"dtype: {info.name} declares {', '.join(info.dtypes)}; got {dtype!r}")
-    if not info.configurable and not info.structure.is_default:
-        # The conventions searched are those of one cell (gate orders, weight layouts, state roles); an
-        # implementation of a fixed layer structure gets no trial cases it could take.
-        return Diagnosis(name=info.name, declared_variant=declared, status="skipped", match=None, closest=None,
-                         backward=[], has_backward=info.has_backward, tried=0,
-                         note=f"{info.name} computes the layer structure {info.structure.describe()}; the search "
-                              f"tries conventions of a single-layer, one-direction, full-length LSTM only")
     use_dtype = dtype or ("float64" if "float64" in info.dtypes else info.dtypes[0])
     isolated = callable(getattr(subject, "adapted", None))
     base_obj = getattr(subject, "impl", None)
@@ -654,13 +687,20 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     def runner(v: str, conv: Convention) -> Any:
         kwargs = {"variant": v, **conv.keywords()}
         if isolated:
-            return subject.adapted(**kwargs)
-        adapted = adapt(base_obj, **kwargs)
-        if v not in infos:
-            infos[v] = validate(adapted)
-        return InProcessSubject(adapted, infos[v])
+            run = subject.adapted(**kwargs)
+        else:
+            adapted = adapt(base_obj, **kwargs)
+            if v not in infos:
+                infos[v] = validate(adapted)
+            run = InProcessSubject(adapted, infos[v])
+        if run.info.structure != info.structure:
+            raise _StructureLost(f"The cell conventions (gate order, layout, transposition, biases, variant) were not "
+                                 f"searched: an adapter around {info.name} computes the structure "
+                                 f"{run.info.structure.describe() or 'of one layer and one direction'}, not its "
+                                 f"{info.structure.describe()}.")
+        return run
 
-    refs = _References(use_dtype, info.ln_eps)
+    refs = _References(use_dtype, info.ln_eps, info.structure)
     search = _Search(subject, refs, dtype=use_dtype)
     trials: list[Trial] = []
     match: Trial | None = None
@@ -683,6 +723,10 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
         trials.append(trial)
         try:
             run = subject if as_declared else runner(v, conv)
+        except _StructureLost as exc:  # no convention can be tried on it: the search ends here
+            trials.pop()
+            note = str(exc)
+            break
         except Exception as exc:  # adapt() refused this combination, or the worker died adapting it
             trial.error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, RuntimeError):
@@ -695,6 +739,8 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
         if trial.matches:
             match = trial
             break
+        if search.layer is not None and search.layer.complete:
+            break  # the layer structure explains every output: no cell convention is needed
         if search.failures >= MAX_WORKER_FAILURES:
             note = stop
             break
@@ -710,7 +756,7 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
                                      directions=("backward",))
             mark_unchecked(recs, dict(limits.unchecked))
             backward += recs
-            found = _first_departure(recs, *_backward_arrays(execution, ref), T=case.T, H=case.H)
+            found = _first_departure(recs, *_backward_arrays(execution, ref), case)
             if backward_departure is None:
                 backward_departure = found
     if match is None:
@@ -727,7 +773,7 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
                      backward=backward, has_backward=info.has_backward, tried=len(trials), note=note,
                      hint=hint.text(declared) if hint else "", failures=failures.most_common(),
                      mismatched=len(ran) if match is None else 0, backward_departure=backward_departure,
-                     ignored=hint)
+                     ignored=hint, layer=search.layer if match is None else None)
 
 
 def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None, isolate: bool = False,

@@ -676,3 +676,14 @@ def test_the_diagnosis_headline_and_its_remedy_come_before_the_findings():
     assert "certify it as harness.adapt(impl, gate_order='figo')" in doc.text("diagnosis")
     assert "Diagnosis of buggy (7 conventions tried)" in doc.text("diagnosis")
     assert page.index('id="verdict"') < page.index('id="diagnosis"') < page.index('id="f1"')
+
+
+def test_a_layer_finding_with_its_adapter_call_comes_first():
+    from harness.diagnose import diagnose
+    from tests.plugins.planted_layer import StatesDirectionMajor
+
+    report = make_report()
+    report["diagnosis"] = diagnose(StatesDirectionMajor()).to_dict()
+    doc = Elements(render_html(report))
+    assert "Diagnosis no convention explains it: h0 and c0 read in direction-major order" in doc.text("diagnosis")
+    assert "certify it as harness.adapt(impl, state_order='direction-major')" in doc.text("diagnosis")

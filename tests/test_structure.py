@@ -454,12 +454,12 @@ def test_a_broken_configurable_layer_is_caught_by_the_search():
     assert "cifg" in "\n".join(finding.lines())  # the minimal case names its structure
 
 
-def test_diagnose_skips_a_fixed_layer_structure():
+def test_diagnose_takes_a_fixed_layer_structure_in_its_own_structure():
     from harness.diagnose import diagnose
 
-    found = diagnose(TorchLayer(num_layers=2))
-    assert found.status == "skipped"
-    assert "layers=2" in found.headline()
+    found = diagnose(TorchLayer(num_layers=2, bidirectional=True))
+    assert found.status == "standard", found.text()
+    assert found.layer is None and found.hint == ""
 
 
 def test_the_test_layer_matches_torch_nn_lstm():

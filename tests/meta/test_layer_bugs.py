@@ -3,8 +3,9 @@
 The broken implementations (``tests/plugins/planted_layer.py``) each declare a fixed structure, so
 every case the search draws is of that structure; each is certified, in float64, against two
 independent gradient oracles that compute every structure (finite differences and the torch
-composite), and must fail on the quantity its bug reaches. The loop reference in the same structure,
-certified the same way, passes: the failures are the bugs, not the structure.
+composite), and must fail on the quantity its bug reaches; where the diagnosis recognises the bug
+(:mod:`harness.layer_diagnosis`), the diagnosis on top of the failure names it. The loop reference in
+each structure, certified the same way, passes: the failures are the bugs, not the structure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ BUGS = {
     planted.ProjectionGradientMissing: {"dproj"},
     planted.GradientThroughClippedCells: {"dW", "dR", "db", "dx", "dh0", "dc0"},
     planted.CIFGSeparateForgetGate: {"y", "h_T", "c_T"},
+    planted.DirectionParametersSwapped: {"y", "h_T", "c_T"},
+    planted.ReverseFeaturesFirst: {"y"},
+    planted.StatesDirectionMajor: {"y", "h_T", "c_T"},
+    planted.FinalStatesDirectionsSwapped: {"h_T", "c_T"},
+}
+
+#: bug -> what the diagnosis on top of the failed certification says (harness.layer_diagnosis).
+DIAGNOSED = {
+    planted.ReverseFinalAtWrongEnd: "h_T of the reverse direction taken after t = T-1 (its first step)",
+    planted.DirectionParametersSwapped: "the two directions' parameters swapped",
+    planted.ReverseFeaturesFirst: "y's two directions swapped",
+    planted.StatesDirectionMajor: "h_T in direction-major order",
+    planted.FinalStatesDirectionsSwapped: "h_T's two directions swapped",
 }
 
 
@@ -43,14 +57,17 @@ def test_planted_layer_bug_is_caught(bug, tmp_path):
     assert not result.ok, f"{bug.__name__} was certified"
     failed = {r.quantity for r in result.failures if r.status == "fail"}
     assert failed & BUGS[bug], f"{bug.__name__}: failed on {sorted(failed)}, expected one of {sorted(BUGS[bug])}"
+    if bug in DIAGNOSED:
+        assert DIAGNOSED[bug] in result.diagnosis["headline"], result.diagnosis["text"]
 
 
-@pytest.mark.parametrize("bug", list(BUGS), ids=lambda c: c.__name__)
-def test_the_correct_layer_in_the_same_structure_is_certified(bug, tmp_path):
+@pytest.mark.parametrize("structure", list(dict.fromkeys(bug.structure for bug in BUGS)),
+                         ids=lambda s: s.describe().replace(" ", "-"))
+def test_the_correct_layer_in_the_same_structure_is_certified(structure, tmp_path):
     class Correct:
         variant = "vanilla"
-        name = "loop-" + bug.__name__
-        s: Structure = bug.structure
+        name = "loop-" + structure.describe().replace(" ", "-")
+        s: Structure = structure
         num_layers, bidirectional, accepts_lengths = s.num_layers, s.bidirectional, s.lengths
         proj_size, coupled_input_forget, cell_clip = s.proj_size, s.coupled_input_forget, s.cell_clip
 

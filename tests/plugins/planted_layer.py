@@ -179,6 +179,89 @@ class CIFGSeparateForgetGate(_Planted):
         return _SeparateForget().with_structure(self.structure)
 
 
+def _swap_directions(arrays):
+    """``l{k}.X`` <-> ``l{k}.reverse.X`` for every parameter (or gradient) name."""
+    out = {}
+    for name, value in arrays.items():
+        layer, rest = name.split(".", 1)
+        out[f"{layer}.{rest[len('reverse.'):]}" if rest.startswith("reverse.") else f"{layer}.reverse.{rest}"] = value
+    return out
+
+
+class DirectionParametersSwapped(_Planted):
+    """Each layer's forward direction runs with ``l{k}.reverse.*`` and its reverse direction with ``l{k}.*``."""
+
+    structure = Structure(num_layers=2, bidirectional=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        return self.inner.forward(x, h0, c0, _swap_directions(params), **_lengths(lengths))
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = self.inner.backward(dy, dh_T, dc_T, cache)
+        params = _swap_directions({k: v for k, v in grads.items() if k not in ("x", "h0", "c0")})
+        return {k: params.get(k, v) for k, v in grads.items()}
+
+
+def _halves_swapped(a):
+    half = a.shape[-1] // 2
+    return np.concatenate([a[..., half:], a[..., :half]], axis=-1)
+
+
+class ReverseFeaturesFirst(_Planted):
+    """Every layer concatenates [y_reverse, y_forward]: y's halves are swapped, and layer 1 reads them so."""
+
+    structure = Structure(num_layers=2, bidirectional=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        # Layer 1 reading [reverse; forward] through W is layer 1 reading [forward; reverse] through W with
+        # its column halves swapped.
+        y, h_T, c_T, cache = self.inner.forward(x, h0, c0, _upper_columns_swapped(params), **_lengths(lengths))
+        return _halves_swapped(y), h_T, c_T, cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        grads = self.inner.backward(_halves_swapped(np.asarray(dy)), dh_T, dc_T, cache)
+        return _upper_columns_swapped(grads)
+
+
+def _upper_columns_swapped(arrays):
+    return {k: _halves_swapped(v) if k.endswith(".W") and not k.startswith("l0.") else v for k, v in arrays.items()}
+
+
+class StatesDirectionMajor(_Planted):
+    """h0 and c0 read, h_T and c_T written, at index ``direction * num_layers + layer``."""
+
+    structure = Structure(num_layers=2, bidirectional=True)
+
+    def _orders(self):
+        L = self.structure.num_layers
+        read = [d * L + k for k in range(L) for d in (0, 1)]  # layer-major cell i reads index read[i]
+        return read, list(np.argsort(read))
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        read, write = self._orders()
+        y, h_T, c_T, cache = self.inner.forward(x, h0[read], c0[read], params, **_lengths(lengths))
+        return y, h_T[write], c_T[write], cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        read, write = self._orders()
+        grads = self.inner.backward(dy, np.asarray(dh_T)[read], np.asarray(dc_T)[read], cache)
+        return {**grads, "h0": grads["h0"][write], "c0": grads["c0"][write]}
+
+
+class FinalStatesDirectionsSwapped(_Planted):
+    """h_T and c_T stacked [reverse, forward] within each layer (h0 and c0 are read right)."""
+
+    structure = Structure(bidirectional=True, lengths=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        y, h_T, c_T, cache = self.inner.forward(x, h0, c0, params, **_lengths(lengths))
+        return y, h_T[::-1].copy(), c_T[::-1].copy(), cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return self.inner.backward(dy, np.asarray(dh_T)[::-1], np.asarray(dc_T)[::-1], cache)
+
+
 #: Every planted layer bug, for the meta-tests.
 PLANTED = (ReverseReadsPadding, PaddedStepsUpdateState, ReverseFinalAtWrongEnd, Layer1FedFinalState,
-           ProjectionGradientMissing, GradientThroughClippedCells, CIFGSeparateForgetGate)
+           ProjectionGradientMissing, GradientThroughClippedCells, CIFGSeparateForgetGate,
+           DirectionParametersSwapped, ReverseFeaturesFirst, StatesDirectionMajor, FinalStatesDirectionsSwapped)
