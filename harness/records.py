@@ -339,6 +339,7 @@ def format_pair(actual: float | None, expected: float | None) -> tuple[str, str]
     (at least 4, at most 17), so that two different numbers never print alike."""
     if actual is None or expected is None:
         return (_plain(actual), _plain(expected))
+    actual, expected = actual + 0.0, expected + 0.0  # -0.0 prints as 0: the comparison does not tell them apart
     for digits in range(4, 18):
         a, e = f"{actual:.{digits}g}", f"{expected:.{digits}g}"
         if a != e or actual == expected:

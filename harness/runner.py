@@ -81,6 +81,8 @@ class _Search:
     examples: int = 0  # cases generated before the failure; shrinking attempts are not counted
     #: Of those cases, how many used each structure feature (harness.structure.FEATURES).
     features: dict[str, int] = field(default_factory=dict)
+    #: The structure features of the first case that failed (counted with the others once the search ends).
+    first_failing: frozenset[str] | None = None
     failure: CheckFailed | None = None
     flaky: str = ""
 
@@ -109,6 +111,8 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             if progress:
                 progress(counted + out.examples)
         if failing:
+            if out.failure is None and out.first_failing is None:
+                out.first_failing = case.structure.features()
             raise CheckFailed(records, case)
         for r in records:
             keep_worst(out.worst, r)
@@ -129,6 +133,8 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             raise
     if out.failure is not None:
         out.examples += 1  # the case that failed first
+        for feature in out.first_failing or ():
+            out.features[feature] = out.features.get(feature, 0) + 1
     return out
 
 

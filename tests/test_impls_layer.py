@@ -507,3 +507,30 @@ def test_an_implementation_declares_the_features_it_computes_and_gets_no_other()
     with pytest.raises(ContractError, match=r"structures: expected the structure features it computes, a subset "
                                             r"of .*got \('layers', 'wings'\)"):
         validate(Wrong())
+
+
+class _WrongWhenStacked(StackedLSTM):
+    name = "wrong-when-stacked"
+    structures = ("layers",)
+
+    def sequence_forward(self, x, h0, c0, params, dtype):
+        y, h_T, c_T, cache = super().sequence_forward(x, h0, c0, params, dtype)
+        return (y * 1.5 if self.num_layers > 1 else y), h_T, c_T, cache
+
+
+def test_the_case_that_failed_first_is_counted_by_its_structure(monkeypatch):
+    """Every stacked case fails, and the search stops at the first failure: the count by feature still
+    includes that case, as the count of cases does."""
+    from harness import runner
+    from harness.contract import validate
+    from harness.runner import RunSettings, run_checks
+    from harness.subject import InProcessSubject
+    from oracles.finite_diff import FiniteDifferenceOracle
+
+    monkeypatch.setattr(runner, "MAX_SEARCHES", 1)
+    impl = _WrongWhenStacked()
+    stats: dict = {}
+    records = run_checks(InProcessSubject(impl, validate(impl)), [FiniteDifferenceOracle()], dtype="float64",
+                         run=RunSettings(max_examples=60), stats=stats)
+    assert any(r.status == "fail" and r.quantity == "y" for r in records)
+    assert stats["features"] == {"layers": 1}, stats

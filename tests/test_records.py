@@ -12,6 +12,7 @@ from harness.records import (
     STATUS_ORDER,
     STATUSES,
     Record,
+    format_pair,
     keep_worst,
     merge_after_stop,
     order_records,
@@ -149,3 +150,11 @@ def test_merge_after_stop_keeps_earlier_discrepancies_and_the_stop_for_the_rest(
     assert merged["y"] is earlier_pass  # both passed: the worse of the two
     assert merged["dx"].status == "error"
     assert {r.examples for r in merged.values()} == {7}
+
+
+def test_a_pair_shows_where_the_numbers_part_and_no_negative_zero():
+    assert format_pair(0.123456, 0.123457) == ("0.123456", "0.123457")
+    assert format_pair(1.0, 1.0 + 2**-40) == ("1", "1.000000000001")
+    assert format_pair(0.25, -0.0) == ("0.25", "0")  # -0.0 compares equal to 0.0: it is shown as 0
+    assert format_pair(-0.0, -0.0) == ("0", "0")
+    assert format_pair(None, 1.5) == ("None", "1.5")
