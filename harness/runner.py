@@ -188,8 +188,8 @@ def run_checks(
     passing record seen. ``examples`` on each record counts the cases generated, not shrinking.
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
-    structures (:func:`harness.cases.case_specs`) of the features at least one of ``oracles`` computes
-    (none: the default structure only). An oracle that does not compute a case's structure
+    structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and
+    at least one of ``oracles`` computes (none: the default structure only). An oracle that does not compute a case's structure
     is skipped for that case; its records say on how many cases (:func:`note_skipped`). ``stats``, when
     given, receives ``cases`` (generated), ``features`` (cases per structure feature) and ``skipped``
     (oracle -> reason -> cases).
