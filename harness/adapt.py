@@ -467,7 +467,7 @@ class Adapted:
 
     # -- what differs for a whole layer: its states' order and its parameters' names
 
-    def _state_to(self, a: np.ndarray, name: str) -> np.ndarray:
+    def _state_to(self, a: np.ndarray, name: str = "h0") -> np.ndarray:
         """A state (or its gradient) in the contract's shape -> the implementation's."""
         s = self._structure
         if s.layered:
@@ -478,7 +478,7 @@ class Adapted:
             return np.asarray(a)[None]  # nn.LSTM's states always have the (num_layers * dirs) axis
         return self.convention.state_to(a, name)
 
-    def _state_from(self, a: Any, name: str) -> Any:
+    def _state_from(self, a: Any, name: str = "h_T") -> Any:
         """A state (or its gradient) in the implementation's shape -> the contract's (inverse of :meth:`_state_to`)."""
         s = self._structure
         if s.layered:
