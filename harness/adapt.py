@@ -1180,8 +1180,9 @@ def _torch_layer_structure(module: Any, lengths: str | None) -> Structure:
     if getattr(module, "bias", True) is False:
         raise ValueError(f"impl: {what} has no biases (bias=False), while the contract's LSTM has b; certify one "
                          f"made with bias=True")
-    declared = {a: getattr(module, a, d) for a, d in (("num_layers", 1), ("bidirectional", False), ("proj_size", 0),
-                                                       ("coupled_input_forget", False), ("cell_clip", None))}
+    declared: dict[str, Any] = {a: getattr(module, a, d) for a, d in (
+        ("num_layers", 1), ("bidirectional", False), ("proj_size", 0), ("coupled_input_forget", False),
+        ("cell_clip", None))}
     structure = Structure(**declared, lengths=lengths == "packed")
     bad = structure.problems("vanilla")
     if bad:

@@ -137,7 +137,8 @@ _STACK = f"{PLUGINS / 'direction_major.py'}:stack"
 
 
 def test_the_state_order_option_certifies_a_direction_major_target(tmp_path, capsys):
-    common = ["--max-examples", "2", "--oracle", "finite-differences", "--dtype", "float64", "--in-process", "--report-dir"]
+    common = ["--max-examples", "2", "--oracle", "finite-differences", "--dtype", "float64", "--in-process",
+              "--report-dir"]
     assert main(["certify", _STACK, "--state-order", "direction-major", *common, str(tmp_path / "a")]) == 0
     assert "Verdict: certified" in capsys.readouterr().out
     assert main(["certify", _STACK, *common, str(tmp_path / "b")]) == 1
