@@ -33,7 +33,25 @@ The conventions an adapter knows (all combinable):
 ``column_bias``        biases kept as columns, (4H, 1) or per gate (H, 1) (course code that broadcasts
                        ``W @ x + b`` over (H, B)); their gradients may come back as columns too
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
+``state_order``        for a layered implementation (num_layers > 1 or bidirectional): the order of
+                       its states' (num_layers * dirs) axis, ``"layer-major"`` (the contract's
+                       ``layer * dirs + direction``, PyTorch's) or ``"direction-major"`` (``direction *
+                       num_layers + layer``, all forward layers first), for h0, c0 in and h_T, c_T, dh0,
+                       dc0 back
 =====================  =============================================================================
+
+A whole PyTorch layer: ``torch.nn.LSTM`` (bias=True), or any ``nn.Module`` with its parameter names
+(``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with
+``_reverse`` for the reverse direction) and attributes (``num_layers``, ``bidirectional``, ``proj_size``,
+``batch_first``, ``hidden_size``), called as ``module(x, (h0, c0)) -> (y, (h_n, c_n))``, is adapted as it
+is: ``adapt(module)`` declares the structure its attributes give (checked against its parameters), hands
+it the case's parameters under nn.LSTM's names (:func:`harness.layouts.to_torch`; the two biases get
+uneven shares of b, so that one left out is caught), sets its ``input_size`` and ``hidden_size`` to the
+case's for the call, and takes the backward from autograd; its states always have the (num_layers *
+dirs) axis, even for one layer. ``lengths="packed"`` declares ``accepts_lengths`` and gives it x as
+``pack_padded_sequence(x, lengths, enforce_sorted=False)``, y unpacked to all T steps. An object that
+declares a layered structure (or a projection) itself gets the contract's prefixed parameters as they
+are: of the conventions, only ``layout`` ("TBD" or "BTD") and ``state_order`` apply to it.
 
 Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``h0`` left out when
 ``initial_hidden=False``, ``c0`` when ``initial_cell=False``; the parameters positionally in the order
