@@ -38,6 +38,9 @@ The conventions an adapter knows (all combinable):
                        ``layer * dirs + direction``, PyTorch's) or ``"direction-major"`` (``direction *
                        num_layers + layer``, all forward layers first), for h0, c0 in and h_T, c_T, dh0,
                        dc0 back
+``y_directions``       for a bidirectional implementation: ``"reverse-first"`` when its y holds the reverse
+                       direction's features first (and each later layer reads its input so, its W's
+                       columns swapped accordingly); ``"forward-first"`` is the contract's
 =====================  =============================================================================
 
 A whole PyTorch layer: ``torch.nn.LSTM`` (bias=True), or any ``nn.Module`` with its parameter names
@@ -51,7 +54,7 @@ case's for the call, and takes the backward from autograd; its states always hav
 dirs) axis, even for one layer. ``lengths="packed"`` declares ``accepts_lengths`` and gives it x as
 ``pack_padded_sequence(x, lengths, enforce_sorted=False)``, y unpacked to all T steps. An object that
 declares a layered structure (or a projection) itself gets the contract's prefixed parameters as they
-are: of the conventions, only ``layout`` ("TBD" or "BTD") and ``state_order`` apply to it.
+are: of the conventions, only ``layout`` ("TBD" or "BTD"), ``state_order`` and ``y_directions`` apply to it.
 
 Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``h0`` left out when
 ``initial_hidden=False``, ``c0`` when ``initial_cell=False``; the parameters positionally in the order
@@ -112,7 +115,7 @@ from harness.contract import (
     to_numpy,
 )
 from harness.limits import Limits
-from harness.structure import Structure
+from harness.structure import Structure, parse_prefix
 
 __all__ = ["adapt", "adapt_keywords", "Convention", "Adapted"]
 
@@ -136,6 +139,7 @@ class Convention:
     layout: str = "TBD"
     column_bias: bool = False
     state_order: str = "layer-major"
+    y_directions: str = "forward-first"
 
     def __post_init__(self) -> None:
         for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden", "column_bias"):
@@ -169,6 +173,9 @@ class Convention:
         if self.state_order not in layouts.STATE_ORDERS:
             raise ValueError(f"state_order: expected one of {layouts.STATE_ORDERS} (the order of a layered state's "
                              f"(num_layers * dirs) axis), got {self.state_order!r}")
+        if self.y_directions not in layouts.Y_DIRECTIONS:
+            raise ValueError(f"y_directions: expected one of {layouts.Y_DIRECTIONS} (which direction's features "
+                             f"come first in a bidirectional y), got {self.y_directions!r}")
 
     @property
     def is_standard(self) -> bool:
@@ -207,6 +214,8 @@ class Convention:
             parts.append("it does not return the final cell state")
         if self.state_order != "layer-major":
             parts.append("its states' (num_layers * dirs) axis is direction-major (direction * num_layers + layer)")
+        if self.y_directions != "forward-first":
+            parts.append("its y holds the reverse direction's features first (and so does each next layer's input)")
         return "; ".join(parts)
 
     def keywords(self) -> dict[str, Any]:
@@ -508,6 +517,25 @@ class Adapted:
             return a[0] if a.ndim == 3 and a.shape[0] == 1 else a
         return self.convention.state_from(a, name)
 
+    def _directions(self, a: Any, name: str = "y") -> Any:
+        """y (or dy) between the contract's [forward | reverse] features and the implementation's order (the
+        swap is its own inverse)."""
+        if self.convention.y_directions == "forward-first":
+            return a
+        return layouts.swap_directions(to_numpy(a), name=name)
+
+    def _swap_inputs(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """With y reverse-first, a later layer reads its input's features reverse-first too: the columns of
+        its W (and of W's gradient) swapped; the same both ways."""
+        if self.convention.y_directions == "forward-first":
+            return dict(params)
+        out = dict(params)
+        for key, value in params.items():
+            layer, _, bare = parse_prefix(key)
+            if layer and bare == "W":
+                out[key] = layouts.swap_directions(to_numpy(value), axis=1, name=key)
+        return out
+
     def _param_keys(self) -> tuple[str, ...]:
         """The implementation's parameters, by the keys its arrays are handed over with, in order."""
         if not self._layered:
@@ -521,8 +549,9 @@ class Adapted:
         as separate biases do in :meth:`Convention.params_to`."""
         if not self._layered:
             return self.convention.params_to(params, self.variant)
+        params = self._swap_inputs(params)
         if not self._torch_layer:
-            return dict(params)
+            return params
         out = layouts.to_torch(params, self._structure)  # bias_ih = b, bias_hh = 0
         for name in [k for k in out if k.startswith("bias_ih")]:
             hidden = "bias_hh" + name[len("bias_ih"):]
@@ -536,8 +565,8 @@ class Adapted:
             conv = self.convention
             return conv.params_from({k: mine[k] for k in conv.param_keys(self.variant)}, self.variant, D, H)
         if not self._torch_layer:
-            return dict(mine)
-        return layouts.from_torch(mine, self._structure)
+            return self._swap_inputs(mine)
+        return self._swap_inputs(layouts.from_torch(mine, self._structure))
 
     def _grads_from(self, grads: Mapping[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
         """The implementation's parameter gradients -> the contract's. Of nn.LSTM's two biases each has the
@@ -545,12 +574,13 @@ class Adapted:
         if not self._layered:
             return self.convention.grads_from(grads, self.variant, D, H)
         if not self._torch_layer:
-            return dict(grads)
+            return self._swap_inputs(grads)
         for name in [k for k in grads if k.startswith("bias_ih")]:
             hidden = "bias_hh" + name[len("bias_ih"):]
             _check_bias_gradients(np.asarray(grads[name]), np.asarray(grads[hidden]), self.variant, H,
                                   names=(name, hidden))
-        return layouts.from_torch({k: v for k, v in grads.items() if not k.startswith("bias_hh")}, self._structure)
+        return self._swap_inputs(layouts.from_torch({k: v for k, v in grads.items() if not k.startswith("bias_hh")},
+                                                    self._structure))
 
     def _canonical_of(self, key: str) -> tuple[str, ...]:
         """The contract's arrays one of the implementation's arrays is made from."""
@@ -593,7 +623,7 @@ class Adapted:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)], **more)
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
-        y = conv.seq_from(y, "y")
+        y = self._directions(conv.seq_from(y, "y"))
         if self._structure.layered and (h_T is None or c_T is None):
             raise ContractError(["forward: returned no final states (h_T, c_T); a layered implementation returns "
                                  "both, each with its (num_layers * dirs) axis"], subject=f"adapted {self.name}")
@@ -640,7 +670,7 @@ class Adapted:
         if fold:
             dys = dy.copy()
             dys[-1] += dh_T
-        dys = conv.seq_to(dys, "dy")
+        dys = conv.seq_to(self._directions(dys, "dy"), "dy")
         dh_Ts, dc_Ts = self._state_to(dh_T, "dh_T"), self._state_to(dc_T, "dc_T")
         not_computed: set[str] = set()
         if self._module is not None:
@@ -651,7 +681,8 @@ class Adapted:
             # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
             if dys is not dy:
-                back["dy"] = (dy, lambda v: _undo_dy(conv.seq_from(v, "dy"), dh_T if fold else None))
+                back["dy"] = (dy, lambda v: _undo_dy(self._directions(conv.seq_from(v, "dy"), "dy"),
+                                                     dh_T if fold else None))
             if dh_Ts is not dh_T:
                 back["dh_T"], back["dc_T"] = (dh_T, self._state_from), (dc_T, self._state_from)
             upstream = _Handed(self, {k: {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts}[k] for k in back}, back)
@@ -1256,6 +1287,7 @@ def adapt(
     call: Callable[..., Any] | None = None,
     autograd: str | None = None,
     state_order: str = "layer-major",
+    y_directions: str = "forward-first",
     lengths: str | None = None,
 ) -> Adapted:
     """Wrap an implementation written in another convention so that it can be certified as it is.
@@ -1313,7 +1345,7 @@ def adapt(
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
-                          state_order=state_order,
+                          state_order=state_order, y_directions=y_directions,
                           interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
                                      "initial_cell": (initial_cell, True), "per_gate": (per_gate, None),
                                      "column_bias": (column_bias, False),
@@ -1345,6 +1377,10 @@ def adapt(
                          f"states have a (num_layers * dirs) axis to order; {type(source).__name__} declares "
                          f"{structure.describe() or 'one layer and one direction'}, so its states are (B, H) and "
                          f"have no such axis")
+    if y_directions != "forward-first" and not structure.bidirectional:
+        Convention(y_directions=y_directions)
+        raise ValueError(f"y_directions: applies to a bidirectional implementation, whose y holds two directions' "
+                         f"features; {type(source).__name__} declares {structure.describe() or 'one direction'}")
     if layered:
         # A whole layer's parameters are passed on by name (the contract's, or nn.LSTM's): a convention of the
         # cell's parameters would have to be applied cell by cell, which an adapter does not do.
@@ -1359,15 +1395,15 @@ def adapt(
         if bad:
             raise ValueError(f"{bad[0]}: not supported for a whole layer ({structure.describe()}); its parameters are "
                              f"passed on by name as they are ({'nn.LSTM' if torch_layer else 'the contract'}'s "
-                             f"prefixed names), with only the layout of its sequences (layout, batch_major) and the "
-                             f"order of its states (state_order) to give")
+                             f"prefixed names), with only the layout of its sequences (layout, batch_major), the "
+                             f"order of its states (state_order) and of y's directions (y_directions) to give")
         if layouts.normalize_layout(layout) not in (layouts.CANONICAL_LAYOUT, "BTD"):
             raise ValueError(f"layout: a whole layer's states keep their (num_layers * dirs, B, H) shape, so its "
                              f"sequences may be 'TBD' or 'BTD'; got {layout!r}")
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
                             batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
                             per_gate=per_gate, initial_hidden=initial_hidden, layout=layout,
-                            column_bias=column_bias, state_order=state_order)
+                            column_bias=column_bias, state_order=state_order, y_directions=y_directions)
     if variant == "layernorm" and bias != "single":
         raise ValueError(f"bias: the layernorm variant has no bias, so bias={bias!r} does not apply")
     upstream = tuple(backward_takes)
@@ -1471,7 +1507,7 @@ def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backw
 
 def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,
                ln_eps: float | None, gate_order: str, transposed: bool, forget_bias: float, batch_major: bool,
-               layout: str, state_order: str,
+               layout: str, state_order: str, y_directions: str,
                interface: dict[str, tuple[Any, Any]]) -> Adapted:
     """What ``adapter`` wraps, adapted afresh: read in the given convention instead of the adapter's own.
 
@@ -1505,15 +1541,18 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
                             forget_bias=forget_bias, batch_major=batch_major, initial_cell=old.initial_cell,
                             final_cell=old.final_cell, initial_hidden=old.initial_hidden, layout=layout,
                             per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias,
-                            state_order=state_order)
+                            state_order=state_order, y_directions=y_directions)
     structure = adapter._structure
+    if convention.y_directions != "forward-first" and not structure.bidirectional:
+        raise ValueError(f"y_directions: applies to a bidirectional implementation; {adapter.name} has one direction")
     if convention.state_order != "layer-major" and not structure.layered:
         raise ValueError(f"state_order: applies to a layered implementation (num_layers > 1 or bidirectional); "
                          f"{adapter.name} has one layer and one direction, so its states have no such axis")
     if adapter._layered and (convention.gate_order, convention.transposed, convention.forget_bias, convention.bias) \
             != ("ifgo", False, 0.0, old.bias):
         raise ValueError(f"gate_order: a whole layer's parameters ({structure.describe()}) are passed on by name as "
-                         f"they are; of its convention only layout and state_order can be given again")
+                         f"they are; of its convention only layout, state_order and y_directions can be given "
+                         f"again")
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")

@@ -110,6 +110,8 @@ __all__ = [
     "state_order_index",
     "state_order_to",
     "state_order_from",
+    "Y_DIRECTIONS",
+    "swap_directions",
     "fold_forget_bias",
     "fold_forget_bias_layernorm",
     "permute_layernorm_rows",
@@ -1005,6 +1007,22 @@ def state_order_to(h: Any, num_layers: int, dirs: int, order: str, *, name: str 
     """A layered state (L * dirs, B, H) in the contract's order -> the same state in ``order``. Always a copy."""
     index = state_order_index(num_layers, dirs, order)
     return _layered_state(h, name, len(index))[index].copy()
+
+
+#: The orders of a bidirectional layer's features in y (and in the next layer's input): the contract's
+#: forward direction first, or the reverse direction first.
+Y_DIRECTIONS = ("forward-first", "reverse-first")
+
+
+def swap_directions(a: Any, *, axis: int = -1, name: str = "y") -> np.ndarray:
+    """The two halves of ``axis`` swapped: a bidirectional y (T, B, 2 * H) [forward | reverse] -> [reverse |
+    forward], or a next layer's W (4H, 2 * H) by its columns. Its own inverse; always a copy."""
+    arr = _array(a, name)
+    n = arr.shape[axis]
+    if n % 2:
+        raise ValueError(f"{name}: expected an even size (two directions' features) along axis {axis}, got shape "
+                         f"{tuple(arr.shape)}")
+    return np.concatenate(np.split(arr, 2, axis=axis)[::-1], axis=axis)
 
 
 def state_order_from(h: Any, num_layers: int, dirs: int, order: str, *, name: str = "h_T") -> np.ndarray:

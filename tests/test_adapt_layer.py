@@ -13,7 +13,7 @@ from harness.adapt import Convention
 from harness.api import certify
 from harness.cli import main
 from harness.contract import gradient_keys, validate
-from harness.layouts import state_order_from, state_order_index, state_order_to
+from harness.layouts import state_order_from, state_order_index, state_order_to, swap_directions
 from harness.structure import Structure
 from impls.loop import LoopLSTM
 from tests.plugins import direction_major
@@ -67,6 +67,18 @@ def test_state_order_bad_input(call, message):
         call()
 
 
+def test_swap_directions_swaps_the_halves_and_is_its_own_inverse():
+    y = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)  # H_out = 2 per direction
+    swapped = swap_directions(y)
+    np.testing.assert_array_equal(swapped[..., :2], y[..., 2:])
+    np.testing.assert_array_equal(swapped[..., 2:], y[..., :2])
+    np.testing.assert_array_equal(swap_directions(swapped), y)
+    W = np.arange(8 * 6, dtype=float).reshape(8, 6)
+    np.testing.assert_array_equal(swap_directions(W, axis=1)[:, :3], W[:, 3:])
+    with pytest.raises(ValueError, match=r"l1.W: expected an even size \(two directions' features\) along axis 1"):
+        swap_directions(np.zeros((8, 5)), axis=1, name="l1.W")
+
+
 def test_the_convention_names_the_state_order():
     conv = Convention(state_order="direction-major")
     assert conv.keywords() == {"state_order": "direction-major"}
@@ -90,13 +102,24 @@ def test_a_direction_major_stack_is_caught_as_it_is_and_certified_adapted():
     assert {"dl1.reverse.W", "dh0", "h_T"} <= {r.quantity for r in result.records if r.status == "pass"}
 
 
-def test_the_adapted_stack_computes_what_the_loop_computes():
+def test_a_reverse_first_stack_is_caught_as_it_is_and_certified_adapted():
+    as_it_is = certify(direction_major.reverse_first, oracles=FD, max_examples=2, dtypes=["float64"])
+    assert as_it_is.verdict == "discrepancies" and "y" in {r.quantity for r in as_it_is.records if r.status == "fail"}
+    result = certify(adapt(direction_major.reverse_first, y_directions="reverse-first"), oracles=FD, max_examples=3)
+    assert result.verdict == "certified", result.details()
+
+
+@pytest.mark.parametrize("stack, keywords", [
+    (direction_major.stack, {"state_order": "direction-major"}),
+    (direction_major.reverse_first, {"y_directions": "reverse-first"}),
+])
+def test_the_adapted_stack_computes_what_the_loop_computes(stack, keywords):
     s = Structure(num_layers=2, bidirectional=True)
     case = structured_case(s, seed=3)
     loop = LoopLSTM().with_structure(s)
-    adapted = adapt(direction_major.stack, state_order="direction-major")
+    adapted = adapt(stack, **keywords)
     # readapted (as harness.diagnose re-reads an adapter) it is the same
-    for impl in (adapted, adapt(adapt(direction_major.stack), state_order="direction-major")):
+    for impl in (adapted, adapt(adapt(stack), **keywords)):
         y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
         y0, h0_T, c0_T, cache0 = loop.forward(case.x, case.h0, case.c0, case.params)
         for got, want in ((y, y0), (h_T, h0_T), (c_T, c0_T)):
@@ -114,6 +137,7 @@ def test_the_adapted_stack_computes_what_the_loop_computes():
     ({"names": {"W": "kernel"}}, r"names: not supported for a whole layer"),
     ({"layout": "DBT"}, r"layout: a whole layer's states keep their \(num_layers \* dirs, B, H\) shape"),
     ({"lengths": "packed"}, r"lengths: expected None, or 'packed' for a PyTorch-style layer module"),
+    ({"y_directions": "backward-first"}, r"y_directions: expected one of \('forward-first', 'reverse-first'\)"),
 ])
 def test_bad_keywords_for_a_layered_object(keywords, message):
     with pytest.raises(ValueError, match=message):
@@ -128,6 +152,9 @@ def test_state_order_on_a_single_layer_is_refused_with_the_reason():
         adapt(adapt(direction_major.one_layer), state_order="direction-major")
     with pytest.raises(ValueError, match="state_order: expected one of"):  # an unknown order is named first
         adapt(direction_major.one_layer, state_order="reversed")
+    with pytest.raises(ValueError, match=r"y_directions: applies to a bidirectional implementation, whose y holds "
+                                         r"two directions' features; LoopLSTM declares one direction"):
+        adapt(direction_major.one_layer, y_directions="reverse-first")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +169,15 @@ def test_the_state_order_option_certifies_a_direction_major_target(tmp_path, cap
     assert main(["certify", _STACK, "--state-order", "direction-major", *common, str(tmp_path / "a")]) == 0
     assert "Verdict: certified" in capsys.readouterr().out
     assert main(["certify", _STACK, *common, str(tmp_path / "b")]) == 1
+
+
+def test_the_y_directions_option_certifies_a_reverse_first_target(tmp_path, capsys):
+    target = f"{PLUGINS / 'direction_major.py'}:reverse_first"
+    assert main(["certify", target, "--y-directions", "reverse-first", "--max-examples", "2", "--oracle",
+                 "finite-differences", "--in-process", "--report-dir", str(tmp_path)]) == 0
+    assert "Verdict: certified" in capsys.readouterr().out
+    assert main(["certify", target, "--y-directions", "upside-down", "--report-dir", str(tmp_path)]) == 2
+    assert "--y-directions: expected one of ('forward-first', 'reverse-first')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target, message", [

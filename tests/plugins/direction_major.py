@@ -50,3 +50,34 @@ class DirectionMajorStack:
 
 stack = DirectionMajorStack()
 one_layer = LoopLSTM()  # one layer, one direction: its states have no order to give
+
+
+def _halves_swapped(a: np.ndarray, axis: int) -> np.ndarray:
+    first, second = np.split(a, 2, axis=axis)
+    return np.concatenate([second, first], axis=axis)
+
+
+class ReverseFirstStack:
+    """Two bidirectional layers whose y holds the reverse direction's features first, and whose second layer
+    reads its input so (the columns of its W follow). Certifies as ``adapt(impl, y_directions="reverse-first")``."""
+
+    variant = "vanilla"
+    name = "reverse-first-stack"
+    num_layers, bidirectional = LAYERS, True
+
+    def __init__(self) -> None:
+        self.inner = LoopLSTM().with_structure(Structure(num_layers=LAYERS, bidirectional=True))
+
+    @staticmethod
+    def _inputs_swapped(params):
+        return {k: _halves_swapped(v, 1) if k in ("l1.W", "l1.reverse.W") else v for k, v in params.items()}
+
+    def forward(self, x, h0, c0, params):
+        y, h_T, c_T, cache = self.inner.forward(x, h0, c0, self._inputs_swapped(params))
+        return _halves_swapped(y, 2), h_T, c_T, cache
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return self._inputs_swapped(self.inner.backward(_halves_swapped(dy, 2), dh_T, dc_T, cache))
+
+
+reverse_first = ReverseFirstStack()
