@@ -1301,6 +1301,12 @@ def adapt(
     time loop and the backward through time. See the module docstring for the conventions.
     ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
 
+    A whole PyTorch layer (``torch.nn.LSTM``, or a module with its parameter names, given without
+    ``names`` or ``call``) is adapted by nn.LSTM's names and attributes, its structure declared;
+    ``lengths="packed"`` gives it packed sequences. An object that declares a layered structure keeps
+    its structure through the adapter; ``state_order`` and ``y_directions`` say how its states and
+    its bidirectional y are ordered (see the module docstring).
+
     ``impl`` may itself be an adapter: what it wraps is then read in the given gate order,
     transposition, forget bias and sequence layout instead of the adapter's, keeping the adapter's
     names, bias form, cell states and backward (which :func:`harness.diagnose` relies on).
