@@ -1554,9 +1554,12 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     if convention.state_order != "layer-major" and not structure.layered:
         raise ValueError(f"state_order: applies to a layered implementation (num_layers > 1 or bidirectional); "
                          f"{adapter.name} has one layer and one direction, so its states have no such axis")
-    if adapter._layered and (convention.gate_order, convention.transposed, convention.forget_bias, convention.bias) \
-            != ("ifgo", False, 0.0, old.bias):
-        raise ValueError(f"gate_order: a whole layer's parameters ({structure.describe()}) are passed on by name as "
+    changed = [k for k, value, default in (("gate_order", convention.gate_order, "ifgo"),
+                                           ("transposed", convention.transposed, False),
+                                           ("forget_bias", convention.forget_bias, 0.0),
+                                           ("bias", convention.bias, old.bias)) if value != default]
+    if adapter._layered and changed:
+        raise ValueError(f"{changed[0]}: a whole layer's parameters ({structure.describe()}) are passed on by name as "
                          f"they are; of its convention only layout, state_order and y_directions can be given "
                          f"again")
     variant = variant if variant is not None else adapter.variant

@@ -144,6 +144,30 @@ def test_bad_keywords_for_a_layered_object(keywords, message):
         adapt(direction_major.stack, **keywords)
 
 
+def test_an_adapted_layer_is_read_again_in_its_layout_and_orders_only():
+    adapted = adapt(direction_major.stack)
+    with pytest.raises(ValueError, match=r"transposed: a whole layer's parameters \(layers=2 bidirectional\) are "
+                                         r"passed on by name"):
+        adapt(adapted, transposed=True)
+
+
+def test_a_single_layer_that_takes_lengths_keeps_its_structure_and_convention_through_the_adapter():
+    s = Structure(lengths=True, coupled_input_forget=True)
+    inner = LoopLSTM().with_structure(s)
+
+    class Transposed:  # the loop behind weights kept transposed: the cell's convention still applies
+        variant, accepts_lengths, coupled_input_forget = "vanilla", True, True
+
+        def forward(self, x, h0, c0, params, lengths):
+            return inner.forward(x, h0, c0, {k: v.T if v.ndim == 2 else v for k, v in params.items()},
+                                 lengths=lengths)
+
+    adapted = adapt(Transposed(), transposed=True)
+    assert validate(adapted).structure == s
+    result = certify(adapted, oracles=FD, max_examples=3)
+    assert result.verdict == "certified", result.details()
+
+
 def test_state_order_on_a_single_layer_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"state_order: applies to a layered implementation .* LoopLSTM declares "
                                          r"one layer and one direction, so its states are \(B, H\)"):
