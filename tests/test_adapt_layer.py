@@ -79,6 +79,23 @@ def test_swap_directions_swaps_the_halves_and_is_its_own_inverse():
         swap_directions(np.zeros((8, 5)), axis=1, name="l1.W")
 
 
+@pytest.mark.parametrize("structure", [Structure(), Structure(proj_size=2),
+                                       Structure(num_layers=2, bidirectional=True, proj_size=2)])
+def test_torch_names_are_to_torchs_keys_and_from_torchs_names(structure):
+    from harness.layouts import from_torch, to_torch, torch_names
+
+    params = structured_case(structure).params
+    names = torch_names(structure)
+    torch_dict = to_torch(params, structure)
+    assert set(names) == set(torch_dict)
+    assert set(names.values()) == set(params) == set(from_torch(torch_dict, structure))
+    for theirs, ours in names.items():
+        if not theirs.startswith("bias_hh"):  # the hidden bias half is 0 in to_torch
+            np.testing.assert_array_equal(torch_dict[theirs], params[ours])
+    if structure.layered:
+        assert names["weight_hr_l1_reverse"] == "l1.reverse.proj" and names["bias_hh_l0"] == "l0.b"
+
+
 def test_the_convention_names_the_state_order():
     conv = Convention(state_order="direction-major")
     assert conv.keywords() == {"state_order": "direction-major"}
