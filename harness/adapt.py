@@ -33,7 +33,28 @@ The conventions an adapter knows (all combinable):
 ``column_bias``        biases kept as columns, (4H, 1) or per gate (H, 1) (course code that broadcasts
                        ``W @ x + b`` over (H, B)); their gradients may come back as columns too
 ``names``              the implementation's own parameter names, e.g. ``{"W": "Wx", "R": "Wh"}``
+``state_order``        for a layered implementation (num_layers > 1 or bidirectional): the order of
+                       its states' (num_layers * dirs) axis, ``"layer-major"`` (the contract's
+                       ``layer * dirs + direction``, PyTorch's) or ``"direction-major"`` (``direction *
+                       num_layers + layer``, all forward layers first), for h0, c0 in and h_T, c_T, dh0,
+                       dc0 back
+``y_directions``       for a bidirectional implementation: ``"reverse-first"`` when its y holds the reverse
+                       direction's features first (and each later layer reads its input so, its W's
+                       columns swapped accordingly); ``"forward-first"`` is the contract's
 =====================  =============================================================================
+
+A whole PyTorch layer: ``torch.nn.LSTM`` (bias=True), or any ``nn.Module`` with its parameter names
+(``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with
+``_reverse`` for the reverse direction) and attributes (``num_layers``, ``bidirectional``, ``proj_size``,
+``batch_first``, ``hidden_size``), called as ``module(x, (h0, c0)) -> (y, (h_n, c_n))``, is adapted as it
+is: ``adapt(module)`` declares the structure its attributes give (checked against its parameters), hands
+it the case's parameters under nn.LSTM's names (:func:`harness.layouts.to_torch`; the two biases get
+uneven shares of b, so that one left out is caught), sets its ``input_size`` and ``hidden_size`` to the
+case's for the call, and takes the backward from autograd; its states always have the (num_layers *
+dirs) axis, even for one layer. ``lengths="packed"`` declares ``accepts_lengths`` and gives it x as
+``pack_padded_sequence(x, lengths, enforce_sorted=False)``, y unpacked to all T steps. An object that
+declares a layered structure (or a projection) itself gets the contract's prefixed parameters as they
+are: of the conventions, only ``layout`` ("TBD" or "BTD"), ``state_order`` and ``y_directions`` apply to it.
 
 Functions instead of an object: ``forward_fn(x, h0, c0, *params)`` (``h0`` left out when
 ``initial_hidden=False``, ``c0`` when ``initial_cell=False``; the parameters positionally in the order
@@ -84,8 +105,17 @@ from typing import Any
 import numpy as np
 
 from harness import layouts
-from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, to_numpy
+from harness.contract import (
+    DEFAULT_DTYPES,
+    DEFAULT_LN_EPS,
+    VARIANTS,
+    ContractError,
+    declared_structure,
+    param_shapes,
+    to_numpy,
+)
 from harness.limits import Limits
+from harness.structure import Structure, parse_prefix
 
 __all__ = ["adapt", "adapt_keywords", "Convention", "Adapted"]
 
@@ -108,6 +138,8 @@ class Convention:
     initial_hidden: bool = True
     layout: str = "TBD"
     column_bias: bool = False
+    state_order: str = "layer-major"
+    y_directions: str = "forward-first"
 
     def __post_init__(self) -> None:
         for flag in ("transposed", "batch_major", "initial_cell", "final_cell", "initial_hidden", "column_bias"):
@@ -138,6 +170,12 @@ class Convention:
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not np.isfinite(self.forget_bias):
             raise ValueError(f"forget_bias: expected a finite float, got {self.forget_bias!r}")
+        if self.state_order not in layouts.STATE_ORDERS:
+            raise ValueError(f"state_order: expected one of {layouts.STATE_ORDERS} (the order of a layered state's "
+                             f"(num_layers * dirs) axis), got {self.state_order!r}")
+        if self.y_directions not in layouts.Y_DIRECTIONS:
+            raise ValueError(f"y_directions: expected one of {layouts.Y_DIRECTIONS} (which direction's features "
+                             f"come first in a bidirectional y), got {self.y_directions!r}")
 
     @property
     def is_standard(self) -> bool:
@@ -174,6 +212,10 @@ class Convention:
             parts.append("it has no initial cell state (c0 = 0)")
         if not self.final_cell:
             parts.append("it does not return the final cell state")
+        if self.state_order != "layer-major":
+            parts.append("its states' (num_layers * dirs) axis is direction-major (direction * num_layers + layer)")
+        if self.y_directions != "forward-first":
+            parts.append("its y holds the reverse direction's features first (and so does each next layer's input)")
         return "; ".join(parts)
 
     def keywords(self) -> dict[str, Any]:
@@ -362,7 +404,8 @@ def _is_bias(key: str) -> bool:
 HIDDEN_BIAS_SHARE = 0.25
 
 
-def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: int) -> None:
+def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: int,
+                          names: tuple[str, str] = ("b_ih", "b_hh")) -> None:
     """d b_ih and d b_hh (canonical gate order) must both be dL/db, since b = b_ih + b_hh; raise,
     saying where they differ, when they do beyond the harness's gradient tolerance."""
     from harness.compare import TOLERANCES, compare_arrays
@@ -371,15 +414,15 @@ def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: i
 
     dtype = d_ih.dtype.name if d_ih.dtype.name in TOLERANCES else "float32"
     rec = compare_arrays(d_hh, d_ih, spec=quantity_specs(variant)["db"], H=H, tol=TOLERANCES[dtype]["gradients"],
-                         tolerance_dtype=dtype, base=dict(implementation="", oracle="b_ih", variant=variant,
+                         tolerance_dtype=dtype, base=dict(implementation="", oracle=names[0], variant=variant,
                                                           dtype=dtype, direction="backward", quantity="db"))
     if rec.status == "pass":
         return
     worst = rec.worst or {}
     raise ValueError(
-        f"backward: the gradients of b_ih and b_hh differ: {rec.mismatched} of {rec.total} elements beyond the "
-        f"{dtype} gradient tolerance, worst at {format_coords(worst.get('coords', {}))} (b_ih "
-        f"{worst.get('expected'):.6g}, b_hh {worst.get('actual'):.6g}). The two biases are added, so the "
+        f"backward: the gradients of {names[0]} and {names[1]} differ: {rec.mismatched} of {rec.total} elements "
+        f"beyond the {dtype} gradient tolerance, worst at {format_coords(worst.get('coords', {}))} ({names[0]} "
+        f"{worst.get('expected'):.6g}, {names[1]} {worst.get('actual'):.6g}). The two biases are added, so the "
         f"gradient of each must be dL/db")
 
 
@@ -398,7 +441,7 @@ class Adapted:
                  ln_eps: float, names: dict[str, str], forward: Callable[..., Any] | _TimeLoop,
                  backward: Callable[..., Any] | None, params_as: str, upstream: tuple[str, ...],
                  torch_module: Any = None, call: Callable[..., Any] | None = None, dtypes_declared: bool = True,
-                 engine: _Engine | None = None):
+                 engine: _Engine | None = None, structure: Structure | None = None, torch_layer: bool = False):
         self.convention = convention
         self.variant = variant
         self.name = name
@@ -414,6 +457,18 @@ class Adapted:
         self._module = torch_module
         self._call = call
         self._engine = engine
+        #: The layer structure of what it wraps (declared as attributes, so that the harness gives it cases of it).
+        self._structure = structure or Structure()
+        #: A PyTorch-style layer module (nn.LSTM's parameter names, called with packed sequences for lengths).
+        self._torch_layer = torch_layer
+        #: Whether its parameters are whole-layer ones (prefixed, or with a projection), passed on by name as
+        #: they are (or by nn.LSTM's names), instead of converted cell by the convention.
+        self._layered = torch_layer or self._structure.layered or self._structure.proj_size > 0
+        if not self._structure.is_default:
+            s = self._structure
+            self.num_layers, self.bidirectional, self.proj_size = s.num_layers, s.bidirectional, s.proj_size
+            self.coupled_input_forget, self.cell_clip, self.accepts_lengths = (s.coupled_input_forget, s.cell_clip,
+                                                                               s.lengths)
         if backward is not None or torch_module is not None or engine is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
@@ -433,27 +488,129 @@ class Adapted:
         extra = self.convention.describe() or "standard convention"
         if self._params_as == "step":
             extra = f"{_TimeLoop.NOTE}; {extra}"
+        if not self._structure.is_default:
+            extra = f"{self._structure.describe()}; {extra}"
         return f"<adapted {self.name}: {extra}>"
+
+    # -- what differs for a whole layer: its states' order and its parameters' names
+
+    def _state_to(self, a: np.ndarray, name: str = "h0") -> np.ndarray:
+        """A state (or its gradient) in the contract's shape -> the implementation's."""
+        s = self._structure
+        if s.layered:
+            if self.convention.state_order == "layer-major":
+                return a
+            return layouts.state_order_to(a, s.num_layers, s.dirs, self.convention.state_order, name=name)
+        if self._torch_layer:
+            return np.asarray(a)[None]  # nn.LSTM's states always have the (num_layers * dirs) axis
+        return self.convention.state_to(a, name)
+
+    def _state_from(self, a: Any, name: str = "h_T") -> Any:
+        """A state (or its gradient) in the implementation's shape -> the contract's (inverse of :meth:`_state_to`)."""
+        s = self._structure
+        if s.layered:
+            if self.convention.state_order == "layer-major":
+                return a
+            return layouts.state_order_from(to_numpy(a), s.num_layers, s.dirs, self.convention.state_order, name=name)
+        if self._torch_layer:
+            a = to_numpy(a)
+            return a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+        return self.convention.state_from(a, name)
+
+    def _directions(self, a: Any, name: str = "y") -> Any:
+        """y (or dy) between the contract's [forward | reverse] features and the implementation's order (the
+        swap is its own inverse)."""
+        if self.convention.y_directions == "forward-first":
+            return a
+        return layouts.swap_directions(to_numpy(a), name=name)
+
+    def _swap_inputs(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """With y reverse-first, a later layer reads its input's features reverse-first too: the columns of
+        its W (and of W's gradient) swapped; the same both ways."""
+        if self.convention.y_directions == "forward-first":
+            return dict(params)
+        out = dict(params)
+        for key, value in params.items():
+            layer, _, bare = parse_prefix(key)
+            if layer and bare == "W":
+                out[key] = layouts.swap_directions(to_numpy(value), axis=1, name=key)
+        return out
+
+    def _param_keys(self) -> tuple[str, ...]:
+        """The implementation's parameters, by the keys its arrays are handed over with, in order."""
+        if not self._layered:
+            return self.convention.param_keys(self.variant)
+        if self._torch_layer:
+            return tuple(layouts.torch_names(self._structure))
+        return tuple(param_shapes(self.variant, self._structure, D=1, H=1))
+
+    def _params_to(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The contract's parameters -> the implementation's. nn.LSTM's two biases get uneven shares of b,
+        as separate biases do in :meth:`Convention.params_to`."""
+        if not self._layered:
+            return self.convention.params_to(params, self.variant)
+        params = self._swap_inputs(params)
+        if not self._torch_layer:
+            return params
+        out = layouts.to_torch(params, self._structure)  # bias_ih = b, bias_hh = 0
+        for name in [k for k in out if k.startswith("bias_ih")]:
+            hidden = "bias_hh" + name[len("bias_ih"):]
+            out[hidden] = out[name] * out[name].dtype.type(HIDDEN_BIAS_SHARE)
+            out[name] = out[name] - out[hidden]
+        return out
+
+    def _params_from(self, mine: Mapping[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
+        """The implementation's parameters -> the contract's: the inverse of :meth:`_params_to`."""
+        if not self._layered:
+            conv = self.convention
+            return conv.params_from({k: mine[k] for k in conv.param_keys(self.variant)}, self.variant, D, H)
+        if not self._torch_layer:
+            return self._swap_inputs(mine)
+        return self._swap_inputs(layouts.from_torch(mine, self._structure))
+
+    def _grads_from(self, grads: Mapping[str, np.ndarray], D: int, H: int) -> dict[str, np.ndarray]:
+        """The implementation's parameter gradients -> the contract's. Of nn.LSTM's two biases each has the
+        gradient dL/db: bias_ih's is used and bias_hh's must agree with it (see :meth:`Convention.grads_from`)."""
+        if not self._layered:
+            return self.convention.grads_from(grads, self.variant, D, H)
+        if not self._torch_layer:
+            return self._swap_inputs(grads)
+        for name in [k for k in grads if k.startswith("bias_ih")]:
+            hidden = "bias_hh" + name[len("bias_ih"):]
+            _check_bias_gradients(np.asarray(grads[name]), np.asarray(grads[hidden]), self.variant, H,
+                                  names=(name, hidden))
+        return self._swap_inputs(layouts.from_torch({k: v for k, v in grads.items() if not k.startswith("bias_hh")},
+                                                    self._structure))
+
+    def _canonical_of(self, key: str) -> tuple[str, ...]:
+        """The contract's arrays one of the implementation's arrays is made from."""
+        if not self._layered:
+            return self.convention.canonical_names(key, self.variant)
+        if self._torch_layer:
+            return (layouts.torch_names(self._structure)[key],)
+        return (key,)
 
     # -- forward
 
-    def forward(self, x, h0, c0, params):
+    def forward(self, x, h0, c0, params, lengths=None):
         conv = self.convention
         T, B, D = x.shape
-        H = h0.shape[1]
-        mine = conv.params_to(params, self.variant)
-        xs, h0s, c0s = conv.seq_to(x), conv.state_to(h0, "h0"), conv.state_to(c0, "c0")
+        H = c0.shape[-1]
+        mine = self._params_to(params)
+        xs, h0s, c0s = conv.seq_to(x), self._state_to(h0, "h0"), self._state_to(c0, "c0")
+        # Lengths go on as they are (a (B,) vector in any layout); a PyTorch-style layer module gets them packed.
+        more = {} if lengths is None else {"lengths": lengths}
         if self._module is not None:
-            y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
+            y, h_T, c_T, cache, handed = self._torch_forward((x, h0, c0), (xs, h0s, c0s), mine, params, lengths)
         elif self._engine is not None:
             y, h_T, c_T, cache, handed = self._engine_forward((x, h0, c0), (xs, h0s, c0s), mine, params)
         else:
             # Converted copies (the parameters, x and the states in another layout) are watched; what is
             # passed as it is, the caller (harness.subject.execute) watches itself.
-            watched: dict[str, Any] = dict(mine)
+            watched: dict[str, Any] = {k: v for k, v in mine.items() if v is not params.get(k)}
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
-            for key, given, handed_over, convert in (("x", x, xs, conv.seq_from), ("h0", h0, h0s, conv.state_from),
-                                                     ("c0", c0, c0s, conv.state_from)):
+            for key, given, handed_over, convert in (("x", x, xs, conv.seq_from), ("h0", h0, h0s, self._state_from),
+                                                     ("c0", c0, c0s, self._state_from)):
                 if handed_over is not given:
                     watched[key], back[key] = handed_over, (given, convert)
             handed = _Handed(self, watched, back, params, D, H)
@@ -461,14 +618,17 @@ class Adapted:
             if self._params_as == "step":
                 out = self._forward.forward(self, xs, h0s, c0s, mine)
             elif self._params_as == "dict":
-                out = self._forward(*args, {self._names[k]: v for k, v in mine.items()})
+                out = self._forward(*args, {self._names[k]: v for k, v in mine.items()}, **more)
             else:
-                out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)])
+                out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)], **more)
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
-        y = conv.seq_from(y, "y")
-        h_T = None if h_T is None else conv.state_from(h_T, "h_T")
-        c_T = None if c_T is None else conv.state_from(c_T, "c_T")
+        y = self._directions(conv.seq_from(y, "y"))
+        if self._structure.layered and (h_T is None or c_T is None):
+            raise ContractError(["forward: returned no final states (h_T, c_T); a layered implementation returns "
+                                 "both, each with its (num_layers * dirs) axis"], subject=f"adapted {self.name}")
+        h_T = None if h_T is None else self._state_from(h_T, "h_T")
+        c_T = None if c_T is None else self._state_from(c_T, "c_T")
         h_from_y = h_T is None
         if h_from_y:
             h_T = y[-1]  # (B, H): the last step of y is the final hidden state
@@ -510,8 +670,8 @@ class Adapted:
         if fold:
             dys = dy.copy()
             dys[-1] += dh_T
-        dys = conv.seq_to(dys, "dy")
-        dh_Ts, dc_Ts = conv.state_to(dh_T, "dh_T"), conv.state_to(dc_T, "dc_T")
+        dys = conv.seq_to(self._directions(dys, "dy"), "dy")
+        dh_Ts, dc_Ts = self._state_to(dh_T, "dh_T"), self._state_to(dc_T, "dc_T")
         not_computed: set[str] = set()
         if self._module is not None:
             raw, not_computed = self._torch_backward(cache.inner, dys, None if cache.h_from_y else dh_Ts, dc_Ts)
@@ -521,9 +681,10 @@ class Adapted:
             # Converted copies are watched: changes to them are the caller's arrays', converted back.
             back: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
             if dys is not dy:
-                back["dy"] = (dy, lambda v: _undo_dy(conv.seq_from(v, "dy"), dh_T if fold else None))
+                back["dy"] = (dy, lambda v: _undo_dy(self._directions(conv.seq_from(v, "dy"), "dy"),
+                                                     dh_T if fold else None))
             if dh_Ts is not dh_T:
-                back["dh_T"], back["dc_T"] = (dh_T, conv.state_from), (dc_T, conv.state_from)
+                back["dh_T"], back["dc_T"] = (dh_T, self._state_from), (dc_T, self._state_from)
             upstream = _Handed(self, {k: {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts}[k] for k in back}, back)
             given = {"dy": dys, "dh_T": dh_Ts, "dc_T": dc_Ts, "cache": cache.inner}
             if self._params_as == "step":
@@ -536,17 +697,20 @@ class Adapted:
         out: dict[str, Any] = {}
         out["x"] = conv.seq_from(grads.pop("x"), "dx")
         # An initial state the implementation does not take has a placeholder gradient: reported as not compared.
-        out["h0"] = to_numpy(conv.state_from(grads.pop("h0"), "dh0")) if conv.initial_hidden \
+        out["h0"] = to_numpy(self._state_from(grads.pop("h0"), "dh0")) if conv.initial_hidden \
             else np.zeros((B, H), dtype=out["x"].dtype)
-        out["c0"] = to_numpy(conv.state_from(grads.pop("c0"), "dc0")) if conv.initial_cell \
+        out["c0"] = to_numpy(self._state_from(grads.pop("c0"), "dc0")) if conv.initial_cell \
             else np.zeros_like(out["h0"])
         params = {k: to_numpy(v) for k, v in grads.items()}
-        out.update(conv.grads_from(params, self.variant, D, H))
+        out.update(self._grads_from(params, D, H))
         if not_computed:
             # Reported as not computed, never compared as zeros: a canonical gradient is not computed when
             # any of the implementation's gradients it is converted from was not.
-            mask = {k: np.full_like(v, 1.0 if k in not_computed else 0.0) for k, v in params.items()}
-            touched = {k for k, v in conv.grads_from(mask, self.variant, D, H).items() if np.any(v != 0)}
+            if self._layered:
+                touched = {c for k in not_computed if k in params for c in self._canonical_of(k)}
+            else:
+                mask = {k: np.full_like(v, 1.0 if k in not_computed else 0.0) for k, v in params.items()}
+                touched = {k for k, v in conv.grads_from(mask, self.variant, D, H).items() if np.any(v != 0)}
             for key in touched | (not_computed & {"x", "h0", "c0"}):
                 out[key] = None
         # Gradients the contract does not expect are passed on under their own names, so that the
@@ -558,7 +722,7 @@ class Adapted:
     def _gradients_by_key(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The implementation's gradients by the default keys (x, h0, c0, W, R, b, ...), and the ones
         it returned beyond those, by the names it gave them."""
-        keys: list[str] = ["x", *self.convention.initial_states("h0", "c0"), *self.convention.param_keys(self.variant)]
+        keys: list[str] = ["x", *self.convention.initial_states("h0", "c0"), *self._param_keys()]
         if isinstance(raw, Mapping):
             by_name = {v: k for k, v in self._names.items()}
             out: dict[str, Any] = {}
@@ -588,7 +752,7 @@ class Adapted:
 
     # -- PyTorch modules: forward by functional_call, backward by autograd
 
-    def _torch_forward(self, given, converted, mine, params):
+    def _torch_forward(self, given, converted, mine, params, lengths=None):
         import torch
 
         conv = self.convention
@@ -597,12 +761,14 @@ class Adapted:
         x, h, c = tensors["x"], tensors["h0"], tensors["c0"]
         # Every tensor is a copy: changes to any of them are the caller's arrays', converted back.
         x_given, h0, c0 = given
-        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
-                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
-        handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], h0.shape[1])
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(self._state_from(v, "h0"), copy=True)),
+                "c0": (c0, lambda v: np.array(self._state_from(v, "c0"), copy=True))}
+        handed = _Handed(self, {**tensors, **weights}, back, params, x_given.shape[2], c0.shape[-1])
         named = {self._names[k]: v for k, v in weights.items()}
         with _swapped_parameters(self._module, named), torch.enable_grad():
-            if self._call is not None:
+            if self._torch_layer:
+                result = self._call_layer_module(x, h, c, x_given.shape, lengths)
+            elif self._call is not None:
                 result = self._call(self._module, x, *conv.initial_states(h, c))
             elif conv.initial_hidden and conv.initial_cell:
                 result = self._module(x, (h, c))
@@ -617,6 +783,25 @@ class Adapted:
                 a = a[0]  # nn.LSTM's (num_layers * directions, B, H) with one layer
             as_np.append(a)
         return as_np[0], as_np[1], as_np[2], cache, handed
+
+    def _call_layer_module(self, x: Any, h: Any, c: Any, shape: tuple[int, int, int], lengths: Any) -> Any:
+        """``module(x, (h0, c0))`` for a PyTorch-style layer module, its sizes set to the case's (nn.LSTM
+        checks its inputs against them); with lengths, x packed (``enforce_sorted=False``) and y unpacked
+        to all T steps, zeros past each row's length."""
+        import torch
+
+        T, _, D = shape
+        sizes = {"input_size": D, "hidden_size": c.shape[-1]}
+        with _swapped_attributes(self._module, sizes):
+            if lengths is None:
+                return self._module(x, (h, c))
+            rnn = torch.nn.utils.rnn
+            batch_first = self.convention.layout == "BTD"
+            packed = rnn.pack_padded_sequence(x, torch.as_tensor(np.asarray(lengths), dtype=torch.int64),
+                                              batch_first=batch_first, enforce_sorted=False)
+            out, state = self._module(packed, (h, c))
+            y, _ = rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=T)
+            return y, state
 
     def _torch_backward(self, cache, dys, dh_T, dc_T):
         import torch
@@ -653,8 +838,8 @@ class Adapted:
         inputs, (outs, state) = self._engine.forward(self._forward, [np.asarray(arrays[k]) for k in keys])
         # What the function was handed is watched (a framework array can be changed in place too).
         x_given, h0, c0 = given
-        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(conv.state_from(v), copy=True)),
-                "c0": (c0, lambda v: np.array(conv.state_from(v), copy=True))}
+        back = {"x": (x_given, conv.seq_from), "h0": (h0, lambda v: np.array(self._state_from(v, "h0"), copy=True)),
+                "c0": (c0, lambda v: np.array(self._state_from(v, "c0"), copy=True))}
         watched = dict(zip(keys, inputs))
         handed = _Handed(self, watched, {k: v for k, v in back.items() if k in watched}, params,
                          x_given.shape[2], h0.shape[1])
@@ -844,13 +1029,13 @@ class _Handed:
                 written.add(k)  # these conversions are one to one: the caller's array shows the change
         in_params = [k for k in changed if k not in self.back]
         if in_params and self.params is not None:
-            conv, variant = self.adapted.convention, self.adapted.variant
-            canon = conv.params_from({k: now[k] for k in conv.param_keys(variant)}, variant, self.D, self.H)
-            touched = {c for k in in_params for c in conv.canonical_names(k, variant)}
+            adapted = self.adapted
+            canon = adapted._params_from({k: now[k] for k in adapted._param_keys()}, self.D, self.H)
+            touched = {c for k in in_params for c in adapted._canonical_of(k)}
             differ = {c for c in touched if not np.array_equal(canon[c], self.params[c], equal_nan=True)}
             for c in differ:
                 self.params[c][...] = canon[c]
-            written.update(k for k in in_params if differ & set(conv.canonical_names(k, variant)))
+            written.update(k for k in in_params if differ & set(adapted._canonical_of(k)))
         for k in changed:
             self.pristine[k] = np.array(now[k], copy=True)  # each change is passed on once
         hidden = [k for k in changed if k not in written]
@@ -1014,6 +1199,66 @@ class _swapped_parameters:
             owner._parameters[leaf] = old
 
 
+class _swapped_attributes:
+    """Within the block, the module's attributes among ``values`` that it has are the given values."""
+
+    def __init__(self, module: Any, values: dict[str, Any]):
+        self.module = module
+        self.saved = {k: getattr(module, k) for k in values if hasattr(module, k)}
+        self.values = {k: v for k, v in values.items() if k in self.saved}
+
+    def __enter__(self) -> None:
+        for k, v in self.values.items():
+            setattr(self.module, k, v)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            setattr(self.module, k, v)
+
+
+def _is_torch_layer(obj: Any) -> bool:
+    """Whether ``obj`` is a PyTorch-style layer module: an ``nn.Module`` with nn.LSTM's ``weight_ih_l0``."""
+    return _is_torch_module(obj) and any(name == "weight_ih_l0" for name, _ in obj.named_parameters())
+
+
+def _torch_layer_structure(module: Any, lengths: str | None) -> Structure:
+    """The structure a PyTorch-style layer module computes, read off its attributes as nn.LSTM has them
+    (num_layers, bidirectional, proj_size, hidden_size; coupled_input_forget and cell_clip if it has
+    them), checked against its parameters: a ValueError names the attribute that disagrees."""
+    what = type(module).__name__
+    if getattr(module, "bias", True) is False:
+        raise ValueError(f"impl: {what} has no biases (bias=False), while the contract's LSTM has b; certify one "
+                         f"made with bias=True")
+    declared: dict[str, Any] = {a: getattr(module, a, d) for a, d in (
+        ("num_layers", 1), ("bidirectional", False), ("proj_size", 0), ("coupled_input_forget", False),
+        ("cell_clip", None))}
+    structure = Structure(**declared, lengths=lengths == "packed")
+    bad = structure.problems("vanilla")
+    if bad:
+        raise ValueError(f"impl: {what}'s attributes: " + "; ".join(bad))
+    have = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    expected = layouts.torch_names(structure)
+    missing, extra = [k for k in expected if k not in have], sorted(set(have) - set(expected))
+    said = f"num_layers={structure.num_layers}, bidirectional={structure.bidirectional}, " \
+           f"proj_size={structure.proj_size}"
+    if missing or extra:
+        raise ValueError(f"impl: {what}'s attributes ({said}) disagree with its parameters: "
+                         + "; ".join(([f"missing {missing}"] if missing else [])
+                                     + ([f"not accounted for {extra}"] if extra else [])))
+    H = getattr(module, "hidden_size", None)
+    rows = have["weight_ih_l0"][0]
+    if H is not None and rows != 4 * H:
+        raise ValueError(f"hidden_size: {what} says hidden_size={H}, but weight_ih_l0 has {rows} rows, not 4 * {H}")
+    H = rows // 4
+    for name, canonical in expected.items():
+        bare = canonical.rsplit(".", 1)[-1]
+        want = {"R": (4 * H, structure.h_out(H)), "proj": (structure.proj_size, H), "b": (4 * H,)}.get(bare)
+        if want is not None and have[name] != want:
+            raise ValueError(f"impl: {what}'s attributes ({said}, hidden_size={H}) call for {name} of shape {want}, "
+                             f"got {have[name]}")
+    return structure
+
+
 def adapt(
     impl: Any = None,
     *,
@@ -1041,6 +1286,9 @@ def adapt(
     backward_takes: Sequence[str] = _UPSTREAM,
     call: Callable[..., Any] | None = None,
     autograd: str | None = None,
+    state_order: str = "layer-major",
+    y_directions: str = "forward-first",
+    lengths: str | None = None,
 ) -> Adapted:
     """Wrap an implementation written in another convention so that it can be certified as it is.
 
@@ -1052,6 +1300,12 @@ def adapt(
     give ``step_forward`` (and ``step_backward``), or ``impl`` with ``step=True``: the adapter runs the
     time loop and the backward through time. See the module docstring for the conventions.
     ``variant``, ``name``, ``dtypes`` and ``ln_eps`` default to what ``impl`` declares.
+
+    A whole PyTorch layer (``torch.nn.LSTM``, or a module with its parameter names, given without
+    ``names`` or ``call``) is adapted by nn.LSTM's names and attributes, its structure declared;
+    ``lengths="packed"`` gives it packed sequences. An object that declares a layered structure keeps
+    its structure through the adapter; ``state_order`` and ``y_directions`` say how its states and
+    its bidirectional y are ordered (see the module docstring).
 
     ``impl`` may itself be an adapter: what it wraps is then read in the given gate order,
     transposition, forget bias and sequence layout instead of the adapter's, keeping the adapter's
@@ -1088,22 +1342,74 @@ def adapt(
                              "backward_fn; a PyTorch nn.Module is passed as impl and uses autograd already")
         if tuple(backward_takes) != _UPSTREAM:
             raise ValueError("backward_takes: does not apply with autograd=, whose backward is the framework's")
+    if lengths is not None and (lengths != "packed" or impl is None or not _is_torch_layer(impl)
+                                or names is not None or call is not None):
+        raise ValueError(f"lengths: expected None, or 'packed' for a PyTorch-style layer module (nn.LSTM's parameter "
+                         f"names, no names= or call=), which is then given packed sequences; got {lengths!r} for "
+                         f"{type(impl if impl is not None else forward_fn or step_forward).__name__}. An object that "
+                         f"takes lengths itself declares accepts_lengths = True")
     if isinstance(impl, Adapted):
         return _readapted(impl, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, gate_order=gate_order,
                           transposed=transposed, forget_bias=forget_bias, batch_major=batch_major, layout=layout,
+                          state_order=state_order, y_directions=y_directions,
                           interface={"bias": (bias, "single"), "initial_hidden": (initial_hidden, True),
                                      "initial_cell": (initial_cell, True), "per_gate": (per_gate, None),
                                      "column_bias": (column_bias, False),
                                      "final_cell": (final_cell, True), "names": (names, None),
                                      "backward_takes": (tuple(backward_takes), _UPSTREAM), "call": (call, None)})
-    convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
-                            batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
-                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout,
-                            column_bias=column_bias)
     source = impl if impl is not None else forward_fn if forward_fn is not None else step_forward
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    torch_layer = impl is not None and names is None and call is None and _is_torch_layer(impl)
+    structure = Structure()
+    if torch_layer:
+        if variant != "vanilla":
+            raise ValueError(f"variant: a PyTorch-style layer module computes the vanilla cell (nn.LSTM's parameters), "
+                             f"got {variant!r}")
+        structure = _torch_layer_structure(impl, lengths)
+        module_layout = "BTD" if getattr(impl, "batch_first", False) else "TBD"
+        given_layout = "BTD" if batch_major else layouts.normalize_layout(layout)
+        if given_layout not in (layouts.CANONICAL_LAYOUT, module_layout):
+            raise ValueError(f"layout: the module says batch_first={module_layout == 'BTD'}, so its sequences are "
+                             f"{module_layout}; got {given_layout!r}")
+        layout, batch_major = module_layout, False
+    elif impl is not None and not step:
+        structure = declared_structure(impl, variant=variant)
+    layered = torch_layer or structure.layered or structure.proj_size > 0
+    if state_order != "layer-major" and not structure.layered:
+        Convention(state_order=state_order)  # an unknown order is named as such first
+        raise ValueError(f"state_order: applies to a layered implementation (num_layers > 1 or bidirectional), whose "
+                         f"states have a (num_layers * dirs) axis to order; {type(source).__name__} declares "
+                         f"{structure.describe() or 'one layer and one direction'}, so its states are (B, H) and "
+                         f"have no such axis")
+    if y_directions != "forward-first" and not structure.bidirectional:
+        Convention(y_directions=y_directions)
+        raise ValueError(f"y_directions: applies to a bidirectional implementation, whose y holds two directions' "
+                         f"features; {type(source).__name__} declares {structure.describe() or 'one direction'}")
+    if layered:
+        # A whole layer's parameters are passed on by name (the contract's, or nn.LSTM's): a convention of the
+        # cell's parameters would have to be applied cell by cell, which an adapter does not do.
+        cell_keywords = {"gate_order": (gate_order, "ifgo"), "transposed": (transposed, False),
+                         "bias": (bias, "single"), "forget_bias": (forget_bias, 0.0), "per_gate": (per_gate, None),
+                         "column_bias": (column_bias, False), "initial_hidden": (initial_hidden, True),
+                         "initial_cell": (initial_cell, True), "final_cell": (final_cell, True),
+                         "backward_takes": (tuple(backward_takes), _UPSTREAM)}
+        if not torch_layer:
+            cell_keywords["names"] = (names, None)
+        bad = [k for k, (value, default) in cell_keywords.items() if value != default]
+        if bad:
+            raise ValueError(f"{bad[0]}: not supported for a whole layer ({structure.describe()}); its parameters are "
+                             f"passed on by name as they are ({'nn.LSTM' if torch_layer else 'the contract'}'s "
+                             f"prefixed names), with only the layout of its sequences (layout, batch_major), the "
+                             f"order of its states (state_order) and of y's directions (y_directions) to give")
+        if layouts.normalize_layout(layout) not in (layouts.CANONICAL_LAYOUT, "BTD"):
+            raise ValueError(f"layout: a whole layer's states keep their (num_layers * dirs, B, H) shape, so its "
+                             f"sequences may be 'TBD' or 'BTD'; got {layout!r}")
+    convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias, forget_bias=forget_bias,
+                            batch_major=batch_major, initial_cell=initial_cell, final_cell=final_cell,
+                            per_gate=per_gate, initial_hidden=initial_hidden, layout=layout,
+                            column_bias=column_bias, state_order=state_order, y_directions=y_directions)
     if variant == "layernorm" and bias != "single":
         raise ValueError(f"bias: the layernorm variant has no bias, so bias={bias!r} does not apply")
     upstream = tuple(backward_takes)
@@ -1113,6 +1419,10 @@ def adapt(
                          f"got {upstream!r}")
     keys = convention.param_keys(variant)
     names_map = {k: k for k in keys}
+    if layered:
+        keys = tuple(layouts.torch_names(structure)) if torch_layer else tuple(param_shapes(variant, structure, D=1,
+                                                                                             H=1))
+        names_map = {k: k for k in keys}
     if names:
         if not isinstance(names, Mapping):
             raise ValueError(f"names: expected a dict from {list(keys)} to the implementation's names, "
@@ -1129,9 +1439,10 @@ def adapt(
     eps = ln_eps if ln_eps is not None else getattr(impl, "ln_eps", DEFAULT_LN_EPS)
     common: dict[str, Any] = dict(convention=convention, variant=variant, name=str(declared_name),
                                   dtypes=declared_dtypes, dtypes_declared=dtypes_declared,
-                                  ln_eps=eps, names=names_map, upstream=upstream)
+                                  ln_eps=eps, names=names_map, upstream=upstream, structure=structure)
     if impl is not None and _is_torch_module(impl):
-        return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call)
+        return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call,
+                       torch_layer=torch_layer)
     if call is not None:
         raise ValueError("call: only for a PyTorch nn.Module")
     if step or step_forward is not None:
@@ -1202,7 +1513,7 @@ def _step_adapter(cell: Any, step_forward: Callable[..., Any] | None, step_backw
 
 def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtypes: Sequence[str] | None,
                ln_eps: float | None, gate_order: str, transposed: bool, forget_bias: float, batch_major: bool,
-               layout: str,
+               layout: str, state_order: str, y_directions: str,
                interface: dict[str, tuple[Any, Any]]) -> Adapted:
     """What ``adapter`` wraps, adapted afresh: read in the given convention instead of the adapter's own.
 
@@ -1235,20 +1546,37 @@ def _readapted(adapter: Adapted, *, variant: str | None, name: str | None, dtype
     convention = Convention(gate_order=gate_order, transposed=transposed, bias=bias if rebias else old.bias,
                             forget_bias=forget_bias, batch_major=batch_major, initial_cell=old.initial_cell,
                             final_cell=old.final_cell, initial_hidden=old.initial_hidden, layout=layout,
-                            per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias)
+                            per_gate=per_gate if swap else old.per_gate, column_bias=old.column_bias,
+                            state_order=state_order, y_directions=y_directions)
+    structure = adapter._structure
+    if convention.y_directions != "forward-first" and not structure.bidirectional:
+        raise ValueError(f"y_directions: applies to a bidirectional implementation; {adapter.name} has one direction")
+    if convention.state_order != "layer-major" and not structure.layered:
+        raise ValueError(f"state_order: applies to a layered implementation (num_layers > 1 or bidirectional); "
+                         f"{adapter.name} has one layer and one direction, so its states have no such axis")
+    changed = [k for k, value, default in (("gate_order", convention.gate_order, "ifgo"),
+                                           ("transposed", convention.transposed, False),
+                                           ("forget_bias", convention.forget_bias, 0.0),
+                                           ("bias", convention.bias, old.bias)) if value != default]
+    if adapter._layered and changed:
+        raise ValueError(f"{changed[0]}: a whole layer's parameters ({structure.describe()}) are passed on by name as "
+                         f"they are; of its convention only layout, state_order and y_directions can be given "
+                         f"again")
     variant = variant if variant is not None else adapter.variant
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
     if variant == "layernorm" and old.bias != "single":
         raise ValueError(f"bias: the layernorm variant has no bias, so the adapter's bias={old.bias!r} does not "
                          f"apply")
-    names = {k: adapter._names.get(k, k) for k in convention.param_keys(variant)}
+    keys = adapter._param_keys() if adapter._layered else convention.param_keys(variant)
+    names = {k: adapter._names.get(k, k) for k in keys}
     return Adapted(convention=convention, variant=variant, name=name or adapter.name,
                    dtypes=tuple(dtypes) if dtypes is not None else adapter.dtypes,
                    dtypes_declared=dtypes is not None or adapter.dtypes_declared,
                    ln_eps=ln_eps if ln_eps is not None else adapter.ln_eps, names=names, forward=adapter._forward,
                    backward=adapter._backward, params_as=adapter._params_as, upstream=adapter._upstream,
-                   torch_module=adapter._module, call=adapter._call, engine=adapter._engine)
+                   torch_module=adapter._module, call=adapter._call, engine=adapter._engine, structure=structure,
+                   torch_layer=adapter._torch_layer)
 
 
 def _check_arity(fn: Callable[..., Any], n: int, what: str, expected: str) -> None:

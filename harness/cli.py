@@ -174,6 +174,13 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
                    help="one matrix and bias per gate (W_i, ..., R_i, ..., b_i, ...): separate input and state "
                         "matrices, or one matrix over [h; x] (hx) or [x; h] (xh)")
     c.add_argument("--column-bias", action="store_true", help="its biases are columns, (4H, 1) or (H, 1)")
+    c.add_argument("--state-order", metavar="ORDER",
+                   help="for a layered TARGET (num_layers > 1 or bidirectional), the order of its states' "
+                        "(num_layers * dirs) axis: layer-major (layer * dirs + direction, the contract's and "
+                        "PyTorch's) or direction-major (direction * num_layers + layer)")
+    c.add_argument("--y-directions", metavar="ORDER",
+                   help="for a bidirectional TARGET, which direction's features come first in its y (and in each "
+                        "later layer's input): forward-first (the contract's) or reverse-first")
     c.add_argument("--no-initial-hidden", dest="initial_hidden", action="store_false",
                    help="it takes no h0 (its hidden state starts at zero)")
     c.add_argument("--no-initial-cell", dest="initial_cell", action="store_false",
@@ -187,7 +194,7 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
 
 
 _CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
-                       "column_bias", "initial_hidden", "initial_cell", "step", "names")
+                       "column_bias", "state_order", "y_directions", "initial_hidden", "initial_cell", "step", "names")
 
 
 def _convention(args: argparse.Namespace) -> dict[str, Any]:

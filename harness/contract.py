@@ -21,6 +21,7 @@ from harness.limits import Limits
 from harness.structure import FEATURES, Structure
 
 __all__ = [
+    "declared_structure",
     "GATES",
     "LN_ROWS",
     "VARIANTS",
@@ -424,6 +425,17 @@ def _declared_structure(obj: Any, variant: str | None, problems: list[str]) -> S
         head, _, rest = problem.partition(":")
         problems.append(f"{renamed.get(head, head)}:{rest}")
     return Structure() if bad else structure
+
+
+def declared_structure(obj: Any, *, variant: str | None = None) -> Structure:
+    """The layer structure ``obj`` declares by its attributes (num_layers, bidirectional, accepts_lengths,
+    proj_size, coupled_input_forget, cell_clip), as :func:`validate` reads it; a ValueError names each bad
+    attribute."""
+    problems: list[str] = []
+    structure = _declared_structure(obj, variant, problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return structure
 
 
 def check_inputs(

@@ -80,6 +80,7 @@ __all__ = [
     "normalize_order",
     "permute_gates",
     "to_torch",
+    "torch_names",
     "from_torch",
     "to_keras",
     "from_keras",
@@ -105,6 +106,12 @@ __all__ = [
     "sequence_from",
     "state_to",
     "state_from",
+    "STATE_ORDERS",
+    "state_order_index",
+    "state_order_to",
+    "state_order_from",
+    "Y_DIRECTIONS",
+    "swap_directions",
     "fold_forget_bias",
     "fold_forget_bias_layernorm",
     "permute_layernorm_rows",
@@ -345,6 +352,21 @@ def _cell_weights(p: Mapping[str, Any], prefix: str, P: int) -> tuple[np.ndarray
 
 def _torch_suffix(layer: int, direction: int) -> str:
     return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def torch_names(structure: Structure | None = None) -> dict[str, str]:
+    """``nn.LSTM``'s parameter names for ``structure`` -> the canonical name each holds (both bias halves
+    hold ``b``): ``{"weight_ih_l0": "l0.W", ..., "bias_hh_l1_reverse": "l1.reverse.b"}``, and
+    ``weight_hr_l{k}`` -> ``proj`` with a projection; unprefixed for one layer and one direction."""
+    structure = _structure(structure)
+    out = {}
+    for layer, direction, prefix in structure.cells():
+        sfx = _torch_suffix(layer, direction)
+        out.update({f"weight_ih{sfx}": prefix + "W", f"weight_hh{sfx}": prefix + "R", f"bias_ih{sfx}": prefix + "b",
+                    f"bias_hh{sfx}": prefix + "b"})
+        if structure.proj_size:
+            out[f"weight_hr{sfx}"] = prefix + "proj"
+    return out
 
 
 def to_torch(params: Mapping[str, Any], structure: Structure | None = None) -> dict[str, np.ndarray]:
@@ -954,6 +976,62 @@ def state_from(h: Any, layout: str, *, name: str = "h0") -> np.ndarray:
     feature_first = layout.index("D") < layout.index("B")
     a = _state(h, name, "(H, B)" if feature_first else "(B, H)")
     return a.T.copy(order="C") if feature_first else a.copy()
+
+
+#: The orders of a layered state's leading (num_layers * dirs) axis: the contract's ``layer * dirs +
+#: direction`` (PyTorch's), and ``direction * num_layers + layer`` (all of the forward direction's
+#: layers first), which hand-written stacks often use.
+STATE_ORDERS = ("layer-major", "direction-major")
+
+
+def state_order_index(num_layers: int, dirs: int, order: str) -> np.ndarray:
+    """For each position of the leading axis in ``order``, the contract's (layer-major) index it holds:
+    ``state_order_index(2, 2, "direction-major")`` is [0, 2, 1, 3] (l0 forward, l1 forward, l0 reverse,
+    l1 reverse)."""
+    if order not in STATE_ORDERS:
+        raise ValueError(f"state_order: expected one of {STATE_ORDERS}, got {order!r}")
+    if order == "layer-major":
+        return np.arange(num_layers * dirs)
+    return np.array([layer * dirs + direction for direction in range(dirs) for layer in range(num_layers)])
+
+
+def _layered_state(h: Any, name: str, n: int) -> np.ndarray:
+    a = _array(h, name)
+    if a.ndim != 3 or a.shape[0] != n:
+        raise ValueError(f"{name}: expected a state of shape (num_layers * dirs, B, H) = ({n}, B, H), "
+                         f"got shape {tuple(a.shape)}")
+    return a
+
+
+def state_order_to(h: Any, num_layers: int, dirs: int, order: str, *, name: str = "h0") -> np.ndarray:
+    """A layered state (L * dirs, B, H) in the contract's order -> the same state in ``order``. Always a copy."""
+    index = state_order_index(num_layers, dirs, order)
+    return _layered_state(h, name, len(index))[index].copy()
+
+
+#: The orders of a bidirectional layer's features in y (and in the next layer's input): the contract's
+#: forward direction first, or the reverse direction first.
+Y_DIRECTIONS = ("forward-first", "reverse-first")
+
+
+def swap_directions(a: Any, *, axis: int = -1, name: str = "y") -> np.ndarray:
+    """The two halves of ``axis`` swapped: a bidirectional y (T, B, 2 * H) [forward | reverse] -> [reverse |
+    forward], or a next layer's W (4H, 2 * H) by its columns. Its own inverse; always a copy."""
+    arr = _array(a, name)
+    n = arr.shape[axis]
+    if n % 2:
+        raise ValueError(f"{name}: expected an even size (two directions' features) along axis {axis}, got shape "
+                         f"{tuple(arr.shape)}")
+    return np.concatenate(np.split(arr, 2, axis=axis)[::-1], axis=axis)
+
+
+def state_order_from(h: Any, num_layers: int, dirs: int, order: str, *, name: str = "h_T") -> np.ndarray:
+    """A layered state in ``order`` -> the contract's order: the inverse of :func:`state_order_to`."""
+    index = state_order_index(num_layers, dirs, order)
+    a = _layered_state(h, name, len(index))
+    out = np.empty_like(a)
+    out[index] = a
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,14 +52,14 @@ def _examples() -> dict[str, tuple[str, bool]]:
     return out
 
 
-_FRAMEWORK = {"jax_lstm": "jax", "keras_style": "tensorflow"}
+_FRAMEWORK = {"jax_lstm": "jax", "keras_style": "tensorflow", "lstm_module": "torch"}
 
 
 def test_the_readme_has_its_complete_examples():
-    assert {"columns", "jax_lstm", "keras_style"} <= set(_examples())
+    assert {"columns", "jax_lstm", "keras_style", "lstm_module"} <= set(_examples())
 
 
-@pytest.mark.parametrize("name", ["columns", "jax_lstm", "keras_style"])
+@pytest.mark.parametrize("name", ["columns", "jax_lstm", "keras_style", "lstm_module"])
 def test_each_complete_readme_example_certifies(name):
     if name in _FRAMEWORK:
         pytest.importorskip(_FRAMEWORK[name], reason=f"the example needs {_FRAMEWORK[name]}")
