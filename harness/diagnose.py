@@ -552,7 +552,7 @@ def _candidates(declared: str, own: Convention | None = None, *,
 
 
 class _StructureLost(Exception):
-    """An adapter around the implementation does not compute its layer structure (its message says so)."""
+    """No cell convention can be tried on an implementation of a layer structure (its message says why)."""
 
 
 def _same_convention(a: Convention, b: Convention) -> bool:
@@ -685,6 +685,12 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
     infos: dict[str, Any] = {}  # variant -> what validate() reads off an adapter (the same for every convention)
 
     def runner(v: str, conv: Convention) -> Any:
+        if not info.structure.is_default:
+            # adapt() applies a cell convention to a single-layer implementation only (a whole layer is
+            # adapted by its state order, direction order and layout, which the layer readings cover).
+            raise _StructureLost(f"The cell conventions (gate order, layout, transposition, biases, variant) were "
+                                 f"not searched: adapters apply them to one cell, and {info.name} computes the "
+                                 f"layer structure {info.structure.describe()}.")
         kwargs = {"variant": v, **conv.keywords()}
         if isolated:
             run = subject.adapted(**kwargs)
@@ -693,11 +699,6 @@ def diagnose_subject(subject: Any, *, dtype: str | None = None) -> Diagnosis:
             if v not in infos:
                 infos[v] = validate(adapted)
             run = InProcessSubject(adapted, infos[v])
-        if run.info.structure != info.structure:
-            raise _StructureLost(f"The cell conventions (gate order, layout, transposition, biases, variant) were not "
-                                 f"searched: an adapter around {info.name} computes the structure "
-                                 f"{run.info.structure.describe() or 'of one layer and one direction'}, not its "
-                                 f"{info.structure.describe()}.")
         return run
 
     refs = _References(use_dtype, info.ln_eps, info.structure)

@@ -189,10 +189,10 @@ def run_checks(
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
     structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and
-    at least one of ``oracles`` computes (none: the default structure only). An oracle that does not compute a case's structure
-    is skipped for that case; its records say on how many cases (:func:`note_skipped`). ``stats``, when
-    given, receives ``cases`` (generated), ``features`` (cases per structure feature) and ``skipped``
-    (oracle -> reason -> cases).
+    at least one of ``oracles`` computes (none: the default structure only). An oracle that does not
+    compute a case's structure is skipped for that case; its records say on how many cases
+    (:func:`note_skipped`). ``stats``, when given, receives ``cases`` (generated), ``features`` (cases per
+    structure feature) and ``skipped`` (oracle -> reason -> cases).
     """
     run = run or RunSettings()
     info = subject.info

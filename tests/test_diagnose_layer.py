@@ -130,9 +130,15 @@ def test_the_finding_is_said_with_its_coordinates(bug, words):
 
 def test_direction_major_states_print_the_adapter_call():
     text = diagnose(planted.StatesDirectionMajor()).text()
-    assert "Certify it as it is with harness.adapt(impl, state_order='direction-major')." in text
-    # TODO(integration): once harness.adapt takes state_order, evaluate the printed call on the planted
-    # implementation and certify it (as tests/test_diagnose.py's _printed_call_certifies does).
+    call = "harness.adapt(impl, state_order='direction-major')"
+    assert f"Certify it as it is with {call}." in text
+    # The printed call, evaluated on the implementation, certifies it (forward and backward).
+    import harness
+    from harness.api import certify
+
+    adapted = eval(call, {"harness": harness, "impl": planted.StatesDirectionMajor()})  # noqa: S307 - printed text
+    result = certify(adapted, oracles=["finite-differences"], max_examples=5, dtypes=["float64"])
+    assert result.verdict == "certified", result.details()
 
 
 @pytest.mark.parametrize("structure", [
@@ -173,9 +179,10 @@ def test_nothing_is_recognised_in_correct_outputs():
 def test_a_layer_bug_the_search_cannot_explain_stops_with_the_reason():
     found = diagnose(planted.Layer1FedFinalState())
     assert found.status == "none" and found.layer is None
-    assert found.tried == 1  # an adapter around it is not of its structure: no convention can be tried
+    assert found.tried == 1  # adapters apply cell conventions to one cell: none is tried on a whole layer
     assert "The cell conventions (gate order, layout, transposition, biases, variant) were not searched" in found.text()
-    assert "not its layers=2" in found.text()
+    assert "adapters apply them to one cell, and planted-layer-Layer1FedFinalState computes the layer structure " \
+           "layers=2" in found.text()
 
 
 class _WrongEndAndForwardCellOff(planted.ReverseFinalAtWrongEnd):
