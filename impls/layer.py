@@ -30,7 +30,10 @@ import numpy as np
 from harness.contract import check_dtype, check_inputs, check_upstream, param_shapes
 from harness.structure import FEATURES, Structure
 
-__all__ = ["LayeredLSTM", "DirectionCache", "step_order"]
+__all__ = ["LayeredLSTM", "DirectionCache", "step_order", "CELL_ATTRIBUTES"]
+
+#: What a subclass defines when it brings a cell of its own: the loop's cell methods, the stacked cell object.
+CELL_ATTRIBUTES = ("cell_forward", "cell_backward", "cell")
 
 
 def step_order(L: int, reverse: bool) -> np.ndarray:
@@ -93,8 +96,17 @@ class LayeredLSTM:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "configurable" not in cls.__dict__ and ("forward" in cls.__dict__ or "backward" in cls.__dict__):
+        own = cls.__dict__
+        if "configurable" not in own and ("forward" in own or "backward" in own):
             cls.configurable = False
+        # CIFG and clipping are options of the built-in cells: a subclass with a cell of its own (most users'
+        # experiments) computes them only if it says so, and is not given cases with them otherwise.
+        replaced = [name for name in CELL_ATTRIBUTES if name in own]
+        if "structures" not in own and replaced and {"cifg", "clip"} & set(cls.structures):
+            cls.structures = tuple(f for f in cls.structures if f not in ("cifg", "clip"))
+            cls.structures_note = (f"{cls.__name__} has a cell of its own ({', '.join(replaced)}), and CIFG and cell "
+                                   f"clipping are options of the built-in cells; declare structures to have them "
+                                   f"checked")
 
     @property
     def structure(self) -> Structure:

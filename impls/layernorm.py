@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS, GATES, LN_ROWS
+from harness.structure import FEATURES
 from impls.loop import LoopLSTM, StepCache, preactivation_backward, sigmoid, split_gates
 from impls.stacked import (
     Cell,
@@ -225,6 +226,7 @@ class LoopLayerNormLSTM(LoopLSTM):
     """The LayerNorm LSTM, a timestep and a gate at a time, with BPTT written out by hand."""
 
     name = "loop-layernorm"
+    structures = FEATURES  # its cells compute every option
     variant = "layernorm"
     ln_eps = DEFAULT_LN_EPS
 
@@ -366,6 +368,7 @@ class StackedLayerNormLSTM(StackedLSTM):
     """The LayerNorm LSTM with stacked-gate GEMMs; same results as ``loop-layernorm``, much faster."""
 
     name = "stacked-layernorm"
+    structures = FEATURES  # its cells compute every option
     variant = "layernorm"
     ln_eps = DEFAULT_LN_EPS
     cell = LayerNormCell()

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from harness.contract import GATES
+from harness.structure import FEATURES
 from impls.layer import LayeredLSTM
 
 __all__ = [
@@ -215,6 +216,7 @@ class LoopLSTM(LayeredLSTM):
     """
 
     name = "loop"
+    structures = FEATURES  # its cells compute every option
     variant = "vanilla"
     dtypes = ("float64", "float32")
 

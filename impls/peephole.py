@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.structure import FEATURES
 from impls.loop import (
     GateWeights,
     LoopLSTM,
@@ -153,6 +154,7 @@ class LoopPeepholeLSTM(LoopLSTM):
     """The peephole LSTM, a timestep and a gate at a time, with BPTT written out by hand."""
 
     name = "loop-peephole"
+    structures = FEATURES  # its cells compute every option
     variant = "peephole"
 
     def prepare(self, params: Mapping[str, np.ndarray]) -> PeepholeWeights:
@@ -250,5 +252,6 @@ class StackedPeepholeLSTM(StackedLSTM):
     """The peephole LSTM with stacked-gate GEMMs; same results as ``loop-peephole``, much faster."""
 
     name = "stacked-peephole"
+    structures = FEATURES  # its cells compute every option
     variant = "peephole"
     cell = PeepholeCell()

@@ -31,6 +31,7 @@ import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS
 from harness.layouts import CANONICAL_ORDER, permute_gates
+from harness.structure import FEATURES
 from impls.layer import LayeredLSTM
 
 __all__ = [
@@ -403,6 +404,7 @@ class StackedLSTM(LayeredLSTM):
     """
 
     name = "stacked"
+    structures = FEATURES  # its cells compute every option
     variant = "vanilla"
     dtypes = ("float64", "float32")
     xp: Any = np

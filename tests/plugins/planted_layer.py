@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.structure import Structure
+from harness.structure import FEATURES, Structure
 from impls.loop import LoopLSTM, cell_backward, cell_forward
 
 
@@ -147,6 +147,8 @@ class ProjectionGradientMissing(_Planted):
 
 
 class _GradientIgnoresClip(LoopLSTM):
+    structures = FEATURES  # it claims the clip (and gets its backward wrong)
+
     def cell_forward(self, x_t, h_prev, c_prev, weights):
         h, c, step = super().cell_forward(x_t, h_prev, c_prev, weights)
         step.inside = None  # the clip's mask forgotten: the backward treats every cell as unclipped
@@ -163,6 +165,8 @@ class GradientThroughClippedCells(_Planted):
 
 
 class _SeparateForget(LoopLSTM):
+    structures = FEATURES  # it claims CIFG (and computes a separate forget gate)
+
     def cell_forward(self, x_t, h_prev, c_prev, weights):
         return cell_forward(x_t, h_prev, c_prev, weights)  # the forget gate's own weights: not coupled
 
