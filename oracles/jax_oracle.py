@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import layouts
 from harness.cases import Case
 from harness.contract import VARIANTS, ArraySpec, gradient_keys, input_specs, output_specs
 from harness.structure import FEATURES, Structure
@@ -63,11 +64,10 @@ FLOORS: dict[str, int] = {"T": 16, "B": 8, "D": 16, "H": 16}
 #: How many times each (variant, T, B, D, H) bucket was traced, i.e. compiled. Tests read it.
 _TRACES: Counter[tuple[str, int, int, int, int]] = Counter()
 
-#: The same for structured cases: (variant, structure described, T, B, D, H) as compiled.
+#: The same for the cells of structured cases: (variant, kind of cell, T, B, D, H buckets) as compiled.
 _STRUCTURED_TRACES: Counter[tuple[str, str, int, int, int, int]] = Counter()
 
 _JITTED: Any = None  # the jitted bucketed function, built on first use (JAX is imported lazily)
-_LAYERED_JIT: list[Any] = [None]  # the jitted function of structured cases, likewise
 
 
 def bucket(n: int, floor: int) -> int:
@@ -175,17 +175,24 @@ def _eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
 # Bucketed: zero-padded to a bucket, one compiled function per (variant, bucket).
 
 
-def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
-    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
-    Hb = a["h0"].shape[1]
-    unit = jnp.arange(Hb) < H  # (Hb,) the real units
-    n_units = H.astype(a["h0"].dtype)
+def _masked_norm(jnp: Any, a: dict[str, Any], H: Any, ln_eps: Any) -> Callable[[Any, int], Any]:
+    """LayerNorm of padded rows with row k of ``a``'s gamma and beta: the statistics over the real ``H``
+    units only (a traced scalar); padded units have gamma = beta = 0, so their normalized value is 0."""
+    unit = jnp.arange(a["c0"].shape[-1]) < H  # (Hb,) the real units
+    n_units = H.astype(a["c0"].dtype)
 
-    def norm(v, k):  # statistics over the real units only; padded units have gamma = beta = 0
+    def norm(v, k):
         mean = jnp.where(unit, v, 0.0).sum(axis=-1, keepdims=True) / n_units
         dev = jnp.where(unit, v - mean, 0.0)
         var = (dev * dev).sum(axis=-1, keepdims=True) / n_units
         return dev / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
+
+    return norm
+
+
+def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
+    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
+    norm = _masked_norm(jnp, a, H, ln_eps)
 
     def step(carry, inputs):
         h, c = carry
@@ -219,10 +226,11 @@ def _jitted() -> Any:
     return _JITTED
 
 
-def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
-    """The shape of ``spec`` with every (4H) axis split into its gate blocks (4, H)."""
+def _blocked(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """``shape`` (symbols as in :class:`harness.contract.ArraySpec`, or a key of ``sizes``) with every
+    (4H) axis split into its gate blocks (4, H)."""
     out: list[int] = []
-    for s in spec.shape:
+    for s in shape:
         if s == "4H":
             out += [4, sizes["H"]]
         else:
@@ -230,17 +238,22 @@ def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _pad(a: np.ndarray, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
-    out = np.zeros(_blocked(spec, padded), dtype=np.float64)
-    shape = _blocked(spec, real)
-    out[tuple(slice(0, size) for size in shape)] = a.reshape(shape)
-    return out.reshape(spec.concrete_shape(**padded))
+def _concrete(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(4 * sizes["H"] if s == "4H" else sizes[s] if s in sizes else int(s) for s in shape)
 
 
-def _unpad(a: Any, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
-    block = np.asarray(a).reshape(_blocked(spec, padded))
-    return np.ascontiguousarray(block[tuple(slice(0, n) for n in _blocked(spec, real))]).reshape(
-        spec.concrete_shape(**real))
+def _pad(a: np.ndarray, shape: tuple[str, ...], real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    """``a`` zero-padded from the ``real`` sizes to the ``padded`` ones, a (4H) axis block by block."""
+    out = np.zeros(_blocked(shape, padded), dtype=np.float64)
+    blocks = _blocked(shape, real)
+    out[tuple(slice(0, size) for size in blocks)] = a.reshape(blocks)
+    return out.reshape(_concrete(shape, padded))
+
+
+def _unpad(a: Any, shape: tuple[str, ...], real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    block = np.asarray(a).reshape(_blocked(shape, padded))
+    return np.ascontiguousarray(block[tuple(slice(0, n) for n in _blocked(shape, real))]).reshape(
+        _concrete(shape, real))
 
 
 def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
@@ -248,31 +261,102 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
     real = {"T": case.T, "B": case.B, "D": case.D, "H": case.H}
     padded = bucket_sizes(**real)
     specs = {s.name: s for s in input_specs() + VARIANTS[case.variant].params}
-    arrays = {k: _pad(v, specs[k], real, padded) for k, v in case.arrays().items()}
+    arrays = {k: _pad(v, specs[k].shape, real, padded) for k, v in case.arrays().items()}
     outs = output_specs()
-    upstream = tuple(_pad(u, s, real, padded) for u, s in zip(case.upstream, outs, strict=True))
+    upstream = tuple(_pad(u, s.shape, real, padded) for u, s in zip(case.upstream, outs, strict=True))
     outputs, grads = _jitted()(case.variant, arrays, upstream, np.int64(case.T), np.int64(case.H),
                                np.float64(case.ln_eps))
-    return (tuple(_unpad(o, s, real, padded) for o, s in zip(outputs, outs, strict=True)),
-            {k: _unpad(g, specs[k], real, padded) for k, g in grads.items()})
+    return (tuple(_unpad(o, s.shape, real, padded) for o, s in zip(outputs, outs, strict=True)),
+            {k: _unpad(g, specs[k].shape, real, padded) for k, g in grads.items()})
 
 
 # ----------------------------------------------------------------------------------------------
 # A layer structure (layers, directions, lengths, projection, CIFG, clip): the cells of
-# Structure.cells() around the same step, scanned over time; bucketed in T and B only.
+# Structure.cells(), each one direction of one layer scanned over time.
+#
+# Why one compiled function per kind of cell, not per structure. Compiling a whole structure (every
+# layer and direction unrolled into one program) took 0.5 to 2.5 s per structure and shape, and a
+# certification draws a new structure or (D, H) in most structured cases: in a default `certify
+# stacked` the JAX oracle spent 10 of its 11 s compiling. One direction of one layer is the same
+# program in every structure, so it is compiled once per (variant, CIFG, clipped, projected) and
+# bucket of T, B, D, H and P (a handful in a whole run), and a structure is put together here, in
+# NumPy: layer by layer forward, then the vector-Jacobian products layer by layer backward, each
+# direction's cotangents split off y and its input's cotangents summed. The reverse direction reads
+# each row's valid steps backwards through a per-row permutation of the steps (it is its own inverse,
+# so the same gather takes its outputs back and carries cotangents both ways). Padding is exact for
+# the reasons the module docstring gives for the default structure; in addition a padded projection
+# row is zero, so a padded feature of h is 0 and its columns of R and of the next layer's W are zero.
+
+#: The shape symbols of a cell's parameters: "4H" the gate blocks, "O" the features of h (P or H),
+#: "D" the cell's input features (D, or dirs * O above the first layer).
+_CELL_SHAPES: dict[str, tuple[str, ...]] = {
+    "W": ("4H", "D"), "R": ("4H", "O"), "b": ("4H",), "p_i": ("H",), "p_f": ("H",), "p_o": ("H",),
+    "gamma": ("5", "H"), "beta": ("5", "H"), "proj": ("O", "H")}
+_SEQ, _H_STATE, _C_STATE = ("T", "B", "D"), ("B", "O"), ("B", "H")
+_Y = ("T", "B", "O")
+
+_CELL_JIT: dict[str, Any] = {}  # "forward" and "vjp", jitted on first use
 
 
-def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
-                     ln_eps: Any, clip: Any = None, *, scan: bool = True):
-    """-> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
+def _direction(jax: Any, jnp: Any, variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any,
+               H: Any, ln_eps: Any, clip: Any):
+    """One direction of one layer on padded arrays, forward in time: ``a`` holds the cell's parameters
+    and ``x`` (T, B, D), ``h0``, ``c0``; -> y (T, B, O), h_T, c_T. Steps t >= lengths[b] keep the state
+    and give y = 0. ``H`` (the real units, for LayerNorm) and ``clip`` are traced scalars."""
+    norm = _masked_norm(jnp, a, H, ln_eps)
+    valid = jnp.arange(a["x"].shape[0])[:, None] < lengths[None, :]  # (T, B)
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, ok = inputs
+        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm, cifg=cifg, clip=clip if clipped else None)
+        ok = ok[:, None]
+        return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
+
+    (h, c), y = jax.lax.scan(step, (a["h0"], a["c0"]), (a["x"], valid))
+    return y, h, c
+
+
+def _count(kind: str, variant: str, cifg: bool, clipped: bool, a: dict[str, Any]) -> None:
+    shown = " ".join([kind] + ["cifg"] * cifg + ["clip"] * clipped + ["proj"] * ("proj" in a))
+    T, B, D = a["x"].shape
+    _STRUCTURED_TRACES[(variant, shown, T, B, D, a["c0"].shape[-1])] += 1  # runs once per trace
+
+
+def _direction_forward(variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any, H: Any,
+                       ln_eps: Any, clip: Any):
+    jax, jnp = _jax()
+    _count("forward", variant, cifg, clipped, a)
+    return _direction(jax, jnp, variant, cifg, clipped, a, lengths, H, ln_eps, clip)
+
+
+def _direction_vjp(variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any, H: Any,
+                   ln_eps: Any, clip: Any, upstream: tuple[Any, Any, Any]):
+    """Outputs and the gradients of everything in ``a``, in one compiled call."""
+    jax, jnp = _jax()
+    _count("vjp", variant, cifg, clipped, a)
+    outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, cifg, clipped, a, lengths, H, ln_eps, clip), a)
+    (grads,) = vjp(upstream)
+    return outputs, grads
+
+
+def _cell_jit(kind: str) -> Any:
+    if kind not in _CELL_JIT:
+        jax, _ = _jax()
+        fn = _direction_forward if kind == "forward" else _direction_vjp
+        _CELL_JIT[kind] = jax.jit(fn, static_argnames=("variant", "cifg", "clipped"))
+    return _CELL_JIT[kind]
+
+
+def _layered_forward(jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
+                     ln_eps: Any, clip: Any = None):
+    """The eager baseline, op by op on the exact shapes (nothing compiled, slow):
+    -> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
 
     ``lengths`` (B,): steps t >= lengths[b] do not exist for row b; there the state is kept (a ``where``)
     and y is 0. The reverse direction reads each row's valid steps backwards through a per-row index
     gather, idx[s, b] = lengths[b] - 1 - s for s < lengths[b] (else s: a permutation of each row's
-    steps), scans them like the forward direction, and gathers its outputs back with the same index.
-    ``scan=False`` loops over the steps in Python (the eager baseline: op by op, nothing compiled).
-    ``clip``: the cell clip (a traced scalar, so that every clip value shares one compilation), or None;
-    ``structure.cell_clip`` is not read.
+    steps), runs them like the forward direction, and gathers its outputs back with the same index.
     """
     T = a["x"].shape[0]
     s = jnp.arange(T)[:, None]  # (T, 1)
@@ -286,30 +370,22 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
         for _layer, direction, prefix in structure.cells()[layer * structure.dirs : (layer + 1) * structure.dirs]:
             p = {k[len(prefix):]: v for k, v in a.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
             k = len(h_T)
-            h0, c0 = (a["h0"][k], a["c0"][k]) if structure.layered else (a["h0"], a["c0"])
+            h, c = (a["h0"][k], a["c0"][k]) if structure.layered else (a["h0"], a["c0"])
 
             def norm(v, row, p=p):  # biased variance over the H units, eps inside the root
                 mean = v.mean(axis=-1, keepdims=True)
                 var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
                 return (v - mean) / jnp.sqrt(var + ln_eps) * p["gamma"][row] + p["beta"][row]
 
-            def step(carry, inputs, p=p, norm=norm):
-                h, c = carry
-                x_t, ok = inputs
-                h_new, c_new = _cell(jnp, variant, p, x_t, h, c, norm, cifg=structure.coupled_input_forget,
-                                     clip=clip)
-                ok = ok[:, None]
-                return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
-
             seq = jnp.take_along_axis(inp, idx, axis=0) if direction else inp
-            if scan:
-                (h, c), y = jax.lax.scan(step, (h0, c0), (seq, valid))
-            else:
-                carry, outs = (h0, c0), []
-                for t in range(T):
-                    carry, out = step(carry, (seq[t], valid[t]))
-                    outs.append(out)
-                (h, c), y = carry, jnp.stack(outs)
+            outs = []
+            for t in range(T):
+                h_new, c_new = _cell(jnp, variant, p, seq[t], h, c, norm, cifg=structure.coupled_input_forget,
+                                     clip=clip)
+                ok = valid[t][:, None]
+                h, c = jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)
+                outs.append(jnp.where(ok, h_new, 0.0))
+            y = jnp.stack(outs)
             ys.append(jnp.take_along_axis(y, idx, axis=0) if direction else y)
             h_T.append(h)
             c_T.append(c)
@@ -319,63 +395,92 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
     return inp, jnp.stack(h_T), jnp.stack(c_T)
 
 
-def _layered_vjp(variant: str, structure: Structure, arrays: dict[str, Any], upstream: tuple[Any, Any, Any],
-                 lengths: Any, ln_eps: Any, clip: Any):
+def _layered_eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
     jax, jnp = _jax()
-    T, B, D = arrays["x"].shape
-    shown = structure.describe() + (" clip" if clip is not None else "")
-    _STRUCTURED_TRACES[(variant, shown, T, B, D, arrays["c0"].shape[-1])] += 1
-    outputs, vjp = jax.vjp(lambda a: _layered_forward(jax, jnp, variant, structure, a, lengths, ln_eps, clip),
-                           arrays)
-    (grads,) = vjp(upstream)
-    return outputs, grads
+    lengths = np.full(case.B, case.T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
+    fn = lambda a: _layered_forward(jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
+                                    case.ln_eps, case.structure.cell_clip)
+    outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in case.arrays().items()})
+    (grads,) = vjp(tuple(jnp.asarray(u) for u in case.upstream))
+    return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
 
 
-def _layered(case: Case, *, bucketed: bool) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
-    """A structured case, eager on its exact shapes, or compiled per (variant, structure, bucket of T
-    and B, D, H): padded steps are steps past every row's length; padded rows (length 1, zero inputs,
-    states and cotangents) are independent of the real ones and add exact zeros to the gradients."""
-    jax, jnp = _jax()
-    T, B = case.T, case.B
+def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
+    """A structured case, cell by cell through the compiled direction functions (see above)."""
+    s, T, B, H = case.structure, case.T, case.B, case.H
+    O = s.h_out(H)
     lengths = np.full(B, T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
-    arrays, upstream = case.arrays(), case.upstream
-    if not bucketed:
-        fn = lambda a: _layered_forward(jax, jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
-                                        case.ln_eps, case.structure.cell_clip, scan=False)
-        outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in arrays.items()})
-        (grads,) = vjp(tuple(jnp.asarray(u) for u in upstream))
-        return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
-    Tb, Bb = bucket(T, FLOORS["T"]), bucket(B, FLOORS["B"])
+    steps = np.arange(T)[:, None]
+    order = np.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)[:, :, None]  # (T, B, 1)
 
-    def pad(a: np.ndarray, t_axis: int | None) -> np.ndarray:  # zeros after the real steps and rows
-        widths = [(0, 0)] * a.ndim
-        if t_axis is not None:
-            widths[t_axis] = (0, Tb - T)
-        widths[-2] = (0, Bb - B)  # every batched array has its rows second last
-        return np.pad(a, widths)
+    def flip(a: np.ndarray) -> np.ndarray:  # each row's valid steps reversed; its own inverse
+        return np.take_along_axis(a, order, axis=0)
 
-    padded = {k: (pad(v, 0) if k == "x" else pad(v, None) if k in ("h0", "c0") else v) for k, v in arrays.items()}
-    up = (pad(upstream[0], 0), pad(upstream[1], None), pad(upstream[2], None))
-    lens = np.concatenate([lengths, np.ones(Bb - B, dtype=np.int64)])
-    if _LAYERED_JIT[0] is None:
-        _LAYERED_JIT[0] = jax.jit(_layered_vjp, static_argnames=("variant", "structure"))
-    clip = case.structure.cell_clip
-    static = case.structure.replace(cell_clip=None)  # the clip's value is traced: one compilation for all
-    outputs, grads = _LAYERED_JIT[0](case.variant, static, padded, up, lens, np.float64(case.ln_eps),
-                                     None if clip is None else np.float64(clip))
+    lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, .)
+    h0, c0, dh_T, dc_T = (lift(a) for a in (case.h0, case.c0, case.dh_T, case.dc_T))
+    lens = np.concatenate([lengths, np.ones(bucket(B, FLOORS["B"]) - B, dtype=np.int64)])  # padded rows: 1 step
+    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.float64(s.cell_clip or 0.0))
+    kind = dict(variant=case.variant, cifg=s.coupled_input_forget, clipped=s.cell_clip is not None)
+    cells = s.cells()
 
-    def cut(a: Any, t_axis: int | None) -> np.ndarray:
-        a = np.asarray(a)
-        index: list[slice] = [slice(None)] * a.ndim
-        if t_axis is not None:
-            index[t_axis] = slice(0, T)
-        index[-2] = slice(0, B)
-        return np.ascontiguousarray(a[tuple(index)])
+    def sizes(D_in: int) -> tuple[dict[str, int], dict[str, int]]:
+        real = {"T": T, "B": B, "D": D_in, "H": H, "O": O}
+        floors = {"T": FLOORS["T"], "B": FLOORS["B"], "D": FLOORS["D"], "H": FLOORS["H"], "O": FLOORS["H"]}
+        return real, {k: bucket(n, floors[k]) for k, n in real.items()}
 
-    y, h_T, c_T = outputs
-    out = (cut(y, 0), cut(h_T, None), cut(c_T, None))
-    return out, {k: (cut(g, 0) if k == "x" else cut(g, None) if k in ("h0", "c0") else np.asarray(g))
-                 for k, g in grads.items()}
+    def arguments(n: int, seq: np.ndarray) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+        layer, direction, _ = cells[n]
+        real, padded = sizes(seq.shape[-1])
+        a = {k: _pad(v, _CELL_SHAPES[k], real, padded) for k, v in layouts.select_cell(case.params, s, layer,
+                                                                                      direction).items()}
+        a["x"] = _pad(flip(seq) if direction else seq, _SEQ, real, padded)
+        a["h0"], a["c0"] = _pad(h0[n], _H_STATE, real, padded), _pad(c0[n], _C_STATE, real, padded)
+        return a, real, padded
+
+    # Forward, layer by layer: the input of every layer (its final states are taken from the backward pass).
+    inputs = [case.x]
+    for layer in range(s.num_layers - 1):
+        ys = []
+        for n in range(layer * s.dirs, (layer + 1) * s.dirs):
+            a, real, padded = arguments(n, inputs[-1])
+            y = _unpad(_cell_jit("forward")(**kind, a=a, lengths=scalars[0], H=scalars[1], ln_eps=scalars[2],
+                                            clip=scalars[3])[0], _Y, real, padded)
+            ys.append(flip(y) if cells[n][1] else y)
+        inputs.append(np.concatenate(ys, axis=-1))
+    # Backward, layer by layer from the top: each direction's share of y's cotangents, its vjp, and the
+    # cotangents of its input summed over the directions (the next layer down's y cotangents).
+    outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    grads: dict[str, np.ndarray] = {}
+    dh0: dict[int, np.ndarray] = {}
+    dc0: dict[int, np.ndarray] = {}
+    ct = case.dy
+    for layer in reversed(range(s.num_layers)):
+        d_in = np.zeros_like(inputs[layer])
+        for n in range(layer * s.dirs, (layer + 1) * s.dirs):
+            _, direction, prefix = cells[n]
+            a, real, padded = arguments(n, inputs[layer])
+            ct_y = ct[..., direction * O : (direction + 1) * O]
+            up = (_pad(flip(ct_y) if direction else ct_y, _Y, real, padded), _pad(dh_T[n], _H_STATE, real, padded),
+                  _pad(dc_T[n], _C_STATE, real, padded))
+            (y, h, c), g = _cell_jit("vjp")(**kind, a=a, lengths=scalars[0], H=scalars[1], ln_eps=scalars[2],
+                                            clip=scalars[3], upstream=up)
+            y = _unpad(y, _Y, real, padded)
+            outputs[n] = (flip(y) if direction else y, _unpad(h, _H_STATE, real, padded),
+                          _unpad(c, _C_STATE, real, padded))
+            dx = _unpad(g["x"], _SEQ, real, padded)
+            d_in += flip(dx) if direction else dx
+            dh0[n], dc0[n] = _unpad(g["h0"], _H_STATE, real, padded), _unpad(g["c0"], _C_STATE, real, padded)
+            for k in _CELL_SHAPES:
+                if k in g:
+                    grads[prefix + k] = _unpad(g[k], _CELL_SHAPES[k], real, padded)
+        ct = d_in
+    top = range((s.num_layers - 1) * s.dirs, s.num_layers * s.dirs)
+    y = np.concatenate([outputs[n][0] for n in top], axis=-1)
+    unlift = (lambda a: a) if s.layered else (lambda a: a[0])
+    n_all = range(len(cells))
+    h_T, c_T = (unlift(np.stack([outputs[n][i] for n in n_all])) for i in (1, 2))
+    grads.update(x=ct, h0=unlift(np.stack([dh0[n] for n in n_all])), c0=unlift(np.stack([dc0[n] for n in n_all])))
+    return (y, h_T, c_T), grads
 
 
 class JaxCompositeOracle(Oracle):
@@ -407,14 +512,14 @@ class JaxCompositeOracle(Oracle):
         structured = not c.structure.is_default or c.lengths is not None
         with jax.default_device(jax.devices("cpu")[0]):
             if structured:
-                (y, h_T, c_T), grads = _layered(c, bucketed=self.bucketed)
+                (y, h_T, c_T), grads = (_layered if self.bucketed else _layered_eager)(c)
             else:
                 (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
         if not self.bucketed:
             how = "eager on the exact shapes"
         elif structured:
-            how = (f"{c.structure.describe() or 'lengths'}, jit-compiled per structure and bucket of T and B "
-                   f"(exact: padded steps and rows add only zeros)")
+            how = (f"{c.structure.describe() or 'lengths'}, cell by cell, each jit-compiled per kind of cell and "
+                   f"zero-padded shape bucket (exact: padding adds only zeros)")
         else:
             how = "jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)"
         keys = list(c.arrays()) if structured else gradient_keys(c.variant)
