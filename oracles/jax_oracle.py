@@ -50,7 +50,7 @@ import numpy as np
 
 from harness import layouts
 from harness.cases import Case
-from harness.contract import VARIANTS, ArraySpec, gradient_keys, input_specs, output_specs
+from harness.contract import VARIANTS, gradient_keys, input_specs, output_specs
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
 
@@ -101,14 +101,16 @@ def _jax() -> tuple[Any, Any]:
 
 
 def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
-          norm: Callable[[Any, int], Any], *, cifg: bool = False, clip: float | None = None) -> tuple[Any, Any]:
+          norm: Callable[[Any, int], Any], *, cifg: Any = False, clip: Any = None) -> tuple[Any, Any]:
     """One step of the contract's equations: x_t (B, D), h (B, H_out), c (B, H) -> h_t, c_t.
 
     ``norm(v, k)`` is LayerNorm with row k of gamma and beta (rows i, f, g, o, c). ``p`` may hold
-    ``proj`` (P, H): h_t = proj @ (o * tanh(c_t)). ``cifg``: f = 1 - i (the forget block is never
-    read, so its gradient is exactly 0). ``clip``: c_t = clip(c_t, -clip, clip) by ``jnp.clip``, whose
+    ``proj`` (P, H): h_t = proj @ (o * tanh(c_t)). ``cifg``: f = 1 - i (a bool: the forget block is
+    never read; a traced flag: ``jnp.where`` gives the unselected forget block a zero cotangent; either
+    way its gradient is exactly 0). ``clip``: c_t = clip(c_t, -clip, clip) by ``jnp.clip``, whose
     gradient is 0 where the value is cut (at exactly the boundary JAX splits it; the cases keep cells
-    away from the boundary by a margin, so no cell sits there).
+    away from the boundary by a margin, so no cell sits there); an infinite clip cuts nothing and
+    passes the gradient unchanged, as no clip does.
     """
     H = c.shape[-1]
 
@@ -118,23 +120,28 @@ def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
     def clipped(v):
         return v if clip is None else jnp.clip(v, -clip, clip)
 
+    def forget(i, computed):
+        if isinstance(cifg, bool):
+            return 1.0 - i if cifg else computed()
+        return jnp.where(cifg, 1.0 - i, computed())
+
     z = x_t @ p["W"].T + h @ p["R"].T  # (B, 4H)
     if variant != "layernorm":
         z = z + p["b"]
     z_i, z_f, z_g, z_o = (z[:, k * H : (k + 1) * H] for k in range(4))  # (B, H) each
     if variant == "vanilla":
         i, g = sigmoid(z_i), jnp.tanh(z_g)
-        f = 1.0 - i if cifg else sigmoid(z_f)
+        f = forget(i, lambda: sigmoid(z_f))
         c = clipped(f * c + i * g)
         o = sigmoid(z_o)
     elif variant == "peephole":
         i = sigmoid(z_i + p["p_i"] * c)
-        f = 1.0 - i if cifg else sigmoid(z_f + p["p_f"] * c)
+        f = forget(i, lambda: sigmoid(z_f + p["p_f"] * c))
         c = clipped(f * c + i * jnp.tanh(z_g))
         o = sigmoid(z_o + p["p_o"] * c)  # the output gate sees the new cell state
     else:
         i = sigmoid(norm(z_i, 0))
-        f = 1.0 - i if cifg else sigmoid(norm(z_f, 1))
+        f = forget(i, lambda: sigmoid(norm(z_f, 1)))
         g, o = jnp.tanh(norm(z_g, 2)), sigmoid(norm(z_o, 3))
         c = norm(f * c + i * g, 4)  # the normalized cell is carried forward
     h = o * jnp.tanh(c)
@@ -278,9 +285,10 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
 # layer and direction unrolled into one program) took 0.5 to 2.5 s per structure and shape, and a
 # certification draws a new structure or (D, H) in most structured cases: in a default `certify
 # stacked` the JAX oracle spent 10 of its 11 s compiling. One direction of one layer is the same
-# program in every structure, so it is compiled once per (variant, CIFG, clipped, projected) and
-# bucket of T, B, D, H and P (a handful in a whole run), and a structure is put together here, in
-# NumPy: layer by layer forward, then the vector-Jacobian products layer by layer backward, each
+# program in every structure, so it is compiled once per variant, projected or not, and bucket of
+# T, B, D, H and P (CIFG and the clip are traced: a handful of compilations in a whole run), and a
+# structure is put together here, in NumPy: layer by layer forward, then the vector-Jacobian
+# products layer by layer backward, each
 # direction's cotangents split off y and its input's cotangents summed. The reverse direction reads
 # each row's valid steps backwards through a per-row permutation of the steps (it is its own inverse,
 # so the same gather takes its outputs back and carries cotangents both ways). Padding is exact for
@@ -298,18 +306,19 @@ _Y = ("T", "B", "O")
 _CELL_JIT: dict[str, Any] = {}  # "forward" and "vjp", jitted on first use
 
 
-def _direction(jax: Any, jnp: Any, variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any,
-               H: Any, ln_eps: Any, clip: Any):
+def _direction(jax: Any, jnp: Any, variant: str, a: dict[str, Any], lengths: Any, H: Any, ln_eps: Any,
+               cifg: Any, clip: Any):
     """One direction of one layer on padded arrays, forward in time: ``a`` holds the cell's parameters
     and ``x`` (T, B, D), ``h0``, ``c0``; -> y (T, B, O), h_T, c_T. Steps t >= lengths[b] keep the state
-    and give y = 0. ``H`` (the real units, for LayerNorm) and ``clip`` are traced scalars."""
+    and give y = 0. ``H`` (the real units, for LayerNorm), ``cifg`` (a bool) and ``clip`` (infinite:
+    none) are traced, so that cells with and without them share a compilation."""
     norm = _masked_norm(jnp, a, H, ln_eps)
     valid = jnp.arange(a["x"].shape[0])[:, None] < lengths[None, :]  # (T, B)
 
     def step(carry, inputs):
         h, c = carry
         x_t, ok = inputs
-        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm, cifg=cifg, clip=clip if clipped else None)
+        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm, cifg=cifg, clip=clip)
         ok = ok[:, None]
         return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
 
@@ -317,25 +326,23 @@ def _direction(jax: Any, jnp: Any, variant: str, cifg: bool, clipped: bool, a: d
     return y, h, c
 
 
-def _count(kind: str, variant: str, cifg: bool, clipped: bool, a: dict[str, Any]) -> None:
-    shown = " ".join([kind] + ["cifg"] * cifg + ["clip"] * clipped + ["proj"] * ("proj" in a))
+def _count(kind: str, variant: str, a: dict[str, Any]) -> None:
     T, B, D = a["x"].shape
+    shown = kind + (" proj" if "proj" in a else "")
     _STRUCTURED_TRACES[(variant, shown, T, B, D, a["c0"].shape[-1])] += 1  # runs once per trace
 
 
-def _direction_forward(variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any, H: Any,
-                       ln_eps: Any, clip: Any):
+def _direction_forward(variant: str, a: dict[str, Any], scalars: tuple[Any, ...]):
     jax, jnp = _jax()
-    _count("forward", variant, cifg, clipped, a)
-    return _direction(jax, jnp, variant, cifg, clipped, a, lengths, H, ln_eps, clip)
+    _count("forward", variant, a)
+    return _direction(jax, jnp, variant, a, *scalars)
 
 
-def _direction_vjp(variant: str, cifg: bool, clipped: bool, a: dict[str, Any], lengths: Any, H: Any,
-                   ln_eps: Any, clip: Any, upstream: tuple[Any, Any, Any]):
+def _direction_vjp(variant: str, a: dict[str, Any], scalars: tuple[Any, ...], upstream: tuple[Any, Any, Any]):
     """Outputs and the gradients of everything in ``a``, in one compiled call."""
     jax, jnp = _jax()
-    _count("vjp", variant, cifg, clipped, a)
-    outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, cifg, clipped, a, lengths, H, ln_eps, clip), a)
+    _count("vjp", variant, a)
+    outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, a, *scalars), a)
     (grads,) = vjp(upstream)
     return outputs, grads
 
@@ -343,8 +350,8 @@ def _direction_vjp(variant: str, cifg: bool, clipped: bool, a: dict[str, Any], l
 def _cell_jit(kind: str) -> Any:
     if kind not in _CELL_JIT:
         jax, _ = _jax()
-        fn = _direction_forward if kind == "forward" else _direction_vjp
-        _CELL_JIT[kind] = jax.jit(fn, static_argnames=("variant", "cifg", "clipped"))
+        _CELL_JIT[kind] = jax.jit(_direction_forward if kind == "forward" else _direction_vjp,
+                                  static_argnames=("variant",))
     return _CELL_JIT[kind]
 
 
@@ -419,8 +426,8 @@ def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]
     lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, .)
     h0, c0, dh_T, dc_T = (lift(a) for a in (case.h0, case.c0, case.dh_T, case.dc_T))
     lens = np.concatenate([lengths, np.ones(bucket(B, FLOORS["B"]) - B, dtype=np.int64)])  # padded rows: 1 step
-    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.float64(s.cell_clip or 0.0))
-    kind = dict(variant=case.variant, cifg=s.coupled_input_forget, clipped=s.cell_clip is not None)
+    clip = np.inf if s.cell_clip is None else s.cell_clip
+    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.bool_(s.coupled_input_forget), np.float64(clip))
     cells = s.cells()
 
     def sizes(D_in: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -443,8 +450,7 @@ def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]
         ys = []
         for n in range(layer * s.dirs, (layer + 1) * s.dirs):
             a, real, padded = arguments(n, inputs[-1])
-            y = _unpad(_cell_jit("forward")(**kind, a=a, lengths=scalars[0], H=scalars[1], ln_eps=scalars[2],
-                                            clip=scalars[3])[0], _Y, real, padded)
+            y = _unpad(_cell_jit("forward")(case.variant, a, scalars)[0], _Y, real, padded)
             ys.append(flip(y) if cells[n][1] else y)
         inputs.append(np.concatenate(ys, axis=-1))
     # Backward, layer by layer from the top: each direction's share of y's cotangents, its vjp, and the
@@ -462,8 +468,7 @@ def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]
             ct_y = ct[..., direction * O : (direction + 1) * O]
             up = (_pad(flip(ct_y) if direction else ct_y, _Y, real, padded), _pad(dh_T[n], _H_STATE, real, padded),
                   _pad(dc_T[n], _C_STATE, real, padded))
-            (y, h, c), g = _cell_jit("vjp")(**kind, a=a, lengths=scalars[0], H=scalars[1], ln_eps=scalars[2],
-                                            clip=scalars[3], upstream=up)
+            (y, h, c), g = _cell_jit("vjp")(case.variant, a, scalars, up)
             y = _unpad(y, _Y, real, padded)
             outputs[n] = (flip(y) if direction else y, _unpad(h, _H_STATE, real, padded),
                           _unpad(c, _C_STATE, real, padded))

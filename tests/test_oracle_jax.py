@@ -402,4 +402,6 @@ def test_structured_cases_compile_once_per_kind_of_cell_and_bucket():
         _FAST.reference(structured_case(other, T=3, B=2, D=2, H=3, seed=4))
     assert compilations() == before
     _FAST.reference(structured_case(s.replace(num_layers=3, proj_size=1), T=3, B=2, D=2, H=3, seed=1))
-    assert compilations() == before + 2  # a projected cell: its forward and its vjp
+    # a projected cell: its forward and its vjp, unless an earlier test compiled them; never a kind twice
+    assert compilations() <= before + 2
+    assert set(jax_oracle._STRUCTURED_TRACES.values()) == {1}
