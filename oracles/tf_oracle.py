@@ -39,9 +39,9 @@ Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, 
 once per (variant, dtype, layer shape) and never again for new sizes (lengths, the clip value and
 the projection size are inputs); the composite runs a layer shape eagerly until it has come back
 (:attr:`TFCompositeOracle.EAGER_USES`), as drawn structures rarely repeat. Keras layers are built
-(and their calls traced) once per size bucket, dtype, number of layers and directions (see
-:class:`KerasLSTMOracle`), their variables overwritten by each case. Threads are pinned small
-(:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
+(and their calls traced) once per size bucket, dtype and number of directions, a stack of layers
+run one layer at a time (see :class:`KerasLSTMOracle`), their variables overwritten by each call.
+Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
 """
 
@@ -203,6 +203,14 @@ class KerasLSTMOracle(_TFBase):
     into the real units (its recurrent weights are zero, as are the next layer's weights from it)
     and receives no upstream gradient; only the floating-point summation order of the matrix
     products can differ. ``bucket=False`` builds layers of exactly the case's sizes.
+
+    Stacked layers run one layer at a time, each call giving its outputs and the gradients of its
+    input, states and weights for the upstream gradients it is given (the layer above's input
+    gradient is the upstream gradient of this layer's y), so that one build per bucket and kind of
+    layer (one direction or two) serves every number of layers: a stack built and traced whole took
+    one to three seconds per number of layers, most of a certification's time in this oracle. With
+    buckets a layer takes at least as many features as a layer above a ``Bidirectional`` one, so the
+    first layer and the layers above it share the build too.
     """
 
     name = "tf-keras"
@@ -215,7 +223,7 @@ class KerasLSTMOracle(_TFBase):
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
         self.smallest_bucket = smallest_bucket
-        self._built: dict[tuple[int, int, str, int, bool], tuple[Any, Any]] = {}
+        self._built: dict[tuple[int, int, str, bool], tuple[Any, Any]] = {}
 
     def _probe(self) -> Availability:
         avail = super()._probe()
@@ -236,41 +244,34 @@ class KerasLSTMOracle(_TFBase):
                                        "(set KERAS_BACKEND=tensorflow before importing keras)")
         return Availability(True, "", {**avail.versions, **keras_avail.versions})
 
-    def _layers(self, D: int, H: int, dtype: str, num_layers: int, bidirectional: bool) -> tuple[Any, Any]:
-        key = (D, H, dtype, num_layers, bidirectional)
+    def _layer(self, D: int, H: int, dtype: str, bidirectional: bool) -> tuple[Any, Any]:
+        """One layer (an LSTM, or a Bidirectional pair) taking D features, and its traced call: outputs and
+        the gradients of x, the states and the layer's weights, for given upstream gradients."""
+        key = (D, H, dtype, bidirectional)
         if key not in self._built:
             tf = _tf()
             import keras
 
-            dirs = 2 if bidirectional else 1
-            layers, weights = [], []
-            for k in range(num_layers):
-                lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
-                                         dtype=dtype)
-                layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
-                layer.build((None, None, D if k == 0 else dirs * H))
-                cells = [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]
-                for one in cells:  # to_keras_layers's order: forward, then backward
-                    weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]
-                layers.append(layer)
+            lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
+                                     dtype=dtype)
+            layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
+            layer.build((None, None, D))
+            weights = []
+            for one in [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]:
+                weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]  # to_keras_layers's order
             seq = tf.TensorSpec([None, None, None], dtype)  # (B, T, ...) batch-major
-            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
+            state = tf.TensorSpec([None, None, None], dtype)  # (dirs, B, H)
             mask_spec = tf.TensorSpec([None, None], tf.bool)  # (B, T)
 
             @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state])
             def run(x, h0, c0, mask, dy, dh_T, dc_T):
                 with tf.GradientTape() as tape:
                     tape.watch([x, h0, c0])
-                    inp, h_T, c_T = x, [], []
-                    for k, layer in enumerate(layers):
-                        init = []
-                        for d in range(dirs):
-                            init += [h0[k * dirs + d], c0[k * dirs + d]]
-                        out = layer(inp, mask=mask, initial_state=init)  # y, then h, c per direction
-                        inp = out[0]
-                        h_T += list(out[1::2])
-                        c_T += list(out[2::2])
-                    y, h_T, c_T = inp, tf.stack(h_T), tf.stack(c_T)
+                    init = []
+                    for d in range(2 if bidirectional else 1):
+                        init += [h0[d], c0[d]]
+                    out = layer(x, mask=mask, initial_state=init)  # y, then h, c per direction
+                    y, h_T, c_T = out[0], tf.stack(out[1::2]), tf.stack(out[2::2])
                     loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, [x, h0, c0, *weights],
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -284,40 +285,71 @@ class KerasLSTMOracle(_TFBase):
         c = case.astype(dtype)
         s = c.structure
         D, H, dirs = c.D, c.H, s.dirs
-        Dp, Hp = D, H
-        if self.bucket:
-            Dp, Hp = _bucket(D, self.smallest_bucket), _bucket(H, self.smallest_bucket)
-        weights, run = self._layers(Dp, Hp, dtype, s.num_layers, s.bidirectional)
-        cells = {(k, d): _pad_cell(layouts.cell_params(c.params, s, k, d), 1 if k == 0 else dirs,
-                                   Dp if k == 0 else Hp, Hp)
-                 for k, d, _ in s.cells()}
-        padded = layouts.to_keras_layers(layouts.join_cells(cells, s), s)
-        for var, value in zip(weights, [a for per_layer in padded for a in per_layer], strict=True):
-            var.assign(value)
+        Hp = _bucket(H, self.smallest_bucket) if self.bucket else H
+        one = Structure(bidirectional=s.bidirectional)  # the structure of one layer
         lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        h0, c0, dh_T, dc_T = (_pad_last(lift(a), Hp) for a in (c.h0, c.c0, c.dh_T, c.dc_T))  # (L * dirs, B, Hp)
         lengths = np.full(c.B, c.T) if c.lengths is None else np.asarray(c.lengths)
         mask = np.arange(c.T)[None, :] < lengths[:, None]  # (B, T)
-        y, h_T, c_T, g = run(
-            layouts.batch_major(_pad_last(c.x, Dp)),  # (B, T, Dp)
-            _pad_last(lift(c.h0), Hp), _pad_last(lift(c.c0), Hp),  # (L * dirs, B, Hp)
-            mask,
-            layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp)), _pad_last(lift(c.dh_T), Hp),
-            _pad_last(lift(c.dc_T), Hp),
-        )
-        per_layer = [[_numpy(t) for t in g[3 + 3 * dirs * k : 3 + 3 * dirs * (k + 1)]] for k in range(s.num_layers)]
-        dpadded = layouts.from_keras_layers(per_layer, s)  # gradients convert like the weights
-        dcells = {(k, d): _unpad_cell(layouts.cell_params(dpadded, s, k, d), 1 if k == 0 else dirs,
-                                      D if k == 0 else H, H)
-                  for k, d, _ in s.cells()}
+
+        def blocks(k: int) -> tuple[int, int, int]:
+            """Layer k's input: (parts, each part's real size, padded size): x, or the layer below's directions."""
+            if k == 0:
+                return 1, D, _bucket(D, self.smallest_bucket) if self.bucket else D
+            return dirs, H, Hp
+
+        def call(k: int, inp: np.ndarray, dy: np.ndarray) -> tuple[Any, ...]:
+            """Layer k on its input in the padded layout (B, T, parts * padded), with its weights assigned."""
+            parts, _, size = blocks(k)
+            # With buckets every layer of a kind (one or two directions) takes as many features as a layer
+            # above a Bidirectional one: a single build serves the first layer and the layers above it.
+            Dp = max(parts * size, dirs * Hp) if self.bucket else parts * size
+            weights, run = self._layer(Dp, Hp, dtype, s.bidirectional)
+            cells = {(0, d): _pad_cell(layouts.cell_params(c.params, s, k, d), parts, size, Hp) for d in range(dirs)}
+            for cell in cells.values():
+                cell["W"] = _pad_last(cell["W"], Dp)
+            values = layouts.to_keras_layers(layouts.join_cells(cells, one), one)[0]
+            for var, value in zip(weights, values, strict=True):
+                var.assign(value)
+            n = slice(k * dirs, (k + 1) * dirs)
+            return run(_pad_last(inp, Dp), h0[n], c0[n], mask, dy, dh_T[n], dc_T[n])
+
+        # Keras layers one at a time, chained here: forward to get every layer's input, then backward from
+        # the top, each layer's input gradient the upstream gradient of the layer below's y. One build per
+        # kind of layer serves every number of layers, where a stack of L layers was a build and a trace of its own.
+        inputs = [layouts.batch_major(_pad_last(c.x, blocks(0)[2]))]  # (B, T, Dp)
+        for k in range(s.num_layers - 1):
+            zeros = np.zeros(inputs[-1].shape[:2] + (dirs * Hp,), dtype)
+            inputs.append(_numpy(call(k, inputs[-1], zeros)[0]))  # (B, T, dirs * Hp)
+        ct = layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp))  # (B, T, dirs * Hp)
+        finals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        dstates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        dcells: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        y = None
+        for k in reversed(range(s.num_layers)):
+            out, h_k, c_k, g = call(k, inputs[k], ct)
+            y = out if y is None else y
+            finals[k], dstates[k] = (_numpy(h_k), _numpy(c_k)), (_numpy(g[1]), _numpy(g[2]))
+            parts, real, size = blocks(k)
+            ct = _numpy(g[0])[..., : parts * size]
+            dlayer = layouts.from_keras_layers([[_numpy(t) for t in g[3:]]], one)
+            for d in range(dirs):
+                dcell = layouts.cell_params(dlayer, one, 0, d)
+                dcell["W"] = dcell["W"][:, : parts * size]
+                dcells[(k, d)] = _unpad_cell(dcell, parts, real, H)
         unlift = (lambda a: a) if s.layered else (lambda a: a[0])
+
+        def stacked(pairs: dict[int, tuple[np.ndarray, np.ndarray]], i: int) -> np.ndarray:
+            return unlift(np.concatenate([pairs[k][i] for k in range(s.num_layers)])[..., :H])
+
         return Reference(
             compute_dtype=dtype,
             outputs={"y": _unpad_blocks(layouts.time_major(_numpy(y)), 2, dirs, H),
-                     "h_T": unlift(_numpy(h_T)[..., :H]), "c_T": unlift(_numpy(c_T)[..., :H])},
-            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": unlift(_numpy(g[1])[..., :H]),
-                       "c0": unlift(_numpy(g[2])[..., :H]), **layouts.join_cells(dcells, s)},
-            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()})" if not s.is_default else "")
-                  + (f", run in a padded (D={Dp}, H={Hp}) layer" if (Dp, Hp) != (D, H) else ""),
+                     "h_T": stacked(finals, 0), "c_T": stacked(finals, 1)},
+            gradients={"x": layouts.time_major(ct)[..., :D], "h0": stacked(dstates, 0), "c0": stacked(dstates, 1),
+                       **layouts.join_cells(dcells, s)},
+            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()}, layer by layer)" if not s.is_default else "")
+                  + (f", run in zero-padded layers (H={Hp})" if self.bucket else ""),
         )
 
 
