@@ -48,11 +48,11 @@ from typing import Any
 
 import numpy as np
 
-from harness import layouts
 from harness.cases import Case
 from harness.contract import VARIANTS, gradient_keys, input_specs, output_specs
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
+from oracles.cells import run_by_cells
 
 __all__ = ["JaxCompositeOracle", "FLOORS", "bucket", "bucket_sizes", "compilations"]
 
@@ -281,19 +281,11 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
 # A layer structure (layers, directions, lengths, projection, CIFG, clip): the cells of
 # Structure.cells(), each one direction of one layer scanned over time.
 #
-# Why one compiled function per kind of cell, not per structure. Compiling a whole structure (every
-# layer and direction unrolled into one program) took 0.5 to 2.5 s per structure and shape, and a
-# certification draws a new structure or (D, H) in most structured cases: in a default `certify
-# stacked` the JAX oracle spent 10 of its 11 s compiling. One direction of one layer is the same
-# program in every structure, so it is compiled once per variant, projected or not, and bucket of
-# T, B, D, H and P (CIFG and the clip are traced: a handful of compilations in a whole run), and a
-# structure is put together here, in NumPy: layer by layer forward, then the vector-Jacobian
-# products layer by layer backward, each
-# direction's cotangents split off y and its input's cotangents summed. The reverse direction reads
-# each row's valid steps backwards through a per-row permutation of the steps (it is its own inverse,
-# so the same gather takes its outputs back and carries cotangents both ways). Padding is exact for
-# the reasons the module docstring gives for the default structure; in addition a padded projection
-# row is zero, so a padded feature of h is 0 and its columns of R and of the next layer's W are zero.
+# One compiled function per kind of cell, not per structure (why: oracles/cells.py, which chains
+# the cells): one direction of one layer is compiled once per variant, projected or not, and bucket
+# of T, B, D, H and P; CIFG and the clip are traced. Padding is exact for the reasons the module
+# docstring gives for the default structure; in addition a padded projection row is zero, so a
+# padded feature of h is 0, and its columns of R and of the next layer's W are zero.
 
 #: The shape symbols of a cell's parameters: "4H" the gate blocks, "O" the features of h (P or H),
 #: "D" the cell's input features (D, or dirs * O above the first layer).
@@ -413,79 +405,34 @@ def _layered_eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.nda
 
 
 def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
-    """A structured case, cell by cell through the compiled direction functions (see above)."""
-    s, T, B, H = case.structure, case.T, case.B, case.H
-    O = s.h_out(H)
+    """A structured case, cell by cell (:func:`oracles.cells.run_by_cells`) through the compiled direction
+    functions, each cell zero-padded to its buckets."""
+    T, B, H = case.T, case.B, case.H
     lengths = np.full(B, T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
-    steps = np.arange(T)[:, None]
-    order = np.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)[:, :, None]  # (T, B, 1)
-
-    def flip(a: np.ndarray) -> np.ndarray:  # each row's valid steps reversed; its own inverse
-        return np.take_along_axis(a, order, axis=0)
-
-    lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, .)
-    h0, c0, dh_T, dc_T = (lift(a) for a in (case.h0, case.c0, case.dh_T, case.dc_T))
     lens = np.concatenate([lengths, np.ones(bucket(B, FLOORS["B"]) - B, dtype=np.int64)])  # padded rows: 1 step
-    clip = np.inf if s.cell_clip is None else s.cell_clip
-    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.bool_(s.coupled_input_forget), np.float64(clip))
-    cells = s.cells()
+    clip = np.inf if case.structure.cell_clip is None else case.structure.cell_clip
+    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.bool_(case.structure.coupled_input_forget),
+               np.float64(clip))
+    shapes = {"x": _SEQ, "h0": _H_STATE, "c0": _C_STATE, **_CELL_SHAPES}
+    floors = {**FLOORS, "O": FLOORS["H"]}
 
-    def sizes(D_in: int) -> tuple[dict[str, int], dict[str, int]]:
-        real = {"T": T, "B": B, "D": D_in, "H": H, "O": O}
-        floors = {"T": FLOORS["T"], "B": FLOORS["B"], "D": FLOORS["D"], "H": FLOORS["H"], "O": FLOORS["H"]}
-        return real, {k: bucket(n, floors[k]) for k, n in real.items()}
-
-    def arguments(n: int, seq: np.ndarray) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
-        layer, direction, _ = cells[n]
-        real, padded = sizes(seq.shape[-1])
-        a = {k: _pad(v, _CELL_SHAPES[k], real, padded) for k, v in layouts.select_cell(case.params, s, layer,
-                                                                                      direction).items()}
-        a["x"] = _pad(flip(seq) if direction else seq, _SEQ, real, padded)
-        a["h0"], a["c0"] = _pad(h0[n], _H_STATE, real, padded), _pad(c0[n], _C_STATE, real, padded)
-        return a, real, padded
-
-    # Forward, layer by layer: the input of every layer (its final states are taken from the backward pass).
-    inputs = [case.x]
-    for layer in range(s.num_layers - 1):
-        ys = []
-        for n in range(layer * s.dirs, (layer + 1) * s.dirs):
-            a, real, padded = arguments(n, inputs[-1])
-            y = _unpad(_cell_jit("forward")(case.variant, a, scalars)[0], _Y, real, padded)
-            ys.append(flip(y) if cells[n][1] else y)
-        inputs.append(np.concatenate(ys, axis=-1))
-    # Backward, layer by layer from the top: each direction's share of y's cotangents, its vjp, and the
-    # cotangents of its input summed over the directions (the next layer down's y cotangents).
-    outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    grads: dict[str, np.ndarray] = {}
-    dh0: dict[int, np.ndarray] = {}
-    dc0: dict[int, np.ndarray] = {}
-    ct = case.dy
-    for layer in reversed(range(s.num_layers)):
-        d_in = np.zeros_like(inputs[layer])
-        for n in range(layer * s.dirs, (layer + 1) * s.dirs):
-            _, direction, prefix = cells[n]
-            a, real, padded = arguments(n, inputs[layer])
-            ct_y = ct[..., direction * O : (direction + 1) * O]
-            up = (_pad(flip(ct_y) if direction else ct_y, _Y, real, padded), _pad(dh_T[n], _H_STATE, real, padded),
-                  _pad(dc_T[n], _C_STATE, real, padded))
+    def cell(params: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, c0: np.ndarray, upstream: Any
+             ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+        real = {"T": T, "B": B, "D": x.shape[-1], "H": H, "O": h0.shape[-1]}
+        padded = {k: bucket(n, floors[k]) for k, n in real.items()}
+        a = {k: _pad(v, shapes[k], real, padded) for k, v in {**params, "x": x, "h0": h0, "c0": c0}.items()}
+        grads: dict[str, np.ndarray] = {}
+        if upstream is None:
+            y, h, c = _cell_jit("forward")(case.variant, a, scalars)
+        else:
+            up = tuple(_pad(u, shape, real, padded)
+                       for u, shape in zip(upstream, (_Y, _H_STATE, _C_STATE), strict=True))
             (y, h, c), g = _cell_jit("vjp")(case.variant, a, scalars, up)
-            y = _unpad(y, _Y, real, padded)
-            outputs[n] = (flip(y) if direction else y, _unpad(h, _H_STATE, real, padded),
-                          _unpad(c, _C_STATE, real, padded))
-            dx = _unpad(g["x"], _SEQ, real, padded)
-            d_in += flip(dx) if direction else dx
-            dh0[n], dc0[n] = _unpad(g["h0"], _H_STATE, real, padded), _unpad(g["c0"], _C_STATE, real, padded)
-            for k in _CELL_SHAPES:
-                if k in g:
-                    grads[prefix + k] = _unpad(g[k], _CELL_SHAPES[k], real, padded)
-        ct = d_in
-    top = range((s.num_layers - 1) * s.dirs, s.num_layers * s.dirs)
-    y = np.concatenate([outputs[n][0] for n in top], axis=-1)
-    unlift = (lambda a: a) if s.layered else (lambda a: a[0])
-    n_all = range(len(cells))
-    h_T, c_T = (unlift(np.stack([outputs[n][i] for n in n_all])) for i in (1, 2))
-    grads.update(x=ct, h0=unlift(np.stack([dh0[n] for n in n_all])), c0=unlift(np.stack([dc0[n] for n in n_all])))
-    return (y, h_T, c_T), grads
+            grads = {k: _unpad(v, shapes[k], real, padded) for k, v in g.items()}
+        outputs = (_unpad(y, _Y, real, padded), _unpad(h, _H_STATE, real, padded), _unpad(c, _C_STATE, real, padded))
+        return outputs, grads
+
+    return run_by_cells(case, cell)
 
 
 class JaxCompositeOracle(Oracle):

@@ -31,14 +31,14 @@ kernel, see below), so one case is one graph call.
   row), a projection, CIFG, or more than one layer and direction.
 * ``tf-composite``: the equations of every variant and every layer structure from TF primitives
   (LayerNorm with ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan`` per layer and
-  direction, lengths a mask, the reverse direction ``tf.reverse_sequence`` of each row's valid
-  prefix, CIFG, ``tf.clip_by_value`` for the cell clip (no gradient where it clips), the
-  projection; float64.
+  direction, lengths a mask, the reverse direction each row's valid steps read backwards (a
+  gather, :mod:`oracles.cells`), CIFG, ``tf.clip_by_value`` for the cell clip (no gradient where
+  it clips), the projection; float64.
 
 Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, H, so it is traced
-once per (variant, dtype, layer shape) and never again for new sizes (lengths, the clip value and
-the projection size are inputs); the composite runs a layer shape eagerly until it has come back
-(:attr:`TFCompositeOracle.EAGER_USES`), as drawn structures rarely repeat. Keras layers are built
+once and never again for new sizes; the composite's is one direction of one layer (lengths, CIFG,
+the clip and the projection's size are inputs), traced once per (variant, dtype, projected), and a
+layer structure is put together from it cell by cell. Keras layers are built
 (and their calls traced) once per size bucket, dtype and number of directions, a stack of layers
 run one layer at a time (see :class:`KerasLSTMOracle`), their variables overwritten by each call.
 Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
@@ -59,6 +59,7 @@ from harness import layouts
 from harness.cases import Case
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
+from oracles.cells import run_by_cells
 
 __all__ = ["KerasLSTMOracle", "BlockLSTMV2Oracle", "TFCompositeOracle", "TF_THREADS"]
 
@@ -423,10 +424,13 @@ class BlockLSTMV2Oracle(_TFBase):
 # Composite
 
 
-def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structure: Structure, clip: Any):
+def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, cifg: Any, clip: Any):
     """One time step of the contract's equations as a ``tf.scan`` body:
     ((h, c, y), (x_t, m_t)) -> (h, c, y), where ``m_t`` (B, 1) is 1 where the step exists and 0 where
-    it does not (the state is kept and y is 0 there)."""
+    it does not (the state is kept and y is 0 there). ``cifg`` (a bool tensor) and ``clip`` (infinite:
+    none) are inputs, so that one trace serves cells with and without them: ``tf.where`` gives the
+    unselected forget gate a zero gradient, and ``clip_by_value`` passes no gradient where it clips and
+    all of it where it does not (every element, for an infinite clip)."""
 
     def ln(v, k):  # LayerNorm row k: biased variance over the H units, eps inside the square root
         mean, var = tf.nn.moments(v, axes=[-1], keepdims=True)
@@ -441,18 +445,17 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
         a_i, a_f, a_g, a_o = tf.split(a, 4, axis=1)
         if variant == "vanilla":
             i = tf.sigmoid(a_i)
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f)
+            f = tf.where(cifg, 1 - i, tf.sigmoid(a_f))
             c_new = f * c + i * tf.tanh(a_g)
         elif variant == "peephole":
             i = tf.sigmoid(a_i + p["p_i"] * c)
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f + p["p_f"] * c)
+            f = tf.where(cifg, 1 - i, tf.sigmoid(a_f + p["p_f"] * c))
             c_new = f * c + i * tf.tanh(a_g)
         else:
             i = tf.sigmoid(ln(a_i, 0))
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(ln(a_f, 1))
+            f = tf.where(cifg, 1 - i, tf.sigmoid(ln(a_f, 1)))
             c_new = ln(f * c + i * tf.tanh(ln(a_g, 2)), 4)  # the normalized cell is carried forward
-        if structure.cell_clip is not None:  # clip_by_value passes no gradient where it clips
-            c_new = tf.clip_by_value(c_new, -clip, clip)
+        c_new = tf.clip_by_value(c_new, -clip, clip)
         if variant == "peephole":
             o = tf.sigmoid(a_o + p["p_o"] * c_new)  # the output gate sees the new cell state
         elif variant == "vanilla":
@@ -460,7 +463,7 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
         else:
             o = tf.sigmoid(ln(a_o, 3))
         h_new = o * tf.tanh(c_new)
-        if structure.proj_size:
+        if "proj" in p:
             h_new = tf.matmul(h_new, p["proj"], transpose_b=True)  # (B, P)
         keep = m_t > 0
         return tf.where(keep, h_new, h), tf.where(keep, c_new, c), tf.where(keep, h_new, tf.zeros_like(h_new))
@@ -468,29 +471,15 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
     return step
 
 
-def _composite_layers(tf: Any, variant: str, structure: Structure, x, h0, c0, params, lengths, eps, clip):
-    """Every layer and direction of ``structure``: y (T, B, dirs * H_out) and the (L * dirs, B, ...)
-    final states. The reverse direction reads each row's valid prefix reversed (``tf.reverse_sequence``)."""
-    T = tf.shape(x)[0]
-    mask = tf.cast(tf.range(T)[:, None] < tf.cast(lengths, tf.int32)[None, :], x.dtype)[..., None]  # (T, B, 1)
-    inp, h_T, c_T = x, [], []
-    for layer in range(structure.num_layers):
-        outs = []
-        for direction in range(structure.dirs):
-            n = layer * structure.dirs + direction
-            p = layouts.select_cell(params, structure, layer, direction)
-            seq = inp if direction == 0 else tf.reverse_sequence(inp, lengths, seq_axis=0, batch_axis=1)
-            init = (h0[n], c0[n], tf.zeros_like(h0[n]))
-            hs, cs, ys = tf.scan(_composite_step(tf, variant, p, eps, structure, clip), (seq, mask), initializer=init)
-            outs.append(ys if direction == 0 else tf.reverse_sequence(ys, lengths, seq_axis=0, batch_axis=1))
-            h_T.append(hs[-1])  # a row's state is kept after its last valid step
-            c_T.append(cs[-1])
-        inp = tf.concat(outs, axis=2)
-    return inp, tf.stack(h_T), tf.stack(c_T)
-
-
 class TFCompositeOracle(_TFBase):
-    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64."""
+    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64.
+
+    One direction of one layer is one ``tf.function`` (a ``tf.scan`` over the steps, lengths a mask,
+    and the vector-Jacobian product by GradientTape), traced once per variant, dtype and whether it
+    projects; a layer structure is put together from it cell by cell (:func:`oracles.cells.run_by_cells`:
+    the reverse direction reads each row's valid steps backwards, layers chain in NumPy). Tracing a
+    whole structure took one to three seconds for each new one, and drawn structures rarely repeat.
+    """
 
     name = "tf-composite"
     description = "LSTM equations in TensorFlow primitives (tf.scan, tf.nn.moments), float64 GradientTape"
@@ -498,67 +487,60 @@ class TFCompositeOracle(_TFBase):
     compute_dtypes = ("float64",)
     structures = frozenset(FEATURES)
 
-    #: Uses of one layer shape that run eagerly before it is traced. Tracing a layered structure takes
-    #: seconds; running it eagerly a fraction of one. Drawn structures rarely repeat within a run, the
-    #: default one does at every case: so a shape is traced only once it has come back this many times.
-    EAGER_USES = 2
-
     def __init__(self) -> None:
-        self._functions: dict[tuple[str, str, Structure], Any] = {}
-        self._uses: dict[tuple[str, str, Structure], int] = {}
+        self._functions: dict[tuple[str, str, bool], Any] = {}
 
-    def _function(self, variant: str, dtype: str, structure: Structure, param_shapes: dict[str, int]) -> Any:
-        # One function per (variant, dtype, layer shape): lengths, the clip value and the projection size
-        # are inputs, so none of them makes a new trace.
-        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0,
-                                  proj_size=min(structure.proj_size, 1))
-        key = (variant, dtype, shape)
-        self._uses[key] = uses = self._uses.get(key, 0) + 1
+    def _function(self, variant: str, dtype: str, param_ndims: dict[str, int]) -> Any:
+        # Sizes, lengths, CIFG and the clip are inputs: one trace per (variant, dtype, projected).
+        key = (variant, dtype, "proj" in param_ndims)
         if key in self._functions:
             return self._functions[key]
         tf = _tf()
 
-        def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
+        def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, cifg, clip):
             names = ["x", "h0", "c0", *params]
             inputs = [x, h0, c0] + [params[k] for k in names[3:]]
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
-                y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
+                mask = tf.cast(tf.range(tf.shape(x)[0])[:, None] < tf.cast(lengths, tf.int32)[None, :],
+                               x.dtype)[..., None]  # (T, B, 1)
+                step = _composite_step(tf, variant, params, eps, cifg, clip)
+                hs, cs, y = tf.scan(step, (x, mask), initializer=(h0, c0, tf.zeros_like(h0)))
+                h_T, c_T = hs[-1], cs[-1]  # a row's state is kept after its last valid step
                 loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
             grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
-        if uses <= self.EAGER_USES:
-            def eager(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
-                const = tf.constant
-                return run(const(x), const(h0), const(c0), {k: const(v) for k, v in params.items()}, const(dy),
-                           const(dh_T), const(dc_T), const(lengths), const(eps), const(clip))
-            return eager
-        state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
-        seq = tf.TensorSpec([None, None, None], dtype)
-        pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
+        seq = tf.TensorSpec([None, None, None], dtype)  # (T, B, features)
+        state = tf.TensorSpec([None, None], dtype)  # (B, features)
+        pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_ndims.items()}
         scalar = tf.TensorSpec([], dtype)
-        lens = tf.TensorSpec([None], tf.int64)
-        self._functions[key] = tf.function(run, input_signature=[seq, state, state, pspec, seq, state, state, lens,
-                                                                  scalar, scalar])
+        self._functions[key] = tf.function(run, input_signature=[
+            seq, state, state, pspec, seq, state, state, tf.TensorSpec([None], tf.int64), scalar,
+            tf.TensorSpec([], tf.bool), scalar])
         return self._functions[key]
 
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
         s = c.structure
-        keys = ("x", "h0", "c0", *c.params)
-        fn = self._function(c.variant, dtype, s, {k: v.ndim for k, v in c.params.items()})
-        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
         lengths = np.full(c.B, c.T, np.int64) if c.lengths is None else np.asarray(c.lengths, np.int64)
-        y, h_T, c_T, g = fn(c.x, lift(c.h0), lift(c.c0), dict(c.params), c.dy, lift(c.dh_T), lift(c.dc_T),
-                            lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.cell_clip or 0.0, dtype))
-        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
-        grads = {k: _numpy(g[k]) for k in keys}
-        grads["h0"], grads["c0"] = unlift(grads["h0"]), unlift(grads["c0"])
+        clip = np.inf if s.cell_clip is None else s.cell_clip
+        inputs = (lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.coupled_input_forget), np.asarray(clip, dtype))
+
+        def cell(params: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, c0: np.ndarray, upstream: Any
+                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+            fn = self._function(c.variant, dtype, {k: v.ndim for k, v in params.items()})
+            # The outputs alone come from the same function with zero upstream gradients (one trace).
+            up = upstream or (np.zeros(x.shape[:2] + h0.shape[-1:], dtype), np.zeros_like(h0), np.zeros_like(c0))
+            y, h_T, c_T, g = fn(x, h0, c0, params, *up, *inputs)
+            grads = {} if upstream is None else {k: _numpy(v) for k, v in g.items()}
+            return (_numpy(y), _numpy(h_T), _numpy(c_T)), grads
+
+        (y, h_T, c_T), grads = run_by_cells(c, cell)
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": _numpy(y), "h_T": unlift(_numpy(h_T)), "c_T": unlift(_numpy(c_T))},
+            outputs={"y": y, "h_T": h_T, "c_T": c_T},
             gradients=grads,
-            notes=f"TensorFlow primitives in {dtype}",
+            notes=f"TensorFlow primitives in {dtype}" + (", cell by cell" if not s.is_default else ""),
         )
