@@ -282,10 +282,11 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
 # Structure.cells(), each one direction of one layer scanned over time.
 #
 # One compiled function per kind of cell, not per structure (why: oracles/cells.py, which chains
-# the cells): one direction of one layer is compiled once per variant, projected or not, and bucket
-# of T, B, D, H and P; CIFG and the clip are traced. Padding is exact for the reasons the module
-# docstring gives for the default structure; in addition a padded projection row is zero, so a
-# padded feature of h is 0, and its columns of R and of the next layer's W are zero.
+# the cells): one direction of one layer, outputs and vector-Jacobian product, is compiled once per
+# variant, projected or not, and bucket of T, B, D, H and P; CIFG and the clip are traced. Padding
+# is exact for the reasons the module docstring gives for the default structure; in addition a
+# padded projection row is zero, so a padded feature of h is 0, and its columns of R and of the
+# next layer's W are zero.
 
 #: The shape symbols of a cell's parameters: "4H" the gate blocks, "O" the features of h (P or H),
 #: "D" the cell's input features (D, or dirs * O above the first layer).
@@ -295,7 +296,7 @@ _CELL_SHAPES: dict[str, tuple[str, ...]] = {
 _SEQ, _H_STATE, _C_STATE = ("T", "B", "D"), ("B", "O"), ("B", "H")
 _Y = ("T", "B", "O")
 
-_CELL_JIT: dict[str, Any] = {}  # "forward" and "vjp", jitted on first use
+_CELL_JIT: list[Any] = [None]  # the jitted _direction_vjp, built on first use
 
 
 def _direction(jax: Any, jnp: Any, variant: str, a: dict[str, Any], lengths: Any, H: Any, ln_eps: Any,
@@ -318,33 +319,23 @@ def _direction(jax: Any, jnp: Any, variant: str, a: dict[str, Any], lengths: Any
     return y, h, c
 
 
-def _count(kind: str, variant: str, a: dict[str, Any]) -> None:
-    T, B, D = a["x"].shape
-    shown = kind + (" proj" if "proj" in a else "")
-    _STRUCTURED_TRACES[(variant, shown, T, B, D, a["c0"].shape[-1])] += 1  # runs once per trace
-
-
-def _direction_forward(variant: str, a: dict[str, Any], scalars: tuple[Any, ...]):
-    jax, jnp = _jax()
-    _count("forward", variant, a)
-    return _direction(jax, jnp, variant, a, *scalars)
-
-
 def _direction_vjp(variant: str, a: dict[str, Any], scalars: tuple[Any, ...], upstream: tuple[Any, Any, Any]):
-    """Outputs and the gradients of everything in ``a``, in one compiled call."""
+    """Outputs and the gradients of everything in ``a``, in one compiled call. Also the outputs alone
+    (with zero upstream gradients): a second, forward-only function would be a second compilation per
+    kind of cell, which costs more than the gradients of a few cells below the top layer."""
     jax, jnp = _jax()
-    _count("vjp", variant, a)
+    T, B, D = a["x"].shape
+    _STRUCTURED_TRACES[(variant, "cell" + (" proj" if "proj" in a else ""), T, B, D, a["c0"].shape[-1])] += 1
     outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, a, *scalars), a)
     (grads,) = vjp(upstream)
     return outputs, grads
 
 
-def _cell_jit(kind: str) -> Any:
-    if kind not in _CELL_JIT:
+def _cell_jit() -> Any:
+    if _CELL_JIT[0] is None:
         jax, _ = _jax()
-        _CELL_JIT[kind] = jax.jit(_direction_forward if kind == "forward" else _direction_vjp,
-                                  static_argnames=("variant",))
-    return _CELL_JIT[kind]
+        _CELL_JIT[0] = jax.jit(_direction_vjp, static_argnames=("variant",))
+    return _CELL_JIT[0]
 
 
 def _layered_forward(jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
@@ -421,14 +412,12 @@ def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]
         real = {"T": T, "B": B, "D": x.shape[-1], "H": H, "O": h0.shape[-1]}
         padded = {k: bucket(n, floors[k]) for k, n in real.items()}
         a = {k: _pad(v, shapes[k], real, padded) for k, v in {**params, "x": x, "h0": h0, "c0": c0}.items()}
-        grads: dict[str, np.ndarray] = {}
-        if upstream is None:
-            y, h, c = _cell_jit("forward")(case.variant, a, scalars)
-        else:
-            up = tuple(_pad(u, shape, real, padded)
-                       for u, shape in zip(upstream, (_Y, _H_STATE, _C_STATE), strict=True))
-            (y, h, c), g = _cell_jit("vjp")(case.variant, a, scalars, up)
-            grads = {k: _unpad(v, shapes[k], real, padded) for k, v in g.items()}
+        # The outputs alone (upstream None): the same function with zero upstream gradients.
+        zeros = (np.zeros(_concrete(_Y, padded)), np.zeros_like(a["h0"]), np.zeros_like(a["c0"]))
+        up = zeros if upstream is None else tuple(
+            _pad(u, shape, real, padded) for u, shape in zip(upstream, (_Y, _H_STATE, _C_STATE), strict=True))
+        (y, h, c), g = _cell_jit()(case.variant, a, scalars, up)
+        grads = {} if upstream is None else {k: _unpad(v, shapes[k], real, padded) for k, v in g.items()}
         outputs = (_unpad(y, _Y, real, padded), _unpad(h, _H_STATE, real, padded), _unpad(c, _C_STATE, real, padded))
         return outputs, grads
 
