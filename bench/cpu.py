@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shlex
 import sys
 import tempfile
@@ -247,8 +248,11 @@ def certify_section(*, target: str, extra: Sequence[str], rounds: int, framework
     section = Section(f"where a default `lstm-harness certify {target}` spends its time",
                       ["what", "time", "goal", "goal met"],
                       notes=[f"subprocesses of {sys.executable} -m harness (the lstm-harness command); "
-                             f"best of {rounds} interleaved rounds; extra arguments: {' '.join(extra) or 'none'}"])
+                             f"best of {rounds} interleaved rounds; extra arguments: {' '.join(extra) or 'none'}",
+                             "'in certify -n 1' rows: one more run of the command, timed inside (bench/phases.py); "
+                             "'reference per case' rows: each oracle warm, on default-structure cases"])
     section.rows += _command_rows(target, extra, rounds=rounds, main_job=main_job)
+    section.rows += _inside_rows(target, extra)
     section.rows += _startup_rows(target, frameworks, rounds=rounds)
     rows, unavailable = _per_case_rows(oracle_names, cases)
     section.rows += rows
@@ -277,6 +281,35 @@ def _command_rows(target: str, extra: Sequence[str], *, rounds: int, main_job: b
             wall = subprocess_seconds(_harness("run", "--report-dir", f"{tmp}/main", *extra))
             rows.append(["main job: lstm-harness run (wall, one run)", f"{wall:.1f} s",
                          f"<= {GOALS['main_job_s']:g} s", verdict(wall <= GOALS["main_job_s"] if judged else None)])
+    return rows
+
+
+def _inside_rows(target: str, extra: Sequence[str]) -> list[list[str]]:
+    """One `certify TARGET -n 1` timed inside (:mod:`bench.phases`): its phases, and each oracle's time with
+    the part spent on the first case of each structure (builds, compilations, traces) apart."""
+    with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
+        subprocess_seconds([sys.executable, "-m", "bench.phases", f"{tmp}/phases.json", "certify", target, "-n", "1",
+                            "--report-dir", f"{tmp}/report", *extra])
+        with open(f"{tmp}/phases.json", encoding="utf-8") as f:
+            found = json.load(f)
+    sec = found["seconds"]
+
+    def row(what: str, seconds: float) -> list[str]:
+        return [f"in certify -n 1: {what}", f"{seconds:.2f} s", "-", "-"]
+
+    rows = [row("the command, once (wall)", sec["command"]),
+            row("import harness.cli", sec["import harness.cli"]),
+            row("opening the implementation (its worker process)", sec.get("opening the implementation", 0.0)),
+            row("probing the oracles (imports their frameworks)",
+                sec.get("preparing", 0.0) - sec.get("opening the implementation", 0.0)),
+            row("implementation calls", sec.get("implementation calls", 0.0))]
+    for name, o in sorted(found["oracles"].items(), key=lambda kv: -(kv[1]["first"] + kv[1]["rest"])):
+        rows.append(row(f"oracle {name}, {o['cases']} cases (first case of each of {o['structures']} structures: "
+                        f"{o['first']:.2f} s)", o["first"] + o["rest"]))
+    rows += [row("comparisons", sec.get("comparisons", 0.0)),
+             row("Hypothesis and the search around the cases",
+                 sec.get("searches", 0.0) - sec.get("checking cases", 0.0)),
+             row("records, findings and reports", sec.get("records, findings and reports", 0.0))]
     return rows
 
 

@@ -69,6 +69,31 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
 MAX_CHILD_DEATHS = 3
 
 
+def _families(unit: Unit) -> set[str]:
+    """The oracle families a unit loads: the modules its oracles are defined in (a module holds one
+    framework's oracles, which share its import and its compiled or traced functions)."""
+    return {type(o).__module__ for o in unit.oracles}
+
+
+def _next_unit(pending: Sequence[int], units: Sequence[Unit], mine: set[str], others: Sequence[set[str]]) -> int:
+    """The pending unit a child should run next: one of a family it has loaded, else one of a family no
+    other child has loaded, else the first.
+
+    Importing a framework and compiling its functions cost seconds per process (TensorFlow's import
+    alone 3 to 12 s), far more than a unit's cases; handed out in plan order, every child ended up
+    importing every framework and compiling the same structures, and `-n 2` took longer than `-n 1`.
+    Which child runs a unit changes no record (a unit's cases follow from its settings alone).
+    """
+    for i in pending:
+        if _families(units[i]) <= mine:
+            return i
+    taken = set().union(*others) if others else set()
+    for i in pending:
+        if not _families(units[i]) & taken:
+            return i
+    return pending[0]
+
+
 def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, display: Progress,
                  finished: Callable[[Unit, list[Record], list[str]], None]) -> None:
     """Hand the units to up to ``jobs`` child processes, each taking the next one when it is done.
@@ -85,6 +110,7 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
     counts: dict[int, int] = {}
     busy: dict[Any, int] = {}
     stopped: set[Any] = set()  # children told to stop: their end is not a death
+    ran: dict[Any, set[str]] = {}  # per child, the oracle families it has loaded (see _next_unit)
     deaths = 0  # in a row, with no unit finished in between
 
     def start() -> Any:
@@ -95,7 +121,10 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
             stopped.add(child)
             child.conn.send(("stop",))
             return
-        unit_id = pending.pop(0)
+        unit_id = _next_unit(pending, units, ran.setdefault(child, set()),
+                             [ran[other] for other in alive if other is not child and other in ran])
+        pending.remove(unit_id)
+        ran[child] |= _families(units[unit_id])
         unit = units[unit_id]
         job = jobs_list[unit.job]
         busy[child] = unit_id

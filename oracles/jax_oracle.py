@@ -49,9 +49,10 @@ from typing import Any
 import numpy as np
 
 from harness.cases import Case
-from harness.contract import VARIANTS, ArraySpec, gradient_keys, input_specs, output_specs
+from harness.contract import VARIANTS, gradient_keys, input_specs, output_specs
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
+from oracles.cells import run_by_cells
 
 __all__ = ["JaxCompositeOracle", "FLOORS", "bucket", "bucket_sizes", "compilations"]
 
@@ -63,11 +64,10 @@ FLOORS: dict[str, int] = {"T": 16, "B": 8, "D": 16, "H": 16}
 #: How many times each (variant, T, B, D, H) bucket was traced, i.e. compiled. Tests read it.
 _TRACES: Counter[tuple[str, int, int, int, int]] = Counter()
 
-#: The same for structured cases: (variant, structure described, T, B, D, H) as compiled.
+#: The same for the cells of structured cases: (variant, kind of cell, T, B, D, H buckets) as compiled.
 _STRUCTURED_TRACES: Counter[tuple[str, str, int, int, int, int]] = Counter()
 
 _JITTED: Any = None  # the jitted bucketed function, built on first use (JAX is imported lazily)
-_LAYERED_JIT: list[Any] = [None]  # the jitted function of structured cases, likewise
 
 
 def bucket(n: int, floor: int) -> int:
@@ -101,14 +101,16 @@ def _jax() -> tuple[Any, Any]:
 
 
 def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
-          norm: Callable[[Any, int], Any], *, cifg: bool = False, clip: float | None = None) -> tuple[Any, Any]:
+          norm: Callable[[Any, int], Any], *, cifg: Any = False, clip: Any = None) -> tuple[Any, Any]:
     """One step of the contract's equations: x_t (B, D), h (B, H_out), c (B, H) -> h_t, c_t.
 
     ``norm(v, k)`` is LayerNorm with row k of gamma and beta (rows i, f, g, o, c). ``p`` may hold
-    ``proj`` (P, H): h_t = proj @ (o * tanh(c_t)). ``cifg``: f = 1 - i (the forget block is never
-    read, so its gradient is exactly 0). ``clip``: c_t = clip(c_t, -clip, clip) by ``jnp.clip``, whose
+    ``proj`` (P, H): h_t = proj @ (o * tanh(c_t)). ``cifg``: f = 1 - i (a bool: the forget block is
+    never read; a traced flag: ``jnp.where`` gives the unselected forget block a zero cotangent; either
+    way its gradient is exactly 0). ``clip``: c_t = clip(c_t, -clip, clip) by ``jnp.clip``, whose
     gradient is 0 where the value is cut (at exactly the boundary JAX splits it; the cases keep cells
-    away from the boundary by a margin, so no cell sits there).
+    away from the boundary by a margin, so no cell sits there); an infinite clip cuts nothing and
+    passes the gradient unchanged, as no clip does.
     """
     H = c.shape[-1]
 
@@ -118,23 +120,28 @@ def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
     def clipped(v):
         return v if clip is None else jnp.clip(v, -clip, clip)
 
+    def forget(i, computed):
+        if isinstance(cifg, bool):
+            return 1.0 - i if cifg else computed()
+        return jnp.where(cifg, 1.0 - i, computed())
+
     z = x_t @ p["W"].T + h @ p["R"].T  # (B, 4H)
     if variant != "layernorm":
         z = z + p["b"]
     z_i, z_f, z_g, z_o = (z[:, k * H : (k + 1) * H] for k in range(4))  # (B, H) each
     if variant == "vanilla":
         i, g = sigmoid(z_i), jnp.tanh(z_g)
-        f = 1.0 - i if cifg else sigmoid(z_f)
+        f = forget(i, lambda: sigmoid(z_f))
         c = clipped(f * c + i * g)
         o = sigmoid(z_o)
     elif variant == "peephole":
         i = sigmoid(z_i + p["p_i"] * c)
-        f = 1.0 - i if cifg else sigmoid(z_f + p["p_f"] * c)
+        f = forget(i, lambda: sigmoid(z_f + p["p_f"] * c))
         c = clipped(f * c + i * jnp.tanh(z_g))
         o = sigmoid(z_o + p["p_o"] * c)  # the output gate sees the new cell state
     else:
         i = sigmoid(norm(z_i, 0))
-        f = 1.0 - i if cifg else sigmoid(norm(z_f, 1))
+        f = forget(i, lambda: sigmoid(norm(z_f, 1)))
         g, o = jnp.tanh(norm(z_g, 2)), sigmoid(norm(z_o, 3))
         c = norm(f * c + i * g, 4)  # the normalized cell is carried forward
     h = o * jnp.tanh(c)
@@ -175,17 +182,24 @@ def _eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
 # Bucketed: zero-padded to a bucket, one compiled function per (variant, bucket).
 
 
-def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
-    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
-    Hb = a["h0"].shape[1]
-    unit = jnp.arange(Hb) < H  # (Hb,) the real units
-    n_units = H.astype(a["h0"].dtype)
+def _masked_norm(jnp: Any, a: dict[str, Any], H: Any, ln_eps: Any) -> Callable[[Any, int], Any]:
+    """LayerNorm of padded rows with row k of ``a``'s gamma and beta: the statistics over the real ``H``
+    units only (a traced scalar); padded units have gamma = beta = 0, so their normalized value is 0."""
+    unit = jnp.arange(a["c0"].shape[-1]) < H  # (Hb,) the real units
+    n_units = H.astype(a["c0"].dtype)
 
-    def norm(v, k):  # statistics over the real units only; padded units have gamma = beta = 0
+    def norm(v, k):
         mean = jnp.where(unit, v, 0.0).sum(axis=-1, keepdims=True) / n_units
         dev = jnp.where(unit, v - mean, 0.0)
         var = (dev * dev).sum(axis=-1, keepdims=True) / n_units
         return dev / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
+
+    return norm
+
+
+def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
+    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
+    norm = _masked_norm(jnp, a, H, ln_eps)
 
     def step(carry, inputs):
         h, c = carry
@@ -219,10 +233,11 @@ def _jitted() -> Any:
     return _JITTED
 
 
-def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
-    """The shape of ``spec`` with every (4H) axis split into its gate blocks (4, H)."""
+def _blocked(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """``shape`` (symbols as in :class:`harness.contract.ArraySpec`, or a key of ``sizes``) with every
+    (4H) axis split into its gate blocks (4, H)."""
     out: list[int] = []
-    for s in spec.shape:
+    for s in shape:
         if s == "4H":
             out += [4, sizes["H"]]
         else:
@@ -230,17 +245,22 @@ def _blocked(spec: ArraySpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _pad(a: np.ndarray, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
-    out = np.zeros(_blocked(spec, padded), dtype=np.float64)
-    shape = _blocked(spec, real)
-    out[tuple(slice(0, size) for size in shape)] = a.reshape(shape)
-    return out.reshape(spec.concrete_shape(**padded))
+def _concrete(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(4 * sizes["H"] if s == "4H" else sizes[s] if s in sizes else int(s) for s in shape)
 
 
-def _unpad(a: Any, spec: ArraySpec, real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
-    block = np.asarray(a).reshape(_blocked(spec, padded))
-    return np.ascontiguousarray(block[tuple(slice(0, n) for n in _blocked(spec, real))]).reshape(
-        spec.concrete_shape(**real))
+def _pad(a: np.ndarray, shape: tuple[str, ...], real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    """``a`` zero-padded from the ``real`` sizes to the ``padded`` ones, a (4H) axis block by block."""
+    out = np.zeros(_blocked(shape, padded), dtype=np.float64)
+    blocks = _blocked(shape, real)
+    out[tuple(slice(0, size) for size in blocks)] = a.reshape(blocks)
+    return out.reshape(_concrete(shape, padded))
+
+
+def _unpad(a: Any, shape: tuple[str, ...], real: dict[str, int], padded: dict[str, int]) -> np.ndarray:
+    block = np.asarray(a).reshape(_blocked(shape, padded))
+    return np.ascontiguousarray(block[tuple(slice(0, n) for n in _blocked(shape, real))]).reshape(
+        _concrete(shape, real))
 
 
 def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
@@ -248,31 +268,85 @@ def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]
     real = {"T": case.T, "B": case.B, "D": case.D, "H": case.H}
     padded = bucket_sizes(**real)
     specs = {s.name: s for s in input_specs() + VARIANTS[case.variant].params}
-    arrays = {k: _pad(v, specs[k], real, padded) for k, v in case.arrays().items()}
+    arrays = {k: _pad(v, specs[k].shape, real, padded) for k, v in case.arrays().items()}
     outs = output_specs()
-    upstream = tuple(_pad(u, s, real, padded) for u, s in zip(case.upstream, outs, strict=True))
+    upstream = tuple(_pad(u, s.shape, real, padded) for u, s in zip(case.upstream, outs, strict=True))
     outputs, grads = _jitted()(case.variant, arrays, upstream, np.int64(case.T), np.int64(case.H),
                                np.float64(case.ln_eps))
-    return (tuple(_unpad(o, s, real, padded) for o, s in zip(outputs, outs, strict=True)),
-            {k: _unpad(g, specs[k], real, padded) for k, g in grads.items()})
+    return (tuple(_unpad(o, s.shape, real, padded) for o, s in zip(outputs, outs, strict=True)),
+            {k: _unpad(g, specs[k].shape, real, padded) for k, g in grads.items()})
 
 
 # ----------------------------------------------------------------------------------------------
 # A layer structure (layers, directions, lengths, projection, CIFG, clip): the cells of
-# Structure.cells() around the same step, scanned over time; bucketed in T and B only.
+# Structure.cells(), each one direction of one layer scanned over time.
+#
+# One compiled function per kind of cell, not per structure (why: oracles/cells.py, which chains
+# the cells): one direction of one layer, outputs and vector-Jacobian product, is compiled once per
+# variant, projected or not, and bucket of T, B, D, H and P; CIFG and the clip are traced. Padding
+# is exact for the reasons the module docstring gives for the default structure; in addition a
+# padded projection row is zero, so a padded feature of h is 0, and its columns of R and of the
+# next layer's W are zero.
+
+#: The shape symbols of a cell's parameters: "4H" the gate blocks, "O" the features of h (P or H),
+#: "D" the cell's input features (D, or dirs * O above the first layer).
+_CELL_SHAPES: dict[str, tuple[str, ...]] = {
+    "W": ("4H", "D"), "R": ("4H", "O"), "b": ("4H",), "p_i": ("H",), "p_f": ("H",), "p_o": ("H",),
+    "gamma": ("5", "H"), "beta": ("5", "H"), "proj": ("O", "H")}
+_SEQ, _H_STATE, _C_STATE = ("T", "B", "D"), ("B", "O"), ("B", "H")
+_Y = ("T", "B", "O")
+
+_CELL_JIT: list[Any] = [None]  # the jitted _direction_vjp, built on first use
 
 
-def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
-                     ln_eps: Any, clip: Any = None, *, scan: bool = True):
-    """-> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
+def _direction(jax: Any, jnp: Any, variant: str, a: dict[str, Any], lengths: Any, H: Any, ln_eps: Any,
+               cifg: Any, clip: Any):
+    """One direction of one layer on padded arrays, forward in time: ``a`` holds the cell's parameters
+    and ``x`` (T, B, D), ``h0``, ``c0``; -> y (T, B, O), h_T, c_T. Steps t >= lengths[b] keep the state
+    and give y = 0. ``H`` (the real units, for LayerNorm), ``cifg`` (a bool) and ``clip`` (infinite:
+    none) are traced, so that cells with and without them share a compilation."""
+    norm = _masked_norm(jnp, a, H, ln_eps)
+    valid = jnp.arange(a["x"].shape[0])[:, None] < lengths[None, :]  # (T, B)
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, ok = inputs
+        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm, cifg=cifg, clip=clip)
+        ok = ok[:, None]
+        return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
+
+    (h, c), y = jax.lax.scan(step, (a["h0"], a["c0"]), (a["x"], valid))
+    return y, h, c
+
+
+def _direction_vjp(variant: str, a: dict[str, Any], scalars: tuple[Any, ...], upstream: tuple[Any, Any, Any]):
+    """Outputs and the gradients of everything in ``a``, in one compiled call. Also the outputs alone
+    (with zero upstream gradients): a second, forward-only function would be a second compilation per
+    kind of cell, which costs more than the gradients of a few cells below the top layer."""
+    jax, jnp = _jax()
+    T, B, D = a["x"].shape
+    _STRUCTURED_TRACES[(variant, "cell" + (" proj" if "proj" in a else ""), T, B, D, a["c0"].shape[-1])] += 1
+    outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, a, *scalars), a)
+    (grads,) = vjp(upstream)
+    return outputs, grads
+
+
+def _cell_jit() -> Any:
+    if _CELL_JIT[0] is None:
+        jax, _ = _jax()
+        _CELL_JIT[0] = jax.jit(_direction_vjp, static_argnames=("variant",))
+    return _CELL_JIT[0]
+
+
+def _layered_forward(jnp: Any, variant: str, structure: Structure, a: dict[str, Any], lengths: Any,
+                     ln_eps: Any, clip: Any = None):
+    """The eager baseline, op by op on the exact shapes (nothing compiled, slow):
+    -> y (T, B, dirs * H_out), h_T, c_T ((L * dirs, B, .) when layered, else (B, .)).
 
     ``lengths`` (B,): steps t >= lengths[b] do not exist for row b; there the state is kept (a ``where``)
     and y is 0. The reverse direction reads each row's valid steps backwards through a per-row index
     gather, idx[s, b] = lengths[b] - 1 - s for s < lengths[b] (else s: a permutation of each row's
-    steps), scans them like the forward direction, and gathers its outputs back with the same index.
-    ``scan=False`` loops over the steps in Python (the eager baseline: op by op, nothing compiled).
-    ``clip``: the cell clip (a traced scalar, so that every clip value shares one compilation), or None;
-    ``structure.cell_clip`` is not read.
+    steps), runs them like the forward direction, and gathers its outputs back with the same index.
     """
     T = a["x"].shape[0]
     s = jnp.arange(T)[:, None]  # (T, 1)
@@ -286,30 +360,22 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
         for _layer, direction, prefix in structure.cells()[layer * structure.dirs : (layer + 1) * structure.dirs]:
             p = {k[len(prefix):]: v for k, v in a.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
             k = len(h_T)
-            h0, c0 = (a["h0"][k], a["c0"][k]) if structure.layered else (a["h0"], a["c0"])
+            h, c = (a["h0"][k], a["c0"][k]) if structure.layered else (a["h0"], a["c0"])
 
             def norm(v, row, p=p):  # biased variance over the H units, eps inside the root
                 mean = v.mean(axis=-1, keepdims=True)
                 var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
                 return (v - mean) / jnp.sqrt(var + ln_eps) * p["gamma"][row] + p["beta"][row]
 
-            def step(carry, inputs, p=p, norm=norm):
-                h, c = carry
-                x_t, ok = inputs
-                h_new, c_new = _cell(jnp, variant, p, x_t, h, c, norm, cifg=structure.coupled_input_forget,
-                                     clip=clip)
-                ok = ok[:, None]
-                return (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)), jnp.where(ok, h_new, 0.0)
-
             seq = jnp.take_along_axis(inp, idx, axis=0) if direction else inp
-            if scan:
-                (h, c), y = jax.lax.scan(step, (h0, c0), (seq, valid))
-            else:
-                carry, outs = (h0, c0), []
-                for t in range(T):
-                    carry, out = step(carry, (seq[t], valid[t]))
-                    outs.append(out)
-                (h, c), y = carry, jnp.stack(outs)
+            outs = []
+            for t in range(T):
+                h_new, c_new = _cell(jnp, variant, p, seq[t], h, c, norm, cifg=structure.coupled_input_forget,
+                                     clip=clip)
+                ok = valid[t][:, None]
+                h, c = jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)
+                outs.append(jnp.where(ok, h_new, 0.0))
+            y = jnp.stack(outs)
             ys.append(jnp.take_along_axis(y, idx, axis=0) if direction else y)
             h_T.append(h)
             c_T.append(c)
@@ -319,63 +385,43 @@ def _layered_forward(jax: Any, jnp: Any, variant: str, structure: Structure, a: 
     return inp, jnp.stack(h_T), jnp.stack(c_T)
 
 
-def _layered_vjp(variant: str, structure: Structure, arrays: dict[str, Any], upstream: tuple[Any, Any, Any],
-                 lengths: Any, ln_eps: Any, clip: Any):
+def _layered_eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
     jax, jnp = _jax()
-    T, B, D = arrays["x"].shape
-    shown = structure.describe() + (" clip" if clip is not None else "")
-    _STRUCTURED_TRACES[(variant, shown, T, B, D, arrays["c0"].shape[-1])] += 1
-    outputs, vjp = jax.vjp(lambda a: _layered_forward(jax, jnp, variant, structure, a, lengths, ln_eps, clip),
-                           arrays)
-    (grads,) = vjp(upstream)
-    return outputs, grads
+    lengths = np.full(case.B, case.T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
+    fn = lambda a: _layered_forward(jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
+                                    case.ln_eps, case.structure.cell_clip)
+    outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in case.arrays().items()})
+    (grads,) = vjp(tuple(jnp.asarray(u) for u in case.upstream))
+    return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
 
 
-def _layered(case: Case, *, bucketed: bool) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
-    """A structured case, eager on its exact shapes, or compiled per (variant, structure, bucket of T
-    and B, D, H): padded steps are steps past every row's length; padded rows (length 1, zero inputs,
-    states and cotangents) are independent of the real ones and add exact zeros to the gradients."""
-    jax, jnp = _jax()
-    T, B = case.T, case.B
+def _layered(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
+    """A structured case, cell by cell (:func:`oracles.cells.run_by_cells`) through the compiled direction
+    functions, each cell zero-padded to its buckets."""
+    T, B, H = case.T, case.B, case.H
     lengths = np.full(B, T, dtype=np.int64) if case.lengths is None else np.asarray(case.lengths, np.int64)
-    arrays, upstream = case.arrays(), case.upstream
-    if not bucketed:
-        fn = lambda a: _layered_forward(jax, jnp, case.variant, case.structure, a, jnp.asarray(lengths),  # noqa: E731
-                                        case.ln_eps, case.structure.cell_clip, scan=False)
-        outputs, vjp = jax.vjp(fn, {k: jnp.asarray(v) for k, v in arrays.items()})
-        (grads,) = vjp(tuple(jnp.asarray(u) for u in upstream))
-        return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
-    Tb, Bb = bucket(T, FLOORS["T"]), bucket(B, FLOORS["B"])
+    lens = np.concatenate([lengths, np.ones(bucket(B, FLOORS["B"]) - B, dtype=np.int64)])  # padded rows: 1 step
+    clip = np.inf if case.structure.cell_clip is None else case.structure.cell_clip
+    scalars = (lens, np.int64(H), np.float64(case.ln_eps), np.bool_(case.structure.coupled_input_forget),
+               np.float64(clip))
+    shapes = {"x": _SEQ, "h0": _H_STATE, "c0": _C_STATE, **_CELL_SHAPES}
+    floors = {**FLOORS, "O": FLOORS["H"]}
 
-    def pad(a: np.ndarray, t_axis: int | None) -> np.ndarray:  # zeros after the real steps and rows
-        widths = [(0, 0)] * a.ndim
-        if t_axis is not None:
-            widths[t_axis] = (0, Tb - T)
-        widths[-2] = (0, Bb - B)  # every batched array has its rows second last
-        return np.pad(a, widths)
+    def cell(params: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, c0: np.ndarray, upstream: Any
+             ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+        real = {"T": T, "B": B, "D": x.shape[-1], "H": H, "O": h0.shape[-1]}
+        padded = {k: bucket(n, floors[k]) for k, n in real.items()}
+        a = {k: _pad(v, shapes[k], real, padded) for k, v in {**params, "x": x, "h0": h0, "c0": c0}.items()}
+        # The outputs alone (upstream None): the same function with zero upstream gradients.
+        zeros = (np.zeros(_concrete(_Y, padded)), np.zeros_like(a["h0"]), np.zeros_like(a["c0"]))
+        up = zeros if upstream is None else tuple(
+            _pad(u, shape, real, padded) for u, shape in zip(upstream, (_Y, _H_STATE, _C_STATE), strict=True))
+        (y, h, c), g = _cell_jit()(case.variant, a, scalars, up)
+        grads = {} if upstream is None else {k: _unpad(v, shapes[k], real, padded) for k, v in g.items()}
+        outputs = (_unpad(y, _Y, real, padded), _unpad(h, _H_STATE, real, padded), _unpad(c, _C_STATE, real, padded))
+        return outputs, grads
 
-    padded = {k: (pad(v, 0) if k == "x" else pad(v, None) if k in ("h0", "c0") else v) for k, v in arrays.items()}
-    up = (pad(upstream[0], 0), pad(upstream[1], None), pad(upstream[2], None))
-    lens = np.concatenate([lengths, np.ones(Bb - B, dtype=np.int64)])
-    if _LAYERED_JIT[0] is None:
-        _LAYERED_JIT[0] = jax.jit(_layered_vjp, static_argnames=("variant", "structure"))
-    clip = case.structure.cell_clip
-    static = case.structure.replace(cell_clip=None)  # the clip's value is traced: one compilation for all
-    outputs, grads = _LAYERED_JIT[0](case.variant, static, padded, up, lens, np.float64(case.ln_eps),
-                                     None if clip is None else np.float64(clip))
-
-    def cut(a: Any, t_axis: int | None) -> np.ndarray:
-        a = np.asarray(a)
-        index: list[slice] = [slice(None)] * a.ndim
-        if t_axis is not None:
-            index[t_axis] = slice(0, T)
-        index[-2] = slice(0, B)
-        return np.ascontiguousarray(a[tuple(index)])
-
-    y, h_T, c_T = outputs
-    out = (cut(y, 0), cut(h_T, None), cut(c_T, None))
-    return out, {k: (cut(g, 0) if k == "x" else cut(g, None) if k in ("h0", "c0") else np.asarray(g))
-                 for k, g in grads.items()}
+    return run_by_cells(case, cell)
 
 
 class JaxCompositeOracle(Oracle):
@@ -407,14 +453,14 @@ class JaxCompositeOracle(Oracle):
         structured = not c.structure.is_default or c.lengths is not None
         with jax.default_device(jax.devices("cpu")[0]):
             if structured:
-                (y, h_T, c_T), grads = _layered(c, bucketed=self.bucketed)
+                (y, h_T, c_T), grads = (_layered if self.bucketed else _layered_eager)(c)
             else:
                 (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
         if not self.bucketed:
             how = "eager on the exact shapes"
         elif structured:
-            how = (f"{c.structure.describe() or 'lengths'}, jit-compiled per structure and bucket of T and B "
-                   f"(exact: padded steps and rows add only zeros)")
+            how = (f"{c.structure.describe() or 'lengths'}, cell by cell, each jit-compiled per kind of cell and "
+                   f"zero-padded shape bucket (exact: padding adds only zeros)")
         else:
             how = "jit-compiled per zero-padded shape bucket (exact: padding adds only zeros)"
         keys = list(c.arrays()) if structured else gradient_keys(c.variant)

@@ -31,17 +31,17 @@ kernel, see below), so one case is one graph call.
   row), a projection, CIFG, or more than one layer and direction.
 * ``tf-composite``: the equations of every variant and every layer structure from TF primitives
   (LayerNorm with ``tf.nn.moments``, biased variance), the recurrence a ``tf.scan`` per layer and
-  direction, lengths a mask, the reverse direction ``tf.reverse_sequence`` of each row's valid
-  prefix, CIFG, ``tf.clip_by_value`` for the cell clip (no gradient where it clips), the
-  projection; float64.
+  direction, lengths a mask, the reverse direction each row's valid steps read backwards (a
+  gather, :mod:`oracles.cells`), CIFG, ``tf.clip_by_value`` for the cell clip (no gradient where
+  it clips), the projection; float64.
 
 Caching: every ``tf.function`` has an ``input_signature`` with unknown T, B, D, H, so it is traced
-once per (variant, dtype, layer shape) and never again for new sizes (lengths, the clip value and
-the projection size are inputs); the composite runs a layer shape eagerly until it has come back
-(:attr:`TFCompositeOracle.EAGER_USES`), as drawn structures rarely repeat. Keras layers are built
-(and their calls traced) once per size bucket, dtype, number of layers and directions (see
-:class:`KerasLSTMOracle`), their variables overwritten by each case. Threads are pinned small
-(:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
+once and never again for new sizes; the composite's is one direction of one layer (lengths, CIFG,
+the clip and the projection's size are inputs), traced once per (variant, dtype, projected), and a
+layer structure is put together from it cell by cell. Keras layers are built
+(and their calls traced) once per size bucket, dtype and number of directions, a stack of layers
+run one layer at a time (see :class:`KerasLSTMOracle`), their variables overwritten by each call.
+Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
 """
 
@@ -59,6 +59,7 @@ from harness import layouts
 from harness.cases import Case
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
+from oracles.cells import run_by_cells
 
 __all__ = ["KerasLSTMOracle", "BlockLSTMV2Oracle", "TFCompositeOracle", "TF_THREADS"]
 
@@ -203,6 +204,14 @@ class KerasLSTMOracle(_TFBase):
     into the real units (its recurrent weights are zero, as are the next layer's weights from it)
     and receives no upstream gradient; only the floating-point summation order of the matrix
     products can differ. ``bucket=False`` builds layers of exactly the case's sizes.
+
+    Stacked layers run one layer at a time, each call giving its outputs and the gradients of its
+    input, states and weights for the upstream gradients it is given (the layer above's input
+    gradient is the upstream gradient of this layer's y), so that one build per bucket and kind of
+    layer (one direction or two) serves every number of layers: a stack built and traced whole took
+    one to three seconds per number of layers, most of a certification's time in this oracle. With
+    buckets a layer takes at least as many features as a layer above a ``Bidirectional`` one, so the
+    first layer and the layers above it share the build too.
     """
 
     name = "tf-keras"
@@ -215,7 +224,7 @@ class KerasLSTMOracle(_TFBase):
     def __init__(self, *, bucket: bool = True, smallest_bucket: int = 8) -> None:
         self.bucket = bucket
         self.smallest_bucket = smallest_bucket
-        self._built: dict[tuple[int, int, str, int, bool], tuple[Any, Any]] = {}
+        self._built: dict[tuple[int, int, str, bool], tuple[Any, Any]] = {}
 
     def _probe(self) -> Availability:
         avail = super()._probe()
@@ -236,41 +245,34 @@ class KerasLSTMOracle(_TFBase):
                                        "(set KERAS_BACKEND=tensorflow before importing keras)")
         return Availability(True, "", {**avail.versions, **keras_avail.versions})
 
-    def _layers(self, D: int, H: int, dtype: str, num_layers: int, bidirectional: bool) -> tuple[Any, Any]:
-        key = (D, H, dtype, num_layers, bidirectional)
+    def _layer(self, D: int, H: int, dtype: str, bidirectional: bool) -> tuple[Any, Any]:
+        """One layer (an LSTM, or a Bidirectional pair) taking D features, and its traced call: outputs and
+        the gradients of x, the states and the layer's weights, for given upstream gradients."""
+        key = (D, H, dtype, bidirectional)
         if key not in self._built:
             tf = _tf()
             import keras
 
-            dirs = 2 if bidirectional else 1
-            layers, weights = [], []
-            for k in range(num_layers):
-                lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
-                                         dtype=dtype)
-                layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
-                layer.build((None, None, D if k == 0 else dirs * H))
-                cells = [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]
-                for one in cells:  # to_keras_layers's order: forward, then backward
-                    weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]
-                layers.append(layer)
+            lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, zero_output_for_mask=True,
+                                     dtype=dtype)
+            layer = keras.layers.Bidirectional(lstm, dtype=dtype) if bidirectional else lstm
+            layer.build((None, None, D))
+            weights = []
+            for one in [layer.forward_layer, layer.backward_layer] if bidirectional else [layer]:
+                weights += [one.cell.kernel, one.cell.recurrent_kernel, one.cell.bias]  # to_keras_layers's order
             seq = tf.TensorSpec([None, None, None], dtype)  # (B, T, ...) batch-major
-            state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
+            state = tf.TensorSpec([None, None, None], dtype)  # (dirs, B, H)
             mask_spec = tf.TensorSpec([None, None], tf.bool)  # (B, T)
 
             @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state])
             def run(x, h0, c0, mask, dy, dh_T, dc_T):
                 with tf.GradientTape() as tape:
                     tape.watch([x, h0, c0])
-                    inp, h_T, c_T = x, [], []
-                    for k, layer in enumerate(layers):
-                        init = []
-                        for d in range(dirs):
-                            init += [h0[k * dirs + d], c0[k * dirs + d]]
-                        out = layer(inp, mask=mask, initial_state=init)  # y, then h, c per direction
-                        inp = out[0]
-                        h_T += list(out[1::2])
-                        c_T += list(out[2::2])
-                    y, h_T, c_T = inp, tf.stack(h_T), tf.stack(c_T)
+                    init = []
+                    for d in range(2 if bidirectional else 1):
+                        init += [h0[d], c0[d]]
+                    out = layer(x, mask=mask, initial_state=init)  # y, then h, c per direction
+                    y, h_T, c_T = out[0], tf.stack(out[1::2]), tf.stack(out[2::2])
                     loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
                 grads = tape.gradient(loss, [x, h0, c0, *weights],
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -284,40 +286,71 @@ class KerasLSTMOracle(_TFBase):
         c = case.astype(dtype)
         s = c.structure
         D, H, dirs = c.D, c.H, s.dirs
-        Dp, Hp = D, H
-        if self.bucket:
-            Dp, Hp = _bucket(D, self.smallest_bucket), _bucket(H, self.smallest_bucket)
-        weights, run = self._layers(Dp, Hp, dtype, s.num_layers, s.bidirectional)
-        cells = {(k, d): _pad_cell(layouts.cell_params(c.params, s, k, d), 1 if k == 0 else dirs,
-                                   Dp if k == 0 else Hp, Hp)
-                 for k, d, _ in s.cells()}
-        padded = layouts.to_keras_layers(layouts.join_cells(cells, s), s)
-        for var, value in zip(weights, [a for per_layer in padded for a in per_layer], strict=True):
-            var.assign(value)
+        Hp = _bucket(H, self.smallest_bucket) if self.bucket else H
+        one = Structure(bidirectional=s.bidirectional)  # the structure of one layer
         lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
+        h0, c0, dh_T, dc_T = (_pad_last(lift(a), Hp) for a in (c.h0, c.c0, c.dh_T, c.dc_T))  # (L * dirs, B, Hp)
         lengths = np.full(c.B, c.T) if c.lengths is None else np.asarray(c.lengths)
         mask = np.arange(c.T)[None, :] < lengths[:, None]  # (B, T)
-        y, h_T, c_T, g = run(
-            layouts.batch_major(_pad_last(c.x, Dp)),  # (B, T, Dp)
-            _pad_last(lift(c.h0), Hp), _pad_last(lift(c.c0), Hp),  # (L * dirs, B, Hp)
-            mask,
-            layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp)), _pad_last(lift(c.dh_T), Hp),
-            _pad_last(lift(c.dc_T), Hp),
-        )
-        per_layer = [[_numpy(t) for t in g[3 + 3 * dirs * k : 3 + 3 * dirs * (k + 1)]] for k in range(s.num_layers)]
-        dpadded = layouts.from_keras_layers(per_layer, s)  # gradients convert like the weights
-        dcells = {(k, d): _unpad_cell(layouts.cell_params(dpadded, s, k, d), 1 if k == 0 else dirs,
-                                      D if k == 0 else H, H)
-                  for k, d, _ in s.cells()}
+
+        def blocks(k: int) -> tuple[int, int, int]:
+            """Layer k's input: (parts, each part's real size, padded size): x, or the layer below's directions."""
+            if k == 0:
+                return 1, D, _bucket(D, self.smallest_bucket) if self.bucket else D
+            return dirs, H, Hp
+
+        def call(k: int, inp: np.ndarray, dy: np.ndarray) -> tuple[Any, ...]:
+            """Layer k on its input in the padded layout (B, T, parts * padded), with its weights assigned."""
+            parts, _, size = blocks(k)
+            # With buckets every layer of a kind (one or two directions) takes as many features as a layer
+            # above a Bidirectional one: a single build serves the first layer and the layers above it.
+            Dp = max(parts * size, dirs * Hp) if self.bucket else parts * size
+            weights, run = self._layer(Dp, Hp, dtype, s.bidirectional)
+            cells = {(0, d): _pad_cell(layouts.cell_params(c.params, s, k, d), parts, size, Hp) for d in range(dirs)}
+            for cell in cells.values():
+                cell["W"] = _pad_last(cell["W"], Dp)
+            values = layouts.to_keras_layers(layouts.join_cells(cells, one), one)[0]
+            for var, value in zip(weights, values, strict=True):
+                var.assign(value)
+            n = slice(k * dirs, (k + 1) * dirs)
+            return run(_pad_last(inp, Dp), h0[n], c0[n], mask, dy, dh_T[n], dc_T[n])
+
+        # Keras layers one at a time, chained here: forward to get every layer's input, then backward from
+        # the top, each layer's input gradient the upstream gradient of the layer below's y. One build per
+        # kind of layer serves every number of layers, where a stack of L layers was a build and a trace of its own.
+        inputs = [layouts.batch_major(_pad_last(c.x, blocks(0)[2]))]  # (B, T, Dp)
+        for k in range(s.num_layers - 1):
+            zeros = np.zeros(inputs[-1].shape[:2] + (dirs * Hp,), dtype)
+            inputs.append(_numpy(call(k, inputs[-1], zeros)[0]))  # (B, T, dirs * Hp)
+        ct = layouts.batch_major(_pad_blocks(c.dy, 2, dirs, Hp))  # (B, T, dirs * Hp)
+        finals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        dstates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        dcells: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        y = None
+        for k in reversed(range(s.num_layers)):
+            out, h_k, c_k, g = call(k, inputs[k], ct)
+            y = out if y is None else y
+            finals[k], dstates[k] = (_numpy(h_k), _numpy(c_k)), (_numpy(g[1]), _numpy(g[2]))
+            parts, real, size = blocks(k)
+            ct = _numpy(g[0])[..., : parts * size]
+            dlayer = layouts.from_keras_layers([[_numpy(t) for t in g[3:]]], one)
+            for d in range(dirs):
+                dcell = layouts.cell_params(dlayer, one, 0, d)
+                dcell["W"] = dcell["W"][:, : parts * size]
+                dcells[(k, d)] = _unpad_cell(dcell, parts, real, H)
         unlift = (lambda a: a) if s.layered else (lambda a: a[0])
+
+        def stacked(pairs: dict[int, tuple[np.ndarray, np.ndarray]], i: int) -> np.ndarray:
+            return unlift(np.concatenate([pairs[k][i] for k in range(s.num_layers)])[..., :H])
+
         return Reference(
             compute_dtype=dtype,
             outputs={"y": _unpad_blocks(layouts.time_major(_numpy(y)), 2, dirs, H),
-                     "h_T": unlift(_numpy(h_T)[..., :H]), "c_T": unlift(_numpy(c_T)[..., :H])},
-            gradients={"x": layouts.time_major(_numpy(g[0]))[..., :D], "h0": unlift(_numpy(g[1])[..., :H]),
-                       "c0": unlift(_numpy(g[2])[..., :H]), **layouts.join_cells(dcells, s)},
-            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()})" if not s.is_default else "")
-                  + (f", run in a padded (D={Dp}, H={Hp}) layer" if (Dp, Hp) != (D, H) else ""),
+                     "h_T": stacked(finals, 0), "c_T": stacked(finals, 1)},
+            gradients={"x": layouts.time_major(ct)[..., :D], "h0": stacked(dstates, 0), "c0": stacked(dstates, 1),
+                       **layouts.join_cells(dcells, s)},
+            notes=f"keras.layers.LSTM in {dtype}" + (f" ({s.describe()}, layer by layer)" if not s.is_default else "")
+                  + (f", run in zero-padded layers (H={Hp})" if self.bucket else ""),
         )
 
 
@@ -391,10 +424,13 @@ class BlockLSTMV2Oracle(_TFBase):
 # Composite
 
 
-def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structure: Structure, clip: Any):
+def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, cifg: Any, clip: Any):
     """One time step of the contract's equations as a ``tf.scan`` body:
     ((h, c, y), (x_t, m_t)) -> (h, c, y), where ``m_t`` (B, 1) is 1 where the step exists and 0 where
-    it does not (the state is kept and y is 0 there)."""
+    it does not (the state is kept and y is 0 there). ``cifg`` (a bool tensor) and ``clip`` (infinite:
+    none) are inputs, so that one trace serves cells with and without them: ``tf.where`` gives the
+    unselected forget gate a zero gradient, and ``clip_by_value`` passes no gradient where it clips and
+    all of it where it does not (every element, for an infinite clip)."""
 
     def ln(v, k):  # LayerNorm row k: biased variance over the H units, eps inside the square root
         mean, var = tf.nn.moments(v, axes=[-1], keepdims=True)
@@ -409,18 +445,17 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
         a_i, a_f, a_g, a_o = tf.split(a, 4, axis=1)
         if variant == "vanilla":
             i = tf.sigmoid(a_i)
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f)
+            f = tf.where(cifg, 1 - i, tf.sigmoid(a_f))
             c_new = f * c + i * tf.tanh(a_g)
         elif variant == "peephole":
             i = tf.sigmoid(a_i + p["p_i"] * c)
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(a_f + p["p_f"] * c)
+            f = tf.where(cifg, 1 - i, tf.sigmoid(a_f + p["p_f"] * c))
             c_new = f * c + i * tf.tanh(a_g)
         else:
             i = tf.sigmoid(ln(a_i, 0))
-            f = 1 - i if structure.coupled_input_forget else tf.sigmoid(ln(a_f, 1))
+            f = tf.where(cifg, 1 - i, tf.sigmoid(ln(a_f, 1)))
             c_new = ln(f * c + i * tf.tanh(ln(a_g, 2)), 4)  # the normalized cell is carried forward
-        if structure.cell_clip is not None:  # clip_by_value passes no gradient where it clips
-            c_new = tf.clip_by_value(c_new, -clip, clip)
+        c_new = tf.clip_by_value(c_new, -clip, clip)
         if variant == "peephole":
             o = tf.sigmoid(a_o + p["p_o"] * c_new)  # the output gate sees the new cell state
         elif variant == "vanilla":
@@ -428,7 +463,7 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
         else:
             o = tf.sigmoid(ln(a_o, 3))
         h_new = o * tf.tanh(c_new)
-        if structure.proj_size:
+        if "proj" in p:
             h_new = tf.matmul(h_new, p["proj"], transpose_b=True)  # (B, P)
         keep = m_t > 0
         return tf.where(keep, h_new, h), tf.where(keep, c_new, c), tf.where(keep, h_new, tf.zeros_like(h_new))
@@ -436,29 +471,15 @@ def _composite_step(tf: Any, variant: str, p: dict[str, Any], eps: Any, structur
     return step
 
 
-def _composite_layers(tf: Any, variant: str, structure: Structure, x, h0, c0, params, lengths, eps, clip):
-    """Every layer and direction of ``structure``: y (T, B, dirs * H_out) and the (L * dirs, B, ...)
-    final states. The reverse direction reads each row's valid prefix reversed (``tf.reverse_sequence``)."""
-    T = tf.shape(x)[0]
-    mask = tf.cast(tf.range(T)[:, None] < tf.cast(lengths, tf.int32)[None, :], x.dtype)[..., None]  # (T, B, 1)
-    inp, h_T, c_T = x, [], []
-    for layer in range(structure.num_layers):
-        outs = []
-        for direction in range(structure.dirs):
-            n = layer * structure.dirs + direction
-            p = layouts.select_cell(params, structure, layer, direction)
-            seq = inp if direction == 0 else tf.reverse_sequence(inp, lengths, seq_axis=0, batch_axis=1)
-            init = (h0[n], c0[n], tf.zeros_like(h0[n]))
-            hs, cs, ys = tf.scan(_composite_step(tf, variant, p, eps, structure, clip), (seq, mask), initializer=init)
-            outs.append(ys if direction == 0 else tf.reverse_sequence(ys, lengths, seq_axis=0, batch_axis=1))
-            h_T.append(hs[-1])  # a row's state is kept after its last valid step
-            c_T.append(cs[-1])
-        inp = tf.concat(outs, axis=2)
-    return inp, tf.stack(h_T), tf.stack(c_T)
-
-
 class TFCompositeOracle(_TFBase):
-    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64."""
+    """The LSTM of every variant and structure from TF primitives in a cached ``tf.function``, float64.
+
+    One direction of one layer is one ``tf.function`` (a ``tf.scan`` over the steps, lengths a mask,
+    and the vector-Jacobian product by GradientTape), traced once per variant, dtype and whether it
+    projects; a layer structure is put together from it cell by cell (:func:`oracles.cells.run_by_cells`:
+    the reverse direction reads each row's valid steps backwards, layers chain in NumPy). Tracing a
+    whole structure took one to three seconds for each new one, and drawn structures rarely repeat.
+    """
 
     name = "tf-composite"
     description = "LSTM equations in TensorFlow primitives (tf.scan, tf.nn.moments), float64 GradientTape"
@@ -466,67 +487,60 @@ class TFCompositeOracle(_TFBase):
     compute_dtypes = ("float64",)
     structures = frozenset(FEATURES)
 
-    #: Uses of one layer shape that run eagerly before it is traced. Tracing a layered structure takes
-    #: seconds; running it eagerly a fraction of one. Drawn structures rarely repeat within a run, the
-    #: default one does at every case: so a shape is traced only once it has come back this many times.
-    EAGER_USES = 2
-
     def __init__(self) -> None:
-        self._functions: dict[tuple[str, str, Structure], Any] = {}
-        self._uses: dict[tuple[str, str, Structure], int] = {}
+        self._functions: dict[tuple[str, str, bool], Any] = {}
 
-    def _function(self, variant: str, dtype: str, structure: Structure, param_shapes: dict[str, int]) -> Any:
-        # One function per (variant, dtype, layer shape): lengths, the clip value and the projection size
-        # are inputs, so none of them makes a new trace.
-        shape = structure.replace(lengths=False, cell_clip=None if structure.cell_clip is None else 1.0,
-                                  proj_size=min(structure.proj_size, 1))
-        key = (variant, dtype, shape)
-        self._uses[key] = uses = self._uses.get(key, 0) + 1
+    def _function(self, variant: str, dtype: str, param_ndims: dict[str, int]) -> Any:
+        # Sizes, lengths, CIFG and the clip are inputs: one trace per (variant, dtype, projected).
+        key = (variant, dtype, "proj" in param_ndims)
         if key in self._functions:
             return self._functions[key]
         tf = _tf()
 
-        def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
+        def run(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, cifg, clip):
             names = ["x", "h0", "c0", *params]
             inputs = [x, h0, c0] + [params[k] for k in names[3:]]
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
-                y, h_T, c_T = _composite_layers(tf, variant, shape, x, h0, c0, params, lengths, eps, clip)
+                mask = tf.cast(tf.range(tf.shape(x)[0])[:, None] < tf.cast(lengths, tf.int32)[None, :],
+                               x.dtype)[..., None]  # (T, B, 1)
+                step = _composite_step(tf, variant, params, eps, cifg, clip)
+                hs, cs, y = tf.scan(step, (x, mask), initializer=(h0, c0, tf.zeros_like(h0)))
+                h_T, c_T = hs[-1], cs[-1]  # a row's state is kept after its last valid step
                 loss = _objective(tf, y, h_T, c_T, dy, dh_T, dc_T)
             grads = tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return y, h_T, c_T, dict(zip(names, grads, strict=True))
 
-        if uses <= self.EAGER_USES:
-            def eager(x, h0, c0, params, dy, dh_T, dc_T, lengths, eps, clip):
-                const = tf.constant
-                return run(const(x), const(h0), const(c0), {k: const(v) for k, v in params.items()}, const(dy),
-                           const(dh_T), const(dc_T), const(lengths), const(eps), const(clip))
-            return eager
-        state = tf.TensorSpec([None, None, None], dtype)  # (L * dirs, B, H)
-        seq = tf.TensorSpec([None, None, None], dtype)
-        pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_shapes.items()}
+        seq = tf.TensorSpec([None, None, None], dtype)  # (T, B, features)
+        state = tf.TensorSpec([None, None], dtype)  # (B, features)
+        pspec = {k: tf.TensorSpec([None] * n, dtype) for k, n in param_ndims.items()}
         scalar = tf.TensorSpec([], dtype)
-        lens = tf.TensorSpec([None], tf.int64)
-        self._functions[key] = tf.function(run, input_signature=[seq, state, state, pspec, seq, state, state, lens,
-                                                                  scalar, scalar])
+        self._functions[key] = tf.function(run, input_signature=[
+            seq, state, state, pspec, seq, state, state, tf.TensorSpec([None], tf.int64), scalar,
+            tf.TensorSpec([], tf.bool), scalar])
         return self._functions[key]
 
     def reference(self, case: Case) -> Reference:
         dtype = self._check(case)
         c = case.astype(dtype)
         s = c.structure
-        keys = ("x", "h0", "c0", *c.params)
-        fn = self._function(c.variant, dtype, s, {k: v.ndim for k, v in c.params.items()})
-        lift = (lambda a: a) if s.layered else (lambda a: a[None])  # states -> (L * dirs, B, H)
         lengths = np.full(c.B, c.T, np.int64) if c.lengths is None else np.asarray(c.lengths, np.int64)
-        y, h_T, c_T, g = fn(c.x, lift(c.h0), lift(c.c0), dict(c.params), c.dy, lift(c.dh_T), lift(c.dc_T),
-                            lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.cell_clip or 0.0, dtype))
-        unlift = (lambda a: a) if s.layered else (lambda a: a[0])
-        grads = {k: _numpy(g[k]) for k in keys}
-        grads["h0"], grads["c0"] = unlift(grads["h0"]), unlift(grads["c0"])
+        clip = np.inf if s.cell_clip is None else s.cell_clip
+        inputs = (lengths, np.asarray(c.ln_eps, dtype), np.asarray(s.coupled_input_forget), np.asarray(clip, dtype))
+
+        def cell(params: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, c0: np.ndarray, upstream: Any
+                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+            fn = self._function(c.variant, dtype, {k: v.ndim for k, v in params.items()})
+            # The outputs alone come from the same function with zero upstream gradients (one trace).
+            up = upstream or (np.zeros(x.shape[:2] + h0.shape[-1:], dtype), np.zeros_like(h0), np.zeros_like(c0))
+            y, h_T, c_T, g = fn(x, h0, c0, params, *up, *inputs)
+            grads = {} if upstream is None else {k: _numpy(v) for k, v in g.items()}
+            return (_numpy(y), _numpy(h_T), _numpy(c_T)), grads
+
+        (y, h_T, c_T), grads = run_by_cells(c, cell)
         return Reference(
             compute_dtype=dtype,
-            outputs={"y": _numpy(y), "h_T": unlift(_numpy(h_T)), "c_T": unlift(_numpy(c_T))},
+            outputs={"y": y, "h_T": h_T, "c_T": c_T},
             gradients=grads,
-            notes=f"TensorFlow primitives in {dtype}",
+            notes=f"TensorFlow primitives in {dtype}" + (", cell by cell" if not s.is_default else ""),
         )

@@ -83,3 +83,21 @@ def test_parallel_workers_that_keep_dying_are_given_up_with_a_clear_error():
     assert "VERDICT error" in proc.stdout, proc.stderr[-3000:]
     assert "died 3 times in a row without finishing a unit" in proc.stdout
     assert "run with one job" in proc.stdout
+
+
+def test_a_child_keeps_to_the_oracle_families_it_has_loaded():
+    """A child takes next a unit of a family (the module its oracles come from) it has loaded, else one of a
+    family no other child has, else the first; which child runs a unit changes no record."""
+    from harness.pool import _families, _next_unit
+    from harness.session import Unit
+    from oracles.finite_diff import FiniteDifferenceOracle
+    from oracles.jax_oracle import JaxCompositeOracle
+    from oracles.torch_oracle import TorchCompositeOracle
+
+    fd, torch, jax = FiniteDifferenceOracle(), TorchCompositeOracle(), JaxCompositeOracle()
+    units = [Unit(0, dtype, (o,), f"{dtype} vs {o.name}") for dtype in ("float64", "float32") for o in (fd, torch, jax)]
+    pending = list(range(len(units)))
+    assert _next_unit(pending, units, set(), []) == 0  # nothing loaded anywhere: the first
+    assert _next_unit(pending, units, set(), [_families(units[0])]) == 1  # another child has fd: torch
+    assert _next_unit(pending[1:], units, _families(units[0]), [_families(units[1])]) == 3  # fd again, float32
+    assert _next_unit([2, 5], units, _families(units[0]), [_families(units[2])]) == 2  # all taken: the first
