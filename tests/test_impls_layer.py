@@ -534,3 +534,35 @@ def test_the_case_that_failed_first_is_counted_by_its_structure(monkeypatch):
                          run=RunSettings(max_examples=60), stats=stats)
     assert any(r.status == "fail" and r.quantity == "y" for r in records)
     assert stats["features"] == {"layers": 1}, stats
+
+
+def test_a_subclass_with_its_own_cell_gets_no_cifg_or_clipped_cases_unless_it_says_so():
+    """CIFG and clipping are options the built-in cells compute: a user's subclass that replaces the cell
+    (``cell_forward``/``cell_backward`` of the loop, ``cell`` of the stacked version) would be told its
+    correct cell fails on cases with them. It keeps layers, directions, lengths and projections."""
+    from harness.contract import validate
+    from impls.stacked import VanillaCell
+
+    class MyLoopCell(LoopLSTM):
+        name = "my-loop-cell"
+
+        def cell_forward(self, x_t, h_prev, c_prev, weights):
+            return super().cell_forward(x_t, h_prev, c_prev, weights)
+
+    class MyStackedCell(StackedLSTM):
+        name = "my-stacked-cell"
+        cell = VanillaCell()
+
+    class Declared(MyLoopCell):
+        structures = ("layers", "cifg")
+
+    for cls in (MyLoopCell, MyStackedCell):
+        info = validate(cls())
+        assert info.configurable and info.structures == frozenset({"layers", "bidirectional", "lengths", "proj"})
+        with pytest.raises(ValueError, match=f"does not compute cifg: {cls.__name__} has a cell of its own"):
+            cls().with_structure(Structure(coupled_input_forget=True))
+        assert cls().with_structure(Structure(num_layers=2, lengths=True)).num_layers == 2
+    assert validate(Declared()).structures == frozenset({"layers", "cifg"})
+    for builtin in (LoopLSTM, StackedLSTM, LoopPeepholeLSTM, StackedPeepholeLSTM, LoopLayerNormLSTM,
+                    StackedLayerNormLSTM):
+        assert len(validate(builtin()).structures) == 6, builtin
