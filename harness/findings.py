@@ -158,7 +158,8 @@ def _scale_note(head: Mapping[str, Any], minimal: Record | None) -> list[str]:
     """When shrinking moved the weight scale, say at which scale the error is largest."""
     big = ((head.get("case") or {}).get("spec") or {}).get("weight_scale")
     small = ((minimal.case if minimal else {}).get("spec") or {}).get("weight_scale")
-    if big and small and big != small and head.get("minimal_ratio") is not None:
+    if big and small and big != small and head.get("minimal_ratio") is not None \
+            and format_ratio(head["ratio"]) != format_ratio(head["minimal_ratio"]):  # (same size: nothing to say)
         return [f"the error is largest with {big} weights ({format_ratio(head['ratio'])}x tolerance); the minimal "
                 f"case, with {small} weights, shows only {format_ratio(head['minimal_ratio'])}x: judge the bug by "
                 f"the largest error"]

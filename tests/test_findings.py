@@ -62,6 +62,10 @@ def test_the_largest_error_seen_leads_and_a_moved_weight_scale_is_said():
     assert any("largest with saturating weights" in n and "only 1.6x" in n for n in f.notes)
     text = render_findings([f])
     assert "Largest error: 3.9e+07x tolerance in y" in text and "Replay: lstm-harness replay c/min.npz" in text
+    # Errors of the same size as shown say nothing about the scale: no note.
+    minimal.ratio, minimal.worst_seen["ratio"] = 1.41e9, 1.42e9
+    (g,) = findings([minimal])
+    assert not any("largest with" in n for n in g.notes)
 
 
 def test_findings_round_trip_through_a_dict():
