@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import layouts
 from harness.cases import Case
 from harness.compare import tolerance
 from harness.conditioning import condition_number
@@ -194,17 +195,15 @@ def _read(case: Case, reading: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray,
             swapped[f"{layer}.{other}"] = value
         params = swapped
     if "concat" in reading:
-        H_out = s.h_out(case.H)
         for name in list(params):
             if not name.startswith("l0.") and name.rsplit(".", 1)[-1] == "W":
-                W = params[name]
-                params[name] = np.concatenate([W[:, H_out:], W[:, :H_out]], axis=1)
+                params[name] = layouts.swap_directions(params[name], axis=1, name=name)
     if "states" in reading:
         order = [2 * k + 1 - d for k in range(L) for d in (0, 1)]
         h0, c0 = h0[order], c0[order]
     if "direction-major" in reading:
-        order = [d * L + k for k in range(L) for d in (0, 1)]
-        h0, c0 = h0[order], c0[order]
+        h0 = layouts.state_order_from(h0, L, 2, "direction-major", name="h0")
+        c0 = layouts.state_order_from(c0, L, 2, "direction-major", name="c0")
     return h0, c0, params
 
 
@@ -243,15 +242,14 @@ def _arrangements(quantity: str, j: int, s: Structure, out: _Outputs) -> list[tu
     """Block ``j`` of ``quantity`` (index j of the states' axis; 0 for y) re-arranged every way tried,
     as it is first."""
     if quantity == "y":
-        half = out.y.shape[-1] // 2
-        return [("as-is", out.y), ("swapped", np.concatenate([out.y[..., half:], out.y[..., :half]], axis=-1))]
+        return [("as-is", out.y), ("swapped", layouts.swap_directions(out.y))]
     states = out.h_T if quantity == "h_T" else out.c_T
     first = out.first_h if quantity == "h_T" else out.first_c
     L = s.num_layers
     k, d = divmod(j, 2)
     found = [("as-is", states[j]), ("swapped", states[2 * k + 1 - d])]
     if L > 1:
-        found.append(("direction-major", states[2 * (j % L) + j // L]))
+        found.append(("direction-major", states[layouts.state_order_index(L, 2, "direction-major")[j]]))
     if d == 1:
         found.append(("first-step", first[k]))
     return found
