@@ -72,9 +72,21 @@ def verdict(met: bool | None) -> str:
     return "-" if met is None else ("met" if met else "NOT met")
 
 
-def ratio_text(value: float) -> str:
-    """A ratio with two significant digits, trailing zeros kept (1.0x, not 1x)."""
-    return f"{value:#.2g}x" if value < 9.95 else f"{value:.0f}x"
+def ratio_text(value: float, goal: float | None = None) -> str:
+    """A ratio with two significant digits, trailing zeros kept (1.0x, not 1x).
+
+    Next to a goal, a ratio that would print as the goal itself (1.04 as "1.0x" beside "<= 1.0x") gets up
+    to two more digits, so the printed value shows which side of the goal it falls on.
+    """
+    if value >= 9.95:
+        return f"{value:.0f}x"
+    text = f"{value:#.2g}"
+    if goal is not None and value != goal:
+        for digits in (3, 4):
+            if float(text) != goal:
+                break
+            text = f"{value:#.{digits}g}"
+    return text + "x"
 
 
 def blas_threads() -> int:
