@@ -23,10 +23,13 @@ FD = ["--oracle", "finite-differences"]
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_writes_the_partial_report_and_exits_with_its_code(sig, code, tmp_path):
     report = tmp_path / "report"
+    # The child starts as a foreground command does, with SIGINT at its default: a test run started in the
+    # background (`cmd &`, nohup) inherits SIGINT ignored, and a command that ignores it rightly keeps on.
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "certify", f"{PLUGINS / 'hostile.py'}:SlowInFloat32", "--in-process",
          "--max-examples", "8", *FD, "--report-dir", str(report)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Wait until the float64 unit has finished (its line on stderr), then signal during float32.
     deadline = time.monotonic() + 240
     seen = ""
