@@ -19,7 +19,7 @@ from harness.plugins import LoadError
 from harness.progress import Progress
 from harness.records import Record, unit_outcome
 from harness.runner import RunSettings
-from harness.session import Job, Unit, open_subject, oracle_from_payload, oracle_payload
+from harness.session import Job, Unit, open_subject, oracle_family, oracle_from_payload, oracle_payload
 from harness.unit import internal_error, run_unit
 
 __all__ = ["run_parallel", "MAX_CHILD_DEATHS"]
@@ -56,7 +56,8 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
 
             records, notes = run_unit(subjects[key], [oracles[n] for n in names], dtype,
                                       RunSettings(**settings), progress)
-            conn.send(("done", unit_id, records, notes))
+            probed = {n: oracles[n].availability() for n in names if hasattr(oracles[n], "availability")}
+            conn.send(("done", unit_id, records, notes, probed))
     finally:
         for subject in subjects.values():
             close = getattr(subject, "close", None)
@@ -70,28 +71,42 @@ MAX_CHILD_DEATHS = 3
 
 
 def _families(unit: Unit) -> set[str]:
-    """The oracle families a unit loads: the modules its oracles are defined in (a module holds one
-    framework's oracles, which share its import and its compiled or traced functions)."""
-    return {type(o).__module__ for o in unit.oracles}
+    """The oracle families a unit loads (:func:`harness.session.oracle_family`)."""
+    return {oracle_family(o) for o in unit.oracles}
 
 
-def _next_unit(pending: Sequence[int], units: Sequence[Unit], mine: set[str], others: Sequence[set[str]]) -> int:
-    """The pending unit a child should run next: one of a family it has loaded, else one of a family no
-    other child has loaded, else the first.
+def _setup_cost(unit: Unit) -> float:
+    """The rough seconds a process spends on the unit's oracles before their first case (the oracles'
+    ``setup_cost``; they share their family's import, so the largest one counts)."""
+    return max((float(getattr(o, "setup_cost", 0.0)) for o in unit.oracles), default=0.0)
+
+
+def _next_unit(pending: Sequence[int], units: Sequence[Unit], mine: set[str],
+               others: Sequence[set[str]]) -> int | None:
+    """The pending unit a child should run next: one of a family it has loaded, else the costliest to set
+    up of the families no other child has loaded, else one of a family another child has loaded when at
+    least two of that family's units are left; else None: the child stops, and the last unit of that
+    family waits for the child that has it loaded (loading it again, TensorFlow's import and first
+    traces, took longer than the unit itself).
 
     Importing a framework and compiling its functions cost seconds per process (TensorFlow's import
     alone 3 to 12 s), far more than a unit's cases; handed out in plan order, every child ended up
     importing every framework and compiling the same structures, and `-n 2` took longer than `-n 1`.
-    Which child runs a unit changes no record (a unit's cases follow from its settings alone).
+    The costliest family starts first so that the cheap ones fill the other children meanwhile (started
+    last, TensorFlow's units ran after everything else). Which child runs a unit changes no record (a
+    unit's cases follow from its settings alone).
     """
     for i in pending:
         if _families(units[i]) <= mine:
             return i
     taken = set().union(*others) if others else set()
+    free = [i for i in pending if not _families(units[i]) & taken]
+    if free:
+        return max(free, key=lambda i: _setup_cost(units[i]))  # the first of equals: plan order kept
     for i in pending:
-        if not _families(units[i]) & taken:
+        if sum(_families(units[j]) == _families(units[i]) for j in pending) >= 2:
             return i
-    return pending[0]
+    return None
 
 
 def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, display: Progress,
@@ -122,7 +137,12 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
             child.conn.send(("stop",))
             return
         unit_id = _next_unit(pending, units, ran.setdefault(child, set()),
-                             [ran[other] for other in alive if other is not child and other in ran])
+                             [ran[other] for other in alive if other is not child and other in ran
+                              and other not in stopped])
+        if unit_id is None:
+            stopped.add(child)
+            child.conn.send(("stop",))
+            return
         pending.remove(unit_id)
         ran[child] |= _families(units[unit_id])
         unit = units[unit_id]
@@ -161,6 +181,10 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
                     deaths = 0
                     unit_id = busy.pop(child)
                     done[unit_id] = (message[2], message[3])
+                    for name, availability in message[4].items():  # the parent describes them unprobed
+                        keep = getattr(oracles[name], "probed_elsewhere", None)
+                        if keep:
+                            keep(availability)
                     display.end(units[unit_id].label, counts.get(unit_id, 0), unit_outcome(message[2]))
                     assign(child)
                 elif kind == "failed":

@@ -29,8 +29,8 @@ from harness.runner import RunSettings
 from harness.subject import ExitCalled, InProcessSubject, exits_raise
 
 __all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
-           "check_settings", "check_limits", "prepare", "plan_units", "replay_target", "oracle_portable",
-           "portable_form", "oracle_payload", "oracle_from_payload", "select_units", "parse_shard"]
+           "check_settings", "check_limits", "prepare", "plan_units", "oracle_family", "replay_target",
+           "oracle_portable", "portable_form", "oracle_payload", "oracle_from_payload", "select_units", "parse_shard"]
 
 
 class InvalidArgument(ValueError):
@@ -121,11 +121,12 @@ def guess_target(obj: Any) -> str | None:
 
 
 def select_oracles(oracles: Sequence[Any] | None, variant: str) -> list[Any]:
-    """Oracle objects from names or objects; default: every available oracle covering ``variant``."""
+    """Oracle objects from names or objects; default: every installed oracle covering ``variant``
+    (:meth:`oracles.base.Oracle.installed`: found, not imported)."""
     from harness import registry
 
     if oracles is None:
-        return [o for o in registry.oracles() if o.availability().available and variant in o.variants]
+        return [o for o in registry.oracles() if variant in o.variants and o.installed().available]
     if isinstance(oracles, str):
         oracles = [oracles]
     known = {o.name: o for o in registry.oracles()}
@@ -327,9 +328,27 @@ class Plan:
     notes: dict[int, list[str]] = field(default_factory=dict)  # job index -> why it could not run in parallel
 
 
+def oracle_family(oracle: Any) -> str:
+    """The family an oracle belongs to: the module it is defined in (a module holds one framework's
+    oracles, which share its import and its compiled or traced functions)."""
+    return type(oracle).__module__
+
+
+def _by_family(oracles: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The oracles grouped by family, in the order each family first appears."""
+    groups: dict[str, list[Any]] = {}
+    for oracle in oracles:
+        groups.setdefault(oracle_family(oracle), []).append(oracle)
+    return [tuple(group) for group in groups.values()]
+
+
 def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> Plan:
-    """Cut the jobs into units: one per dtype, or, in parallel or with ``split``, one per dtype and
-    oracle (the units a certification is spread by: shards, pytest items, parallel processes).
+    """Cut the jobs into units: one per dtype here; in parallel, one per dtype and oracle family; with
+    ``split``, one per dtype and oracle (the units a certification is chosen by: shards, pytest items).
+
+    A parallel unit holds a whole family because a child's cost is mostly importing a framework and
+    compiling its functions, once per process: per oracle, each unit also repeated the search and the
+    implementation's calls (TensorFlow's three oracles, three times), and `-n 2` took longer than `-n 1`.
 
     Parallel child processes need every implementation and oracle in a form another process can
     load; when one is not, everything runs here, and the plan's notes say why.
@@ -342,10 +361,16 @@ def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> P
         if job.notes:
             plan.notes.setdefault(index, []).extend(job.notes)
         split_job = (parallel or split) and len(job.oracles) > 1
-        groups = [(o,) for o in job.oracles] if split_job else [tuple(job.oracles)]
+        if split:
+            groups = [(o,) for o in job.oracles]
+        elif split_job:
+            groups = _by_family(job.oracles)
+        else:
+            groups = [tuple(job.oracles)]
         for dtype in job.dtypes:
             for group in groups:
-                label = (f"{job.info.name} " if named else "") + dtype + (f" vs {group[0].name}" if split_job else "")
+                label = ((f"{job.info.name} " if named else "") + dtype
+                         + (f" vs {', '.join(o.name for o in group)}" if split_job else ""))
                 plan.units.append(Unit(index, dtype, group, printable(label)))  # a name is the user's text
         if jobs > 1 and not parallel:
             notes = plan.notes.setdefault(index, [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 from harness.cases import Case
 from harness.structure import FEATURES, Structure
 
-__all__ = ["Oracle", "Reference", "Availability", "Projection", "module_available"]
+__all__ = ["Oracle", "Reference", "Availability", "Projection", "module_available", "modules_installed"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,19 @@ def module_available(*modules: str) -> Availability:
     return Availability(True, "", versions)
 
 
+def modules_installed(*modules: str) -> Availability:
+    """Whether ``modules`` are installed, found without importing them (importing TensorFlow alone
+    takes seconds); the reason names the missing one."""
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken parent package, or a module with no spec
+            found = False
+        if not found:
+            return Availability(False, f"{name} is not installed")
+    return Availability(True)
+
+
 class Oracle(ABC):
     """Base class of every oracle. Subclasses set the class attributes and implement ``reference``."""
 
@@ -103,12 +117,40 @@ class Oracle(ABC):
     #: one of them gets (e.g. "onnx.reference ignores the LSTM's sequence_lens and input_forget").
     structures_note: str = ""
 
+    #: Rough seconds a process spends before this oracle's first case (importing its framework, first
+    #: compilations) on a small machine. Parallel runs start the costliest family first; nothing else
+    #: depends on it.
+    setup_cost: float = 0.0
+    #: The modules the oracle imports, when it needs any: :meth:`installed` looks for them without
+    #: importing them. Empty: nothing is known without the probe, so :meth:`installed` runs it.
+    requires: tuple[str, ...] = ()
+
     _availability: Availability | None = None
 
     def availability(self) -> Availability:
+        """Whether the oracle can run here: its frameworks imported and checked (once, then kept)."""
         if self._availability is None:
             self._availability = self._probe()
         return self._availability
+
+    def probed_elsewhere(self, availability: Availability) -> None:
+        """Keep the availability another process found for this oracle (a parallel child that ran it),
+        so that describing it here imports nothing."""
+        if self._availability is None:
+            self._availability = availability
+
+    def installed(self) -> Availability:
+        """Whether the oracle's frameworks are installed, as far as can be told without importing them.
+
+        The default choice of oracles uses this: importing every framework to choose (TensorFlow and
+        torch, 6 s on two cores) took place in the process that only hands units to parallel children,
+        which then imported them again. An oracle that is installed but fails its probe
+        (:meth:`availability`) later has its checks skipped with the probe's reason, and the summary
+        says so.
+        """
+        if self._availability is not None or not self.requires:
+            return self.availability()
+        return modules_installed(*self.requires)
 
     def _probe(self) -> Availability:
         return Availability(True)

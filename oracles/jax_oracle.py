@@ -441,8 +441,11 @@ class JaxCompositeOracle(Oracle):
             raise TypeError(f"bucketed: expected a bool, got {type(bucketed).__name__}")
         self.bucketed = bucketed
 
+    requires = ("jax", "jaxlib")
+    setup_cost = 3.0  # importing JAX and compiling one function per kind of cell
+
     def _probe(self) -> Availability:
-        return module_available("jax", "jaxlib")
+        return module_available(*self.requires)
 
     def reference(self, case: Case) -> Reference:
         why = self.unsupported_reason(case.variant, case.dtype, case.structure)

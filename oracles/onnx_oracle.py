@@ -131,6 +131,7 @@ def _feeds(case: Case, dtype: str) -> dict[str, np.ndarray]:
 
 class _OnnxBase(Oracle):
     variants = ("vanilla", "peephole")
+    setup_cost = 0.5
     gives_gradients = False
 
     def __init__(self) -> None:
@@ -177,8 +178,10 @@ class OnnxRuntimeOracle(_OnnxBase):
     structures = frozenset({"layers", "bidirectional", "lengths", "cifg"})
     structures_note = "ONNX's LSTM has no projection, and its clip attribute (on pre-activations) is not cell_clip"
 
+    requires = ("onnx", "onnxruntime")
+
     def _probe(self) -> Availability:
-        return module_available("onnx", "onnxruntime")
+        return module_available(*self.requires)
 
     def _make_runner(self, model: Any) -> Any:
         import onnxruntime as ort
@@ -201,6 +204,8 @@ class OnnxReferenceOracle(_OnnxBase):
     structures = frozenset({"layers", "bidirectional"})
     structures_note = ("onnx.reference ignores the LSTM's sequence_lens and input_forget; ONNX's LSTM has no "
                        "projection, and its clip attribute is not cell_clip")
+
+    requires = ("onnx",)
 
     def _probe(self) -> Availability:
         avail = module_available("onnx")

@@ -125,6 +125,9 @@ def _objective(tf: Any, y, h_T, c_T, dy, dh_T, dc_T):
 
 
 class _TFBase(Oracle):
+    requires: tuple[str, ...] = ("tensorflow",)
+    setup_cost = 8.0  # importing TensorFlow (4-5 s) and its first traces and Keras builds
+
     def _probe(self) -> Availability:
         try:
             _quiet_import("tensorflow")
@@ -225,6 +228,16 @@ class KerasLSTMOracle(_TFBase):
         self.bucket = bucket
         self.smallest_bucket = smallest_bucket
         self._built: dict[tuple[int, int, str, bool], tuple[Any, Any]] = {}
+
+    requires = ("tensorflow", "keras")
+
+    def installed(self) -> Availability:
+        avail = super().installed()
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        if avail.available and self._availability is None and backend != "tensorflow":
+            return Availability(False, f"KERAS_BACKEND={backend}: keras runs on the {backend} backend here, not "
+                                       f"tensorflow")
+        return avail
 
     def _probe(self) -> Availability:
         avail = super()._probe()

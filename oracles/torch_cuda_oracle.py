@@ -12,6 +12,7 @@ unavailable with the reason ("torch CUDA is not available").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,6 +56,13 @@ class TorchCudaLSTMOracle(TorchLSTMOracle):
     variants = ("vanilla",)
     compute_dtypes = ("float64", "float32")
     device = "cuda"
+
+    def installed(self) -> Availability:
+        """torch installed and an NVIDIA driver loaded: without a driver, no torch build has CUDA here."""
+        avail = super().installed()
+        if avail.available and self._availability is None and not os.path.exists("/proc/driver/nvidia/version"):
+            return Availability(False, "no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)")
+        return avail
 
     def _probe(self) -> Availability:
         avail = module_available("torch")

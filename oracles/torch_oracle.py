@@ -70,6 +70,9 @@ def _numpy(t: Any) -> np.ndarray:
 
 
 class _TorchBase(Oracle):
+    requires = ("torch",)
+    setup_cost = 2.5
+
     def _probe(self) -> Availability:
         return module_available("torch")
 

@@ -329,3 +329,33 @@ def test_importing_oracles_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_installed_finds_the_framework_without_probing_it():
+    """The default choice of oracles asks ``installed()``: modules found, none imported, the probe not run;
+    once the probe has run its answer is the one kept."""
+
+    class Needs(FiniteDifferenceOracle):
+        probes = 0
+
+        def _probe(self):
+            type(self).probes += 1
+            return super()._probe()
+
+    present, missing = Needs(), Needs()
+    present.requires, missing.requires = ("json",), ("json", "no_such_framework_anywhere")
+    assert present.installed().available and Needs.probes == 0
+    assert missing.installed().reason == "no_such_framework_anywhere is not installed" and Needs.probes == 0
+    assert missing.availability().available and Needs.probes == 1  # the probe decides when it runs
+    assert missing.installed().available and Needs.probes == 1  # ... and is kept
+    unknown = Needs()  # nothing declared: only the probe can tell
+    assert unknown.installed().available and Needs.probes == 2
+
+
+def test_choosing_the_default_oracles_imports_no_framework():
+    code = ("import sys\nfrom harness.session import select_oracles\n"
+            "chosen = select_oracles(None, 'vanilla')\n"
+            "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness.cli import main
 
 MISBEHAVING = Path(__file__).parent / "plugins" / "misbehaving.py"
@@ -86,8 +88,9 @@ def test_parallel_workers_that_keep_dying_are_given_up_with_a_clear_error():
 
 
 def test_a_child_keeps_to_the_oracle_families_it_has_loaded():
-    """A child takes next a unit of a family (the module its oracles come from) it has loaded, else one of a
-    family no other child has, else the first; which child runs a unit changes no record."""
+    """A child takes next a unit of a family (the module its oracles come from) it has loaded, else the
+    costliest to set up of the families no other child has, else one of another child's family while two or
+    more of its units are left, else nothing (it stops); which child runs a unit changes no record."""
     from harness.pool import _families, _next_unit
     from harness.session import Unit
     from oracles.finite_diff import FiniteDifferenceOracle
@@ -95,9 +98,33 @@ def test_a_child_keeps_to_the_oracle_families_it_has_loaded():
     from oracles.torch_oracle import TorchCompositeOracle
 
     fd, torch, jax = FiniteDifferenceOracle(), TorchCompositeOracle(), JaxCompositeOracle()
+    assert jax.setup_cost > torch.setup_cost > fd.setup_cost  # what the order below follows from
     units = [Unit(0, dtype, (o,), f"{dtype} vs {o.name}") for dtype in ("float64", "float32") for o in (fd, torch, jax)]
     pending = list(range(len(units)))
-    assert _next_unit(pending, units, set(), []) == 0  # nothing loaded anywhere: the first
-    assert _next_unit(pending, units, set(), [_families(units[0])]) == 1  # another child has fd: torch
-    assert _next_unit(pending[1:], units, _families(units[0]), [_families(units[1])]) == 3  # fd again, float32
-    assert _next_unit([2, 5], units, _families(units[0]), [_families(units[2])]) == 2  # all taken: the first
+    assert _next_unit(pending, units, set(), []) == 2  # nothing loaded anywhere: the costliest, jax
+    assert _next_unit(pending, units, set(), [_families(units[2])]) == 1  # another child has jax: torch
+    assert _next_unit([0, 3, 4], units, _families(units[0]), [_families(units[1])]) == 0  # its own fd first
+    assert _next_unit([2, 5], units, _families(units[0]), [_families(units[2])]) == 2  # two jax units left
+    assert _next_unit([5], units, _families(units[0]), [_families(units[2])]) is None  # the last: jax's child
+    assert _next_unit([5], units, _families(units[0]), []) == 5  # nobody else has jax: take it
+
+_PARENT_IMPORTS = """
+import json, sys
+from harness import certify
+result = certify("impls.stacked:StackedLSTM", oracles=None, jobs=2, max_examples=3, dtypes=["float64"])
+described = {o["name"]: o for o in result.report["oracles"]}
+print(json.dumps({"verdict": result.verdict, "torch imported": "torch" in sys.modules,
+                  "versions": described["torch-composite"]["versions"]}))
+"""
+
+
+def test_the_parent_of_parallel_children_imports_no_framework_and_still_reports_their_versions():
+    """Choosing the default oracles finds the frameworks without importing them; only the children that run an
+    oracle import its framework, and the report's versions come from them."""
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, "-c", _PARENT_IMPORTS], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["verdict"] == "certified" and out["torch imported"] is False
+    assert set(out["versions"]) == {"torch"}

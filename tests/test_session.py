@@ -59,15 +59,22 @@ def test_dtypes_are_checked_against_what_the_implementation_declares():
         _prepare(impl, dtypes=["float32"])
 
 
-def test_units_one_per_dtype_here_and_one_per_dtype_and_oracle_in_parallel():
-    job = _prepare("impls.loop:LoopLSTM", oracles=["finite-differences", FiniteDifferenceOracle()])
+def test_units_one_per_dtype_here_per_dtype_and_family_in_parallel_and_per_oracle_split():
+    job = _prepare("impls.loop:LoopLSTM", oracles=["finite-differences", "torch-nn-lstm", "torch-composite"])
     try:
         here = plan_units([job], 1)
-        assert not here.parallel and [(u.dtype, len(u.oracles)) for u in here.units] == [("float64", 2),
-                                                                                          ("float32", 2)]
-        spread = plan_units([job], 2)
-        assert spread.parallel and len(spread.units) == 4 and all(len(u.oracles) == 1 for u in spread.units)
-        assert spread.units[1].label == "float64 vs finite-differences"
+        assert not here.parallel and [(u.dtype, len(u.oracles)) for u in here.units] == [("float64", 3),
+                                                                                          ("float32", 3)]
+        spread = plan_units([job], 2)  # the two torch oracles share their import: one unit
+        assert spread.parallel
+        assert [u.name for u in spread.units] == ["float64-vs-finite-differences",
+                                                  "float64-vs-torch-nn-lstm+torch-composite",
+                                                  "float32-vs-finite-differences",
+                                                  "float32-vs-torch-nn-lstm+torch-composite"]
+        assert spread.units[1].label == "float64 vs torch-nn-lstm, torch-composite"
+        split = plan_units([job], 1, split=True)
+        assert [u.name for u in split.units] == [f"{d}-vs-{o}" for d in ("float64", "float32")
+                                                 for o in ("finite-differences", "torch-nn-lstm", "torch-composite")]
     finally:
         job.close()
 
