@@ -27,11 +27,14 @@ __all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors"
 
 
 def records_for(
-    base: dict[str, Any], names: Iterable[str], status: str, reason: str, case: Case | None, tb: str = ""
+    base: dict[str, Any], names: Iterable[str], status: str, reason: str, case: Case | None, tb: str = "",
+    *, case_info: dict[str, Any] | None = None,
 ) -> list[Record]:
-    """One record per quantity in ``names`` that could not be compared (a skip, error or contract)."""
-    return [Record(**base, quantity=q, status=status, reason=reason, traceback=tb,
-                   case=case.info() if case is not None else {})
+    """One record per quantity in ``names`` that could not be compared (a skip, error or contract).
+    ``case_info``: ``case.info()`` when the caller has it already (it hashes every array)."""
+    if case_info is None:
+        case_info = case.info() if case is not None else {}
+    return [Record(**base, quantity=q, status=status, reason=reason, traceback=tb, case=case_info)
             for q in names]
 
 
@@ -92,12 +95,16 @@ def compare_execution(
     directions: Sequence[str] = DIRECTIONS,
     has_backward: bool = True,
     unchecked: Collection[str] = (),
+    case_info: dict[str, Any] | None = None,
 ) -> list[Record]:
     """Records for every quantity of ``directions``: validate the execution, then compare.
 
     ``unchecked``: quantities the implementation declared it cannot produce (its limits); their shape
-    and dtype are not held against it (they are reported as not compared).
+    and dtype are not held against it (they are reported as not compared). ``case_info``: ``case.info()``
+    when the caller has it already; every record of the case shares it.
     """
+    if case_info is None:
+        case_info = case.info()
     variant, T, B, H, structure = case.variant, case.T, case.B, case.H, case.structure
     specs = quantity_specs(variant, structure)
     records: list[Record] = []
@@ -108,16 +115,18 @@ def compare_execution(
         names = quantities(variant, direction, structure)
         # What stops this direction before any comparison, in order of precedence.
         if direction == "forward" and not oracle.gives_forward:
-            records += records_for(base, names, "skip", f"{oracle.name} gives no forward values", case)
+            records += records_for(base, names, "skip", f"{oracle.name} gives no forward values", case,
+                                   case_info=case_info)
             continue
         if direction == "backward":
             if not oracle.gives_gradients:
                 why = oracle.limitation or f"{oracle.name} gives no gradients"
-                records += records_for(base, names, "skip", why, case)
+                records += records_for(base, names, "skip", why, case, case_info=case_info)
                 continue
             if not has_backward:
                 records += records_for(base, names, "skip",
-                                        "the implementation has no backward: checked forward only", case)
+                                        "the implementation has no backward: checked forward only", case,
+                                        case_info=case_info)
                 continue
         error = execution.forward_error or (execution.backward_error if direction == "backward" else None)
         if error:
@@ -130,10 +139,11 @@ def compare_execution(
         if mutated and not contract:
             contract = "modified its input arrays in place: " + ", ".join(mutated)
         if contract:
-            records += records_for(base, names, "contract", contract, case)
+            records += records_for(base, names, "contract", contract, case, case_info=case_info)
             continue
         if reference is None:
-            records += records_for(base, names, "error", f"{oracle.name} produced no reference", case)
+            records += records_for(base, names, "error", f"{oracle.name} produced no reference", case,
+                                   case_info=case_info)
             continue
         tol_dtype = effective_dtype(case.dtype, reference.compute_dtype)
         if factors is None:
@@ -147,13 +157,13 @@ def compare_execution(
                                                case.dtype))
             ]
             if problems:
-                records += records_for(base, names, "contract", "; ".join(problems), case)
+                records += records_for(base, names, "contract", "; ".join(problems), case, case_info=case_info)
                 continue
             tol = _scaled(tolerance(tol_dtype, "values"), factors)
             for q in names:
                 rec = compare_arrays(actual[q], reference.outputs[q], spec=specs[q], H=H, tol=tol,
                                      tolerance_dtype=tol_dtype, base={**base, "quantity": q}, lengths=case.lengths)
-                rec.case = case.info()
+                rec.case = case_info
                 rec.tolerance_factors = dict(factors)
                 records.append(rec)
             continue
@@ -171,7 +181,7 @@ def compare_execution(
                 if p := _shape_dtype_problem(f"gradient {k!r}", grads[k], want, case.dtype):
                     problems.append(p)
         if problems:
-            records += records_for(base, names, "contract", "; ".join(problems), case)
+            records += records_for(base, names, "contract", "; ".join(problems), case, case_info=case_info)
             continue
         tol = _scaled(tolerance(tol_dtype, "gradients"), factors)
         for k in keys:
@@ -202,7 +212,7 @@ def compare_execution(
                 rec = compare_projections(actual_proj, proj.values, proj.error_bound, tol=tol_k,
                                           tolerance_dtype=tol_dtype,
                                           scale=scale if np.isfinite(scale) else 1.0, base=qbase)
-            rec.case = case.info()
+            rec.case = case_info
             rec.tolerance_factors = own
             records.append(rec)
     return records
@@ -235,6 +245,7 @@ def check_case(
     info = subject.info
     execution: Execution | None = None
     records: list[Record] = []
+    case_info = case.info()
     for oracle in oracles:
         why = oracle.unsupported_reason(info.variant, case.dtype)
         base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=case.dtype)
@@ -247,7 +258,8 @@ def check_case(
         if why:
             for direction in DIRECTIONS:
                 records += records_for({**base, "direction": direction},
-                                        quantities(info.variant, direction, case.structure), "skip", why, case)
+                                        quantities(info.variant, direction, case.structure), "skip", why, case,
+                                        case_info=case_info)
             continue
         if execution is None:
             execution = subject.execute(case, backward=info.has_backward)
@@ -263,8 +275,9 @@ def check_case(
                                             quantities(info.variant, direction, case.structure), "error",
                                             f"the oracle {oracle.name} failed on this case "
                                             f"(not the implementation): {type(exc).__name__}: {exc}",
-                                            case)
+                                            case, case_info=case_info)
                 continue
         records += compare_execution(execution, ref, case, implementation=info.name, oracle=oracle,
-                                     has_backward=info.has_backward, unchecked=tuple(info.limits.unchecked))
+                                     has_backward=info.has_backward, unchecked=tuple(info.limits.unchecked),
+                                     case_info=case_info)
     return records

@@ -126,8 +126,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     _add_verbose_option(p)
     p.add_argument("-n", "--jobs", type=_jobs, default=1, metavar="N",
                    help="parallel worker processes, or 'auto' for one per CPU. The work is cut into units, one "
-                        "per implementation, dtype and oracle, and each of N worker processes (fresh "
-                        "interpreters) checks one unit after another, each with its own Hypothesis search. "
+                        "per implementation, dtype and oracle family (the oracles of one framework), and each of "
+                        "N worker processes (fresh interpreters) checks one unit after another, each with its own "
+                        "Hypothesis search, keeping to the frameworks it has loaded. "
                         "Default 1: every unit in this process, all oracles sharing each call into the "
                         "implementation")
 
