@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Section", "best_of", "interleaved", "lstm_flops", "matmul_flops", "verdict", "ratio_text",
+__all__ = ["Section", "SETTLE_S", "best_of", "interleaved", "lstm_flops", "matmul_flops", "verdict", "ratio_text",
            "machine_lines", "blas_threads", "subprocess_seconds", "render", "table"]
 
 
@@ -39,8 +39,17 @@ def best_of(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float
     return best
 
 
-def interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Best wall time of each function, timed in alternating rounds (A, B, A, B, ...).
+#: Seconds of idleness before each timed call: the time the thread pools of the last call need to stop
+#: spinning. OpenBLAS's threads keep spinning for tens of milliseconds after a GEMM, and torch's OpenMP
+#: threads share the same two cores: timed right after a NumPy call, torch.nn.LSTM took twice its time
+#: (35 ms instead of 18 at T=50 B=64 D=H=128 float32) and the ratios looked twice better than they are.
+SETTLE_S = 0.15
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 1,
+                settle: float = SETTLE_S) -> dict[str, float]:
+    """Best wall time of each function, timed in alternating rounds (A, B, A, B, ...), each timed call
+    after ``settle`` idle seconds (:data:`SETTLE_S`).
 
     On a shared machine the load changes from second to second; alternating the measurements and
     keeping the best of each compares them under the same conditions, which timing A's rounds and
@@ -52,6 +61,7 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int, warmup:
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(max(1, rounds)):
         for name, fn in fns.items():
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)

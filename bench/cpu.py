@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
+    SETTLE_S,
     Section,
     blas_threads,
     interleaved,
@@ -141,7 +142,8 @@ def speed_section(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[str],
     # goal: both ratios at most GOALS["torch_ratio"]; at SHAPES[0] float32 also the matmul fraction.
     section = Section("stacked vs torch.nn.LSTM (CPU)", headers, notes=[
         f"ratios are time over time (below 1x: stacked is faster); matmul is "
-        f"{matmul_n}^3 in the same rounds; best of {rounds} interleaved rounds"])
+        f"{matmul_n}^3 in the same rounds; best of {rounds} interleaved rounds, each call after "
+        f"{SETTLE_S:g} s idle (the last call's BLAS and OpenMP threads stop spinning)"])
     torch = _torch()
     if torch is None:
         section.footer.append("skipped: torch is not installed")
@@ -274,7 +276,7 @@ def _command_rows(target: str, extra: Sequence[str], *, rounds: int, main_job: b
             return lambda: subprocess_seconds(
                 _harness("certify", target, "-n", jobs, "--report-dir", f"{tmp}/n{jobs}", *extra))
 
-        walls = interleaved({"1": certify("1"), "2": certify("2")}, rounds=rounds, warmup=0)
+        walls = interleaved({"1": certify("1"), "2": certify("2")}, rounds=rounds, warmup=0, settle=0.0)
         rows = [[f"certify {target} -n 1 (wall)", f"{walls['1']:.2f} s", f"<= {GOALS['certify_s']:g} s",
                  verdict(walls["1"] <= GOALS["certify_s"] if judged else None)],
                 [f"certify {target} -n 2 (wall)", f"{walls['2']:.2f} s", "<= the -n 1 time",
@@ -302,8 +304,10 @@ def _inside_rows(target: str, extra: Sequence[str]) -> list[list[str]]:
     rows = [row("the command, once (wall)", sec["command"]),
             row("import harness.cli", sec["import harness.cli"]),
             row("opening the implementation (its worker process)", sec.get("opening the implementation", 0.0)),
-            row("probing the oracles (imports their frameworks)",
+            row("the rest of preparing (options, choosing the oracles)",
                 sec.get("preparing", 0.0) - sec.get("opening the implementation", 0.0)),
+            row("probing the oracles (importing their frameworks, at the first case)",
+                sec.get("probing the oracles", 0.0)),
             row("implementation calls", sec.get("implementation calls", 0.0))]
     for name, o in sorted(found["oracles"].items(), key=lambda kv: -(kv[1]["first"] + kv[1]["rest"])):
         rows.append(row(f"oracle {name}, {o['cases']} cases (first case of each of {o['structures']} structures: "

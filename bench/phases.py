@@ -3,8 +3,9 @@
     python -m bench.phases OUT.json certify stacked -n 1 --report-dir DIR
 
 runs the command line (``harness.cli.main``) in this process with timers around its phases and
-writes them to OUT.json: preparing (opening the implementation's worker process; probing the
-oracles, which imports their frameworks), the implementation's calls, each oracle's references
+writes them to OUT.json: preparing (opening the implementation's worker process, choosing the
+oracles), probing the oracles (importing their frameworks, at each one's first case), the
+implementation's calls, each oracle's references
 (the first case of each structure apart: that is where layers are built and functions compiled or
 traced), the comparisons, the Hypothesis search around them, and the records and reports. The
 timers wrap functions of this process only, so run it in a process of its own (``bench.cpu`` does);
@@ -33,6 +34,7 @@ def measure(argv: Sequence[str]) -> dict[str, Any]:
     start = time.perf_counter()
     from harness import api, check, cli, registry, runner, session, unit
     from harness.isolation import IsolatedSubject
+    from oracles.base import Oracle
 
     seconds: dict[str, float] = {"import harness.cli": time.perf_counter() - start}
     oracles: dict[str, dict[str, Any]] = {}
@@ -70,6 +72,7 @@ def measure(argv: Sequence[str]) -> dict[str, Any]:
     for oracle in registry.oracles():
         timed_reference(type(oracle))
     timed(api, "prepare", "preparing")
+    timed(Oracle, "availability", "probing the oracles")
     timed(session, "open_subject", "opening the implementation")
     timed(IsolatedSubject, "execute", "implementation calls")
     timed(check, "compare_execution", "comparisons")

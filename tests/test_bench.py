@@ -111,7 +111,9 @@ def test_certify_table_breaks_the_time_down(quick_run):
                 "harness import (import harness.cli, beyond the interpreter)",
                 "worker process start (isolated subject opened and closed)",
                 "oracle finite-differences: reference per case (float64)",
-                "Hypothesis: drawing one case (trivial test body)", "building one case from its spec"]
+                "Hypothesis: drawing one case (trivial test body)", "building one case from its spec",
+                "in certify -n 1: probing the oracles (importing their frameworks, at the first case)",
+                "in certify -n 1: the rest of preparing (options, choosing the oracles)"]
     for what in expected:
         assert what in rows, (what, list(rows))
     assert any(w.startswith("import onnxruntime") for w in rows)
