@@ -40,7 +40,7 @@ from harness.session import (
     select_units,
 )
 from harness.summary import details, summary_table, terminal_text
-from harness.unit import StoredSubject, disagreement, mark_unchecked, restricted, run_unit
+from harness.unit import StoredSubject, disagreement, mark_unchecked, merge_structure_notes, restricted, run_unit
 from reports.html import write_html
 from reports.json import build_report, write_report
 from reports.junit import write_junit
@@ -144,7 +144,8 @@ def _run_jobs(jobs_list: list[Job], plan: Plan, jobs: int, display: Progress,
         def progress(n: int, label: str = unit.label) -> None:
             display.update(label, n)
 
-        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress)
+        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress,
+                                  apart=len(unit.oracles) < len(job.oracles))
         display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
         done(unit, records, notes)
 
@@ -346,7 +347,7 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     impl_dict = {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
                  "backward": info.has_backward, "target": job.described["target"] or info.name,
                  "loaded": job.described.get("loaded"), "isolated": job.described["isolated"]}
-    notes = sorted(set(notes))
+    notes = sorted(set(merge_structure_notes(notes)))
     if not job.oracles:
         notes.append(f"no available oracle covers the {info.variant} variant: nothing could be compared")
     if report_dir is None and any(r.case_file for r in records):

@@ -39,7 +39,7 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
             message = conn.recv()
             if message[0] == "stop":
                 break
-            _, unit_id, opening, dtype, names, settings = message
+            _, unit_id, opening, dtype, names, settings, apart = message
             key = pickle.dumps(opening)
             if key not in subjects:
                 try:
@@ -55,7 +55,7 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
                 conn.send(("progress", unit_id, n))
 
             records, notes = run_unit(subjects[key], [oracles[n] for n in names], dtype,
-                                      RunSettings(**settings), progress)
+                                      RunSettings(**settings), progress, apart=apart)
             probed = {n: oracles[n].availability() for n in names if hasattr(oracles[n], "availability")}
             conn.send(("done", unit_id, records, notes, probed))
     finally:
@@ -150,7 +150,7 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
         busy[child] = unit_id
         display.begin(unit.label)
         child.conn.send(("run", unit_id, job.opening, unit.dtype, [o.name for o in unit.oracles],
-                         dataclasses.asdict(job.settings)))
+                         dataclasses.asdict(job.settings), len(unit.oracles) < len(job.oracles)))
 
     def lose(unit_id: int, why: str) -> None:
         unit = units[unit_id]

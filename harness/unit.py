@@ -262,8 +262,11 @@ def _save_case(case: Case, settings: RunSettings, info: ImplementationInfo, what
 
 
 def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSettings,
-             progress: Callable[[int], None] | None = None) -> tuple[list[Record], list[str]]:
+             progress: Callable[[int], None] | None = None, *, apart: bool = False) -> tuple[list[Record], list[str]]:
     """Probe, Hypothesis run, re-run of the minimal failure: records and notes for one dtype.
+
+    ``apart``: the unit holds some of the certification's oracles only (a parallel or split run, one
+    search per unit), so its notes name them.
 
     Never raises for anything the implementation does: a crash or hang ends the unit with records
     (merged with what the search had found before it), and a failure of the harness itself becomes
@@ -328,7 +331,8 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
     try:
         records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count, stats=stats)
         if info.configurable or not info.structure.is_default:
-            notes.append(structure_note(info.name, dtype, stats))
+            notes.append(structure_note(info.name, dtype, stats,
+                                        against=[o.name for o in oracles] if apart else None))
     except Exception as exc:
         # What the searches before this one found is still true (run_checks hands it over).
         partial = list(getattr(exc, "partial_records", None) or [])
@@ -370,14 +374,50 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
     return finish(records)
 
 
-def structure_note(name: str, dtype: str, stats: Mapping[str, Any]) -> str:
-    """The line a run's summary shows of the structures checked: ``loop (float64): 60 cases in drawn layer
-    structures: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES)."""
+class StructureNote(str):
+    """A structure note (:func:`structure_note`) that keeps its numbers, so that the notes of one
+    implementation and dtype from several searches (the units of a parallel run, one per oracle family)
+    merge into one line (:func:`merge_structure_notes`) instead of one line each."""
+
+    name: str
+    dtype: str
+    cases: int
+    features: dict[str, int]
+
+
+def merge_structure_notes(notes: Sequence[str]) -> list[str]:
+    """``notes`` with the structure notes of one implementation and dtype from several searches summed
+    into one: ``loop (float64): 300 cases in 5 searches by layer structure: ...``."""
+    groups: dict[tuple[str, str], list[StructureNote]] = {}
+    for note in notes:
+        if isinstance(note, StructureNote):
+            groups.setdefault((note.name, note.dtype), []).append(note)
+    out = [n for n in notes if not isinstance(n, StructureNote)]
+    for (name, dtype), group in groups.items():
+        if len(group) == 1:
+            out.append(str(group[0]))
+            continue
+        features = {f: sum(n.features.get(f, 0) for n in group) for f in FEATURES}
+        cases = sum(n.cases for n in group)
+        out.append(structure_note(name, dtype, {"cases": cases, "features": features}).replace(
+            " cases by layer structure", f" cases in {len(group)} searches by layer structure", 1))
+    return out
+
+
+def structure_note(name: str, dtype: str, stats: Mapping[str, Any], *, against: Sequence[str] | None = None) -> str:
+    """The line a run's summary shows of the structures checked: ``loop (float64): 60 cases by layer
+    structure: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES);
+    ``against``: the oracles of a search that had only some of them (``loop (float64, search vs
+    jax-composite): ...``), since each such search draws its own cases."""
     features = stats.get("features") or {}
     words = {"layers": "stacked", "bidirectional": "bidirectional", "lengths": "with lengths",
              "proj": "projected", "cifg": "CIFG", "clip": "clipped"}
     counts = ", ".join(f"{features.get(f, 0)} {words[f]}" for f in FEATURES)
-    return f"{name} ({dtype}): {stats.get('cases', 0)} cases by layer structure: {counts}"
+    which = f"{dtype}, search vs {', '.join(against)}" if against else dtype
+    note = StructureNote(f"{name} ({which}): {stats.get('cases', 0)} cases by layer structure: {counts}")
+    note.name, note.dtype, note.cases = name, dtype, int(stats.get("cases", 0))
+    note.features = {f: int(features.get(f, 0)) for f in FEATURES}
+    return note
 
 
 def _fatal_records(guard: _Guard, oracles: Sequence[Any], settings: RunSettings, examples: int) -> list[Record]:

@@ -507,6 +507,34 @@ def test_the_structure_note_counts_cases_per_feature():
     note = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}})
     assert note == ("loop (float64): 60 cases by layer structure: 9 stacked, 0 bidirectional, 4 with lengths, "
                     "0 projected, 0 CIFG, 0 clipped")
+    # a search with only some of the oracles (a parallel or split unit) draws its own cases: it says whose
+    apart = structure_note("loop", "float32", {"cases": 5}, against=["torch-nn-lstm", "torch-composite"])
+    assert apart.startswith("loop (float32, search vs torch-nn-lstm, torch-composite): 5 cases by layer structure")
+
+
+def test_parallel_units_name_their_oracles_in_the_structure_note(tmp_path):
+    from harness import certify
+
+    pytest.importorskip("onnx")  # an oracle of a second family
+    result = certify("impls.loop:LoopLSTM", oracles=["finite-differences", "onnx-reference"], jobs=2,
+                     max_examples=3, dtypes=["float64"], report_dir=tmp_path)
+    (note,) = [n for n in result.notes if "by layer structure" in n]  # one line for the two searches
+    assert note.startswith("loop (float64): 6 cases in 2 searches by layer structure: ")
+
+
+def test_structure_notes_of_several_searches_merge_into_one_line():
+    import pickle
+
+    from harness.unit import merge_structure_notes, structure_note
+
+    a = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}}, against=["x"])
+    b = structure_note("loop", "float64", {"cases": 40, "features": {"layers": 1, "clip": 2}}, against=["y"])
+    c = structure_note("loop", "float32", {"cases": 60, "features": {}}, against=["x"])
+    a = pickle.loads(pickle.dumps(a))  # as a parallel child sends it
+    merged = merge_structure_notes(["other note", a, b, c])
+    assert merged[0] == "other note" and merged[2] == c  # a single search's note stays as it was
+    assert merged[1] == ("loop (float64): 100 cases in 2 searches by layer structure: 10 stacked, 0 bidirectional, "
+                         "4 with lengths, 0 projected, 0 CIFG, 2 clipped")
 
 
 def test_drawn_structures_use_only_the_features_some_oracle_computes():
