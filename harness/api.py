@@ -202,12 +202,13 @@ def certify(
     ``impl`` is an implementation object or a TARGET string (``package.module:attribute``,
     ``path/to/file.py:attribute`` or an entry-point name). ``variant`` overrides the declared one;
     ``dtypes`` defaults to every dtype the implementation declares; ``oracles`` (names or objects)
-    to every available oracle that covers the variant. ``isolate=True`` runs the implementation in
+    to every installed oracle that covers the variant. ``isolate=True`` runs the implementation in
     a worker process (needed for ``timeout``, seconds per call, and ``memory_limit``, bytes), which
-    survives crashes and hangs. ``jobs`` > 1 checks each (dtype, oracle) pair in up to ``jobs``
-    parallel processes. ``report_dir`` receives ``report.json``, ``index.html`` and the failing cases
-    (``cases/*.npz``; only the cases with ``write_report=False``); without it the failing cases go
-    to a fresh temporary directory that ``notes`` names, so that every failure can be replayed.
+    survives crashes and hangs. ``jobs`` > 1 checks each dtype and oracle family (the oracles of one
+    framework) in up to ``jobs`` parallel processes. ``report_dir`` receives ``report.json``,
+    ``index.html`` and the failing cases (``cases/*.npz``; only the cases with ``write_report=False``);
+    without it the failing cases go to a fresh temporary directory that ``notes`` names, so that every
+    failure can be replayed.
     ``junit_xml`` names a JUnit XML file. ``progress=True`` shows progress on stderr.
 
     ``units`` (names such as ``"float64-vs-torch"``) or ``shard`` ((K, N): the K-th of N round-robin

@@ -108,7 +108,8 @@ def _jobs(text: str) -> int:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle", action="append", metavar="NAME",
-                   help="oracle to check against (repeatable; default: every available one)")
+                   help="oracle to check against (repeatable; default: every installed one; one that then "
+                        "fails to load is listed as not checked, with the reason)")
     p.add_argument("--dtype", action="append", choices=DEFAULT_DTYPES,
                    help="dtype to check (repeatable; default: every dtype the implementation declares)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("HYPOTHESIS_PROFILE", "ci")
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_replay.add_argument("target", metavar="TARGET", nargs="?",
                           help="the implementation to run it through (see below; or --command)")
     p_replay.add_argument("--oracle", action="append", metavar="NAME",
-                          help="oracle to compare with (repeatable; default: every available one)")
+                          help="oracle to compare with (repeatable; default: every installed one)")
     p_replay.add_argument("--variant", choices=sorted(VARIANTS), help="override the variant (default: the "
                                                                       "case's)")
     _add_isolation_options(p_replay)

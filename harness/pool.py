@@ -65,6 +65,10 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
                 close()
 
 
+#: A family that sets up in less (its oracles' ``setup_cost``, seconds) is loaded by any idle child: its
+#: last unit is not left waiting for the child that has it loaded.
+CHEAP_SETUP_S = 1.0
+
 #: Parallel child processes that may die one after another, none finishing a unit in between, before
 #: the remaining units are given up (reported as errors) instead of starting yet another child.
 MAX_CHILD_DEATHS = 3
@@ -84,10 +88,10 @@ def _setup_cost(unit: Unit) -> float:
 def _next_unit(pending: Sequence[int], units: Sequence[Unit], mine: set[str],
                others: Sequence[set[str]]) -> int | None:
     """The pending unit a child should run next: one of a family it has loaded, else the costliest to set
-    up of the families no other child has loaded, else one of a family another child has loaded when at
-    least two of that family's units are left; else None: the child stops, and the last unit of that
-    family waits for the child that has it loaded (loading it again, TensorFlow's import and first
-    traces, took longer than the unit itself).
+    up of the families no other child has loaded, else one of a family another child has loaded when it
+    sets up cheaply (:data:`CHEAP_SETUP_S`) or at least two of its units are left; else None: the child
+    stops, and the last unit of that family waits for the child that has it loaded (loading it again,
+    TensorFlow's import and first traces, took longer than the unit itself).
 
     Importing a framework and compiling its functions cost seconds per process (TensorFlow's import
     alone 3 to 12 s), far more than a unit's cases; handed out in plan order, every child ended up
@@ -104,7 +108,8 @@ def _next_unit(pending: Sequence[int], units: Sequence[Unit], mine: set[str],
     if free:
         return max(free, key=lambda i: _setup_cost(units[i]))  # the first of equals: plan order kept
     for i in pending:
-        if sum(_families(units[j]) == _families(units[i]) for j in pending) >= 2:
+        if (_setup_cost(units[i]) < CHEAP_SETUP_S
+                or sum(_families(units[j]) == _families(units[i]) for j in pending) >= 2):
             return i
     return None
 
@@ -194,7 +199,13 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
                     alive.remove(child)
                     child.join(1.0)
                     child.kill()
+                    live = [c for c in alive if c not in stopped]
                     if child in stopped:
+                        # A child stops while another has the family of the units left; should that one
+                        # die meanwhile, the units still need a process.
+                        if pending and not live:
+                            children.append(start())
+                            alive.append(children[-1])
                         continue
                     deaths += 1
                     why = (f"the parallel worker process died: {describe_exit(child.exitcode)} (what it printed "
@@ -211,9 +222,12 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
                         busy.clear()
                         alive.clear()
                         break
-                    if pending and len(alive) < min(jobs, len(pending)):
+                    if pending and len(live) < min(jobs, len(pending)):
                         children.append(start())
                         alive.append(children[-1])
+        for unit_id in list(pending):  # never silently: a unit no process ran is an error that says so
+            lose(unit_id, "no parallel worker process was left to run this unit: run with one job (-n 1)")
+        pending.clear()
     finally:
         for child in children:
             child.kill()

@@ -73,7 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lstm-profile", default=None, choices=("dev", "ci", "thorough"),
                     help="Hypothesis settings profile for certification (default: ci)")
     group.addoption("--lstm-oracle", action="append", default=[], metavar="NAME",
-                    help="oracle to certify against (repeatable; default: every available one)")
+                    help="oracle to certify against (repeatable; default: every installed one)")
     group.addoption("--lstm-isolate", action="store_true", default=None,
                     help="run the implementation in a worker process (survives crashes and hangs)")
     group.addoption("--lstm-timeout", type=float, default=None, metavar="SECONDS",

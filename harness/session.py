@@ -1,8 +1,9 @@
 """Opening a certification: the implementation, its oracles and the units of work, all decided
 before any check runs, so that every bad argument shows at once (exit code 2) and not after minutes.
 
-A certification is a set of *units*: one per implementation and dtype, or, when run in parallel,
-one per implementation, dtype and oracle. :func:`prepare` turns arguments into a :class:`Job` per
+A certification is a set of *units*: one per implementation and dtype; when run in parallel, one
+per implementation, dtype and oracle family; when cut into shards or pytest items, one per
+implementation, dtype and oracle. :func:`prepare` turns arguments into a :class:`Job` per
 implementation; :func:`plan_units` cuts the jobs into units and says whether they can run in
 parallel child processes.
 """
@@ -361,8 +362,9 @@ def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> P
         if job.notes:
             plan.notes.setdefault(index, []).extend(job.notes)
         split_job = (parallel or split) and len(job.oracles) > 1
+        groups: list[tuple[Any, ...]]
         if split:
-            groups = [(o,) for o in job.oracles]
+            groups = [(o,) for o in job.oracles] or [()]
         elif split_job:
             groups = _by_family(job.oracles)
         else:

@@ -330,7 +330,8 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
     stats: dict[str, Any] = {}
     try:
         records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count, stats=stats)
-        if info.configurable or not info.structure.is_default:
+        checked = any(not o.unsupported_reason(info.variant, dtype) for o in oracles)  # cases compared at all
+        if checked and (info.configurable or not info.structure.is_default):
             notes.append(structure_note(info.name, dtype, stats,
                                         against=[o.name for o in oracles] if apart else None))
     except Exception as exc:

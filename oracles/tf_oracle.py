@@ -233,7 +233,7 @@ class KerasLSTMOracle(_TFBase):
 
     def installed(self) -> Availability:
         avail = super().installed()
-        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        backend = os.environ.get("KERAS_BACKEND") or "tensorflow"  # keras ignores an empty value too
         if avail.available and self._availability is None and backend != "tensorflow":
             return Availability(False, f"KERAS_BACKEND={backend}: keras runs on the {backend} backend here, not "
                                        f"tensorflow")

@@ -13,6 +13,7 @@ unavailable with the reason ("torch CUDA is not available").
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +49,11 @@ def strict_fp32(torch: Any) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = before
 
 
+#: What a Linux machine whose torch may see a GPU has: NVIDIA's driver, WSL2's GPU device, Jetson's
+#: (nvgpu), or ROCm's (torch.cuda on AMD GPUs).
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/dxg", "/dev/nvhost-ctrl", "/dev/kfd")
+
+
 class TorchCudaLSTMOracle(TorchLSTMOracle):
     """``torch.nn.LSTM`` on ``cuda`` (cuDNN), strict float32 or float64, autograd gradients."""
 
@@ -58,10 +64,12 @@ class TorchCudaLSTMOracle(TorchLSTMOracle):
     device = "cuda"
 
     def installed(self) -> Availability:
-        """torch installed and an NVIDIA driver loaded: without a driver, no torch build has CUDA here."""
+        """torch installed and, on Linux, a GPU driver's device: without one no torch build has a GPU here.
+        Elsewhere (and with a driver) the probe decides, and the summary says why when it says no."""
         avail = super().installed()
-        if avail.available and self._availability is None and not os.path.exists("/proc/driver/nvidia/version"):
-            return Availability(False, "no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)")
+        if avail.available and self._availability is None and sys.platform.startswith("linux") \
+                and not any(os.path.exists(p) for p in _GPU_DRIVER_PATHS):
+            return Availability(False, f"no GPU driver is loaded (none of {', '.join(_GPU_DRIVER_PATHS)})")
         return avail
 
     def _probe(self) -> Availability:

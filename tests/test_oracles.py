@@ -359,3 +359,13 @@ def test_choosing_the_default_oracles_imports_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_keras_oracle_is_not_chosen_for_another_backend(monkeypatch):
+    keras = KerasLSTMOracle()
+    keras.requires = ("json",)  # the modules found; only the backend is in question here
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert keras.installed().reason.startswith("KERAS_BACKEND=jax: keras runs on the jax backend")
+    for unset in ("", "tensorflow"):  # keras reads an empty value as unset: TensorFlow
+        monkeypatch.setenv("KERAS_BACKEND", unset)
+        assert keras.installed().available

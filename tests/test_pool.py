@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,7 +93,7 @@ def test_a_child_keeps_to_the_oracle_families_it_has_loaded():
     """A child takes next a unit of a family (the module its oracles come from) it has loaded, else the
     costliest to set up of the families no other child has, else one of another child's family while two or
     more of its units are left, else nothing (it stops); which child runs a unit changes no record."""
-    from harness.pool import _families, _next_unit
+    from harness.pool import CHEAP_SETUP_S, _families, _next_unit
     from harness.session import Unit
     from oracles.finite_diff import FiniteDifferenceOracle
     from oracles.jax_oracle import JaxCompositeOracle
@@ -107,6 +109,8 @@ def test_a_child_keeps_to_the_oracle_families_it_has_loaded():
     assert _next_unit([2, 5], units, _families(units[0]), [_families(units[2])]) == 2  # two jax units left
     assert _next_unit([5], units, _families(units[0]), [_families(units[2])]) is None  # the last: jax's child
     assert _next_unit([5], units, _families(units[0]), []) == 5  # nobody else has jax: take it
+    assert fd.setup_cost < CHEAP_SETUP_S  # a cheap family's last unit goes to any idle child
+    assert _next_unit([3], units, _families(units[2]), [_families(units[0])]) == 3
 
 _PARENT_IMPORTS = """
 import json, sys
@@ -128,3 +132,82 @@ def test_the_parent_of_parallel_children_imports_no_framework_and_still_reports_
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["verdict"] == "certified" and out["torch imported"] is False
     assert set(out["versions"]) == {"torch"}
+
+
+class _FakeChild:
+    """A parallel child on a thread: runs what it is sent after ``ready``; the first child dies during a unit
+    of the costly family, and a stopped child takes a while to exit (as one closing its subject does)."""
+
+    started: list[_FakeChild] = []
+
+    def __init__(self, *args):
+        from multiprocessing import Pipe
+
+        self.conn, other = Pipe()
+        self.exitcode = None
+        self.ran: list[int] = []
+        self.index = len(_FakeChild.started)
+        _FakeChild.started.append(self)
+        threading.Thread(target=self._run, args=(other,), daemon=True).start()
+
+    def _run(self, conn):
+        conn.send(("ready",))
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                time.sleep(0.5)
+                self.exitcode = 0
+                conn.close()
+                return
+            unit_id, names = message[1], message[4]
+            self.ran.append(unit_id)
+            if self.index == 0 and names == ["costly"]:
+                time.sleep(0.3)
+                self.exitcode = -11
+                conn.close()
+                return
+            time.sleep(0.05)
+            conn.send(("done", unit_id, [], [], {}))
+
+    def join(self, timeout):
+        pass
+
+    def kill(self):
+        pass
+
+
+def test_a_unit_left_for_a_child_that_dies_is_run_by_another_and_none_is_lost(monkeypatch):
+    """The second child stops (the last unit of the costly family waits for the first, which has it loaded);
+    the first dies: a new child runs that unit, and every unit reaches the report."""
+    from harness import pool
+    from harness.session import Unit
+
+    class Costly:
+        name, setup_cost = "costly", 8.0
+
+    class Cheap:
+        name, setup_cost = "cheap", 0.0
+
+    Costly.__module__, Cheap.__module__ = "family_costly", "family_cheap"
+    costly, cheap = Costly(), Cheap()
+    units = [Unit(0, "float64", (costly,), "float64 vs costly"), Unit(0, "float64", (cheap,), "float64 vs cheap"),
+             Unit(0, "float32", (costly,), "float32 vs costly")]
+
+    class Job:
+        opening, settings, info, oracles = {}, None, None, [costly, cheap]
+
+    class Display:
+        def begin(self, label): pass
+        def update(self, label, n): pass
+        def end(self, label, n, outcome): pass
+
+    _FakeChild.started = []
+    monkeypatch.setattr(pool, "ChildProcess", _FakeChild)
+    monkeypatch.setattr(pool.dataclasses, "asdict", lambda settings: {})
+    monkeypatch.setattr(pool, "oracle_payload", lambda oracle: None)
+    monkeypatch.setattr(pool, "internal_error", lambda *args: ["the error record"])
+    finished = {}
+    pool.run_parallel([Job()], units, 2, Display(), lambda unit, records, notes: finished.update({unit.label: records}))
+    assert finished == {"float64 vs costly": ["the error record"], "float64 vs cheap": [], "float32 vs costly": []}
+    first, second, third = _FakeChild.started
+    assert first.ran == [0] and second.ran == [1] and third.ran == [2]

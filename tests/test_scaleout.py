@@ -102,7 +102,8 @@ def test_shards_merge_into_the_report_of_an_unsharded_run(tmp_path, capsys):
     # Round-robin over the plan's order: every unit in exactly one shard, each shard marked as such.
     assert s1["units"] == {"planned": UNITS, "run": UNITS[0::2], "shard": "1/2"}
     assert s2["units"]["run"] == UNITS[1::2] and s2["units"]["shard"] == "2/2"
-    # The unsharded run, its units in two parallel processes (the engine of `certify -n N`).
+    # The unsharded run, its units in two parallel processes: its two oracles are of two families, so that
+    # `-n 2`'s units (one per family) are the shards' units (one per oracle).
     assert main(["certify", "loop", *CLI, "-n", "2", "--report-dir", str(tmp_path / "whole")]) == 0
     capsys.readouterr()
     code = main(["report", str(tmp_path / "s2" / "report.json"), str(tmp_path / "s1" / "report.json"),
