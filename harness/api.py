@@ -330,6 +330,7 @@ def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[s
         return None
     display.begin("diagnosis")
     try:
+        job.reopen()
         found = diagnose_subject(job.subject)
     except Exception as exc:  # noqa: BLE001 - the diagnosis is extra; the records stand without it
         return {"headline": "", "text": f"the convention search could not run: {type(exc).__name__}: {exc}"}

@@ -158,11 +158,23 @@ class Job:
     opening: dict[str, Any]  # how a parallel child opens it: impl (TARGET or object), variant, isolate, ...
     parallel: bool  # whether the implementation can be sent to another process
     notes: list[str] = field(default_factory=list)  # what was decided that the report should say
+    closed: bool = False
 
     def close(self) -> None:
         close = getattr(self.subject, "close", None)
         if close:
             close()
+        self.closed = True
+
+    def reopen(self) -> None:
+        """Open the implementation again after :meth:`close`: a parallel run closes it here while its
+        children check (they open their own), and the convention search after it needs it back (with a
+        closed worker it could not run)."""
+        if self.closed:
+            o = self.opening
+            self.subject, _ = open_subject(o["impl"], variant=o["variant"], isolate=o["isolate"],
+                                           timeout=o["timeout"], memory_limit=o["memory_limit"])
+            self.closed = False
 
 
 def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, oracles: Sequence[Any] | None,

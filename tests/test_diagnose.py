@@ -402,3 +402,13 @@ def test_two_summed_biases_and_a_folded_bias_are_found_and_the_printed_call_cert
     _printed_call_certifies(folded, declared)
     # A planted bug is not explained away: no bias form makes an LSTM that ignores b_hh match.
     assert diagnose(_PyTorchStyleBiases("ignores_b_hh")).status == "none"
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_parallel_run_diagnoses_as_one_process_does(isolate):
+    """A parallel run closes the implementation here while its children check; the convention search after it
+    opens it again (it said "could not run: FileNotFoundError" of the closed worker's shared memory)."""
+    found = {jobs: certify(f"{FOREIGN}:ifog", jobs=jobs, isolate=isolate, max_examples=5,
+                           oracles=["finite-differences"]).diagnosis for jobs in (1, 2)}
+    assert found[1] is not None and "its gate blocks are read as i, f, o, g" in found[1]["text"]
+    assert found[2] == found[1]
