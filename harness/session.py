@@ -142,6 +142,11 @@ def select_oracles(oracles: Sequence[Any] | None, variant: str) -> list[Any]:
             out.append(item)
         else:
             raise ValueError(f"oracles: expected oracle names or objects, got {type(item).__name__}")
+    names = [str(getattr(o, "name", "")) for o in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # records, findings and parallel units tell oracles apart by name
+        raise ValueError(f"oracles: expected each oracle once (they are told apart by name), got "
+                         f"{', '.join(repr(n) for n in twice)} more than once")
     return out
 
 

@@ -73,6 +73,7 @@ def test_sys_exit_at_import_is_a_load_error(capsys, tmp_path):
     (["--memory-limit", "inf"], "--memory-limit: expected a positive, finite number"),
     (["--junit-xml", "/dev/full"], "--junit-xml: expected a path to a file"),
     (["--report-dir", "/proc/no-such/dir"], "--report-dir: cannot write into"),
+    (FD, "--oracle: expected each oracle once (they are told apart by name), got 'finite-differences' more"),
 ])
 def test_bad_output_and_limit_options_exit_2_before_any_work(args, message, tmp_path, capsys):
     argv = ["certify", "impls.loop:LoopLSTM", "--max-examples", "2", *FD, *args]

@@ -46,6 +46,10 @@ def test_oracles_by_name_or_object_and_a_clear_error_otherwise():
         select_oracles(["nope"], "vanilla")
     with pytest.raises(ValueError, match="oracles: expected oracle names or objects, got int"):
         select_oracles([3], "vanilla")
+    # records, findings and parallel units tell oracles apart by name: one name twice is refused
+    for twice in (["finite-differences", "finite-differences"], ["finite-differences", fd]):
+        with pytest.raises(ValueError, match="expected each oracle once .* got 'finite-differences' more than once"):
+            select_oracles(twice, "vanilla")
     default = select_oracles(None, "peephole")
     assert default and all("peephole" in o.variants and o.availability().available for o in default)
 
