@@ -144,8 +144,7 @@ def _run_jobs(jobs_list: list[Job], plan: Plan, jobs: int, display: Progress,
         def progress(n: int, label: str = unit.label) -> None:
             display.update(label, n)
 
-        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress,
-                                  apart=len(unit.oracles) < len(job.oracles))
+        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress, apart=unit.apart)
         display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
         done(unit, records, notes)
 

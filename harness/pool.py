@@ -43,9 +43,7 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
             key = pickle.dumps(opening)
             if key not in subjects:
                 try:
-                    subjects[key], _ = open_subject(opening["impl"], variant=opening["variant"],
-                                                    isolate=opening["isolate"], timeout=opening["timeout"],
-                                                    memory_limit=opening["memory_limit"])
+                    subjects[key], _ = open_subject(**opening)
                 except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
                     conn.send(("failed", unit_id, str(exc) if isinstance(exc, (LoadError, ContractError))
                                else f"{type(exc).__name__}: {exc}"))
@@ -155,7 +153,7 @@ def run_parallel(jobs_list: Sequence[Job], units: Sequence[Unit], jobs: int, dis
         busy[child] = unit_id
         display.begin(unit.label)
         child.conn.send(("run", unit_id, job.opening, unit.dtype, [o.name for o in unit.oracles],
-                         dataclasses.asdict(job.settings), len(unit.oracles) < len(job.oracles)))
+                         dataclasses.asdict(job.settings), unit.apart))
 
     def lose(unit_id: int, why: str) -> None:
         unit = units[unit_id]

@@ -160,7 +160,7 @@ class Job:
     dtypes: list[str]
     oracles: list[Any]
     settings: RunSettings
-    opening: dict[str, Any]  # how a parallel child opens it: impl (TARGET or object), variant, isolate, ...
+    opening: dict[str, Any]  # open_subject's arguments, for a parallel child: impl (TARGET or object), variant, ...
     parallel: bool  # whether the implementation can be sent to another process
     notes: list[str] = field(default_factory=list)  # what was decided that the report should say
     closed: bool = False
@@ -176,9 +176,7 @@ class Job:
         children check (they open their own), and the convention search after it needs it back (with a
         closed worker it could not run)."""
         if self.closed:
-            o = self.opening
-            self.subject, _ = open_subject(o["impl"], variant=o["variant"], isolate=o["isolate"],
-                                           timeout=o["timeout"], memory_limit=o["memory_limit"])
+            self.subject, _ = open_subject(**self.opening)
             self.closed = False
 
 
@@ -330,6 +328,7 @@ class Unit:
     dtype: str
     oracles: tuple[Any, ...]
     label: str  # what the progress display calls it
+    apart: bool = False  # it holds only some of its job's oracles: its search draws cases of its own
 
     @property
     def name(self) -> str:
@@ -390,7 +389,8 @@ def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> P
             for group in groups:
                 label = ((f"{job.info.name} " if named else "") + dtype
                          + (f" vs {', '.join(o.name for o in group)}" if split_job else ""))
-                plan.units.append(Unit(index, dtype, group, printable(label)))  # a name is the user's text
+                plan.units.append(Unit(index, dtype, group, printable(label),  # a name is the user's text
+                                       apart=len(group) < len(job.oracles)))
         if jobs > 1 and not parallel:
             notes = plan.notes.setdefault(index, [])
             if not job.parallel:

@@ -435,14 +435,13 @@ class JaxCompositeOracle(Oracle):
     variants = ("vanilla", "peephole", "layernorm")
     compute_dtypes = ("float64",)
     structures = frozenset(FEATURES)
+    requires = ("jax", "jaxlib")
+    setup_cost = 3.0  # importing JAX and compiling one function per kind of cell
 
     def __init__(self, *, bucketed: bool = True):
         if not isinstance(bucketed, bool):
             raise TypeError(f"bucketed: expected a bool, got {type(bucketed).__name__}")
         self.bucketed = bucketed
-
-    requires = ("jax", "jaxlib")
-    setup_cost = 3.0  # importing JAX and compiling one function per kind of cell
 
     def _probe(self) -> Availability:
         return module_available(*self.requires)
