@@ -39,8 +39,9 @@ from impls.stacked import (
     Cell,
     StackedCache,
     StackedLSTM,
-    activate_gates_,
+    activate_halved_,
     gate_views,
+    sigmoid_halves,
     tanh_slope,
     times_sigmoid_slope_,
 )
@@ -259,9 +260,20 @@ class LayerNormCell(Cell):
 
     def prepare(self, xp, params, dtype, *, ln_eps):
         rows = list(_INTERNAL_ROWS)
+        gamma = xp.asarray(params["gamma"], dtype=dtype)[rows]  # (5, H)
+        beta = xp.asarray(params["beta"], dtype=dtype)[rows]
+        H = gamma.shape[1]
+        half, shift = sigmoid_halves(xp, H, dtype)
+        halves = half.reshape(4, H)
         return {
-            "gamma": xp.asarray(params["gamma"], dtype=dtype)[rows],  # (5, H)
-            "beta": xp.asarray(params["beta"], dtype=dtype)[rows],
+            "gamma": gamma,
+            "beta": beta,
+            # The forward's gains and shifts of the four gates, with i, f, o halved for the sigmoids
+            # (:func:`impls.stacked.activate_halved_`); the backward uses gamma as it is.
+            "gamma_fwd": gamma[:4] * halves,
+            "beta_fwd": beta[:4] * halves,
+            "half": half,
+            "shift": shift,
             "eps": float(ln_eps),
         }
 
@@ -295,9 +307,9 @@ class LayerNormCell(Cell):
         a3 = a.reshape(B, 4, H)  # a is a contiguous (B, 4H) row block: a view
         n3 = S["n"][t].reshape(B, 4, H)
         self._normalize_(xp, a3, n3, S["r"][t], P["eps"])
-        xp.multiply(n3, gamma[:4], out=a3)  # LN_k(a_k) for k = i, f, o, g
-        a3 += beta[:4]
-        activate_gates_(xp, a, H)  # i, f, o = sigmoid, g = tanh
+        xp.multiply(n3, P["gamma_fwd"], out=a3)  # LN_k(a_k) for k = i, f, o, g; i, f, o halved
+        a3 += P["beta_fwd"]
+        activate_halved_(xp, a, P["half"], P["shift"])  # i, f, o = sigmoid, g = tanh
         i, f, o, g = gate_views(a, H)
         self.couple_(xp, i, f)
         xp.multiply(f, c_prev, out=c)  # s_t = f * c_{t-1} + i * g

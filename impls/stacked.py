@@ -8,7 +8,8 @@ step); after the loop, dx is a single large GEMM over all timesteps and dW, dR o
 reductions over all T*B rows at once.
 
 The algorithm (:func:`stacked_forward`, :func:`stacked_backward`) is shared by every variant and is
-written against an *array namespace* ``xp``: NumPy here, CuPy for the GPU version. It uses only what
+written against an *array namespace* ``xp``: NumPy here (its large buffers kept from call to call,
+``impls/workspace.py``), CuPy for the GPU version. It uses only what
 both provide (``matmul`` and ufuncs with ``out=``, ``empty``, ``sum``/``mean`` with ``axis``,
 ``reshape`` of contiguous buffers). What differs between variants is the pointwise gate math of one
 step, which lives in a :class:`Cell`: ``forward_step`` and ``backward_step`` are small functions of
@@ -27,12 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from harness.contract import DEFAULT_LN_EPS
 from harness.layouts import CANONICAL_ORDER, permute_gates
 from harness.structure import FEATURES
 from impls.layer import LayeredLSTM
+from impls.workspace import POOLED_NUMPY
 
 __all__ = [
     "StackedLSTM",
@@ -46,7 +46,8 @@ __all__ = [
     "to_internal",
     "to_canonical",
     "sigmoid_",
-    "activate_gates_",
+    "sigmoid_halves",
+    "activate_halved_",
     "tanh_slope",
     "times_sigmoid_slope_",
     "gate_views",
@@ -75,17 +76,32 @@ def sigmoid_(xp: Any, a: Any) -> Any:
     return a
 
 
-def activate_gates_(xp: Any, a: Any, H: int) -> Any:
-    """In place on a (B, 4H) block in the internal order: i, f, o = sigmoid, g = tanh.
+def sigmoid_halves(xp: Any, H: int, dtype: Any) -> tuple[Any, Any]:
+    """(half, shift), each (4H,) in the internal order: 0.5 on the sigmoid gates i, f, o, (1, 0) on g.
 
-    The sigmoid is 0.5 * (1 + tanh(v / 2)); halving i, f, o first lets one tanh call cover the whole
-    contiguous block (the costliest pass of a step) instead of one call for (B, 3H) and one for (B, H).
+    The sigmoid is 0.5 * tanh(v / 2) + 0.5. A cell folds ``half`` into what produces its pre-activations
+    (the weights and bias, or LayerNorm's gain and shift), so the pre-activations of i, f, o arrive
+    already halved; :func:`activate_halved_` then finishes all four gates in three passes over the whole
+    contiguous (B, 4H) block. Halving is exact in binary floating point, so the folded products carry
+    the same bits as halving afterwards (barring subnormal numbers).
     """
-    ifo = a[:, : 3 * H]
-    ifo *= 0.5
+    half, shift = xp.empty(4 * H, dtype), xp.empty(4 * H, dtype)
+    half[: 3 * H], half[3 * H :] = 0.5, 1.0
+    shift[: 3 * H], shift[3 * H :] = 0.5, 0.0
+    return half, shift
+
+
+def activate_halved_(xp: Any, a: Any, half: Any, shift: Any) -> Any:
+    """In place on a (B, 4H) block in the internal order whose i, f, o rows arrive halved
+    (:func:`sigmoid_halves`): i, f, o = sigmoid, g = tanh, as tanh(a) * half + shift.
+
+    One tanh and two broadcast passes over the contiguous block; halving and shifting the (B, 3H)
+    column slice of i, f, o instead costs three passes over a strided view, each about three times
+    slower per element than a contiguous one.
+    """
     xp.tanh(a, out=a)
-    ifo += 1.0
-    ifo *= 0.5
+    a *= half
+    a += shift
     return a
 
 
@@ -179,6 +195,15 @@ class Cell:
         """The cell's own parameters, converted to ``xp`` and the internal layout (and constants)."""
         return {}
 
+    def input_scale(self, P: Mapping[str, Any]) -> Any:
+        """A factor per pre-activation row, (4H,) in the internal order, or None for none.
+
+        The stacked algorithm folds it into the forward's W, R and b (not into the backward's), so the
+        pre-activations ``forward_step`` receives arrive scaled: the vanilla cell takes its sigmoid
+        gates halved (:func:`sigmoid_halves`). P is what :meth:`prepare` returned.
+        """
+        return None
+
     def forward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
         """Arrays the forward writes: per-step ones (leading axis T) the backward reads, and scratch
         (names starting with ``tmp``)."""
@@ -190,7 +215,8 @@ class Cell:
         return {}
 
     def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
-        """Step t. a (B, 4H): pre-activations in, activations i, f, o, g out (in place).
+        """Step t. a (B, 4H): pre-activations in (times :meth:`input_scale`), activations i, f, o, g
+        out (in place).
 
         c_prev (B, H) is read; c, h (B, H) are written; S holds the forward buffers, P the cell's
         parameters.
@@ -209,8 +235,9 @@ class Cell:
         """The cell's own parameter gradients (canonical layout), reduced after the time loop."""
         return {}
 
-    def transposed(self, xp: Any, a: Any) -> Any:
-        """``a.T`` (a 2-D array) as a new C-contiguous array: R^T for the forward's per-step GEMM.
+    def transposed(self, xp: Any, a: Any, scale: Any = None) -> Any:
+        """``a.T`` (a 2-D array) as a new C-contiguous array: R^T for the forward's per-step GEMM;
+        with ``scale`` (one factor per row of ``a``), ``(a * scale[:, None]).T``, in the same pass.
 
         NumPy's own copy of a transposed view walks one side with a stride of a whole row, which for
         (4H, H) weights at H = 512 costs as much as several steps' GEMMs; copying bands of 16 rows
@@ -218,7 +245,10 @@ class Cell:
         """
         out = xp.empty(a.shape[::-1], a.dtype)
         for k in range(0, a.shape[0], 16):
-            out[:, k : k + 16] = a[k : k + 16].T
+            if scale is None:
+                out[:, k : k + 16] = a[k : k + 16].T
+            else:
+                xp.multiply(a[k : k + 16].T, scale[k : k + 16], out=out[:, k : k + 16])
         return out
 
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
@@ -262,7 +292,17 @@ class Cell:
 
 
 class VanillaCell(Cell):
-    """a_t = W x_t + R h_{t-1} + b; i, f, o = sigmoid; g = tanh; c_t = f c + i g; h_t = o tanh(c_t)."""
+    """a_t = W x_t + R h_{t-1} + b; i, f, o = sigmoid; g = tanh; c_t = f c + i g; h_t = o tanh(c_t).
+
+    Its pre-activations arrive with i, f, o halved (:meth:`input_scale`, :func:`sigmoid_halves`).
+    """
+
+    def prepare(self, xp: Any, params: Mapping[str, Any], dtype: Any, *, ln_eps: float) -> dict[str, Any]:
+        half, shift = sigmoid_halves(xp, params["W"].shape[0] // 4, dtype)
+        return {"half": half, "shift": shift}
+
+    def input_scale(self, P: Mapping[str, Any]) -> Any:
+        return P["half"]
 
     def forward_buffers(self, xp: Any, T: int, B: int, H: int, dtype: Any) -> dict[str, Any]:
         return {"tanh_c": xp.empty((T, B, H), dtype), "tmp": xp.empty((B, H), dtype)}
@@ -272,7 +312,7 @@ class VanillaCell(Cell):
 
     def forward_step(self, xp, t, a, c_prev, c, h, S, P) -> None:
         H = c.shape[1]
-        activate_gates_(xp, a, H)
+        activate_halved_(xp, a, P["half"], P["shift"])
         i, f, o, g = gate_views(a, H)
         self.couple_(xp, i, f)
         xp.multiply(f, c_prev, out=c)  # c_t = f * c_{t-1} + i * g
@@ -317,13 +357,19 @@ def stacked_forward(
     H, H_out = c0.shape[1], h0.shape[1]
     W = to_internal(xp, xp.asarray(params["W"], dtype=dtype))  # (4H, D)
     R = to_internal(xp, xp.asarray(params["R"], dtype=dtype))  # (4H, H_out)
-    RT = cell.transposed(xp, R)  # (H_out, 4H), C-contiguous: the per-step GEMM is faster than with R.T
     P = cell.prepare(xp, params, dtype, ln_eps=ln_eps)
+    scale = cell.input_scale(P)  # (4H,) or None; the backward's W and R stay unscaled
+    # (H_out, 4H), C-contiguous (the per-step GEMM is faster than with R.T), times the cell's scale
+    RT = cell.transposed(xp, R, scale)
 
     # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
-    gates = (x.reshape(T * B, D) @ W.T).reshape(T, B, 4 * H)
+    gates = xp.empty((T, B, 4 * H), dtype)
+    xp.matmul(x.reshape(T * B, D), W.T, out=gates.reshape(T * B, 4 * H))
+    if scale is not None:
+        gates *= scale  # a pass over the buffer: cheaper than a scaled copy of W, a fresh (4H, D) array
     if cell.has_bias:
-        gates += to_internal(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
+        b = to_internal(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
+        gates += b if scale is None else b * scale
     h = xp.empty((T + 1, B, H_out), dtype)  # h[0] = h0, h[t+1] = h_t
     c = xp.empty((T + 1, B, H), dtype)
     h[0] = xp.asarray(h0, dtype=dtype)
@@ -340,7 +386,9 @@ def stacked_forward(
         for t in range(T):
             cell.step(xp, t, gates[t], rec, h[t], RT, c[t], c[t + 1], m[t], S, P)  # m_t = o * tanh(c_t)
             xp.matmul(m[t], projT, out=h[t + 1])  # h_t = proj m_t: (B, H) @ (H, P)
-    return h[1:].copy(), h[T].copy(), c[T].copy(), cache
+    y = xp.empty((T, B, H_out), dtype)
+    y[...] = h[1:]
+    return y, h[T].copy(), c[T].copy(), cache
 
 
 def weight_grad(xp: Any, da2: Any, inputs: Any) -> Any:
@@ -379,7 +427,8 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
             cell.backward_step(xp, t, dm, dc, da[t], gates[t], c[t], c[t + 1], cache.saved, G, cache.P)
             xp.matmul(da[t], R, out=dh)  # (B, 4H) @ (4H, P) -> dL/dh_{t-1}
     da2 = da.reshape(T * B, 4 * H)
-    dx = (da2 @ cache.W).reshape(T, B, D)  # (T*B, 4H) @ (4H, D)
+    dx = xp.empty((T, B, D), dtype)
+    xp.matmul(da2, cache.W, out=dx.reshape(T * B, D))  # (T*B, 4H) @ (4H, D)
     dW = weight_grad(xp, da2, x.reshape(T * B, D))  # (4H, T*B) @ (T*B, D)
     dR = weight_grad(xp, da2, h[:T].reshape(T * B, H_out))  # (4H, T*B) @ (T*B, H_out)
     grads = {"x": dx, "h0": dh, "c0": dc, "W": dW, "R": dR}
@@ -407,7 +456,7 @@ class StackedLSTM(LayeredLSTM):
     structures = FEATURES  # its cells compute every option
     variant = "vanilla"
     dtypes = ("float64", "float32")
-    xp: Any = np
+    xp: Any = POOLED_NUMPY  # NumPy, its large buffers kept between calls (impls/workspace.py says why)
     cell: Cell = VanillaCell()
 
     def _cell(self) -> Cell:

@@ -234,12 +234,18 @@ def _run_steps(cell, variant, dtype, B, H, seed, *, fused_step: bool, xp=np):
     G = cell.backward_buffers(xp, T, B, H, np.dtype(dtype))
     a, c, h = dev["a"].copy(), xp.empty((B, H), dtype), xp.empty((B, H), dtype)
     dh, dc, da = dev["dh"].copy(), dev["dc"].copy(), xp.empty((B, 4 * H), dtype)
+    scale = cell.input_scale(P)  # what the stacked algorithm folds into the forward's W, R and b
     if fused_step:
-        RT = xp.ascontiguousarray(dev["R"].T)
+        RT = dev["R"].T.copy()  # a copy: (4, 1).T is already contiguous, and RT is scaled in place
+        if scale is not None:
+            a *= scale
+            RT *= scale
         cell.step(xp, t, a, xp.empty_like(a), dev["h_prev"], RT, dev["c_prev"], c, h, S, P)
         cell.step_backward(xp, t, dev["dy"], dh, dc, da, a, dev["c_prev"], c, dev["R"], S, G, P)
     else:
         a += dev["rec"]
+        if scale is not None:
+            a *= scale
         cell.forward_step(xp, t, a, dev["c_prev"], c, h, S, P)
         cell.backward_step(xp, t, dh, dc, da, a, dev["c_prev"], c, S, G, P)
     return _written(t, a, c, h, dh if fused_step else None, dc, da, S, G)

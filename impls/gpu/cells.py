@@ -46,7 +46,12 @@ class _Fused(Cell):
     def backward_arrays(self, t, dy_t, dh, dc, da, a, c_prev, S, G, P) -> dict[str, Any]:
         return {"dy": dy_t, "dh": dh, "dc": dc, "da": da, "a": a, "c_prev": c_prev, "tanh_c": S["tanh_c"]}
 
-    def transposed(self, xp, a):
+    def input_scale(self, P):
+        return None  # the kernels take the pre-activations as they are
+
+    def transposed(self, xp, a, scale=None):
+        if scale is not None:
+            return xp.multiply(a.T, scale)  # (its input_scale is None: for a subclass that has one)
         return xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
 
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:

@@ -1,0 +1,141 @@
+"""Large arrays kept from one call of the stacked NumPy algorithm to the next, handed out again once free.
+
+Why: glibc serves a large allocation from fresh pages (``mmap``) and gives them back to the system
+when it is freed, so a call that allocates its buffers anew pays one page fault per 4 KiB it touches.
+On the benchmark's 2-CPU virtual machine a stacked forward at T=50 B=64 D=H=128 float64 took 4,300
+page faults, 16 ms of kernel time in a 30 ms call. Whether glibc does so depends on what the process
+allocated before (its threshold rises after large blocks are freed): the same forward took 20 ms
+right after ``torch.nn.LSTM`` had run in the process and 42 ms in a process of its own. Reusing the
+buffers makes the stacked versions as fast in any process.
+
+An array is free when nothing but the workspace refers to it: a forward's cache, an output the caller
+holds, a view of the array (whose ``base`` it is) each keep it taken, so a buffer is never handed out
+twice while in use. Only arrays of at least :data:`MIN_BYTES` are kept (smaller ones come from the
+heap without faults), and at most :data:`LIMIT_BYTES` in all: past that, the free arrays used least
+recently are dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Workspace", "PooledNumPy", "POOLED_NUMPY", "MIN_BYTES", "LIMIT_BYTES"]
+
+#: Arrays smaller than this are allocated as usual.
+MIN_BYTES = 1 << 20
+#: The most the workspace keeps, in bytes, counting the arrays in use.
+LIMIT_BYTES = 512 << 20
+
+
+def _references(kept: list[Any], i: int) -> int:
+    return sys.getrefcount(kept[i])
+
+
+#: What :func:`_references` counts for an array only the workspace holds (measured, not assumed:
+#: interpreters differ in the references they count for a call's argument).
+_ALONE = _references([np.empty(1)], 0)
+
+
+class Workspace:
+    """A pool of NumPy arrays by shape and dtype; :meth:`empty` is ``numpy.empty`` served from it."""
+
+    def __init__(self, *, limit_bytes: int = LIMIT_BYTES, min_bytes: int = MIN_BYTES):
+        self.limit_bytes, self.min_bytes = limit_bytes, min_bytes
+        self._kept: dict[tuple[tuple[int, ...], np.dtype], list[Any]] = {}
+        self._last_use: dict[int, int] = {}  # id(array) -> the tick it was last handed out
+        self._tick = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the arrays the workspace holds, in use or free."""
+        return self._bytes
+
+    def empty(self, shape: Any, dtype: Any = float) -> np.ndarray:
+        """An uninitialized array: one of the workspace's that nothing else refers to, else a new one."""
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype)
+        key = (shape, dtype)
+        with self._lock:
+            self._tick += 1
+            kept = self._kept.setdefault(key, [])
+            for i in range(len(kept)):
+                if _references(kept, i) <= _ALONE:
+                    self._last_use[id(kept[i])] = self._tick
+                    return kept[i]
+            array = np.empty(shape, dtype)
+            kept.append(array)
+            self._last_use[id(array)] = self._tick
+            self._bytes += nbytes
+            if self._bytes > self.limit_bytes:
+                self._evict()
+            return array
+
+    def clear(self) -> None:
+        """Drop every array (those in use stay valid: their holders keep them)."""
+        with self._lock:
+            self._kept.clear()
+            self._last_use.clear()
+            self._bytes = 0
+
+    def _evict(self) -> None:
+        """Drop free arrays, least recently used first, until the workspace is within its limit."""
+        free = [(self._last_use[id(kept[i])], key, i) for key, kept in self._kept.items()
+                for i in range(len(kept)) if _references(kept, i) <= _ALONE]
+        dropped: dict[tuple[Any, ...], set[int]] = {}
+        excess = self._bytes - self.limit_bytes
+        for _, key, i in sorted(free, key=lambda entry: entry[0]):
+            if excess <= 0:
+                break
+            array = self._kept[key][i]
+            dropped.setdefault(key, set()).add(i)
+            del self._last_use[id(array)]
+            excess -= array.nbytes
+            self._bytes -= array.nbytes
+        for key, indices in dropped.items():
+            remaining = [a for i, a in enumerate(self._kept[key]) if i not in indices]
+            if remaining:
+                self._kept[key] = remaining
+            else:
+                del self._kept[key]
+
+
+class PooledNumPy:
+    """NumPy as an array namespace, with ``empty`` served from a :class:`Workspace`.
+
+    The ``xp`` of the stacked NumPy versions: their algorithm allocates every buffer through
+    ``xp.empty``, so this is the one place that decides where the memory comes from.
+    """
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self.empty = workspace.empty
+
+    def __getattr__(self, name: str) -> Any:
+        """NumPy's ``name``, kept as an attribute: a step of the algorithm makes a dozen ``xp.*`` calls,
+        and only the first of each name comes here."""
+        value = getattr(np, name)
+        setattr(self, name, value)
+        return value
+
+    def concatenate(self, arrays: Any, axis: int = 0) -> np.ndarray:
+        """``numpy.concatenate`` into an array of the workspace (the gate reorderings of W and R)."""
+        arrays = [np.asarray(a) for a in arrays]
+        shape = list(arrays[0].shape)
+        shape[axis] = sum(a.shape[axis] for a in arrays)
+        return np.concatenate(arrays, axis=axis, out=self.empty(shape, np.result_type(*arrays)))
+
+    def __repr__(self) -> str:
+        return f"PooledNumPy({self.workspace.kept_bytes >> 20} MiB kept)"
+
+
+#: The namespace of the stacked NumPy versions, over one workspace for the process.
+POOLED_NUMPY = PooledNumPy(Workspace())
