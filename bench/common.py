@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Section", "SETTLE_S", "best_of", "interleaved", "lstm_flops", "matmul_flops", "verdict", "ratio_text",
-           "machine_lines", "blas_threads", "subprocess_seconds", "render", "table"]
+           "machine_lines", "blas_threads", "steady_allocator", "subprocess_seconds", "render", "table"]
 
 
 @dataclass
@@ -129,13 +131,42 @@ def _blas_summary() -> str:
             f"{blas_threads()} threads (environment, else one per CPU)")
 
 
-def machine_lines(torch_threads: int | None) -> list[str]:
+#: glibc's mallopt parameters (malloc.h) and the values the benchmark sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # the most glibc accepts on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+
+
+def steady_allocator() -> str:
+    """Fix glibc's malloc thresholds for this process, so that no timed call pays page faults that depend
+    on what the calls before it allocated; -> a line for the header saying what was done.
+
+    glibc serves a large allocation from fresh pages and returns them when it is freed, touching them
+    again costs a page fault per 4 KiB, and its threshold for doing so moves with what the process has
+    freed before. Timed in one process, torch.nn.LSTM and the stacked LSTM each changed the other's
+    page faults: a stacked forward at T=50 B=64 D=H=128 float64 took 20 ms after a torch.nn.LSTM call
+    and 42 ms in a process of its own (4,300 faults). With the thresholds fixed (mmap only above 32 MiB,
+    freed memory kept up to 1 GiB), both sides compute from memory they have touched before, as a
+    program calling either in a loop does once warm.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return f"allocator: {platform.libc_ver()[0] or 'not glibc'}, left as it is"
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not ok:
+        return "allocator: glibc; mallopt refused the thresholds, left as they were"
+    return (f"allocator: glibc malloc with fixed thresholds (mmap above {MMAP_THRESHOLD >> 20} MiB, "
+            f"freed memory kept up to {TRIM_THRESHOLD >> 30} GiB): no side pays page faults the other caused")
+
+
+def machine_lines(torch_threads: int | None, allocator: str | None = None) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     torch_text = "not installed" if torch_threads is None else f"{torch_threads} threads (set to match BLAS)"
     return [
         f"machine: {os.cpu_count()} CPUs, load average {load} (1, 5, 15 min); Python {sys.version.split()[0]}",
         f"NumPy {np.__version__} BLAS: {_blas_summary()}",
         f"torch (CPU): {torch_text}",
+        *([allocator] if allocator else []),
     ]
 
 

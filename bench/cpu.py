@@ -38,6 +38,7 @@ from bench.common import (
     matmul_flops,
     ratio_text,
     render,
+    steady_allocator,
     subprocess_seconds,
     verdict,
 )
@@ -431,8 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = args.shape or SHAPES
     cases = args.cases or (40 if args.quick else 200)
     chosen = args.only or SECTIONS
+    allocator = steady_allocator()
     torch = _torch()
-    print("\n".join(machine_lines(None if torch is None else torch.get_num_threads())) + "\n", flush=True)
+    print("\n".join(machine_lines(None if torch is None else torch.get_num_threads(), allocator)) + "\n", flush=True)
     tables: dict[str, Callable[[], Section]] = {
         "speed": lambda: speed_section(shapes, dtypes, rounds=rounds, matmul_n=args.matmul_n),
         "loop": lambda: loop_section(shapes[0], dtypes, rounds=rounds),

@@ -70,6 +70,7 @@ def test_quick_run_prints_the_machine_and_every_table(quick_run):
     assert re.search(r"^machine: \d+ CPUs, load average [\d.]+, [\d.]+, [\d.]+", quick_run, re.M)
     assert re.search(r"^NumPy \S+ BLAS: .*threads", quick_run, re.M)
     assert re.search(r"^torch \(CPU\): (\d+ threads|not installed)", quick_run, re.M)
+    assert re.search(r"^allocator: (glibc malloc with fixed thresholds|.*left as)", quick_run, re.M)
     assert list(tables(quick_run)) == list(TITLES.values())
 
 
@@ -198,3 +199,37 @@ def test_a_ratio_beside_its_goal_shows_which_side_it_is_on():
     assert [ratio_text(v, 1.0) for v in (1.04, 0.996, 1.0004, 1.0, 0.64)] == ["1.04x", "0.996x", "1.000x",
                                                                                 "1.0x", "0.64x"]
     assert [ratio_text(v, 1.3) for v in (1.26, 1.34, 1.2)] == ["1.26x", "1.34x", "1.2x"]
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+if {steady}:
+    from bench.common import steady_allocator
+    print(steady_allocator(), file=sys.stderr)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(1 << 20) for _ in range(4)]  # four of 8 MiB at once, as an LSTM call's buffers
+    del arrays
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's malloc thresholds are what the benchmark fixes")
+def test_the_benchmark_allocator_touches_no_fresh_pages_for_a_repeated_allocation():
+    """Four 8 MiB arrays allocated and freed again and again: glibc maps fresh pages each time (about
+    2,000 page faults) unless the benchmark fixed its thresholds (then the pages are reused, no fault)."""
+
+    def faults(steady: bool) -> int:
+        code = _FAULTS_SCRIPT.format(root=str(ROOT), steady=steady)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        if steady:
+            assert "fixed thresholds" in done.stderr
+        return int(done.stdout)
+
+    assert faults(steady=False) >= 1000
+    assert faults(steady=True) < 100
