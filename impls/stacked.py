@@ -83,7 +83,8 @@ def sigmoid_halves(xp: Any, H: int, dtype: Any) -> tuple[Any, Any]:
     (the weights and bias, or LayerNorm's gain and shift), so the pre-activations of i, f, o arrive
     already halved; :func:`activate_halved_` then finishes all four gates in three passes over the whole
     contiguous (B, 4H) block. Halving is exact in binary floating point, so the folded products carry
-    the same bits as halving afterwards (barring subnormal numbers).
+    the same bits as halving afterwards (barring subnormal numbers, and a sum that overflowed only
+    unhalved; a g of -0.0 comes out +0.0).
     """
     half, shift = xp.empty(4 * H, dtype), xp.empty(4 * H, dtype)
     half[: 3 * H], half[3 * H :] = 0.5, 1.0
@@ -198,7 +199,7 @@ class Cell:
     def input_scale(self, P: Mapping[str, Any]) -> Any:
         """A factor per pre-activation row, (4H,) in the internal order, or None for none.
 
-        The stacked algorithm applies it to the forward's input projections, R^T and b (the backward's
+        The stacked algorithm applies it to the forward's copies of W, R^T and b (the backward's
         W and R stay as they are), so the pre-activations ``forward_step`` receives arrive scaled: the
         vanilla cell takes its sigmoid gates halved (:func:`sigmoid_halves`). P is what :meth:`prepare`
         returned.
@@ -363,10 +364,9 @@ def stacked_forward(
     RT = cell.transposed(xp, R, scale)
 
     # All input projections at once: (T*B, D) @ (D, 4H) -> (T, B, 4H); becomes the gate buffer.
+    W_in = W if scale is None else xp.multiply(W, scale[:, None], out=xp.empty(W.shape, dtype))
     gates = xp.empty((T, B, 4 * H), dtype)
-    xp.matmul(x.reshape(T * B, D), W.T, out=gates.reshape(T * B, 4 * H))
-    if scale is not None:
-        gates *= scale  # a pass over the buffer: cheaper than a scaled copy of W, a fresh (4H, D) array
+    xp.matmul(x.reshape(T * B, D), W_in.T, out=gates.reshape(T * B, 4 * H))
     if cell.has_bias:
         b = to_internal(xp, xp.asarray(params["b"], dtype=dtype))  # (4H,)
         gates += b if scale is None else b * scale

