@@ -85,13 +85,6 @@ class Workspace:
                 self._evict()  # on every request while over the limit: arrays freed since can go now
             return view
 
-    def clear(self) -> None:
-        """Drop every array (those in use stay valid: their holders keep them)."""
-        with self._lock:
-            self._kept.clear()
-            self._last_use.clear()
-            self._bytes = 0
-
     def _evict(self) -> None:
         """Drop free arrays, least recently used first, until the workspace is within its limit."""
         free = [(self._last_use[id(kept[i])], key, i) for key, kept in self._kept.items()
