@@ -31,7 +31,8 @@ from harness.subject import ExitCalled, InProcessSubject, exits_raise
 
 __all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
            "check_settings", "check_limits", "prepare", "plan_units", "oracle_family", "replay_target",
-           "oracle_portable", "portable_form", "oracle_payload", "oracle_from_payload", "select_units", "parse_shard"]
+           "oracle_portable", "portable_form", "oracle_payload", "oracle_settings", "oracle_from_payload",
+           "select_units", "parse_shard"]
 
 
 class InvalidArgument(ValueError):
@@ -409,24 +410,35 @@ def plan_units(jobs_list: Sequence[Job], jobs: int, *, split: bool = False) -> P
 # What may be sent to a parallel child process
 
 
+def oracle_settings(oracle: Any) -> dict[str, Any]:
+    """An oracle's configuration: its public instance attributes, which its constructor sets. A private one
+    (leading underscore) is a cache of built layers or traced functions, or a probe's result, and stays
+    with the process that made it."""
+    return {key: value for key, value in vars(oracle).items() if not key.startswith("_")}
+
+
 def oracle_payload(oracle: Any) -> Any:
-    """A registry oracle travels by name (the child makes its own); any other one pickled."""
+    """A registry oracle travels by name with its settings (the child makes its own and gives it the same
+    settings: ``JaxCompositeOracle(bucketed=False)`` is not the registry's default); any other one pickled."""
     from harness import registry
 
     for known in registry.oracles():
         if known.name == oracle.name and type(known) is type(oracle):
-            return ("name", oracle.name)
+            return ("name", (oracle.name, oracle_settings(oracle)))
     return ("pickled", pickle.dumps(oracle))
 
 
 def oracle_portable(oracle: Any) -> bool:
-    """Whether a parallel child process can make the same oracle: a registry one by its name, any
-    other one only when it pickles by reference to an importable module (not ``__main__``)."""
+    """Whether a parallel child process can make the same oracle: a registry one by its name when its
+    settings can be sent, any other one only when it pickles by reference to an importable module (not
+    ``__main__``)."""
     try:
-        kind, _ = oracle_payload(oracle)
+        kind, value = oracle_payload(oracle)
     except Exception:
         return False
-    return kind == "name" or portable_form(oracle, None) is not None
+    if kind == "name":
+        return _picklable(value)
+    return portable_form(oracle, None) is not None
 
 
 def oracle_from_payload(payload: Any) -> Any:
@@ -434,7 +446,11 @@ def oracle_from_payload(payload: Any) -> Any:
     if kind == "name":
         from harness.registry import oracle_by_name
 
-        return oracle_by_name(value)
+        name, settings = value
+        oracle = oracle_by_name(name)
+        for key, setting in settings.items():
+            setattr(oracle, key, setting)
+        return oracle
     return pickle.loads(value)
 
 

@@ -1,12 +1,18 @@
 """Opening a certification (harness.session): arguments checked before any work, oracles chosen, units
 planned, replay targets written."""
 
+import pickle
+
 import pytest
 
 from harness.session import (
     InvalidArgument,
     check_settings,
     guess_target,
+    oracle_from_payload,
+    oracle_payload,
+    oracle_portable,
+    oracle_settings,
     plan_units,
     prepare,
     replay_target,
@@ -95,6 +101,47 @@ def test_an_object_that_cannot_travel_is_planned_here_with_a_note():
         assert any("cannot be sent to other processes" in n for n in plan.notes[0])
     finally:
         job.close()
+
+
+def _sent(oracle):
+    """The oracle a parallel child makes from what this process sends it."""
+    return oracle_from_payload(pickle.loads(pickle.dumps(oracle_payload(oracle))))
+
+
+def test_a_registry_oracle_reaches_a_parallel_child_with_its_settings():
+    default, configured = FiniteDifferenceOracle(), FiniteDifferenceOracle(directions=5, seed=7, chunk=64)
+    default.availability()  # a probe's result is this process's own: it does not travel
+    for oracle in (default, configured):
+        assert oracle_payload(oracle)[0] == "name" and oracle_portable(oracle)
+        copy = _sent(oracle)
+        assert type(copy) is FiniteDifferenceOracle and copy is not oracle
+        assert oracle_settings(copy) == oracle_settings(oracle)
+    assert (_sent(configured).directions, _sent(configured).seed, _sent(configured).chunk) == (5, 7, 64)
+    assert _sent(default).directions == 3 and "_availability" not in vars(_sent(default))
+    # Settings that cannot be sent (a function defined here) keep the whole certification in this process.
+    local = FiniteDifferenceOracle(lambda *args: None)
+    assert not oracle_portable(local)
+    job = _prepare(LoopLSTM(), oracles=[local])
+    try:
+        plan = plan_units([job], 2)
+        assert not plan.parallel and any("the oracle finite-differences cannot be sent" in n for n in plan.notes[0])
+    finally:
+        job.close()
+
+
+def test_a_configured_oracle_computes_as_configured_in_a_parallel_child(tmp_path):
+    pytest.importorskip("torch")
+    from harness import certify
+    from harness.compare import FLOAT32_ORACLE
+    from oracles.torch_oracle import TorchLSTMOracle
+
+    # float32 cases in float64: no allowance for an oracle with float32 rounding of its own. A child that made
+    # the registry's default oracle instead computed them in float32 and widened the tolerance.
+    result = certify("impls.loop:LoopLSTM", oracles=[TorchLSTMOracle(native_float32=False), "finite-differences"],
+                     jobs=2, dtypes=["float32"], max_examples=2, report_dir=tmp_path)
+    assert result.verdict == "certified", result.summary(verbose=False)
+    torch_records = [r for r in result.records if r.oracle == "torch-nn-lstm" and r.status == "pass"]
+    assert torch_records and not any(FLOAT32_ORACLE in r.tolerance_factors for r in torch_records)
 
 
 def test_replay_targets_and_guessed_targets():
