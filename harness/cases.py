@@ -44,6 +44,7 @@ __all__ = [
     "MAX_CASE_BYTES",
     "LENGTHS",
     "structure_fields",
+    "drawable_features",
     "OVERFLOW_SCALES",
     "register_profiles",
     "PROFILES",
@@ -706,10 +707,23 @@ def _feature(draw: Any, name: str) -> bool:
     return bool(draw(st.booleans(), label=name))
 
 
+def drawable_features(variant: str, features: frozenset[str] | set[str] | tuple[str, ...], *,
+                      max_H: int) -> frozenset[str]:
+    """The structure features of ``features`` that a drawn case of ``variant`` can have when H is at
+    most ``max_H``: LayerNorm has no projection or clip, and a projection needs H >= 2."""
+    out = set(features)
+    if variant == "layernorm":  # LayerNorm with a projection or a clip is not defined
+        out -= {"proj", "clip"}
+    if max_H < 2:  # a projection makes h smaller than the cell (LSTMP; torch.nn.LSTM requires proj_size < H)
+        out.discard("proj")
+    return frozenset(out)
+
+
 def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, H: int,
-                      weight_scale: str, features: frozenset[str]) -> dict[str, Any]:
+                      weight_scale: str, features: frozenset[str], require: frozenset[str]) -> dict[str, Any]:
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
-    or, when it is None, a drawn structure using only ``features`` (see :data:`STRUCTURED_ONE_IN`)."""
+    or, when it is None, a drawn structure using only ``features`` (see :data:`STRUCTURED_ONE_IN`),
+    with every feature of ``require`` on."""
     if structure is not None:
         kind = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none"
         return structure_fields(structure, lengths=kind)
@@ -720,16 +734,14 @@ def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, H
     # change that asks for a choice the case did not have (a feature switched on that draws its size) is
     # an overrun. Conditional draws here made that phase spin on overruns (at a budget of 1000, some 45,000
     # attempts for 450 cases).
-    structured = draw(_STRUCTURED_DRAW, label="structured")
+    structured = draw(_STRUCTURED_DRAW, label="structured") or bool(require)
     on = {name: _feature(draw, name) for name in FEATURES}
+    if require:
+        on = {name: name in require for name in FEATURES}
     num_layers = draw(st.integers(2, MAX_LAYERS), label="num_layers")
     lengths = draw(st.sampled_from(LENGTHS[1:]), label="lengths")
     proj_size = draw(st.integers(1, max(1, H - 1)), label="proj_size")
-    drawable = set(features)
-    if H < 2:  # a projection makes h smaller than the cell (LSTMP; torch.nn.LSTM requires proj_size < H)
-        drawable.discard("proj")
-    if variant == "layernorm":  # LayerNorm with a projection or a clip is not defined
-        drawable -= {"proj", "clip"}
+    drawable = set(drawable_features(variant, features, max_H=H))
     if weight_scale == "overflow":  # no room for a margin around a clip there
         drawable.discard("clip")
     if not structured:
@@ -749,16 +761,17 @@ _DEFAULT_STRUCTURE = Structure()
 
 
 @st.composite
-def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure, features):
+def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure, features,
+           require):
     variant = draw(st.sampled_from(variants), label="variant")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
-    min_H = 2 if variant == "layernorm" else 1
+    min_H = 2 if variant == "layernorm" or "proj" in require else 1
     T = draw(_dim("T", 1, max_T), label="T")
     B = draw(_dim("B", 1, max_B), label="B")
     D = draw(_dim("D", 1, max_D), label="D")
     # H drawn independently of D, so D != H is the common case, with H == D and H == 1 sought too.
     H = draw(st.one_of(_dim("H", min_H, max_H), st.just(max(min_H, min(D, max_H)))), label="H")
-    if structure is not None and structure.cell_clip is not None:  # no room for a margin around a clip there
+    if (structure is not None and structure.cell_clip is not None) or "clip" in require:  # no room for a clip's margin
         weight_scales = tuple(w for w in weight_scales if w != "overflow") or ("saturating",)
     weight_scale = draw(_weight_scales(weight_scales), label="weight_scale")
     # Near-constant rows put each gate's spread at about sqrt(ln_eps) under a common value of the weight
@@ -767,7 +780,7 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
     # and JAX agree with the implementation), so the two are not combined.
     near_constant_allowed = variant == "layernorm" and weight_scale != "overflow"
     fields = _structure_fields(draw, variant=variant, structure=structure, H=H, weight_scale=weight_scale,
-                               features=features)
+                               features=features, require=require)
     if not CaseSpec(**fields).structure.replace(lengths=False).is_default:
         near_constant_allowed = False  # near-constant rows are drawn in the default structure only
     return CaseSpec(
@@ -798,6 +811,7 @@ def case_specs(
     ln_eps: float = DEFAULT_LN_EPS,
     structure: Structure | None = _DEFAULT_STRUCTURE,
     features: frozenset[str] | set[str] | tuple[str, ...] = FEATURES,
+    require: frozenset[str] | set[str] | tuple[str, ...] = (),
 ) -> st.SearchStrategy[CaseSpec]:
     """Strategy for :class:`CaseSpec`. Arguments are validated up front.
 
@@ -805,7 +819,11 @@ def case_specs(
     1 or unsorted random); None draws structures, as for an implementation that is configurable: up to
     :data:`MAX_LAYERS` layers, both directions, lengths, projections, CIFG and clipping, each in a modest
     share of the cases (:data:`STRUCTURED_ONE_IN`), shrinking towards the default structure. ``features``
-    (of :data:`harness.structure.FEATURES`) are those drawn structures may use (what some oracle computes).
+    (of :data:`harness.structure.FEATURES`) are those drawn structures may use (what some oracle computes);
+    ``require`` (of ``features``, drawable in every variant: :func:`drawable_features`): every drawn
+    structure has these features on and no other (a search that makes sure a feature is checked: alone,
+    so that its minimal failing case names it, and in few structures, each a build or trace for some
+    oracles).
     """
     variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
     if not variants or any(v not in VARIANTS for v in variants):
@@ -834,9 +852,20 @@ def case_specs(
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise InvalidArgument(f"features: expected a subset of {FEATURES}, got unknown {unknown}")
+    require = frozenset(require)
+    if require:
+        if structure is not None:
+            raise InvalidArgument(f"require: features are required of drawn structures only (structure=None), "
+                                  f"got structure={structure!r}")
+        for variant in variants:
+            cannot = sorted(require - drawable_features(variant, features, max_H=max_H))
+            if cannot:
+                raise InvalidArgument(f"require: expected features a drawn {variant} case can have (of "
+                                      f"{sorted(drawable_features(variant, features, max_H=max_H))}), got {cannot}")
     return _specs(
         variants=variants, dtypes=dtypes, max_T=max_T, max_B=max_B, max_D=max_D, max_H=max_H,
         weight_scales=weight_scales, ln_eps=float(ln_eps), structure=structure, features=frozenset(features),
+        require=require,
     )
 
 

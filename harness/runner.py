@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,26 @@ from hypothesis import given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
-from harness.cases import PROFILES, Case, CaseSpec, build_case, case_file_name, case_specs, replay_command
+from harness.cases import (
+    PROFILES,
+    Case,
+    CaseSpec,
+    build_case,
+    case_file_name,
+    case_specs,
+    drawable_features,
+    replay_command,
+)
 from harness.check import check_case
 from harness.contract import DIRECTIONS, quantities
 from harness.records import Record, RecordKey, keep_worst, order_records
+from harness.structure import FEATURES
 from harness.subject import Subject
 from oracles.base import Oracle
 
-__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "note_skipped", "same_cases_in_every_process"]
+__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "MIN_FEATURE_CASES", "feature_floor",
+           "note_skipped",
+           "same_cases_in_every_process"]
 
 
 @dataclass
@@ -64,6 +76,21 @@ class CheckFailed(Exception):
         self.case = case
         super().__init__("\n\n".join(r.message for r in records if not r.ok))
 
+
+#: The fewest cases of a configurable implementation's check that have each structure feature the check can
+#: draw, at the default budget and above. The search draws each feature in a modest share of its cases
+#: (harness.cases.STRUCTURED_ONE_IN), shrinking towards the default structure, so a feature could go
+#: unchecked: a projection (which also needs H >= 2) was drawn in none of the 600 cases of a certification,
+#: which certified a wrong projection gradient. A feature drawn in fewer cases gets a search of its own with
+#: only that feature on. A smaller budget asks for fewer (:func:`feature_floor`), never for none.
+MIN_FEATURE_CASES = 5
+
+
+def feature_floor(max_examples: int) -> int:
+    """The fewest cases each drawable structure feature gets in a check of ``max_examples`` cases:
+    :data:`MIN_FEATURE_CASES` at the default budget (60) and above, one in twelve of the budget below it,
+    and at least one, so that no feature an implementation computes is certified unchecked."""
+    return min(MIN_FEATURE_CASES, max(1, -(-max_examples // 12)))
 
 #: Searches per check: after a failure is shrunk, the search starts again blind to the quantities
 #: already known to fail, so that a second, independent discrepancy (another gradient, another
@@ -189,8 +216,9 @@ def run_checks(
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
     structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and
-    at least one of ``oracles`` computes (none: the default structure only). An oracle that does not
-    compute a case's structure is skipped for that case; its records say on how many cases
+    at least one of ``oracles`` computes (none: the default structure only), each such feature in at least
+    :func:`feature_floor` cases (a search of its own with the feature on, where the drawn cases had fewer).
+    An oracle that does not compute a case's structure is skipped for that case; its records say on how many cases
     (:func:`note_skipped`). ``stats``, when given, receives ``cases`` (generated), ``features`` (cases per
     structure feature) and ``skipped`` (oracle -> reason -> cases).
     """
@@ -199,47 +227,67 @@ def run_checks(
     # A configurable implementation gets drawn structures, using the features it and some oracle here compute.
     computed = frozenset(f for o in oracles if not o.unsupported_reason(info.variant, dtype)
                          for f in getattr(o, "structures", ()))
-    strategy = case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
+
+    def strategy(require: frozenset[str] = frozenset()) -> Any:
+        return case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
                           structure=None if info.configurable else info.structure,
-                          features=computed & info.structures)
+                          features=computed & info.structures, require=require)
+
     skipped: dict[str, dict[str, int]] = {}
     features: dict[str, int] = {}
     worst: dict[RecordKey, Record] = {}
     failed: dict[RecordKey, Record] = {}
     largest: dict[RecordKey, tuple[Record, Case]] = {}
     examples = 0
-    for _ in range(MAX_SEARCHES):
-        try:
-            with same_cases_in_every_process():
-                search = _search(subject, oracles, strategy, run, set(failed), progress, examples, largest, skipped)
-        except BaseException as exc:
-            # Something outside the comparison stopped the search (a crashed or hung worker, an
-            # interrupt): what earlier searches found is still true; hand it to the caller.
-            _attach_largest(failed, largest, run, info.name)
-            exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
-            raise
-        examples += search.examples
-        for feature, n in search.features.items():
-            features[feature] = features.get(feature, 0) + n
-        for r in search.worst.values():
-            keep_worst(worst, r)
-        if search.failure is None:
-            break
-        case = search.failure.case
-        case_file = ""
-        if run.case_dir is not None:
-            case_file = str(case.save(run.case_dir / case_file_name(info.name, case)))
-        for r in search.failure.records:
-            if r.ok or r.key in failed:
-                continue
-            r.case_file = case_file
-            r.replay = replay_command(case_file, run.replay_target, r.oracle)
-            if search.flaky:
-                r.add_note(search.flaky)
-            failed[r.key] = r
-        if {r.key for r in search.failure.records} <= failed.keys():
-            break  # every quantity already fails: nothing left to find
+
+    def searches(cases: Any, budget: RunSettings) -> None:
+        """Search until no new failure turns up (at most MAX_SEARCHES times), each search blind to the
+        quantities already known to fail."""
+        nonlocal examples
+        for _ in range(MAX_SEARCHES):
+            try:
+                with same_cases_in_every_process():
+                    search = _search(subject, oracles, cases, budget, set(failed), progress, examples, largest,
+                                     skipped)
+            except BaseException as exc:
+                # Something outside the comparison stopped the search (a crashed or hung worker, an
+                # interrupt): what earlier searches found is still true; hand it to the caller.
+                _attach_largest(failed, largest, run, info.name)
+                exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
+                raise
+            examples += search.examples
+            for feature, n in search.features.items():
+                features[feature] = features.get(feature, 0) + n
+            for r in search.worst.values():
+                keep_worst(worst, r)
+            if search.failure is None:
+                return
+            case = search.failure.case
+            case_file = ""
+            if run.case_dir is not None:
+                case_file = str(case.save(run.case_dir / case_file_name(info.name, case)))
+            for r in search.failure.records:
+                if r.ok or r.key in failed:
+                    continue
+                r.case_file = case_file
+                r.replay = replay_command(case_file, run.replay_target, r.oracle)
+                if search.flaky:
+                    r.add_note(search.flaky)
+                failed[r.key] = r
+            if {r.key for r in search.failure.records} <= failed.keys():
+                return  # every quantity already fails: nothing left to find
+
+    searches(strategy(), run)
+    if info.configurable:
+        # Each feature the search could draw and drew in fewer cases than its floor gets a search of its own
+        # with that feature alone on in every case, up to the floor.
+        floor = feature_floor(run.hypothesis_settings().max_examples)
+        for feature in FEATURES:
+            if feature in drawable_features(info.variant, computed & info.structures, max_H=run.max_H):
+                short = floor - features.get(feature, 0)
+                if short > 0:
+                    searches(strategy(frozenset({feature})), replace(run, max_examples=short))
     _attach_largest(failed, largest, run, info.name)
     records = _stamped({**worst, **failed}, examples, oracles)
     records += note_skipped(records, skipped, info, dtype, examples)

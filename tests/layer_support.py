@@ -18,7 +18,7 @@ from oracles.base import Oracle, Reference
 
 #: The planted bugs :func:`layer_forward` can carry.
 BUGS = ("reverse_ignores_lengths", "padded_steps_update", "gradient_through_clip", "separate_forget_gate",
-        "layer_fed_h_T")
+        "layer_fed_h_T", "projection_gradient_scaled")
 
 
 def _cell(x_t, h, c, p, structure: Structure, bugs: frozenset[str]):
@@ -36,7 +36,10 @@ def _cell(x_t, h, c, p, structure: Structure, bugs: frozenset[str]):
             c_new = c_new.clamp(-clip, clip)
     h_new = torch.sigmoid(a_o) * torch.tanh(c_new)
     if structure.proj_size:
-        h_new = h_new @ p["proj"].T
+        proj = p["proj"]
+        if "projection_gradient_scaled" in bugs:  # the right value, and 1.01 times the projection's gradient
+            proj = proj + 0.01 * (proj - proj.detach())
+        h_new = h_new @ proj.T
     return h_new, c_new
 
 

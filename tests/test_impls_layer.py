@@ -528,6 +528,7 @@ def test_the_case_that_failed_first_is_counted_by_its_structure(monkeypatch):
     from oracles.finite_diff import FiniteDifferenceOracle
 
     monkeypatch.setattr(runner, "MAX_SEARCHES", 1)
+    monkeypatch.setattr(runner, "MIN_FEATURE_CASES", 0)  # the drawn search alone: no search for a short feature
     impl = _WrongWhenStacked()
     stats: dict = {}
     records = run_checks(InProcessSubject(impl, validate(impl)), [FiniteDifferenceOracle()], dtype="float64",

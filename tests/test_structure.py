@@ -18,7 +18,7 @@ from harness.clipping import MARGIN, cell_values
 from harness.compare import TOLERANCES, compare_arrays, decode_index, first_bad_by_direction
 from harness.contract import ContractError, gradient_keys, param_shapes, quantities, quantity_specs, validate
 from harness.records import format_direction_steps
-from harness.structure import Structure
+from harness.structure import FEATURES, Structure
 from harness.subject import InProcessSubject
 
 torch = pytest.importorskip("torch")  # the test-only layer and oracle here are torch autograd
@@ -345,6 +345,25 @@ def test_drawn_structures_shrink_to_the_default_and_mostly_stay_there():
     assert all(s.structure.is_default for s in _sample(100))
 
 
+@pytest.mark.parametrize("feature", ["layers", "bidirectional", "lengths", "proj", "cifg", "clip"])
+def test_a_required_feature_is_on_in_every_drawn_case_and_no_other(feature):
+    specs = _sample(60, structure=None, require={feature})
+    assert all(s.structure.features() == {feature} for s in specs)
+    assert feature != "proj" or all(s.H >= 2 for s in specs)
+    assert feature != "clip" or all(s.weight_scale != "overflow" for s in specs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(require={"proj"}, variants=("layernorm",), structure=None), r"require: .*layernorm.*got \['proj'\]"),
+    (dict(require={"proj"}, max_H=1, structure=None), r"require: .*got \['proj'\]"),
+    (dict(require={"clip"}, features={"layers"}, structure=None), r"require: .*got \['clip'\]"),
+    (dict(require={"layers"}, structure=Structure()), "require: features are required of drawn structures only"),
+])
+def test_a_feature_that_cannot_be_drawn_cannot_be_required(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        case_specs(**kwargs)
+
+
 def test_layernorm_draws_no_projection_or_clip():
     specs = _sample(variants=("layernorm",), structure=None)
     assert not any(s.proj_size or s.cell_clip for s in specs)
@@ -420,6 +439,31 @@ def test_a_correct_configurable_layer_is_certified_with_skips_counted():
     assert prefixed  # structured cases were compared, under their prefixed names
 
 
+def test_each_feature_is_checked_in_enough_cases_and_a_projection_bug_is_caught_at_the_default_budget():
+    # The search draws a structure in one case of three and a projection only where H >= 2: at the default
+    # budget a certification drew no projection in 600 cases and certified a wrong projection gradient.
+    from harness.runner import MIN_FEATURE_CASES, RunSettings, feature_floor, run_checks
+
+    assert [feature_floor(n) for n in (1, 12, 13, 48, 60, 500)] == [1, 1, 2, 4, 5, 5] and MIN_FEATURE_CASES == 5
+    impl = ConfigurableTorchLayer()
+    for budget, floor in ((None, 5), (30, 3), (3, 1)):  # the ci profile's 60 cases, then fewer
+        stats: dict = {}
+        run_checks(InProcessSubject(impl, validate(impl)), ORACLES[:1], dtype="float64",
+                   run=RunSettings(max_examples=budget), stats=stats)
+        assert all(stats["features"].get(f, 0) >= floor for f in FEATURES), (budget, stats["features"])
+    # Only the features some oracle computes are sought.
+    stats = {}
+    run_checks(InProcessSubject(impl, validate(impl)), [TorchLayerOracle("some", frozenset({"layers", "cifg"}))],
+               dtype="float64", run=RunSettings(max_examples=3), stats=stats)
+    assert set(stats["features"]) == {"layers", "cifg"} and min(stats["features"].values()) >= 1
+    result = harness.certify(ConfigurableTorchLayer(bugs=("projection_gradient_scaled",)), oracles=ORACLES[:1],
+                             dtypes=["float64"], max_examples=10, write_report=False)
+    assert result.verdict == "discrepancies", result.summary(verbose=False)
+    failing = [r for r in result.records if r.status == "fail"]
+    assert {r.quantity for r in failing} == {"dproj"}, {r.quantity for r in failing}
+    assert all(Structure.from_dict(r.case["structure"]).features() == {"proj"} for r in failing)
+
+
 def test_a_fixed_structure_is_checked_in_exactly_that_structure():
     impl = TorchLayer(num_layers=2, bidirectional=True, accepts_lengths=True)
     result = harness.certify(impl, oracles=ORACLES[:1], dtypes=["float64"], max_examples=15, write_report=False)
@@ -440,6 +484,7 @@ def test_a_fixed_structure_is_checked_in_exactly_that_structure():
     ("gradient_through_clip", CaseSpec(T=4, B=3, cell_clip=True, weight_scale="large", seed=1)),
     ("separate_forget_gate", CaseSpec(T=4, B=3, cifg=True, seed=1)),
     ("layer_fed_h_T", CaseSpec(T=4, B=3, num_layers=2, seed=1)),
+    ("projection_gradient_scaled", CaseSpec(T=4, B=3, H=3, proj_size=2, seed=1)),
 ])
 def test_each_planted_bug_of_the_test_layer_departs_on_its_structure(bug, spec):
     impl = ConfigurableTorchLayer(bugs=(bug,))
@@ -524,7 +569,9 @@ def test_a_parallel_run_prints_one_structure_line_per_implementation_and_dtype(t
     result = certify("impls.loop:LoopLSTM", oracles=["finite-differences", "onnx-reference"], jobs=2,
                      max_examples=3, dtypes=["float64"], report_dir=tmp_path)
     (note,) = [n for n in result.notes if "by layer structure" in n]  # one line for the two searches
-    assert note.startswith("loop (float64): 6 cases in 2 searches by layer structure: ")
+    drawn = {r.oracle: r.examples for r in result.records}  # each unit's cases: 3, and a few more for each feature
+    total = drawn["finite-differences"] + drawn["onnx-reference"]
+    assert total > 6 and note.startswith(f"loop (float64): {total} cases in 2 searches by layer structure: ")
 
 
 def test_structure_notes_of_several_searches_merge_into_one_line():
