@@ -40,10 +40,11 @@ match prints spells out the whole convention, so that evaluated on the same obje
 
 An implementation of a layer structure (:mod:`harness.structure`: stacked layers, both directions,
 lengths, ...) gets its trial cases in that structure, with lengths of their own per row when it takes
-them, and the references are the same equations over the whole layer. When a bidirectional one does
-not match as declared, its outputs are also compared with the standard layer's re-arranged
-(:mod:`harness.layer_diagnosis`): the reverse direction's final state taken after its first step, the
-two directions swapped in y, in the states or in the parameters, states in direction-major order.
+them, and the references are the same equations over the whole layer. When a bidirectional one, or
+one with lengths, does not match as declared, its outputs are also compared with the standard layer's
+re-arranged (:mod:`harness.layer_diagnosis`): the reverse direction's final state taken after its first
+step, the two directions swapped in y, in the states or in the parameters, states in direction-major
+order, final states taken with the padded steps run.
 When that explains every output no cell convention is tried; when it explains some, the text says
 which. Cell conventions are tried only through an adapter that computes the implementation's own
 structure; where :func:`harness.adapt.adapt` gives one of another structure the search ends there,
@@ -612,8 +613,9 @@ class _Search:
             self._ignored_states(trial, subject, limits, executions)
 
     def _layer(self, trial: Trial, subject: Any, limits: Limits, executions: list[Any]) -> None:
-        """What the outputs as declared show about a bidirectional layer (:mod:`harness.layer_diagnosis`)."""
-        if not self.info.structure.bidirectional:
+        """What the outputs as declared show about a bidirectional layer or one with lengths
+        (:mod:`harness.layer_diagnosis`)."""
+        if not (self.info.structure.bidirectional or self.info.structure.lengths):
             return
         originals = self.refs.cases(trial.variant)
         for case in originals[len(executions):]:

@@ -1,9 +1,12 @@
-"""What a bidirectional implementation gets wrong about its directions and its states' order.
+"""What a bidirectional implementation, or one that takes lengths, gets wrong about its directions, its
+states' order and where its final states are taken.
 
-The whole-layer contract (:mod:`harness.structure`) fixes three things a layer written by hand easily
+The whole-layer contract (:mod:`harness.structure`) fixes four things a layer written by hand easily
 gets wrong without any cell equation being wrong: which half of y belongs to which direction, which
-index of the states' leading axis belongs to which cell (``layer * dirs + direction``), and which state
-of the reverse direction is its final one (the one after t = 0, its last step). :func:`recognise`
+index of the states' leading axis belongs to which cell (``layer * dirs + direction``), which state
+of the reverse direction is its final one (the one after t = 0, its last step), and, with lengths,
+that a row's state is held past its last valid step (its final state is the one after t = lengths[b]-1
+going forward; the reverse direction starts there). :func:`recognise`
 compares the outputs an implementation already gave, on the diagnosis's trial cases as declared, with
 the standard layer's outputs re-arranged, and says which re-arrangement they are.
 
@@ -16,7 +19,9 @@ than one layer); with every layer after the first reading the previous layer's y
 first. In each reading every output block (y; h_T and c_T of each cell) is matched against its own
 re-arrangements, the block as it is first: y with its two halves swapped; a state at the other
 direction's index; a state at its direction-major index; a reverse cell's state after its *first*
-step (at t = T-1, or t = lengths[b]-1 with lengths), the wrong end. The first reading under which
+step (at t = T-1, or t = lengths[b]-1 with lengths), the wrong end; with lengths, a cell's final state
+with the padded steps run too (every row through all T steps, each layer reading the masked y of the
+one below), as a layer that zeroes y past lengths[b] but lets the state run on gives it. The first reading under which
 every block of both cases matches some re-arrangement is the explanation; when none does, what the
 plain reading already explains is reported as a partial one.
 
@@ -57,12 +62,19 @@ def _first_step(structure: Structure) -> str:
     return "t = lengths[b]-1" if structure.lengths else "t = T-1"
 
 
+def _cell_name(quantity: str, k: int, d: int, structure: Structure) -> str:
+    """``h_T[layer 0, reverse] (index 1)``: a cell's block of a state, as the contract indexes it."""
+    if not structure.layered:
+        return quantity
+    return f"{quantity}[layer {k}, {DIRECTION_NAMES[d]}] (index {structure.dirs * k + d})"
+
+
 @dataclass(frozen=True)
 class LayerFact:
     """One thing the outputs show: a wrong ``reading`` of the inputs (``quantity`` None), or a
     ``quantity`` whose ``cells`` ((layer, direction) positions as the contract indexes them; none for
-    y) hold the re-arrangement ``kind`` ("swapped", "direction-major" or "first-step") of the standard
-    layer's values."""
+    y) hold the re-arrangement ``kind`` ("swapped", "direction-major", "first-step" or "padded") of the
+    standard layer's values."""
 
     kind: str
     quantity: str | None = None
@@ -87,8 +99,14 @@ class LayerFact:
         q, what = self.quantity, _STATE_WORDS[self.quantity]
         parts = []
         for k, d in self.cells:
-            at = f"{q}[layer {k}, {DIRECTION_NAMES[d]}] (index {2 * k + d})"
-            if self.kind == "swapped":
+            at = _cell_name(q, k, d, structure)
+            if self.kind == "padded":
+                who = f"the {DIRECTION_NAMES[d]} direction's" if structure.bidirectional else "the"
+                how = ("with every row run on through the padded steps to t = T-1, not held after t = lengths[b]-1"
+                       if d == 0 else
+                       "with every row started at t = T-1, over the padded steps, not at t = lengths[b]-1")
+                parts.append(f"{at} equals {who} final {what} {how}")
+            elif self.kind == "swapped":
                 parts.append(f"{at} equals the {DIRECTION_NAMES[1 - d]} direction's final {what}")
             elif self.kind == "direction-major":
                 j = 2 * k + d
@@ -110,7 +128,9 @@ class LayerFact:
         return {"swapped": f"{self.quantity}'s two directions swapped",
                 "direction-major": f"{self.quantity} in direction-major order",
                 "first-step": f"{self.quantity} of the reverse direction taken after {_first_step(structure)} "
-                              f"(its first step), not after t = 0"}[self.kind]
+                              f"(its first step), not after t = 0",
+                "padded": f"{self.quantity} taken with the padded steps run (the state not held past "
+                          f"lengths[b])"}[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "quantity": self.quantity,
@@ -167,14 +187,18 @@ class LayerFinding:
 
 @dataclass
 class _Outputs:
-    y: np.ndarray  # (T, B, 2 H_out)
-    h_T: np.ndarray  # (2L, B, H_out)
-    c_T: np.ndarray  # (2L, B, H)
-    first_h: np.ndarray  # (L, B, H_out): each reverse cell's state after its first step
-    first_c: np.ndarray  # (L, B, H)
+    y: np.ndarray  # (T, B, dirs H_out)
+    h_T: np.ndarray  # (L dirs, B, H_out), a leading axis of 1 added where the structure has none
+    c_T: np.ndarray  # (L dirs, B, H)
+    first_h: np.ndarray | None  # (L, B, H_out): each reverse cell's state after its first step (bidirectional)
+    first_c: np.ndarray | None  # (L, B, H)
+    padded_h: np.ndarray | None  # (L dirs, B, H_out): each cell's final state with the padded steps run (lengths)
+    padded_c: np.ndarray | None  # (L dirs, B, H)
 
 
 def _readings(s: Structure) -> list[tuple[str, ...]]:
+    if not s.bidirectional:  # every wrong reading is about the two directions
+        return [()]
     states: list[tuple[str, ...]] = [(), ("states",)] + ([("direction-major",)] if s.num_layers > 1 else [])
     concat: list[tuple[str, ...]] = [(), ("concat",)] if s.num_layers > 1 else [()]
     combos = [p + st + c for p in ((), ("params",)) for st in states for c in concat]
@@ -207,6 +231,11 @@ def _read(case: Case, reading: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray,
     return h0, c0, params
 
 
+def _lifted(states: np.ndarray, s: Structure) -> np.ndarray:
+    """States with the (L * dirs) leading axis, which a structure of one layer and direction has not."""
+    return np.asarray(states) if s.layered else np.asarray(states)[None]
+
+
 def _standard(case: Case, reading: tuple[str, ...]) -> _Outputs:
     from oracles.equations import lstm_forward
 
@@ -214,24 +243,38 @@ def _standard(case: Case, reading: tuple[str, ...]) -> _Outputs:
     h0, c0, params = _read(case, reading)
     x = np.asarray(case.x, np.float64)
     y, h_T, c_T = lstm_forward(case.variant, x, h0, c0, params, ln_eps=case.ln_eps, structure=s, lengths=case.lengths)
+    h0, c0 = _lifted(h0, s), _lifted(c0, s)  # (L dirs, B, .)
     cell = s.replace(num_layers=1, bidirectional=False, lengths=False)
     last = (np.full(case.B, case.T) if case.lengths is None else np.asarray(case.lengths)) - 1  # (B,)
-    first_h, first_c = [], []
+    first_h, first_c, padded_h, padded_c = [], [], [], []
     for k in range(s.num_layers):
         if k == 0:
             inp = x
         else:  # layer k reads the y of the layers below it
             below = s.replace(num_layers=k)
-            kept = {n: v for n, v in params.items() if int(n.split(".", 1)[0][1:]) < k}
-            inp, _, _ = lstm_forward(case.variant, x, h0[:2 * k], c0[:2 * k], kept, ln_eps=case.ln_eps,
-                                     structure=below, lengths=case.lengths)
-        step = inp[last, np.arange(case.B)][None]  # (1, B, D_k): where the reverse direction starts
-        own = {n[len(f"l{k}.reverse."):]: v for n, v in params.items() if n.startswith(f"l{k}.reverse.")}
-        _, h1, c1 = lstm_forward(case.variant, step, h0[2 * k + 1], c0[2 * k + 1], own, ln_eps=case.ln_eps,
-                                 structure=cell)
-        first_h.append(h1)
-        first_c.append(c1)
-    return _Outputs(y, h_T, c_T, np.stack(first_h), np.stack(first_c))
+            if below.layered:
+                kept = {n: v for n, v in params.items() if int(n.split(".", 1)[0][1:]) < k}
+                hb, cb = h0[: s.dirs * k], c0[: s.dirs * k]
+            else:  # one layer, one direction: names and states without the layer's prefix and axis
+                kept, hb, cb = layouts.cell_params(params, s, 0, 0), h0[0], c0[0]
+            inp, _, _ = lstm_forward(case.variant, x, hb, cb, kept, ln_eps=case.ln_eps, structure=below,
+                                     lengths=case.lengths)
+        for d in range(s.dirs):
+            own = layouts.cell_params(params, s, k, d)
+            j = s.dirs * k + d
+            if d == 1:  # the reverse cell's state after its first step
+                step = inp[last, np.arange(case.B)][None]  # (1, B, D_k): where the reverse direction starts
+                _, h1, c1 = lstm_forward(case.variant, step, h0[j], c0[j], own, ln_eps=case.ln_eps, structure=cell)
+                first_h.append(h1)
+                first_c.append(c1)
+            if s.lengths:  # the cell's final state with every row run through all T steps
+                seq = inp if d == 0 else inp[::-1]
+                _, hp, cp = lstm_forward(case.variant, seq, h0[j], c0[j], own, ln_eps=case.ln_eps, structure=cell)
+                padded_h.append(hp)
+                padded_c.append(cp)
+    return _Outputs(y, _lifted(h_T, s), _lifted(c_T, s),
+                    np.stack(first_h) if first_h else None, np.stack(first_c) if first_c else None,
+                    np.stack(padded_h) if padded_h else None, np.stack(padded_c) if padded_c else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,16 +285,20 @@ def _arrangements(quantity: str, j: int, s: Structure, out: _Outputs) -> list[tu
     """Block ``j`` of ``quantity`` (index j of the states' axis; 0 for y) re-arranged every way tried,
     as it is first."""
     if quantity == "y":
-        return [("as-is", out.y), ("swapped", layouts.swap_directions(out.y))]
-    states = out.h_T if quantity == "h_T" else out.c_T
-    first = out.first_h if quantity == "h_T" else out.first_c
+        return [("as-is", out.y)] + ([("swapped", layouts.swap_directions(out.y))] if s.bidirectional else [])
+    h = quantity == "h_T"
+    states, first, padded = (out.h_T, out.first_h, out.padded_h) if h else (out.c_T, out.first_c, out.padded_c)
     L = s.num_layers
-    k, d = divmod(j, 2)
-    found = [("as-is", states[j]), ("swapped", states[2 * k + 1 - d])]
-    if L > 1:
-        found.append(("direction-major", states[layouts.state_order_index(L, 2, "direction-major")[j]]))
-    if d == 1:
-        found.append(("first-step", first[k]))
+    k, d = divmod(j, s.dirs)
+    found = [("as-is", states[j])]
+    if s.bidirectional:
+        found.append(("swapped", states[2 * k + 1 - d]))
+        if L > 1:
+            found.append(("direction-major", states[layouts.state_order_index(L, 2, "direction-major")[j]]))
+        if d == 1 and first is not None:
+            found.append(("first-step", first[k]))
+    if padded is not None:
+        found.append(("padded", padded[j]))
     return found
 
 
@@ -268,7 +315,7 @@ def _blocks(s: Structure, checked: Sequence[str]) -> list[tuple[str, int]]:
     out = [("y", 0)] if "y" in checked else []
     for q in ("h_T", "c_T"):
         if q in checked:
-            out += [(q, j) for j in range(2 * s.num_layers)]
+            out += [(q, j) for j in range(s.dirs * s.num_layers)]
     return out
 
 
@@ -285,18 +332,18 @@ def _match(cases: Sequence[Case], outputs: Sequence[tuple[np.ndarray, ...]], sta
         index = ("y", "h_T", "c_T").index(q)
         kinds: list[str] | None = None
         for case, actual, ref, (rtol, atol) in zip(cases, outputs, standard, tols, strict=True):
-            a = actual[index] if q == "y" else actual[index][j]
+            a = actual[index] if q == "y" else _lifted(actual[index], case.structure)[j]
             here = [kind for kind, e in _arrangements(q, j, case.structure, ref) if _close(a, e, rtol, atol)]
             kinds = here if kinds is None else [k for k in kinds if k in here]
         found[(q, j)] = kinds[0] if kinds else None
     return found
 
 
-def _facts(reading: tuple[str, ...], matched: dict[tuple[str, int], str | None]) -> list[LayerFact]:
+def _facts(s: Structure, reading: tuple[str, ...], matched: dict[tuple[str, int], str | None]) -> list[LayerFact]:
     facts = [LayerFact(r) for r in READINGS if r in reading]
     for q in ("y", "h_T", "c_T"):
-        for kind in ("swapped", "direction-major", "first-step"):
-            cells = tuple(divmod(j, 2) for (qq, j), k in matched.items() if qq == q and k == kind)
+        for kind in ("swapped", "direction-major", "first-step", "padded"):
+            cells = tuple(divmod(j, s.dirs) for (qq, j), k in matched.items() if qq == q and k == kind)
             if cells:
                 facts.append(LayerFact(kind, q, () if q == "y" else cells))
     return facts
@@ -305,14 +352,14 @@ def _facts(reading: tuple[str, ...], matched: dict[tuple[str, int], str | None])
 def recognise(cases: Sequence[Case], outputs: Sequence[tuple[np.ndarray, ...]], *,
               unchecked: Sequence[str] = ()) -> LayerFinding | None:
     """What the forward ``outputs`` (y, h_T, c_T of each case, as the implementation gave them) show
-    about a bidirectional layer (see the module docstring); None when the structure is not
-    bidirectional, when the outputs do not have the contract's shapes, or when nothing is recognised.
+    about a bidirectional layer or one with lengths (see the module docstring); None when the structure
+    has neither, when the outputs do not have the contract's shapes, or when nothing is recognised.
     ``cases`` are as the implementation received them (its declared limits applied); ``unchecked``:
     forward quantities it cannot produce, left out."""
     if not cases or len(cases) != len(outputs):
         return None
     s = cases[0].structure
-    if not s.bidirectional:
+    if not (s.bidirectional or s.lengths):
         return None
     for case, out in zip(cases, outputs, strict=True):
         states = s.state_shapes(B=case.B, H=case.H)
@@ -326,9 +373,9 @@ def recognise(cases: Sequence[Case], outputs: Sequence[tuple[np.ndarray, ...]], 
         standard = [_standard(c, reading) for c in cases]
         matched = _match(cases, outputs, standard, blocks)
         if all(k is not None for k in matched.values()):
-            facts = _facts(reading, matched)
+            facts = _facts(s, reading, matched)
             return LayerFinding(s, facts, complete=True, checked=checked) if facts else None
         if not reading:
             plain = matched
-    facts = _facts((), plain or {})
+    facts = _facts(s, (), plain or {})
     return LayerFinding(s, facts, complete=False, checked=checked) if facts else None

@@ -1,7 +1,8 @@
-"""diagnose on implementations of a fixed layer structure: trial cases in their own structure, and what a
-bidirectional layer's outputs show (the reverse direction's final state taken at the wrong end, the two
-directions swapped in y, in the states or in the parameters, states in direction-major order), each named
-with its coordinates; a correct layer of any structure is "standard" with no hint."""
+"""diagnose on implementations of a fixed layer structure: trial cases in their own structure, and what the
+outputs of a bidirectional layer or one with lengths show (the reverse direction's final state taken at the
+wrong end, the two directions swapped in y, in the states or in the parameters, states in direction-major
+order, final states taken with the padded steps run), each named with its coordinates; a correct layer of
+any structure is "standard" with no hint."""
 
 from __future__ import annotations
 
@@ -76,6 +77,28 @@ class StatesIndexedReverseFirst(planted._Planted):
         return y, h_T[swap], c_T[swap], cache
 
 
+class StatesRunThroughPadding(planted._Planted):
+    """y as the contract says, but every cell's h_T and c_T taken with each row run through all T steps: the
+    forward direction on through the padding to t = T-1, the reverse one from t = T-1 over it (a layer that
+    masks y but not its states)."""
+
+    structure = Structure(num_layers=2, bidirectional=True, lengths=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        y, h_T, c_T, _ = self.inner.forward(x, h0, c0, params, lengths=lengths)
+        h_T, c_T = h_T.copy(), c_T.copy()
+        for k in range(2):
+            below = {n: v for n, v in params.items() if n.startswith("l0.")}
+            inp = x if k == 0 else LoopLSTM(bidirectional=True, accepts_lengths=True).forward(
+                x, h0[:2], c0[:2], below, lengths=lengths)[0]  # the masked y of layer 0
+            for d, seq in ((0, inp), (1, inp[::-1])):
+                prefix = f"l{k}.reverse." if d else f"l{k}."
+                own = {n[len(prefix):]: v for n, v in params.items()
+                       if n.startswith(prefix) and (d or not n.startswith(f"l{k}.reverse."))}
+                _, h_T[2 * k + d], c_T[2 * k + d], _ = LoopLSTM().forward(seq, h0[2 * k + d], c0[2 * k + d], own)
+        return y, h_T, c_T, None
+
+
 #: planted bug -> the facts its diagnosis must name, from how it is planted (cells as (layer, direction)).
 BUGS = {
     planted.ReverseFinalAtWrongEnd: [LayerFact("first-step", "h_T", ((0, 1),))],
@@ -92,6 +115,9 @@ BUGS = {
                                 LayerFact("swapped", "c_T", ((0, 0), (0, 1), (1, 0), (1, 1)))],
     planted.FinalStatesDirectionsSwapped: [LayerFact("swapped", "h_T", ((0, 0), (0, 1))),
                                            LayerFact("swapped", "c_T", ((0, 0), (0, 1)))],
+    planted.PaddedStepsUpdateState: [LayerFact("padded", "h_T", ((0, 0),)), LayerFact("padded", "c_T", ((0, 0),))],
+    StatesRunThroughPadding: [LayerFact("padded", "h_T", ((0, 0), (0, 1), (1, 0), (1, 1))),
+                              LayerFact("padded", "c_T", ((0, 0), (0, 1), (1, 0), (1, 1)))],
 }
 
 
@@ -123,6 +149,12 @@ def test_a_planted_layer_bug_is_named(bug):
      "h_T[layer 0, reverse] (index 1) equals the final hidden state of layer 1, forward (direction-major index 1)"),
     (planted.FinalStatesDirectionsSwapped,
      "h_T[layer 0, forward] (index 0) equals the reverse direction's final hidden state"),
+    (planted.PaddedStepsUpdateState,
+     "h_T equals the final hidden state with every row run on through the padded steps to t = T-1, not held "
+     "after t = lengths[b]-1"),
+    (StatesRunThroughPadding,
+     "c_T[layer 1, reverse] (index 3) equals the reverse direction's final cell state with every row started at "
+     "t = T-1, over the padded steps, not at t = lengths[b]-1"),
 ])
 def test_the_finding_is_said_with_its_coordinates(bug, words):
     assert words in diagnose(bug()).text()
