@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cases import Case, digest_in_name, load_case, replay_command
-from harness.check import check_case, structure_reason
+from harness.check import check_case, sharing_references, structure_reason
 from harness.diagnose import diagnose_subject
 from harness.files import check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
@@ -137,16 +137,24 @@ def _run_jobs(jobs_list: list[Job], plan: Plan, jobs: int, display: Progress,
             job.close()  # the children open their own
         run_parallel(jobs_list, plan.units, jobs, display, done)
         return
-    for unit in plan.units:
-        job = jobs_list[unit.job]
-        display.begin(unit.label)
+    # One oracle object per name for the whole run, as a parallel child has: each job made its own from the
+    # names it was given, and the references its units share are kept per oracle object.
+    same: dict[str, Any] = {}
+    for job in jobs_list:
+        for oracle in job.oracles:
+            same.setdefault(oracle.name, oracle)
+    with sharing_references():
+        for unit in plan.units:
+            job = jobs_list[unit.job]
+            display.begin(unit.label)
 
-        def progress(n: int, label: str = unit.label) -> None:
-            display.update(label, n)
+            def progress(n: int, label: str = unit.label) -> None:
+                display.update(label, n)
 
-        records, notes = run_unit(job.subject, unit.oracles, unit.dtype, job.settings, progress, apart=unit.apart)
-        display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
-        done(unit, records, notes)
+            records, notes = run_unit(job.subject, [same[o.name] for o in unit.oracles], unit.dtype, job.settings,
+                                      progress, apart=unit.apart)
+            display.end(unit.label, max((r.examples for r in records), default=0), unit_outcome(records))
+            done(unit, records, notes)
 
 
 def _plan(jobs_list: list[Job], jobs: int, units: Sequence[str] | None,

@@ -9,7 +9,10 @@ search (:mod:`harness.runner`) calls this for every case it draws.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,62 @@ from harness.structure import parse_prefix
 from harness.subject import Execution, Subject
 from oracles.base import Oracle, Reference
 
-__all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors", "structure_reason"]
+__all__ = ["check_case", "compare_execution", "records_for", "tolerance_factors", "structure_reason",
+           "sharing_references", "SHARED_CASE_BYTES", "SHARED_REFERENCES"]
+
+
+# --------------------------------------------------------------------------------------------------
+# References shared by the units of one run
+
+#: Cases of at most this many bytes (all their arrays) have their references kept while sharing.
+SHARED_CASE_BYTES = 1 << 18
+#: References kept per oracle while sharing, the least recently used dropped first.
+SHARED_REFERENCES = 1024
+
+_shared: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], Reference]] | None = None
+
+
+@contextmanager
+def sharing_references() -> Iterator[None]:
+    """While open, :func:`check_case` reuses the reference an oracle object gave for a case with the same
+    content (:meth:`harness.cases.Case.digest`: every array, the variant, dtype, structure and lengths).
+
+    The units of one run certify several implementations of a variant (``loop`` and ``stacked``, a user's
+    version and its adapter) on the same derandomized cases, and each oracle computed each case again for
+    each of them. A reference depends only on the case's numbers and on the oracle's settings, which do
+    not change while a run lasts; it is read, never changed, by the comparisons. Small cases only
+    (:data:`SHARED_CASE_BYTES`), at most :data:`SHARED_REFERENCES` per oracle, and nothing outlives the
+    outermost block: a later run, with an oracle reconfigured in between, starts afresh.
+    """
+    global _shared
+    outer = _shared
+    if outer is None:
+        _shared = weakref.WeakKeyDictionary()
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def _reference(oracle: Any, case: Case, digest: str) -> Reference:
+    """``oracle.reference(case)``, or the one it gave for the same case while sharing."""
+    shared = _shared
+    if shared is None or sum(a.nbytes for a in (*case.arrays().values(), *case.upstream)) > SHARED_CASE_BYTES:
+        return oracle.reference(case)
+    try:
+        kept = shared.setdefault(oracle, OrderedDict())
+    except TypeError:  # an oracle object that cannot be weakly referenced or hashed: nothing is kept
+        return oracle.reference(case)
+    key = (digest, case.variant, case.dtype, case.T, case.B, case.D, case.H)
+    ref = kept.get(key)
+    if ref is not None:
+        kept.move_to_end(key)
+        return ref
+    ref = oracle.reference(case)
+    kept[key] = ref
+    while len(kept) > SHARED_REFERENCES:
+        kept.popitem(last=False)
+    return ref
 
 
 def records_for(
@@ -266,7 +324,7 @@ def check_case(
         ref = (references or {}).get(oracle.name)
         if ref is None:
             try:
-                ref = oracle.reference(case)
+                ref = _reference(oracle, case, case_info["digest"])
             except Exception as exc:
                 # Reported, never fatal; and an error, not a skip: a check that could not be made
                 # must not leave the verdict "certified".

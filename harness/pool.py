@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
+from harness.check import sharing_references
 from harness.contract import ContractError
 from harness.isolation import ChildProcess, describe_exit
 from harness.plugins import LoadError
@@ -35,27 +36,28 @@ def _unit_child(conn: Any, payload: dict[str, Any]) -> None:
     subjects: dict[bytes, Any] = {}
     conn.send(("ready",))
     try:
-        while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                break
-            _, unit_id, opening, dtype, names, settings, apart = message
-            key = pickle.dumps(opening)
-            if key not in subjects:
-                try:
-                    subjects[key], _ = open_subject(**opening)
-                except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-                    conn.send(("failed", unit_id, str(exc) if isinstance(exc, (LoadError, ContractError))
-                               else f"{type(exc).__name__}: {exc}"))
-                    continue
+        with sharing_references():  # the units here share the oracles' references of identical cases
+            while True:
+                message = conn.recv()
+                if message[0] == "stop":
+                    break
+                _, unit_id, opening, dtype, names, settings, apart = message
+                key = pickle.dumps(opening)
+                if key not in subjects:
+                    try:
+                        subjects[key], _ = open_subject(**opening)
+                    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+                        conn.send(("failed", unit_id, str(exc) if isinstance(exc, (LoadError, ContractError))
+                                   else f"{type(exc).__name__}: {exc}"))
+                        continue
 
-            def progress(n: int, unit_id: int = unit_id) -> None:
-                conn.send(("progress", unit_id, n))
+                def progress(n: int, unit_id: int = unit_id) -> None:
+                    conn.send(("progress", unit_id, n))
 
-            records, notes = run_unit(subjects[key], [oracles[n] for n in names], dtype,
-                                      RunSettings(**settings), progress, apart=apart)
-            probed = {n: oracles[n].availability() for n in names if hasattr(oracles[n], "availability")}
-            conn.send(("done", unit_id, records, notes, probed))
+                records, notes = run_unit(subjects[key], [oracles[n] for n in names], dtype,
+                                          RunSettings(**settings), progress, apart=apart)
+                probed = {n: oracles[n].availability() for n in names if hasattr(oracles[n], "availability")}
+                conn.send(("done", unit_id, records, notes, probed))
     finally:
         for subject in subjects.values():
             close = getattr(subject, "close", None)

@@ -42,8 +42,7 @@ from harness.subject import Subject
 from oracles.base import Oracle
 
 __all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "MIN_FEATURE_CASES", "feature_floor",
-           "note_skipped",
-           "same_cases_in_every_process"]
+           "note_skipped", "same_cases_in_every_process"]
 
 
 @dataclass
@@ -91,6 +90,7 @@ def feature_floor(max_examples: int) -> int:
     :data:`MIN_FEATURE_CASES` at the default budget (60) and above, one in twelve of the budget below it,
     and at least one, so that no feature an implementation computes is certified unchecked."""
     return min(MIN_FEATURE_CASES, max(1, -(-max_examples // 12)))
+
 
 #: Searches per check: after a failure is shrunk, the search starts again blind to the quantities
 #: already known to fail, so that a second, independent discrepancy (another gradient, another

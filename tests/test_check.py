@@ -245,3 +245,109 @@ def test_peephole_weight_gradients_get_room_in_proportion_to_the_cell_state():
     for q in ("dp_i", "dp_f", "dp_o"):
         assert by_quantity[q].tolerance_factors[PEEPHOLE_CELL] >= magnitude
     assert all(PEEPHOLE_CELL not in r.tolerance_factors for q, r in by_quantity.items() if not q.startswith("dp_"))
+
+
+# --------------------------------------------------------------------------------------------------
+# References shared while a run lasts
+
+
+class Counting(Oracle):
+    """The finite-difference reference, counting the cases it is asked for."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def reference(self, case):
+        self.calls += 1
+        return FD.reference(case)
+
+
+class Unhashable(Counting):
+    """An oracle object that cannot be a dictionary key: nothing of it is kept."""
+
+    name = "unhashable"
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _records(impl, oracle, case=CASE):
+    return [(r.quantity, r.status, r.ratio) for r in _check(impl, oracles=(oracle,), case=case)]
+
+
+def test_while_sharing_an_identical_case_is_computed_once_per_oracle_and_the_records_do_not_change():
+    from harness.check import sharing_references
+    from impls.stacked import StackedLSTM
+
+    alone = Counting()
+    expected = [_records(LoopLSTM(), alone), _records(StackedLSTM(), alone)]
+    assert alone.calls == 2  # no sharing outside the block
+    oracle, other = Counting(), Counting()
+    with sharing_references():
+        assert [_records(LoopLSTM(), oracle), _records(StackedLSTM(), oracle)] == expected
+        assert oracle.calls == 1
+        _records(LoopLSTM(), other)  # each oracle object keeps its own
+        assert other.calls == 1
+        changed = CASE.copy()
+        changed.x[0, 0, 0] += 1e-9  # one element: another case
+        _records(LoopLSTM(), oracle, changed)
+        assert oracle.calls == 2
+        with sharing_references():  # an inner block shares the outer one's references
+            _records(LoopLSTM(), oracle)
+        assert oracle.calls == 2
+        unhashable = Unhashable()
+        _records(LoopLSTM(), unhashable)
+        _records(LoopLSTM(), unhashable)
+        assert unhashable.calls == 2
+    with sharing_references():  # a new run starts afresh
+        _records(LoopLSTM(), oracle)
+    assert oracle.calls == 3
+
+
+def test_sharing_keeps_small_cases_only_and_a_bounded_number(monkeypatch):
+    from harness import check
+
+    big = build_case(CaseSpec(T=8, B=4, D=8, H=8, seed=3))
+    monkeypatch.setattr(check, "SHARED_CASE_BYTES", sum(a.nbytes for a in (*big.arrays().values(), *big.upstream)) - 1)
+    oracle = Counting()
+    with check.sharing_references():
+        _records(LoopLSTM(), oracle, big)
+        _records(LoopLSTM(), oracle, big)
+        assert oracle.calls == 2  # too large to keep
+        monkeypatch.setattr(check, "SHARED_REFERENCES", 2)
+        cases = [build_case(CaseSpec(T=2, B=1, D=2, H=2, seed=s)) for s in range(3)]
+        for case in cases:
+            _records(LoopLSTM(), oracle, case)
+        assert oracle.calls == 5
+        _records(LoopLSTM(), oracle, cases[2])  # kept
+        _records(LoopLSTM(), oracle, cases[0])  # the least recently used, dropped
+        assert oracle.calls == 6
+
+
+def test_a_run_of_several_implementations_gives_the_records_each_gives_alone(monkeypatch):
+    """certify_many checks loop and stacked on the same cases, sharing the references: its records are
+    those of two certifications that share nothing with each other."""
+    from harness.api import certify, certify_many
+
+    targets = ["impls.loop:LoopLSTM", "impls.stacked:StackedLSTM"]
+    kw = dict(oracles=["finite-differences"], dtypes=["float64"], max_examples=6, write_report=False)
+
+    def rows(result):
+        return sorted((r.oracle, r.quantity, r.status, r.ratio, r.examples) for r in result.records)
+
+    calls = []
+    real = FiniteDifferenceOracle.reference
+
+    def counted(self, case):
+        calls.append(case.digest())
+        return real(self, case)
+
+    monkeypatch.setattr(FiniteDifferenceOracle, "reference", counted)
+    together = certify_many(targets, **kw)
+    shared = len(calls)
+    calls.clear()
+    alone = [certify(t, **kw) for t in targets]
+    assert [rows(r) for r in together] == [rows(r) for r in alone]
+    assert all(r.verdict == "certified" for r in together)
+    # the second implementation's cases were the first's: each computed once in the run of both
+    assert shared == len(set(calls)) < len(calls)
