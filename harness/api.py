@@ -39,6 +39,7 @@ from harness.session import (
     select_oracles,
     select_units,
 )
+from harness.structure import FEATURES, Structure
 from harness.summary import details, summary_table, terminal_text
 from harness.unit import StoredSubject, disagreement, mark_unchecked, merge_structure_notes, restricted, run_unit
 from reports.html import write_html
@@ -343,7 +344,24 @@ def _diagnosis(job: Job, records: Sequence[Record], display: Progress) -> dict[s
         return {"headline": "", "text": f"the convention search could not run: {type(exc).__name__}: {exc}"}
     finally:
         display.end("diagnosis", 0, "done")
-    return found.to_dict()
+    out = found.to_dict()
+    failing = [r for r in records if r.status == "fail"]
+    structures = [Structure.from_dict(r.case["structure"]) for r in failing if r.case.get("structure")]
+    if found.status == "standard" and job.info.configurable and len(structures) == len(failing):
+        # The search's trial cases are in the default structure, where it matches; saying only that on top
+        # of findings that all need some feature (a projection, lengths, ...) read as a contradiction.
+        used = [_FEATURE_NOUNS[f] for f in FEATURES if any(f in s.features() for s in structures)]
+        where = ", ".join(used)
+        out["headline"] = (f"in one layer, one direction and full lengths it matches the standard LSTM as declared, "
+                           f"its backward too; every failing case has {where}: the findings say where")
+        out["text"] += (f"\nThe trial cases above are one layer in one direction over full lengths. Every case that "
+                        f"failed has {where}; the findings give each one's minimal case.")
+    return out
+
+
+#: How a diagnosis names the structure features its trial cases leave out.
+_FEATURE_NOUNS = {"layers": "stacked layers", "bidirectional": "two directions", "lengths": "lengths",
+                  "proj": "a projection", "cifg": "coupled input and forget gates", "clip": "cell clipping"}
 
 
 def _finish(job: Job, records: list[Record], notes: list[str], settings_base: dict[str, Any], *, command: str,

@@ -462,6 +462,12 @@ def test_each_feature_is_checked_in_enough_cases_and_a_projection_bug_is_caught_
     failing = [r for r in result.records if r.status == "fail"]
     assert {r.quantity for r in failing} == {"dproj"}, {r.quantity for r in failing}
     assert all(Structure.from_dict(r.case["structure"]).features() == {"proj"} for r in failing)
+    # The convention search's trial cases have no projection: what it says on top names what they leave out.
+    assert result.diagnosis["status"] == "standard"
+    assert result.diagnosis["headline"] == (
+        "in one layer, one direction and full lengths it matches the standard LSTM as declared, its backward "
+        "too; every failing case has a projection: the findings say where")
+    assert "Every case that failed has a projection" in result.diagnosis["text"]
 
 
 def test_a_fixed_structure_is_checked_in_exactly_that_structure():
