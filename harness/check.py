@@ -63,10 +63,11 @@ def sharing_references() -> Iterator[None]:
         _shared = outer
 
 
-def _reference(oracle: Any, case: Case, digest: str) -> Reference:
-    """``oracle.reference(case)``, or the one it gave for the same case while sharing."""
+def _reference(oracle: Any, case: Case, digest: str | None) -> Reference:
+    """``oracle.reference(case)``, or the one it gave for the same case while sharing; ``digest`` is the
+    case's, or None for a case too large to keep (:data:`SHARED_CASE_BYTES`)."""
     shared = _shared
-    if shared is None or sum(a.nbytes for a in (*case.arrays().values(), *case.upstream)) > SHARED_CASE_BYTES:
+    if shared is None or digest is None:
         return oracle.reference(case)
     try:
         kept = shared.setdefault(oracle, OrderedDict())
@@ -304,6 +305,8 @@ def check_case(
     execution: Execution | None = None
     records: list[Record] = []
     case_info = case.info()
+    small = sum(a.nbytes for a in (*case.arrays().values(), *case.upstream)) <= SHARED_CASE_BYTES
+    digest = case_info["digest"] if small else None  # the key of its references while sharing
     for oracle in oracles:
         why = oracle.unsupported_reason(info.variant, case.dtype)
         base = dict(implementation=info.name, oracle=oracle.name, variant=info.variant, dtype=case.dtype)
@@ -324,7 +327,7 @@ def check_case(
         ref = (references or {}).get(oracle.name)
         if ref is None:
             try:
-                ref = _reference(oracle, case, case_info["digest"])
+                ref = _reference(oracle, case, digest)
             except Exception as exc:
                 # Reported, never fatal; and an error, not a skip: a check that could not be made
                 # must not leave the verdict "certified".

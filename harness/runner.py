@@ -283,11 +283,11 @@ def run_checks(
         # Each feature the search could draw and drew in fewer cases than its floor gets a search of its own
         # with that feature alone on in every case, up to the floor.
         floor = feature_floor(run.hypothesis_settings().max_examples)
-        for feature in FEATURES:
-            if feature in drawable_features(info.variant, computed & info.structures, max_H=run.max_H):
-                short = floor - features.get(feature, 0)
-                if short > 0:
-                    searches(strategy(frozenset({feature})), replace(run, max_examples=short))
+        drawable = drawable_features(info.variant, computed & info.structures, max_H=run.max_H)
+        for feature in (f for f in FEATURES if f in drawable):
+            short = floor - features.get(feature, 0)
+            if short > 0:
+                searches(strategy(frozenset({feature})), replace(run, max_examples=short))
     _attach_largest(failed, largest, run, info.name)
     records = _stamped({**worst, **failed}, examples, oracles)
     records += note_skipped(records, skipped, info, dtype, examples)
