@@ -23,6 +23,7 @@ from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
 from harness.files import ReportDirError, check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import DEFAULT_TIMEOUT, GIB
+from harness.quick_exit import run_then_exit
 from harness.records import Record, printable, verdict
 from harness.session import MAX_TIMEOUT
 from harness.summary import terminal_text
@@ -745,7 +746,7 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "certify": cmd_certify, "diagnose"
 
 
 #: Exit codes of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "SIGPIPE": 141}
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -780,6 +781,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lstm-harness {args.command}: interrupted by SIGINT", file=sys.stderr)
         return EXIT_SIGNAL["SIGINT"]
+    except BrokenPipeError:
+        # The reader of standard output went away (`lstm-harness list | head`): nothing more to say. What is
+        # still buffered goes nowhere, so that the exit's flush does not fail on the closed pipe again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (a test's capture)
+            pass
+        return EXIT_SIGNAL["SIGPIPE"]
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -800,5 +809,11 @@ def _print_interrupted(exc: Any, args: argparse.Namespace) -> None:
         _print_files(result.report_files, result.report_problems)
 
 
+def entry() -> None:
+    """The ``lstm-harness`` command (and ``python -m harness``): :func:`main` on ``sys.argv``, then an exit
+    that skips tearing the frameworks down (:mod:`harness.quick_exit`)."""
+    run_then_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

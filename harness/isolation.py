@@ -44,6 +44,7 @@ import numpy as np
 
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
+from harness.quick_exit import run_then_exit
 from harness.structure import Structure
 from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
@@ -482,7 +483,7 @@ def _child_main(fd: int, module: str, function: str) -> None:
     sys.path[:] = path + [p for p in sys.path if p not in path]
     import importlib
 
-    getattr(importlib.import_module(module), function)(conn, payload)
+    run_then_exit(lambda: getattr(importlib.import_module(module), function)(conn, payload))
 
 
 def check_timeout(timeout: Any, name: str = "timeout") -> None:
