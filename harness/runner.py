@@ -14,6 +14,7 @@ of its own), and steers generation towards larger errors with ``hypothesis.targe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,8 +42,8 @@ from harness.structure import FEATURES
 from harness.subject import Subject
 from oracles.base import Oracle
 
-__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "MIN_FEATURE_CASES", "feature_floor",
-           "note_skipped", "same_cases_in_every_process"]
+__all__ = ["run_checks", "RunSettings", "CheckFailed", "MAX_SEARCHES", "MAX_RUNS_PER_SEARCH", "MIN_FEATURE_CASES",
+           "feature_floor", "note_skipped", "same_cases_in_every_process"]
 
 
 @dataclass
@@ -105,7 +106,7 @@ class _Search:
     worst: dict[RecordKey, Record] = field(default_factory=dict)
     #: The failing record with the largest error per key, on whatever case (shrinking included), and its case.
     largest: dict[RecordKey, tuple[Record, Case]] = field(default_factory=dict)
-    examples: int = 0  # cases generated before the failure; shrinking attempts are not counted
+    examples: int = 0  # distinct cases checked before the failure; shrinking attempts are not counted
     #: Of those cases, how many used each structure feature (harness.structure.FEATURES).
     features: dict[str, int] = field(default_factory=dict)
     #: The structure features of the first case that failed (counted with the others once the search ends).
@@ -114,24 +115,56 @@ class _Search:
     flaky: str = ""
 
 
+#: Hypothesis runs one search may take to check its budget of distinct cases. Some draws of a run are cases
+#: checked already (see run_checks), which are neither run again nor counted; a run that ends short of the
+#: budget is followed by another, on a fresh stream of draws (:func:`_run_seed`) asked for twice what is
+#: missing, its draws past the budget passed over unrun.
+MAX_RUNS_PER_SEARCH = 4
+
+
+def _run_seed(run: RunSettings, attempt: int) -> int | None:
+    """The seed of a search's run number ``attempt``: the first is the user's (or Hypothesis's choice: the
+    derandomized profile's stream, or a random one); each later one derived from it, so that a derandomized
+    or seeded search draws the same cases in every process, and a random one stays random."""
+    if attempt == 0:
+        return run.seed
+    if run.seed is None and not run.hypothesis_settings().derandomize:
+        return None
+    digest = hashlib.sha256(f"{run.seed}|run {attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: RunSettings, ignore: set[RecordKey],
             progress: Callable[[int], None] | None, counted: int,
-            largest: dict[RecordKey, tuple[Record, Case]], skipped: dict[str, dict[str, int]]) -> _Search:
+            largest: dict[RecordKey, tuple[Record, Case]], skipped: dict[str, dict[str, int]],
+            passed: dict[str, float | None]) -> _Search:
     out = _Search(largest=largest)
+    wanted = run.hypothesis_settings().max_examples
 
     def one(spec: CaseSpec) -> None:
         case = build_case(spec)
+        digest = case.digest()
+        if digest in passed:  # checked already, and it passed: see run_checks
+            score = passed[digest]
+            if score is not None:
+                target(score, label="worst error / tolerance")
+            return
+        if out.first_failing is None and out.examples >= wanted:
+            return  # a later run's draw past the budget (MAX_RUNS_PER_SEARCH)
         records = check_case(subject, oracles, case, skipped=skipped)
         compared = [r.ratio for r in records if r.status in ("pass", "fail") and r.ratio is not None]
-        if compared:  # steer generation towards the cases that err most (finite values only)
-            target(float(min(max(compared), 1e12)), label="worst error / tolerance")
+        score = float(min(max(compared), 1e12)) if compared else None
+        if score is not None:  # steer generation towards the cases that err most (finite values only)
+            target(score, label="worst error / tolerance")
         for r in records:
             if r.status == "fail":
                 seen = out.largest.get(r.key)
                 if seen is None or (r.ratio or 0.0) > (seen[0].ratio or 0.0):
                     out.largest[r.key] = (r, case)
         failing = [r for r in records if not r.ok and r.key not in ignore]
-        if out.failure is None and not failing:
+        if not failing:
+            passed[digest] = score
+        if out.first_failing is None and not failing:  # a case drawn, not one tried while shrinking
             out.examples += 1
             for feature in case.structure.features():
                 out.features[feature] = out.features.get(feature, 0) + 1
@@ -144,20 +177,25 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
         for r in records:
             keep_worst(out.worst, r)
 
-    test = given(strategy)(one)
-    test = run.hypothesis_settings()(test)
-    if run.seed is not None:
-        test = hypothesis_seed(run.seed)(test)
-    try:
-        test()
-    except CheckFailed as exc:
-        out.failure = exc
-    except Flaky as exc:  # the implementation gave different verdicts for the same case
-        out.failure = _find_check_failed(exc)
-        out.flaky = ("the failure did not reproduce when the same case ran again: the implementation is "
-                     "nondeterministic or keeps state between calls")
-        if out.failure is None:
-            raise
+    for attempt in range(MAX_RUNS_PER_SEARCH):
+        test = given(strategy)(one)
+        draws = wanted if attempt == 0 else 2 * (wanted - out.examples)
+        test = settings(run.hypothesis_settings(), max_examples=draws)(test)
+        seed = _run_seed(run, attempt)
+        if seed is not None:
+            test = hypothesis_seed(seed)(test)
+        try:
+            test()
+        except CheckFailed as exc:
+            out.failure = exc
+        except Flaky as exc:  # the implementation gave different verdicts for the same case
+            out.failure = _find_check_failed(exc)
+            out.flaky = ("the failure did not reproduce when the same case ran again: the implementation is "
+                         "nondeterministic or keeps state between calls")
+            if out.failure is None:
+                raise
+        if out.failure is not None or out.examples >= wanted:
+            break
     if out.failure is not None:
         out.examples += 1  # the case that failed first
         for feature in out.first_failing or ():
@@ -212,7 +250,7 @@ def run_checks(
 
     Returns one record per (oracle, direction, quantity): for a quantity that failed, the record of
     its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set); otherwise the worst
-    passing record seen. ``examples`` on each record counts the cases generated, not shrinking.
+    passing record seen. ``examples`` on each record counts the distinct cases checked, not shrinking.
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
     structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and
@@ -239,6 +277,15 @@ def run_checks(
     worst: dict[RecordKey, Record] = {}
     failed: dict[RecordKey, Record] = {}
     largest: dict[RecordKey, tuple[Record, Case]] = {}
+    # The cases that passed (every quantity not already known to fail), by digest, with their target score,
+    # kept across this check's searches. A case drawn again is neither run nor counted: the counts are of
+    # distinct cases, and a search runs Hypothesis again until it has checked its budget of them
+    # (MAX_RUNS_PER_SEARCH). Hypothesis draws one case more than once: two choices can make the same value
+    # (a dimension of 1 is drawn as a special value or as an integer; the choices a case does not use at all
+    # are folded into its seed, see harness.cases), and a search after a failure replays the first one's
+    # draws. It is passed, not rejected: Hypothesis replays some draws itself, and a draw that passed once and
+    # is rejected later is flaky in its eyes. A failing case is always run: shrinking replays it.
+    passed: dict[str, float | None] = {}
     examples = 0
 
     def searches(cases: Any, budget: RunSettings) -> None:
@@ -249,7 +296,7 @@ def run_checks(
             try:
                 with same_cases_in_every_process():
                     search = _search(subject, oracles, cases, budget, set(failed), progress, examples, largest,
-                                     skipped)
+                                     skipped, passed)
             except BaseException as exc:
                 # Something outside the comparison stopped the search (a crashed or hung worker, an
                 # interrupt): what earlier searches found is still true; hand it to the caller.

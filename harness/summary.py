@@ -137,8 +137,8 @@ def checked_table(records: Sequence[Record]) -> str:
             rows.append(([impl] if named else []) + [oracle, *cells, cases])
     headers = (["implementation"] if named else []) + ["oracle", *(f"{d} {c}" for d, c in columns), "cases"]
     parts = [_table(headers, rows) if rows else "(nothing was compared)"]
-    parts.append("(each cell: status and largest error as a multiple of the tolerance; cases: generated per check, "
-                 "shrinking not counted)")
+    parts.append("(each cell: status and largest error as a multiple of the tolerance; cases: distinct cases per "
+                 "check, shrinking not counted)")
     if skipped:
         parts.append("Not checked:")
         parts += [f"  - {reason} ({n} {'check' if n == 1 else 'checks'})" for reason, n in skipped.items()]

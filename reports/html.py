@@ -144,7 +144,7 @@ class Cell:
     anchor: str = ""
     count: int = 0
     reason: str = ""  # first line of the first non-passing record's reason (why skipped, ...)
-    examples: int = 0  # cases generated for this check (all its searches)
+    examples: int = 0  # distinct cases of this check (all its searches)
 
 
 @dataclass

@@ -391,8 +391,9 @@ def test_report_of_a_broken_implementation_shows_the_gate_and_quantity(tmp_path)
         def backward(self, dy, dh_T, dc_T, cache):
             grads = super().backward(dy, dh_T, dc_T, cache)
             H = grads["R"].shape[0] // 4
-            grads["R"] = grads["R"].copy()
-            grads["R"][H : 2 * H] *= 1.01
+            if H >= 2:  # so that the minimal case has a heatmap to draw (none is drawn for a 1 x 1 block)
+                grads["R"] = grads["R"].copy()
+                grads["R"][H : 2 * H] *= 1.01
             return grads
 
     impl = ForgetGradBug()

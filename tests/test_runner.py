@@ -109,3 +109,84 @@ def test_an_interrupted_run_keeps_what_it_already_found():
     partial = err.value.partial_records
     dW = next(r for r in partial if r.quantity == "dW")
     assert dW.status == "fail" and dW.case["T"] < 6
+
+
+class CountingFD(FiniteDifferenceOracle):
+    """The finite-difference oracle, noting the digest of every case it is asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def reference(self, case):
+        self.asked.append(case.digest())
+        return super().reference(case)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_each_distinct_case_is_checked_once_and_counted_once(dtype):
+    # Hypothesis draws some cases more than once; a repeat is neither run again nor counted, so a check's
+    # count of cases is of distinct cases, the floor of each structure feature included.
+    impl = LoopLSTM()
+    oracle = CountingFD()
+    stats: dict = {}
+    records = run_checks(InProcessSubject(impl, validate(impl)), [oracle], dtype=dtype,
+                         run=RunSettings(max_examples=60), stats=stats)
+    assert len(oracle.asked) == len(set(oracle.asked)) == stats["cases"]
+    assert all(r.examples == stats["cases"] for r in records)
+
+
+@pytest.mark.parametrize("configurable", [False, True])
+def test_a_search_checks_its_budget_of_distinct_cases(configurable):
+    # Before, a 60-case search of a configurable implementation checked 27 distinct cases, and one in a
+    # fixed structure about 42: the rest were repeats. Now the repeats are passed over and Hypothesis runs
+    # again on fresh draws until the budget is met (the choices a case does not use are folded into its
+    # seed, so that there are fewer repeats to pass over).
+    import dataclasses
+
+    impl = LoopLSTM()
+    oracle = CountingFD()
+    stats: dict = {}
+    info = dataclasses.replace(validate(impl), configurable=configurable)
+    run_checks(InProcessSubject(impl, info), [oracle], dtype="float64", run=RunSettings(max_examples=60),
+               stats=stats)
+    distinct = len(set(oracle.asked))
+    if configurable:  # the budget, and the floor's cases of each structure feature drawn too rarely
+        assert distinct == stats["cases"] >= 60
+    else:
+        assert distinct == stats["cases"] == 60
+
+
+class AllWrongFromT3(LoopLSTM):
+    """Every output and gradient doubled once T >= 3: one search finds it all."""
+
+    name = "all-wrong-from-3"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        k = 2.0 if x.shape[0] >= 3 else 1.0
+        return y * k, h * k, c * k, (cache, k)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        cache, k = cache
+        return {name: g * k for name, g in super().backward(dy, dh_T, dc_T, cache).items()}
+
+
+def test_a_failing_check_counts_the_cases_drawn_up_to_its_failure_not_those_tried_while_shrinking():
+    impl = AllWrongFromT3()
+    oracle = CountingFD()
+    shapes: list[int] = []
+    real = oracle.reference
+
+    def reference(case):
+        shapes.append(case.T)
+        return real(case)
+
+    oracle.reference = reference
+    records = run_checks(InProcessSubject(impl, validate(impl)), [oracle], dtype="float64",
+                         run=RunSettings(max_examples=60))
+    assert all(r.status == "fail" for r in records)
+    first_failing = next(i for i, T in enumerate(shapes) if T >= 3)
+    # The cases before the first failing one, and that one; the passing cases shrinking tried come after.
+    assert {r.examples for r in records} == {first_failing + 1}
+    assert len(shapes) > first_failing + 1  # shrinking did try cases
