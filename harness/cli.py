@@ -769,7 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM stops a run the way Ctrl-C does: what finished is reported, and the exit code says which signal.
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a buffered standard output meets a reader that went away here, not in a print
+        return code
     except (UsageError, LoadError, ContractError) as exc:
         print(printable(f"lstm-harness {args.command}: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,7 @@ buffered output and exit handlers are as a normal exit has them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -68,9 +69,14 @@ def test_a_message_given_to_sys_exit_is_printed_with_status_1():
     assert "a message" in proc.stderr
 
 
-def test_the_command_whose_reader_went_away_exits_141_without_a_traceback():
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_the_command_whose_reader_went_away_exits_141_without_a_traceback(unbuffered):
+    # Buffered (the default for a pipe), the closed pipe shows at the last flush; unbuffered, at the first print.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
     proc = subprocess.Popen([sys.executable, "-m", "harness", "list"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT)
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
     proc.stdout.close()  # before the command has printed anything: its first write meets a closed pipe
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141
