@@ -723,7 +723,7 @@ def drawable_features(variant: str, features: frozenset[str] | set[str] | tuple[
 
 
 def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, H: int, weight_scale: str,
-                      features: frozenset[str], require: frozenset[str]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+                      features: frozenset[str], require: frozenset[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
     or, when it is None, a drawn structure using only ``features`` (see :data:`STRUCTURED_ONE_IN`),
     with every feature of ``require`` on; and the choices drawn that the structure does not use, those
