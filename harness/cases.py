@@ -45,6 +45,7 @@ __all__ = [
     "LENGTHS",
     "structure_fields",
     "drawable_features",
+    "derived_seed",
     "OVERFLOW_SCALES",
     "register_profiles",
     "PROFILES",
@@ -829,8 +830,14 @@ def _folded_seed(seed: int, unused: tuple[str, ...]) -> int:
     """
     if not unused:
         return seed
-    digest = hashlib.sha256(f"{seed}|{'|'.join(unused)}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derived_seed(f"{seed}|{'|'.join(unused)}", bits=32)
+
+
+def derived_seed(text: str, *, bits: int) -> int:
+    """A seed of ``bits`` bits that ``text`` determines, the same in every process and on every host (unlike
+    ``hash``, which Python salts per process)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[: bits // 8], "little")
 
 
 def case_specs(

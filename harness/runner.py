@@ -14,7 +14,6 @@ of its own), and steers generation towards larger errors with ``hypothesis.targe
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from harness.cases import (
     build_case,
     case_file_name,
     case_specs,
+    derived_seed,
     drawable_features,
     replay_command,
 )
@@ -130,8 +130,7 @@ def _run_seed(run: RunSettings, attempt: int) -> int | None:
         return run.seed
     if run.seed is None and not run.hypothesis_settings().derandomize:
         return None
-    digest = hashlib.sha256(f"{run.seed}|run {attempt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    return derived_seed(f"{run.seed}|run {attempt}", bits=64)
 
 
 def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: RunSettings, ignore: set[RecordKey],
