@@ -88,9 +88,10 @@ class Record:
     atol: float | None = None
     atol_scale: float | None = None
     tolerance_dtype: str | None = None
-    #: Factors rtol and atol above already include, by reason: the case's LayerNorm condition number
-    #: (harness.conditioning), and 2 when the oracle computes in the same low precision as the
-    #: implementation (both sides then carry that precision's rounding).
+    #: Factors rtol and atol above already include, by reason: the case's LayerNorm condition number and,
+    #: in a float32 case that failed without it, the recurrence's measured amplification of float32
+    #: rounding (harness.conditioning); 2 when the oracle computes in the same low precision as the
+    #: implementation (both sides then carry that precision's rounding); max |c| for a peephole gradient.
     tolerance_factors: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why skipped, or the error / contract text
     traceback: str = ""
