@@ -10,10 +10,13 @@ Why buckets. Run eagerly, op by op, the equations cost hundreds of milliseconds 
 alone; compiled with ``jax.jit`` they cost microseconds, but ``jit`` compiles once per distinct
 (T, B, D, H), a few hundred milliseconds each, and a Hypothesis run draws a new shape almost every
 case. So every case is zero-padded up to a *bucket* (each of T, B, D, H rounded up to a power of
-two, at least :data:`FLOORS`), and one function per (variant, bucket) computes the outputs and the
-vector-Jacobian product together; the results are sliced back to the real shapes. Every case with
-T, D, H <= 16 and B <= 8 (the harness's default draws are smaller) falls in one bucket per variant, so
-a whole Hypothesis run compiles once per variant; larger cases add one bucket per doubling.
+two, at least :data:`FLOORS`), and one function per (variant, kind of cell, bucket) computes the
+outputs and the vector-Jacobian product of one direction of one layer together; the results are
+sliced back to the real shapes. A case runs as its cells (a layer structure below; the default
+structure is a single cell of the same function). Every case with T, D, H <= 16 and B <= 8 (the
+harness's default draws are smaller) falls in one bucket per variant, so a whole Hypothesis run
+compiles once per variant and kind of cell (projected or not); larger cases add one bucket per
+doubling.
 
 Why padding changes nothing but rounding. Padded entries of x, W, R, b, the peepholes, gamma,
 beta, h0, c0, dy, dh_T and dc_T are zero (W, R, b, gamma, beta padded block by block, so the
@@ -27,10 +30,11 @@ gate blocks i, f, g, o stay aligned), and
 * a padded input column of x meets zero columns of W; a padded batch row is all zero, is
   independent of the real rows in the forward pass, and receives zero cotangents (its dy, dh_T,
   dc_T are zero), so it adds exact zeros to the parameter gradients;
-* ``lax.scan`` runs over the bucketed T and keeps the carry (h, c) unchanged at steps t >= T (a
-  ``where`` on the traced true T), so h_T and c_T are the states at the real T; the discarded
-  branch gets a zero cotangent and every quantity in it is finite (x = 0 there, eps > 0 in the
-  root), so it contributes exact zeros to the gradients.
+* ``lax.scan`` runs over the bucketed T and keeps the carry (h, c) unchanged at steps t >= lengths[b]
+  (a ``where`` on the traced lengths; without lengths every row has the real T), so h_T and c_T are
+  the states at each row's last real step; the discarded branch gets a zero cotangent and every
+  quantity in it is finite (x = 0 there, eps > 0 in the root), so it contributes exact zeros to the
+  gradients.
 
 So every real quantity is the unpadded value plus exact zeros; only the order of floating-point
 summation inside matmuls and reductions may differ, which moves results by a few units in the last
@@ -49,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from harness.cases import Case
-from harness.contract import VARIANTS, gradient_keys, input_specs, output_specs
+from harness.contract import gradient_keys
 from harness.structure import FEATURES, Structure
 from oracles.base import Availability, Oracle, Reference, module_available
 from oracles.cells import run_by_cells
@@ -61,13 +65,8 @@ __all__ = ["JaxCompositeOracle", "FLOORS", "bucket", "bucket_sizes", "compilatio
 #: bucket that holds every default Hypothesis case is worth the wasted arithmetic.
 FLOORS: dict[str, int] = {"T": 16, "B": 8, "D": 16, "H": 16}
 
-#: How many times each (variant, T, B, D, H) bucket was traced, i.e. compiled. Tests read it.
-_TRACES: Counter[tuple[str, int, int, int, int]] = Counter()
-
-#: The same for the cells of structured cases: (variant, kind of cell, T, B, D, H buckets) as compiled.
-_STRUCTURED_TRACES: Counter[tuple[str, str, int, int, int, int]] = Counter()
-
-_JITTED: Any = None  # the jitted bucketed function, built on first use (JAX is imported lazily)
+#: How many times each (variant, kind of cell, T, B, D, H buckets) was traced, i.e. compiled. Tests read it.
+_TRACES: Counter[tuple[str, str, int, int, int, int]] = Counter()
 
 
 def bucket(n: int, floor: int) -> int:
@@ -84,8 +83,7 @@ def bucket_sizes(T: int, B: int, D: int, H: int) -> dict[str, int]:
 
 def compilations(variant: str | None = None) -> int:
     """How many buckets have been compiled in this process (for ``variant``, or all)."""
-    return (sum(n for key, n in _TRACES.items() if variant is None or key[0] == variant)
-            + sum(n for skey, n in _STRUCTURED_TRACES.items() if variant is None or skey[0] == variant))
+    return sum(n for key, n in _TRACES.items() if variant is None or key[0] == variant)
 
 
 def _jax() -> tuple[Any, Any]:
@@ -151,35 +149,7 @@ def _cell(jnp: Any, variant: str, p: dict[str, Any], x_t: Any, h: Any, c: Any,
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager, exact shapes: the baseline the bucketed path is tested against.
-
-
-def _eager_forward(jnp: Any, variant: str, a: dict[str, Any], ln_eps: float):
-    """-> y (T, B, H), h_T (B, H), c_T (B, H), a Python loop over t."""
-
-    def norm(v, k):  # biased variance over the H units, eps inside the root
-        mean = v.mean(axis=-1, keepdims=True)
-        var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
-        return (v - mean) / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
-
-    h, c = a["h0"], a["c0"]
-    ys = []
-    for t in range(a["x"].shape[0]):
-        h, c = _cell(jnp, variant, a, a["x"][t], h, c, norm)
-        ys.append(h)
-    return jnp.stack(ys), h, c
-
-
-def _eager(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
-    jax, jnp = _jax()
-    arrays = {k: jnp.asarray(v) for k, v in case.arrays().items()}
-    outputs, vjp = jax.vjp(lambda a: _eager_forward(jnp, case.variant, a, case.ln_eps), arrays)
-    (grads,) = vjp(tuple(jnp.asarray(u) for u in case.upstream))
-    return tuple(np.asarray(o) for o in outputs), {k: np.asarray(g) for k, g in grads.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Bucketed: zero-padded to a bucket, one compiled function per (variant, bucket).
+# Zero-padded to buckets: the pieces every compiled cell shares.
 
 
 def _masked_norm(jnp: Any, a: dict[str, Any], H: Any, ln_eps: Any) -> Callable[[Any, int], Any]:
@@ -195,42 +165,6 @@ def _masked_norm(jnp: Any, a: dict[str, Any], H: Any, ln_eps: Any) -> Callable[[
         return dev / jnp.sqrt(var + ln_eps) * a["gamma"][k] + a["beta"][k]
 
     return norm
-
-
-def _padded_forward(jax: Any, jnp: Any, variant: str, a: dict[str, Any], T: Any, H: Any, ln_eps: Any):
-    """The equations on padded arrays; ``T`` and ``H`` are the true sizes, traced scalars."""
-    norm = _masked_norm(jnp, a, H, ln_eps)
-
-    def step(carry, inputs):
-        h, c = carry
-        x_t, t = inputs
-        h_new, c_new = _cell(jnp, variant, a, x_t, h, c, norm)
-        live = t < T  # steps past the true T leave the state as it was
-        h, c = jnp.where(live, h_new, h), jnp.where(live, c_new, c)
-        return (h, c), h
-
-    Tb = a["x"].shape[0]
-    (h, c), y = jax.lax.scan(step, (a["h0"], a["c0"]), (a["x"], jnp.arange(Tb)))
-    return y, h, c
-
-
-def _bucketed_vjp(variant: str, arrays: dict[str, Any], upstream: tuple[Any, Any, Any], T: Any, H: Any,
-                  ln_eps: Any):
-    """Outputs and input/parameter gradients, in one compiled call."""
-    jax, jnp = _jax()
-    Tb, Bb, Db = arrays["x"].shape
-    _TRACES[(variant, Tb, Bb, Db, arrays["h0"].shape[1])] += 1  # runs once per trace, i.e. per compile
-    outputs, vjp = jax.vjp(lambda a: _padded_forward(jax, jnp, variant, a, T, H, ln_eps), arrays)
-    (grads,) = vjp(upstream)
-    return outputs, grads
-
-
-def _jitted() -> Any:
-    global _JITTED
-    if _JITTED is None:
-        jax, _ = _jax()
-        _JITTED = jax.jit(_bucketed_vjp, static_argnames=("variant",))
-    return _JITTED
 
 
 def _blocked(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
@@ -263,30 +197,16 @@ def _unpad(a: Any, shape: tuple[str, ...], real: dict[str, int], padded: dict[st
         _concrete(shape, real))
 
 
-def _bucketed(case: Case) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray]]:
-    _jax()
-    real = {"T": case.T, "B": case.B, "D": case.D, "H": case.H}
-    padded = bucket_sizes(**real)
-    specs = {s.name: s for s in input_specs() + VARIANTS[case.variant].params}
-    arrays = {k: _pad(v, specs[k].shape, real, padded) for k, v in case.arrays().items()}
-    outs = output_specs()
-    upstream = tuple(_pad(u, s.shape, real, padded) for u, s in zip(case.upstream, outs, strict=True))
-    outputs, grads = _jitted()(case.variant, arrays, upstream, np.int64(case.T), np.int64(case.H),
-                               np.float64(case.ln_eps))
-    return (tuple(_unpad(o, s.shape, real, padded) for o, s in zip(outputs, outs, strict=True)),
-            {k: _unpad(g, specs[k].shape, real, padded) for k, g in grads.items()})
-
-
 # ----------------------------------------------------------------------------------------------
-# A layer structure (layers, directions, lengths, projection, CIFG, clip): the cells of
-# Structure.cells(), each one direction of one layer scanned over time.
+# Every case as the cells of its Structure.cells() (layers, directions, lengths, projection, CIFG,
+# clip), each one direction of one layer scanned over time; the default structure is one cell.
 #
 # One compiled function per kind of cell, not per structure (why: oracles/cells.py, which chains
 # the cells): one direction of one layer, outputs and vector-Jacobian product, is compiled once per
-# variant, projected or not, and bucket of T, B, D, H and P; CIFG and the clip are traced. Padding
-# is exact for the reasons the module docstring gives for the default structure; in addition a
-# padded projection row is zero, so a padded feature of h is 0, and its columns of R and of the
-# next layer's W are zero.
+# variant, projected or not, and bucket of T, B, D, H and P; lengths, CIFG and the clip are traced,
+# so the default structure shares the compilation of every unprojected cell. Padding is exact for the
+# reasons the module docstring gives; in addition a padded projection row is zero, so a padded feature
+# of h is 0, and its columns of R and of the next layer's W are zero.
 
 #: The shape symbols of a cell's parameters: "4H" the gate blocks, "O" the features of h (P or H),
 #: "D" the cell's input features (D, or dirs * O above the first layer).
@@ -325,7 +245,7 @@ def _direction_vjp(variant: str, a: dict[str, Any], scalars: tuple[Any, ...], up
     kind of cell, which costs more than the gradients of a few cells below the top layer."""
     jax, jnp = _jax()
     T, B, D = a["x"].shape
-    _STRUCTURED_TRACES[(variant, "cell" + (" proj" if "proj" in a else ""), T, B, D, a["c0"].shape[-1])] += 1
+    _TRACES[(variant, "cell" + (" proj" if "proj" in a else ""), T, B, D, a["c0"].shape[-1])] += 1
     outputs, vjp = jax.vjp(lambda a: _direction(jax, jnp, variant, a, *scalars), a)
     (grads,) = vjp(upstream)
     return outputs, grads
@@ -454,10 +374,7 @@ class JaxCompositeOracle(Oracle):
         jax, _ = _jax()
         structured = not c.structure.is_default or c.lengths is not None
         with jax.default_device(jax.devices("cpu")[0]):
-            if structured:
-                (y, h_T, c_T), grads = (_layered if self.bucketed else _layered_eager)(c)
-            else:
-                (y, h_T, c_T), grads = (_bucketed if self.bucketed else _eager)(c)
+            (y, h_T, c_T), grads = (_layered if self.bucketed else _layered_eager)(c)
         if not self.bucketed:
             how = "eager on the exact shapes"
         elif structured:

@@ -177,13 +177,24 @@ def test_compilations_are_bounded_by_the_buckets_drawn():
     assert drawn
     assert len(drawn) <= len(VARIANTS)  # at the default floors, one bucket per variant holds them all
     traces = dict(jax_oracle._TRACES)
-    for key in drawn:
-        assert traces.get(key) == 1, (key, traces)  # compiled once, never retraced
-    # (compilations() also counts structured cases' compilations, which earlier tests in this process may have made)
-    assert compilations() - sum(jax_oracle._STRUCTURED_TRACES.values()) == sum(traces.values())
-    cache_size = getattr(jax_oracle._jitted(), "_cache_size", None)
+    for variant, *sizes in drawn:
+        assert traces.get((variant, "cell", *sizes)) == 1, (variant, sizes, traces)  # compiled once, never retraced
+    cache_size = getattr(jax_oracle._cell_jit(), "_cache_size", None)
     if cache_size is not None:  # a private JAX API: cross-check when present
-        assert cache_size() == len(traces)
+        assert cache_size() == len(traces) == compilations()
+
+
+def test_the_default_structure_shares_the_compilation_of_every_unprojected_cell():
+    """A case in the default structure is one cell of the function that computes each direction of each
+    layer: after it, stacked and bidirectional cases with lengths compile nothing more, and the reverse."""
+    spec = CaseSpec(variant="peephole", T=3, B=2, D=3, H=4, seed=1)
+    _FAST.reference(build_case(spec))
+    before = compilations("peephole")
+    _FAST.reference(structured_case(Structure(num_layers=2, bidirectional=True, lengths=True), variant="peephole",
+                                    T=4, B=2, D=3, H=4, seed=2))
+    _FAST.reference(build_case(spec.replace(seed=3, T=5)))
+    assert compilations("peephole") == before
+    assert ("peephole", "cell", *bucket_sizes(3, 2, 3, 4).values()) in jax_oracle._TRACES
 
 
 def test_dtype_eps_and_values_do_not_recompile():
@@ -200,13 +211,13 @@ def test_references_are_computed_on_the_cpu_even_where_jax_has_a_gpu(monkeypatch
     import jax
 
     seen = []
-    real = jax_oracle._bucketed
+    real = jax_oracle._layered
 
     def spy(case):
         seen.append(jax.numpy.zeros(1).devices())
         return real(case)
 
-    monkeypatch.setattr(jax_oracle, "_bucketed", spy)
+    monkeypatch.setattr(jax_oracle, "_layered", spy)
     JaxCompositeOracle().reference(build_case(CaseSpec(T=2, B=1, D=2, H=3, seed=0)))
     assert seen and all(d.platform == "cpu" for d in seen[0])
 
@@ -404,4 +415,4 @@ def test_structured_cases_compile_once_per_kind_of_cell_and_bucket():
     _FAST.reference(structured_case(s.replace(num_layers=3, proj_size=1), T=3, B=2, D=2, H=3, seed=1))
     # a projected cell, unless an earlier test compiled it; never a kind twice
     assert compilations() <= before + 1
-    assert set(jax_oracle._STRUCTURED_TRACES.values()) == {1}
+    assert set(jax_oracle._TRACES.values()) == {1}
