@@ -28,7 +28,10 @@ not assumed: for a smooth L about 15 times its own truncation error) plus the ro
 eps * sum|terms of L| * 4(T + 1) / s, and per coordinate the one with the smallest total is kept.
 The two smallest steps are taken only where the first four disagree by more than rounding: elsewhere
 they provably could not win (``_differences``), which saves a third of the evaluations.
-Twice that total is the value's error bound, and the comparison adds it to the tolerance. Where no step
+Twice that total is the value's error bound, and the comparison adds it to the tolerance; or twice
+the departure of the finer steps' values from the kept one beyond their rounding, where that is
+larger: two large steps can agree with each other on the far side of a bend that only smaller steps
+resolve, and the finer steps then show how far off the pair is. Where no step
 resolves the bend the bound is wide and honest: that element is left to the framework oracles.
 
 Evaluation. The points of L are evaluated in batches, one input moved per batch: the moved copies
@@ -467,9 +470,16 @@ class FiniteDifferenceOracle(Oracle):
         total[np.isnan(total)] = np.inf  # a rung across a clip boundary (its L is NaN) is never kept
         best = np.argmin(total, axis=1)
         rows = np.arange(n)
+        # A pair of large steps can agree with each other on the far side of a bend that only smaller
+        # steps resolve (a LayerNorm row with spread 1e-5 under a step of 1e-4): then the finer rungs
+        # depart from the kept value by more than their rounding, and that departure bounds its error
+        # too. (Rungs not evaluated, NaN, are those provably no better: they add nothing.)
+        finer = np.arange(R.shape[1])[None, :] > best[:, None]  # (n, LADDER - 1)
+        departure = np.where(finer, np.abs(R - R[rows, best][:, None]) - rounding, 0.0)
+        departure = np.nanmax(np.maximum(departure, 0.0), axis=1)
         # The neighbour disagreement is itself an estimate; a factor of 2 covers its own error
         # (measured: one near-constant LayerNorm case came to 1.002 times the unfactored bound).
-        bound = 2.0 * total[rows, best]
+        bound = 2.0 * np.maximum(total[rows, best], departure)
         # No rung left where every point crossed a clip boundary: an unbounded value, never a false alarm.
         return np.where(np.isinf(bound), 0.0, R[rows, best]), bound
 
