@@ -43,6 +43,8 @@ __all__ = [
     "slug",
     "MAX_CASE_BYTES",
     "LENGTHS",
+    "UNSORTED_LENGTHS",
+    "case_features",
     "structure_fields",
     "drawable_features",
     "derived_seed",
@@ -143,8 +145,24 @@ class CaseSpec:
 
 
 #: How a case's lengths are drawn (CaseSpec.lengths): none at all; every row the same length (drawn in
-#: 1..T); every row of length 1; each row its own length in 1..T, unsorted, with T among them.
+#: 1..T); every row of length 1; each row its own length in 1..T, unsorted, with T among them (and,
+#: where B >= 2 and T >= 2, not all the same).
 LENGTHS: tuple[str, ...] = ("none", "equal", "ones", "random")
+
+#: What :func:`case_features` adds for a case whose lengths are not in decreasing order: the order in which
+#: a batch arrives unless someone sorted it, and the one that an implementation written for sorted batches
+#: (``pack_padded_sequence``'s ``enforce_sorted=True`` habit) gets wrong. A search counts such cases apart
+#: (harness.runner: a floor of its own), since only "random" lengths with B >= 2 and T >= 2 have them.
+UNSORTED_LENGTHS = "unsorted lengths"
+
+
+def case_features(case: Case) -> frozenset[str]:
+    """The structure features of ``case`` (:meth:`Structure.features`), and :data:`UNSORTED_LENGTHS` when some
+    row is longer than the row before it."""
+    features = case.structure.features()
+    if case.lengths is not None and bool(np.any(np.diff(np.asarray(case.lengths)) > 0)):
+        return features | {UNSORTED_LENGTHS}
+    return features
 
 
 def slug(name: str) -> str:
@@ -655,7 +673,10 @@ def _lengths(spec: CaseSpec) -> np.ndarray:
     if spec.lengths == "equal":
         return np.full(B, rng.integers(1, T + 1), dtype=np.int64)
     lengths = rng.integers(1, T + 1, size=B)
-    lengths[rng.integers(B)] = T  # the longest row spans the whole sequence
+    longest = rng.integers(B)
+    lengths[longest] = T  # the longest row spans the whole sequence
+    if B > 1 and T > 1 and np.all(lengths == T):  # rows of one length are the "equal" kind: one row shorter
+        lengths[(longest + 1 + rng.integers(B - 1)) % B] = rng.integers(1, T)
     if B > 1 and len(set(lengths.tolist())) > 1 and np.all(np.diff(lengths) <= 0):
         lengths = lengths[::-1].copy()  # unsorted: never the decreasing order packed sequences may require
     return lengths.astype(np.int64)
@@ -724,13 +745,15 @@ def drawable_features(variant: str, features: frozenset[str] | set[str] | tuple[
 
 
 def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, H: int, weight_scale: str,
-                      features: frozenset[str], require: frozenset[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
+                      features: frozenset[str], require: frozenset[str], unsorted: bool
+                      ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The CaseSpec fields of the structure: ``structure`` exactly (lengths drawn when it has them),
     or, when it is None, a drawn structure using only ``features`` (see :data:`STRUCTURED_ONE_IN`),
     with every feature of ``require`` on; and the choices drawn that the structure does not use, those
-    not at their simplest value (see :func:`_folded_seed`)."""
+    not at their simplest value (see :func:`_folded_seed`). ``unsorted``: lengths of the "random" kind only."""
+    kinds = st.just("random") if unsorted else st.sampled_from(LENGTHS[1:])
     if structure is not None:
-        kind = draw(st.sampled_from(LENGTHS[1:]), label="lengths") if structure.lengths else "none"
+        kind = draw(kinds, label="lengths") if structure.lengths else "none"
         return structure_fields(structure, lengths=kind), ()
     if not features:
         return {}, ()
@@ -744,7 +767,7 @@ def _structure_fields(draw: Any, *, variant: str, structure: Structure | None, H
     if require:
         on = {name: name in require for name in FEATURES}
     num_layers = draw(st.integers(2, MAX_LAYERS), label="num_layers")
-    lengths = draw(st.sampled_from(LENGTHS[1:]), label="lengths")
+    lengths = draw(kinds, label="lengths")
     proj_size = draw(st.integers(1, max(1, H - 1)), label="proj_size")
     drawable = set(drawable_features(variant, features, max_H=H))
     if weight_scale == "overflow":  # no room for a margin around a clip there
@@ -773,12 +796,13 @@ _DEFAULT_STRUCTURE = Structure()
 
 @st.composite
 def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales, ln_eps, structure, features,
-           require):
+           require, unsorted):
     variant = draw(st.sampled_from(variants), label="variant")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     min_H = 2 if variant == "layernorm" or "proj" in require else 1
-    T = draw(_dim("T", 1, max_T), label="T")
-    B = draw(_dim("B", 1, max_B), label="B")
+    least = 2 if unsorted else 1  # rows in an order other than decreasing need two rows and two steps
+    T = draw(_dim("T", least, max_T), label="T")
+    B = draw(_dim("B", least, max_B), label="B")
     D = draw(_dim("D", 1, max_D), label="D")
     # H drawn independently of D, so D != H is the common case, with H == D and H == 1 sought too.
     H = draw(st.one_of(_dim("H", min_H, max_H), st.just(max(min_H, min(D, max_H)))), label="H")
@@ -791,7 +815,7 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
     # and JAX agree with the implementation), so the two are not combined.
     near_constant_allowed = variant == "layernorm" and weight_scale != "overflow"
     fields, unused = _structure_fields(draw, variant=variant, structure=structure, H=H, weight_scale=weight_scale,
-                                       features=features, require=require)
+                                       features=features, require=require, unsorted=unsorted)
     if not CaseSpec(**fields).structure.replace(lengths=False).is_default:
         near_constant_allowed = False  # near-constant rows are drawn in the default structure only
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
@@ -853,6 +877,7 @@ def case_specs(
     structure: Structure | None = _DEFAULT_STRUCTURE,
     features: frozenset[str] | set[str] | tuple[str, ...] = FEATURES,
     require: frozenset[str] | set[str] | tuple[str, ...] = (),
+    unsorted_lengths: bool = False,
 ) -> st.SearchStrategy[CaseSpec]:
     """Strategy for :class:`CaseSpec`. Arguments are validated up front.
 
@@ -864,7 +889,8 @@ def case_specs(
     ``require`` (of ``features``, drawable in every variant: :func:`drawable_features`): every drawn
     structure has these features on and no other (a search that makes sure a feature is checked: alone,
     so that its minimal failing case names it, and in few structures, each a build or trace for some
-    oracles).
+    oracles). ``unsorted_lengths``: every case has lengths in an order other than decreasing (the "random" kind,
+    B >= 2, T >= 2), in ``structure`` when it has lengths, else with ``require`` holding "lengths".
     """
     variants, dtypes, weight_scales = tuple(variants), tuple(dtypes), tuple(weight_scales)
     if not variants or any(v not in VARIANTS for v in variants):
@@ -903,10 +929,20 @@ def case_specs(
             if cannot:
                 raise InvalidArgument(f"require: expected features a drawn {variant} case can have (of "
                                       f"{sorted(drawable_features(variant, features, max_H=max_H))}), got {cannot}")
+    if not isinstance(unsorted_lengths, bool):
+        raise InvalidArgument(f"unsorted_lengths: expected a bool, got {unsorted_lengths!r}")
+    if unsorted_lengths:
+        has_lengths = structure.lengths if structure is not None else "lengths" in require
+        if not has_lengths:
+            raise InvalidArgument(f"unsorted_lengths: needs cases with lengths (a structure with lengths, or "
+                                  f"require with 'lengths'), got structure={structure!r}, require={sorted(require)}")
+        if max_B < 2 or max_T < 2:
+            raise InvalidArgument(f"unsorted_lengths: needs max_B >= 2 and max_T >= 2 (two rows, two steps), got "
+                                  f"max_B={max_B}, max_T={max_T}")
     return _specs(
         variants=variants, dtypes=dtypes, max_T=max_T, max_B=max_B, max_D=max_D, max_H=max_H,
         weight_scales=weight_scales, ln_eps=float(ln_eps), structure=structure, features=frozenset(features),
-        require=require,
+        require=require, unsorted=unsorted_lengths,
     )
 
 

@@ -26,9 +26,11 @@ from hypothesis.errors import Flaky
 
 from harness.cases import (
     PROFILES,
+    UNSORTED_LENGTHS,
     Case,
     CaseSpec,
     build_case,
+    case_features,
     case_file_name,
     case_specs,
     derived_seed,
@@ -165,13 +167,13 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             passed[digest] = score
         if out.first_failing is None and not failing:  # a case drawn, not one tried while shrinking
             out.examples += 1
-            for feature in case.structure.features():
+            for feature in case_features(case):
                 out.features[feature] = out.features.get(feature, 0) + 1
             if progress:
                 progress(counted + out.examples)
         if failing:
             if out.failure is None and out.first_failing is None:
-                out.first_failing = case.structure.features()
+                out.first_failing = case_features(case)
             raise CheckFailed(records, case)
         for r in records:
             keep_worst(out.worst, r)
@@ -265,11 +267,11 @@ def run_checks(
     computed = frozenset(f for o in oracles if not o.unsupported_reason(info.variant, dtype)
                          for f in getattr(o, "structures", ()))
 
-    def strategy(require: frozenset[str] = frozenset()) -> Any:
+    def strategy(require: frozenset[str] = frozenset(), unsorted_lengths: bool = False) -> Any:
         return case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
                           max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
                           structure=None if info.configurable else info.structure,
-                          features=computed & info.structures, require=require)
+                          features=computed & info.structures, require=require, unsorted_lengths=unsorted_lengths)
 
     skipped: dict[str, dict[str, int]] = {}
     features: dict[str, int] = {}
@@ -325,10 +327,19 @@ def run_checks(
                 return  # every quantity already fails: nothing left to find
 
     searches(strategy(), run)
+    floor = feature_floor(run.hypothesis_settings().max_examples)
+    # Lengths in an order other than decreasing (harness.cases.UNSORTED_LENGTHS) come only with "random" lengths
+    # over two rows and two steps, a few of the cases with lengths: a search of their own up to the floor,
+    # for an implementation that takes lengths whether it is configurable or not.
+    takes_lengths = (("lengths" in drawable_features(info.variant, computed & info.structures, max_H=run.max_H))
+                     if info.configurable else info.structure.lengths)
+    short = floor - features.get(UNSORTED_LENGTHS, 0)
+    if takes_lengths and run.max_B >= 2 and run.max_T >= 2 and short > 0:
+        searches(strategy(frozenset({"lengths"}) if info.configurable else frozenset(), unsorted_lengths=True),
+                 replace(run, max_examples=short))
     if info.configurable:
         # Each feature the search could draw and drew in fewer cases than its floor gets a search of its own
         # with that feature alone on in every case, up to the floor.
-        floor = feature_floor(run.hypothesis_settings().max_examples)
         drawable = drawable_features(info.variant, computed & info.structures, max_H=run.max_H)
         for feature in (f for f in FEATURES if f in drawable):
             short = floor - features.get(feature, 0)

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from harness.cases import Case, CaseSpec, build_case, case_file_name, load_case, replay_command, structure_fields
+from harness.cases import (
+    UNSORTED_LENGTHS,
+    Case,
+    CaseSpec,
+    build_case,
+    case_file_name,
+    load_case,
+    replay_command,
+    structure_fields,
+)
 from harness.check import check_case, structure_reason
 from harness.compare import compare_arrays, tolerance
 from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ImplementationInfo, quantities, quantity_specs
@@ -398,7 +407,7 @@ def merge_structure_notes(notes: Sequence[str]) -> list[str]:
         if len(group) == 1:
             out.append(str(group[0]))
             continue
-        features = {f: sum(n.features.get(f, 0) for n in group) for f in FEATURES}
+        features = {f: sum(n.features.get(f, 0) for n in group) for f in (*FEATURES, UNSORTED_LENGTHS)}
         cases = sum(n.cases for n in group)
         out.append(structure_note(name, dtype, {"cases": cases, "features": features}).replace(
             " cases by layer structure", f" cases in {len(group)} searches by layer structure", 1))
@@ -413,11 +422,12 @@ def structure_note(name: str, dtype: str, stats: Mapping[str, Any], *, against: 
     features = stats.get("features") or {}
     words = {"layers": "stacked", "bidirectional": "bidirectional", "lengths": "with lengths",
              "proj": "projected", "cifg": "CIFG", "clip": "clipped"}
-    counts = ", ".join(f"{features.get(f, 0)} {words[f]}" for f in FEATURES)
+    unsorted = f" ({features.get(UNSORTED_LENGTHS, 0)} unsorted)"  # of those with lengths
+    counts = ", ".join(f"{features.get(f, 0)} {words[f]}" + (unsorted if f == "lengths" else "") for f in FEATURES)
     which = f"{dtype}, search vs {', '.join(against)}" if against else dtype
     note = StructureNote(f"{name} ({which}): {stats.get('cases', 0)} cases by layer structure: {counts}")
     note.name, note.dtype, note.cases = name, dtype, int(stats.get("cases", 0))
-    note.features = {f: int(features.get(f, 0)) for f in FEATURES}
+    note.features = {f: int(features.get(f, 0)) for f in (*FEATURES, UNSORTED_LENGTHS)}
     return note
 
 

@@ -270,3 +270,47 @@ def test_choices_a_case_does_not_use_give_it_other_numbers_not_the_same_case():
     used = {(s.T, s.B, s.D, s.H, s.seed, s.weight_scale, s.state, s.upstream, s.structure, s.lengths)
             for s in drawn}
     assert len(used) == len(set(drawn))
+
+
+def test_random_lengths_over_two_rows_and_two_steps_are_never_sorted():
+    """So that case_features names them unsorted, and a search can count on them (harness.runner)."""
+    from harness.cases import UNSORTED_LENGTHS, case_features
+
+    for T, B in ((2, 2), (3, 2), (2, 5), (7, 3)):
+        for seed in range(50):
+            case = build_case(CaseSpec(T=T, B=B, lengths="random", seed=seed))
+            assert T in case.lengths and np.any(np.diff(case.lengths) > 0), (T, B, seed, case.lengths)
+            assert UNSORTED_LENGTHS in case_features(case) and "lengths" in case_features(case)
+    for spec in (CaseSpec(T=1, B=3, lengths="random"), CaseSpec(T=5, B=1, lengths="random"),
+                 CaseSpec(T=5, B=3, lengths="equal"), CaseSpec(T=5, B=3, lengths="ones"), CaseSpec(T=5, B=3)):
+        assert UNSORTED_LENGTHS not in case_features(build_case(spec)), spec
+
+
+def test_a_strategy_of_unsorted_lengths_draws_nothing_else_and_is_validated():
+    from harness.cases import UNSORTED_LENGTHS, case_features
+    from harness.structure import Structure
+
+    seen = []
+
+    @settings(max_examples=30, deadline=None, database=None)
+    @given(cases(structure=None, require={"lengths"}, unsorted_lengths=True))
+    def drawn(case):
+        seen.append(case)
+        assert UNSORTED_LENGTHS in case_features(case) and case.B >= 2 and case.T >= 2
+
+    drawn()
+    fixed = Structure(num_layers=2, lengths=True)
+
+    @settings(max_examples=10, deadline=None, database=None)
+    @given(cases(structure=fixed, unsorted_lengths=True))
+    def in_a_fixed_structure(case):
+        assert case.structure.replace(cell_clip=None) == fixed and UNSORTED_LENGTHS in case_features(case)
+
+    in_a_fixed_structure()
+    assert len(seen) == 30
+    for kwargs, words in ((dict(structure=None, unsorted_lengths=True), "needs cases with lengths"),
+                          (dict(structure=Structure(), unsorted_lengths=True), "needs cases with lengths"),
+                          (dict(structure=None, require={"lengths"}, unsorted_lengths=True, max_B=1), "max_B >= 2"),
+                          (dict(structure=None, require={"lengths"}, unsorted_lengths=1), "expected a bool")):
+        with pytest.raises(InvalidArgument, match=words):
+            case_specs(**kwargs)

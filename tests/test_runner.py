@@ -190,3 +190,31 @@ def test_a_failing_check_counts_the_cases_drawn_up_to_its_failure_not_those_trie
     # The cases before the first failing one, and that one; the passing cases shrinking tried come after.
     assert {r.examples for r in records} == {first_failing + 1}
     assert len(shapes) > first_failing + 1  # shrinking did try cases
+
+
+def test_unsorted_lengths_get_a_floor_of_their_own_and_a_sorted_batch_assumption_is_caught():
+    """Only "random" lengths over two rows and two steps are unsorted, a few of the drawn cases with lengths:
+    a default search once drew one such case in 71 and certified an implementation that reads lengths as if
+    the batch came sorted. They now get a search of their own up to the floor, configurable or not."""
+    import dataclasses
+
+    import harness
+    from harness.cases import UNSORTED_LENGTHS
+    from harness.runner import feature_floor
+    from tests.plugins.planted_layer import LengthsAssumedSorted
+
+    fd = [FiniteDifferenceOracle()]
+    for impl in (LoopLSTM(), LoopLSTM(accepts_lengths=True)):
+        info = validate(impl)
+        if impl.accepts_lengths:  # a fixed structure with lengths, as declared
+            info = dataclasses.replace(info, configurable=False)
+        stats: dict = {}
+        records = run_checks(InProcessSubject(impl, info), fd, dtype="float64", run=RunSettings(), stats=stats)
+        assert all(r.status == "pass" for r in records)
+        assert stats["features"].get(UNSORTED_LENGTHS, 0) >= feature_floor(60), stats["features"]
+    result = harness.certify(LengthsAssumedSorted(), oracles=["finite-differences"], dtypes=["float64"],
+                             write_report=False)
+    assert result.verdict == "discrepancies", result.summary(verbose=False)
+    failing = [r for r in result.records if r.status == "fail"]
+    assert {"y", "h_T", "c_T"} & {r.quantity for r in failing}
+    assert all(np.any(np.diff(r.case["lengths"]) > 0) for r in failing)  # each minimal case is unsorted

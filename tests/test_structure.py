@@ -215,8 +215,8 @@ def test_lengths_kinds(kind):
             assert len(set(lengths.tolist())) == 1
         else:
             assert 6 in lengths
-            if len(set(lengths.tolist())) > 1:
-                assert not (np.diff(lengths) <= 0).all()  # never in the decreasing order packing may require
+            assert len(set(lengths.tolist())) > 1  # rows of one length are the "equal" kind
+            assert not (np.diff(lengths) <= 0).all()  # never in the decreasing order packing may require
 
 
 def test_lengths_alone_leave_every_array_as_in_the_default_structure():
@@ -560,9 +560,10 @@ def test_replay_runs_a_structured_case_and_refuses_one_of_another_structure(tmp_
 def test_the_structure_note_counts_cases_per_feature():
     from harness.unit import structure_note
 
-    note = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}})
-    assert note == ("loop (float64): 60 cases by layer structure: 9 stacked, 0 bidirectional, 4 with lengths, "
-                    "0 projected, 0 CIFG, 0 clipped")
+    note = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4,
+                                                                        "unsorted lengths": 3}})
+    assert note == ("loop (float64): 60 cases by layer structure: 9 stacked, 0 bidirectional, 4 with lengths "
+                    "(3 unsorted), 0 projected, 0 CIFG, 0 clipped")
     # a search with only some of the oracles (a parallel or split unit) draws its own cases: it says whose
     apart = structure_note("loop", "float32", {"cases": 5}, against=["torch-nn-lstm", "torch-composite"])
     assert apart.startswith("loop (float32, search vs torch-nn-lstm, torch-composite): 5 cases by layer structure")
@@ -585,14 +586,16 @@ def test_structure_notes_of_several_searches_merge_into_one_line():
 
     from harness.unit import merge_structure_notes, structure_note
 
-    a = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4}}, against=["x"])
-    b = structure_note("loop", "float64", {"cases": 40, "features": {"layers": 1, "clip": 2}}, against=["y"])
+    a = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4,
+                                                                     "unsorted lengths": 1}}, against=["x"])
+    b = structure_note("loop", "float64", {"cases": 40, "features": {"layers": 1, "clip": 2, "lengths": 3,
+                                                                     "unsorted lengths": 2}}, against=["y"])
     c = structure_note("loop", "float32", {"cases": 60, "features": {}}, against=["x"])
     a = pickle.loads(pickle.dumps(a))  # as a parallel child sends it
     merged = merge_structure_notes(["other note", a, b, c])
     assert merged[0] == "other note" and merged[2] == c  # a single search's note stays as it was
     assert merged[1] == ("loop (float64): 100 cases in 2 searches by layer structure: 10 stacked, 0 bidirectional, "
-                         "4 with lengths, 0 projected, 0 CIFG, 2 clipped")
+                         "7 with lengths (3 unsorted), 0 projected, 0 CIFG, 2 clipped")
 
 
 def test_drawn_structures_use_only_the_features_some_oracle_computes():

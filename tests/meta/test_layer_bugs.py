@@ -24,6 +24,7 @@ ORACLES = ["finite-differences", "torch-composite"]
 BUGS = {
     planted.ReverseReadsPadding: {"y", "h_T"},
     planted.PaddedStepsUpdateState: {"h_T", "c_T"},
+    planted.LengthsAssumedSorted: {"y", "h_T", "c_T"},
     planted.ReverseFinalAtWrongEnd: {"h_T"},
     planted.Layer1FedFinalState: {"y", "h_T", "c_T"},
     planted.ProjectionGradientMissing: {"dproj"},

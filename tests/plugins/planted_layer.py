@@ -83,6 +83,19 @@ class PaddedStepsUpdateState(_Planted):
         return self.inner.backward(np.asarray(dy) * mask, dh_T, dc_T, inner)
 
 
+class LengthsAssumedSorted(_Planted):
+    """Reads the lengths as if the batch came sorted longest first, as ``pack_padded_sequence`` with
+    ``enforce_sorted=True`` requires: right on a sorted batch, on equal lengths and on one row; wrong on a
+    batch in any other order, where each row gets another row's length."""
+
+    structure = Structure(lengths=True)
+
+    def forward(self, x, h0, c0, params, lengths=None):
+        if lengths is not None:
+            lengths = np.sort(np.asarray(lengths))[::-1].copy()
+        return super().forward(x, h0, c0, params, lengths=lengths)
+
+
 def _valid(lengths, T, B):
     if lengths is None:
         return np.ones((T, B, 1))
@@ -266,6 +279,6 @@ class FinalStatesDirectionsSwapped(_Planted):
 
 
 #: Every planted layer bug, for the meta-tests.
-PLANTED = (ReverseReadsPadding, PaddedStepsUpdateState, ReverseFinalAtWrongEnd, Layer1FedFinalState,
-           ProjectionGradientMissing, GradientThroughClippedCells, CIFGSeparateForgetGate,
+PLANTED = (ReverseReadsPadding, PaddedStepsUpdateState, LengthsAssumedSorted, ReverseFinalAtWrongEnd,
+           Layer1FedFinalState, ProjectionGradientMissing, GradientThroughClippedCells, CIFGSeparateForgetGate,
            DirectionParametersSwapped, ReverseFeaturesFirst, StatesDirectionMajor, FinalStatesDirectionsSwapped)
