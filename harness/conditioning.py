@@ -21,6 +21,8 @@ Measured with the float64 torch composite as reference, on 2000 generated float3
 with ``rows="near_constant"``: worst error 2.7e3 (values) and 7.6e3 (gradients) times the unscaled
 float32 tolerance, with kappa up to 1.2e4; divided by kappa, at most 0.52 and 0.70. On 2000 cases
 with ``rows="random"`` the worst unscaled error was 0.999 of the tolerance, and 0.15 after scaling.
+Planted bugs (tests/meta/test_variant_bugs.py) stay caught: they show in ordinary cases, where kappa
+is near 1.
 
 **The recurrence's amplification of float32 rounding** (:func:`rounding_amplification`). With
 saturating recurrent weights and gates in transition, a step can multiply a perturbation of h_{t-1}
@@ -147,18 +149,18 @@ def _worst_ratio(actual: dict[str, np.ndarray], exact: dict[str, np.ndarray], ki
 
 def _measured(case: Case) -> dict[str, float]:
     kappa = condition_number(case)
-    exact_values, exact_grads = _yardstick(case.astype("float64"))
     rng = np.random.default_rng(int(case.digest(), 16))  # the same moves for the same case, in every process
     worst = {"values": 0.0, "gradients": 0.0}
-    for _ in range(YARDSTICK_RUNS):
-        moved = case.copy()
-        # One ulp up or down per element: float32 rounding of the inputs, drawn again.
-        moved.x, moved.h0, moved.c0 = (_ulp_moved(a, rng) for a in (case.x, case.h0, case.c0))
-        moved.params = {name: _ulp_moved(a, rng) for name, a in case.params.items()}
-        with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # the overflow regime: exp overflows on purpose there
+        exact_values, exact_grads = _yardstick(case.astype("float64"))
+        for _ in range(YARDSTICK_RUNS):
+            moved = case.copy()
+            # One ulp up or down per element: float32 rounding of the inputs, drawn again.
+            moved.x, moved.h0, moved.c0 = (_ulp_moved(a, rng) for a in (case.x, case.h0, case.c0))
+            moved.params = {name: _ulp_moved(a, rng) for name, a in case.params.items()}
             values, grads = _yardstick(moved)
-        worst["values"] = max(worst["values"], _worst_ratio(values, exact_values, "values", kappa))
-        worst["gradients"] = max(worst["gradients"], _worst_ratio(grads, exact_grads, "gradients", kappa))
+            worst["values"] = max(worst["values"], _worst_ratio(values, exact_values, "values", kappa))
+            worst["gradients"] = max(worst["gradients"], _worst_ratio(grads, exact_grads, "gradients", kappa))
     return {kind: max(1.0, YARDSTICK_MARGIN * w) for kind, w in worst.items()}
 
 

@@ -332,7 +332,7 @@ def run_checks(
     # over two rows and two steps, a few of the cases with lengths: a search of their own up to the floor,
     # for an implementation that takes lengths whether it is configurable or not.
     takes_lengths = (("lengths" in drawable_features(info.variant, computed & info.structures, max_H=run.max_H))
-                     if info.configurable else info.structure.lengths)
+                     if info.configurable else info.structure.lengths and "lengths" in computed)
     short = floor - features.get(UNSORTED_LENGTHS, 0)
     if takes_lengths and run.max_B >= 2 and run.max_T >= 2 and short > 0:
         searches(strategy(frozenset({"lengths"}) if info.configurable else frozenset(), unsorted_lengths=True),
