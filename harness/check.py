@@ -21,7 +21,7 @@ import numpy as np
 from harness.cases import Case
 from harness.compare import FLOAT32_ORACLE, Tolerance, compare_arrays, compare_projections, effective_dtype, tolerance
 from harness.conditioning import AMPLIFICATION, condition_number, rounding_amplification
-from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, gradient_keys, quantities, quantity_specs
+from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ArraySpec, gradient_keys, quantities, quantity_specs
 from harness.records import Record
 from harness.structure import parse_prefix
 from harness.subject import Execution, Subject
@@ -219,7 +219,7 @@ def compare_execution(
             if problems:
                 records += records_for(base, names, "contract", "; ".join(problems), case, case_info=case_info)
                 continue
-            compare = partial(_compare_values, actual, reference, names, case, tol_dtype, base, case_info)
+            compare = partial(_compare_values, actual, reference, names, specs, case, tol_dtype, base, case_info)
             records += _judged(compare, case, tol_dtype, "values", factors)
             continue
         grads = execution.gradients or {}
@@ -238,7 +238,8 @@ def compare_execution(
         if problems:
             records += records_for(base, names, "contract", "; ".join(problems), case, case_info=case_info)
             continue
-        compare = partial(_compare_gradients, grads, reference, keys, not_computed, case, tol_dtype, base, case_info)
+        compare = partial(_compare_gradients, grads, reference, keys, not_computed, specs, case, tol_dtype, base,
+                          case_info)
         records += _judged(compare, case, tol_dtype, "gradients", factors)
     return records
 
@@ -257,12 +258,11 @@ def _judged(compare: Callable[[dict[str, float]], list[Record]], case: Case, tol
     return records
 
 
-def _compare_values(actual: dict[str, np.ndarray], reference: Reference, names: Sequence[str], case: Case,
-                    tol_dtype: str, base: dict[str, Any], case_info: dict[str, Any],
-                    factors: dict[str, float]) -> list[Record]:
+def _compare_values(actual: dict[str, np.ndarray], reference: Reference, names: Sequence[str],
+                    specs: dict[str, ArraySpec], case: Case, tol_dtype: str, base: dict[str, Any],
+                    case_info: dict[str, Any], factors: dict[str, float]) -> list[Record]:
     """One record per forward quantity of ``names``, with the table's tolerance times ``factors``."""
     assert reference.outputs is not None
-    specs = quantity_specs(case.variant, case.structure)
     tol = _scaled(tolerance(tol_dtype, "values"), factors)
     records = []
     for q in names:
@@ -275,11 +275,10 @@ def _compare_values(actual: dict[str, np.ndarray], reference: Reference, names: 
 
 
 def _compare_gradients(grads: dict[str, np.ndarray], reference: Reference, keys: Sequence[str],
-                       not_computed: Collection[str], case: Case, tol_dtype: str, base: dict[str, Any],
-                       case_info: dict[str, Any], factors: dict[str, float]) -> list[Record]:
+                       not_computed: Collection[str], specs: dict[str, ArraySpec], case: Case, tol_dtype: str,
+                       base: dict[str, Any], case_info: dict[str, Any], factors: dict[str, float]) -> list[Record]:
     """One record per gradient of ``keys``, with the table's tolerance times ``factors`` (and, for a peephole
     weight, times the cell state's magnitude)."""
-    specs = quantity_specs(case.variant, case.structure)
     tol = _scaled(tolerance(tol_dtype, "gradients"), factors)
     records: list[Record] = []
     for k in keys:

@@ -37,6 +37,8 @@ __all__ = [
     "effective_dtype",
     "Record",
     "STATUSES",
+    "allowed_error",
+    "atol_scale",
     "compare_arrays",
     "compare_projections",
     "decode_index",
@@ -257,6 +259,19 @@ def error_map(ratio: np.ndarray, spec: ArraySpec, H: int) -> dict[str, Any]:
     return {"quantity": spec.name, "panels": panels}
 
 
+def atol_scale(expected: np.ndarray) -> float:
+    """max(1, max |expected| over the finite elements): what atol is multiplied by (see the module docstring)."""
+    e = np.asarray(expected, dtype=np.float64)
+    return float(max(1.0, np.max(np.abs(e[np.isfinite(e)]), initial=0.0)))
+
+
+def allowed_error(expected: np.ndarray, tol: Tolerance, scale: float | None = None) -> np.ndarray:
+    """atol * scale + rtol * |expected|, elementwise: the allowed |actual - expected| before an oracle's own
+    error bound; ``scale`` is :func:`atol_scale` of ``expected`` unless given."""
+    e = np.asarray(expected, dtype=np.float64)
+    return tol.atol * (atol_scale(e) if scale is None else scale) + tol.rtol * np.abs(e)
+
+
 def compare_arrays(
     actual: np.ndarray,
     expected: np.ndarray,
@@ -280,8 +295,8 @@ def compare_arrays(
     if a.shape != e.shape:
         raise ValueError(f"actual: expected shape {e.shape}, got {a.shape}")
     finite_e = np.isfinite(e)
-    scale = float(max(1.0, np.max(np.abs(e[finite_e]), initial=0.0)))
-    allowed = tol.atol * scale + tol.rtol * np.abs(e) + np.asarray(extra, dtype=np.float64)
+    scale = atol_scale(e)
+    allowed = allowed_error(e, tol, scale) + np.asarray(extra, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(a - e)
         same_nonfinite = ~finite_e & ((a == e) | (np.isnan(a) & np.isnan(e)))

@@ -328,11 +328,13 @@ def run_checks(
 
     searches(strategy(), run)
     floor = feature_floor(run.hypothesis_settings().max_examples)
+    drawable = (drawable_features(info.variant, computed & info.structures, max_H=run.max_H) if info.configurable
+                else frozenset())
     # Lengths in an order other than decreasing (harness.cases.UNSORTED_LENGTHS) come only with "random" lengths
     # over two rows and two steps, a few of the cases with lengths: a search of their own up to the floor,
     # for an implementation that takes lengths whether it is configurable or not.
-    takes_lengths = (("lengths" in drawable_features(info.variant, computed & info.structures, max_H=run.max_H))
-                     if info.configurable else info.structure.lengths and "lengths" in computed)
+    takes_lengths = ("lengths" in drawable if info.configurable
+                     else info.structure.lengths and "lengths" in computed)
     short = floor - features.get(UNSORTED_LENGTHS, 0)
     if takes_lengths and run.max_B >= 2 and run.max_T >= 2 and short > 0:
         searches(strategy(frozenset({"lengths"}) if info.configurable else frozenset(), unsorted_lengths=True),
@@ -340,7 +342,6 @@ def run_checks(
     if info.configurable:
         # Each feature the search could draw and drew in fewer cases than its floor gets a search of its own
         # with that feature alone on in every case, up to the floor.
-        drawable = drawable_features(info.variant, computed & info.structures, max_H=run.max_H)
         for feature in (f for f in FEATURES if f in drawable):
             short = floor - features.get(feature, 0)
             if short > 0:
