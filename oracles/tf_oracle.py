@@ -41,6 +41,9 @@ the clip and the projection's size are inputs), traced once per (variant, dtype,
 layer structure is put together from it cell by cell. Keras layers are built
 (and their calls traced) once per size bucket, dtype and number of directions, a stack of layers
 run one layer at a time (see :class:`KerasLSTMOracle`), their variables overwritten by each call.
+AutoGraph is off (``autograph=False``): the functions branch in Python on Python values only and
+loop with ``tf.scan`` or Keras's own loop, so converting their source would change nothing, and
+AutoGraph's first conversion cost about half a second of a certification (measured on TF 2.21).
 Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
 """
@@ -277,7 +280,7 @@ class KerasLSTMOracle(_TFBase):
             state = tf.TensorSpec([None, None, None], dtype)  # (dirs, B, H)
             mask_spec = tf.TensorSpec([None, None], tf.bool)  # (B, T)
 
-            @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state])
+            @tf.function(input_signature=[seq, state, state, mask_spec, seq, state, state], autograph=False)
             def run(x, h0, c0, mask, dy, dh_T, dc_T):
                 with tf.GradientTape() as tape:
                     tape.watch([x, h0, c0])
@@ -395,7 +398,7 @@ class BlockLSTMV2Oracle(_TFBase):
             mat = tf.TensorSpec([None, None], f32)
             vec = tf.TensorSpec([None], f32)
 
-            @tf.function(input_signature=[seq, mat, mat, mat, vec, vec, vec, vec, seq, mat, mat])
+            @tf.function(input_signature=[seq, mat, mat, mat, vec, vec, vec, vec, seq, mat, mat], autograph=False)
             def run(x, h0, c0, w, b, wci, wcf, wco, dy, dh_T, dc_T):
                 args = dict(seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x, cs_prev=c0, h_prev=h0, w=w,
                             wci=wci, wcf=wcf, wco=wco, b=b, use_peephole=peephole)
@@ -530,7 +533,7 @@ class TFCompositeOracle(_TFBase):
         scalar = tf.TensorSpec([], dtype)
         self._functions[key] = tf.function(run, input_signature=[
             seq, state, state, pspec, seq, state, state, tf.TensorSpec([None], tf.int64), scalar,
-            tf.TensorSpec([], tf.bool), scalar])
+            tf.TensorSpec([], tf.bool), scalar], autograph=False)
         return self._functions[key]
 
     def reference(self, case: Case) -> Reference:
