@@ -800,6 +800,8 @@ def _specs(draw, *, variants, dtypes, max_T, max_B, max_D, max_H, weight_scales,
     variant = draw(st.sampled_from(variants), label="variant")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     min_H = 2 if variant == "layernorm" or "proj" in require else 1
+    if structure is not None:  # a fixed projection of P features: cells of more than P units (as drawn ones have)
+        min_H = max(min_H, structure.proj_size + 1)
     least = 2 if unsorted else 1  # rows in an order other than decreasing need two rows and two steps
     T = draw(_dim("T", least, max_T), label="T")
     B = draw(_dim("B", least, max_B), label="B")
@@ -916,6 +918,10 @@ def case_specs(
             wrong = structure.problems(variant)
             if wrong:
                 raise InvalidArgument(f"structure: {'; '.join(wrong)}")
+        if structure.proj_size >= max_H:
+            raise InvalidArgument(f"max_H: a structure with proj_size={structure.proj_size} has cells of more than "
+                                  f"{structure.proj_size} units (a projection to fewer features, as torch.nn.LSTM "
+                                  f"requires), so max_H >= {structure.proj_size + 1}; got {max_H}")
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise InvalidArgument(f"features: expected a subset of {FEATURES}, got unknown {unknown}")

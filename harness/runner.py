@@ -125,10 +125,15 @@ MAX_RUNS_PER_SEARCH = 4
 
 
 def _run_seed(run: RunSettings, attempt: int) -> int | None:
-    """The seed of a search's run number ``attempt``: the first is the user's (or Hypothesis's choice: the
-    derandomized profile's stream, or a random one); each later one derived from it, so that a derandomized
-    or seeded search draws the same cases in every process, and a random one stays random."""
-    if attempt == 0:
+    """The seed of a search's run number ``attempt``: the first is the user's; each later one, and the first
+    of a derandomized search without one, derived from it, so that a derandomized or seeded search draws
+    the same cases in every process, and a random one stays random.
+
+    A derandomized search is never left to Hypothesis's own seed: Hypothesis derives that one from the
+    source text of the test function, here the runner's ``one``, so any edit to the harness's code would
+    draw other cases for every certification.
+    """
+    if attempt == 0 and run.seed is not None:
         return run.seed
     if run.seed is None and not run.hypothesis_settings().derandomize:
         return None
@@ -267,9 +272,12 @@ def run_checks(
     computed = frozenset(f for o in oracles if not o.unsupported_reason(info.variant, dtype)
                          for f in getattr(o, "structures", ()))
 
+    # A fixed projection of P features needs a cell of more than P units: a larger one than max_H where P is large.
+    max_H = run.max_H if info.configurable else max(run.max_H, info.structure.proj_size + 1)
+
     def strategy(require: frozenset[str] = frozenset(), unsorted_lengths: bool = False) -> Any:
         return case_specs(variants=(info.variant,), dtypes=(dtype,), max_T=run.max_T, max_B=run.max_B,
-                          max_D=run.max_D, max_H=run.max_H, ln_eps=info.ln_eps,
+                          max_D=run.max_D, max_H=max_H, ln_eps=info.ln_eps,
                           structure=None if info.configurable else info.structure,
                           features=computed & info.structures, require=require, unsorted_lengths=unsorted_lengths)
 

@@ -331,6 +331,16 @@ def _sample(n=300, **kwargs):
     return specs
 
 
+def test_a_fixed_projection_gets_cells_larger_than_it():
+    # torch.nn.LSTM(proj_size=2) raises on a cell of 2 units ("Odd number of params or hiddens given to a
+    # bidirectional RNN" when its parameters are swapped in): every H drawn for it is above the projection.
+    fixed = Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)
+    specs = _sample(100, structure=fixed, max_H=4)
+    assert {s.H for s in specs} == {3, 4} and all(s.structure == fixed for s in specs)
+    with pytest.raises(InvalidArgument, match=r"max_H: a structure with proj_size=4 .* so max_H >= 5; got 4"):
+        case_specs(structure=Structure(proj_size=4), max_H=4)
+
+
 def test_drawn_structures_shrink_to_the_default_and_mostly_stay_there():
     # Derandomized: with a random seed, find() stopped short of the minimum in 2 runs of 40 (a structured
     # case with T = B = D = H = 1), probably at the shrinker's cap on successful shrinks, which a condition

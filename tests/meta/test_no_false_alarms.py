@@ -12,8 +12,9 @@ import functools
 import pytest
 
 import harness.runner
-from harness.cases import UNSORTED_LENGTHS, case_specs
-from harness.contract import validate
+from harness.cases import UNSORTED_LENGTHS, CaseSpec, build_case, case_specs
+from harness.conditioning import rounding_amplification
+from harness.contract import FORWARD_QUANTITIES, validate
 from harness.runner import RunSettings, feature_floor, run_checks
 from harness.subject import InProcessSubject
 from impls.layernorm import LoopLayerNormLSTM, StackedLayerNormLSTM
@@ -21,6 +22,19 @@ from impls.loop import LoopLSTM
 from impls.peephole import LoopPeepholeLSTM, StackedPeepholeLSTM
 from impls.stacked import StackedLSTM
 from oracles.finite_diff import FiniteDifferenceOracle
+
+
+def margin(record) -> float:
+    """A passing record's worst error as a share of what a correct LSTM's own error on its case allows: its
+    ratio, over the case's measured amplification of float32 rounding (1 in float64 and in a well-conditioned
+    float32 case; harness.conditioning). A saturating float32 case can amplify rounding close to the table's
+    tolerance (0.63 of it in y on T=8, H=8, where the yardstick measures x 3.1), which no margin on the
+    ratio alone can keep."""
+    if record.ratio < 0.5:  # the measurement is not needed
+        return record.ratio
+    spec = CaseSpec(**record.case["spec"])
+    kind = "values" if record.quantity in FORWARD_QUANTITIES else "gradients"
+    return record.ratio / rounding_amplification(build_case(spec))[kind]
 
 
 @pytest.mark.parametrize("impl", [LoopLSTM(), StackedLSTM()], ids=lambda i: i.name)
@@ -34,7 +48,7 @@ def test_thousand_cases_without_a_false_alarm(impl, dtype):
     assert {r.examples for r in records} == {1000}
     # Every quantity of both directions was compared, and the worst case kept a margin.
     assert len(records) == 9
-    assert max(r.ratio for r in records) < 0.5
+    assert max(margin(r) for r in records) < 0.5
 
 
 @pytest.mark.parametrize("impl", [LoopLSTM(), StackedLSTM()], ids=lambda i: i.name)
@@ -55,7 +69,7 @@ def test_drawn_layer_structures_without_a_false_alarm(impl, dtype):
     assert set(stats["features"]) == {"layers", "bidirectional", "lengths", "proj", "cifg", "clip", UNSORTED_LENGTHS}
     assert stats["features"][UNSORTED_LENGTHS] >= floor
     assert any(q.startswith("dl1.") for q in by_quantity) and any(q.endswith("proj") for q in by_quantity)
-    assert max(r.ratio for r in records) < 0.5
+    assert max(margin(r) for r in records) < 0.5
 
 
 BUILTINS = [LoopLSTM(), StackedLSTM(), LoopPeepholeLSTM(), StackedPeepholeLSTM(), LoopLayerNormLSTM(),
