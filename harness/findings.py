@@ -27,7 +27,15 @@ from typing import Any
 
 from harness.compare import FLOAT32_ORACLE
 from harness.contract import DEFAULT_DTYPES, DIRECTIONS
-from harness.records import Record, format_coords, format_direction_steps, format_pair, format_ratio, status_rank
+from harness.records import (
+    Record,
+    format_coords,
+    format_direction_steps,
+    format_pair,
+    format_ratio,
+    skipped_notes,
+    status_rank,
+)
 from harness.structure import Structure
 
 __all__ = ["Finding", "KINDS", "findings", "render_findings"]
@@ -199,7 +207,7 @@ def _errors(impl: str, recs: Sequence[Record], oracles: Sequence[str]) -> list[F
                      f"{'s' if len(oracles_hit) != 1 else ''}).",
             worst={}, first_bad_t=None, reason="\n".join(minimal.reason.strip().splitlines()[:6]),
             case=minimal.case, case_file=minimal.case_file, replay=minimal.replay, records=len(group),
-            notes=list(dict.fromkeys(n for r in group for n in r.notes)),
+            notes=_notes(group),
         ))
     return out
 
@@ -252,6 +260,12 @@ def _discrepancies(impl: str, recs: Sequence[Record], oracles: Sequence[str]) ->
     return out
 
 
+def _notes(records: Sequence[Record]) -> list[str]:
+    """The notes of a finding's records, each once, then how many cases each oracle was skipped on, summed
+    over dtypes (one note per oracle where each dtype's record has its own count)."""
+    return list(dict.fromkeys(n for r in records for n in r.notes)) + skipped_notes(records)
+
+
 def _gates(records: Iterable[Record]) -> list[str]:
     return _ordered((g for r in records if (g := ((r.worst or {}).get("coords") or {}).get("gate"))), "ifgo")
 
@@ -287,7 +301,7 @@ def _discrepancy(impl: str, real: Sequence[Record], lead: str, recs: Sequence[Re
         forward_ok = [r for r in recs if r.direction == "forward" and r.status == "pass"]
         if forward_ok:
             notes.append("its forward pass matches")
-    notes += list(dict.fromkeys(n for r in real for n in r.notes))
+    notes += _notes(real)
     return Finding(
         kind="discrepancy", implementation=impl, title=title, dtypes=dtypes,
         directions=_ordered((r.direction for r in real), DIRECTIONS), quantities=quantities, gates=gates,

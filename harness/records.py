@@ -44,6 +44,8 @@ __all__ = [
     "format_pair",
     "printable",
     "render_message",
+    "skipped_note",
+    "skipped_notes",
     "json_safe",
 ]
 
@@ -107,6 +109,10 @@ class Record:
     #: Observations about this record beyond its comparison (a failure that did not reproduce, a
     #: case that was not shrunk); each is one line of the message, after "Note: ".
     notes: list[str] = field(default_factory=list)
+    #: The cases of this check its oracle was skipped on (shrinking included) because it does not compute
+    #: their layer structure, by reason. Kept as counts, not note text, so that a finding or a summary
+    #: spanning both dtypes says it once with the counts summed (:func:`skipped_note`).
+    skipped_cases: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -359,7 +365,28 @@ def _ratio(ratio: float | None) -> str:
 
 def render_message(rec: Record) -> str:
     """The ``torch.testing.assert_close``-shaped text of a record, made from its fields only."""
-    return "\n".join([_message_body(rec), *(f"Note: {note}" for note in rec.notes)])
+    notes = [*rec.notes, skipped_note(rec.oracle, rec.skipped_cases)] if rec.skipped_cases else rec.notes
+    return "\n".join([_message_body(rec), *(f"Note: {note}" for note in notes)])
+
+
+def skipped_note(oracle: str, cases: Mapping[str, int]) -> str:
+    """How many cases ``oracle`` was skipped on and why, from reason -> cases (:attr:`Record.skipped_cases`)."""
+    total = sum(cases.values())
+    why = "; ".join(cases) if len(cases) == 1 else "; ".join(f"{reason} ({n} cases)" for reason, n in cases.items())
+    return (f"{oracle} was skipped on {total} case{'s' if total != 1 else ''} (shrinking included) whose structure "
+            f"it does not compute: {why}")
+
+
+def skipped_notes(records: Iterable[Record]) -> list[str]:
+    """One :func:`skipped_note` per oracle of ``records``, its counts summed over the units (implementation
+    and dtype) the records come from: the records of one unit share one count, whatever their quantity."""
+    per_unit = {(r.implementation, r.dtype, r.oracle): r.skipped_cases for r in records if r.skipped_cases}
+    by_oracle: dict[str, dict[str, int]] = {}
+    for (_, _, oracle), cases in per_unit.items():
+        into = by_oracle.setdefault(oracle, {})
+        for reason, n in cases.items():
+            into[reason] = into.get(reason, 0) + n
+    return [skipped_note(oracle, cases) for oracle, cases in by_oracle.items()]
 
 
 def _message_body(rec: Record) -> str:

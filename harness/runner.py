@@ -368,19 +368,18 @@ def note_skipped(records: list[Record], skipped: dict[str, dict[str, int]], info
     their structure); for an oracle skipped on every case, the skip records that say so (returned)."""
     out: list[Record] = []
     for oracle, reasons in skipped.items():
-        total = sum(reasons.values())
-        why = "; ".join(f"{reason} ({n} cases)" for reason, n in reasons.items())
         mine = [r for r in records if r.oracle == oracle]
         if mine:
             for r in mine:
-                r.add_note(f"{oracle} was skipped on {total} cases (shrinking included) whose structure it does not "
-                           f"compute: {why}")
+                r.skipped_cases = dict(reasons)
             continue
+        # The reason names no count, so that the same skip in both dtypes reads as one (the counts are in
+        # skipped_cases and the message's note).
         for direction in DIRECTIONS:
             for q in quantities(info.variant, direction, None if info.configurable else info.structure):
                 out.append(Record(implementation=info.name, oracle=oracle, variant=info.variant, dtype=dtype,
                                   direction=direction, quantity=q, status="skip", examples=examples,
-                                  reason=f"skipped on every case ({total}): {why}"))
+                                  reason=f"skipped on every case: {'; '.join(reasons)}", skipped_cases=dict(reasons)))
     return out
 
 

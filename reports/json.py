@@ -45,7 +45,9 @@ structure: {forward|reverse: {t, step}}, where each direction first departs in i
 rtol, atol, atol_scale, tolerance_dtype, tolerance_factors (what rtol and atol above were multiplied by,
 by reason), reason, traceback, case {T, B, D, H, dtype, seed, spec, and for a structured case structure
 (harness.structure.Structure.to_dict()) and lengths}, error_map {quantity, panels}, examples,
-case_file, replay, message. NaN is written as null and infinity as +-1e300 (strict JSON).
+case_file, replay, worst_seen (a failure's largest error seen, with its case), notes, skipped_cases
+({reason: cases} the oracle was skipped on, not computing their layer structure; absent in reports written
+before it, read as {}), message. NaN is written as null and infinity as +-1e300 (strict JSON).
 """
 
 from __future__ import annotations

@@ -50,6 +50,23 @@ def test_a_lone_oracle_against_two_that_agree_is_an_oracle_disagreement():
     assert g.kind == "discrepancy"
 
 
+def test_an_oracle_skipped_in_both_dtypes_is_said_once_with_the_counts_summed():
+    why = "keras does not compute cifg"
+    records = [_rec("fail", q, oracle="keras", dtype=dt, ratio=9.0, skipped_cases={why: n})
+               for q in ("y", "h_T", "c_T") for dt, n in (("float64", 12), ("float32", 7))]
+    records += [_rec("fail", "y", oracle="fd", dtype="float64", ratio=9.0),
+                _rec("fail", "y", oracle="torch", dtype="float32", ratio=9.0,
+                     skipped_cases={"torch does not compute clip": 3, why.replace("keras", "torch"): 2})]
+    (f,) = findings(records)
+    skips = [n for n in f.notes if "was skipped on" in n]
+    # Three quantities of one dtype share that dtype's count: 12 + 7, not 3 * (12 + 7).
+    assert skips == [f"keras was skipped on 19 cases (shrinking included) whose structure it does not compute: {why}",
+                     "torch was skipped on 5 cases (shrinking included) whose structure it does not compute: torch "
+                     "does not compute clip (3 cases); torch does not compute cifg (2 cases)"]
+    # Each record's own message keeps its own dtype's count.
+    assert "keras was skipped on 7 cases" in records[1].message and "Note: " in records[1].message
+
+
 def test_the_largest_error_seen_leads_and_a_moved_weight_scale_is_said():
     minimal = _rec("fail", ratio=1.6, case={"T": 1, "B": 1, "D": 1, "H": 1, "spec": {"weight_scale": "tiny"}},
                    case_file="c/min.npz", replay="lstm-harness replay c/min.npz m:A --oracle fd")

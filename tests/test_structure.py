@@ -442,8 +442,10 @@ def test_a_correct_configurable_layer_is_certified_with_skips_counted():
     result = harness.certify(ConfigurableTorchLayer(), oracles=ORACLES, dtypes=["float64", "float32"],
                              max_examples=40, write_report=False)
     assert result.verdict == "certified", result.summary(verbose=False)
-    notes = {n for r in result.records if r.oracle == "oracle-b" for n in r.notes}
-    assert any("oracle-b was skipped on" in n and "does not compute" in n for n in notes)
+    counted = [r.skipped_cases for r in result.records if r.oracle == "oracle-b"]
+    assert counted and all(sum(c.values()) > 0 and all("does not compute" in why for why in c) for c in counted)
+    assert all("Note: oracle-b was skipped on" in r.message for r in result.records if r.oracle == "oracle-b")
+    assert not any(r.skipped_cases for r in result.records if r.oracle == "oracle-a")
     assert any("cases by layer structure" in n for n in result.notes)
     prefixed = {r.quantity for r in result.records if r.quantity.startswith("dl")}
     assert prefixed  # structured cases were compared, under their prefixed names
@@ -489,9 +491,13 @@ def test_a_fixed_structure_is_checked_in_exactly_that_structure():
     for r in result.records:
         assert r.case["structure"]["num_layers"] == 2 and r.case["structure"]["bidirectional"]
     # The oracle that lacks bidirectional is skipped on every case, and says so.
-    result = harness.certify(impl, oracles=ORACLES, dtypes=["float64"], max_examples=5, write_report=False)
+    result = harness.certify(impl, oracles=ORACLES, dtypes=["float64", "float32"], max_examples=5, write_report=False)
     skipped = [r for r in result.records if r.oracle == "oracle-b"]
     assert skipped and all(r.status == "skip" and "skipped on every case" in r.reason for r in skipped)
+    assert all(sum(r.skipped_cases.values()) >= 5 for r in skipped)
+    # One reason for both dtypes (the counts live apart), so the summary lists it once.
+    assert {r.dtype for r in skipped} == {"float64", "float32"} and len({r.reason for r in skipped}) == 1
+    assert result.summary(verbose=False).count("skipped on every case") == 1
 
 
 @pytest.mark.parametrize("bug, spec", [
