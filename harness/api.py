@@ -41,7 +41,7 @@ from harness.session import (
 )
 from harness.structure import FEATURES, Structure
 from harness.summary import details, summary_table, terminal_text
-from harness.unit import StoredSubject, disagreement, mark_unchecked, merge_structure_notes, restricted, run_unit
+from harness.unit import StoredSubject, disagreement, mark_unchecked, merge_search_notes, restricted, run_unit
 from reports.html import write_html
 from reports.json import build_report, write_report
 from reports.junit import write_junit
@@ -374,7 +374,7 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     impl_dict = {"name": info.name, "variant": info.variant, "dtypes": list(info.dtypes),
                  "backward": info.has_backward, "target": job.described["target"] or info.name,
                  "loaded": job.described.get("loaded"), "isolated": job.described["isolated"]}
-    notes = sorted(set(merge_structure_notes(notes)))
+    notes = sorted(set(merge_search_notes(notes)))
     if not job.oracles:
         notes.append(f"no available oracle covers the {info.variant} variant: nothing could be compared")
     if report_dir is None and any(r.case_file for r in records):

@@ -38,6 +38,7 @@ from harness.cases import (
     replay_command,
 )
 from harness.check import check_case
+from harness.conditioning import AMPLIFICATION
 from harness.contract import DIRECTIONS, quantities
 from harness.records import Record, RecordKey, keep_worst, order_records
 from harness.structure import FEATURES
@@ -115,6 +116,10 @@ class _Search:
     first_failing: frozenset[str] | None = None
     failure: CheckFailed | None = None
     flaky: str = ""
+    #: Of the passing cases counted, how many passed with a tolerance widened by the case's measured
+    #: amplification of float32 rounding (harness.conditioning), and the largest such factor.
+    widened: int = 0
+    widest: float = 1.0
 
 
 #: Hypothesis runs one search may take to check its budget of distinct cases. Some draws of a run are cases
@@ -172,6 +177,10 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             passed[digest] = score
         if out.first_failing is None and not failing:  # a case drawn, not one tried while shrinking
             out.examples += 1
+            factors = [r.tolerance_factors[AMPLIFICATION] for r in records if AMPLIFICATION in r.tolerance_factors]
+            if factors:
+                out.widened += 1
+                out.widest = max(out.widest, *factors)
             for feature in case_features(case):
                 out.features[feature] = out.features.get(feature, 0) + 1
             if progress:
@@ -264,7 +273,9 @@ def run_checks(
     :func:`feature_floor` cases (a search of its own with the feature on, where the drawn cases had fewer).
     An oracle that does not compute a case's structure is skipped for that case; its records say on how many cases
     (:func:`note_skipped`). ``stats``, when given, receives ``cases`` (generated), ``features`` (cases per
-    structure feature) and ``skipped`` (oracle -> reason -> cases).
+    structure feature), ``skipped`` (oracle -> reason -> cases) and ``widened`` ({"cases": of those that
+    passed, how many passed with the float32 tolerance widened by the case's amplification of rounding,
+    "largest factor": the largest such factor}).
     """
     run = run or RunSettings()
     info = subject.info
@@ -296,6 +307,7 @@ def run_checks(
     # is rejected later is flaky in its eyes. A failing case is always run: shrinking replays it.
     passed: dict[str, float | None] = {}
     examples = 0
+    widened = {"cases": 0, "largest factor": 1.0}  # cases that passed with the float32 tolerance widened
 
     def searches(cases: Any, budget: RunSettings) -> None:
         """Search until no new failure turns up (at most MAX_SEARCHES times), each search blind to the
@@ -313,6 +325,8 @@ def run_checks(
                 exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
                 raise
             examples += search.examples
+            widened["cases"] += search.widened
+            widened["largest factor"] = max(widened["largest factor"], search.widest)
             for feature, n in search.features.items():
                 features[feature] = features.get(feature, 0) + n
             for r in search.worst.values():
@@ -358,7 +372,7 @@ def run_checks(
     records = _stamped({**worst, **failed}, examples, oracles)
     records += note_skipped(records, skipped, info, dtype, examples)
     if stats is not None:
-        stats.update(cases=examples, features=features, skipped=skipped)
+        stats.update(cases=examples, features=features, skipped=skipped, widened=widened)
     return order_records(records, [o.name for o in oracles])
 
 

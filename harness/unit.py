@@ -343,6 +343,8 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
         if checked and (info.configurable or not info.structure.is_default):
             notes.append(structure_note(info.name, dtype, stats,
                                         against=[o.name for o in oracles] if apart else None))
+        if (stats.get("widened") or {}).get("cases"):
+            notes.append(widened_note(info.name, dtype, stats))
     except Exception as exc:
         # What the searches before this one found is still true (run_checks hands it over).
         partial = list(getattr(exc, "partial_records", None) or [])
@@ -387,7 +389,7 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
 class StructureNote(str):
     """A structure note (:func:`structure_note`) that keeps its numbers, so that the notes of one
     implementation and dtype from several searches (the units of a parallel run, one per oracle family)
-    merge into one line (:func:`merge_structure_notes`) instead of one line each."""
+    merge into one line (:func:`merge_search_notes`) instead of one line each."""
 
     name: str
     dtype: str
@@ -395,14 +397,44 @@ class StructureNote(str):
     features: dict[str, int]
 
 
-def merge_structure_notes(notes: Sequence[str]) -> list[str]:
+class WidenedNote(str):
+    """A :func:`widened_note` that keeps its numbers, to be summed like a :class:`StructureNote`."""
+
+    name: str
+    dtype: str
+    cases: int
+    widened: int
+    factor: float
+
+
+def widened_note(name: str, dtype: str, stats: Mapping[str, Any]) -> str:
+    """The line a run's summary shows when some float32 cases passed only with their tolerance widened by
+    the case's measured amplification of rounding (harness.conditioning): how many, of how many, and the
+    largest factor, so that a reader sees how much of a certification rests on the widening."""
+    widened = stats.get("widened") or {}
+    n, cases, factor = int(widened.get("cases", 0)), int(stats.get("cases", 0)), float(widened.get("largest factor", 1))
+    note = WidenedNote(f"{name} ({dtype}): {n} of {cases} cases passed with the tolerance widened (up to x "
+                       f"{factor:.3g}) by the case's amplification of float32 rounding: the built-in LSTM, correct, "
+                       f"errs past the table's tolerance on them too")
+    note.name, note.dtype, note.cases, note.widened, note.factor = name, dtype, cases, n, factor
+    return note
+
+
+def merge_search_notes(notes: Sequence[str]) -> list[str]:
     """``notes`` with the structure notes of one implementation and dtype from several searches summed
-    into one: ``loop (float64): 300 cases in 5 searches by layer structure: ...``."""
+    into one (``loop (float64): 300 cases in 5 searches by layer structure: ...``), and their widened
+    notes likewise."""
     groups: dict[tuple[str, str], list[StructureNote]] = {}
+    widened: dict[tuple[str, str], list[WidenedNote]] = {}
     for note in notes:
         if isinstance(note, StructureNote):
             groups.setdefault((note.name, note.dtype), []).append(note)
-    out = [n for n in notes if not isinstance(n, StructureNote)]
+        elif isinstance(note, WidenedNote):
+            widened.setdefault((note.name, note.dtype), []).append(note)
+    out = [n for n in notes if not isinstance(n, (StructureNote, WidenedNote))]
+    for (name, dtype), some in widened.items():
+        out.append(widened_note(name, dtype, {"cases": sum(n.cases for n in some), "widened": {
+            "cases": sum(n.widened for n in some), "largest factor": max(n.factor for n in some)}}))
     for (name, dtype), group in groups.items():
         if len(group) == 1:
             out.append(str(group[0]))

@@ -220,6 +220,50 @@ def test_unsorted_lengths_get_a_floor_of_their_own_and_a_sorted_batch_assumption
     assert all(np.any(np.diff(r.case["lengths"]) > 0) for r in failing)  # each minimal case is unsorted
 
 
+class SlightlyOffInFloat32(LoopLSTM):
+    """Its y is off by 4e-4: more than the float32 values tolerance allows (5e-5 + 5e-5 |y|, |y| < 1), well
+    inside 50 times it."""
+
+    name = "slightly-off"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y + np.float32(4e-4), h, c, cache
+
+
+def test_cases_that_pass_only_with_a_widened_tolerance_are_counted_and_said(monkeypatch):
+    import harness
+    import harness.check
+
+    # Every case's amplification of float32 rounding, as if each were chaotic: x 50.
+    monkeypatch.setattr(harness.check, "rounding_amplification", lambda case: {"values": 50.0, "gradients": 50.0})
+    for impl, widened in ((SlightlyOffInFloat32(), True), (LoopLSTM(), False)):
+        stats: dict = {}
+        records = run_checks(InProcessSubject(impl, validate(impl)), [FD], dtype="float32",
+                             run=RunSettings(max_examples=6, seed=3), stats=stats)
+        assert all(r.status == "pass" for r in records)
+        # The slightly-off one passes y only widened, in every case; the correct one never needs the widening.
+        expected = stats["cases"] if widened else 0
+        assert stats["widened"] == {"cases": expected, "largest factor": 50.0 if widened else 1.0}
+    result = harness.certify(SlightlyOffInFloat32(), oracles=[FD], dtypes=["float32"], max_examples=6,
+                             write_report=False)
+    (note,) = [n for n in result.notes if "widened" in n]
+    assert note.startswith(f"slightly-off (float32): {result.records[0].examples} of {result.records[0].examples} "
+                           "cases passed with the tolerance widened (up to x 50)"), note
+
+
+def test_widened_notes_of_several_searches_merge_into_one_line():
+    import pickle
+
+    from harness.unit import merge_search_notes, widened_note
+
+    a = widened_note("loop", "float32", {"cases": 60, "widened": {"cases": 2, "largest factor": 12.0}})
+    b = widened_note("loop", "float32", {"cases": 40, "widened": {"cases": 1, "largest factor": 196.0}})
+    merged = merge_search_notes(["other", pickle.loads(pickle.dumps(a)), b])
+    assert merged[0] == "other" and len(merged) == 2
+    assert merged[1].startswith("loop (float32): 3 of 100 cases passed with the tolerance widened (up to x 196)")
+
+
 def test_a_derandomized_search_draws_from_a_seed_of_its_own_not_from_the_runners_source():
     # Hypothesis's own derandomized seed is a digest of the test function's source text (here the runner's
     # nested ``one``): left to it, any edit to the runner would draw other cases for every certification.

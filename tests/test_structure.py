@@ -600,7 +600,7 @@ def test_a_parallel_run_prints_one_structure_line_per_implementation_and_dtype(t
 def test_structure_notes_of_several_searches_merge_into_one_line():
     import pickle
 
-    from harness.unit import merge_structure_notes, structure_note
+    from harness.unit import merge_search_notes, structure_note
 
     a = structure_note("loop", "float64", {"cases": 60, "features": {"layers": 9, "lengths": 4,
                                                                      "unsorted lengths": 1}}, against=["x"])
@@ -608,7 +608,7 @@ def test_structure_notes_of_several_searches_merge_into_one_line():
                                                                      "unsorted lengths": 2}}, against=["y"])
     c = structure_note("loop", "float32", {"cases": 60, "features": {}}, against=["x"])
     a = pickle.loads(pickle.dumps(a))  # as a parallel child sends it
-    merged = merge_structure_notes(["other note", a, b, c])
+    merged = merge_search_notes(["other note", a, b, c])
     assert merged[0] == "other note" and merged[2] == c  # a single search's note stays as it was
     assert merged[1] == ("loop (float64): 100 cases in 2 searches by layer structure: 10 stacked, 0 bidirectional, "
                          "7 with lengths (3 unsorted), 0 projected, 0 CIFG, 2 clipped")
