@@ -117,7 +117,7 @@ from harness.contract import (
 from harness.limits import Limits
 from harness.structure import Structure, parse_prefix
 
-__all__ = ["adapt", "adapt_keywords", "Convention", "Adapted"]
+__all__ = ["adapt", "adapt_keywords", "is_torch_layer", "Convention", "Adapted"]
 
 _BIASES = ("single", "separate", "folded")
 _UPSTREAM = ("dy", "dh_T", "dc_T", "cache")
@@ -1216,7 +1216,7 @@ class _swapped_attributes:
             setattr(self.module, k, v)
 
 
-def _is_torch_layer(obj: Any) -> bool:
+def is_torch_layer(obj: Any) -> bool:
     """Whether ``obj`` is a PyTorch-style layer module: an ``nn.Module`` with nn.LSTM's ``weight_ih_l0``."""
     return _is_torch_module(obj) and any(name == "weight_ih_l0" for name, _ in obj.named_parameters())
 
@@ -1342,7 +1342,7 @@ def adapt(
                              "backward_fn; a PyTorch nn.Module is passed as impl and uses autograd already")
         if tuple(backward_takes) != _UPSTREAM:
             raise ValueError("backward_takes: does not apply with autograd=, whose backward is the framework's")
-    if lengths is not None and (lengths != "packed" or impl is None or not _is_torch_layer(impl)
+    if lengths is not None and (lengths != "packed" or impl is None or not is_torch_layer(impl)
                                 or names is not None or call is not None):
         raise ValueError(f"lengths: expected None, or 'packed' for a PyTorch-style layer module (nn.LSTM's parameter "
                          f"names, no names= or call=), which is then given packed sequences; got {lengths!r} for "
@@ -1361,7 +1361,7 @@ def adapt(
     variant = variant if variant is not None else getattr(impl, "variant", "vanilla")
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-    torch_layer = impl is not None and names is None and call is None and _is_torch_layer(impl)
+    torch_layer = impl is not None and names is None and call is None and is_torch_layer(impl)
     structure = Structure()
     if torch_layer:
         if variant != "vanilla":
@@ -1469,10 +1469,10 @@ def adapt(
 
 
 def adapt_keywords(keywords: Mapping[str, Any]) -> dict[str, Any]:
-    """``keywords`` of :func:`adapt` that describe a convention (the fields of :class:`Convention`, ``names``
-    and ``step``), checked before anything is adapted: a ``ValueError`` names the first bad one."""
+    """``keywords`` of :func:`adapt` that describe a convention (the fields of :class:`Convention`, ``names``,
+    ``step`` and ``lengths``), checked before anything is adapted: a ``ValueError`` names the first bad one."""
     own = {f.name for f in fields(Convention)}
-    allowed = sorted(own | {"names", "step"})
+    allowed = sorted(own | {"names", "step", "lengths"})
     out = dict(keywords)
     unknown = [k for k in out if k not in allowed]
     if unknown:
@@ -1480,6 +1480,9 @@ def adapt_keywords(keywords: Mapping[str, Any]) -> dict[str, Any]:
     Convention(**{k: v for k, v in out.items() if k in own})
     if not isinstance(out.get("step", False), bool):
         raise ValueError(f"step: expected True or False, got {out['step']!r}")
+    if out.get("lengths") not in (None, "packed"):
+        raise ValueError(f"lengths: expected None or 'packed' (a PyTorch-style layer module given packed sequences), "
+                         f"got {out['lengths']!r}")
     names = out.get("names")
     if names is not None and not (isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())):
         raise ValueError(f"names: expected a dict from the harness's names to the implementation's, got {names!r}")

@@ -191,13 +191,17 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--step", action="store_true",
                    help="TARGET is a one-timestep cell (forward(x_t, prev_h, prev_c, params), backward(dnext_h, "
                         "dnext_c, cache)): the harness runs the loop and the backward through time")
+    c.add_argument("--lengths", choices=("packed",),
+                   help="for a PyTorch-style layer TARGET (torch.nn.LSTM, or a module with its parameter names): it "
+                        "takes lengths as a packed sequence (pack_padded_sequence, enforce_sorted=False)")
     c.add_argument("--names", metavar="OURS=THEIRS,...",
                    help="its own names for the parameters, e.g. W=kernel,R=recurrent_kernel (for a command, its "
                         "files are THEIRS.npy and grad_THEIRS.npy)")
 
 
 _CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
-                       "column_bias", "state_order", "y_directions", "initial_hidden", "initial_cell", "step", "names")
+                       "column_bias", "state_order", "y_directions", "initial_hidden", "initial_cell", "step", "names",
+                       "lengths")
 
 
 def _convention(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,6 +252,9 @@ def _command_impl(args: argparse.Namespace) -> object | None:
     if given.get("step"):
         raise UsageError("--step: applies to a Python TARGET that computes one timestep; a command computes "
                          "whole sequences")
+    if given.get("lengths"):
+        raise UsageError("--lengths: applies to a PyTorch-style layer TARGET (torch.nn.LSTM); a command takes the "
+                         "default structure")
     from harness.command_protocol import command
 
     try:

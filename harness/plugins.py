@@ -282,8 +282,14 @@ def instantiate(obj: Any, what: str) -> Any:
     return obj  # validate() says what is missing (forward, variant, ...)
 
 
-def load_target(text: str) -> tuple[Any, Target]:
-    """Import what ``text`` names and make the implementation object; :class:`LoadError` on failure."""
+def load_target(text: str, *, as_is: bool = False) -> tuple[Any, Target]:
+    """Import what ``text`` names and make the implementation object; :class:`LoadError` on failure.
+
+    A PyTorch-style layer module (``torch.nn.LSTM``, or a module with its parameter names) that does not
+    declare a variant, as the contract's implementations do, comes back adapted (``harness.adapt(module)``,
+    which reads its structure off its attributes): nn.LSTM's own convention needs no options. ``as_is``:
+    the object as made, for a caller that adapts it with options of its own.
+    """
     target = parse_target(text)
     if target.kind == "file":
         module = _import_file(target.location)
@@ -292,8 +298,16 @@ def load_target(text: str) -> tuple[Any, Target]:
         module_name = target.location.partition(":")[0] if target.kind == "entry point" else target.location
         module = _import_module(module_name)
         where = module_name
-    obj = _attribute(module, target.attribute, where)
-    return instantiate(obj, f"{where}:{target.attribute}"), target
+    obj = instantiate(_attribute(module, target.attribute, where), f"{where}:{target.attribute}")
+    if not as_is and not hasattr(obj, "variant"):
+        from harness.adapt import adapt, is_torch_layer
+
+        if is_torch_layer(obj):
+            try:
+                obj = adapt(obj)
+            except (ValueError, TypeError) as exc:
+                raise LoadError(f"{text} is a PyTorch layer module that cannot be adapted as it is: {exc}") from None
+    return obj, target
 
 
 def load_implementation(text: str, *, variant: str | None = None) -> tuple[Any, ImplementationInfo, Target]:
@@ -330,7 +344,7 @@ class AdaptedTarget:
         """The implementation TARGET names, adapted; :class:`LoadError` when it cannot be adapted so."""
         from harness.adapt import adapt
 
-        obj, _ = load_target(self.target)
+        obj, _ = load_target(self.target, as_is=True)
         try:
             return adapt(obj, **self.convention)
         except (ValueError, TypeError) as exc:

@@ -269,6 +269,51 @@ def test_nn_lstm_certifies_in_its_structure(torch, settings, lengths, structure)
         assert torch.equal(v, before[k]), k
 
 
+def test_the_command_line_takes_a_pytorch_layer_as_it_is(torch, tmp_path, capsys):
+    import json
+
+    from harness.plugins import load_target
+
+    models = tmp_path / "models.py"
+    models.write_text("import torch\nfrom torch import nn\n\n"
+                      "class Flipped(nn.LSTM):  # each layer's final states of the two directions swapped\n"
+                      "    def forward(self, x, hx=None):\n"
+                      "        y, (h, c) = super().forward(x, hx)\n"
+                      "        flip = lambda s: s.reshape(self.num_layers, 2, *s.shape[1:]).flip(1).reshape(s.shape)\n"
+                      "        return y, (flip(h), flip(c))\n\n"
+                      "torch.manual_seed(0)\n"
+                      "plain = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)\n"
+                      "flipped = Flipped(3, 4, num_layers=2, bidirectional=True)\n")
+    common = ["--oracle", "finite-differences", "--max-examples", "2", "--dtype", "float64"]
+
+    def certify_cli(*args: str) -> tuple[int, dict]:
+        out = tmp_path / f"report{len(list(tmp_path.iterdir()))}"
+        code = main(["certify", *args, *common, "--report-dir", str(out)])
+        return code, json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+
+    # No options: nn.LSTM's own convention, its structure read off its attributes (batch_first included).
+    code, report = certify_cli(f"{models}:plain")
+    assert code == 0 and report["verdict"] == "certified"
+    structures = {json.dumps(r["case"]["structure"], sort_keys=True) for r in report["records"]}
+    assert [json.loads(s) for s in structures] == [Structure(num_layers=2, bidirectional=True).to_dict()]
+    # --lengths packed: it is handed packed sequences, every case has lengths.
+    code, report = certify_cli(f"{models}:plain", "--lengths", "packed")
+    assert code == 0 and all(r["case"]["lengths"] is not None for r in report["records"])
+    # A wrong one is caught, and its replay command loads it the same way.
+    code, report = certify_cli(f"{models}:flipped")
+    assert code == 1 and "h_T" in {r["quantity"] for r in report["records"] if r["status"] == "fail"}
+    replay = next(r["replay"] for r in report["records"] if r["status"] == "fail")
+    assert main(replay.split()[1:]) == 1
+    # The module as made, for a caller that adapts it with options of its own.
+    assert type(load_target(f"{models}:plain", as_is=True)[0]).__name__ == "LSTM"
+    capsys.readouterr()
+    # --lengths packed is for such a module only, and exits 2 naming it.
+    assert main(["certify", "impls.loop:LoopLSTM", "--lengths", "packed", *common]) == 2
+    assert "lengths: expected None, or 'packed' for a PyTorch-style layer module" in capsys.readouterr().err
+    assert main(["certify", "--command", "prog", "--lengths", "packed"]) == 2
+    assert "--lengths: applies to a PyTorch-style layer TARGET" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_nn_lstm_through_the_adapter_computes_what_the_loop_computes(torch):
     s = Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)
