@@ -302,8 +302,15 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                                         max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
                                         isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
             plan, chosen = _plan(prepared, jobs, units, shard)
-        except ValueError as exc:  # InvalidArgument included: the same message, one type for the caller
-            raise InvalidArgument(str(exc)) from None
+        except BaseException as exc:
+            # Refused before any check ran (a bad argument, an implementation that cannot be loaded or breaks
+            # the contract): the report directory is left as it was found.
+            if claim is not None:
+                claim.abandon()
+                claim = None
+            if isinstance(exc, ValueError):  # InvalidArgument included: the same message, one type for the caller
+                raise InvalidArgument(str(exc)) from None
+            raise
         label = printable(f"{command} {prepared[0].info.name}" if len(prepared) == 1 else command)
         display = progress if isinstance(progress, Progress) else Progress(label, enabled=bool(progress))
         outcomes: list[tuple[list[Record], list[str]]] = [([], []) for _ in prepared]

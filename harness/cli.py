@@ -491,6 +491,7 @@ def _run_command(args: argparse.Namespace) -> object | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.api import Interrupted, InvalidArgument, certify_many
+    from harness.plugins import LoadError
 
     program = _run_command(args)
     targets: list[Any] = _run_selection(args) if args.impl or program is None else []
@@ -512,9 +513,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                                max_examples=args.max_examples, profile=args.profile, seed=args.seed,
                                jobs=args.jobs, isolate=False, report_dir=args.report_dir, write_report=False,
                                progress=True, command="run")
-    except InvalidArgument as exc:
-        claim.release()
-        raise _usage(exc) from None
+    except (InvalidArgument, LoadError, ContractError) as exc:
+        claim.abandon()  # refused before any check: the directory is left as it was found
+        if isinstance(exc, InvalidArgument):
+            raise _usage(exc) from None
+        raise
     except Interrupted as exc:
         results, interrupted = exc.results, exc.signal
     try:

@@ -248,6 +248,24 @@ def quantities(variant: str, direction: str, structure: Structure | None = None)
     return tuple("d" + k for k in gradient_keys(variant, structure))
 
 
+def _module_hint(obj: Any) -> str:
+    """For a PyTorch ``nn.Module`` that is not written to the contract (found by its classes' names, so
+    that nothing imports torch here): how it is certified as it is, with its parameters' names to map."""
+    if not any(f"{c.__module__}.{c.__qualname__}" == "torch.nn.modules.module.Module" for c in type(obj).__mro__):
+        return ""
+    try:
+        named = [f"{n} {tuple(p.shape)}" for n, p in obj.named_parameters()]
+    except Exception:  # noqa: BLE001 - only the hint's list is lost
+        named = []
+    listed = ", ".join(named[:8]) + (", ..." if len(named) > 8 else "")
+    which = f"{type(obj).__name__} is a PyTorch nn.Module" + (f" (parameters {listed})" if listed else "")
+    return (f"hint: {which}: certify it as it is through harness.adapt(module, names={{'W': ..., 'R': ..., "
+            f"'b': ...}}, ...), called as module(x, (h0, c0)) with its gradients from autograd; on the command line "
+            f"the same as options, e.g. "
+            f"--names W=<its input weights>,R=<its recurrent weights>,b=<its bias>, and --layout BTD if it is "
+            f"batch-first (README, 'A PyTorch nn.Module')")
+
+
 class ContractError(Exception):
     """An object does not meet the contract; ``problems`` lists each thing to fix."""
 
@@ -388,7 +406,8 @@ def validate(obj: Any, *, variant: str | None = None) -> ImplementationInfo:
         computes = FEATURES
 
     if problems:
-        raise ContractError(problems, subject=f"implementation {name!r}")
+        hint = _module_hint(obj)
+        raise ContractError(problems + ([hint] if hint else []), subject=f"implementation {name!r}")
     return ImplementationInfo(
         name=name,
         variant=declared,  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -99,15 +99,29 @@ def _is_report(d: Path) -> bool:
 
 
 class _Claim:
-    """A claimed report directory: its lock is held until :meth:`release`."""
+    """A claimed report directory: its lock is held until :meth:`release`, or :meth:`abandon`."""
 
-    def __init__(self, directory: Path, handle: IO[str] | None, release: Callable[[], None]):
+    def __init__(self, directory: Path, handle: IO[str] | None, release: Callable[[], None],
+                 created: Sequence[Path] = ()):
         self.directory = directory
         self._handle = handle
         self._release = release
+        #: What claiming made that was not there: the directories (deepest first), the marker, the lock.
+        self._created = list(created)
 
     def release(self) -> None:
         self._release()
+
+    def abandon(self) -> None:
+        """Release, and take back what claiming made (its marker and lock, and the directories it created
+        while they are empty): for a run refused before it wrote anything, which leaves no trace."""
+        self._release()
+        for path in self._created:
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()  # only when empty
+                else:
+                    path.unlink()
 
     def __enter__(self) -> _Claim:
         return self
@@ -123,6 +137,7 @@ def claim_report_dir(directory: str | os.PathLike[str], *, force: bool = False) 
     marker of a previous report (unless ``force``), or another run holds its lock.
     """
     d = Path(directory)
+    made = [p for p in (d, *d.parents) if not p.exists()]  # deepest first: the directories claiming creates
     _check_directory(d, "report directory")
     if not force and not _is_report(d):
         others = sorted(p.name for p in d.iterdir() if p.name != LOCK)
@@ -131,6 +146,7 @@ def claim_report_dir(directory: str | os.PathLike[str], *, force: bool = False) 
             raise ReportDirError(
                 f"report directory: {str(d)!r} is not empty and holds no previous lstm-harness report ({shown}); "
                 f"its files would be replaced. Choose another --report-dir, or pass --force to write there anyway")
+    made = [p for p in (d / MARKER, d / LOCK) if not p.exists()] + made
     handle = open(d / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
     try:
         import fcntl
@@ -158,4 +174,4 @@ def claim_report_dir(directory: str | os.PathLike[str], *, force: bool = False) 
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
 
-    return _Claim(d, handle, release)
+    return _Claim(d, handle, release, made)

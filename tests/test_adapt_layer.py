@@ -314,6 +314,17 @@ def test_the_command_line_takes_a_pytorch_layer_as_it_is(torch, tmp_path, capsys
     assert "--lengths: applies to a PyTorch-style layer TARGET" in capsys.readouterr().err
 
 
+def test_a_hand_written_module_on_the_command_line_is_told_the_options_it_needs(torch, tmp_path, capsys):
+    target = f"{PLUGINS / 'foreign_torch.py'}:HandWrittenLSTM"
+    assert main(["certify", target, "--report-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert ("hint: HandWrittenLSTM is a PyTorch nn.Module (parameters weight_ih (16, 3), weight_hh (16, 4), "
+            "bias (16,))") in err and "--names W=<its input weights>" in err
+    assert not (tmp_path / "a").exists()  # refused before any work
+    assert main(["certify", target, "--layout", "BTD", "--names", "W=weight_ih,R=weight_hh,b=bias", "--max-examples",
+                 "2", "--oracle", "finite-differences", "--dtype", "float64", "--report-dir", str(tmp_path / "b")]) == 0
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_nn_lstm_through_the_adapter_computes_what_the_loop_computes(torch):
     s = Structure(num_layers=2, bidirectional=True, proj_size=2, lengths=True)

@@ -50,6 +50,24 @@ def test_new_and_empty_directories_are_claimed(tmp_path):
         assert (tmp_path / "new" / "report" / MARKER).is_file()
 
 
+def test_a_claim_abandoned_before_any_work_leaves_the_directory_as_it_was_found(tmp_path):
+    # New: the directories claiming made go again, the first existing parent stays.
+    claim_report_dir(tmp_path / "new" / "report").abandon()
+    assert list(tmp_path.iterdir()) == []
+    # A user's own directory (forced): the file stays, the marker and lock go.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    claim_report_dir(tmp_path / "mine", force=True).abandon()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    # A previous report's directory keeps its marker (and lock file), and can be claimed again at once.
+    with claim_report_dir(tmp_path / "old"):
+        pass
+    claim_report_dir(tmp_path / "old").abandon()
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == sorted([MARKER, LOCK])
+    with claim_report_dir(tmp_path / "old"):
+        pass
+
+
 def test_two_runs_cannot_write_one_directory_at_once(tmp_path):
     with claim_report_dir(tmp_path):
         with pytest.raises(ReportDirError, match=r"is being written by another lstm-harness run \(pid \d+\)"):
