@@ -113,6 +113,10 @@ class Record:
     #: their layer structure, by reason. Kept as counts, not note text, so that a finding or a summary
     #: spanning both dtypes says it once with the counts summed (:func:`skipped_note`).
     skipped_cases: dict[str, int] = field(default_factory=dict)
+    #: Of the ``examples`` cases, how many passed this check's direction (every quantity of it against this
+    #: oracle) only with the float32 tolerance widened by the case's amplification of rounding
+    #: (harness.conditioning); the same number on every record of that direction.
+    widened_cases: int = 0
 
     @property
     def ok(self) -> bool:

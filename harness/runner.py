@@ -117,9 +117,11 @@ class _Search:
     failure: CheckFailed | None = None
     flaky: str = ""
     #: Of the passing cases counted, how many passed with a tolerance widened by the case's measured
-    #: amplification of float32 rounding (harness.conditioning), and the largest such factor.
+    #: amplification of float32 rounding (harness.conditioning), and the largest such factor; and the
+    #: same count per (oracle, direction).
     widened: int = 0
     widest: float = 1.0
+    widened_by: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 #: Hypothesis runs one search may take to check its budget of distinct cases. Some draws of a run are cases
@@ -181,6 +183,8 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             if factors:
                 out.widened += 1
                 out.widest = max(out.widest, *factors)
+                for check in {(r.oracle, r.direction) for r in records if AMPLIFICATION in r.tolerance_factors}:
+                    out.widened_by[check] = out.widened_by.get(check, 0) + 1
             for feature in case_features(case):
                 out.features[feature] = out.features.get(feature, 0) + 1
             if progress:
@@ -308,6 +312,7 @@ def run_checks(
     passed: dict[str, float | None] = {}
     examples = 0
     widened = {"cases": 0, "largest factor": 1.0}  # cases that passed with the float32 tolerance widened
+    widened_by: dict[tuple[str, str], int] = {}  # the same, per (oracle, direction)
 
     def searches(cases: Any, budget: RunSettings) -> None:
         """Search until no new failure turns up (at most MAX_SEARCHES times), each search blind to the
@@ -327,6 +332,8 @@ def run_checks(
             examples += search.examples
             widened["cases"] += search.widened
             widened["largest factor"] = max(widened["largest factor"], search.widest)
+            for check, n in search.widened_by.items():
+                widened_by[check] = widened_by.get(check, 0) + n
             for feature, n in search.features.items():
                 features[feature] = features.get(feature, 0) + n
             for r in search.worst.values():
@@ -370,6 +377,8 @@ def run_checks(
                 searches(strategy(frozenset({feature})), replace(run, max_examples=short))
     _attach_largest(failed, largest, run, info.name)
     records = _stamped({**worst, **failed}, examples, oracles)
+    for r in records:
+        r.widened_cases = widened_by.get((r.oracle, r.direction), 0)
     records += note_skipped(records, skipped, info, dtype, examples)
     if stats is not None:
         stats.update(cases=examples, features=features, skipped=skipped, widened=widened)

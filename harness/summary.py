@@ -108,7 +108,12 @@ def _cell(group: Sequence[Record]) -> str:
         return "-"
     ratios = [r.headline_ratio for r in group if r.headline_ratio is not None]
     word = "pass" if status == "pass" else status.upper()
-    return f"{word} {format_ratio(max(ratios))}" if ratios and status in ("pass", "fail") else word
+    widened = WIDENED_MARK if any(r.widened_cases for r in group) else ""
+    return f"{word} {format_ratio(max(ratios))}{widened}" if ratios and status in ("pass", "fail") else word
+
+
+#: After a cell of the checked table: some of its cases passed only with the float32 tolerance widened.
+WIDENED_MARK = "*"
 
 
 def checked_table(records: Sequence[Record]) -> str:
@@ -139,6 +144,9 @@ def checked_table(records: Sequence[Record]) -> str:
     parts = [_table(headers, rows) if rows else "(nothing was compared)"]
     parts.append("(each cell: status and largest error as a multiple of the tolerance; cases: distinct cases per "
                  "check, shrinking not counted)")
+    if any(r.widened_cases for r in records):
+        parts.append(f"({WIDENED_MARK}: some of its float32 cases passed only with the tolerance widened by the case's "
+                     f"amplification of rounding; the note below says how many)")
     if skipped:
         parts.append("Not checked:")
         parts += [f"  - {reason} ({n} {'check' if n == 1 else 'checks'})" for reason, n in skipped.items()]

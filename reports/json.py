@@ -47,7 +47,9 @@ by reason), reason, traceback, case {T, B, D, H, dtype, seed, spec, and for a st
 (harness.structure.Structure.to_dict()) and lengths}, error_map {quantity, panels}, examples,
 case_file, replay, worst_seen (a failure's largest error seen, with its case), notes, skipped_cases
 ({reason: cases} the oracle was skipped on, not computing their layer structure; absent in reports written
-before it, read as {}), message. NaN is written as null and infinity as +-1e300 (strict JSON).
+before it, read as {}), widened_cases (of the examples, the float32 cases that passed this direction only
+with the tolerance widened by the case's amplification of rounding; 0 when absent), message. NaN is
+written as null and infinity as +-1e300 (strict JSON).
 """
 
 from __future__ import annotations

@@ -305,6 +305,19 @@ def test_page_works_without_script_and_has_narrow_and_print_styles(page):
     assert '<meta name="viewport"' in page
 
 
+def test_a_cell_whose_cases_passed_only_widened_says_how_many():
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((4, 2, 3))
+    rec = _compare(y, y, "good", "forward", "y", 3)
+    rec.examples, rec.widened_cases = 20, 3
+    doc = Elements(render_html(make_report([rec])))
+    (cell,) = [c for c in doc.find("td") if "cell" in c.get("class", "").split()]
+    assert "3 of 20 cases passed only with the float32 tolerance widened" in cell["title"]
+    assert "20 cases 3 widened" in doc.text("matrix-table")
+    rec.widened_cases = 0
+    assert "widened" not in Elements(render_html(make_report([rec]))).text("matrix-table")
+
+
 def test_certified_report_says_so_and_has_no_sections():
     rng = np.random.default_rng(3)
     y = rng.standard_normal((4, 2, 3))

@@ -245,6 +245,8 @@ def test_cases_that_pass_only_with_a_widened_tolerance_are_counted_and_said(monk
         # The slightly-off one passes y only widened, in every case; the correct one never needs the widening.
         expected = stats["cases"] if widened else 0
         assert stats["widened"] == {"cases": expected, "largest factor": 50.0 if widened else 1.0}
+        # Each record says it for its check: the forward widened in every case, the backward never.
+        assert {(r.direction, r.widened_cases) for r in records} == {("forward", expected), ("backward", 0)}
     result = harness.certify(SlightlyOffInFloat32(), oracles=[FD], dtypes=["float32"], max_examples=6,
                              write_report=False)
     (note,) = [n for n in result.notes if "widened" in n]

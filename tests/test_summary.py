@@ -40,3 +40,15 @@ def test_details_give_each_discrepancy_once_with_case_and_replay():
     assert text.count("forward raised ValueError: bad") == 1  # one error, not one per quantity
     assert "Minimal case: T=2, B=1, D=3, H=4, float64, seed=7" in text
     assert "Replay: lstm-harness replay c.npz m:A" in text
+
+
+def test_a_cell_whose_cases_passed_only_widened_is_marked_and_the_mark_explained():
+    from harness.summary import checked_table
+
+    plain = [_rec("pass", ratio=0.1, examples=20), _rec("pass", "dx", "backward", ratio=0.2, examples=20)]
+    assert "*" not in checked_table(plain)
+    widened = [_rec("pass", ratio=0.16, examples=20, widened_cases=3),
+               _rec("pass", "dx", "backward", ratio=0.2, examples=20)]
+    lines = checked_table(widened).splitlines()
+    assert lines[2].split()[1:5] == ["pass", "0.16*", "pass", "0.20"]  # forward marked, backward not
+    assert lines[-1].startswith("(*: some of its float32 cases passed only with the tolerance widened")
