@@ -97,7 +97,6 @@ under their own names, so that the harness reports them as unexpected keys.
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -111,6 +110,7 @@ from harness.contract import (
     VARIANTS,
     ContractError,
     declared_structure,
+    is_torch_module,
     param_shapes,
     to_numpy,
 )
@@ -424,11 +424,6 @@ def _check_bias_gradients(d_ih: np.ndarray, d_hh: np.ndarray, variant: str, H: i
         f"beyond the {dtype} gradient tolerance, worst at {format_coords(worst.get('coords', {}))} ({names[0]} "
         f"{worst.get('expected'):.6g}, {names[1]} {worst.get('actual'):.6g}). The two biases are added, so the "
         f"gradient of each must be dL/db")
-
-
-def _is_torch_module(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 class Adapted:
@@ -1218,7 +1213,7 @@ class _swapped_attributes:
 
 def is_torch_layer(obj: Any) -> bool:
     """Whether ``obj`` is a PyTorch-style layer module: an ``nn.Module`` with nn.LSTM's ``weight_ih_l0``."""
-    return _is_torch_module(obj) and any(name == "weight_ih_l0" for name, _ in obj.named_parameters())
+    return is_torch_module(obj) and any(name == "weight_ih_l0" for name, _ in obj.named_parameters())
 
 
 def _torch_layer_structure(module: Any, lengths: str | None) -> Structure:
@@ -1330,7 +1325,7 @@ def adapt(
         if tuple(backward_takes) != _UPSTREAM or call is not None:
             raise ValueError(f"{'call' if call is not None else 'backward_takes'}: does not apply to a one-timestep "
                              f"cell, whose backward takes (dnext_h, dnext_c, cache) and whose loop the adapter runs")
-        if isinstance(impl, Adapted) or _is_torch_module(impl):
+        if isinstance(impl, Adapted) or is_torch_module(impl):
             raise ValueError("step: expected a cell object with forward(x_t, prev_h, prev_c, params) and "
                              "backward(dnext_h, dnext_c, cache) methods (or step_forward/step_backward ones)")
     if autograd is not None:
@@ -1440,7 +1435,7 @@ def adapt(
     common: dict[str, Any] = dict(convention=convention, variant=variant, name=str(declared_name),
                                   dtypes=declared_dtypes, dtypes_declared=dtypes_declared,
                                   ln_eps=eps, names=names_map, upstream=upstream, structure=structure)
-    if impl is not None and _is_torch_module(impl):
+    if impl is not None and is_torch_module(impl):
         return Adapted(**common, forward=impl, backward=None, params_as="dict", torch_module=impl, call=call,
                        torch_layer=torch_layer)
     if call is not None:

@@ -11,6 +11,7 @@ shape, the names of its axes, so that a discrepancy anywhere can be decoded into
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -248,10 +249,16 @@ def quantities(variant: str, direction: str, structure: Structure | None = None)
     return tuple("d" + k for k in gradient_keys(variant, structure))
 
 
+def is_torch_module(obj: Any) -> bool:
+    """Whether ``obj`` is a PyTorch ``nn.Module``, without importing torch (a module that is one has it loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def _module_hint(obj: Any) -> str:
-    """For a PyTorch ``nn.Module`` that is not written to the contract (found by its classes' names, so
-    that nothing imports torch here): how it is certified as it is, with its parameters' names to map."""
-    if not any(f"{c.__module__}.{c.__qualname__}" == "torch.nn.modules.module.Module" for c in type(obj).__mro__):
+    """For a PyTorch ``nn.Module`` that is not written to the contract: how it is certified as it is, with
+    its parameters' names to map."""
+    if not is_torch_module(obj):
         return ""
     try:
         named = [f"{n} {tuple(p.shape)}" for n, p in obj.named_parameters()]

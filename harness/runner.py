@@ -179,11 +179,11 @@ def _search(subject: Subject, oracles: Sequence[Oracle], strategy: Any, run: Run
             passed[digest] = score
         if out.first_failing is None and not failing:  # a case drawn, not one tried while shrinking
             out.examples += 1
-            factors = [r.tolerance_factors[AMPLIFICATION] for r in records if AMPLIFICATION in r.tolerance_factors]
-            if factors:
+            widened = [r for r in records if AMPLIFICATION in r.tolerance_factors]
+            if widened:
                 out.widened += 1
-                out.widest = max(out.widest, *factors)
-                for check in {(r.oracle, r.direction) for r in records if AMPLIFICATION in r.tolerance_factors}:
+                out.widest = max(out.widest, *(r.tolerance_factors[AMPLIFICATION] for r in widened))
+                for check in {(r.oracle, r.direction) for r in widened}:
                     out.widened_by[check] = out.widened_by.get(check, 0) + 1
             for feature in case_features(case):
                 out.features[feature] = out.features.get(feature, 0) + 1

@@ -102,6 +102,10 @@ def details(records: Sequence[Record]) -> str:
     return "\n\n".join(out)
 
 
+#: After a cell of the checked table: some of its cases passed only with the float32 tolerance widened.
+WIDENED_MARK = "*"
+
+
 def _cell(group: Sequence[Record]) -> str:
     status = worst_status(group)
     if status == "skip":
@@ -110,10 +114,6 @@ def _cell(group: Sequence[Record]) -> str:
     word = "pass" if status == "pass" else status.upper()
     widened = WIDENED_MARK if any(r.widened_cases for r in group) else ""
     return f"{word} {format_ratio(max(ratios))}{widened}" if ratios and status in ("pass", "fail") else word
-
-
-#: After a cell of the checked table: some of its cases passed only with the float32 tolerance widened.
-WIDENED_MARK = "*"
 
 
 def checked_table(records: Sequence[Record]) -> str:
