@@ -1,4 +1,9 @@
-"""The contract: the validator's messages, input checks, output conversion."""
+"""The contract: the validator's messages, input checks, output conversion; what loading an implementation
+imports."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +171,25 @@ def test_to_numpy_accepts_every_documented_kind(wrap):
 def test_to_numpy_rejects_other_objects():
     with pytest.raises(TypeError, match="expected a NumPy array or something convertible"):
         to_numpy(object())
+
+
+def test_the_built_in_implementations_load_without_the_rest_of_the_harness():
+    """A worker process, and each call of a program that computes with the built-ins, imports an implementation
+    and the contract; the package's public names (certify, adapt, ...) are imported on first use."""
+    code = ("import sys; import impls.stacked, impls.peephole, impls.layernorm; "
+            "print(sorted(m for m in ('harness.api', 'harness.adapt', 'harness.runner', 'hypothesis') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "[]"
+    # The submodules harness.adapt and harness.cases, loaded first, leave the package's functions of those names.
+    code = "import harness.adapt, harness.cases, harness; print(type(harness.adapt).__name__, harness.cases.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "function cases"
+    import harness
+    from harness.api import certify
+
+    assert harness.certify is certify and "certify" in dir(harness)
+    with pytest.raises(AttributeError, match="module 'harness' has no attribute 'certfy'"):
+        harness.certfy  # noqa: B018
