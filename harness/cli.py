@@ -50,7 +50,9 @@ Instead of TARGET, --command 'CMD ARGS...' certifies a program in any language t
 protocol: for each call it is run as `CMD ARGS... REQUEST_DIR RESPONSE_DIR`, reads request.json and the
 input arrays (.npy) from REQUEST_DIR and writes y.npy, h_T.npy, c_T.npy (and grad_<name>.npy when
 request.json says "gradients": true) into RESPONSE_DIR. The convention options (--gate-order, ...) say
-in which layout it takes its parameters.
+in which layout it takes its parameters; --structure 'layers=2 bidirectional lengths' says it computes a
+whole layer (its files are then the layer's: l0.W.npy, l0.reverse.W.npy, ..., lengths.npy), and
+--structures all that it reads each call's structure from request.json.
 """
 
 
@@ -162,6 +164,15 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
                         "each call (split like a shell would, never run by one; see below)")
     g.add_argument("--forward-only", action="store_true",
                    help="the program computes the forward pass only: it is never asked for gradients")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--structure", metavar="'WORDS'",
+                   help="the one layer structure the program computes, in the words the report uses: layers=L, "
+                        "bidirectional, proj=P, cifg, clip=C, lengths (e.g. 'layers=2 bidirectional lengths'); its "
+                        "files are then the whole layer's (l0.W.npy, l0.reverse.W.npy, ..., lengths.npy)")
+    s.add_argument("--structures", metavar="FEATURES",
+                   help="the program reads each call's structure from request.json and computes every structure of "
+                        "these features (comma-separated, or 'all'): layers, bidirectional, lengths, proj, cifg, "
+                        "clip; the harness draws structures of them, as for a configurable Python implementation")
     c = p.add_argument_group("its convention (TARGET or --command), as harness.adapt takes it")
     c.add_argument("--gate-order", metavar="ORDER", help="order of its stacked gate blocks, e.g. ifco, icfo, iofc")
     c.add_argument("--transposed", action="store_true", help="its weights are (D, 4H) and (H, 4H) (per gate: "
@@ -239,6 +250,11 @@ def _command_impl(args: argparse.Namespace) -> object | None:
                              "method is checked forward only")
         if args.target is None:
             raise UsageError("expected TARGET or --command 'CMD ARGS...'")
+        for option in ("structure", "structures"):
+            if getattr(args, option, None) is not None:
+                raise UsageError(f"--{option}: applies to --command; a Python TARGET declares its structure by its "
+                                 f"attributes (num_layers, bidirectional, proj_size, accepts_lengths, ...; "
+                                 f"with_structure and structures for any structure)")
         if not given:
             return None
         from harness.plugins import AdaptedTarget, LoadError
@@ -253,12 +269,14 @@ def _command_impl(args: argparse.Namespace) -> object | None:
         raise UsageError("--step: applies to a Python TARGET that computes one timestep; a command computes "
                          "whole sequences")
     if given.get("lengths"):
-        raise UsageError("--lengths: applies to a PyTorch-style layer TARGET (torch.nn.LSTM); a command takes the "
-                         "default structure")
+        raise UsageError("--lengths: applies to a PyTorch-style layer TARGET (torch.nn.LSTM); a program that takes "
+                         "lengths says so with --structure '... lengths' (or --structures lengths,...) and is given "
+                         "lengths.npy")
     from harness.command_protocol import command
 
     try:
         return command(args.command_line, variant=args.variant or "vanilla", backward=not args.forward_only,
+                       structure=getattr(args, "structure", None), structures=getattr(args, "structures", None),
                        **given)
     except ValueError as exc:
         raise _usage(exc) from None
@@ -582,7 +600,9 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
 
 _OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
                  "variant:": "--variant:", "case:": "CASE.npz:", "report directory:": "--report-dir:",
-                 "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:", "command:": "--command:"}
+                 "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:", "command:": "--command:",
+                 "structure:": "--structure:", "structures:": "--structures:", "state_order:": "--state-order:",
+                 "y_directions:": "--y-directions:", "layout:": "--layout:"}
 
 
 def _usage(exc: Exception) -> UsageError:

@@ -3,7 +3,9 @@
 For each call the harness makes two empty directories and runs ``CMD ARGS... REQUEST_DIR RESPONSE_DIR``
 (an argument list, never a shell). REQUEST_DIR holds ``request.json``::
 
-    {"variant": "vanilla", "dtype": "float64", "gradients": false, "ln_eps": 1e-05}
+    {"variant": "vanilla", "dtype": "float64", "gradients": false, "ln_eps": 1e-05,
+     "structure": {"num_layers": 1, "bidirectional": false, "proj_size": 0,
+                   "coupled_input_forget": false, "cell_clip": null, "lengths": false}}
 
 and one ``.npy`` file per array: ``x.npy`` (T, B, D), ``h0.npy``, ``c0.npy`` (B, H), one per parameter
 under its name (``W.npy``, ``R.npy``, ``b.npy``, ``p_i.npy``, ...; in the command's own names and
@@ -12,6 +14,13 @@ layout when it is adapted, see :func:`command`), and when ``gradients`` is true 
 RESPONSE_DIR and, when asked, ``grad_x.npy``, ``grad_h0.npy``, ``grad_c0.npy`` and ``grad_<param>.npy``
 for every parameter it was given, then exits 0. Every file is a NumPy ``.npy`` file, C order,
 little-endian, in the request's dtype (``<f8`` or ``<f4``).
+
+``structure`` is the layer structure of the call (:mod:`harness.structure`). In any other than the
+default, the names and shapes are the whole layer's: parameters ``l0.W.npy``, ``l0.reverse.W.npy``,
+``l1.R.npy``, ... (and their ``grad_l0.W.npy``, ...), states (num_layers * dirs, B, H), and with
+``lengths`` a ``lengths.npy`` of (B,) ``<i8`` that has no gradient. A program computes either one
+structure, declared with ``structure=`` (``--structure``), or every structure of the features it names
+with ``structures=`` (``--structures``), reading each call's from ``request.json``.
 
 A non-zero exit is an error of that call, reported with the end of the command's stderr; a file the
 command should have written and did not, or one that is not a readable ``.npy`` file, is a breach of
@@ -25,6 +34,7 @@ with the worker, which leads a process group of its own.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -32,26 +42,31 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError
+from harness.structure import FEATURES, Structure
 
-__all__ = ["CommandLSTM", "CommandError", "command", "convention_arguments", "STDERR_LIMIT", "CONVENTION_KEYWORDS"]
+__all__ = ["CommandLSTM", "CommandError", "command", "convention_arguments", "structure_argument", "features_argument",
+           "STDERR_LIMIT", "CONVENTION_KEYWORDS"]
 
 #: The :func:`harness.adapt` keywords that describe how a program (or a Python TARGET on the command line)
 #: lays out its arrays; each is a command-line option of the same name (``--gate-order``, ...).
 CONVENTION_KEYWORDS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
-                       "column_bias", "initial_hidden", "initial_cell", "names")
+                       "column_bias", "initial_hidden", "initial_cell", "names", "state_order", "y_directions")
 
 #: Characters of a failing command's stderr kept in its error (the start and the end, if longer).
 STDERR_LIMIT = 4000
 
 _UPSTREAM = ("dy", "dh_T", "dc_T")
 _OUTPUTS = ("y", "h_T", "c_T")
+#: The structure's fields as the contract's attributes (``lengths`` is ``accepts_lengths`` there).
+_ATTRIBUTES = {"num_layers": "num_layers", "bidirectional": "bidirectional", "proj_size": "proj_size",
+               "coupled_input_forget": "coupled_input_forget", "cell_clip": "cell_clip", "lengths": "accepts_lengths"}
 
 
 class CommandError(RuntimeError):
@@ -79,6 +94,38 @@ def _argv(cmd: str | Sequence[str]) -> list[str]:
     return argv
 
 
+def structure_argument(structure: Structure | str | None) -> Structure:
+    """``structure=`` as given: a :class:`Structure`, its text (``"layers=2 bidirectional lengths"``, see
+    :meth:`Structure.parse`) or None (the default); a ValueError names ``structure``."""
+    if structure is None:
+        return Structure()
+    if isinstance(structure, str):
+        try:
+            return Structure.parse(structure)
+        except ValueError as exc:
+            raise ValueError(f"structure: {exc}") from None
+    if not isinstance(structure, Structure):
+        raise ValueError(f"structure: expected a harness.structure.Structure or its text such as 'layers=2 "
+                         f"bidirectional', got {type(structure).__name__}")
+    problems = structure.problems()
+    if problems:
+        raise ValueError(f"structure: {'; '.join(problems)}")
+    return structure
+
+
+def features_argument(structures: Iterable[str] | str) -> tuple[str, ...]:
+    """``structures=`` as given: feature names (:data:`FEATURES`), as an iterable or one text separated by
+    commas or spaces, or ``"all"``; in :data:`FEATURES`' order. A ValueError names ``structures``."""
+    words = structures.replace(",", " ").split() if isinstance(structures, str) else list(structures)
+    if words == ["all"]:
+        return FEATURES
+    unknown = [w for w in words if w not in FEATURES]
+    if unknown or not words:
+        raise ValueError(f"structures: expected structure features among {', '.join(FEATURES)} (or 'all'), got "
+                         f"{', '.join(map(repr, unknown)) if unknown else 'none'}")
+    return tuple(f for f in FEATURES if f in words)
+
+
 def _bounded(text: str, limit: int = STDERR_LIMIT) -> str:
     """The start and the end of ``text`` when it is longer than ``limit`` characters."""
     text = text.rstrip()
@@ -101,12 +148,28 @@ class CommandLSTM:
     computes the forward pass only (it is never asked for gradients). It speaks the canonical contract: the
     parameters it is handed are written under their names, and it must return a gradient for each.
     Wrap it with :func:`harness.adapt` (or use :func:`command`) for another layout.
+
+    ``structure`` (a :class:`Structure` or its text) is the one layer structure the program computes;
+    ``structures`` (feature names, or ``"all"``) instead says it computes every structure made of those
+    features and reads each call's from ``request.json``: the harness then draws structures for it, as for
+    a configurable Python implementation (:meth:`with_structure`).
     """
 
     def __init__(self, command: str | Sequence[str], *, variant: str = "vanilla", name: str | None = None,
                  dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True,
-                 states: Sequence[str] = ("h0", "c0")):
+                 states: Sequence[str] = ("h0", "c0"), structure: Structure | str | None = None,
+                 structures: Iterable[str] | str | None = None):
         self.argv = _argv(command)
+        fixed = structure_argument(structure)
+        if structures is not None and not fixed.is_default:
+            raise ValueError("structure: a program with structures= reads each call's structure from request.json; "
+                             "give structure= (one structure) or structures= (the features it computes), not both")
+        #: Whether the harness draws structures for it (``structures=``) or certifies it in one (``structure=``).
+        self.configurable = structures is not None
+        #: The structure features it computes: all it is given, when it reads its structure from request.json.
+        self.structures = (features_argument(structures) if structures is not None
+                           else tuple(f for f in FEATURES if f in fixed.features()))
+        self._declare(fixed)
         #: The initial states the program takes (``h0.npy``, ``c0.npy``): an adapter with
         #: ``initial_hidden=False`` or ``initial_cell=False`` calls forward without the others.
         self.states = tuple(s for s in ("h0", "c0") if s in states)
@@ -118,19 +181,45 @@ class CommandLSTM:
         self.dtypes = tuple(dtypes) if dtypes is not None else DEFAULT_DTYPES
         self.ln_eps = float(ln_eps)
         #: How ``lstm-harness replay`` loads this implementation again (the harness shows it with each failure).
-        self.replay_arguments = _arguments(self.argv, variant, backward, {})
+        self.replay_arguments = _arguments(self.argv, variant, backward, {}, fixed,
+                                           self.structures if self.configurable else None)
         if backward:  # a forward-only command has no backward at all: the harness then checks forward only
             self.backward = self._backward
 
     def __repr__(self) -> str:
         return f"CommandLSTM({shlex.join(self.argv)!r}, variant={self.variant!r})"
 
-    def forward(self, x, *states_and_params):
+    def _declare(self, structure: Structure) -> None:
+        """Declare ``structure`` by the contract's attributes (``num_layers``, ..., ``accepts_lengths``)."""
+        for field_name, attribute in _ATTRIBUTES.items():
+            setattr(self, attribute, getattr(structure, field_name))
+
+    @property
+    def structure(self) -> Structure:
+        """The structure of its calls (``lengths`` is ``accepts_lengths``)."""
+        return Structure(**{f: getattr(self, a) for f, a in _ATTRIBUTES.items()})
+
+    def with_structure(self, structure: Structure) -> CommandLSTM:
+        """This program, for calls in ``structure`` (the harness configures it per case when it was given
+        ``structures=``): a copy whose request.json says ``structure``."""
+        missing = [f for f in FEATURES if f in structure.features() and f not in self.structures]
+        if missing:
+            raise ValueError(f"{self.name}: does not compute {', '.join(missing)} (it was given "
+                             f"structures={','.join(self.structures) or 'none'})")
+        new = copy.copy(self)
+        new._declare(structure)
+        if "backward" in new.__dict__:
+            new.backward = new._backward  # bound to the copy, whose structure the request says
+        return new
+
+    def forward(self, x, *states_and_params, lengths=None):
         *states, params = states_and_params
         if len(states) != len(self.states):
             raise TypeError(f"forward: expected x, {', '.join(self.states)} and params, got {len(states) + 2} "
                             f"arguments")
         inputs = {"x": x, **dict(zip(self.states, states)), **params}
+        if lengths is not None:
+            inputs["lengths"] = np.asarray(lengths, dtype=np.int64)
         out = self._run(inputs, upstream=None, expect=_OUTPUTS, call="forward")
         return out["y"], out["h_T"], out["c_T"], inputs
 
@@ -138,15 +227,16 @@ class CommandLSTM:
         if not isinstance(cache, Mapping) or "x" not in cache:
             raise TypeError(f"cache: expected what this implementation's forward returned, got "
                             f"{type(cache).__name__}")
-        grads = [f"grad_{k}" for k in cache]
-        out = self._run(cache, upstream={"dy": dy, "dh_T": dh_T, "dc_T": dc_T}, expect=grads, call="backward")
-        return {k: out[f"grad_{k}"] for k in cache}
+        differentiable = [k for k in cache if k != "lengths"]  # integers: no gradient
+        out = self._run(cache, upstream={"dy": dy, "dh_T": dh_T, "dc_T": dc_T},
+                        expect=[f"grad_{k}" for k in differentiable], call="backward")
+        return {k: out[f"grad_{k}"] for k in differentiable}
 
     def _run(self, inputs: Mapping[str, Any], *, upstream: Mapping[str, Any] | None, expect: Sequence[str],
              call: str) -> dict[str, np.ndarray]:
         x = np.asarray(inputs["x"])
         request = {"variant": self.variant, "dtype": x.dtype.name, "gradients": upstream is not None,
-                   "ln_eps": self.ln_eps}
+                   "ln_eps": self.ln_eps, "structure": self.structure.to_dict()}
         with tempfile.TemporaryDirectory(prefix="lstm-harness-command-") as tmp:
             req, resp = Path(tmp, "request"), Path(tmp, "response")
             req.mkdir()
@@ -200,6 +290,7 @@ def _read(folder: Path, names: Sequence[str], call: str) -> dict[str, np.ndarray
 
 def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | None = None,
             dtypes: Sequence[str] | None = None, ln_eps: float = DEFAULT_LN_EPS, backward: bool = True,
+            structure: Structure | str | None = None, structures: Iterable[str] | str | None = None,
             **convention: Any) -> Any:
     """An implementation object for an LSTM behind the command protocol, usable with :func:`harness.certify`.
 
@@ -209,30 +300,47 @@ def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | N
     ``names``): the command then receives its arrays, and returns their gradients, in its own layout
     and names; with ``initial_hidden=False`` (``initial_cell=False``) it is given no ``h0.npy``
     (``c0.npy``) and writes no gradient of it.
+
+    ``structure`` and ``structures`` are :class:`CommandLSTM`'s: the one layer structure the program
+    computes (``"layers=2 bidirectional lengths"``), or the features of every structure it computes when it
+    reads each call's from ``request.json``. A whole layer keeps the contract's prefixed names; of the
+    convention keywords it takes ``layout`` (or ``batch_major``), ``state_order`` and ``y_directions``, and a
+    program with ``structures=`` takes none (its layout would have to hold in every structure).
     """
     unknown = [k for k in convention if k not in CONVENTION_KEYWORDS]
     if unknown:
         raise ValueError(f"{unknown[0]}: not a convention keyword for a command; expected among "
                          f"{CONVENTION_KEYWORDS}")
+    if structures is not None and convention:
+        first = next(iter(convention))
+        raise ValueError(f"{first}: a program given structures= is certified in the contract's layout (the harness "
+                         f"configures it per case); declare one structure with structure= to certify it in a layout "
+                         f"of its own")
     states = [s for s, key in (("h0", "initial_hidden"), ("c0", "initial_cell")) if convention.get(key, True)]
     impl = CommandLSTM(cmd, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, backward=backward,
-                       states=states)
+                       states=states, structure=structure, structures=structures)
     if not convention:
         return impl
     from harness.adapt import adapt
 
     adapted = adapt(impl, **convention)
-    adapted.replay_arguments = _arguments(impl.argv, variant, backward, convention)  # type: ignore[attr-defined]
+    adapted.replay_arguments = _arguments(impl.argv, variant, backward, convention,  # type: ignore[attr-defined]
+                                          impl.structure, None)
     return adapted
 
 
-def _arguments(argv: Sequence[str], variant: str, backward: bool, convention: Mapping[str, Any]) -> str:
+def _arguments(argv: Sequence[str], variant: str, backward: bool, convention: Mapping[str, Any],
+               structure: Structure, structures: Sequence[str] | None) -> str:
     """The command-line options that make the same implementation: ``--command 'CMD ARGS' --per-gate ...``."""
     parts = ["--command", shlex.quote(shlex.join(argv))]
     if variant != "vanilla":
         parts += ["--variant", variant]
     if not backward:
         parts.append("--forward-only")
+    if structures is not None:
+        parts += ["--structures", ",".join(structures)]
+    elif not structure.is_default:
+        parts += ["--structure", shlex.quote(structure.describe(exact=True))]
     return " ".join(parts + convention_arguments(convention))
 
 

@@ -84,9 +84,10 @@ class Structure:
         }
         return frozenset(name for name, on in used.items() if on)
 
-    def describe(self) -> str:
+    def describe(self, *, exact: bool = False) -> str:
         """Short text of what differs from the default: ``layers=2 bidirectional proj=3 cifg clip=2.5
-        lengths``; empty for the default structure."""
+        lengths``; empty for the default structure. ``exact`` writes the clip's value in full (``repr``),
+        so that :meth:`parse` gives back this structure (the command line's ``--structure`` takes the text)."""
         parts = []
         if self.num_layers > 1:
             parts.append(f"layers={self.num_layers}")
@@ -97,10 +98,40 @@ class Structure:
         if self.coupled_input_forget:
             parts.append("cifg")
         if self.cell_clip is not None:
-            parts.append(f"clip={self.cell_clip:g}")
+            parts.append(f"clip={self.cell_clip!r}" if exact else f"clip={self.cell_clip:g}")
         if self.lengths:
             parts.append("lengths")
         return " ".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> Structure:
+        """The structure :meth:`describe` writes as ``text``: words separated by spaces or commas, each one of
+        ``layers=L``, ``bidirectional``, ``proj=P``, ``cifg``, ``clip=C`` and ``lengths``, in any order (an
+        empty text is the default structure). A ValueError names the word that is not one of them and the
+        field whose value is wrong."""
+        fields: dict[str, Any] = {}
+        for word in text.replace(",", " ").split():
+            key, sep, value = word.partition("=")
+            if key in _FLAG_WORDS and not sep:
+                field_name, parsed = _FLAG_WORDS[key], True
+            elif key in _VALUE_WORDS and sep:
+                field_name, kind = _VALUE_WORDS[key]
+                try:
+                    parsed = kind(value)
+                except ValueError:
+                    raise ValueError(f"{word!r}: expected {key}=<{kind.__name__}>, got {value!r} after the '='") \
+                        from None
+            else:
+                raise ValueError(f"{word!r}: expected words among layers=L, bidirectional, proj=P, cifg, clip=C, "
+                                 f"lengths (e.g. 'layers=2 bidirectional lengths')")
+            if field_name in fields:
+                raise ValueError(f"{word!r}: {key} is given twice")
+            fields[field_name] = parsed
+        structure = cls(**fields)
+        problems = structure.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return structure
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +211,12 @@ class Structure:
             out.append("cell_clip: clipping is not defined for the layernorm variant here (its carried cell state is "
                        "the normalized one); use cell_clip=None")
         return out
+
+
+#: The words of :meth:`Structure.parse`: a flag -> its field, and a word with a value -> (its field, the value's type).
+_FLAG_WORDS = {"bidirectional": "bidirectional", "cifg": "coupled_input_forget", "lengths": "lengths"}
+_VALUE_WORDS: dict[str, tuple[str, type]] = {"layers": ("num_layers", int), "proj": ("proj_size", int),
+                                             "clip": ("cell_clip", float)}
 
 
 def parse_prefix(name: str) -> tuple[int | None, int | None, str]:

@@ -203,7 +203,9 @@ def test_the_request_and_the_files_handed_over(tmp_path, monkeypatch):
     grads = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
     assert set(grads) == {"x", "h0", "c0", "W", "R", "b"} and grads["W"].shape == (8, 3)
     first, second = (json.loads(line) for line in log.read_text().splitlines())
-    assert first["request"] == {"variant": "vanilla", "dtype": "float32", "gradients": False, "ln_eps": 1e-3}
+    assert first["request"] == {"variant": "vanilla", "dtype": "float32", "gradients": False, "ln_eps": 1e-3,
+                                "structure": {"num_layers": 1, "bidirectional": False, "proj_size": 0,
+                                              "coupled_input_forget": False, "cell_clip": None, "lengths": False}}
     assert first["files"] == {f"{k}.npy": "float32" for k in ("x", "h0", "c0", "W", "R", "b")}
     assert second["request"]["gradients"] is True
     assert set(second["files"]) == set(first["files"]) | {"dy.npy", "dh_T.npy", "dc_T.npy"}
