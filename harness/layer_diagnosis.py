@@ -43,13 +43,15 @@ from harness.compare import tolerance
 from harness.conditioning import condition_number
 from harness.structure import DIRECTION_NAMES, Structure
 
-__all__ = ["LayerFact", "LayerFinding", "recognise", "READINGS", "STATE_ORDER_FIX"]
+__all__ = ["LayerFact", "LayerFinding", "recognise", "READINGS", "STATE_ORDER_FIX", "Y_DIRECTIONS_FIX"]
 
 #: Ways of reading the inputs wrongly; a reading of the search is a combination of them.
 READINGS: tuple[str, ...] = ("params", "states", "direction-major", "concat")
 
 #: The adapter call that certifies an implementation whose states are all in direction-major order.
 STATE_ORDER_FIX = "harness.adapt(impl, state_order='direction-major')"
+#: The adapter call that certifies one whose y, and each later layer's input, has the reverse direction first.
+Y_DIRECTIONS_FIX = "harness.adapt(impl, y_directions='reverse-first')"
 
 #: How far beyond the value tolerance a re-arranged block may be and still count as that block.
 SLACK = 10.0
@@ -149,18 +151,41 @@ class LayerFinding:
     checked: tuple[str, ...] = ("y", "h_T", "c_T")
 
     @property
+    def fix_keywords(self) -> dict[str, str]:
+        """The keywords of :func:`harness.adapt` that certify it as it is, when the facts are the orders they
+        declare and nothing else: ``state_order="direction-major"`` (h0 and c0 read, and h_T and c_T written,
+        in direction-major order) and ``y_directions="reverse-first"`` (y, and each later layer's input, with
+        the reverse direction's features first); {} when the facts are anything else."""
+        if not self.complete:
+            return {}
+        keywords, rest = {}, list(self.facts)
+        if LayerFact("direction-major") in rest:
+            moving = 2 * self.structure.num_layers - 2  # every index but the first and the last moves
+            written = {f.quantity: len(f.cells) for f in rest if f.kind == "direction-major" and f.quantity}
+            if any(written.get(q) != moving for q in ("h_T", "c_T") if q in self.checked):
+                return {}
+            keywords["state_order"] = "direction-major"
+            rest = [f for f in rest if f.kind != "direction-major"]
+        # With more than one layer, y's order is also the order in which each later layer reads its input.
+        reversed_y = [LayerFact("swapped", "y")] + ([LayerFact("concat")] if self.structure.num_layers > 1 else [])
+        if "y" in self.checked and all(f in rest for f in reversed_y):
+            keywords["y_directions"] = "reverse-first"
+            rest = [f for f in rest if f not in reversed_y]
+        return {} if rest else keywords
+
+    @property
     def fix(self) -> str:
-        """The adapter call that certifies it as it is, when one exists: h0 and c0 read, and h_T and c_T
-        written, in direction-major order, and nothing else; else ""."""
-        if not self.complete or LayerFact("direction-major") not in self.facts:
+        """The adapter call of :attr:`fix_keywords` (``harness.adapt(impl, state_order='direction-major')``), or
+        "" when there is none."""
+        keywords = self.fix_keywords
+        if not keywords:
             return ""
-        moving = 2 * self.structure.num_layers - 2  # every index but the first and the last moves
-        written = {f.quantity: len(f.cells) for f in self.facts if f.kind == "direction-major" and f.quantity}
-        rest = [f for f in self.facts if f.kind != "direction-major"]
-        states = [q for q in ("h_T", "c_T") if q in self.checked]
-        if rest or any(written.get(q) != moving for q in states):
-            return ""
-        return STATE_ORDER_FIX
+        return f"harness.adapt(impl, {', '.join(f'{k}={v!r}' for k, v in keywords.items())})"
+
+    @property
+    def options(self) -> str:
+        """The command-line options of :attr:`fix_keywords` (``--state-order direction-major``), or ""."""
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.fix_keywords.items())
 
     def headline(self) -> str:
         return "; ".join(dict.fromkeys(f.short(self.structure) for f in self.facts))
@@ -173,11 +198,12 @@ class LayerFinding:
             head = "Part of it is explained by its layer structure (the rest departs otherwise):"
         out = [head] + [f"  - {f.text(self.structure)}" for f in self.facts]
         if self.fix:
-            out.append(f"Certify it as it is with {self.fix}.")
+            out.append(f"Certify it as it is with {self.fix}, or on the command line with the options "
+                       f"{self.options}.")
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"complete": self.complete, "headline": self.headline(), "fix": self.fix,
+        return {"complete": self.complete, "headline": self.headline(), "fix": self.fix, "options": self.options,
                 "facts": [f.to_dict() | {"text": f.text(self.structure)} for f in self.facts]}
 
 

@@ -120,6 +120,17 @@ def test_a_fixed_structure_is_certified_in_the_programs_own_order_of_directions_
     assert {"y", "h_T", "c_T"} <= {r.quantity for r in records if r.status == "fail"}
 
 
+def test_diagnose_names_the_options_of_a_programs_own_order_of_directions_and_states():
+    from harness.diagnose import diagnose
+
+    found = diagnose(command(_script("--reverse-first", "--direction-major"), structure="layers=2 bidirectional"))
+    assert found.status == "none" and found.layer is not None and found.layer.complete
+    assert found.layer.fix_keywords == {"state_order": "direction-major", "y_directions": "reverse-first"}
+    # the options the fixed-structure test above certifies the program with
+    assert ("or on the command line with the options --state-order direction-major --y-directions reverse-first"
+            in found.text())
+
+
 def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute():
     impl = command(_script(), structures="layers,lengths")
     layered = impl.with_structure(Structure(num_layers=2, lengths=True))

@@ -15,7 +15,7 @@ import pytest
 from harness.cases import CaseSpec, build_case, structure_fields
 from harness.cli import main
 from harness.diagnose import diagnose
-from harness.layer_diagnosis import STATE_ORDER_FIX, LayerFact, recognise
+from harness.layer_diagnosis import STATE_ORDER_FIX, Y_DIRECTIONS_FIX, LayerFact, recognise
 from harness.structure import Structure
 from impls.loop import LoopLSTM
 from tests.plugins import planted_layer as planted
@@ -132,7 +132,8 @@ def test_a_planted_layer_bug_is_named(bug):
     for line in found.layer.lines():
         assert line in found.text()
     assert found.to_dict()["layer"]["facts"][0]["kind"] == BUGS[bug][0].kind
-    assert found.layer.fix == (STATE_ORDER_FIX if bug is planted.StatesDirectionMajor else "")
+    fixes = {planted.StatesDirectionMajor: STATE_ORDER_FIX, planted.ReverseFeaturesFirst: Y_DIRECTIONS_FIX}
+    assert found.layer.fix == fixes.get(bug, "")
 
 
 @pytest.mark.parametrize("bug, words", [
@@ -160,15 +161,20 @@ def test_the_finding_is_said_with_its_coordinates(bug, words):
     assert words in diagnose(bug()).text()
 
 
-def test_direction_major_states_print_the_adapter_call():
-    text = diagnose(planted.StatesDirectionMajor()).text()
-    call = "harness.adapt(impl, state_order='direction-major')"
-    assert f"Certify it as it is with {call}." in text
+@pytest.mark.parametrize("bug, call, options", [
+    (planted.StatesDirectionMajor, "harness.adapt(impl, state_order='direction-major')",
+     "--state-order direction-major"),
+    (planted.ReverseFeaturesFirst, "harness.adapt(impl, y_directions='reverse-first')",
+     "--y-directions reverse-first"),
+])
+def test_an_order_the_adapter_declares_prints_the_adapter_call(bug, call, options):
+    text = diagnose(bug()).text()
+    assert f"Certify it as it is with {call}, or on the command line with the options {options}." in text
     # The printed call, evaluated on the implementation, certifies it (forward and backward).
     import harness
     from harness.api import certify
 
-    adapted = eval(call, {"harness": harness, "impl": planted.StatesDirectionMajor()})  # noqa: S307 - printed text
+    adapted = eval(call, {"harness": harness, "impl": bug()})  # noqa: S307 - printed text
     result = certify(adapted, oracles=["finite-differences"], max_examples=5, dtypes=["float64"])
     assert result.verdict == "certified", result.details()
 
