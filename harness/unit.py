@@ -20,7 +20,7 @@ are reported as not compared, with the reason, never compared against placeholde
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -342,7 +342,8 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
         checked = any(not o.unsupported_reason(info.variant, dtype) for o in oracles)  # cases compared at all
         if checked and (info.configurable or not info.structure.is_default):
             notes.append(structure_note(info.name, dtype, stats,
-                                        against=[o.name for o in oracles] if apart else None))
+                                        against=[o.name for o in oracles] if apart else None,
+                                        shown=info.structures if info.configurable else info.structure.features()))
         if (stats.get("widened") or {}).get("cases"):
             notes.append(widened_note(info.name, dtype, stats))
     except Exception as exc:
@@ -395,6 +396,7 @@ class StructureNote(str):
     dtype: str
     cases: int
     features: dict[str, int]
+    shown: tuple[str, ...]
 
 
 class WidenedNote(str):
@@ -441,25 +443,30 @@ def merge_search_notes(notes: Sequence[str]) -> list[str]:
             continue
         features = {f: sum(n.features.get(f, 0) for n in group) for f in (*FEATURES, UNSORTED_LENGTHS)}
         cases = sum(n.cases for n in group)
-        out.append(structure_note(name, dtype, {"cases": cases, "features": features}).replace(
+        shown = [f for f in FEATURES if any(f in n.shown for n in group)]
+        out.append(structure_note(name, dtype, {"cases": cases, "features": features}, shown=shown).replace(
             " cases by layer structure", f" cases in {len(group)} searches by layer structure", 1))
     return out
 
 
-def structure_note(name: str, dtype: str, stats: Mapping[str, Any], *, against: Sequence[str] | None = None) -> str:
+def structure_note(name: str, dtype: str, stats: Mapping[str, Any], *, against: Sequence[str] | None = None,
+                   shown: Collection[str] = FEATURES) -> str:
     """The line a run's summary shows of the structures checked: ``loop (float64): 60 cases by layer
-    structure: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES);
-    ``against``: the oracles of a search that had only some of them (``loop (float64, search vs
+    structure: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES, those in
+    ``shown``: the ones the implementation computes, so that a count of 0 means a feature it computes went
+    unchecked); ``against``: the oracles of a search that had only some of them (``loop (float64, search vs
     jax-composite): ...``), since each such search draws its own cases."""
     features = stats.get("features") or {}
     words = {"layers": "stacked", "bidirectional": "bidirectional", "lengths": "with lengths",
              "proj": "projected", "cifg": "CIFG", "clip": "clipped"}
     unsorted = f" ({features.get(UNSORTED_LENGTHS, 0)} unsorted)"  # of those with lengths
-    counts = ", ".join(f"{features.get(f, 0)} {words[f]}" + (unsorted if f == "lengths" else "") for f in FEATURES)
+    counts = ", ".join(f"{features.get(f, 0)} {words[f]}" + (unsorted if f == "lengths" else "")
+                       for f in FEATURES if f in shown)
     which = f"{dtype}, search vs {', '.join(against)}" if against else dtype
     note = StructureNote(f"{name} ({which}): {stats.get('cases', 0)} cases by layer structure: {counts}")
     note.name, note.dtype, note.cases = name, dtype, int(stats.get("cases", 0))
     note.features = {f: int(features.get(f, 0)) for f in (*FEATURES, UNSORTED_LENGTHS)}
+    note.shown = tuple(f for f in FEATURES if f in shown)
     return note
 
 

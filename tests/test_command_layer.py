@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -110,7 +111,12 @@ def test_a_fixed_structure_is_certified_in_the_programs_own_order_of_directions_
     own = ["--y-directions", "reverse-first", "--state-order", "direction-major"]
     assert main(["certify", "--command", cmd, "--structure", LAYER, *own, *FD, "--max-examples", "3", "--dtype",
                  "float64", "--in-process", "--report-dir", str(tmp_path / "a")]) == 0
-    assert "Verdict: certified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Verdict: certified" in out
+    # The note counts the cases of the features it computes, and names no other (a 0 there would read as unchecked).
+    (note,) = [line for line in out.splitlines() if "by layer structure" in line]
+    assert re.search(r"(\d+) cases by layer structure: \1 stacked, \1 bidirectional, \1 with lengths \(\d+ unsorted\)$",
+                     note), note
     # Read in the contract's order, it is not: y and the final states depart on a case with both directions
     # (one case, checked directly: a failing certify of a program also shrinks and runs the convention search).
     plain = command(cmd, structure=LAYER)

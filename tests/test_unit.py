@@ -168,3 +168,17 @@ def test_a_backward_that_keeps_raising_is_stopped_and_the_forward_still_checked(
     backward = [r for r in records if r.direction == "backward"]
     assert {r.status for r in forward} == {"pass"} and {r.status for r in backward} == {"error"}
     assert all(any("forward was still checked" in n for n in r.notes) for r in backward)
+
+
+def test_the_structure_note_names_the_features_the_implementation_computes():
+    import pickle
+
+    from harness.unit import merge_search_notes, structure_note
+
+    fixed = structure_note("mine", "float64", {"cases": 6, "features": {"layers": 6, "lengths": 6}},
+                           shown=("layers", "lengths"))
+    assert fixed == "mine (float64): 6 cases by layer structure: 6 stacked, 6 with lengths (0 unsorted)"
+    other = structure_note("mine", "float64", {"cases": 4, "features": {"proj": 2}}, shown=("proj",), against=["x"])
+    merged = merge_search_notes([pickle.loads(pickle.dumps(fixed)), other])  # as a parallel child sends it
+    assert merged == ["mine (float64): 10 cases in 2 searches by layer structure: 6 stacked, 6 with lengths "
+                      "(0 unsorted), 2 projected"]
