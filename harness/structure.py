@@ -129,8 +129,14 @@ class Structure:
             fields[field_name] = parsed
         structure = cls(**fields)
         problems = structure.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # named by the word, as the text gave it: "layers=0: expected an int >= 1, got 0"
+            words = {field_name: key for key, (field_name, _) in _VALUE_WORDS.items()}
+            named = []
+            for problem in problems:
+                field_name, _, rest = problem.partition(":")
+                named.append(f"{words[field_name]}={_text_value(fields[field_name])}:{rest}" if field_name in words
+                             else problem)
+            raise ValueError("; ".join(named))
         return structure
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +223,11 @@ class Structure:
 _FLAG_WORDS = {"bidirectional": "bidirectional", "cifg": "coupled_input_forget", "lengths": "lengths"}
 _VALUE_WORDS: dict[str, tuple[str, type]] = {"layers": ("num_layers", int), "proj": ("proj_size", int),
                                              "clip": ("cell_clip", float)}
+
+
+def _text_value(value: Any) -> str:
+    """A value as :meth:`Structure.parse` read it from its word (``2``, ``0.5``)."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def parse_prefix(name: str) -> tuple[int | None, int | None, str]:

@@ -152,7 +152,7 @@ def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute()
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"structure": "layers=0"}, "structure: num_layers: expected an int >= 1, got 0"),
+    ({"structure": "layers=0"}, "structure: layers=0: expected an int >= 1, got 0"),
     ({"structure": "layers=2 sideways"}, "structure: 'sideways': expected words among layers=L"),
     ({"structure": 2}, "structure: expected a harness.structure.Structure or its text"),
     ({"structures": "layers,sideways"}, "structures: expected structure features among"),
@@ -213,7 +213,7 @@ def test_the_exact_words_of_a_structure_parse_back_to_it(structure):
     ("bidirectional=yes", "'bidirectional=yes': expected words among"),
     ("proj=1.5", "'proj=1.5': expected proj=<int>, got '1.5'"),
     ("clip=big", "'clip=big': expected clip=<float>"),
-    ("clip=0", "cell_clip: expected a positive finite float"),
+    ("clip=0", "clip=0.0: expected a positive finite float"),
     ("layers=2 layers=3", "'layers=3': layers is given twice"),
 ])
 def test_words_that_are_not_a_structure_are_named(text, message):
