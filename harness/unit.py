@@ -31,6 +31,7 @@ from harness.cases import (
     CaseSpec,
     build_case,
     case_file_name,
+    drawable_features,
     load_case,
     replay_command,
     structure_fields,
@@ -343,7 +344,8 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
         if checked and (info.configurable or not info.structure.is_default):
             notes.append(structure_note(info.name, dtype, stats,
                                         against=[o.name for o in oracles] if apart else None,
-                                        shown=info.structures if info.configurable else info.structure.features()))
+                                        shown=drawable_features(info.variant, info.structures, max_H=settings.max_H)
+                                        if info.configurable else info.structure.features()))
         if (stats.get("widened") or {}).get("cases"):
             notes.append(widened_note(info.name, dtype, stats))
     except Exception as exc:
@@ -453,9 +455,9 @@ def structure_note(name: str, dtype: str, stats: Mapping[str, Any], *, against: 
                    shown: Collection[str] = FEATURES) -> str:
     """The line a run's summary shows of the structures checked: ``loop (float64): 60 cases by layer
     structure: 7 stacked, 8 bidirectional, ...`` (cases per feature of harness.structure.FEATURES, those in
-    ``shown``: the ones the implementation computes, so that a count of 0 means a feature it computes went
-    unchecked); ``against``: the oracles of a search that had only some of them (``loop (float64, search vs
-    jax-composite): ...``), since each such search draws its own cases."""
+    ``shown``: the ones the implementation computes and its variant defines, so that a count of 0 means a
+    feature it computes went unchecked); ``against``: the oracles of a search that had only some of them
+    (``loop (float64, search vs jax-composite): ...``), since each such search draws its own cases."""
     features = stats.get("features") or {}
     words = {"layers": "stacked", "bidirectional": "bidirectional", "lengths": "with lengths",
              "proj": "projected", "cifg": "CIFG", "clip": "clipped"}

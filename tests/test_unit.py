@@ -182,3 +182,12 @@ def test_the_structure_note_names_the_features_the_implementation_computes():
     merged = merge_search_notes([pickle.loads(pickle.dumps(fixed)), other])  # as a parallel child sends it
     assert merged == ["mine (float64): 10 cases in 2 searches by layer structure: 6 stacked, 6 with lengths "
                       "(0 unsorted), 2 projected"]
+
+
+def test_a_layernorm_note_names_no_projection_or_clip_which_its_variant_does_not_define():
+    from impls.layernorm import LoopLayerNormLSTM
+
+    _, notes = _run(LoopLayerNormLSTM())
+    (note,) = notes
+    assert "stacked" in note and "CIFG" in note
+    assert "projected" not in note and "clipped" not in note, note
