@@ -51,7 +51,7 @@ protocol: for each call it is run as `CMD ARGS... REQUEST_DIR RESPONSE_DIR`, rea
 input arrays (.npy) from REQUEST_DIR and writes y.npy, h_T.npy, c_T.npy (and grad_<name>.npy when
 request.json says "gradients": true) into RESPONSE_DIR. The convention options (--gate-order, ...) say
 in which layout it takes its parameters; --structure 'layers=2 bidirectional lengths' says it computes a
-whole layer (its files are then the layer's: l0.W.npy, l0.reverse.W.npy, ..., lengths.npy), and
+whole layer (its files are then the layer's: l0.W.npy, l0.reverse.W.npy, ..., and lengths.npy), and
 --structures all that it reads each call's structure from request.json.
 """
 
@@ -167,8 +167,9 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
     s = g.add_mutually_exclusive_group()
     s.add_argument("--structure", metavar="'WORDS'",
                    help="the one layer structure the program computes, in the words the report uses: layers=L, "
-                        "bidirectional, proj=P, cifg, clip=C, lengths (e.g. 'layers=2 bidirectional lengths'); its "
-                        "files are then the whole layer's (l0.W.npy, l0.reverse.W.npy, ..., lengths.npy)")
+                        "bidirectional, proj=P, cifg, clip=C, lengths (e.g. 'layers=2 bidirectional lengths'); with "
+                        "more than one layer or both directions its files are the whole layer's (l0.W.npy, "
+                        "l0.reverse.W.npy, ...), with lengths it is given lengths.npy")
     s.add_argument("--structures", metavar="FEATURES",
                    help="the program reads each call's structure from request.json and computes every structure of "
                         "these features (comma-separated, or 'all'): layers, bidirectional, lengths, proj, cifg, "
@@ -497,6 +498,7 @@ def _run_command(args: argparse.Namespace) -> object | None:
     """The --command program ``run`` checks besides the --impl TARGETs (the convention options are its)."""
     if args.command_line is None:
         given = [k for k in _CONVENTION_OPTIONS if k in _convention(args)]
+        given += [k for k in ("structure", "structures") if getattr(args, k, None) is not None]
         if given or args.forward_only or args.variant:
             first = given[0] if given else "forward_only" if args.forward_only else "variant"
             raise UsageError(f"--{first.replace('_', '-')}: in run, applies to the --command program; to read a "
@@ -601,15 +603,18 @@ def _isolation(args: argparse.Namespace) -> tuple[bool, float | None]:
 _OPTION_NAMES = {"oracles:": "--oracle:", "dtypes:": "--dtype:", "dtype:": "--dtype:", "timeout:": "--timeout:",
                  "variant:": "--variant:", "case:": "CASE.npz:", "report directory:": "--report-dir:",
                  "junit_xml:": "--junit-xml:", "memory_limit:": "--memory-limit:", "command:": "--command:",
-                 "structure:": "--structure:", "structures:": "--structures:", "state_order:": "--state-order:",
-                 "y_directions:": "--y-directions:", "layout:": "--layout:"}
+                 "structure:": "--structure:", "structures:": "--structures:"}
 
 
 def _usage(exc: Exception) -> UsageError:
     text = str(exc)
-    for api_name, option in _OPTION_NAMES.items():
+    from harness.command_protocol import CONVENTION_KEYWORDS
+
+    names = {**_OPTION_NAMES, **{f"{k}:": f"--{k.replace('_', '-')}:" for k in CONVENTION_KEYWORDS}}
+    for api_name, option in names.items():
         if text.startswith(api_name):
             text = option + text[len(api_name):]
+            break
     return UsageError(text)
 
 

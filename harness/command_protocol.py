@@ -15,12 +15,14 @@ RESPONSE_DIR and, when asked, ``grad_x.npy``, ``grad_h0.npy``, ``grad_c0.npy`` a
 for every parameter it was given, then exits 0. Every file is a NumPy ``.npy`` file, C order,
 little-endian, in the request's dtype (``<f8`` or ``<f4``).
 
-``structure`` is the layer structure of the call (:mod:`harness.structure`). In any other than the
-default, the names and shapes are the whole layer's: parameters ``l0.W.npy``, ``l0.reverse.W.npy``,
-``l1.R.npy``, ... (and their ``grad_l0.W.npy``, ...), states (num_layers * dirs, B, H), and with
-``lengths`` a ``lengths.npy`` of (B,) ``<i8`` that has no gradient. A program computes either one
-structure, declared with ``structure=`` (``--structure``), or every structure of the features it names
-with ``structures=`` (``--structures``), reading each call's from ``request.json``.
+``structure`` is the layer structure of the call (:mod:`harness.structure`), whose names and shapes are
+the contract's: with more than one layer or both directions (a *layered* structure) the parameters are
+prefixed, ``l0.W.npy``, ``l0.reverse.W.npy``, ``l1.R.npy``, ... (and their ``grad_l0.W.npy``, ...), and
+the states have a leading (num_layers * dirs) axis; otherwise the names and the (B, H) states stay as
+above. A projection adds ``proj.npy`` (``l0.proj.npy``, ...) and makes h0 and R P features wide; with
+``lengths`` the request holds ``lengths.npy``, (B,) ``<i8``, which has no gradient. A program computes
+either one structure, declared with ``structure=`` (``--structure``), or every structure of the features
+it names with ``structures=`` (``--structures``), reading each call's from ``request.json``.
 
 A non-zero exit is an error of that call, reported with the end of the command's stderr; a file the
 command should have written and did not, or one that is not a readable ``.npy`` file, is a breach of
@@ -94,35 +96,48 @@ def _argv(cmd: str | Sequence[str]) -> list[str]:
     return argv
 
 
-def structure_argument(structure: Structure | str | None) -> Structure:
+def structure_argument(structure: Structure | str | None, variant: str | None = None) -> Structure:
     """``structure=`` as given: a :class:`Structure`, its text (``"layers=2 bidirectional lengths"``, see
-    :meth:`Structure.parse`) or None (the default); a ValueError names ``structure``."""
+    :meth:`Structure.parse`) or None (the default), and defined for ``variant`` when it is given; a
+    ValueError names ``structure``."""
     if structure is None:
         return Structure()
     if isinstance(structure, str):
         try:
-            return Structure.parse(structure)
+            structure = Structure.parse(structure)
         except ValueError as exc:
             raise ValueError(f"structure: {exc}") from None
     if not isinstance(structure, Structure):
         raise ValueError(f"structure: expected a harness.structure.Structure or its text such as 'layers=2 "
                          f"bidirectional', got {type(structure).__name__}")
-    problems = structure.problems()
+    problems = structure.problems(variant)
     if problems:
         raise ValueError(f"structure: {'; '.join(problems)}")
     return structure
 
 
-def features_argument(structures: Iterable[str] | str) -> tuple[str, ...]:
+#: A structure with one feature on, to ask whether a variant defines it.
+_WITH_FEATURE = {"layers": Structure(num_layers=2), "bidirectional": Structure(bidirectional=True),
+                 "lengths": Structure(lengths=True), "proj": Structure(proj_size=1),
+                 "cifg": Structure(coupled_input_forget=True), "clip": Structure(cell_clip=1.0)}
+
+
+def features_argument(structures: Iterable[str] | str, variant: str | None = None) -> tuple[str, ...]:
     """``structures=`` as given: feature names (:data:`FEATURES`), as an iterable or one text separated by
-    commas or spaces, or ``"all"``; in :data:`FEATURES`' order. A ValueError names ``structures``."""
+    commas or spaces, or ``"all"`` (every feature ``variant`` defines); in :data:`FEATURES`' order. A
+    ValueError names ``structures``, and a feature the variant does not define (LayerNorm: proj, clip)."""
     words = structures.replace(",", " ").split() if isinstance(structures, str) else list(structures)
+    defined = [f for f in FEATURES if variant is None or not _WITH_FEATURE[f].problems(variant)]
     if words == ["all"]:
-        return FEATURES
+        return tuple(defined)
     unknown = [w for w in words if w not in FEATURES]
     if unknown or not words:
         raise ValueError(f"structures: expected structure features among {', '.join(FEATURES)} (or 'all'), got "
                          f"{', '.join(map(repr, unknown)) if unknown else 'none'}")
+    undefined = [w for w in words if w not in defined]
+    if undefined:
+        raise ValueError(f"structures: the {variant} variant does not define {', '.join(undefined)} "
+                         f"({_WITH_FEATURE[undefined[0]].problems(variant)[0]})")
     return tuple(f for f in FEATURES if f in words)
 
 
@@ -160,21 +175,21 @@ class CommandLSTM:
                  states: Sequence[str] = ("h0", "c0"), structure: Structure | str | None = None,
                  structures: Iterable[str] | str | None = None):
         self.argv = _argv(command)
-        fixed = structure_argument(structure)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+        fixed = structure_argument(structure, variant)
         if structures is not None and not fixed.is_default:
             raise ValueError("structure: a program with structures= reads each call's structure from request.json; "
                              "give structure= (one structure) or structures= (the features it computes), not both")
         #: Whether the harness draws structures for it (``structures=``) or certifies it in one (``structure=``).
         self.configurable = structures is not None
         #: The structure features it computes: all it is given, when it reads its structure from request.json.
-        self.structures = (features_argument(structures) if structures is not None
+        self.structures = (features_argument(structures, variant) if structures is not None
                            else tuple(f for f in FEATURES if f in fixed.features()))
         self._declare(fixed)
         #: The initial states the program takes (``h0.npy``, ``c0.npy``): an adapter with
         #: ``initial_hidden=False`` or ``initial_cell=False`` calls forward without the others.
         self.states = tuple(s for s in ("h0", "c0") if s in states)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         self.variant = variant
         # Paths shortened to their last part: the table's first column stays readable.
         self.name = name or " ".join(os.path.basename(a) if os.sep in a else a for a in self.argv)
@@ -201,11 +216,18 @@ class CommandLSTM:
 
     def with_structure(self, structure: Structure) -> CommandLSTM:
         """This program, for calls in ``structure`` (the harness configures it per case when it was given
-        ``structures=``): a copy whose request.json says ``structure``."""
+        ``structures=``): a copy whose request.json says ``structure``. One declared with ``structure=``
+        computes that structure only."""
+        if not self.configurable and structure != self.structure:
+            raise ValueError(f"{self.name}: computes {self.structure.describe() or 'the default structure'} only "
+                             f"(it was given structure=, not structures=), not {structure.describe() or 'the default'}")
+        problems = structure.problems(self.variant)
         missing = [f for f in FEATURES if f in structure.features() and f not in self.structures]
         if missing:
-            raise ValueError(f"{self.name}: does not compute {', '.join(missing)} (it was given "
-                             f"structures={','.join(self.structures) or 'none'})")
+            problems.append(f"does not compute {', '.join(missing)} (it was given structures="
+                            f"{','.join(self.structures) or 'none'})")
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
         new = copy.copy(self)
         new._declare(structure)
         if "backward" in new.__dict__:
@@ -313,9 +335,9 @@ def command(cmd: str | Sequence[str], *, variant: str = "vanilla", name: str | N
                          f"{CONVENTION_KEYWORDS}")
     if structures is not None and convention:
         first = next(iter(convention))
-        raise ValueError(f"{first}: a program given structures= is certified in the contract's layout (the harness "
-                         f"configures it per case); declare one structure with structure= to certify it in a layout "
-                         f"of its own")
+        raise ValueError(f"{first}: a program given structures= (--structures) is certified in the contract's "
+                         f"layout (the harness configures it per case); declare one structure with structure= "
+                         f"(--structure) to certify it in a layout of its own")
     states = [s for s, key in (("h0", "initial_hidden"), ("c0", "initial_cell")) if convention.get(key, True)]
     impl = CommandLSTM(cmd, variant=variant, name=name, dtypes=dtypes, ln_eps=ln_eps, backward=backward,
                        states=states, structure=structure, structures=structures)

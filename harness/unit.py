@@ -341,11 +341,11 @@ def run_unit(subject: Any, oracles: Sequence[Any], dtype: str, settings: RunSett
     try:
         records = run_checks(guard, oracles, dtype=dtype, run=settings, progress=count, stats=stats)
         checked = any(not o.unsupported_reason(info.variant, dtype) for o in oracles)  # cases compared at all
-        if checked and (info.configurable or not info.structure.is_default):
+        shown = (drawable_features(info.variant, info.structures, max_H=settings.max_H) if info.configurable
+                 else info.structure.features())
+        if checked and shown:  # the cases by the structure features it computes, where it computes any
             notes.append(structure_note(info.name, dtype, stats,
-                                        against=[o.name for o in oracles] if apart else None,
-                                        shown=drawable_features(info.variant, info.structures, max_H=settings.max_H)
-                                        if info.configurable else info.structure.features()))
+                                        against=[o.name for o in oracles] if apart else None, shown=shown))
         if (stats.get("widened") or {}).get("cases"):
             notes.append(widened_note(info.name, dtype, stats))
     except Exception as exc:

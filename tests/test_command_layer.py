@@ -76,9 +76,9 @@ def test_a_program_that_reads_its_structure_is_certified_in_drawn_structures():
                                                           "clip"}
     result = certify(impl, max_examples=4, oracles=["finite-differences"], dtypes=["float64"])
     assert result.verdict == "certified", result.details()
-    drawn = " ".join(result.notes)
+    (drawn,) = [n for n in result.notes if "by layer structure" in n]
     for feature in ("stacked", "bidirectional", "with lengths", "projected", "CIFG", "clipped"):
-        assert feature in drawn, drawn  # each feature checked in at least one case
+        assert re.search(rf"\b[1-9]\d* {feature}", drawn), drawn  # each feature checked in at least one case
 
 
 @pytest.fixture
@@ -149,6 +149,12 @@ def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute()
     assert impl.replay_arguments.endswith("--structures layers,lengths")
     fixed = command(_script(), structure=Structure(num_layers=2))
     assert not validate(fixed).configurable and validate(fixed).structure == Structure(num_layers=2)
+    with pytest.raises(ValueError, match="computes layers=2 only .* not layers=5"):
+        fixed.with_structure(Structure(num_layers=5))
+    layernorm = command(_script(), variant="layernorm", structures="all")
+    assert layernorm.structures == ("layers", "bidirectional", "lengths", "cifg")  # all it defines
+    with pytest.raises(ValueError, match="proj_size: a projection is not defined for the layernorm variant"):
+        command(_script(), variant="layernorm", structures="layers").with_structure(Structure(proj_size=2))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -158,8 +164,12 @@ def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute()
     ({"structures": "layers,sideways"}, "structures: expected structure features among"),
     ({"structures": ""}, "structures: expected structure features among .* got none"),
     ({"structure": "layers=2", "structures": "all"}, "give structure= .* or structures= .* not both"),
-    ({"structures": "all", "gate_order": "ifco"}, "gate_order: a program given structures= is certified in the "
-                                                  "contract's layout"),
+    ({"structures": "all", "gate_order": "ifco"}, r"gate_order: a program given structures= \(--structures\) is "
+                                                  "certified in the contract's layout"),
+    ({"structures": "proj,clip", "variant": "layernorm"}, "structures: the layernorm variant does not define proj, "
+                                                         "clip"),
+    ({"structure": "proj=2", "variant": "layernorm"}, "structure: proj_size: a projection is not defined for the "
+                                                     "layernorm variant"),
     ({"structure": "layers=2", "gate_order": "ifco"}, "gate_order: not supported for a whole layer"),
 ])
 def test_bad_structure_arguments_say_what_to_pass(kwargs, message):
@@ -177,6 +187,12 @@ def test_bad_structure_arguments_say_what_to_pass(kwargs, message):
     (["certify", "--command", "true", "--structure", "layers=2", "--structures", "all"], "not allowed with argument"),
     (["certify", "--command", "true", "--lengths", "packed"], "--structure '... lengths'"),
     (["certify", "--command", "true", "--state-order", "direction-major"], "--state-order: applies to a layered"),
+    (["certify", "--command", "true", "--structure", "layers=2", "--gate-order", "ifco"],
+     "--gate-order: not supported for a whole layer"),
+    (["certify", "--command", "true", "--structures", "all", "--names", "W=w"],
+     "--names: a program given structures= (--structures)"),
+    (["run", "--impl", "loop", "--structure", "layers=2"], "--structure: in run, applies to the --command program"),
+    (["run", "--impl", "loop", "--structures", "all"], "--structures: in run, applies to the --command program"),
 ])
 def test_command_line_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) if "not allowed" in message else _nothing():
