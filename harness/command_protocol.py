@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError
+from harness.cases import drawable_features
+from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractError, declared_structure
 from harness.structure import FEATURES, Structure
 
 __all__ = ["CommandLSTM", "CommandError", "command", "convention_arguments", "structure_argument", "features_argument",
@@ -116,28 +117,22 @@ def structure_argument(structure: Structure | str | None, variant: str | None = 
     return structure
 
 
-#: A structure with one feature on, to ask whether a variant defines it.
-_WITH_FEATURE = {"layers": Structure(num_layers=2), "bidirectional": Structure(bidirectional=True),
-                 "lengths": Structure(lengths=True), "proj": Structure(proj_size=1),
-                 "cifg": Structure(coupled_input_forget=True), "clip": Structure(cell_clip=1.0)}
-
-
 def features_argument(structures: Iterable[str] | str, variant: str | None = None) -> tuple[str, ...]:
     """``structures=`` as given: feature names (:data:`FEATURES`), as an iterable or one text separated by
     commas or spaces, or ``"all"`` (every feature ``variant`` defines); in :data:`FEATURES`' order. A
     ValueError names ``structures``, and a feature the variant does not define (LayerNorm: proj, clip)."""
     words = structures.replace(",", " ").split() if isinstance(structures, str) else list(structures)
-    defined = [f for f in FEATURES if variant is None or not _WITH_FEATURE[f].problems(variant)]
+    # max_H=2: any cell a projection fits, so that only the variant decides
+    defined = FEATURES if variant is None else drawable_features(variant, FEATURES, max_H=2)
     if words == ["all"]:
-        return tuple(defined)
+        return tuple(f for f in FEATURES if f in defined)
     unknown = [w for w in words if w not in FEATURES]
     if unknown or not words:
         raise ValueError(f"structures: expected structure features among {', '.join(FEATURES)} (or 'all'), got "
                          f"{', '.join(map(repr, unknown)) if unknown else 'none'}")
     undefined = [w for w in words if w not in defined]
     if undefined:
-        raise ValueError(f"structures: the {variant} variant does not define {', '.join(undefined)} "
-                         f"({_WITH_FEATURE[undefined[0]].problems(variant)[0]})")
+        raise ValueError(f"structures: the {variant} variant does not define {', '.join(undefined)}")
     return tuple(f for f in FEATURES if f in words)
 
 
@@ -211,8 +206,8 @@ class CommandLSTM:
 
     @property
     def structure(self) -> Structure:
-        """The structure of its calls (``lengths`` is ``accepts_lengths``)."""
-        return Structure(**{f: getattr(self, a) for f, a in _ATTRIBUTES.items()})
+        """The structure of its calls, as the contract reads it off the attributes :meth:`_declare` set."""
+        return declared_structure(self)
 
     def with_structure(self, structure: Structure) -> CommandLSTM:
         """This program, for calls in ``structure`` (the harness configures it per case when it was given

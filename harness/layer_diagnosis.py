@@ -43,15 +43,11 @@ from harness.compare import tolerance
 from harness.conditioning import condition_number
 from harness.structure import DIRECTION_NAMES, Structure
 
-__all__ = ["LayerFact", "LayerFinding", "recognise", "READINGS", "STATE_ORDER_FIX", "Y_DIRECTIONS_FIX"]
+__all__ = ["LayerFact", "LayerFinding", "recognise", "READINGS"]
 
 #: Ways of reading the inputs wrongly; a reading of the search is a combination of them.
 READINGS: tuple[str, ...] = ("params", "states", "direction-major", "concat")
 
-#: The adapter call that certifies an implementation whose states are all in direction-major order.
-STATE_ORDER_FIX = "harness.adapt(impl, state_order='direction-major')"
-#: The adapter call that certifies one whose y, and each later layer's input, has the reverse direction first.
-Y_DIRECTIONS_FIX = "harness.adapt(impl, y_directions='reverse-first')"
 
 #: How far beyond the value tolerance a re-arranged block may be and still count as that block.
 SLACK = 10.0

@@ -15,7 +15,7 @@ import pytest
 from harness.cases import CaseSpec, build_case, structure_fields
 from harness.cli import main
 from harness.diagnose import diagnose
-from harness.layer_diagnosis import STATE_ORDER_FIX, Y_DIRECTIONS_FIX, LayerFact, recognise
+from harness.layer_diagnosis import LayerFact, recognise
 from harness.structure import Structure
 from impls.loop import LoopLSTM
 from tests.plugins import planted_layer as planted
@@ -132,7 +132,8 @@ def test_a_planted_layer_bug_is_named(bug):
     for line in found.layer.lines():
         assert line in found.text()
     assert found.to_dict()["layer"]["facts"][0]["kind"] == BUGS[bug][0].kind
-    fixes = {planted.StatesDirectionMajor: STATE_ORDER_FIX, planted.ReverseFeaturesFirst: Y_DIRECTIONS_FIX}
+    fixes = {planted.StatesDirectionMajor: "harness.adapt(impl, state_order='direction-major')",
+             planted.ReverseFeaturesFirst: "harness.adapt(impl, y_directions='reverse-first')"}
     assert found.layer.fix == fixes.get(bug, "")
 
 
