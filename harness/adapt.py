@@ -1366,8 +1366,9 @@ def adapt(
         module_layout = "BTD" if getattr(impl, "batch_first", False) else "TBD"
         given_layout = "BTD" if batch_major else layouts.normalize_layout(layout)
         if given_layout not in (layouts.CANONICAL_LAYOUT, module_layout):
-            raise ValueError(f"layout: the module says batch_first={module_layout == 'BTD'}, so its sequences are "
-                             f"{module_layout}; got {given_layout!r}")
+            as_given = "batch_major: True is 'BTD'" if batch_major else f"layout: got {given_layout!r}"
+            raise ValueError(f"{as_given}, but the module says batch_first={module_layout == 'BTD'}, so its sequences "
+                             f"are {module_layout}; leave the layout out (the module's attribute says it)")
         layout, batch_major = module_layout, False
     elif impl is not None and not step:
         structure = declared_structure(impl, variant=variant)

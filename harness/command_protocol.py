@@ -105,7 +105,7 @@ def structure_argument(structure: Structure | str | None, variant: str | None = 
         return Structure()
     if isinstance(structure, str):
         try:
-            structure = Structure.parse(structure)
+            structure = Structure.parse(structure, variant)
         except ValueError as exc:
             raise ValueError(f"structure: {exc}") from None
     if not isinstance(structure, Structure):

@@ -104,11 +104,12 @@ class Structure:
         return " ".join(parts)
 
     @classmethod
-    def parse(cls, text: str) -> Structure:
+    def parse(cls, text: str, variant: str | None = None) -> Structure:
         """The structure :meth:`describe` writes as ``text``: words separated by spaces or commas, each one of
         ``layers=L``, ``bidirectional``, ``proj=P``, ``cifg``, ``clip=C`` and ``lengths``, in any order (an
-        empty text is the default structure). A ValueError names the word that is not one of them and the
-        field whose value is wrong."""
+        empty text is the default structure), defined for ``variant`` when it is given. A ValueError names
+        the word as the text gave it: one that is not among them, a wrong value (``layers=0: ...``), a
+        feature the variant does not define (``proj=2: ...``)."""
         fields: dict[str, Any] = {}
         for word in text.replace(",", " ").split():
             key, sep, value = word.partition("=")
@@ -128,15 +129,9 @@ class Structure:
                 raise ValueError(f"{word!r}: {key} is given twice")
             fields[field_name] = parsed
         structure = cls(**fields)
-        problems = structure.problems()
-        if problems:  # named by the word, as the text gave it: "layers=0: expected an int >= 1, got 0"
-            words = {field_name: key for key, (field_name, _) in _VALUE_WORDS.items()}
-            named = []
-            for problem in problems:
-                field_name, _, rest = problem.partition(":")
-                named.append(f"{words[field_name]}={_text_value(fields[field_name])}:{rest}" if field_name in words
-                             else problem)
-            raise ValueError("; ".join(named))
+        problems = structure.problems(variant, words=True)
+        if problems:
+            raise ValueError("; ".join(problems))
         return structure
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,27 +190,37 @@ class Structure:
     # ----------------------------------------------------------------------------------------------
     # Validation
 
-    def problems(self, variant: str | None = None) -> list[str]:
-        """What is wrong with this structure (for ``variant``, when given), each naming the field."""
+    def problems(self, variant: str | None = None, *, words: bool = False) -> list[str]:
+        """What is wrong with this structure (for ``variant``, when given), each naming the field; with
+        ``words``, naming it as :meth:`parse` reads it (``layers=0``, ``proj=2``) and saying what to leave out."""
+
+        def name(field_name: str) -> str:
+            if not words:
+                return field_name
+            word = _WORD_OF[field_name]
+            return f"{word}={_text_value(getattr(self, field_name))}" if word in _VALUE_WORDS else word
+
         out = []
         if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
-            out.append(f"num_layers: expected an int >= 1, got {self.num_layers!r}")
-        for name in ("bidirectional", "coupled_input_forget", "lengths"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: expected True or False, got {getattr(self, name)!r}")
+            out.append(f"{name('num_layers')}: expected an int >= 1, got {self.num_layers!r}")
+        for flag in ("bidirectional", "coupled_input_forget", "lengths"):
+            if not isinstance(getattr(self, flag), bool):
+                out.append(f"{name(flag)}: expected True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.proj_size, int) or isinstance(self.proj_size, bool) or self.proj_size < 0:
-            out.append(f"proj_size: expected an int >= 0 (0: no projection), got {self.proj_size!r}")
+            out.append(f"{name('proj_size')}: expected an int >= 0 (0: no projection), got {self.proj_size!r}")
         clip = self.cell_clip
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not math.isfinite(clip) or clip <= 0):
-            out.append(f"cell_clip: expected a positive finite float or None, got {clip!r}")
+            out.append(f"{name('cell_clip')}: expected a positive finite float or None, got {clip!r}")
         if variant == "layernorm" and self.proj_size:
-            out.append("proj_size: a projection is not defined for the layernorm variant here (its cell state is "
-                       "normalized over H units, and which of h's P or H features LayerNorm would see is not "
-                       "settled by any reference); use proj_size=0")
+            out.append(f"{name('proj_size')}: a projection is not defined for the layernorm variant here (its cell "
+                       f"state is normalized over H units, and which of h's P or H features LayerNorm would see is "
+                       f"not settled by any reference); "
+                       + (f"leave out {name('proj_size')}" if words else "use proj_size=0"))
         if variant == "layernorm" and self.cell_clip is not None:
-            out.append("cell_clip: clipping is not defined for the layernorm variant here (its carried cell state is "
-                       "the normalized one); use cell_clip=None")
+            out.append(f"{name('cell_clip')}: clipping is not defined for the layernorm variant here (its carried "
+                       f"cell state is the normalized one); "
+                       + (f"leave out {name('cell_clip')}" if words else "use cell_clip=None"))
         return out
 
 
@@ -223,6 +228,9 @@ class Structure:
 _FLAG_WORDS = {"bidirectional": "bidirectional", "cifg": "coupled_input_forget", "lengths": "lengths"}
 _VALUE_WORDS: dict[str, tuple[str, type]] = {"layers": ("num_layers", int), "proj": ("proj_size", int),
                                              "clip": ("cell_clip", float)}
+#: A field -> its word.
+_WORD_OF = {**{field_name: word for word, field_name in _FLAG_WORDS.items()},
+            **{field_name: word for word, (field_name, _) in _VALUE_WORDS.items()}}
 
 
 def _text_value(value: Any) -> str:

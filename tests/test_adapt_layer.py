@@ -406,7 +406,9 @@ def _wrong_hidden_size(torch):
      r"gate_order: not supported for a whole layer \(layers=2\); its parameters are passed on by name as they are "
      r"\(nn.LSTM's prefixed names\)"),
     (lambda torch: torch.nn.LSTM(3, 4, batch_first=True), {"layout": "DBT"},
-     r"layout: the module says batch_first=True, so its sequences are BTD; got 'DBT'"),
+     r"layout: got 'DBT', but the module says batch_first=True, so its sequences are BTD; leave the layout out"),
+    (lambda torch: torch.nn.LSTM(3, 4), {"batch_major": True},  # named as it was given
+     r"batch_major: True is 'BTD', but the module says batch_first=False, so its sequences are TBD"),
     (lambda torch: torch.nn.LSTM(3, 4), {"variant": "peephole"}, r"variant: a PyTorch-style layer module computes "
                                                                  r"the vanilla cell"),
     (lambda torch: torch.nn.LSTM(3, 4), {"lengths": "padded"}, r"lengths: expected None, or 'packed'"),

@@ -168,8 +168,12 @@ def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute()
                                                   "certified in the contract's layout"),
     ({"structures": "proj,clip", "variant": "layernorm"}, "structures: the layernorm variant does not define proj, "
                                                          "clip"),
-    ({"structure": "proj=2", "variant": "layernorm"}, "structure: proj_size: a projection is not defined for the "
-                                                     "layernorm variant"),
+    ({"structure": "proj=2", "variant": "layernorm"}, r"structure: proj=2: a projection is not defined for the "
+                                                     r"layernorm variant .*; leave out proj=2$"),
+    ({"structure": "layers=2 clip=0.5", "variant": "layernorm"}, "structure: clip=0.5: clipping is not defined for "
+                                                                 "the layernorm variant"),
+    ({"structure": Structure(proj_size=2), "variant": "layernorm"}, "structure: proj_size: a projection is not "
+                                                                    "defined .*; use proj_size=0$"),
     ({"structure": "layers=2", "gate_order": "ifco"}, "gate_order: not supported for a whole layer"),
 ])
 def test_bad_structure_arguments_say_what_to_pass(kwargs, message):
@@ -179,6 +183,8 @@ def test_bad_structure_arguments_say_what_to_pass(kwargs, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["certify", "--command", "true", "--structure", "layers=two"], "--structure: 'layers=two': expected layers=<int>"),
+    (["certify", "--command", "true", "--variant", "layernorm", "--structure", "layers=2 proj=3"],
+     "--structure: proj=3: a projection is not defined for the layernorm variant"),
     (["certify", "--command", "true", "--structures", "all,sideways"], "--structures: expected structure features"),
     (["certify", "loop", "--structure", "layers=2"], "--structure: applies to --command; a Python TARGET declares"),
     (["certify", "loop", "--structures", "all"], "--structures: applies to --command"),
