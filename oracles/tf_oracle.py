@@ -44,7 +44,7 @@ run one layer at a time (see :class:`KerasLSTMOracle`), their variables overwrit
 AutoGraph is off (``autograph=False``): the functions branch in Python on Python values only and
 loop with ``tf.scan`` or Keras's own loop, so converting their source would change nothing, and
 AutoGraph's first conversion cost about half a second of a certification (measured on TF 2.21).
-Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ start-up logging is silenced through
+Threads are pinned small (:data:`TF_THREADS`) and TensorFlow's C++ logging is silenced through
 ``TF_CPP_MIN_LOG_LEVEL`` before the first import (a value the user set is kept).
 """
 
@@ -75,12 +75,15 @@ _configured = False
 def _quiet_import(name: str) -> Any:
     """Import ``name`` with TensorFlow's start-up chatter kept off the terminal.
 
-    ``TF_CPP_MIN_LOG_LEVEL`` hides the C++ INFO and WARNING lines, but not the lines absl writes
-    before its logging is initialized (the "oneDNN custom operations are on" notice), so the first
-    import also runs with file descriptor 2 pointed at a temporary file; if the import fails, what
+    ``TF_CPP_MIN_LOG_LEVEL=3`` hides the C++ log lines, ERROR included: an op that fails raises a Python
+    exception, which the oracle reports, so those lines only ever told a user of the harness about
+    TensorFlow's own choices ("E0000 ... oneDNN supports DT_BOOL only on platforms with AVX-512", printed
+    at the first masked Keras layer by TensorFlow 2.21 on an AVX-512 machine). It does not hide the lines
+    absl writes before its logging is initialized (the "oneDNN custom operations are on" notice), so the
+    first import also runs with file descriptor 2 pointed at a temporary file; if the import fails, what
     it wrote is passed on to stderr with the exception.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if sys.modules.get(name) is not None:
         return sys.modules[name]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -178,3 +183,37 @@ def test_block_lstm_v2_cell_clip_clips_forward_but_passes_the_gradient_through()
     assert np.abs(right - straight).max() > 1e-2
     np.testing.assert_allclose(dx, straight, atol=1e-5)
     assert np.abs(dx - right).max() > 1e-2
+
+
+def _certify_with_tf_oracles(tmp_path, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # tox sets it; a user does not
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-m", "harness", "certify", "stacked", "--oracle", "tf-keras",
+                           "--oracle", "tf-composite", "--max-examples", "4", "--report-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+#: A line of TensorFlow's C++ (absl) logging: "E0000 00:00:1796071096.784224  2535 util.cc:131] ...".
+_ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", re.MULTILINE)
+
+
+def test_a_certification_with_the_tf_oracles_prints_no_tensorflow_log_lines(tmp_path):
+    """What a user sees on the terminal is the harness's: TensorFlow's C++ log lines (on TF 2.21 and an
+    AVX-512 machine, an ERROR line about oneDNN and DT_BOOL at the first masked Keras layer) stay off it."""
+    require(KerasLSTMOracle())
+    proc = _certify_with_tf_oracles(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Verdict: certified" in proc.stdout
+    assert not _ABSL_LINE.findall(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+
+
+def test_a_tensorflow_log_level_the_user_set_is_kept(monkeypatch):
+    from oracles.tf_oracle import _quiet_import
+
+    require(KerasLSTMOracle())
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    _quiet_import("tensorflow")
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    _quiet_import("tensorflow")
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
