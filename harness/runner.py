@@ -4,7 +4,9 @@
 :func:`harness.check.check_case` against a group of oracles, shrinks any disagreement to a minimal
 case (saved as ``.npz``), and returns for every quantity either the minimal failing case's record or
 the worst passing one. After a failure is shrunk the search starts again, blind to what already
-fails, so that a second, independent discrepancy gets a minimal case of its own.
+fails, so that a second, independent discrepancy gets a minimal case of its own. A quantity that
+failed on a case met only while shrinking another failure, and on no case drawn after it, is
+reported failing on that case: never as passing.
 
 Shrinking finds the smallest case that fails, which is rarely the one that fails most: a 10% error
 in the candidate shrinks to tiny weights where it is barely over tolerance. So the search also keeps,
@@ -268,8 +270,8 @@ def run_checks(
     """Cross-check one implementation in one dtype against ``oracles`` on Hypothesis cases.
 
     Returns one record per (oracle, direction, quantity): for a quantity that failed, the record of
-    its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set); otherwise the worst
-    passing record seen. ``examples`` on each record counts the distinct cases checked, not shrinking.
+    its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set), or of the case it failed
+    on when that was met only while shrinking another failure; otherwise the worst passing record seen. ``examples`` on each record counts the distinct cases checked, not shrinking.
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
     structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and
@@ -326,6 +328,7 @@ def run_checks(
             except BaseException as exc:
                 # Something outside the comparison stopped the search (a crashed or hung worker, an
                 # interrupt): what earlier searches found is still true; hand it to the caller.
+                _fail_where_seen(failed, largest, run, info.name)
                 _attach_largest(failed, largest, run, info.name)
                 exc.partial_records = _stamped({**worst, **failed}, examples, oracles)  # type: ignore[attr-defined]
                 raise
@@ -375,6 +378,7 @@ def run_checks(
             short = floor - features.get(feature, 0)
             if short > 0:
                 searches(strategy(frozenset({feature})), replace(run, max_examples=short))
+    _fail_where_seen(failed, largest, run, info.name)
     _attach_largest(failed, largest, run, info.name)
     records = _stamped({**worst, **failed}, examples, oracles)
     for r in records:
@@ -404,6 +408,29 @@ def note_skipped(records: list[Record], skipped: dict[str, dict[str, int]], info
                                   direction=direction, quantity=q, status="skip", examples=examples,
                                   reason=f"skipped on every case: {'; '.join(reasons)}", skipped_cases=dict(reasons)))
     return out
+
+
+def _fail_where_seen(failed: dict[RecordKey, Record], largest: dict[RecordKey, tuple[Record, Case]],
+                     run: RunSettings, name: str) -> None:
+    """Report as failing every quantity that failed on any case, even on none of the minimal ones.
+
+    Shrinking keeps a case as long as *some* quantity fails on it, so the minimal case of one failure
+    may pass a quantity that failed on the cases tried on the way there; the searches after it draw
+    cases of their own and may not meet that failure again. Its record is then the largest failure seen
+    for it (``largest``), on the case it was seen on (saved as that quantity's worst case), never a
+    passing record.
+    """
+    for key, (r, case) in largest.items():
+        if key in failed:
+            continue
+        r.case_file = str(case.save(run.case_dir / case_file_name(name, case, "worst"))) if run.case_dir else ""
+        r.replay = replay_command(r.case_file, run.replay_target, r.oracle)
+        structure = case.structure.describe()
+        where = f"T={case.T}, B={case.B}, D={case.D}, H={case.H}" + (f", {structure}" if structure else "")
+        r.add_note(f"{r.quantity} vs {r.oracle} failed ({r.ratio or 0:.3g}x tolerance) only on a case met while "
+                   f"another failure was shrunk ({where}), and on none the searches drew after it: it has no minimal "
+                   f"case of its own, and its replay is that case's")
+        failed[key] = r
 
 
 #: The largest error seen must exceed the minimal case's by this factor to be reported beside it.
