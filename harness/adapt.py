@@ -618,7 +618,10 @@ class Adapted:
                 out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)], **more)
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
-        y = self._directions(conv.seq_from(y, "y"))
+        try:
+            y = self._directions(conv.seq_from(y, "y"))
+        except ValueError as exc:  # y not a sequence in the implementation's layout: its forward's fault
+            raise ContractError([str(exc)], subject=f"adapted {self.name}") from None
         if self._structure.layered and (h_T is None or c_T is None):
             raise ContractError(["forward: returned no final states (h_T, c_T); a layered implementation returns "
                                  "both, each with its (num_layers * dirs) axis"], subject=f"adapted {self.name}")
@@ -685,7 +688,16 @@ class Adapted:
             if self._params_as == "step":
                 raw = self._forward.backward(self, dys, dh_Ts, dc_Ts, cache.inner)
             else:
-                raw = self._backward(*[given[k] for k in self._upstream])
+                try:
+                    raw = self._backward(*[given[k] for k in self._upstream])
+                except Exception as exc:
+                    if cache.inner is not None:
+                        raise
+                    # A forward of (y, h_T, c_T) says it has no backward; one that has keeps its cache on itself.
+                    # When that backward fails, the likelier fault is the cache its forward did not return.
+                    raise ContractError([f"given cache=None (its forward returned no cache: (y, h_T, c_T)), it raised "
+                                         f"{type(exc).__name__}: {exc}; return (y, h_T, c_T, cache) from the forward"],
+                                        subject=f"adapted {self.name}") from exc
             upstream.sync("backward")
         cache.handed.sync("backward")  # what forward was given may have been kept in the cache
         grads, extra = self._gradients_by_key(raw)

@@ -937,7 +937,8 @@ def normalize_layout(layout: Any, *, argument: str = "layout") -> str:
 def _sequence(x: Any, name: str, layout: str) -> np.ndarray:
     a = _array(x, name)
     if a.ndim != 3:
-        raise ValueError(f"{name}: expected a sequence of shape ({', '.join(layout)}), got shape {tuple(a.shape)}")
+        axes = layout.replace("D", "H") if name in ("y", "dy") else layout  # y's features are the H units
+        raise ValueError(f"{name}: expected a sequence of shape ({', '.join(axes)}), got shape {tuple(a.shape)}")
     return a
 
 

@@ -271,7 +271,8 @@ def run_checks(
 
     Returns one record per (oracle, direction, quantity): for a quantity that failed, the record of
     its minimal failing case (saved as ``.npz`` when ``run.case_dir`` is set), or of the case it failed
-    on when that was met only while shrinking another failure; otherwise the worst passing record seen. ``examples`` on each record counts the distinct cases checked, not shrinking.
+    on when that was met only while shrinking another failure; otherwise the worst passing record seen.
+    ``examples`` on each record counts the distinct cases checked, not shrinking.
 
     The cases are in the implementation's declared structure, or, for a configurable one, in drawn
     structures (:func:`harness.cases.case_specs`) of the features it computes (its ``structures``) and

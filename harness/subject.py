@@ -109,6 +109,13 @@ def exits_raise() -> Iterator[None]:
         os._exit = real
 
 
+def _called(call: str, problems: list[Any]) -> str:
+    """A contract breach's problems as one text named by the call once ("forward: y: expected ..."), also
+    where they name it themselves (an adapter's "forward: returned no final states ...")."""
+    text = "; ".join(map(str, problems))
+    return text if text.startswith(f"{call}:") else f"{call}: {text}"
+
+
 def _raised(call: str, exc: BaseException) -> str:
     if isinstance(exc, ExitCalled):
         return f"{call} called os._exit({exc.code!r}), which would have ended the whole run"
@@ -184,7 +191,7 @@ def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
         else:
             result = impl.forward(given.x, given.h0, given.c0, given.params)
     except ContractError as exc:  # an adapter (or the implementation) names a contract breach itself
-        out.forward_contract = bounded("forward: " + "; ".join(map(str, exc.problems)))
+        out.forward_contract = bounded(_called("forward", exc.problems))
         out.seconds = time.perf_counter() - start
         return out, None
     except (Exception, SystemExit) as exc:
@@ -222,7 +229,7 @@ def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case
     try:
         grads = impl.backward(upstream.dy, upstream.dh_T, upstream.dc_T, result[3])
     except ContractError as exc:
-        out.backward_contract = bounded("backward: " + "; ".join(map(str, exc.problems)))
+        out.backward_contract = bounded(_called("backward", exc.problems))
     except (Exception, SystemExit) as exc:
         out.backward_error = _raised("backward", exc)
         out.traceback = short_traceback(exc)

@@ -320,9 +320,17 @@ class _TransposedBatchMajor:
             x[0] = 0.0
         if self.misbehave == "keeps_x_for_backward":
             cache = (cache, x)
-        return np.ascontiguousarray(np.swapaxes(y, 0, 1)), h, c, cache
+        y = np.ascontiguousarray(np.swapaxes(y, 0, 1))
+        if self.misbehave == "last_y_only":
+            return y[:, -1], h, c, cache  # (B, H): the last step's output, not the sequence
+        if self.misbehave in ("no_cache", "cache_on_self"):
+            self.kept = cache
+            return y, h, c
+        return y, h, c, cache
 
     def backward(self, dy, dh_T, dc_T, cache):
+        if self.misbehave == "cache_on_self":
+            cache = self.kept  # what its forward did not return, it kept: a backward that works
         if self.misbehave == "keeps_x_for_backward":
             cache, x = cache
             x += 1.0  # modifies forward's input later, through its cache
@@ -340,8 +348,9 @@ def _adapted(misbehave=None):
     return adapt(_TransposedBatchMajor(misbehave), transposed=True, batch_major=True)
 
 
-def test_transposed_batch_major_base_certifies():
-    assert _certify(_adapted(), max_examples=5).verdict == "certified"
+@pytest.mark.parametrize("misbehave", [None, "cache_on_self"])
+def test_transposed_batch_major_base_certifies(misbehave):
+    assert _certify(_adapted(misbehave), max_examples=5).verdict == "certified"
 
 
 @pytest.mark.parametrize("misbehave, statuses, reason", [
@@ -350,6 +359,10 @@ def test_transposed_batch_major_base_certifies():
     ("keeps_x_for_backward", {"forward": "pass", "backward": "contract"}, "x (backward)"),
     ("zeroes_dy", {"forward": "pass", "backward": "contract"}, "dy (backward)"),
     ("extra_gradient", {"forward": "pass", "backward": "contract"}, "unexpected ['dbias']"),
+    # the forward's fault, said of the forward, in the sequence's own layout, with y's features H
+    ("last_y_only", {"forward": "contract"}, "forward: y: expected a sequence of shape (B, T, H), got shape"),
+    ("no_cache", {"forward": "pass", "backward": "contract"},
+     "backward: given cache=None (its forward returned no cache: (y, h_T, c_T)), it raised"),
 ])
 def test_adapters_pass_contract_violations_on(misbehave, statuses, reason):
     result = _certify(_adapted(misbehave), dtypes=["float64"], max_examples=3)

@@ -846,7 +846,7 @@ def test_named_layouts_are_the_known_ones():
     (lambda: L.sequence_to(np.zeros((2, 3, 4)), "TBH"), r"layout: expected the axes of a sequence in order.*'TBH'"),
     (lambda: L.sequence_to(np.zeros((2, 3, 4)), "TB"), r"layout: expected .*'TBD' or 'BTD' or 'DBT'"),
     (lambda: L.sequence_to(np.zeros((2, 3)), "DBT"), r"x: expected a sequence of shape \(T, B, D\), got shape \(2,"),
-    (lambda: L.sequence_from(np.zeros(3), "DBT", name="y"), r"y: expected a sequence of shape \(D, B, T\)"),
+    (lambda: L.sequence_from(np.zeros(3), "DBT", name="y"), r"y: expected a sequence of shape \(H, B, T\)"),
     (lambda: L.state_from(np.zeros((2, 3, 4)), "DBT"), r"h0: expected a state of shape \(H, B\)"),
     (lambda: L.state_to(np.zeros(3), "BTD", name="c0"), r"c0: expected a state of shape \(B, H\)"),
 ])
