@@ -45,6 +45,7 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.quick_exit import run_then_exit
+from harness.replies import execution_problem, info_problem, loads
 from harness.structure import Structure
 from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
@@ -578,13 +579,13 @@ class IsolatedSubject:
             self._kill()
             raise WorkerLoadError("load", f"the worker process died while loading the implementation: "
                                           f"{text}" + (f"\n{fault}" if fault else ""))
-        if message[0] == "load-error":
-            self._kill()
-            raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
-        if message[0] != "ready" or not isinstance(message[1], ImplementationInfo):
+        if not _load_reply(message):
             self._kill()
             raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
                                           f"{message!r:.200}")
+        if message[0] == "load-error":
+            self._kill()
+            raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
         _, info, target = message
         self.target = target
         return info
@@ -633,9 +634,9 @@ class IsolatedSubject:
         if key not in self._adapted:
             self._ensure()
             reply = self._request(("adapt", key), self.load_timeout, "adapting the implementation")
-            if reply[0] == "adapt-error":
+            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "adapt-error" and type(reply[1]) is str:
                 raise ValueError(reply[1])
-            if reply[0] != "adapted" or not isinstance(reply[1], ImplementationInfo):
+            if not isinstance(reply, tuple) or len(reply) != 2 or reply[0] != "adapted" or info_problem(reply[1]):
                 self._kill()
                 raise RuntimeError(f"adapting the implementation: the worker process sent an unexpected reply "
                                    f"{reply!r:.200}; it was stopped")
@@ -752,6 +753,10 @@ class IsolatedSubject:
                 if isinstance(message, tuple) and len(message) == 2 and message[0] == "result" \
                         and isinstance(message[1], Execution):
                     execution = message[1]
+                    problem = execution_problem(execution)
+                    if problem:
+                        return self._unreadable(phase, outputs, start, f"a result not as the worker makes it: "
+                                                                       f"{problem}")
                     self._note_memory(execution)
                     return execution
                 dropped += 1
@@ -820,7 +825,8 @@ class ReplyTooLarge(OSError):
 
 
 def _receive(conn: Connection, cap: int) -> Any:
-    """The next message on ``conn``, refused before it is read when it is over ``cap`` bytes."""
+    """The next message on ``conn``, refused before it is read when it is over ``cap`` bytes, and refused
+    when it refers to anything but the plain data a worker sends (:mod:`harness.replies`)."""
     try:
         data = conn.recv_bytes(cap)
     except OSError as exc:
@@ -828,7 +834,25 @@ def _receive(conn: Connection, cap: int) -> Any:
             raise ReplyTooLarge(f"a reply over the cap of {cap / 1024**2:.0f} MiB for this case, refused "
                                 f"unread") from None
         raise
-    return pickle.loads(data)
+    return loads(data)  # plain data only: see harness.replies
+
+
+def _texts(*values: Any) -> bool:
+    """Every value an exact ``str`` (what a worker's messages hold where the harness reads text)."""
+    return all(type(v) is str for v in values)
+
+
+def _load_reply(message: Any) -> bool:
+    """Whether ``message`` is what a worker sends once it loaded the implementation, or failed to:
+    ("ready", info, target dict or None) or ("load-error", kind, text, [problems], subject)."""
+    if not isinstance(message, tuple) or not message:
+        return False
+    if message[0] == "ready":
+        return len(message) == 3 and not info_problem(message[1]) and (message[2] is None or type(message[2]) is dict)
+    if message[0] == "load-error":
+        return (len(message) == 5 and _texts(message[1], message[2], message[4]) and type(message[3]) is list
+                and _texts(*message[3]))
+    return False
 
 
 def _unreadable(exc: BaseException) -> str:

@@ -109,6 +109,13 @@ def exits_raise() -> Iterator[None]:
         os._exit = real
 
 
+def _name(key: Any) -> str:
+    """A gradient's key as an exact ``str``: a ``str`` subclass (``numpy.str_``, or one made to be sent) or
+    whatever ``str()`` of another key returns is copied into a plain one, which is all a worker sends back
+    (:mod:`harness.replies`)."""
+    return str.__str__(key if isinstance(key, str) else str(key))
+
+
 def _called(call: str, problems: list[Any]) -> str:
     """A contract breach's problems as one text named by the call once ("forward: y: expected ..."), also
     where they name it themselves (an adapter's "forward: returned no final states ...")."""
@@ -239,8 +246,8 @@ def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case
         if not isinstance(grads, Mapping):
             out.backward_contract = f"backward: expected a dict of gradients by name, got {_describe(grads)}"
         else:
-            returned = {str(k): v for k, v in grads.items() if v is not None}
-            out.not_computed = [str(k) for k, v in grads.items() if v is None]
+            returned = {_name(k): v for k, v in grads.items() if v is not None}
+            out.not_computed = [_name(k) for k, v in grads.items() if v is None]
             gradients, problem = _arrays(returned.values(), [f"gradient {k!r}" for k in returned])
             if problem:
                 out.backward_contract = f"backward: {problem}"

@@ -4,6 +4,8 @@ it died."""
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -11,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.api import certify
 from harness.cases import CaseSpec, build_case
 from harness.contract import validate
 from harness.isolation import IsolatedSubject, WorkerFailure, WorkerLoadError, describe_exit
-from harness.subject import execute
+from harness.subject import Execution, execute
 from impls.loop import LoopLSTM
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the worker process is started with POSIX fd passing")
@@ -357,3 +360,35 @@ def test_the_worker_parent_is_a_guard_not_the_harness():
                     and Path(f"/proc/{p}/stat").exists()
                     and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(guard)]
         assert len(children) == 1 and guard != os.getpid()  # the worker, whose getppid() is the guard
+
+
+FORGING = Path(__file__).parent / "plugins" / "forging.py"
+
+
+@pytest.mark.parametrize("forger", ["OnTheSocket", "InAGradientsName", "InAnOutputsDtype"])
+def test_an_implementation_cannot_run_code_in_the_harness_to_forge_its_verdict(forger, tmp_path, monkeypatch):
+    """What a worker sends is read as plain data: an object whose unpickling would run the implementation's
+    code (and make every record pass) is refused, and the call that sent it is an error."""
+    mark = tmp_path / "forged"
+    monkeypatch.setenv("LSTM_HARNESS_FORGERY_MARK", str(mark))
+    result = certify(f"{FORGING}:{forger}", oracles=["finite-differences"], dtypes=["float64"], max_examples=3,
+                     isolate=True, report_dir=tmp_path / "report")
+    assert result.verdict != "certified", result.summary()
+    ran = mark.read_text().split() if mark.exists() else []
+    assert str(os.getpid()) not in ran  # the forgery never ran in the harness's process
+    assert any("refers to builtins.exec, which is not among the plain data a worker sends" in (r.reason or "")
+               for r in result.records), result.details()
+
+
+def test_replies_are_read_as_plain_data_only():
+    from harness import replies
+
+    good = Execution(forward=(np.zeros((2, 1, 3)), np.zeros((1, 3)), np.zeros((1, 3))), gradients={"W": np.ones(2)},
+                     mutated=["x (forward)"])
+    back = replies.loads(pickle.dumps(("result", good)))
+    assert back[1].gradients["W"].tolist() == [1.0, 1.0] and not replies.execution_problem(back[1])
+    with pytest.raises(pickle.UnpicklingError, match="refers to posix.system"):
+        replies.loads(pickle.dumps(os.system))
+    assert replies.execution_problem(Execution(gradients={1: np.ones(1)})).startswith("gradients: expected")
+    assert replies.execution_problem(Execution(forward=("y", None, None))) == "forward: expected None or 3 arrays"
+    assert replies.execution_problem(Execution(mutated=[3])).startswith("backward_ran, traceback")
