@@ -9,6 +9,7 @@ parallel child processes of :mod:`harness.pool`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 from harness.cases import Case, digest_in_name, load_case, replay_command
 from harness.check import check_case, sharing_references, structure_reason
 from harness.diagnose import diagnose_subject
-from harness.files import check_writable_file, claim_report_dir
+from harness.files import check_apart, check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import WorkerFailure
 from harness.merge import part_note
@@ -294,6 +295,8 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                 raise ValueError("report_dir: one report per directory; with several implementations pass "
                                  "write_report=False and build the combined report from the results")
             if junit_xml is not None:
+                if report_dir is not None and write_report:
+                    check_apart(junit_xml, report_dir)
                 check_writable_file(junit_xml, "junit_xml")
             if report_dir is not None and write_report:
                 claim = claim_report_dir(report_dir, force=force)
@@ -403,9 +406,11 @@ def _finish(job: Job, records: list[Record], notes: list[str], settings_base: di
     if report_dir is not None and write_report:
         result.report_files = write_reports(result.report, report_dir, junit=junit_xml,
                                             note=result.report_problems.append)
-        result.report_path = result.report_files["json"]
+        result.report_path = result.report_files.get("json")
     elif junit_xml is not None:
-        result.report_files["junit"] = write_junit(result.report, junit_xml)
+        path = _write_junit(result.report, junit_xml, result.report_problems.append)
+        if path is not None:
+            result.report_files["junit"] = path
     return result
 
 
@@ -434,18 +439,40 @@ def write_reports(report: dict[str, Any], report_dir: str | os.PathLike[str], *,
                   note: Callable[[str], None] | None = None) -> dict[str, Path]:
     """``report.json`` (always), ``index.html`` (when the ``report`` extra is installed) and JUnit XML.
 
-    ``note`` receives one line for what could not be written and why; the JSON is written first, so
-    it is there whatever else fails.
+    ``note`` receives one line for what could not be written and why, and the other files are still
+    written: the paths were checked before the run, but what is there may have changed since (an
+    implementation under test can write into the report directory, a disk can fill up), and the run's
+    results must not be lost to it. An ``index.html`` that was not written this time is removed, so
+    that no page the run did not make (an earlier run's, or one planted) stands beside its report.json.
     """
     say = note or (lambda text: print(text, file=sys.stderr))
-    out = {"json": write_report(report, Path(report_dir) / "report.json")}
+    out: dict[str, Path] = {}
+    try:
+        out["json"] = write_report(report, Path(report_dir) / "report.json")
+    except OSError as exc:
+        say(f"error: the report could not be written to {Path(report_dir) / 'report.json'}: {type(exc).__name__}: "
+            f"{exc}; the results above are the run's")
     if html:
-        path = write_html_report(report, Path(report_dir) / "index.html", note=say)
+        page = Path(report_dir) / "index.html"
+        path = write_html_report(report, page, note=say)
         if path is not None:
             out["html"] = path
+        elif page.is_file() or page.is_symlink():
+            with contextlib.suppress(OSError):
+                page.unlink()
     if junit is not None:
-        out["junit"] = write_junit(report, junit)
+        path = _write_junit(report, junit, say)
+        if path is not None:
+            out["junit"] = path
     return out
+
+
+def _write_junit(report: dict[str, Any], path: str | os.PathLike[str], note: Callable[[str], None]) -> Path | None:
+    try:
+        return write_junit(report, path)
+    except OSError as exc:
+        note(f"error: the JUnit XML could not be written to {path}: {type(exc).__name__}: {exc}")
+        return None
 
 
 def write_html_report(report: dict[str, Any], path: str | os.PathLike[str],

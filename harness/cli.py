@@ -20,7 +20,7 @@ from typing import Any
 from harness import registry
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
-from harness.files import ReportDirError, check_writable_file, claim_report_dir
+from harness.files import ReportDirError, check_apart, check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
 from harness.isolation import DEFAULT_TIMEOUT, GIB
 from harness.quick_exit import run_then_exit
@@ -523,10 +523,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to check: no available implementation was selected")
     try:
         if args.junit_xml is not None:
+            check_apart(args.junit_xml.absolute(), Path(args.report_dir).absolute())
             check_writable_file(args.junit_xml, "--junit-xml")
         claim = claim_report_dir(args.report_dir, force=args.force)  # the combined report is written here
     except ReportDirError as exc:
-        raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1)) from None
+        raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1).replace("junit_xml:", "--junit-xml:",
+                                                                                            1)) from None
     interrupted = ""
     try:
         results = certify_many(targets, oracles=args.oracle, dtypes=args.dtype,
@@ -758,10 +760,13 @@ def _merge_reports(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     junit = args.junit_xml or args.output / "junit.xml"
     try:
-        check_writable_file(junit, "--junit-xml")
+        if args.junit_xml is not None:
+            check_apart(args.junit_xml.absolute(), args.output.absolute())
+        check_writable_file(junit, "--junit-xml" if args.junit_xml is not None else "-o")  # -o: the default's
         claim = claim_report_dir(args.output, force=args.force)
     except ReportDirError as exc:
-        raise UsageError(str(exc).replace("report directory:", "-o:", 1)) from None
+        raise UsageError(str(exc).replace("report directory:", "-o:", 1).replace("junit_xml:", "--junit-xml:", 1)) \
+            from None
     try:
         records = [Record.from_dict(r) for r in merged["records"]]
         found = [Finding.from_dict(f) for f in merged["findings"]]

@@ -2,7 +2,8 @@
 
 * Every report file (report.json, index.html, JUnit XML, saved cases) is written to a temporary file
   beside its destination and renamed over it: a run killed while writing leaves the previous file
-  intact, never a truncated one.
+  intact, never a truncated one. It gets the permissions a file ``open`` creates (0666 less the
+  umask), not the temporary file's private 0600, so that a report can be served or shared.
 * A report directory carries a marker file written by the harness. ``certify`` writes only into a
   directory that is empty, new, or marked (a previous report), unless told ``force``: a user's own
   ``index.html`` or ``report.json`` is never replaced by accident.
@@ -23,7 +24,7 @@ from typing import IO, Any
 from harness._version import __version__
 
 __all__ = ["write_atomically", "atomic_path", "MARKER", "LOCK", "ReportDirError", "claim_report_dir",
-           "check_writable_file"]
+           "check_writable_file", "check_apart"]
 
 #: The file that says "this directory is an lstm-harness report".
 MARKER = ".lstm-harness-report"
@@ -52,6 +53,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a file system without modes: the file keeps what it got
     os.close(fd)
     try:
         yield tmp
@@ -60,6 +65,34 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where /proc says it (setting and restoring it would
+    change it for a moment for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_apart(junit: str | os.PathLike[str], report_dir: str | os.PathLike[str]) -> None:
+    """A JUnit XML path that is none of the report directory's own files and holds no report directory
+    below it; :class:`ReportDirError` naming ``junit_xml`` otherwise (both paths absolute)."""
+    j, d = Path(junit), Path(report_dir)
+    own = {d, d / "report.json", d / "index.html", d / MARKER, d / LOCK}
+    if j in own or d / "cases" in (j, *j.parents):
+        raise ReportDirError(f"junit_xml: {str(j)!r} is where the report in {str(d)!r} writes its own files "
+                             f"(report.json, index.html, cases/); name another file, e.g. {str(d / 'junit.xml')!r}")
+    if j in d.parents:
+        raise ReportDirError(f"junit_xml: {str(j)!r} is a directory above the report directory {str(d)!r}; name a "
+                             f"file, e.g. {str(d / 'junit.xml')!r}")
 
 
 def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:

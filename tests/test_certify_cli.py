@@ -316,3 +316,31 @@ def test_a_planted_bug_in_a_cell_is_caught_and_replays_with_its_options(tmp_path
 def test_convention_options_usage_errors_exit_2(args, message, capsys, tmp_path):
     assert main(["certify", f"{FOREIGN}:ifog", *args, "--report-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["certify", "run"])
+@pytest.mark.parametrize("junit, message", [
+    ("r/report.json", "is where the report in"),
+    ("r", "is where the report in"),
+    ("r/cases/junit.xml", "is where the report in"),
+    (".", "is a directory above the report directory"),
+])
+def test_a_junit_path_among_the_reports_own_files_is_refused_before_any_work(command, junit, message, tmp_path,
+                                                                              capsys, monkeypatch):
+    """Written last, it would have replaced report.json, or failed once the run was done."""
+    monkeypatch.chdir(tmp_path)
+    target = ["loop"] if command == "certify" else ["--impl", "loop"]
+    assert main([command, *target, *FD, "--max-examples", "2", "--report-dir", "r", "--junit-xml", junit]) == 2
+    assert f"--junit-xml: '{tmp_path / junit if junit != '.' else tmp_path}' {message}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # left as it was found
+
+
+def test_a_merged_reports_default_junit_path_is_named_by_the_option_given(tmp_path, capsys):
+    """``report A.json -o FILE``: the JUnit XML goes to FILE/junit.xml by default, so FILE is what is wrong."""
+    assert main(["certify", "loop", *FD, "--max-examples", "1", "--dtype", "float64", "--report-dir",
+                 str(tmp_path / "a")]) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a" / "report.json"), "-o", str(tmp_path / "notes.txt")]) == 2
+    assert f"-o: expected a directory, got '{tmp_path / 'notes.txt'}', which is a file" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -2,6 +2,8 @@
 at a time per report directory."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -105,3 +107,32 @@ def test_a_malformed_report_json_is_refused_with_what_is_wrong(content, message,
     path.write_text(content)
     assert main(["report", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_files_get_the_permissions_open_would_give_them(umask, tmp_path):
+    """Not the temporary file's private 0600: a report is read by a CI artifact server or a colleague."""
+    old = os.umask(umask)
+    try:
+        written = write_atomically(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_report_file_that_cannot_be_written_any_more_costs_that_file_only(tmp_path):
+    """What lies at a report path may change during the run (an implementation can write into the report
+    directory): the run's other files are still written, the failure is said, and no index.html the run
+    did not write stays beside them."""
+    from harness.api import write_reports
+
+    (tmp_path / "report.json").mkdir()  # made a directory behind the run's back
+    (tmp_path / "index.html").write_text("<h1>Verdict: certified</h1>")  # and a page planted
+    said: list[str] = []
+    files = write_reports({"records": []}, tmp_path, junit=tmp_path / "report.json", note=said.append)
+    assert "json" not in files and "junit" not in files
+    assert said[0].startswith(f"error: the report could not be written to {tmp_path / 'report.json'}: "
+                              "IsADirectoryError")
+    assert any(line.startswith("error: the JUnit XML could not be written") for line in said)
+    page = tmp_path / "index.html"
+    assert not page.exists() or "Verdict: certified</h1>" not in page.read_text()
