@@ -158,7 +158,9 @@ def configured(impl: Any, info: ImplementationInfo, case: Case) -> tuple[Any, Ex
         return impl, None
     try:
         return impl.with_structure(case.structure), None
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise  # a person stopping the run (or SIGTERM, harness.api.Interrupted)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and any class of the implementation's own
         out = Execution(forward_error=_raised(f"with_structure({case.structure.describe() or 'default'})", exc))
         out.traceback = short_traceback(exc)
         return None, out
@@ -168,8 +170,8 @@ def execute(impl: Any, info: ImplementationInfo, case: Case, *, backward: bool) 
     """Run ``impl`` (configured for the case's structure) on ``case`` in this process. Never raises for
     anything the implementation does.
 
-    ``sys.exit`` inside the implementation is reported like an exception; KeyboardInterrupt is not
-    caught, so that a person can still stop a run.
+    ``sys.exit``, or any exception class of the implementation's own (a BaseException subclass too),
+    is reported like an exception; KeyboardInterrupt is not caught, so that a person can still stop a run.
     """
     obj, failed = configured(impl, info, case)
     if failed is not None:
@@ -201,7 +203,9 @@ def run_forward(impl: Any, case: Case, given: Case) -> tuple[Execution, Any]:
         out.forward_contract = bounded(_called("forward", exc.problems))
         out.seconds = time.perf_counter() - start
         return out, None
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise  # a person stopping the run (or SIGTERM, harness.api.Interrupted)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and any class of the implementation's own
         out.forward_error = _raised("forward", exc)
         out.traceback = short_traceback(exc)
         out.seconds = time.perf_counter() - start
@@ -237,7 +241,9 @@ def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case
         grads = impl.backward(upstream.dy, upstream.dh_T, upstream.dc_T, result[3])
     except ContractError as exc:
         out.backward_contract = bounded(_called("backward", exc.problems))
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise  # a person stopping the run (or SIGTERM, harness.api.Interrupted)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and any class of the implementation's own
         out.backward_error = _raised("backward", exc)
         out.traceback = short_traceback(exc)
     else:

@@ -115,3 +115,15 @@ def test_an_implementation_that_changes_directory_cannot_move_the_report(tmp_pat
     assert main(["certify", "impls.loop:LoopLSTM", "--in-process", "--max-examples", "2", *FD, "--dtype",
                  "float64"]) == 0
     assert (tmp_path / "lstm-report" / "report.json").is_file()
+
+
+def test_an_implementations_own_base_exception_in_process_is_its_error_not_the_harnesss(tmp_path, capsys):
+    """Only KeyboardInterrupt (a person, or SIGTERM) stops a run; any other BaseException the implementation
+    raises is an error of its call, reported, with the forward still compared."""
+    code = main(["certify", f"{PLUGINS / 'hostile.py'}:RaisesItsOwnBaseException", "--in-process", "--max-examples",
+                 "2", "--oracle", "finite-differences", "--dtype", "float64", "--report-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "backward raised Abort: gave up" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {r["status"] for r in report["records"] if r["direction"] == "forward"} == {"pass"}

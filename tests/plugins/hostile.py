@@ -30,3 +30,16 @@ class ExitsZeroOnThirdCall(LoopLSTM):
         if type(self).calls == 3:
             os._exit(0)
         return super().forward(x, h0, c0, params)
+
+
+class Abort(BaseException):
+    """An implementation's own exception class outside Exception's tree."""
+
+
+class RaisesItsOwnBaseException(LoopLSTM):
+    """Its backward raises Abort, which ``except Exception`` would let through."""
+
+    name = "raises-its-own-base-exception"
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        raise Abort("gave up")
