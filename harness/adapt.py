@@ -187,7 +187,9 @@ class Convention:
         if self.gate_order != "ifgo":
             parts.append("its gate blocks are read as " + ", ".join(self.gate_order))
         if self.transposed:
-            parts.append("its weights are transposed ((D, 4H) and (H, 4H), used as x @ W)")
+            shapes = "(D, 4H) and (H, 4H), or per gate (D, H) and (H, H)" if self.per_gate is None \
+                else "(D, H) and (H, H) per gate"
+            parts.append(f"its weights are transposed (used as x @ W: {shapes})")
         if self.bias == "separate":
             parts.append("it has separate input and hidden biases")
         if self.bias == "folded":

@@ -121,6 +121,11 @@ class Departure:
         return dataclasses.asdict(self)
 
 
+#: The adapter keywords a convention search replaces (an adapter's interface keeps the others:
+#: harness.adapt re-reads an adapter in another convention, see its _readapted).
+SEARCHED_KEYWORDS = frozenset({"gate_order", "transposed", "forget_bias", "batch_major", "layout"})
+
+
 @dataclass
 class Trial:
     """One convention tried: its worst forward error relative to tolerance, or the error it raised.
@@ -150,24 +155,29 @@ class Trial:
             parts.append(conv)
         return "; ".join(parts) or "the convention it declares"
 
-    def adapt_call(self, declared: str) -> str:
-        if self.as_declared:
+    def adapt_call(self, declared: str, given: Mapping[str, Any] | None = None) -> str:
+        """``harness.adapt(impl, ...)`` that certifies it. ``given``: the adapter keywords the implementation
+        was read with (a TARGET's command-line options), whose interface (names, per-gate form, biases,
+        states) the search kept: the call then starts from what TARGET names and spells them out too."""
+        if self.as_declared and not given:
             return "impl"
-        kwargs = self.convention.keywords()
+        kwargs = self._keywords(given)
         if self.variant != declared:
             kwargs = {"variant": self.variant, **kwargs}
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return f"harness.adapt(impl{', ' + args if args else ''})"
 
-    def options(self, declared: str) -> str:
-        """The same convention as options of ``lstm-harness certify`` (for a TARGET or a --command)."""
+    def options(self, declared: str, given: Mapping[str, Any] | None = None) -> str:
+        """The same convention as options of ``lstm-harness certify`` (for a TARGET or a --command), with
+        the options it was ``given`` whose interface the search kept (see :meth:`adapt_call`)."""
         from harness.command_protocol import convention_arguments
 
-        kwargs = self.convention.keywords()
-        if self.as_declared:
-            kwargs = {}
         variant = ["--variant", self.variant] if self.variant != declared else []
-        return " ".join(variant + convention_arguments(kwargs)) or "(none)"
+        return " ".join(variant + convention_arguments(self._keywords(given))) or "(none)"
+
+    def _keywords(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        kept = {k: v for k, v in (given or {}).items() if k not in SEARCHED_KEYWORDS}
+        return {**kept, **({} if self.as_declared else self.convention.keywords())}
 
     def first_departure(self) -> str:
         return self.departure.text() if self.departure else ""
@@ -229,6 +239,9 @@ class Diagnosis:
     #: What its outputs as declared show about a bidirectional layer (directions swapped, states in
     #: direction-major order, the reverse direction's final state taken at the wrong end).
     layer: LayerFinding | None = None
+    #: The adapter keywords it was given (a TARGET read with command-line options): the fix printed
+    #: starts from what the TARGET names and keeps those of them a search does not replace.
+    given: dict[str, Any] = field(default_factory=dict)
 
     def _backward_text(self) -> str:
         if not self.has_backward:
@@ -307,8 +320,9 @@ class Diagnosis:
                 lines.append(f"Declare variant = {self.match.variant!r} in the implementation, or certify it with "
                              f"--variant {self.match.variant}.")
             else:
-                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant)}, or on the "
-                             f"command line with the options {self.match.options(self.declared_variant)}.")
+                lines.append(f"Certify it as it is with {self.match.adapt_call(self.declared_variant, self.given)}, "
+                             f"or on the command line with the options "
+                             f"{self.match.options(self.declared_variant, self.given)}.")
             lines.append(self._backward_text())
         else:
             lines.append("No convention tried makes it match the standard LSTM.")
@@ -335,7 +349,8 @@ class Diagnosis:
                 return None
             return {"variant": t.variant, "convention": t.convention.keywords(), "as_declared": t.as_declared,
                     "ratio": t.ratio, "description": t.describe(self.declared_variant),
-                    "adapt": t.adapt_call(self.declared_variant), "options": t.options(self.declared_variant),
+                    "adapt": t.adapt_call(self.declared_variant, self.given),
+                    "options": t.options(self.declared_variant, self.given),
                     "first_departure": t.first_departure(),
                     "departure": t.departure.to_dict() if t.departure else None, "error": t.error}
 
@@ -788,6 +803,7 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
     Bad arguments raise :class:`harness.session.InvalidArgument` (a ``ValueError``). Opens ``impl``
     and calls :func:`diagnose_subject`.
     """
+    from harness.plugins import AdaptedTarget
     from harness.session import InvalidArgument, open_subject
 
     try:
@@ -796,7 +812,9 @@ def diagnose(impl: Any, *, variant: str | None = None, dtype: str | None = None,
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
     try:
-        return diagnose_subject(subject, dtype=dtype)
+        found = diagnose_subject(subject, dtype=dtype)
+        found.given = dict(getattr(impl, "convention", None) or {}) if isinstance(impl, AdaptedTarget) else {}
+        return found
     finally:
         close = getattr(subject, "close", None)
         if close:

@@ -412,3 +412,16 @@ def test_a_parallel_run_diagnoses_as_one_process_does(isolate):
                            oracles=["finite-differences"]).diagnosis for jobs in (1, 2)}
     assert found[1] is not None and "its gate blocks are read as i, f, o, g" in found[1]["text"]
     assert found[2] == found[1]
+
+
+def test_the_printed_fix_keeps_the_options_the_target_was_given(tmp_path, capsys):
+    """A TARGET read with options (--step --names ...) that is right about its interface and wrong about
+    its convention: the printed options are the whole set that certifies it, the given ones included."""
+    target = f"{FOREIGN}:CourseCell"
+    assert main(["diagnose", target, "--step", "--names", "W=Wx,R=Wh"]) == 1
+    out = capsys.readouterr().out
+    options = re.search(r"on the command line with the options (.*)\.$", out, flags=re.M).group(1)
+    assert options == "--step --names W=Wx,R=Wh --gate-order ifog --transposed"
+    assert "harness.adapt(impl, step=True, names={'W': 'Wx', 'R': 'Wh'}, gate_order='ifog', transposed=True)" in out
+    assert main(["certify", target, *options.split(), "--max-examples", "4", "--oracle", "finite-differences",
+                 "--report-dir", str(tmp_path)]) == 0
