@@ -205,10 +205,17 @@ def _import_file(path: str) -> Any:
 
 
 def _candidates(module: Any) -> list[str]:
-    """Names in ``module`` that could be what the user meant: implementations first."""
+    """Names in ``module`` that could be what the user meant: implementations first. Classes and functions
+    count where they are defined here; objects made here count whatever their class (an adapter made
+    with ``harness.adapt`` is of the harness's class, but it is this module's implementation)."""
+
+    def made_here(obj: Any) -> bool:
+        if inspect.isclass(obj) or inspect.isroutine(obj):
+            return getattr(obj, "__module__", None) == module.__name__
+        return not inspect.ismodule(obj)
+
     names = [n for n in vars(module) if not n.startswith("_")]
-    own = [n for n in names if getattr(getattr(module, n), "__module__", module.__name__) == module.__name__
-           and not inspect.ismodule(getattr(module, n))]
+    own = [n for n in names if made_here(getattr(module, n))]
     with_forward = [n for n in own if hasattr(getattr(module, n), "forward")]
     rest = [n for n in own if n not in with_forward and (inspect.isclass(getattr(module, n))
                                                           or callable(getattr(module, n)))]
@@ -225,7 +232,8 @@ def _attribute(module: Any, attribute: str, where: str) -> Any:
             owner = f"{where}" if not done else f"{where}:{done}"
             names = _candidates(obj) if inspect.ismodule(obj) else [
                 n for n in dir(obj) if not n.startswith("_")]
-            hint = f" It defines: {', '.join(names[:12])}." if names else " It defines no public names."
+            hint = (f" It defines: {', '.join(names[:12])}." if names
+                    else " It defines no implementation, class or function of its own.")
             raise LoadError(
                 f"{owner} has no attribute {part!r}: expected the name of an implementation object, "
                 f"class or zero-argument factory.{hint}"

@@ -76,6 +76,20 @@ def test_missing_attribute_lists_what_the_module_defines():
     assert "Correct" in text and "It defines" in text
 
 
+def test_a_missing_attribute_lists_the_adapters_a_file_makes(tmp_path):
+    """An adapter made in the file is of the harness's class: it is still one of the file's implementations."""
+    path = tmp_path / "adapters.py"
+    path.write_text("import numpy as np\nfrom harness import adapt\nfrom impls.loop import LoopLSTM\n"
+                    "NAMES = {'W': 'Wx'}\ngood = adapt(LoopLSTM(), names=NAMES)\n")
+    with pytest.raises(LoadError) as exc:
+        load_target(f"{path}:goood")
+    assert _message(exc).endswith("It defines: good.")
+    path.write_text("import numpy as np\nNAMES = {'W': 'Wx'}\n")
+    with pytest.raises(LoadError) as exc:
+        load_target(f"{path}:goood")
+    assert _message(exc).endswith("It defines no implementation, class or function of its own.")
+
+
 def test_object_without_forward():
     with pytest.raises(ContractError) as exc:
         load_implementation(f"{MISBEHAVING}:NoForward")
