@@ -612,12 +612,16 @@ class Adapted:
                     watched[key], back[key] = handed_over, (given, convert)
             handed = _Handed(self, watched, back, params, D, H)
             args: list[Any] = [xs] + conv.initial_states(h0s, c0s)
-            if self._params_as == "step":
-                out = self._forward.forward(self, xs, h0s, c0s, mine)
-            elif self._params_as == "dict":
-                out = self._forward(*args, {self._names[k]: v for k, v in mine.items()}, **more)
-            else:
-                out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)], **more)
+            try:
+                if self._params_as == "step":
+                    out = self._forward.forward(self, xs, h0s, c0s, mine)
+                elif self._params_as == "dict":
+                    out = self._forward(*args, {self._names[k]: v for k, v in mine.items()}, **more)
+                else:
+                    out = self._forward(*args, *[mine[k] for k in conv.param_keys(self.variant)], **more)
+            except KeyError as exc:
+                self._note_names(exc, mine)
+                raise
             y, h_T, c_T, cache = self._split_forward(out)
         handed.sync("forward")
         try:
@@ -638,6 +642,19 @@ class Adapted:
                                      "(c_T is then not compared), or return c_T"], subject=f"adapted {self.name}")
             c_T = np.zeros((B, H), dtype=y.dtype)  # a placeholder: reported as not compared
         return y, h_T, c_T, _Cache(cache, (T, B, D), H, h_from_y, handed)
+
+    def _note_names(self, exc: KeyError, mine: Mapping[str, Any]) -> None:
+        """A KeyError for a name the implementation was not given, in a parameters dict passed by name:
+        say which names it was given, and how to map one of them (the likeliest cause of such a KeyError)."""
+        key = exc.args[0] if len(exc.args) == 1 else None
+        given = {self._names[k]: k for k in mine}
+        if self._params_as not in ("dict", "step") or not isinstance(key, str) or key in given \
+                or not hasattr(exc, "add_note"):
+            return
+        unmapped = [k for name, k in given.items() if name == k]  # under the contract's own name: not mapped
+        example = f"{(unmapped or list(given.values()))[0]}={key}"
+        exc.add_note(f"{key!r} is not among the parameters it was given ({', '.join(given)}); if it names one of "
+                     f"them, map it with names= (on the command line --names), e.g. {example}")
 
     def _split_forward(self, out: Any) -> tuple[Any, Any, Any, Any]:
         if not isinstance(out, (tuple, list)):

@@ -128,7 +128,8 @@ def _raised(call: str, exc: BaseException) -> str:
         return f"{call} called os._exit({exc.code!r}), which would have ended the whole run"
     if isinstance(exc, SystemExit):
         return bounded(f"{call} called sys.exit({exc.code!r})")
-    return bounded(f"{call} raised {type(exc).__name__}: {exc}")
+    notes = [str(n) for n in getattr(exc, "__notes__", None) or ()]  # PEP 678: what was added to the exception
+    return bounded(f"{call} raised {type(exc).__name__}: {exc}" + "".join(f"; {n}" for n in notes))
 
 
 def _arrays(values: Any, names: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
