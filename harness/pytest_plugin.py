@@ -360,11 +360,37 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 # `lstm-harness report` merges shards.
 
 
+#: The command-line option (and ini key) of each certify argument the session's settings give.
+_SETTING_OPTIONS = {"profile": "--lstm-profile (ini lstm_profile)",
+                    "max_examples": "--lstm-max-examples (ini lstm_max_examples)",
+                    "oracles": "--lstm-oracle (ini lstm_oracles)", "timeout": "--lstm-timeout (ini lstm_timeout)"}
+
+
+def _check_settings(config: pytest.Config) -> None:
+    """The session's certify settings, checked as ``lstm-harness certify`` checks its options: a bad one is
+    a usage error of the session (naming the option), not a failure of each target's tests."""
+    settings = certify_settings(config)
+    if not settings:
+        return  # nothing asked of the harness: nothing imported
+    from harness.session import check_limits, check_settings, select_oracles
+
+    try:
+        check_settings(settings.get("profile", "ci"), settings.get("max_examples"), None, 1)
+        check_limits(settings.get("timeout"), None)
+        if "oracles" in settings:
+            select_oracles(settings["oracles"], "vanilla")  # the names only: any variant knows them all
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(":")
+        raise pytest.UsageError(f"{_SETTING_OPTIONS.get(name, name)}:{rest}") from None
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Check the report directories now (and mark them), not after the units ran; the controller only."""
+    """Check the settings and the report directories now (and mark them), not after the units ran; the
+    controller only."""
     config = session.config
     if hasattr(config, "workerinput"):
         return
+    _check_settings(config)
     from harness.files import ReportDirError, claim_report_dir
 
     for target in [*_targets(config), *(f"command {line}" for line in _commands(config))]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 pytest_plugins = ["pytester"]
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -207,3 +209,14 @@ def test_cases_and_hypothesis_files_go_to_one_documented_directory(pytester, mon
     assert storage == [report_dir / "hypothesis" / "constants"] * 3
 
     assert where() == before  # the user's own Hypothesis tests keep their storage
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lstm-oracle", "torch"], "--lstm-oracle (ini lstm_oracles): expected names from finite-differences"),
+    (["--lstm-timeout", "-5"], "--lstm-timeout (ini lstm_timeout): expected seconds per call"),
+    (["--lstm-max-examples", "0"], "--lstm-max-examples (ini lstm_max_examples): expected a positive int"),
+])
+def test_a_bad_setting_is_a_usage_error_of_the_session_not_a_failing_target(pytester, args, message):
+    result = pytester.runpytest("--lstm-certify", "loop", *args, "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
