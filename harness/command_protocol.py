@@ -12,8 +12,10 @@ under its name (``W.npy``, ``R.npy``, ``b.npy``, ``p_i.npy``, ...; in the comman
 layout when it is adapted, see :func:`command`), and when ``gradients`` is true the upstream gradients
 ``dy.npy``, ``dh_T.npy``, ``dc_T.npy``. The command writes ``y.npy``, ``h_T.npy``, ``c_T.npy`` into
 RESPONSE_DIR and, when asked, ``grad_x.npy``, ``grad_h0.npy``, ``grad_c0.npy`` and ``grad_<param>.npy``
-for every parameter it was given, then exits 0. Every file is a NumPy ``.npy`` file, C order,
-little-endian, in the request's dtype (``<f8`` or ``<f4``).
+for every parameter it was given, then exits 0. Every file the harness writes is a NumPy ``.npy``
+file, C order, little-endian, in the request's dtype (``<f8`` or ``<f4``); what the program writes back
+is read as NumPy reads it (either byte order, C or Fortran order; no pickled objects), then checked
+for its dtype and shape. Only the last 64 KiB of its stdout and stderr are kept.
 
 ``structure`` is the layer structure of the call (:mod:`harness.structure`), whose names and shapes are
 the contract's: with more than one layer or both directions (a *layered* structure) the parameters are
@@ -44,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,18 +269,50 @@ class CommandLSTM:
                 _save(req / f"{key}.npy", np.asarray(value))
             argv = [*self.argv, str(req), str(resp)]
             try:
-                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+                returncode, stdout, stderr = _run(argv)
             except OSError as exc:
                 raise CommandError(f"could not run {shlex.join(self.argv)}: {exc}") from None
-            if done.returncode != 0:
-                status = (f"was killed by {_signal_name(-done.returncode)}" if done.returncode < 0
-                          else f"exited with status {done.returncode}")
-                err = done.stderr.decode("utf-8", "replace").strip()
+            if returncode != 0:
+                status = (f"was killed by {_signal_name(-returncode)}" if returncode < 0
+                          else f"exited with status {returncode}")
+                err = stderr.decode("utf-8", "replace").strip()
                 text = f"stderr:\n{_bounded(err)}" if err else "stderr was empty"
-                if not err and done.stdout.strip():
-                    text += f"; stdout:\n{_bounded(done.stdout.decode('utf-8', 'replace'))}"
+                if not err and stdout.strip():
+                    text += f"; stdout:\n{_bounded(stdout.decode('utf-8', 'replace'))}"
                 raise CommandError(f"the command {shlex.join(self.argv)} ({call}) {status}; {text}")
             return _read(resp, expect, call)
+
+
+#: The bytes of a program's stdout and stderr kept (the last ones): enough for any error message.
+OUTPUT_TAIL = 64 * 1024
+
+
+def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
+    """Run a program to its end: its exit status and the last :data:`OUTPUT_TAIL` bytes of its stdout and
+    stderr. The rest is read and dropped as it comes, so that a program that prints gigabytes costs the
+    harness no memory (collecting all of it raised MemoryError under the worker's memory cap)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tails: dict[int, bytes] = {}
+
+    def drain(stream: Any) -> None:
+        kept = bytearray()
+        while chunk := stream.read(65536):
+            kept += chunk
+            if len(kept) > 2 * OUTPUT_TAIL:
+                del kept[:-OUTPUT_TAIL]
+        tails[id(stream)] = bytes(kept[-OUTPUT_TAIL:])
+
+    readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        returncode = proc.wait()
+    finally:
+        for reader in readers:
+            reader.join()
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()  # type: ignore[union-attr]
+    return returncode, tails.get(id(proc.stdout), b""), tails.get(id(proc.stderr), b"")
 
 
 def _signal_name(number: int) -> str:

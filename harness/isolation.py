@@ -792,6 +792,9 @@ class IsolatedSubject:
         fault = self._fault_text()
         self._kill()
         why = f"the worker process running {phase} died: {note or describe_exit(exitcode)}"
+        if self.memory_limit and not note:
+            why += (f" (its address space was limited to {self.memory_limit / GIB:.2g} GiB beyond what loading the "
+                    f"implementation took, --memory-limit: native code that cannot allocate may end the process so)")
         out = self._failure(phase, outputs, why, "crash", start)
         if fault:
             out.traceback = "Stack of the worker when it died (faulthandler):\n" + fault

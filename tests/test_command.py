@@ -314,3 +314,25 @@ def test_run_checks_a_command_with_its_convention(tmp_path, capsys):
     assert [i["target"] for i in report["implementations"]] == [f"--command {shlex.quote(cmd)} --layout DBT"]
     assert main(["run", "--command", cmd, *FD, "--max-examples", "3", "--dtype", "float64", "--force",
                  "--report-dir", str(tmp_path)]) == 1
+
+
+def test_a_program_that_prints_without_end_costs_the_harness_only_the_end_of_it(monkeypatch):
+    """Its output is read as it comes and only the end kept: 50 MB on stdout is not held in memory (held
+    whole, a gigabyte raised MemoryError under the worker's memory cap), and the message ends with its end."""
+    import harness.command_protocol as protocol
+
+    kept: list[int] = []
+    real = protocol._run
+
+    def run(argv):
+        returncode, stdout, stderr = real(argv)
+        kept.append(len(stdout))
+        return returncode, stdout, stderr
+
+    monkeypatch.setattr(protocol, "_run", run)
+    loud = [sys.executable, "-c", "import sys; [sys.stdout.write('x' * 1000 + '\\n') for _ in range(50_000)]; "
+                                  "print('the last line'); sys.exit(3)"]
+    case = build_case(CaseSpec(variant="vanilla", dtype="float64", T=1, B=1, D=1, H=1, seed=0))
+    with pytest.raises(CommandError, match=r"exited with status 3; stderr was empty; stdout:\n(.|\n)*the last line"):
+        CommandLSTM(loud).forward(case.x, case.h0, case.c0, case.params)
+    assert kept == [protocol.OUTPUT_TAIL]

@@ -99,6 +99,11 @@ def test_os_exit_and_sys_exit():
     with subject("Exits") as s:
         ex = s.execute(SHORT, backward=True)
     assert "it exited with status 3" in ex.forward_error and "os._exit(3)" in ex.forward_error
+    assert "address space" not in ex.forward_error
+    with subject("Exits", memory_limit=2 * 1024**3) as s:  # under a cap, the cap may be why: it is said
+        ex = s.execute(SHORT, backward=True)
+    assert ex.forward_error.endswith("(its address space was limited to 2 GiB beyond what loading the implementation "
+                                     "took, --memory-limit: native code that cannot allocate may end the process so)")
     with subject("CallsSysExit") as s:
         ex = s.execute(SHORT, backward=True)
         assert ex.forward_error == "forward called sys.exit('giving up')"
