@@ -327,7 +327,10 @@ def _read(folder: Path, names: Sequence[str], call: str) -> dict[str, np.ndarray
     for name in names:
         path = folder / f"{name}.npy"
         if not path.is_file():
-            problems.append(f"the command wrote no {name}.npy into RESPONSE_DIR")
+            kind = "a directory" if path.is_dir() else "not a regular file" if path.exists() or path.is_symlink() \
+                else ""
+            problems.append(f"{name}.npy in RESPONSE_DIR is {kind}, not an array file" if kind
+                            else f"the command wrote no {name}.npy into RESPONSE_DIR")
             continue
         try:
             out[name] = np.load(path, allow_pickle=False)

@@ -219,6 +219,10 @@ def test_errors_are_raised_as_the_contract_says():
         CommandLSTM(_NOISY_EXIT).forward(case.x, case.h0, case.c0, case.params)
     with pytest.raises(ContractError, match="wrote no y.npy"):
         CommandLSTM(_NOTHING).forward(case.x, case.h0, case.c0, case.params)
+    folder = [sys.executable, "-c", "import os, sys; os.mkdir(os.path.join(sys.argv[-1], 'y.npy'))"]
+    with pytest.raises(ContractError, match=r"y.npy in RESPONSE_DIR is a directory, not an array file\n  - the "
+                                            r"command wrote no h_T.npy"):
+        CommandLSTM(folder).forward(case.x, case.h0, case.c0, case.params)
 
 
 def test_objects_pickle_for_the_worker_and_carry_their_replay_arguments():
