@@ -301,6 +301,7 @@ def _discrepancy(impl: str, real: Sequence[Record], lead: str, recs: Sequence[Re
         forward_ok = [r for r in recs if r.direction == "forward" and r.status == "pass"]
         if forward_ok:
             notes.append("its forward pass matches")
+    notes += _gates_note(leading, gates)
     notes += _notes(real)
     return Finding(
         kind="discrepancy", implementation=impl, title=title, dtypes=dtypes,
@@ -310,6 +311,31 @@ def _discrepancy(impl: str, real: Sequence[Record], lead: str, recs: Sequence[Re
         case=minimal.case if minimal else {}, case_file=minimal.case_file if minimal else "",
         replay=minimal.replay if minimal else "", records=len(real), notes=notes,
     )
+
+
+def _gate_spread(records: Iterable[Record]) -> dict[str, float]:
+    """The largest |error| / allowed at each gate over the error maps of ``records`` (their minimal and
+    largest cases), for the quantities laid out by gate (dW, dR, db and the variants' own)."""
+    out: dict[str, float] = {}
+    for r in records:
+        for error_map in (r.error_map, (r.worst_seen or {}).get("error_map")):
+            for panel in (error_map or {}).get("panels", []):
+                title = str(panel.get("title", ""))
+                if title.startswith("gate "):
+                    top = max((v for row in panel.get("values", []) for v in row), default=0.0)
+                    out[title[5:]] = max(out.get(title[5:], 0.0), float(top))
+    return out
+
+
+def _gates_note(records: Sequence[Record], headline: Sequence[str]) -> list[str]:
+    """When more gates are over tolerance than the headline's (the gates of the worst elements), each of
+    them with its largest error: a bug in what the gates share (dc, dh) shows at several, one in a gate's
+    own formula mostly at that gate."""
+    over = {g: v for g, v in _gate_spread(records).items() if v > 1.0}
+    if len(over) < 2 or set(over) <= set(headline):
+        return []
+    shown = ", ".join(f"{g} ({format_ratio(v)}x)" for g, v in sorted(over.items(), key=lambda kv: -kv[1]))
+    return [f"by gate, the largest error over tolerance: {shown}"]
 
 
 def _first_bad_t(records: Sequence[Record]) -> int | None:

@@ -88,3 +88,23 @@ def test_the_largest_error_seen_leads_and_a_moved_weight_scale_is_said():
 def test_findings_round_trip_through_a_dict():
     (f,) = findings([_rec("fail", ratio=2.0)])
     assert Finding.from_dict(f.to_dict()) == f
+
+
+def _gate_map(quantity, **tops):
+    """An error map of a (4H, D) gradient with each gate's largest |error| / allowed."""
+    return {"quantity": quantity, "panels": [{"title": f"gate {g}", "rows": "unit", "cols": "input", "shape": [1, 2],
+                                              "values": [[0.5, tops.get(g, 0.1)]]} for g in "ifgo"]}
+
+
+def test_a_bug_over_tolerance_at_several_gates_lists_them_beside_the_headlines_one():
+    """The headline names the worst element's gate; a bug in what the gates share (dc) reaches others too,
+    and the note lists each over tolerance with its largest error, from the minimal and the largest case."""
+    records = [_rec("fail", "dW", "backward", ratio=1600.0, gate="g", error_map=_gate_map("dW", g=10.0, f=3.0),
+                    worst_seen={"ratio": 1600.0, "error_map": _gate_map("dW", g=1600.0, f=1400.0, i=160.0)}),
+               _rec("fail", "db", "backward", ratio=20.0, gate="g", error_map=_gate_map("db", g=20.0, o=0.5))]
+    (f,) = findings(records)
+    assert f.title == "backward: dW, db depart at gate g (float64)"
+    assert "by gate, the largest error over tolerance: g (1600x), f (1400x), i (160x)" in f.notes
+    # One gate over tolerance, the headline's: nothing more to say.
+    (one,) = findings([_rec("fail", "dW", "backward", ratio=40.0, gate="f", error_map=_gate_map("dW", f=40.0))])
+    assert not any(n.startswith("by gate") for n in one.notes)
