@@ -159,7 +159,9 @@ def _import_module(name: str) -> Any:
             f"environment ({sys.executable}). Install it, or run where it is installed.\n"
             f"{_user_traceback(exc)}"
         ) from None
-    except (Exception, SystemExit) as exc:  # sys.exit at import is a failure to load, never a verdict
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - at import: a failure to load, never a verdict
         raise LoadError(
             f"importing module {name!r} raised {_exception_text(exc)}; fix the error at import time:\n"
             f"{_user_traceback(exc)}"
@@ -195,7 +197,9 @@ def _import_file(path: str) -> Any:
             f"file {path} imports {exc.name!r}, which cannot be found in this environment "
             f"({sys.executable}): install it, or check the spelling.\n{_user_traceback(exc)}"
         ) from None
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit, or a class of the user's own
         sys.modules.pop(module_name, None)
         raise LoadError(
             f"running file {path} raised {_exception_text(exc)}; fix the error at import time:\n"
@@ -254,7 +258,7 @@ def instantiate(obj: Any, what: str) -> Any:
     """An implementation from what the target named: an object as is, a class or factory called."""
     if inspect.ismodule(obj):
         raise LoadError(f"{what} is a module: expected an implementation inside it, e.g. {what}:MyLSTM "
-                        f"(it defines: {', '.join(_candidates(obj)[:12]) or 'no public names'})")
+                        f"(it defines: {', '.join(_candidates(obj)[:12]) or 'nothing of its own'})")
     if inspect.isclass(obj):
         required = _required_parameters(obj)
         if required:
@@ -266,7 +270,9 @@ def instantiate(obj: Any, what: str) -> Any:
             )
         try:
             return obj()
-        except (Exception, SystemExit) as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, or a class of the user's own
             raise LoadError(f"creating {what}() raised {_exception_text(exc)}:\n{_user_traceback(exc)}") from None
     if hasattr(obj, "forward"):
         return obj
@@ -281,7 +287,9 @@ def instantiate(obj: Any, what: str) -> Any:
             )
         try:
             made = obj()
-        except (Exception, SystemExit) as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, or a class of the user's own
             raise LoadError(f"calling the factory {what}() raised {_exception_text(exc)}:\n"
                             f"{_user_traceback(exc)}") from None
         if made is None:

@@ -159,3 +159,11 @@ def test_cli_exit_2_when_the_module_kills_the_worker_while_loading(capsys, tmp_p
     bad.write_text("import os\nos._exit(7)\n")
     assert main(["certify", f"{bad}:X", "--report-dir", str(tmp_path / "report")]) == 2
     assert "died while loading" in capsys.readouterr().err
+
+
+def test_an_exception_class_of_the_users_own_at_import_is_a_failure_to_load(tmp_path):
+    """Outside Exception's tree too: loading in process must not end the run with a traceback."""
+    path = tmp_path / "aborts.py"
+    path.write_text("class Abort(BaseException):\n    pass\n\nraise Abort('not today')\n")
+    with pytest.raises(LoadError, match=r"running file .*aborts.py raised Abort: not today"):
+        load_target(f"{path}:LSTM")
