@@ -271,14 +271,16 @@ class Interrupted(KeyboardInterrupt):
 
 def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Sequence[str] | None = None,
                  oracles: Sequence[Any] | None = None, max_examples: int | None = None, profile: str = "ci",
-                 seed: int | None = None, timeout: float | None = None, isolate: bool = False,
+                 seed: int | None = None, timeout: float | None = None, isolate: bool | Sequence[bool] = False,
                  report_dir: str | os.PathLike[str] | None = None, jobs: int = 1, memory_limit: int | None = None,
                  progress: bool | Progress = False, junit_xml: str | os.PathLike[str] | None = None,
                  write_report: bool = True, command: str = "certify", force: bool = False,
                  units: Sequence[str] | None = None, shard: tuple[int, int] | None = None) -> list[CertifyResult]:
     """:func:`certify` for several implementations at once (what ``lstm-harness run`` does): with
     ``jobs`` > 1 every (implementation, dtype, oracle) unit goes to one shared pool of processes.
-    Each result has its own report; ``report_dir`` and ``junit_xml`` are for a single implementation."""
+    Each result has its own report; ``report_dir`` and ``junit_xml`` are for a single implementation.
+    ``isolate`` is one flag for all, or one per implementation; given per implementation, ``timeout``
+    and ``memory_limit`` apply to the isolated ones."""
     prepared: list[Job] = []
     claim = None
     # Paths are fixed now: an implementation that changes the working directory cannot move the report.
@@ -300,10 +302,16 @@ def certify_many(impls: Sequence[Any], *, variant: str | None = None, dtypes: Se
                 check_writable_file(junit_xml, "junit_xml")
             if report_dir is not None and write_report:
                 claim = claim_report_dir(report_dir, force=force)
-            for impl in impls:
+            flags = [isolate] * len(impls) if isinstance(isolate, bool) else [bool(f) for f in isolate]
+            if len(flags) != len(impls):
+                raise ValueError(f"isolate: expected a bool, or one per implementation ({len(impls)}), got "
+                                 f"{len(flags)}")
+            for impl, alone in zip(impls, flags):
+                limited = alone or isinstance(isolate, bool)  # per implementation: the limits are the isolated's
                 prepared.append(prepare(impl, variant=variant, dtypes=dtypes, oracles=oracles,
-                                        max_examples=max_examples, profile=profile, seed=seed, timeout=timeout,
-                                        isolate=isolate, report_dir=report_dir, memory_limit=memory_limit))
+                                        max_examples=max_examples, profile=profile, seed=seed,
+                                        timeout=timeout if limited else None, isolate=alone, report_dir=report_dir,
+                                        memory_limit=memory_limit if limited else None))
             plan, chosen = _plan(prepared, jobs, units, shard)
         except BaseException as exc:
             # Refused before any check ran (a bad argument, an implementation that cannot be loaded or breaks

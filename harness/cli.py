@@ -22,7 +22,7 @@ from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
 from harness.files import ReportDirError, check_apart, check_writable_file, claim_report_dir
 from harness.findings import Finding, findings
-from harness.isolation import DEFAULT_TIMEOUT, GIB
+from harness.isolation import DEFAULT_TIMEOUT, GIB, default_memory_limit
 from harness.quick_exit import run_then_exit
 from harness.records import Record, printable, verdict
 from harness.session import MAX_TIMEOUT
@@ -529,12 +529,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ReportDirError as exc:
         raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1).replace("junit_xml:", "--junit-xml:",
                                                                                             1)) from None
+    # The built-ins run in process (the main job's speed); a TARGET of the user's in a worker process with a
+    # timeout and a memory cap, as certify runs it: it cannot hang the run or change its verdict.
+    builtins = {e.name for e in registry.implementations()}
+    isolated = [isinstance(t, str) and t not in builtins for t in targets]
     interrupted = ""
     try:
         results = certify_many(targets, oracles=args.oracle, dtypes=args.dtype,
                                max_examples=args.max_examples, profile=args.profile, seed=args.seed,
-                               jobs=args.jobs, isolate=False, report_dir=args.report_dir, write_report=False,
-                               progress=True, command="run")
+                               jobs=args.jobs, isolate=isolated, timeout=DEFAULT_TIMEOUT if any(isolated) else None,
+                               memory_limit=default_memory_limit() if any(isolated) else None,
+                               report_dir=args.report_dir, write_report=False, progress=True, command="run")
     except (InvalidArgument, LoadError, ContractError) as exc:
         claim.abandon()  # refused before any check: the directory is left as it was found
         if isinstance(exc, InvalidArgument):
@@ -583,8 +588,6 @@ def _run_report(results: Sequence[Any], targets: Sequence[str], args: argparse.N
 
 
 def _memory_limit(args: argparse.Namespace) -> int | None:
-    from harness.isolation import default_memory_limit
-
     if args.in_process:
         return None
     return int(args.memory_limit * GIB) if args.memory_limit else default_memory_limit()

@@ -397,3 +397,18 @@ def test_replies_are_read_as_plain_data_only():
     assert replies.execution_problem(Execution(gradients={1: np.ones(1)})).startswith("gradients: expected")
     assert replies.execution_problem(Execution(forward=("y", None, None))) == "forward: expected None or 3 arrays"
     assert replies.execution_problem(Execution(mutated=[3])).startswith("backward_ran, traceback")
+
+
+def test_run_isolates_a_users_target_beside_the_built_ins(tmp_path, monkeypatch, capsys):
+    """``run --impl TARGET`` runs the built-ins in process and a TARGET of the user's in a worker, as certify
+    does: its forgery does not run here, and the run's verdict is its own."""
+    from harness.cli import main
+
+    mark = tmp_path / "forged"
+    monkeypatch.setenv("LSTM_HARNESS_FORGERY_MARK", str(mark))
+    code = main(["run", "--impl", "loop", "--impl", f"{FORGING}:OnTheSocket", "--oracle", "finite-differences",
+                 "--dtype", "float64", "--max-examples", "2", "--report-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert str(os.getpid()) not in (mark.read_text().split() if mark.exists() else [])
+    assert "refers to builtins.exec, which is not among the plain data a worker sends" in out
