@@ -648,9 +648,9 @@ class Adapted:
         say which names it was given, and how to map one of them (the likeliest cause of such a KeyError)."""
         key = exc.args[0] if len(exc.args) == 1 else None
         given = {self._names[k]: k for k in mine}
-        if self._params_as not in ("dict", "step") or not isinstance(key, str) or key in given \
-                or not hasattr(exc, "add_note"):
-            return
+        if self._params_as not in ("dict", "step") or not isinstance(key, str) or not key.isidentifier() \
+                or key in given or not hasattr(exc, "add_note"):
+            return  # (a key that is no identifier, "no bias", is not a parameter's name)
         unmapped = [k for name, k in given.items() if name == k]  # under the contract's own name: not mapped
         example = f"{(unmapped or list(given.values()))[0]}={key}"
         exc.add_note(f"{key!r} is not among the parameters it was given ({', '.join(given)}); if it names one of "
