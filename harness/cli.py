@@ -469,8 +469,9 @@ def _write_outputs(report: dict, args: argparse.Namespace) -> None:
 
 def _run_selection(args: argparse.Namespace) -> list[str]:
     """The TARGETs ``run`` checks: every available built-in, or those ``--impl`` names (a built-in's
-    name or any TARGET, loaded here so that one that cannot be loaded is a usage error before any check)."""
-    from harness.plugins import LoadError, load_implementation
+    name or any TARGET, loaded now so that one that cannot be loaded is a usage error before any check:
+    a TARGET of the user's in a worker process, as it will be checked, never in this one)."""
+    from harness.isolation import IsolatedSubject, WorkerLoadError
 
     builtins = {e.name: e for e in registry.implementations()}
     selected = []
@@ -483,8 +484,9 @@ def _run_selection(args: argparse.Namespace) -> list[str]:
             name, target, info = entry.name, entry.target, validate(entry.create())
         else:
             try:
-                _, info, _ = load_implementation(text)
-            except (LoadError, ContractError) as exc:
+                with IsolatedSubject(text, timeout=DEFAULT_TIMEOUT) as subject:
+                    info = subject.info
+            except WorkerLoadError as exc:
                 raise UsageError(f"--impl: {exc}") from None
             name, target = text, text
         if args.dtype and not set(args.dtype) & set(info.dtypes):

@@ -307,6 +307,10 @@ def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
         reader.start()
     try:
         returncode = proc.wait()
+    except BaseException:  # stopped (Ctrl-C, SIGTERM, a timeout): the program goes too, then its pipes close
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         for reader in readers:
             reader.join()

@@ -84,8 +84,8 @@ def _umask() -> int:
 
 def check_apart(junit: str | os.PathLike[str], report_dir: str | os.PathLike[str]) -> None:
     """A JUnit XML path that is none of the report directory's own files and holds no report directory
-    below it; :class:`ReportDirError` naming ``junit_xml`` otherwise (both paths absolute)."""
-    j, d = Path(junit), Path(report_dir)
+    below it, however either is spelled; :class:`ReportDirError` naming ``junit_xml`` otherwise."""
+    j, d = Path(junit).resolve(), Path(report_dir).resolve()  # through "..", and through links to them
     own = {d, d / "report.json", d / "index.html", d / MARKER, d / LOCK}
     if j in own or d / "cases" in (j, *j.parents):
         raise ReportDirError(f"junit_xml: {str(j)!r} is where the report in {str(d)!r} writes its own files "

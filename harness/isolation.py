@@ -45,7 +45,7 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.quick_exit import run_then_exit
-from harness.replies import execution_problem, info_problem, loads
+from harness.replies import decode_execution, decode_info, encode_execution, encode_info, loads
 from harness.structure import Structure
 from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
@@ -238,7 +238,7 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
     if memory_limit:
         _cap_memory(memory_limit)
     adapted: dict[Any, tuple[Any, ImplementationInfo]] = {}
-    conn.send(("ready", info, target))
+    conn.send(("ready", encode_info(info), target))
     while True:
         try:
             message = conn.recv()
@@ -252,7 +252,7 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                 conn.send(("adapt-error", problem))
             else:
                 _, wrapped_info = adapted[message[1]]
-                conn.send(("adapted", wrapped_info))
+                conn.send(("adapted", encode_info(wrapped_info)))
             continue
         if message[0] == "forward":
             _, meta, entries, size, key = message
@@ -260,7 +260,8 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                 problem = _adapt_into(adapted, impl, key)
                 if problem:
                     pending = None
-                    conn.send(("result", Execution(forward_error=f"adapting the implementation failed: {problem}")))
+                    conn.send(("result", encode_execution(Execution(
+                        forward_error=f"adapting the implementation failed: {problem}"))))
                     continue
             given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
             case = given.copy()  # the worker's own check: the parent checks the shared arrays too
@@ -288,10 +289,10 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                         execution = _exit_execution("backward", exc, None)
                         execution.forward_contract = None
         try:
-            conn.send(("result", execution))
-        except Exception as exc:  # e.g. MemoryError while pickling, or an unpicklable output
-            conn.send(("result", Execution(forward_error=f"the worker could not send the result back: "
-                                                        f"{bounded(_unreadable(exc))}")))
+            conn.send(("result", encode_execution(execution)))
+        except Exception as exc:  # e.g. MemoryError while encoding or pickling
+            conn.send(("result", encode_execution(Execution(
+                forward_error=f"the worker could not send the result back: {bounded(_unreadable(exc))}"))))
 
 
 def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, key: Any) -> str:
@@ -579,15 +580,11 @@ class IsolatedSubject:
             self._kill()
             raise WorkerLoadError("load", f"the worker process died while loading the implementation: "
                                           f"{text}" + (f"\n{fault}" if fault else ""))
-        if not _load_reply(message):
+        try:
+            info, self.target = _loaded(message)
+        except WorkerLoadError:
             self._kill()
-            raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
-                                          f"{message!r:.200}")
-        if message[0] == "load-error":
-            self._kill()
-            raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
-        _, info, target = message
-        self.target = target
+            raise
         return info
 
     def _kill(self) -> None:
@@ -634,13 +631,16 @@ class IsolatedSubject:
         if key not in self._adapted:
             self._ensure()
             reply = self._request(("adapt", key), self.load_timeout, "adapting the implementation")
-            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "adapt-error" and type(reply[1]) is str:
+            if type(reply) is tuple and len(reply) == 2 and reply[0] == "adapt-error" and type(reply[1]) is str:
                 raise ValueError(reply[1])
-            if not isinstance(reply, tuple) or len(reply) != 2 or reply[0] != "adapted" or info_problem(reply[1]):
+            try:
+                if type(reply) is not tuple or len(reply) != 2 or reply[0] != "adapted":
+                    raise ValueError(f"expected ('adapted', description), got a {type(reply).__name__}")
+                self._adapted[key] = decode_info(reply[1])
+            except ValueError as exc:
                 self._kill()
                 raise RuntimeError(f"adapting the implementation: the worker process sent an unexpected reply "
-                                   f"{reply!r:.200}; it was stopped")
-            self._adapted[key] = reply[1]
+                                   f"({bounded(str(exc), 300)}); it was stopped") from None
         return _View(self, key, self._adapted[key])
 
     def _request(self, message: Any, timeout: float | None, what: str) -> Any:
@@ -750,13 +750,12 @@ class IsolatedSubject:
                     return self._died(phase, outputs, start)
                 except Exception as exc:  # e.g. an object this process cannot unpickle
                     return self._unreadable(phase, outputs, start, _unreadable(exc))
-                if isinstance(message, tuple) and len(message) == 2 and message[0] == "result" \
-                        and isinstance(message[1], Execution):
-                    execution = message[1]
-                    problem = execution_problem(execution)
-                    if problem:
+                if type(message) is tuple and len(message) == 2 and message[0] == "result":
+                    try:
+                        execution = decode_execution(message[1], phase)
+                    except ValueError as exc:
                         return self._unreadable(phase, outputs, start, f"a result not as the worker makes it: "
-                                                                       f"{problem}")
+                                                                       f"{bounded(str(exc), 300)}")
                     self._note_memory(execution)
                     return execution
                 dropped += 1
@@ -845,17 +844,23 @@ def _texts(*values: Any) -> bool:
     return all(type(v) is str for v in values)
 
 
-def _load_reply(message: Any) -> bool:
-    """Whether ``message`` is what a worker sends once it loaded the implementation, or failed to:
-    ("ready", info, target dict or None) or ("load-error", kind, text, [problems], subject)."""
-    if not isinstance(message, tuple) or not message:
-        return False
-    if message[0] == "ready":
-        return len(message) == 3 and not info_problem(message[1]) and (message[2] is None or type(message[2]) is dict)
-    if message[0] == "load-error":
-        return (len(message) == 5 and _texts(message[1], message[2], message[4]) and type(message[3]) is list
-                and _texts(*message[3]))
-    return False
+def _loaded(message: Any) -> tuple[ImplementationInfo, dict | None]:
+    """What a worker said once it loaded the implementation: ("ready", description, target) -> the
+    implementation's description and its target; ("load-error", kind, text, [problems], subject), or
+    anything else, -> :class:`WorkerLoadError`."""
+    if type(message) is tuple and len(message) == 5 and message[0] == "load-error" \
+            and _texts(message[1], message[2], message[4]) and type(message[3]) is list and _texts(*message[3]):
+        raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
+    try:
+        if type(message) is not tuple or len(message) != 3 or message[0] != "ready":
+            raise ValueError(f"expected ('ready', description, target), got a {type(message).__name__}")
+        target = message[2]
+        if target is not None and (type(target) is not dict or not _texts(*target, *target.values())):
+            raise ValueError("target: expected texts by name")
+        return decode_info(message[1]), target
+    except ValueError as exc:
+        raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
+                                      f"{bounded(str(exc), 300)}") from None
 
 
 def _unreadable(exc: BaseException) -> str:

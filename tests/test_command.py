@@ -340,3 +340,25 @@ def test_a_program_that_prints_without_end_costs_the_harness_only_the_end_of_it(
     with pytest.raises(CommandError, match=r"exited with status 3; stderr was empty; stdout:\n(.|\n)*the last line"):
         CommandLSTM(loud).forward(case.x, case.h0, case.c0, case.params)
     assert kept == [protocol.OUTPUT_TAIL]
+
+
+def test_a_stopped_call_stops_the_program_too(monkeypatch):
+    """Ctrl-C or SIGTERM while a program runs (in process): the program is killed, not waited for."""
+    import time
+
+    import harness.command_protocol as protocol
+
+    real_wait = subprocess.Popen.wait
+    waits: list[int] = []
+
+    def wait(self, timeout=None):
+        waits.append(1)
+        if len(waits) == 1:
+            raise KeyboardInterrupt  # what the harness's SIGTERM handler raises too (harness.api.Interrupted)
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        protocol._run([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert time.monotonic() - start < 20

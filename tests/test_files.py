@@ -136,3 +136,15 @@ def test_a_report_file_that_cannot_be_written_any_more_costs_that_file_only(tmp_
     assert any(line.startswith("error: the JUnit XML could not be written") for line in said)
     page = tmp_path / "index.html"
     assert not page.exists() or "Verdict: certified</h1>" not in page.read_text()
+
+
+def test_a_junit_path_is_told_apart_from_the_reports_own_files_however_it_is_spelled(tmp_path):
+    from harness.files import check_apart
+
+    report = tmp_path / "r"
+    report.mkdir()
+    (tmp_path / "link").symlink_to(report)
+    for spelled in (report / "x" / ".." / "report.json", tmp_path / "link" / "index.html", tmp_path / "link"):
+        with pytest.raises(ReportDirError, match="junit_xml: .* is where the report in"):
+            check_apart(spelled, report)
+    check_apart(tmp_path / "link" / "junit.xml", report)  # beside them: fine

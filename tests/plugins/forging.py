@@ -1,6 +1,8 @@
 """Wrong implementations (y doubled) that try to forge a pass: each hands the harness an object whose
 unpickling would run code in whichever process reads it. The code marks a file named by the environment
-variable LSTM_HARNESS_FORGERY_MARK with its process id and makes every failing record pass there."""
+variable LSTM_HARNESS_FORGERY_MARK with its process id and makes every failing record pass there;
+importing the file marks it too (without forging: a harness that imported it in its own process would
+run whatever the file's module code does)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,17 @@ def forged(self, *args, **kwargs):
         object.__setattr__(self, "status", "pass")
 records.Record.__init__ = forged
 '''
+
+
+def _mark_import() -> None:
+    """Importing this file marks the process it happens in (the harness must import it in a worker only)."""
+    mark = os.environ.get("LSTM_HARNESS_FORGERY_MARK")
+    if mark:
+        with open(mark, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+
+_mark_import()
 
 
 class Forgery:
@@ -61,20 +74,27 @@ class OnTheSocket(_Doubled):
 
 
 class InAGradientsName(_Doubled):
-    """Names its gradients with ForgedKey, and first undoes, in its worker, the copy of names into plain str."""
+    """Names its gradients with ForgedKey, and first undoes, in its worker, every copy of names into plain str."""
 
     name = "forges-in-a-gradients-name"
 
     def backward(self, dy, dh_T, dc_T, cache):
+        import harness.replies
         import harness.subject
 
-        harness.subject._name = lambda key: key
+        harness.subject._name = harness.replies.plain_text = lambda key: key
         return {ForgedKey(k): v for k, v in super().backward(dy, dh_T, dc_T, cache).items()}
 
 
 class InAnOutputsDtype(_Doubled):
+    """Hides the forgery in y's dtype, and first makes its worker send arrays as they are (pickled NumPy
+    objects) instead of as their dtype's name, shape and bytes."""
+
     name = "forges-in-an-outputs-dtype"
 
     def forward(self, x, h0, c0, params, lengths=None):
+        import harness.replies
+
+        harness.replies._encode_array = lambda a: a
         y, h, c, cache = super().forward(x, h0, c0, params, lengths)
         return y.astype(np.dtype(y.dtype, metadata={"forgery": Forgery()})), h, c, cache
