@@ -45,7 +45,7 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.quick_exit import run_then_exit
-from harness.replies import decode_execution, decode_info, encode_execution, encode_info, loads
+from harness.replies import Blob, decode_execution, decode_info, dumps, encode_execution, encode_info, loads
 from harness.structure import Structure
 from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
@@ -74,6 +74,10 @@ def default_memory_limit() -> int:
     except (ValueError, OSError, AttributeError):
         total = 16 * GIB
     return max(4 * GIB, total // 2)
+
+
+#: The most of the guard's status file read (it holds an exit status and a line of text).
+_GUARD_STATUS_BYTES = 4096
 
 
 @dataclass
@@ -225,20 +229,20 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
     try:
         impl, info, target = _load_in_worker(source)
     except LoadError as exc:
-        conn.send(("load-error", "load", bounded(str(exc)), [], ""))
+        _send(conn, ["load-error", "load", bounded(str(exc)), [], ""])
         return
     except ContractError as exc:
-        conn.send(("load-error", "contract", bounded(str(exc)), [bounded(str(p)) for p in exc.problems[:50]],
-                   bounded(str(exc.subject), 200)))
+        _send(conn, ["load-error", "contract", bounded(str(exc)), [bounded(str(p)) for p in exc.problems[:50]],
+                     bounded(str(exc.subject), 200)])
         return
     except BaseException as exc:  # noqa: BLE001 - anything the user's module does while loading
         text = bounded(f"loading the implementation raised {type(exc).__name__}: {exc}")
-        conn.send(("load-error", "load", text, [], ""))
+        _send(conn, ["load-error", "load", text, [], ""])
         return
     if memory_limit:
         _cap_memory(memory_limit)
     adapted: dict[Any, tuple[Any, ImplementationInfo]] = {}
-    conn.send(("ready", encode_info(info), target))
+    _send(conn, ["ready", encode_info(info), target])
     while True:
         try:
             message = conn.recv()
@@ -249,10 +253,10 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
         if message[0] == "adapt":
             problem = _adapt_into(adapted, impl, message[1])
             if problem:
-                conn.send(("adapt-error", problem))
+                _send(conn, ["adapt-error", problem])
             else:
                 _, wrapped_info = adapted[message[1]]
-                conn.send(("adapted", encode_info(wrapped_info)))
+                _send(conn, ["adapted", encode_info(wrapped_info)])
             continue
         if message[0] == "forward":
             _, meta, entries, size, key = message
@@ -260,8 +264,7 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                 problem = _adapt_into(adapted, impl, key)
                 if problem:
                     pending = None
-                    conn.send(("result", encode_execution(Execution(
-                        forward_error=f"adapting the implementation failed: {problem}"))))
+                    _send_result(conn, Execution(forward_error=f"adapting the implementation failed: {problem}"))
                     continue
             given = _SharedArrays.case_of(_SharedArrays.views(shared.map(size), entries), meta)
             case = given.copy()  # the worker's own check: the parent checks the shared arrays too
@@ -289,10 +292,20 @@ def _worker_main(conn: Any, payload: tuple[dict[str, Any], int | None, str, str]
                         execution = _exit_execution("backward", exc, None)
                         execution.forward_contract = None
         try:
-            conn.send(("result", encode_execution(execution)))
+            _send_result(conn, execution)
         except Exception as exc:  # e.g. MemoryError while encoding or pickling
-            conn.send(("result", encode_execution(Execution(
-                forward_error=f"the worker could not send the result back: {bounded(_unreadable(exc))}"))))
+            _send_result(conn, Execution(
+                forward_error=f"the worker could not send the result back: {bounded(_unreadable(exc))}"))
+
+
+def _send(conn: Any, message: Any, blob: Blob | None = None) -> None:
+    """A message to the harness, in the format it parses itself (:mod:`harness.replies`), never a pickle."""
+    conn.send_bytes(dumps(message, blob))
+
+
+def _send_result(conn: Any, execution: Execution) -> None:
+    blob = Blob()
+    _send(conn, ["result", encode_execution(execution, blob)], blob)
 
 
 def _adapt_into(adapted: dict[Any, tuple[Any, ImplementationInfo]], impl: Any, key: Any) -> str:
@@ -392,13 +405,20 @@ class ChildProcess:
         return str(self._guard_status().get("note", ""))
 
     def _guard_status(self) -> dict[str, Any]:
+        """What the guard wrote: {"exit": int, "note": str}, or {} when it wrote nothing readable. The file
+        is in /tmp, where the implementation can reach it: it is opened without following a link, read
+        up to a few KiB, and believed only with those types."""
         if not self._status_path:
             return {}
         try:
-            with open(self._status_path, encoding="utf-8") as fh:
-                return json.loads(fh.read() or "{}")
-        except (OSError, ValueError):
+            fd = os.open(self._status_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                status = json.loads(fh.read(_GUARD_STATUS_BYTES).decode("utf-8") or "{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        if type(status) is not dict:
+            return {}
+        return {k: v for k, v in status.items() if (k == "exit" and type(v) is int) or (k == "note" and type(v) is str)}
 
     def join(self, timeout: float) -> None:
         try:
@@ -554,7 +574,7 @@ class IsolatedSubject:
         while True:
             if parent.poll(0.05):
                 try:
-                    message = _receive(parent, _CONTROL_CAP)
+                    message, _ = _receive(parent, _CONTROL_CAP)
                 except ReplyTooLarge as exc:
                     self._kill()
                     raise WorkerLoadError("load", f"the worker process sent {exc}") from None
@@ -631,13 +651,13 @@ class IsolatedSubject:
         if key not in self._adapted:
             self._ensure()
             reply = self._request(("adapt", key), self.load_timeout, "adapting the implementation")
-            if type(reply) is tuple and len(reply) == 2 and reply[0] == "adapt-error" and type(reply[1]) is str:
+            if type(reply) is list and len(reply) == 2 and reply[0] == "adapt-error" and type(reply[1]) is str:
                 raise ValueError(reply[1])
             try:
-                if type(reply) is not tuple or len(reply) != 2 or reply[0] != "adapted":
-                    raise ValueError(f"expected ('adapted', description), got a {type(reply).__name__}")
+                if type(reply) is not list or len(reply) != 2 or reply[0] != "adapted":
+                    raise ValueError(f"expected ['adapted', description], got a {type(reply).__name__}")
                 self._adapted[key] = decode_info(reply[1])
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever the values make the checks raise
                 self._kill()
                 raise RuntimeError(f"adapting the implementation: the worker process sent an unexpected reply "
                                    f"({bounded(str(exc), 300)}); it was stopped") from None
@@ -653,7 +673,7 @@ class IsolatedSubject:
             conn.send(message)
             while not why:
                 if conn.poll(0.05):
-                    return _receive(conn, _CONTROL_CAP)
+                    return _receive(conn, _CONTROL_CAP)[0]
                 if not proc.is_alive() and not conn.poll(0):
                     why = f"the worker process died: {describe_exit(proc.exitcode)}"
                 elif deadline is not None and time.monotonic() > deadline:
@@ -743,17 +763,17 @@ class IsolatedSubject:
                 return self._died(phase, outputs, start)
             if ready:
                 try:
-                    message = _receive(conn, cap)
+                    message, arrays = _receive(conn, cap)
                 except ReplyTooLarge as exc:
                     return self._unreadable(phase, outputs, start, str(exc))
                 except (EOFError, OSError):
                     return self._died(phase, outputs, start)
                 except Exception as exc:  # e.g. an object this process cannot unpickle
                     return self._unreadable(phase, outputs, start, _unreadable(exc))
-                if type(message) is tuple and len(message) == 2 and message[0] == "result":
+                if type(message) is list and len(message) == 2 and message[0] == "result":
                     try:
-                        execution = decode_execution(message[1], phase)
-                    except ValueError as exc:
+                        execution = decode_execution(message[1], arrays, phase)
+                    except Exception as exc:  # noqa: BLE001 - whatever the values make the checks raise
                         return self._unreadable(phase, outputs, start, f"a result not as the worker makes it: "
                                                                        f"{bounded(str(exc), 300)}")
                     self._note_memory(execution)
@@ -826,9 +846,10 @@ class ReplyTooLarge(OSError):
     """A worker announced a reply over the cap; it was not read (and the connection is unusable)."""
 
 
-def _receive(conn: Connection, cap: int) -> Any:
-    """The next message on ``conn``, refused before it is read when it is over ``cap`` bytes, and refused
-    when it refers to anything but the plain data a worker sends (:mod:`harness.replies`)."""
+def _receive(conn: Connection, cap: int) -> tuple[Any, memoryview]:
+    """The next message on ``conn`` and the bytes of its arrays; refused before it is read when it is over
+    ``cap`` bytes, and refused (``ValueError``) when it is not in the format a worker writes
+    (:mod:`harness.replies`)."""
     try:
         data = conn.recv_bytes(cap)
     except OSError as exc:
@@ -836,7 +857,7 @@ def _receive(conn: Connection, cap: int) -> Any:
             raise ReplyTooLarge(f"a reply over the cap of {cap / 1024**2:.0f} MiB for this case, refused "
                                 f"unread") from None
         raise
-    return loads(data)  # plain data only: see harness.replies
+    return loads(data)  # JSON and bytes, never a pickle: see harness.replies
 
 
 def _texts(*values: Any) -> bool:
@@ -848,17 +869,17 @@ def _loaded(message: Any) -> tuple[ImplementationInfo, dict | None]:
     """What a worker said once it loaded the implementation: ("ready", description, target) -> the
     implementation's description and its target; ("load-error", kind, text, [problems], subject), or
     anything else, -> :class:`WorkerLoadError`."""
-    if type(message) is tuple and len(message) == 5 and message[0] == "load-error" \
+    if type(message) is list and len(message) == 5 and message[0] == "load-error" \
             and _texts(message[1], message[2], message[4]) and type(message[3]) is list and _texts(*message[3]):
         raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
     try:
-        if type(message) is not tuple or len(message) != 3 or message[0] != "ready":
-            raise ValueError(f"expected ('ready', description, target), got a {type(message).__name__}")
+        if type(message) is not list or len(message) != 3 or message[0] != "ready":
+            raise ValueError(f"expected ['ready', description, target], got a {type(message).__name__}")
         target = message[2]
         if target is not None and (type(target) is not dict or not _texts(*target, *target.values())):
             raise ValueError("target: expected texts by name")
         return decode_info(message[1]), target
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the values make the checks raise
         raise WorkerLoadError("load", f"the worker process sent an unexpected reply while loading: "
                                       f"{bounded(str(exc), 300)}") from None
 

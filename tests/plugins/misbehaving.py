@@ -400,17 +400,19 @@ class MutatesInputAndHidesIt(LoopLSTM):
 
 
 class FakesProgressAndHangs(LoopLSTM):
-    """Writes "backward has started" messages on the worker's own socket (its file descriptor is the
-    worker's first argument) every 0.2 s, and never returns."""
+    """Writes "backward has started" messages, in the format of the worker's replies, on the worker's own
+    socket (its file descriptor is the worker's first argument) every 0.2 s, and never returns."""
 
     name = "fakes-progress-and-hangs"
 
     def forward(self, x, h0, c0, params):
         from multiprocessing.connection import Connection
 
+        from harness.replies import dumps
+
         conn = Connection(os.dup(int(sys.argv[1])))
         while True:
-            conn.send(("phase", "backward", None))
+            conn.send_bytes(dumps(["phase", "backward", None]))
             time.sleep(0.2)
 
 
