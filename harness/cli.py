@@ -467,14 +467,14 @@ def _write_outputs(report: dict, args: argparse.Namespace) -> None:
     _print_files(paths, problems)
 
 
-def _run_selection(args: argparse.Namespace) -> list[str]:
-    """The TARGETs ``run`` checks: every available built-in, or those ``--impl`` names (a built-in's
-    name or any TARGET, loaded now so that one that cannot be loaded is a usage error before any check:
-    a TARGET of the user's in a worker process, as it will be checked, never in this one)."""
+def _run_selection(args: argparse.Namespace) -> dict[str, bool]:
+    """The TARGETs ``run`` checks, each with whether it runs in a worker process: every available built-in,
+    or those ``--impl`` names (a built-in's name, in process, or any TARGET of the user's, in a worker,
+    where it is loaded now too, so that one that cannot be loaded is a usage error before any check)."""
     from harness.isolation import IsolatedSubject, WorkerLoadError
 
     builtins = {e.name: e for e in registry.implementations()}
-    selected = []
+    selected: dict[str, bool] = {}
     for text in args.impl or list(builtins):
         entry = builtins.get(text)
         if entry is not None:
@@ -492,8 +492,8 @@ def _run_selection(args: argparse.Namespace) -> list[str]:
         if args.dtype and not set(args.dtype) & set(info.dtypes):
             print(f"{name}: skipped (declares {', '.join(info.dtypes)} only)", file=sys.stderr)
             continue
-        selected.append(target)
-    return list(dict.fromkeys(selected))
+        selected[target] = entry is None
+    return selected
 
 
 def _run_command(args: argparse.Namespace) -> object | None:
@@ -516,10 +516,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.plugins import LoadError
 
     program = _run_command(args)
-    targets: list[Any] = _run_selection(args) if args.impl or program is None else []
+    selection = _run_selection(args) if args.impl or program is None else {}
+    targets: list[Any] = list(selection)
+    isolated = list(selection.values())  # the built-ins in process (the main job's speed), the user's in a worker
     labels = list(targets)
     if program is not None:
         targets.append(program)
+        isolated.append(False)  # the harness's own code, running the program as a subprocess
         labels.append(getattr(program, "replay_arguments", args.command_line))
     if not targets:
         raise UsageError("nothing to check: no available implementation was selected")
@@ -531,10 +534,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ReportDirError as exc:
         raise UsageError(str(exc).replace("report directory:", "--report-dir:", 1).replace("junit_xml:", "--junit-xml:",
                                                                                             1)) from None
-    # The built-ins run in process (the main job's speed); a TARGET of the user's in a worker process with a
-    # timeout and a memory cap, as certify runs it: it cannot hang the run or change its verdict.
-    builtins = {e.name for e in registry.implementations()}
-    isolated = [isinstance(t, str) and t not in builtins for t in targets]
     interrupted = ""
     try:
         results = certify_many(targets, oracles=args.oracle, dtypes=args.dtype,

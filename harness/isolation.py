@@ -45,7 +45,7 @@ import numpy as np
 from harness.cases import Case
 from harness.contract import ContractError, ImplementationInfo, validate
 from harness.quick_exit import run_then_exit
-from harness.replies import Blob, decode_execution, decode_info, dumps, encode_execution, encode_info, loads
+from harness.replies import Blob, decode_execution, decode_info, dumps, encode_execution, encode_info, loads, texts
 from harness.structure import Structure
 from harness.subject import Execution, bounded, configured, merge_backward, run_backward, run_forward
 
@@ -860,23 +860,18 @@ def _receive(conn: Connection, cap: int) -> tuple[Any, memoryview]:
     return loads(data)  # JSON and bytes, never a pickle: see harness.replies
 
 
-def _texts(*values: Any) -> bool:
-    """Every value an exact ``str`` (what a worker's messages hold where the harness reads text)."""
-    return all(type(v) is str for v in values)
-
-
 def _loaded(message: Any) -> tuple[ImplementationInfo, dict | None]:
     """What a worker said once it loaded the implementation: ("ready", description, target) -> the
     implementation's description and its target; ("load-error", kind, text, [problems], subject), or
     anything else, -> :class:`WorkerLoadError`."""
     if type(message) is list and len(message) == 5 and message[0] == "load-error" \
-            and _texts(message[1], message[2], message[4]) and type(message[3]) is list and _texts(*message[3]):
+            and texts([message[1], message[2], message[4]]) and texts(message[3]):
         raise WorkerLoadError(message[1], message[2], message[3], message[4] or "implementation")
     try:
         if type(message) is not list or len(message) != 3 or message[0] != "ready":
             raise ValueError(f"expected ['ready', description, target], got a {type(message).__name__}")
         target = message[2]
-        if target is not None and (type(target) is not dict or not _texts(*target, *target.values())):
+        if target is not None and (type(target) is not dict or not texts([*target, *target.values()])):
             raise ValueError("target: expected texts by name")
         return decode_info(message[1]), target
     except Exception as exc:  # noqa: BLE001 - whatever the values make the checks raise

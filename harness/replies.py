@@ -24,10 +24,10 @@ import numpy as np
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ImplementationInfo
 from harness.limits import Limits
 from harness.structure import FEATURES, Structure
-from harness.subject import Execution
+from harness.subject import Execution, plain_text
 
 __all__ = ["Blob", "dumps", "loads", "encode_execution", "decode_execution", "encode_info", "decode_info",
-           "plain_text"]
+           "texts"]
 
 #: What every reply starts with: the format's name and version.
 MAGIC = b"LSTMH\x01"
@@ -64,11 +64,6 @@ def loads(data: bytes) -> tuple[Any, memoryview]:
     if size > len(data) - start:
         raise ValueError("its header runs past its end")
     return json.loads(data[start:start + size].decode("utf-8")), memoryview(data)[start + size:]
-
-
-def plain_text(value: Any) -> str:
-    """``value`` as an exact ``str`` (a ``str`` subclass such as ``numpy.str_`` or a ``StrEnum`` member copied)."""
-    return str.__str__(value if isinstance(value, str) else str(value))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +118,8 @@ def encode_execution(ex: Execution, blob: Blob) -> dict[str, Any]:
     }
 
 
-def _texts(value: Any) -> bool:
+def texts(value: Any) -> bool:
+    """Whether ``value`` is a list of exact ``str``: what a message holds where the harness reads text."""
     return type(value) is list and all(type(v) is str for v in value)
 
 
@@ -149,8 +145,8 @@ def decode_execution(data: Any, arrays: memoryview, phase: str) -> Execution:
     if phase == "forward" and forward is None and data["forward_error"] is None and data["forward_contract"] is None:
         raise ValueError("forward: neither outputs nor the error that stopped them")
     if type(data["backward_ran"]) is not bool or type(data["traceback"]) is not str \
-            or type(data["seconds"]) not in (int, float) or not _texts(data["mutated"]) \
-            or not _texts(data["not_computed"]):
+            or type(data["seconds"]) not in (int, float) or not texts(data["mutated"]) \
+            or not texts(data["not_computed"]):
         raise ValueError("backward_ran, traceback, seconds, mutated, not_computed: not of their types")
     return Execution(**{**data, "forward": forward, "gradients": grads, "seconds": float(data["seconds"])})
 
@@ -183,13 +179,13 @@ def decode_info(data: Any) -> ImplementationInfo:
     if type(data["name"]) is not str or type(data["variant"]) is not str or data["variant"] not in VARIANTS:
         raise ValueError("name, variant: not a text, or not a variant")
     dtypes = data["dtypes"]
-    if not _texts(dtypes) or not dtypes or not set(dtypes) <= set(DEFAULT_DTYPES):
+    if not texts(dtypes) or not dtypes or not set(dtypes) <= set(DEFAULT_DTYPES):
         raise ValueError(f"dtypes: expected some of {DEFAULT_DTYPES}")
     eps = data["ln_eps"]
     if type(eps) not in (int, float) or not math.isfinite(eps) or eps <= 0:
         raise ValueError("ln_eps: expected a positive finite float")
     limits = data["limits"]
-    if type(limits) is not dict or set(limits) != {"unchecked", "zero"} or not _texts(limits["zero"]) \
+    if type(limits) is not dict or set(limits) != {"unchecked", "zero"} or not texts(limits["zero"]) \
             or type(limits["unchecked"]) is not dict \
             or not all(type(k) is str and type(v) is str for k, v in limits["unchecked"].items()):
         raise ValueError("limits: expected the quantities held at zero and the unchecked ones with their reasons")
@@ -201,7 +197,7 @@ def decode_info(data: Any) -> ImplementationInfo:
     if problems:
         raise ValueError(f"structure: {'; '.join(problems)}")
     features = data["structures"]
-    if not _texts(features) or not set(features) <= set(FEATURES):
+    if not texts(features) or not set(features) <= set(FEATURES):
         raise ValueError(f"structures: expected features among {FEATURES}")
     flags = (data["has_backward"], data["configurable"], data["dtypes_declared"])
     if not all(type(f) is bool for f in flags):

@@ -109,11 +109,11 @@ def exits_raise() -> Iterator[None]:
         os._exit = real
 
 
-def _name(key: Any) -> str:
-    """A gradient's key as an exact ``str``: a ``str`` subclass (``numpy.str_``, or one made to be sent) or
-    whatever ``str()`` of another key returns is copied into a plain one, which is all a worker sends back
-    (:mod:`harness.replies`)."""
-    return str.__str__(key if isinstance(key, str) else str(key))
+def plain_text(value: Any) -> str:
+    """``value`` as an exact ``str``: a ``str`` subclass (``numpy.str_``, a ``StrEnum`` member, or one made
+    to be sent) or whatever ``str()`` of anything else returns is copied into a plain one, which is all a
+    worker sends back (:mod:`harness.replies`)."""
+    return str.__str__(value if isinstance(value, str) else str(value))
 
 
 def _called(call: str, problems: list[Any]) -> str:
@@ -253,8 +253,8 @@ def run_backward(impl: Any, case: Case, given: Case, result: Any, upstream: Case
         if not isinstance(grads, Mapping):
             out.backward_contract = f"backward: expected a dict of gradients by name, got {_describe(grads)}"
         else:
-            returned = {_name(k): v for k, v in grads.items() if v is not None}
-            out.not_computed = [_name(k) for k, v in grads.items() if v is None]
+            returned = {plain_text(k): v for k, v in grads.items() if v is not None}
+            out.not_computed = [plain_text(k) for k, v in grads.items() if v is None]
             gradients, problem = _arrays(returned.values(), [f"gradient {k!r}" for k in returned])
             if problem:
                 out.backward_contract = f"backward: {problem}"

@@ -344,3 +344,13 @@ def test_a_merged_reports_default_junit_path_is_named_by_the_option_given(tmp_pa
     assert main(["report", str(tmp_path / "a" / "report.json"), "-o", str(tmp_path / "notes.txt")]) == 2
     assert f"-o: expected a directory, got '{tmp_path / 'notes.txt'}', which is a file" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_run_keeps_the_built_ins_in_process_and_isolates_a_users_target():
+    """The main job's speed: the built-ins (selected by name, run by their TARGET) stay in process."""
+    import argparse
+
+    from harness.cli import _run_selection
+
+    chosen = _run_selection(argparse.Namespace(impl=["loop", f"{MISBEHAVING}:Correct"], dtype=None))
+    assert chosen == {"impls.loop:LoopLSTM": False, f"{MISBEHAVING}:Correct": True}

@@ -82,7 +82,7 @@ class InAGradientsName(_Doubled):
         import harness.replies
         import harness.subject
 
-        harness.subject._name = harness.replies.plain_text = lambda key: key
+        harness.subject.plain_text = harness.replies.plain_text = lambda key: key
         return {ForgedKey(k): v for k, v in super().backward(dy, dh_T, dc_T, cache).items()}
 
 
