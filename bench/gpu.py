@@ -12,10 +12,15 @@ device in the same process, one after the other.
 Rows:
 * ``cupy`` with its inputs already on the device: the comparison the target is stated for, since
   cuDNN's inputs are on the device too; ``cupy, NumPy inputs`` adds the host-to-device copies of
-  the contract path (inputs arrive as NumPy).
+  the contract path (inputs arrive as NumPy). Calls of one shape repeat, so from the second call on
+  their time loops replay as CUDA graphs, as in a training loop (``impls/gpu/launch.py``); the row
+  ``launched step by step`` turns the graphs off, which is what a shape's first call costs.
 * cuDNN in IEEE float32 (TF32 off), the same arithmetic as the CuPy GEMMs; and, for information,
   cuDNN with PyTorch's default, which lets cuDNN's RNNs use TF32 (10-bit mantissa inputs).
 * ``cupy-peephole`` and ``cupy-layernorm``, which cuDNN has no counterpart for.
+
+Below the table: the copies of one call's inputs to the device, staged through pinned memory against
+CuPy's own copies, and how many loops were launched, captured and replayed.
 
 Forward is the training forward (it keeps what the backward needs), forward+backward computes every
 gradient (dx, dh0, dc0 and the weights'). Targets: the CuPy forward+backward at most 1.0x cuDNN's
@@ -84,7 +89,23 @@ def _torch_timer(torch: Any) -> Callable[[Callable[[], Any]], float]:
     return measure
 
 
-def bench_cupy(impl: Any, case: Any, cupy: Any, *, device_inputs: bool, repeats: int, warmup: int) -> GpuRow:
+def bench_cupy(impl: Any, case: Any, cupy: Any, *, device_inputs: bool, repeats: int, warmup: int,
+               graphs: bool = True) -> GpuRow:
+    """``graphs=False`` launches every step from Python, as the first call of a shape does."""
+    from impls.gpu import launch
+
+    launcher = launch.launcher_for(cupy.empty(1))
+    kept, launcher.graphs = launcher.graphs, graphs
+    try:
+        row = _bench_cupy(impl, case, cupy, device_inputs=device_inputs, repeats=repeats, warmup=warmup)
+    finally:
+        launcher.graphs = kept
+    if not graphs:
+        row.note += ", launched step by step (a shape's first call)"
+    return row
+
+
+def _bench_cupy(impl: Any, case: Any, cupy: Any, *, device_inputs: bool, repeats: int, warmup: int) -> GpuRow:
     xp_in = (lambda a: cupy.asarray(a)) if device_inputs else (lambda a: a)
     x, h0, c0 = xp_in(case.x), xp_in(case.h0), xp_in(case.c0)
     params = {k: xp_in(v) for k, v in case.params.items()}
@@ -168,6 +189,8 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
     rows.append(bench_cupy(CupyLSTM(), cases["vanilla"], cupy, device_inputs=True, repeats=repeats, warmup=warmup))
     rows.append(bench_cupy(CupyLSTM(), cases["vanilla"], cupy, device_inputs=False, repeats=repeats,
                            warmup=warmup))
+    rows.append(bench_cupy(CupyLSTM(), cases["vanilla"], cupy, device_inputs=True, repeats=repeats, warmup=warmup,
+                           graphs=False))
     strict = None
     if torch is not None:
         strict = bench_cudnn(torch, cases["vanilla"], strict=True, repeats=repeats, warmup=warmup)
@@ -189,6 +212,7 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
     device = device.decode() if isinstance(device, bytes) else str(device)
     lines = [f"GPU benchmark at T={T} B={B} D={D} H={H} {dtype} on {device}; CUDA-event times, best of "
              f"{repeats} after {warmup} warm-up calls; FLOPs counted as in bench.common", "", body, ""]
+    lines += _upload_lines(cupy, cases["vanilla"], repeats=repeats, warmup=warmup)
     met = None
     if ref is None:
         lines.append(f"cuDNN rows skipped: {torch_why}; the target ratio was not measured")
@@ -204,6 +228,26 @@ def run(shape: tuple[int, int, int, int, str], *, repeats: int, warmup: int) -> 
             f"Target: with NumPy inputs at most {NUMPY_INPUTS_RATIO:g}x: {numpy_ratio:.2f}x: "
             f"{'MET' if numpy_ratio <= NUMPY_INPUTS_RATIO else 'NOT MET'}")
     return "\n".join(lines), met
+
+
+def _upload_lines(cupy: Any, case: Any, *, repeats: int, warmup: int) -> list[str]:
+    """The host-to-device copies of one call's inputs (forward's and backward's), staged through
+    pinned memory against CuPy's own copies; and how the time loops ran during the benchmark."""
+    from impls.gpu import launch, transfer
+
+    arrays = [case.x, case.h0, case.c0, *case.params.values(), case.dy, case.dh_T, case.dc_T]
+    measure = _cupy_timer(cupy)
+    staged = _best(measure, lambda: transfer.uploader().upload(arrays), repeats=repeats, warmup=warmup)
+    plain = _best(measure, lambda: [cupy.asarray(a) for a in arrays], repeats=repeats, warmup=warmup)
+    mb = sum(a.nbytes for a in arrays) / 1e6
+    launcher = launch.launcher_for(cupy.empty(1))
+    lines = [f"Copies of a call's inputs to the device ({mb:.1f} MB): staged through pinned memory "
+             f"{staged:.2f} ms ({mb / staged:.1f} GB/s), CuPy's own copies {plain:.2f} ms ({mb / plain:.1f} GB/s)",
+             f"Time loops in this run: {launcher.counts['launched']} launched step by step, "
+             f"{launcher.counts['captured']} captured as CUDA graphs, {launcher.counts['replayed']} graphs replayed"]
+    for why in launcher.refused.values():
+        lines.append(f"A loop could not be captured ({why}); it ran step by step")
+    return lines + [""]
 
 
 def _positive(text: str) -> int:

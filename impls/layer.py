@@ -21,7 +21,7 @@ valid step. Without lengths the whole batch is one such group.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,9 +162,12 @@ class LayeredLSTM:
         structure = self.structure
         if structure.is_default and lengths is None:
             check_inputs(self.variant, x, h0, c0, params)
-            return self.sequence_forward(x, h0, c0, params, check_dtype(self, x))
+            dtype = check_dtype(self, x)
+            x, h0, c0, params = self._inputs_on_device(x, h0, c0, params, dtype)
+            return self.sequence_forward(x, h0, c0, params, dtype)
         T, B, D, H = check_inputs(self.variant, x, h0, c0, params, structure=structure, lengths=lengths)
         dtype = check_dtype(self, x)
+        x, h0, c0, params = self._inputs_on_device(x, h0, c0, params, dtype)
         xp = self.namespace()
         params = {k: xp.asarray(v, dtype) for k, v in params.items()}
         full = np.full(B, T) if lengths is None else np.asarray(lengths)  # on the host: it only plans the groups
@@ -197,6 +200,7 @@ class LayeredLSTM:
         if not isinstance(cache, LayerCache):
             T, B, H = self.sequence_shape(cache)
             check_upstream(dy, dh_T, dc_T, T=T, B=B, H=H)
+            dy, dh_T, dc_T = self.on_device([dy, dh_T, dc_T])
             return self.sequence_backward(dy, dh_T, dc_T, cache)
         structure = cache.structure
         T, B, H = cache.T, cache.B, cache.H
@@ -204,6 +208,7 @@ class LayeredLSTM:
         n_cells = structure.num_layers * structure.dirs
         H_out = structure.h_out(H)
         dtype = cache.dtype
+        dy, dh_T, dc_T = self.on_device([dy, dh_T, dc_T], dtype)
         xp = self.namespace()
         dh_T = xp.asarray(dh_T, dtype).reshape(n_cells, B, H_out)
         dc_T = xp.asarray(dc_T, dtype).reshape(n_cells, B, H)
@@ -229,6 +234,16 @@ class LayeredLSTM:
 
     # ----------------------------------------------------------------------------------------------
     # One direction: the rows of each length as one shorter sequence.
+
+    def on_device(self, arrays: Sequence[Any], dtype: Any = None) -> list[Any]:
+        """The arrays where the algorithm runs, in ``dtype`` (None: each its own). Here as they come:
+        the algorithm converts each array where it reads it. The GPU versions upload all of a call's
+        inputs at once (``impls/gpu/transfer.py``)."""
+        return list(arrays)
+
+    def _inputs_on_device(self, x, h0, c0, params: Mapping[str, Any], dtype: np.dtype) -> tuple[Any, ...]:
+        x, h0, c0, *values = self.on_device([x, h0, c0, *params.values()], dtype)
+        return x, h0, c0, dict(zip(params, values))
 
     def namespace(self) -> Any:
         """The array namespace the layer loops run over: the implementation's ``xp`` (CuPy for the GPU

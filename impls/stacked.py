@@ -412,8 +412,8 @@ def stacked_backward(xp: Any, cell: Cell, dy, dh_T, dc_T, cache: StackedCache):
     H, H_out = c.shape[2], h.shape[2]
     dtype = x.dtype
     dy = xp.asarray(dy, dtype=dtype)
-    dh = xp.array(dh_T, dtype=dtype, copy=True)
-    dc = xp.array(dc_T, dtype=dtype, copy=True)
+    dh, dc = xp.empty(h.shape[1:], dtype), xp.empty(c.shape[1:], dtype)  # (B, H_out), (B, H): from xp.empty
+    dh[...], dc[...] = dh_T, dc_T
     da = xp.empty((T, B, 4 * H), dtype)  # gradients of the pre-activations, internal order
     G = cell.backward_buffers(xp, T, B, H, dtype)
     if cache.proj is None:

@@ -8,6 +8,10 @@ allocated before (its threshold rises after large blocks are freed): the same fo
 right after ``torch.nn.LSTM`` had run in the process and 42 ms in a process of its own. Reusing the
 buffers makes the stacked versions as fast in any process.
 
+The GPU versions keep their CuPy arrays in a workspace too, every array however small, for another
+reason: a buffer handed out the same way each call gives a repeated call the same device addresses,
+which is what lets its time loops be replayed as CUDA graphs (``impls/gpu/launch.py``).
+
 An array is free when nothing but the workspace refers to it: a forward's cache, an output the caller
 holds, a view of the array (whose ``base`` it is) each keep it taken, so a buffer is never handed out
 twice while in use. Only arrays of at least :data:`MIN_BYTES` are kept (smaller ones come from the
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Workspace", "PooledNumPy", "POOLED_NUMPY", "MIN_BYTES", "LIMIT_BYTES"]
+__all__ = ["Workspace", "Pooled", "POOLED_NUMPY", "MIN_BYTES", "LIMIT_BYTES"]
 
 #: Arrays smaller than this are allocated as usual.
 MIN_BYTES = 1 << 20
@@ -41,11 +46,17 @@ _ALONE = _references([np.empty(1)], 0)
 
 
 class Workspace:
-    """A pool of NumPy arrays by shape and dtype; :meth:`empty` is ``numpy.empty`` served from it."""
+    """A pool of arrays by shape and dtype; :meth:`empty` is ``numpy.empty`` served from it.
 
-    def __init__(self, *, limit_bytes: int = LIMIT_BYTES, min_bytes: int = MIN_BYTES):
+    ``allocate(shape, dtype)`` makes a new array (``numpy.empty``; ``cupy.empty`` for the GPU), and
+    ``place()``, when given, names where arrays live (the current device): arrays are kept apart by it.
+    """
+
+    def __init__(self, *, limit_bytes: int = LIMIT_BYTES, min_bytes: int = MIN_BYTES,
+                 allocate: Callable[..., Any] = np.empty, place: Callable[[], Hashable] | None = None):
         self.limit_bytes, self.min_bytes = limit_bytes, min_bytes
-        self._kept: dict[tuple[tuple[int, ...], np.dtype], list[Any]] = {}
+        self.allocate, self.place = allocate, place
+        self._kept: dict[tuple[Any, ...], list[Any]] = {}
         self._last_use: dict[int, int] = {}  # id(array) -> the tick it was last handed out
         self._tick = 0
         self._bytes = 0
@@ -56,7 +67,7 @@ class Workspace:
         """Bytes of the arrays the workspace holds, in use or free."""
         return self._bytes
 
-    def empty(self, shape: Any, dtype: Any = float) -> np.ndarray:
+    def empty(self, shape: Any, dtype: Any = float) -> Any:
         """An uninitialized array over memory of the workspace's that nothing else refers to, else new.
 
         It comes back as a view of the array the workspace keeps: what a caller does to the view itself
@@ -67,20 +78,20 @@ class Workspace:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if not self.min_bytes <= nbytes <= self.limit_bytes:
-            return np.empty(shape, dtype)
-        key = (shape, dtype)
+            return self.allocate(shape, dtype)
+        key = (shape, dtype) if self.place is None else (shape, dtype, self.place())
         with self._lock:
             self._tick += 1
             kept = self._kept.setdefault(key, [])
-            for i in range(len(kept)):
+            for i in range(len(kept)):  # the first free one: the same calls get the same arrays
                 if _references(kept, i) <= _ALONE:
-                    view = kept[i].view()
                     break
             else:
-                kept.append(np.empty(shape, dtype))
+                kept.append(self.allocate(shape, dtype))
                 self._bytes += nbytes
-                view = kept[-1].view()
-            self._last_use[id(view.base)] = self._tick
+                i = len(kept) - 1
+            view = kept[i].view()
+            self._last_use[id(kept[i])] = self._tick
             if self._bytes > self.limit_bytes:
                 self._evict()  # on every request while over the limit: arrays freed since can go now
             return view
@@ -107,34 +118,36 @@ class Workspace:
                 del self._kept[key]
 
 
-class PooledNumPy:
-    """NumPy as an array namespace, with ``empty`` served from a :class:`Workspace`.
+class Pooled:
+    """An array namespace (NumPy, or CuPy for the GPU) with ``empty`` served from a :class:`Workspace`.
 
-    The ``xp`` of the stacked NumPy versions: their algorithm allocates every buffer through
-    ``xp.empty``, so this is the one place that decides where the memory comes from.
+    The ``xp`` of the stacked versions: their algorithm allocates every buffer through ``xp.empty``,
+    so this is the one place that decides where the memory comes from.
     """
 
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
+    def __init__(self, workspace: Workspace, module: Any = np):
+        self.workspace, self.module = workspace, module
         self.empty = workspace.empty
+        self.__name__ = module.__name__
 
     def __getattr__(self, name: str) -> Any:
-        """NumPy's ``name``, kept as an attribute: a step of the algorithm makes a dozen ``xp.*`` calls,
-        and only the first of each name comes here."""
-        value = getattr(np, name)
+        """The module's ``name``, kept as an attribute: a step of the algorithm makes a dozen ``xp.*``
+        calls, and only the first of each name comes here."""
+        value = getattr(self.module, name)
         setattr(self, name, value)
         return value
 
-    def concatenate(self, arrays: Any, axis: int = 0) -> np.ndarray:
-        """``numpy.concatenate`` into an array of the workspace (the gate reorderings of W and R)."""
-        arrays = [np.asarray(a) for a in arrays]
+    def concatenate(self, arrays: Any, axis: int = 0) -> Any:
+        """``concatenate`` into an array of the workspace (the gate reorderings of W and R)."""
+        arrays = [self.module.asarray(a) for a in arrays]
         shape = list(arrays[0].shape)
         shape[axis] = sum(a.shape[axis] for a in arrays)
-        return np.concatenate(arrays, axis=axis, out=self.empty(shape, np.result_type(*arrays)))
+        out = self.empty(shape, np.result_type(*(a.dtype for a in arrays)))
+        return self.module.concatenate(arrays, axis=axis, out=out)
 
     def __repr__(self) -> str:
-        return f"PooledNumPy({self.workspace.kept_bytes >> 20} MiB kept)"
+        return f"Pooled({self.__name__}, {self.workspace.kept_bytes >> 20} MiB kept)"
 
 
 #: The namespace of the stacked NumPy versions, over one workspace for the process.
-POOLED_NUMPY = PooledNumPy(Workspace())
+POOLED_NUMPY = Pooled(Workspace())

@@ -21,7 +21,6 @@ every available oracle (cuDNN included) in both dtypes. The benchmark's tests ar
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -29,6 +28,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from impls.gpu import Kernel, Let, Load, Phase, Row, Store, Sum, launch
 from impls.layernorm import LayerNormCell, StackedLayerNormLSTM
 from impls.peephole import PeepholeCell, StackedPeepholeLSTM
 from impls.stacked import StackedLSTM, VanillaCell
+from impls.workspace import Pooled, Workspace
 from oracles.base import Oracle, Reference
 from oracles.finite_diff import FiniteDifferenceOracle
 
@@ -81,7 +82,10 @@ def forward_backward(impl, case):
 
 
 def assert_equals_numpy_twin_bit_for_bit(name, case, outputs, grads):
-    ref, want = forward_backward(NUMPY_TWIN[name](), case)
+    twin = NUMPY_TWIN[name]()
+    if hasattr(twin, "ln_eps"):
+        twin.ln_eps = case.ln_eps
+    ref, want = forward_backward(twin, case)
     for key, a, b in zip(("y", "h_T", "c_T"), outputs, ref):
         np.testing.assert_array_equal(a, b, err_msg=key)
     assert set(grads) == set(want)
@@ -586,7 +590,9 @@ class PointerLauncher:
     """
 
     def __init__(self):
-        self.bases: dict[int, np.ndarray] = {}  # start address -> the buffer a pointer was taken into
+        # start address -> the buffer a pointer was taken into; weak, as a device pointer does not
+        # keep memory in use (a workspace must be able to see the buffer free again)
+        self.bases: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self.kernel_calls = self.gemm_calls = 0
 
     def pointer(self, a):
@@ -598,8 +604,13 @@ class PointerLauncher:
         return a.ctypes.data
 
     def resolve(self, ptr, dtype):
-        for start, base in self.bases.items():
+        dtype = np.dtype(dtype)
+        for start, base in list(self.bases.items()):
             if start <= ptr < start + base.nbytes:
+                if base.dtype == np.uint8:  # an arena (ArenaNumPy): its arrays are typed views of bytes
+                    assert (ptr - start) % dtype.itemsize == 0
+                    rest = base.reshape(-1)[ptr - start:]
+                    return rest[:rest.size // dtype.itemsize * dtype.itemsize].view(dtype)
                 assert base.dtype == dtype and (ptr - start) % base.itemsize == 0
                 return base.reshape(-1)[(ptr - start) // base.itemsize:]
         raise AssertionError(f"pointer {ptr:#x} points into no buffer the loop took a pointer of")
@@ -624,8 +635,82 @@ class PointerLauncher:
 
         return g
 
-    def session(self):
-        return contextlib.nullcontext()
+    def run(self, key, loop):
+        hash(key)  # the key a graph would be kept under
+        loop()
+
+
+class GraphPointerLauncher(PointerLauncher):
+    """A PointerLauncher that replays loops as the GPU launcher does with CUDA graphs: a loop whose key
+    comes a second time is recorded (its calls are kept, nothing runs, as in a capture), and from then
+    on every loop with that key runs the record: the same calls with the same pointers, reading what
+    the buffers hold at the time."""
+
+    def __init__(self):
+        super().__init__()
+        self.graphs: dict = {}
+        self.seen: set = set()
+        self.recording: list | None = None
+        self.counts = {"launched": 0, "captured": 0, "replayed": 0}
+
+    def _recorded(self, call):
+        def fn(*args):
+            if self.recording is not None:
+                self.recording.append((call, args))
+            else:
+                call(*args)
+
+        return fn
+
+    def function(self, kernel, dtype):
+        return self._recorded(super().function(kernel, dtype))
+
+    def gemm(self, dtype, *, M, N, K):
+        return self._recorded(super().gemm(dtype, M=M, N=N, K=K))
+
+    def run(self, key, loop):
+        if key not in self.graphs and key in self.seen:
+            self.recording = []
+            loop()
+            self.graphs[key], self.recording = self.recording, None
+            self.counts["captured"] += 1
+        if key in self.graphs:
+            for call, args in self.graphs[key]:
+                call(*args)
+            self.counts["replayed"] += 1
+            return
+        self.seen.add(key)
+        loop()
+        self.counts["launched"] += 1
+
+
+class ArenaNumPy:
+    """NumPy as an array namespace whose new arrays all come from one arena, in the order they are
+    made: after :meth:`reset`, a call that makes the same arrays gets the same addresses again, as
+    CuPy's memory pool gives a repeated call the same buffers (what lets a graph be replayed)."""
+
+    def __init__(self, nbytes: int = 16 << 20):
+        self.arena = np.zeros(nbytes, np.uint8)
+        self.offset = 0
+
+    def reset(self):
+        self.offset = 0
+
+    def _placed(self, a):
+        if not isinstance(a, np.ndarray) or a.base is not None or a.dtype.hasobject:
+            return a  # a view (of the arena, or of the caller's data), or no array at all
+        start = -(-self.offset // 64) * 64
+        assert start + a.nbytes <= self.arena.size, "arena too small for this test"
+        out = self.arena[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        out[...] = a
+        self.offset = start + a.nbytes
+        return out
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if not callable(value) or isinstance(value, type):
+            return value
+        return lambda *args, **kwargs: self._placed(value(*args, **kwargs))
 
 
 @pytest.mark.parametrize("name", GPU_NAMES)
@@ -643,6 +728,151 @@ def test_pointer_loops_equal_the_numpy_twin_bit_for_bit(name, data):
         outputs, grads = forward_backward(impl, case)
     assert_equals_numpy_twin_bit_for_bit(name, case, outputs, grads)
     assert launcher.kernel_calls == launcher.gemm_calls == 2 * spec.T
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_loops_met_again_are_replayed_and_compute_what_a_direct_run_does(name):
+    """The GPU loops run through a stand-in that replays a loop as a CUDA graph once its key comes a
+    second time. Calls that meet the very same buffers replay (reading the new data there) and equal
+    the NumPy twin bit for bit; calls in the same buffers that differ in anything a launch depends
+    on (fewer steps, another batch size, another LayerNorm eps) must not replay an old graph, and
+    equal the twin too."""
+    impl, info = emulated(name)
+    impl.xp = arena = ArenaNumPy()
+    launcher = GraphPointerLauncher()
+    base = CaseSpec(variant=info.variant, dtype="float32", T=4, B=3, D=5, H=6, seed=0)
+    calls = [base.replace(seed=s) for s in (1, 2, 3)]  # the second is captured, the third replayed
+    calls += [base.replace(T=3, seed=4), base.replace(B=2, seed=5), base.replace(seed=6)]
+    if info.variant == "layernorm":
+        calls += [base.replace(seed=7, ln_eps=1e-2), base.replace(seed=8, ln_eps=1e-2)]
+    replayed = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "launcher_for", lambda a: launcher)
+        for spec in calls:
+            if hasattr(impl, "ln_eps"):
+                impl.ln_eps = spec.ln_eps
+            case = build_case(spec)
+            arena.reset()
+            before = launcher.counts["replayed"]
+            outputs, grads = forward_backward(impl, case)
+            replayed.append(launcher.counts["replayed"] - before)
+            assert_equals_numpy_twin_bit_for_bit(name, case, [np.array(a) for a in outputs],
+                                                 {k: np.array(v) for k, v in grads.items()})
+    # Forward and backward of each call: direct, then captured and replayed, then replayed; new steps,
+    # a new batch size: direct; the first shape again: replayed. A new eps changes the forward kernel's
+    # arguments (direct, then captured), not the backward's, which reads the saved statistics.
+    want = [0, 2, 2, 0, 0, 2] + ([1, 2] if info.variant == "layernorm" else [])
+    assert replayed == want
+    assert launcher.counts["captured"] == (3 if info.variant == "layernorm" else 2)
+
+
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_a_training_loop_over_the_workspace_replays_its_loops(name):
+    """On the GPU every array comes from a workspace that hands out the first free buffer of a shape.
+    In a training loop the last call's results (cache included) are still held while the next call
+    runs, so calls take turns with two sets of buffers, and after a few calls every loop replays.
+    Emulated here with the same workspace over NumPy and the replaying stand-in launcher; each call
+    equals the NumPy twin bit for bit."""
+    impl, info = emulated(name)
+    impl.xp = Pooled(Workspace(min_bytes=0))
+    launcher = GraphPointerLauncher()
+    case = build_case(CaseSpec(variant=info.variant, dtype="float64", T=5, B=3, D=4, H=6, seed=0))
+    replayed = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "launcher_for", lambda a: launcher)
+        for _ in range(16):
+            before = launcher.counts["replayed"]
+            y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+            grads = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+            replayed.append(launcher.counts["replayed"] - before)
+            assert_equals_numpy_twin_bit_for_bit(name, case, (y, h_T, c_T), grads)
+    assert replayed[:2] == [0, 0] and replayed[-4:] == [2, 2, 2, 2], replayed
+
+
+class OnDevice(np.ndarray):
+    """A NumPy array that stands for one on the device (QueuedDevice's)."""
+
+
+class QueuedDevice:
+    """Stands in for ``transfer.CupyDevice`` over NumPy. Copies to the device are queued, as on a
+    stream, and run only when an event after them is waited for (or at :meth:`synchronize`): an
+    uploader that wrote over its staging buffer while copies out of it were pending would deliver
+    the wrong bytes."""
+
+    def __init__(self):
+        self.queue: list = []
+        self.done = 0
+        self.copies = 0
+
+    def is_host(self, a):
+        return not isinstance(a, OnDevice)
+
+    def asarray(self, a, dtype):
+        return np.array(a, dtype=dtype).view(OnDevice)
+
+    def empty(self, shape, dtype):
+        return np.full(shape, np.nan, dtype).view(OnDevice)  # poisoned: every byte must be copied
+
+    def pointer(self, a):
+        return a.ctypes.data
+
+    def pinned(self, nbytes):
+        return np.zeros(nbytes, np.uint8)
+
+    def copy_async(self, dst, src, nbytes):
+        self.queue.append((dst, src, nbytes))
+        self.copies += 1
+
+    def record(self):
+        self.queue.append(None)
+        return len(self.queue)
+
+    def wait(self, event):
+        import ctypes
+
+        for dst, src, nbytes in filter(None, self.queue[self.done:event]):
+            ctypes.memmove(dst, src, nbytes)
+        self.done = max(self.done, event)
+
+    def synchronize(self):
+        self.wait(len(self.queue))
+
+
+def test_uploads_deliver_every_array_in_the_dtype_asked_for():
+    """Arrays of every kind (a cast from float64, a transposed view, 0-d, empty, many pieces, already
+    on the device) arrive equal, C-contiguous, in the dtype; a second upload waits for the copies
+    of the first before it reuses the buffer; the caller may change its arrays once upload returns."""
+    from impls.gpu.transfer import Uploader
+
+    rng = np.random.default_rng(0)
+    device = QueuedDevice()
+    uploader = Uploader(device, threads=3, piece_bytes=1000)
+    first = [rng.standard_normal((50, 7, 3)), rng.standard_normal((9, 40)).T, np.array(2.5), np.zeros((0, 4)),
+             rng.standard_normal(1).view(OnDevice)]
+    want_first = [np.array(a, dtype=np.float32) for a in first]
+    got_first = uploader.upload(first, np.float32)
+    for a in first[:2]:
+        a[...] = 7.0  # the caller's arrays change before the device has copied anything
+    second = [rng.standard_normal((30, 11)).astype(np.float32), rng.standard_normal(5).astype(np.float64)]
+    got_second = uploader.upload(second)  # each in its own dtype
+    device.synchronize()
+    # Pieces of whole rows, at most 1000 bytes: 4200 bytes in rows of 84 -> 5; 1440 in rows of 36 -> 2;
+    # the 0-d array 1, the empty one none; 1320 in rows of 44 -> 2; 40 bytes -> 1.
+    assert device.copies == 5 + 2 + 1 + 0 + 2 + 1
+    for got, want in zip(got_first + got_second, want_first + [a.copy() for a in second]):
+        assert isinstance(got, OnDevice) and got.flags.c_contiguous
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_uploads_too_large_to_stage_go_through_the_plain_copy():
+    from impls.gpu.transfer import Uploader
+
+    device = QueuedDevice()
+    a = np.arange(200.0)  # 800 bytes as float32
+    (got,) = Uploader(device, limit_bytes=512).upload([a], np.float32)
+    assert device.copies == 0
+    np.testing.assert_array_equal(got, a.astype(np.float32))
 
 
 def test_step_arguments_refuse_views_that_do_not_advance_by_a_fixed_stride():
@@ -903,3 +1133,91 @@ def test_gpu_layer_matches_finite_differences_and_its_numpy_twin(name, dtype, da
     records = check(impl, info, spec, oracles=(ORACLE, NumpyTwinOracle(name)))
     assert {r.status for r in records} == {"pass"}
     assert {r.oracle for r in records} == {ORACLE.name, NumpyTwinOracle(name).name}
+
+
+def _on_host(outputs, grads):
+    cupy = _cupy()
+    return [cupy.asnumpy(a) for a in outputs], {k: cupy.asnumpy(v) for k, v in grads.items()}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DEFAULT_DTYPES)
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_gpu_replayed_graphs_compute_what_direct_launches_do(name, dtype):
+    """Calls of one shape, one after another: a loop that meets buffers it met before (CuPy's memory
+    pool hands a repeated call buffers of an earlier one, though not always in the same order) is
+    captured as a CUDA graph and then replayed. Each call, on new data, equals the same call launched
+    step by step, bit for bit."""
+    impl, info = _on_device(name)
+    launcher = launch.launcher_for(_cupy().empty(1))
+    specs = [CaseSpec(variant=info.variant, dtype=dtype, T=7, B=5, D=9, H=70, seed=s) for s in range(12)]
+    before = dict(launcher.counts)
+    replayed = [_on_host(*forward_backward(impl, build_case(spec))) for spec in specs]
+    counts = {k: launcher.counts[k] - before[k] for k in before}
+    assert not launcher.refused, launcher.refused
+    assert counts["captured"] >= 2 and counts["replayed"] >= 4, counts  # forward and backward, met again
+    launcher.graphs = False
+    try:
+        replays = launcher.counts["replayed"]
+        direct = [_on_host(*forward_backward(impl, build_case(spec))) for spec in specs]
+        assert launcher.counts["replayed"] == replays  # launched step by step, every one
+    finally:
+        launcher.graphs = True
+    for spec, (outputs, grads), (want_outputs, want_grads) in zip(specs, replayed, direct):
+        for key, a, b in zip(("y", "h_T", "c_T"), outputs, want_outputs):
+            np.testing.assert_array_equal(a, b, err_msg=f"{key} seed={spec.seed}")
+        for key in want_grads:
+            np.testing.assert_array_equal(grads[key], want_grads[key], err_msg=f"d{key} seed={spec.seed}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_uploads_equal_cupy_copies():
+    """Through pinned memory in pieces: equal to CuPy's own copies, in the dtype asked for, and the
+    caller's arrays may change as soon as upload returns."""
+    from impls.gpu.transfer import CupyDevice, Uploader
+
+    cupy = _cupy()
+    rng = np.random.default_rng(1)
+    uploader = Uploader(CupyDevice(), piece_bytes=4096)
+    arrays = [rng.standard_normal((64, 33, 5)), rng.standard_normal((70, 20)).T, np.array(1.5), np.zeros((0, 3))]
+    want = [cupy.asarray(a, dtype=np.float32) for a in arrays]
+    got = uploader.upload(arrays, np.float32)
+    for a in arrays[:2]:
+        a[...] = -1.0
+    cupy.cuda.Device().synchronize()
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and g.flags.c_contiguous and g.shape == w.shape
+        np.testing.assert_array_equal(cupy.asnumpy(g), cupy.asnumpy(w))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_gpu_a_training_loop_replays_its_loops(name):
+    """The last call's results (its cache too) held while the next call runs, as in a training loop:
+    after a few calls every loop replays (the device workspace gives the calls two sets of buffers to
+    take turns with), and the last call equals a direct run bit for bit."""
+    impl, info = _on_device(name)
+    launcher = launch.launcher_for(_cupy().empty(1))
+    case = build_case(CaseSpec(variant=info.variant, dtype="float32", T=6, B=4, D=8, H=40, seed=3))
+    replayed = []
+    for _ in range(16):
+        before = launcher.counts["replayed"]
+        y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+        grads = impl.backward(case.dy, case.dh_T, case.dc_T, cache)
+        replayed.append(launcher.counts["replayed"] - before)
+    assert replayed[-4:] == [2, 2, 2, 2], replayed
+    got = _on_host((y, h_T, c_T), grads)
+    launcher.graphs = False
+    try:
+        replays = launcher.counts["replayed"]
+        want = _on_host(*forward_backward(impl, case))
+        assert launcher.counts["replayed"] == replays  # launched step by step
+    finally:
+        launcher.graphs = True
+    for a, b in zip(got[0], want[0]):
+        np.testing.assert_array_equal(a, b)
+    for key in want[1]:
+        np.testing.assert_array_equal(got[1][key], want[1][key], err_msg=key)

@@ -13,7 +13,7 @@ from harness.structure import Structure
 from impls.layernorm import StackedLayerNormLSTM
 from impls.peephole import StackedPeepholeLSTM
 from impls.stacked import StackedLSTM
-from impls.workspace import POOLED_NUMPY, PooledNumPy, Workspace
+from impls.workspace import POOLED_NUMPY, Pooled, Workspace
 from tests.structured import structured_case
 
 MiB = 1 << 20
@@ -118,7 +118,7 @@ def test_threads_never_share_an_array():
 
 
 def test_the_namespace_is_numpy_with_pooled_empty_and_concatenate():
-    xp = PooledNumPy(Workspace(min_bytes=MiB))
+    xp = Pooled(Workspace(min_bytes=MiB))
     assert xp.tanh is np.tanh and xp.matmul is np.matmul
     parts = [np.arange(MiB // 16, dtype=np.float64), np.ones(MiB // 16)]
     joined = xp.concatenate(parts)
@@ -156,7 +156,7 @@ def test_stacked_from_its_workspace_equals_plain_numpy_whatever_the_order_of_cal
     first, second = (structured_case(structure, variant=variant, dtype=dtype, T=6, B=3, D=4, H=5, seed=seed)
                      for seed in (1, 2))
     pooled, plain = STACKED[variant]().with_structure(structure), STACKED[variant]().with_structure(structure)
-    pooled.xp = PooledNumPy(PoisonedWorkspace())
+    pooled.xp = Pooled(PoisonedWorkspace())
     plain.xp = np
 
     def run(impl):
@@ -183,7 +183,7 @@ def test_an_output_the_caller_keeps_is_not_overwritten_by_the_next_call():
     spec = dict(variant="vanilla", dtype="float64", T=40, B=16, D=32, H=64)
     a, b = build_case(CaseSpec(**spec, seed=3)), build_case(CaseSpec(**spec, seed=4))
     impl = StackedLSTM()
-    impl.xp = PooledNumPy(Workspace(min_bytes=1 << 14))
+    impl.xp = Pooled(Workspace(min_bytes=1 << 14))
     y, *_ = impl.forward(a.x, a.h0, a.c0, a.params)
     kept = y.copy()
     for _ in range(3):

@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 
 from harness.contract import DEFAULT_LN_EPS
-from impls.gpu import launch
-from impls.gpu.availability import require_cupy
+from impls.gpu import launch, transfer
 from impls.gpu.emulator import check_buffer
 from impls.gpu.kernels import KERNELS
 from impls.gpu.language import Kernel, block_size
+from impls.gpu.memory import device_namespace
 from impls.layernorm import LayerNormCell
 from impls.peephole import PeepholeCell
 from impls.stacked import Cell, StackedLSTM, VanillaCell
@@ -21,6 +21,14 @@ __all__ = ["CupyLSTM", "CupyPeepholeLSTM", "CupyLayerNormLSTM", "FusedVanillaCel
 
 
 # --- Cells: one GEMM and one kernel per step ----------------------------------------------------
+
+
+def _copy(xp, a):
+    """``a`` as a new C-contiguous array from ``xp.empty``: on the GPU, from the device workspace, so
+    that a repeated call gets the same buffer (the pointer loops' graphs depend on it)."""
+    out = xp.empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 class _Fused(Cell):
@@ -50,9 +58,9 @@ class _Fused(Cell):
         return None  # the kernels take the pre-activations as they are
 
     def transposed(self, xp, a, scale=None):
-        out = xp.ascontiguousarray(a.T)  # one copy kernel on the GPU
+        out = _copy(xp, a.T)  # one copy kernel on the GPU
         if scale is not None:  # never for these cells (their input_scale is None)
-            out = out * scale  # a new array: ascontiguousarray may have returned a itself
+            out *= scale
         return out
 
     def forward_loop(self, xp, gates, rec, h, RT, c, S, P) -> None:
@@ -63,18 +71,21 @@ class _Fused(Cell):
         dtype = np.dtype(gates.dtype)
         for name, a in (("h", h), ("RT", RT), ("rec", rec)):
             check_buffer("forward GEMM", name, a, dtype)
-        args = launch.step_args(launcher, self.forward_kernel,
-                                lambda t: self.forward_arrays(t, gates[t], rec, c[t], c[t + 1], h[t + 1], S, P),
-                                T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
+        steps = launch.step_args(launcher, self.forward_kernel,
+                                 lambda t: self.forward_arrays(t, gates[t], rec, c[t], c[t + 1], h[t + 1], S, P),
+                                 T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
         kernel = launcher.function(self.forward_kernel, dtype)
         gemm = launcher.gemm(dtype, M=B, N=4 * H, K=H)  # rec = h_{t-1} @ R^T: (B, H) @ (H, 4H)
         h_ptr, h_step = launcher.pointer(h), B * H * dtype.itemsize
         RT_ptr, rec_ptr = launcher.pointer(RT), launcher.pointer(rec)
         grid, block = (B,), (block_size(H),)
-        with launcher.session():
+
+        def loop() -> None:
             for t in range(T):
                 gemm(h_ptr + t * h_step, RT_ptr, rec_ptr)
-                kernel(grid, block, args[t])
+                kernel(grid, block, steps[t])
+
+        launcher.run((self.forward_kernel.name, dtype.name, grid, block, steps, h_ptr, RT_ptr, rec_ptr), loop)
 
     def backward_loop(self, xp, dy, dh, dc, da, gates, c, R, S, G, P) -> None:
         launcher = launch.launcher_for(gates)
@@ -84,18 +95,21 @@ class _Fused(Cell):
         dtype = np.dtype(gates.dtype)
         for name, a in (("da", da), ("R", R), ("dh", dh)):
             check_buffer("backward GEMM", name, a, dtype)
-        args = launch.step_args(launcher, self.backward_kernel,
-                                lambda t: self.backward_arrays(t, dy[t], dh, dc, da[t], gates[t], c[t], S, G, P),
-                                T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
+        steps = launch.step_args(launcher, self.backward_kernel,
+                                 lambda t: self.backward_arrays(t, dy[t], dh, dc, da[t], gates[t], c[t], S, G, P),
+                                 T=T, B=B, H=H, dtype=dtype, scalars=self.kernel_scalars(P))
         kernel = launcher.function(self.backward_kernel, dtype)
         gemm = launcher.gemm(dtype, M=B, N=H, K=4 * H)  # dh = da_t @ R: (B, 4H) @ (4H, H)
         da_ptr, da_step = launcher.pointer(da), B * 4 * H * dtype.itemsize
         R_ptr, dh_ptr = launcher.pointer(R), launcher.pointer(dh)
         grid, block = (B,), (block_size(H),)
-        with launcher.session():
+
+        def loop() -> None:
             for t in reversed(range(T)):
-                kernel(grid, block, args[t])
+                kernel(grid, block, steps[t])
                 gemm(da_ptr + t * da_step, R_ptr, dh_ptr)
+
+        launcher.run((self.backward_kernel.name, dtype.name, grid, block, steps, da_ptr, R_ptr, dh_ptr), loop)
 
     def step(self, xp, t, a, rec, h_prev, RT, c_prev, c, h, S, P) -> None:
         xp.matmul(h_prev, RT, out=rec)  # (B, H) @ (H, 4H); the kernel adds it to a
@@ -143,7 +157,7 @@ class FusedLayerNormCell(_Fused, LayerNormCell):
 
     def prepare(self, xp, params, dtype, *, ln_eps):
         P = super().prepare(xp, params, dtype, ln_eps=ln_eps)
-        return {**P, "gamma": xp.ascontiguousarray(P["gamma"]), "beta": xp.ascontiguousarray(P["beta"])}
+        return {**P, "gamma": _copy(xp, P["gamma"]), "beta": _copy(xp, P["beta"])}
 
     def kernel_scalars(self, P):
         return {"eps": P["eps"]}
@@ -168,8 +182,9 @@ class CupyLSTM(StackedLSTM):
     ``stacked``). Not CIFG or cell clipping: they would change the fused kernels' gate math, so they
     are refused with that reason and the harness draws no case with them.
     Inputs are NumPy (or CuPy) arrays; outputs and gradients stay CuPy arrays (the harness converts
-    them). ``xp`` is CuPy, imported at first use; set ``impl.xp = numpy`` to run the very same code
-    with every kernel emulated by NumPy (what CI does, having no GPU).
+    them). ``xp`` is CuPy with its arrays from the device workspace (``impls/gpu/memory.py``), imported
+    at first use; set ``impl.xp = numpy`` to run the very same code with every kernel emulated by
+    NumPy (what CI does, having no GPU).
     """
 
     name = "cupy"
@@ -183,12 +198,19 @@ class CupyLSTM(StackedLSTM):
     @property
     def xp(self) -> Any:
         if self._xp is None:
-            self._xp = require_cupy()
+            self._xp = device_namespace()
         return self._xp
 
     @xp.setter
     def xp(self, value: Any) -> None:
         self._xp = value
+
+    def on_device(self, arrays, dtype=None):
+        """All of a call's NumPy inputs to the device at once, through pinned memory (``transfer.py``);
+        emulated (``xp`` NumPy), the arrays as they come."""
+        if getattr(self.xp, "__name__", None) != "cupy":
+            return super().on_device(arrays, dtype)
+        return transfer.uploader().upload(arrays, dtype)
 
     def sequence_backward(self, dy, dh_T, dc_T, cache):
         xp = self.xp

@@ -1,11 +1,16 @@
 """Launching the kernels: one at a time through CuPy (or the emulation for NumPy arrays), and whole
-time loops from a plan of device pointers with cuBLAS called on pointers."""
+time loops from a plan of device pointers with cuBLAS called on pointers, replayed as CUDA graphs
+when a loop comes again with the same arguments."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +19,7 @@ from impls.gpu.availability import require_cupy
 from impls.gpu.emulator import check_buffer, emulate
 from impls.gpu.language import CTYPES, Kernel, block_size, cuda_source
 
-__all__ = ["run_kernel", "launcher_for", "step_args"]
+__all__ = ["run_kernel", "launcher_for", "step_args", "Steps"]
 
 
 def _launch(kernel: Kernel, arrays: Mapping[str, Any], *, t: int, B: int, H: int,
@@ -60,34 +65,118 @@ def run_kernel(kernel: Kernel, arrays: Mapping[str, Any], *, t: int, B: int, H: 
 # --- Whole time loops on the GPU -----------------------------------------------------------------
 #
 # Per step the GPU work is small (at T=100, B=64, H=512 a step's GEMM and kernel take about 10 us
-# and 3 us on an H100), so Python's share decides the speed: slicing five views, building the
+# and 3 us on an H100), so the host's share decides the speed: slicing five views, building the
 # argument dict and converting the scalars cost more than the launches. The GPU loops therefore
 # compute every step's arguments before the loop, as raw device pointers, and call cuBLAS on
 # pointers directly; each step is then one GEMM call and one kernel call.
+#
+# Even so, two launches from Python a step take longer than the GPU needs for them, so the GPU
+# waits on the host. A loop met a second time with the very same arguments (the same shapes, the
+# same buffers: what a training loop or a benchmark does) is therefore captured as a CUDA graph and
+# replayed from then on: one launch for the whole loop, and no gaps between its kernels. The graph
+# launches exactly the kernels and GEMMs with exactly the arguments that launching them one by one
+# would, so a replay computes what a direct run computes; a loop whose capture fails runs directly.
+
+
+#: Values of the cuBLAS C enums used here (cublasOperation_t, cublasPointerMode_t, cublasMath_t).
+_OP_N = 0
+_POINTER_MODE_HOST = 0
+_DEFAULT_MATH = 0  # no TF32: a float32 GEMM is an IEEE float32 GEMM
+#: The workspace given to cuBLAS, as its documentation asks for work captured in graphs (32 MiB is
+#: what it recommends for Hopper; smaller GPUs need less).
+_CUBLAS_WORKSPACE_BYTES = 32 << 20
+
+
+def _loaded_library(prefix: str) -> str | None:
+    """The path of a shared library this process has loaded whose file name starts with ``prefix``."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(prefix):
+                    return parts[5].strip()
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def _cublas_library() -> ctypes.CDLL:
+    """The cuBLAS that CuPy loaded, through ctypes.
+
+    Why not CuPy's own wrapper: it sets the handle's stream before every call and refuses a stream
+    that is capturing a graph, so no GEMM called through it can be part of a CUDA graph. Opening the
+    very file CuPy loaded gives the same library (the dynamic loader keeps one copy per path).
+    """
+    cupy = require_cupy()
+    cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded cuBLAS
+    path = _loaded_library("libcublas.so")
+    if path is None:
+        path = f"libcublas.so.{cupy.cuda.runtime.runtimeGetVersion() // 1000}"
+    lib = ctypes.CDLL(path)
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    signatures = {
+        "cublasCreate_v2": [ctypes.POINTER(vp)],
+        "cublasSetStream_v2": [vp, vp],
+        "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
+        "cublasSetPointerMode_v2": [vp, i],
+        "cublasSetMathMode": [vp, i],
+        "cublasSgemm_v2": [vp, i, i, i, i, i, vp, vp, i, vp, i, vp, vp, i],
+        "cublasDgemm_v2": [vp, i, i, i, i, i, vp, vp, i, vp, i, vp, vp, i],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def _cublas_check(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuBLAS {name} failed with status {status}")
 
 
 class _CupyLauncher:
-    """Device pointers, the compiled kernels and cuBLAS on pointers, for the GPU time loops.
+    """Device pointers, the compiled kernels, cuBLAS on pointers and the graphs of the GPU time loops.
 
-    Tests stand in for it (``launcher_for``) with one that resolves pointers to NumPy buffers.
+    One per thread and device (:func:`launcher_for`): its cuBLAS handle, workspace and graphs are
+    its own. Tests stand in for it with one that resolves pointers to NumPy buffers.
     """
 
-    #: Values of the cuBLAS C enums used here (cublasOperation_t, cublasPointerMode_t, cublasMath_t).
-    OP_N = 0
-    POINTER_MODE_HOST = 0
-    DEFAULT_MATH = 0  # no TF32: a float32 GEMM is an IEEE float32 GEMM
+    #: Graphs kept (the least recently replayed goes first) and loops remembered as seen once.
+    GRAPHS, SEEN = 16, 256
 
     def __init__(self) -> None:
         self.cupy = require_cupy()
-        from cupy_backends.cuda.libs import cublas
-
-        self.cublas = cublas
+        self.lib = _cublas_library()
+        handle = ctypes.c_void_p()
+        _cublas_check("cublasCreate", self.lib.cublasCreate_v2(ctypes.byref(handle)))
+        self.handle = handle.value
+        _cublas_check("cublasSetPointerMode", self.lib.cublasSetPointerMode_v2(self.handle, _POINTER_MODE_HOST))
+        _cublas_check("cublasSetMathMode", self.lib.cublasSetMathMode(self.handle, _DEFAULT_MATH))
+        self.workspace = self.cupy.empty(_CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)
+        self._stream: int | None = None  # the stream the handle works on
+        self.capture_stream = self.cupy.cuda.Stream(non_blocking=True)
+        #: Whether loops met twice are captured and replayed as graphs; when False every loop runs step
+        #: by step, those already captured too (``LSTM_HARNESS_CUDA_GRAPHS=0`` sets it False).
+        self.graphs = os.environ.get("LSTM_HARNESS_CUDA_GRAPHS", "1") != "0"
+        self._graphs: OrderedDict[Any, Any] = OrderedDict()
+        self._seen: OrderedDict[Any, None] = OrderedDict()
+        self.refused: dict[Any, str] = {}  # loops whose capture failed -> why; they run directly
+        self.counts = {"launched": 0, "captured": 0, "replayed": 0}
 
     def pointer(self, a: Any) -> int:
         return int(a.data.ptr)
 
     def function(self, kernel: Kernel, dtype: np.dtype) -> Any:
         return _function(kernel, np.dtype(dtype))
+
+    def _bind(self, stream: int) -> None:
+        """Point the handle at ``stream``. Setting a stream resets cuBLAS's workspace, so give it again."""
+        if stream != self._stream:
+            _cublas_check("cublasSetStream", self.lib.cublasSetStream_v2(self.handle, stream))
+            _cublas_check("cublasSetWorkspace", self.lib.cublasSetWorkspace_v2(
+                self.handle, self.workspace.data.ptr, self.workspace.nbytes))
+            self._stream = stream
 
     def gemm(self, dtype: np.dtype, *, M: int, N: int, K: int) -> Any:
         """g(a, b, c) computes C (M, N) = A (M, K) @ B (K, N), C-contiguous operands given by pointer.
@@ -96,42 +185,97 @@ class _CupyLauncher:
         call computes C^T = B^T A^T: m=N, n=M, with B first.
         """
         dtype = np.dtype(dtype)
-        routine = {"float32": self.cublas.sgemm, "float64": self.cublas.dgemm}[dtype.name]
-        handle = self.cupy.cuda.device.get_cublas_handle()
+        name = {"float32": "cublasSgemm_v2", "float64": "cublasDgemm_v2"}[dtype.name]
+        routine, handle = getattr(self.lib, name), self.handle
         one, zero = np.ones(1, dtype), np.zeros(1, dtype)  # host scalars (pointer mode host)
-        alpha, beta, op = one.ctypes.data, zero.ctypes.data, self.OP_N
+        alpha, beta, op = one.ctypes.data, zero.ctypes.data, _OP_N
 
         def g(a: int, b: int, c: int, _keep: Any = (one, zero)) -> None:
-            routine(handle, op, op, N, M, K, alpha, b, N, a, K, beta, c, N)
+            status = routine(handle, op, op, N, M, K, alpha, b, N, a, K, beta, c, N)
+            if status:
+                _cublas_check(name, status)
 
         return g
 
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        """Host pointer mode and no TF32 on CuPy's cuBLAS handle for the loop; restored after."""
-        cublas, handle = self.cublas, self.cupy.cuda.device.get_cublas_handle()
-        pointer_mode, math_mode = cublas.getPointerMode(handle), cublas.getMathMode(handle)
-        cublas.setPointerMode(handle, self.POINTER_MODE_HOST)
-        cublas.setMathMode(handle, self.DEFAULT_MATH)
+    def run(self, key: Any, loop: Callable[[], None]) -> None:
+        """Run ``loop`` (a time loop's launches) on the current stream; from the second time the same
+        ``key`` comes, as a replayed CUDA graph. ``key`` must hold everything the launches depend on:
+        the kernels, shapes, pointers and scalars."""
+        stream = self.cupy.cuda.get_current_stream()
+        graph = self._graphs.get(key) if self.graphs else None
+        if graph is None and self.graphs and key in self._seen and key not in self.refused:
+            graph = self._capture(key, loop)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            graph.launch(stream)
+            self.counts["replayed"] += 1
+            return
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.SEEN:
+            self._seen.popitem(last=False)
+        self._bind(stream.ptr)
+        loop()
+        self.counts["launched"] += 1
+
+    def _capture(self, key: Any, loop: Callable[[], None]) -> Any:
+        """The loop captured as an instantiated graph (nothing runs yet), or None if capture failed."""
+        stream = self.capture_stream
+        self._bind(stream.ptr)
         try:
-            yield
-        finally:
-            cublas.setPointerMode(handle, pointer_mode)
-            cublas.setMathMode(handle, math_mode)
+            with stream:
+                stream.begin_capture()
+                try:
+                    loop()
+                finally:
+                    graph = stream.end_capture()
+        except Exception as exc:  # capture refused (a driver or library that cannot): run directly
+            self.refused[key] = f"{type(exc).__name__}: {exc}"
+            return None
+        self._graphs[key] = graph
+        while len(self._graphs) > self.GRAPHS:
+            self._graphs.popitem(last=False)
+        self.counts["captured"] += 1
+        return graph
 
 
-@functools.cache
-def _cupy_launcher() -> _CupyLauncher:
-    return _CupyLauncher()
+_launchers: dict[tuple[int, int], _CupyLauncher] = {}
 
 
 def launcher_for(a: Any) -> Any:
-    """The launcher for arrays like ``a``: None for NumPy arrays (the loops then emulate step by step)."""
-    return None if isinstance(a, np.ndarray) else _cupy_launcher()
+    """The launcher for arrays like ``a``: None for NumPy arrays (the loops then emulate step by step),
+    else the one of this thread and the current device."""
+    if isinstance(a, np.ndarray):
+        return None
+    key = (threading.get_ident(), int(require_cupy().cuda.Device().id))
+    launcher = _launchers.get(key)
+    if launcher is None:
+        launcher = _launchers[key] = _CupyLauncher()
+    return launcher
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A kernel's arguments at each step t < ``count`` of a time loop, in the order of its C signature:
+    the pointers start at ``first`` and advance by ``strides`` a step, then t and ``tail`` (B, H and
+    the kernel's scalars). Hashable: it is part of the key a loop's graph is kept under."""
+
+    first: tuple[int, ...]
+    strides: tuple[int, ...]
+    tail: tuple[Any, ...]
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, t: int) -> tuple[Any, ...]:
+        if not 0 <= t < self.count:
+            raise IndexError(f"step {t} of {self.count}")
+        return (*(p + t * d for p, d in zip(self.first, self.strides)), np.int64(t), *self.tail)
 
 
 def step_args(launcher: Any, kernel: Kernel, arrays_at: Any, *, T: int, B: int, H: int, dtype: np.dtype,
-               scalars: Mapping[str, float]) -> list[tuple[Any, ...]]:
+              scalars: Mapping[str, float]) -> Steps:
     """The kernel's arguments for each step t < T, in the order of its C signature.
 
     ``arrays_at(t)`` gives the kernel's arrays at step t. Each is either one buffer at every step
@@ -152,7 +296,7 @@ def step_args(launcher: Any, kernel: Kernel, arrays_at: Any, *, T: int, B: int, 
         if last != [a + (T - 1) * d for a, d in zip(p0, strides)]:
             raise ValueError(f"{kernel.name}: the per-step arrays do not advance by a fixed stride")
     tail = (np.int64(B), np.int64(H), *(dtype.type(scalars[s]) for s in kernel.scalars))
-    return [(*(a + t * d for a, d in zip(p0, strides)), np.int64(t), *tail) for t in range(T)]
+    return Steps(tuple(p0), tuple(strides), tail, T)
 
 
 # --- The kernels ----------------------------------------------------------------------------------
