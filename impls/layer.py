@@ -155,6 +155,10 @@ class LayeredLSTM:
         """(T, B, H) of a default-structure cache, for checking backward's upstream gradients."""
         raise NotImplementedError
 
+    def sequence_dtype(self, cache: Any) -> np.dtype | None:
+        """The dtype of a default-structure cache's forward (None: not known here)."""
+        return None
+
     # ----------------------------------------------------------------------------------------------
     # The contract's forward and backward
 
@@ -200,7 +204,7 @@ class LayeredLSTM:
         if not isinstance(cache, LayerCache):
             T, B, H = self.sequence_shape(cache)
             check_upstream(dy, dh_T, dc_T, T=T, B=B, H=H)
-            dy, dh_T, dc_T = self.on_device([dy, dh_T, dc_T])
+            dy, dh_T, dc_T = self.on_device([dy, dh_T, dc_T], self.sequence_dtype(cache))
             return self.sequence_backward(dy, dh_T, dc_T, cache)
         structure = cache.structure
         T, B, H = cache.T, cache.B, cache.H

@@ -472,5 +472,8 @@ class StackedLSTM(LayeredLSTM):
         T, B, _ = cache.x.shape
         return T, B, cache.c.shape[2]
 
+    def sequence_dtype(self, cache):
+        return cache.x.dtype
+
     def sequence_backward(self, dy, dh_T, dc_T, cache):
         return stacked_backward(self.xp, self._cell(), dy, dh_T, dc_T, cache)

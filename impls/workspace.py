@@ -49,7 +49,8 @@ class Workspace:
     """A pool of arrays by shape and dtype; :meth:`empty` is ``numpy.empty`` served from it.
 
     ``allocate(shape, dtype)`` makes a new array (``numpy.empty``; ``cupy.empty`` for the GPU), and
-    ``place()``, when given, names where arrays live (the current device): arrays are kept apart by it.
+    ``place()``, when given, names where arrays live (for the GPU: the device, the stream and the
+    thread): arrays are kept apart by it.
     """
 
     def __init__(self, *, limit_bytes: int = LIMIT_BYTES, min_bytes: int = MIN_BYTES,
@@ -84,7 +85,7 @@ class Workspace:
             self._tick += 1
             kept = self._kept.setdefault(key, [])
             for i in range(len(kept)):  # the first free one: the same calls get the same arrays
-                if _references(kept, i) <= _ALONE:
+                if self._free(kept, i):
                     break
             else:
                 kept.append(self.allocate(shape, dtype))
@@ -96,10 +97,13 @@ class Workspace:
                 self._evict()  # on every request while over the limit: arrays freed since can go now
             return view
 
+    def _free(self, kept: list[Any], i: int) -> bool:
+        return _references(kept, i) <= _ALONE
+
     def _evict(self) -> None:
         """Drop free arrays, least recently used first, until the workspace is within its limit."""
         free = [(self._last_use[id(kept[i])], key, i) for key, kept in self._kept.items()
-                for i in range(len(kept)) if _references(kept, i) <= _ALONE]
+                for i in range(len(kept)) if self._free(kept, i)]
         dropped: dict[tuple[Any, ...], set[int]] = {}
         excess = self._bytes - self.limit_bytes
         for _, key, i in sorted(free, key=lambda entry: entry[0]):

@@ -640,18 +640,16 @@ class PointerLauncher:
         loop()
 
 
-class GraphPointerLauncher(PointerLauncher):
-    """A PointerLauncher that replays loops as the GPU launcher does with CUDA graphs: a loop whose key
-    comes a second time is recorded (its calls are kept, nothing runs, as in a capture), and from then
-    on every loop with that key runs the record: the same calls with the same pointers, reading what
-    the buffers hold at the time."""
+class GraphPointerLauncher(PointerLauncher, launch.GraphCache):
+    """A PointerLauncher that replays loops by the GPU launcher's own policy (``launch.GraphCache``),
+    with a stand-in for CUDA graphs: a capture records the loop's calls (nothing runs, as in a CUDA
+    capture), and a replay runs the record: the same calls with the same pointers, reading what the
+    buffers hold at the time."""
 
     def __init__(self):
-        super().__init__()
-        self.graphs: dict = {}
-        self.seen: set = set()
+        PointerLauncher.__init__(self)
+        launch.GraphCache.__init__(self)
         self.recording: list | None = None
-        self.counts = {"launched": 0, "captured": 0, "replayed": 0}
 
     def _recorded(self, call):
         def fn(*args):
@@ -668,20 +666,61 @@ class GraphPointerLauncher(PointerLauncher):
     def gemm(self, dtype, *, M, N, K):
         return self._recorded(super().gemm(dtype, M=M, N=N, K=K))
 
-    def run(self, key, loop):
-        if key not in self.graphs and key in self.seen:
-            self.recording = []
-            loop()
-            self.graphs[key], self.recording = self.recording, None
-            self.counts["captured"] += 1
-        if key in self.graphs:
-            for call, args in self.graphs[key]:
-                call(*args)
-            self.counts["replayed"] += 1
-            return
-        self.seen.add(key)
+    run = launch.GraphCache.run
+
+    def direct(self, loop):
         loop()
-        self.counts["launched"] += 1
+
+    def capture(self, loop):
+        self.recording = []
+        try:
+            loop()
+            return self.recording
+        finally:
+            self.recording = None
+
+    def replay(self, graph):
+        for call, args in graph:
+            call(*args)
+
+
+class RefusingLauncher(GraphPointerLauncher):
+    """Its captures fail, as on a driver that cannot capture."""
+
+    def capture(self, loop):
+        raise RuntimeError("capture refused")
+
+
+def _loop_calls(launcher, key, log, tag):
+    launcher.run(key, lambda: log.append(tag))
+
+
+def test_graph_policy_direct_then_captured_then_replayed_and_a_refused_capture_runs_directly():
+    """The launcher's policy itself (launch.GraphCache), with stand-ins for CUDA."""
+    launcher, log = GraphPointerLauncher(), []
+    for _ in range(3):
+        _loop_calls(launcher, "a", log, "a")
+    assert log == ["a", "a"]  # direct, then captured (the recording ran nothing), replayed, replayed
+    assert launcher.counts == {"launched": 1, "captured": 1, "replayed": 2}
+    launcher.graphs = False
+    _loop_calls(launcher, "a", log, "a")  # turned off: step by step, the graph kept aside
+    assert log == ["a", "a", "a"] and launcher.counts["replayed"] == 2
+    refusing, log = RefusingLauncher(), []
+    for _ in range(4):
+        _loop_calls(refusing, "b", log, "b")
+    assert log == ["b"] * 4 and refusing.counts == {"launched": 4, "captured": 0, "replayed": 0}
+    assert refusing.refused == {"b": "RuntimeError: capture refused"}  # tried once, not again
+
+
+def test_graph_policy_keeps_the_most_recently_replayed_graphs():
+    launcher, log = GraphPointerLauncher(), []
+    launcher.GRAPHS = 2
+    for key in ("a", "b", "c"):
+        for _ in range(2):
+            _loop_calls(launcher, key, log, key)
+    assert list(launcher._graphs) == ["b", "c"]
+    _loop_calls(launcher, "a", log, "a")  # its graph was dropped, but it is still known as seen: captured again
+    assert launcher.counts["captured"] == 4 and list(launcher._graphs) == ["c", "a"]
 
 
 class ArenaNumPy:
@@ -863,6 +902,33 @@ def test_uploads_deliver_every_array_in_the_dtype_asked_for():
         assert isinstance(got, OnDevice) and got.flags.c_contiguous
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_upload_that_fails_leaves_the_next_one_whole():
+    """A piece that cannot be staged (an object array) fails the upload; no thread may still be writing
+    into the buffer, and the copies already issued must be done, when the next upload reuses it."""
+    import time
+
+    from impls.gpu.transfer import Uploader
+
+    class SlowFloat:
+        def __float__(self):
+            time.sleep(0.001)
+            return 7.0
+
+    rng = np.random.default_rng(2)
+    device = QueuedDevice()
+    uploader = Uploader(device, threads=2, piece_bytes=256)
+    bad = np.array([object()] * 40, dtype=object)  # one piece, fails at once
+    slow = np.array([[SlowFloat() for _ in range(300)]], dtype=object)  # one piece (one row), staged for 0.3 s
+    with pytest.raises(TypeError):
+        uploader.upload([bad, slow], np.float32)
+    good = [rng.standard_normal((30, 9)), np.zeros((5, 0))]  # staged in the same buffer, where `slow` was
+    got = uploader.upload(good, np.float32)
+    time.sleep(0.5)  # the device copies later, as a busy GPU does
+    device.synchronize()
+    np.testing.assert_array_equal(got[0], good[0].astype(np.float32))
+    assert got[1].shape == (5, 0)
 
 
 def test_uploads_too_large_to_stage_go_through_the_plain_copy():
@@ -1221,3 +1287,31 @@ def test_gpu_a_training_loop_replays_its_loops(name):
         np.testing.assert_array_equal(a, b)
     for key in want[1]:
         np.testing.assert_array_equal(got[1][key], want[1][key], err_msg=key)
+
+
+def _y_pointer_after_dropping(impl, case, keep=None):
+    """The address of y of a forward of ``case``; every result dropped but what ``keep(y)`` returns."""
+    y, h_T, c_T, cache = impl.forward(case.x, case.h0, case.c0, case.params)
+    kept = keep(y) if keep else None
+    return int(y.data.ptr), kept
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_the_workspace_reuses_buffers_on_one_stream_only():
+    """A dropped result's buffer goes to the next call on the same stream, never to a call on another
+    stream (work queued on the first may still use it)."""
+    cupy = _cupy()
+    impl, info = _on_device("cupy")
+    case = build_case(CaseSpec(variant="vanilla", dtype="float32", T=5, B=3, D=4, H=16, seed=4))
+    s1, s2 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    with s1:
+        first, _ = _y_pointer_after_dropping(impl, case)
+        again, _ = _y_pointer_after_dropping(impl, case)
+    with s2:
+        other, _ = _y_pointer_after_dropping(impl, case)
+        y2, *_ = impl.forward(case.x, case.h0, case.c0, case.params)
+        got = cupy.asnumpy(y2)
+    assert first == again and other != first
+    want = cupy.asnumpy(impl.forward(case.x, case.h0, case.c0, case.params)[0])
+    np.testing.assert_array_equal(got, want)

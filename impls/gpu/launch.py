@@ -8,6 +8,7 @@ import ctypes
 import functools
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from impls.gpu.availability import require_cupy
 from impls.gpu.emulator import check_buffer, emulate
 from impls.gpu.language import CTYPES, Kernel, block_size, cuda_source
 
-__all__ = ["run_kernel", "launcher_for", "step_args", "Steps"]
+__all__ = ["run_kernel", "launcher_for", "step_args", "Steps", "GraphCache"]
 
 
 def _launch(kernel: Kernel, arrays: Mapping[str, Any], *, t: int, B: int, H: int,
@@ -102,11 +103,13 @@ def _loaded_library(prefix: str) -> str | None:
 
 @functools.cache
 def _cublas_library() -> ctypes.CDLL:
-    """The cuBLAS that CuPy loaded, through ctypes.
+    """cuBLAS through ctypes: the first ``libcublas.so*`` this process has loaded (CuPy loads one
+    before), else the one of CuPy's CUDA major version by name.
 
     Why not CuPy's own wrapper: it sets the handle's stream before every call and refuses a stream
-    that is capturing a graph, so no GEMM called through it can be part of a CUDA graph. Opening the
-    very file CuPy loaded gives the same library (the dynamic loader keeps one copy per path).
+    that is capturing a graph, so no GEMM called through it can be part of a CUDA graph. The
+    launcher makes its own handle from this library, and streams and device pointers are the CUDA
+    driver's, the same for any copy of cuBLAS in the process.
     """
     cupy = require_cupy()
     cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded cuBLAS
@@ -117,6 +120,7 @@ def _cublas_library() -> ctypes.CDLL:
     vp, i = ctypes.c_void_p, ctypes.c_int
     signatures = {
         "cublasCreate_v2": [ctypes.POINTER(vp)],
+        "cublasDestroy_v2": [vp],
         "cublasSetStream_v2": [vp, vp],
         "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
         "cublasSetPointerMode_v2": [vp, i],
@@ -135,34 +139,90 @@ def _cublas_check(name: str, status: int) -> None:
         raise RuntimeError(f"cuBLAS {name} failed with status {status}")
 
 
-class _CupyLauncher:
-    """Device pointers, the compiled kernels, cuBLAS on pointers and the graphs of the GPU time loops.
+class GraphCache:
+    """When a time loop runs step by step, is captured as a CUDA graph, or replays one: the launcher's
+    policy, apart from CUDA (the methods :meth:`direct`, :meth:`capture` and :meth:`replay` do the
+    work), so that tests run this very code with stand-ins for them.
 
-    One per thread and device (:func:`launcher_for`): its cuBLAS handle, workspace and graphs are
-    its own. Tests stand in for it with one that resolves pointers to NumPy buffers.
+    A loop runs step by step the first time its key comes; the second time it is captured and the
+    graph launched; from then on the graph is replayed. A capture that fails is remembered, and that
+    loop runs step by step from then on. ``graphs = False`` runs every loop step by step.
     """
 
-    #: Graphs kept (the least recently replayed goes first) and loops remembered as seen once.
+    #: Graphs kept (the least recently replayed goes first), and keys remembered as seen or refused.
     GRAPHS, SEEN = 16, 256
 
     def __init__(self) -> None:
-        self.cupy = require_cupy()
-        self.lib = _cublas_library()
-        handle = ctypes.c_void_p()
-        _cublas_check("cublasCreate", self.lib.cublasCreate_v2(ctypes.byref(handle)))
-        self.handle = handle.value
-        _cublas_check("cublasSetPointerMode", self.lib.cublasSetPointerMode_v2(self.handle, _POINTER_MODE_HOST))
-        _cublas_check("cublasSetMathMode", self.lib.cublasSetMathMode(self.handle, _DEFAULT_MATH))
-        self.workspace = self.cupy.empty(_CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)
-        self._stream: int | None = None  # the stream the handle works on
-        self.capture_stream = self.cupy.cuda.Stream(non_blocking=True)
         #: Whether loops met twice are captured and replayed as graphs; when False every loop runs step
         #: by step, those already captured too (``LSTM_HARNESS_CUDA_GRAPHS=0`` sets it False).
         self.graphs = os.environ.get("LSTM_HARNESS_CUDA_GRAPHS", "1") != "0"
         self._graphs: OrderedDict[Any, Any] = OrderedDict()
         self._seen: OrderedDict[Any, None] = OrderedDict()
-        self.refused: dict[Any, str] = {}  # loops whose capture failed -> why; they run directly
+        self.refused: OrderedDict[Any, str] = OrderedDict()  # loops whose capture failed -> why
         self.counts = {"launched": 0, "captured": 0, "replayed": 0}
+
+    def run(self, key: Any, loop: Callable[[], None]) -> None:
+        """Run ``loop`` (a time loop's launches); from the second time the same ``key`` comes, as a
+        graph. ``key`` must hold everything the launches depend on: kernels, shapes, pointers, scalars."""
+        graph = self._graphs.get(key) if self.graphs else None
+        if graph is None and self.graphs and key in self._seen and key not in self.refused:
+            try:
+                graph = self.capture(loop)
+            except Exception as exc:  # a driver or library that cannot capture this: run directly
+                _remember(self.refused, key, f"{type(exc).__name__}: {exc}", self.SEEN)
+            else:
+                _remember(self._graphs, key, graph, self.GRAPHS)
+                self.counts["captured"] += 1
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            self.replay(graph)
+            self.counts["replayed"] += 1
+            return
+        _remember(self._seen, key, None, self.SEEN)
+        self.direct(loop)
+        self.counts["launched"] += 1
+
+    def direct(self, loop: Callable[[], None]) -> None:
+        """Run the loop's launches one by one."""
+        raise NotImplementedError
+
+    def capture(self, loop: Callable[[], None]) -> Any:
+        """The loop as a graph, ready to launch (nothing runs yet); raises if it cannot be captured."""
+        raise NotImplementedError
+
+    def replay(self, graph: Any) -> None:
+        """Launch a graph :meth:`capture` made."""
+        raise NotImplementedError
+
+
+def _remember(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+class _CupyLauncher(GraphCache):
+    """Device pointers, the compiled kernels, cuBLAS on pointers and the graphs of the GPU time loops.
+
+    One per thread and device (:func:`launcher_for`): its cuBLAS handle, workspaces and graphs are
+    its own. Tests stand in for it with one that resolves pointers to NumPy buffers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cupy = require_cupy()
+        self.lib = _cublas_library()
+        handle = ctypes.c_void_p()
+        _cublas_check("cublasCreate", self.lib.cublasCreate_v2(ctypes.byref(handle)))
+        self.handle = handle.value
+        # Given back when the launcher goes (with its thread), not at exit, when CUDA may be gone.
+        weakref.finalize(self, self.lib.cublasDestroy_v2, self.handle).atexit = False
+        _cublas_check("cublasSetPointerMode", self.lib.cublasSetPointerMode_v2(self.handle, _POINTER_MODE_HOST))
+        _cublas_check("cublasSetMathMode", self.lib.cublasSetMathMode(self.handle, _DEFAULT_MATH))
+        self._workspaces: dict[int, Any] = {}  # stream -> cuBLAS's workspace for work on it
+        self._stream: tuple[int, int] | None = None  # the handle's stream, and whose workspace it has
+        self.capture_stream = self.cupy.cuda.Stream(non_blocking=True)
 
     def pointer(self, a: Any) -> int:
         return int(a.data.ptr)
@@ -170,13 +230,18 @@ class _CupyLauncher:
     def function(self, kernel: Kernel, dtype: np.dtype) -> Any:
         return _function(kernel, np.dtype(dtype))
 
-    def _bind(self, stream: int) -> None:
-        """Point the handle at ``stream``. Setting a stream resets cuBLAS's workspace, so give it again."""
-        if stream != self._stream:
+    def _bind(self, stream: int, runs_on: int) -> None:
+        """Point the handle at ``stream``, with the workspace of the stream the work ``runs_on`` (the
+        same, but for a capture): setting a stream resets cuBLAS's workspace, and work on two streams
+        must not share one, as it could run at the same time."""
+        if (stream, runs_on) != self._stream:
+            workspace = self._workspaces.get(runs_on)
+            if workspace is None:
+                workspace = self._workspaces[runs_on] = self.cupy.empty(_CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)
             _cublas_check("cublasSetStream", self.lib.cublasSetStream_v2(self.handle, stream))
             _cublas_check("cublasSetWorkspace", self.lib.cublasSetWorkspace_v2(
-                self.handle, self.workspace.data.ptr, self.workspace.nbytes))
-            self._stream = stream
+                self.handle, workspace.data.ptr, workspace.nbytes))
+            self._stream = (stream, runs_on)
 
     def gemm(self, dtype: np.dtype, *, M: int, N: int, K: int) -> Any:
         """g(a, b, c) computes C (M, N) = A (M, K) @ B (K, N), C-contiguous operands given by pointer.
@@ -197,49 +262,30 @@ class _CupyLauncher:
 
         return g
 
-    def run(self, key: Any, loop: Callable[[], None]) -> None:
-        """Run ``loop`` (a time loop's launches) on the current stream; from the second time the same
-        ``key`` comes, as a replayed CUDA graph. ``key`` must hold everything the launches depend on:
-        the kernels, shapes, pointers and scalars."""
-        stream = self.cupy.cuda.get_current_stream()
-        graph = self._graphs.get(key) if self.graphs else None
-        if graph is None and self.graphs and key in self._seen and key not in self.refused:
-            graph = self._capture(key, loop)
-        if graph is not None:
-            self._graphs.move_to_end(key)
-            graph.launch(stream)
-            self.counts["replayed"] += 1
-            return
-        self._seen[key] = None
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.SEEN:
-            self._seen.popitem(last=False)
-        self._bind(stream.ptr)
+    def direct(self, loop: Callable[[], None]) -> None:
+        current = self.cupy.cuda.get_current_stream().ptr
+        self._bind(current, current)
         loop()
-        self.counts["launched"] += 1
 
-    def _capture(self, key: Any, loop: Callable[[], None]) -> Any:
-        """The loop captured as an instantiated graph (nothing runs yet), or None if capture failed."""
+    def capture(self, loop: Callable[[], None]) -> Any:
+        # On a stream of the launcher's own (the current one may be the legacy stream, which cannot
+        # capture); the graph is then launched on the current stream, in its order, and its GEMMs use
+        # the current stream's workspace.
         stream = self.capture_stream
-        self._bind(stream.ptr)
-        try:
-            with stream:
-                stream.begin_capture()
-                try:
-                    loop()
-                finally:
-                    graph = stream.end_capture()
-        except Exception as exc:  # capture refused (a driver or library that cannot): run directly
-            self.refused[key] = f"{type(exc).__name__}: {exc}"
-            return None
-        self._graphs[key] = graph
-        while len(self._graphs) > self.GRAPHS:
-            self._graphs.popitem(last=False)
-        self.counts["captured"] += 1
+        self._bind(stream.ptr, self.cupy.cuda.get_current_stream().ptr)
+        with stream:
+            stream.begin_capture()
+            try:
+                loop()
+            finally:
+                graph = stream.end_capture()
         return graph
 
+    def replay(self, graph: Any) -> None:
+        graph.launch(self.cupy.cuda.get_current_stream())
 
-_launchers: dict[tuple[int, int], _CupyLauncher] = {}
+
+_thread = threading.local()  # .launchers: device -> this thread's launcher (they go with the thread)
 
 
 def launcher_for(a: Any) -> Any:
@@ -247,10 +293,13 @@ def launcher_for(a: Any) -> Any:
     else the one of this thread and the current device."""
     if isinstance(a, np.ndarray):
         return None
-    key = (threading.get_ident(), int(require_cupy().cuda.Device().id))
-    launcher = _launchers.get(key)
+    launchers = getattr(_thread, "launchers", None)
+    if launchers is None:
+        launchers = _thread.launchers = {}
+    device = int(require_cupy().cuda.Device().id)
+    launcher = launchers.get(device)
     if launcher is None:
-        launcher = _launchers[key] = _CupyLauncher()
+        launcher = launchers[device] = _CupyLauncher()
     return launcher
 
 

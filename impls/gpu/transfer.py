@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,8 @@ class CupyDevice:
         self.cupy = require_cupy()
 
     def is_host(self, a: Any) -> bool:
-        return not isinstance(a, self.cupy.ndarray)
+        """Whether ``a`` is in host memory: not a CuPy array, nor another library's device array."""
+        return not isinstance(a, self.cupy.ndarray) and not hasattr(a, "__cuda_array_interface__")
 
     def asarray(self, a: Any, dtype: Any) -> Any:
         return self.cupy.asarray(a, dtype=dtype)
@@ -99,7 +100,8 @@ class Uploader:
         for k, a in enumerate(arrays):
             if device.is_host(a):
                 src = np.asarray(a)
-                host.append((k, src, np.dtype(dtype) if dtype is not None else src.dtype))
+                dt = np.dtype(dtype) if dtype is not None else src.dtype
+                host.append((k, src, dt.newbyteorder("=")))  # the device's byte order, as asarray gives
             else:
                 out[k] = device.asarray(a, dtype)
         total = sum(_aligned(src.size * dt.itemsize) for _, src, dt in host)
@@ -117,8 +119,9 @@ class Uploader:
                 staged = staging[offset:offset + nbytes].view(dt).reshape(src.shape)
                 pieces += self._pieces(staged, src, device.pointer(target), staging.ctypes.data + offset)
                 offset += _aligned(nbytes)
-            self._stage_and_copy(pieces)
-            if pieces:
+            try:
+                self._stage_and_copy(pieces)
+            finally:  # also after an error: the copies issued must be done before the buffer is reused
                 self._busy = device.record()
         return out
 
@@ -137,7 +140,9 @@ class Uploader:
         if src.ndim == 0 or src.shape[0] == 0:
             return [(staged, src, dst, at, staged.nbytes)] if staged.nbytes else []
         row = staged.nbytes // src.shape[0]
-        rows = max(1, self.piece_bytes // max(row, 1))
+        if row == 0:  # (n, 0, ...): nothing to copy
+            return []
+        rows = max(1, self.piece_bytes // row)
         return [(staged[r:r + rows], src[r:r + rows], dst + r * row, at + r * row, min(rows, src.shape[0] - r) * row)
                 for r in range(0, src.shape[0], rows)]
 
@@ -151,9 +156,14 @@ class Uploader:
                 self.device.copy_async(piece[2], piece[3], piece[4])
             return
         futures = [self._executor().submit(stage, piece) for piece in pieces]
-        for piece, future in zip(pieces, futures):
-            future.result()  # in order: a piece's device copy starts once it is staged
-            self.device.copy_async(piece[2], piece[3], piece[4])
+        try:
+            for piece, future in zip(pieces, futures):
+                future.result()  # in order: a piece's device copy starts once it is staged
+                self.device.copy_async(piece[2], piece[3], piece[4])
+        finally:  # after an error, no thread may still be writing into the buffer
+            for future in futures:
+                future.cancel()
+            wait(futures)
 
     def _executor(self) -> ThreadPoolExecutor:
         # A forked child has the pool object but not its threads: it makes its own.
