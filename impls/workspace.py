@@ -85,7 +85,7 @@ class Workspace:
             self._tick += 1
             kept = self._kept.setdefault(key, [])
             for i in range(len(kept)):  # the first free one: the same calls get the same arrays
-                if self._free(kept, i):
+                if _references(kept, i) <= _ALONE:
                     break
             else:
                 kept.append(self.allocate(shape, dtype))
@@ -97,13 +97,10 @@ class Workspace:
                 self._evict()  # on every request while over the limit: arrays freed since can go now
             return view
 
-    def _free(self, kept: list[Any], i: int) -> bool:
-        return _references(kept, i) <= _ALONE
-
     def _evict(self) -> None:
         """Drop free arrays, least recently used first, until the workspace is within its limit."""
         free = [(self._last_use[id(kept[i])], key, i) for key, kept in self._kept.items()
-                for i in range(len(kept)) if self._free(kept, i)]
+                for i in range(len(kept)) if _references(kept, i) <= _ALONE]
         dropped: dict[tuple[Any, ...], set[int]] = {}
         excess = self._bytes - self.limit_bytes
         for _, key, i in sorted(free, key=lambda entry: entry[0]):
