@@ -8,14 +8,16 @@ not meet the contract (missing ``forward``, unknown variant, wrong signature).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from harness import registry
 from harness.cases import PROFILES
@@ -25,7 +27,7 @@ from harness.findings import Finding, findings
 from harness.isolation import DEFAULT_TIMEOUT, GIB, default_memory_limit
 from harness.quick_exit import run_then_exit
 from harness.records import Record, printable, verdict
-from harness.session import MAX_TIMEOUT
+from harness.session import MAX_EXAMPLES, MAX_TIMEOUT
 from harness.summary import terminal_text
 
 __all__ = ["main", "build_parser"]
@@ -60,6 +62,36 @@ class UsageError(Exception):
     """Bad usage or an unloadable target: exit code 2 with this message."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with an error of two lines: what was wrong, and where the options are described.
+
+    argparse's own prints the whole usage block first, which for ``certify`` is some twenty lines of
+    options above the one line that says what went wrong. An argument no option takes is reported by
+    the command it was given to, and a misspelt command, choice or option gets the nearest valid one.
+    """
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            options = [o for action in command._actions for o in action.option_strings]
+            command.error(f"unrecognized arguments: {' '.join(extras)}{_nearest(extras[0], options)}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if found:
+            message += _nearest(found.group(1), [c.strip("'") for c in found.group(2).split(", ")])
+        self.exit(EXIT_USAGE, printable(f"{self.prog}: error: {message}") + "\n"
+                  + f"(`{self.prog} --help` describes every option)\n")
+
+
+def _nearest(given: str, valid: Sequence[str]) -> str:
+    """``" (did you mean 'certify'?)"`` when one of ``valid`` is a near spelling of ``given``, else ""."""
+    near = difflib.get_close_matches(given.split("=", 1)[0], valid, n=1, cutoff=0.88)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,6 +99,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _examples(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_EXAMPLES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_EXAMPLES:,} cases per check, got {text}")
     return value
 
 
@@ -118,7 +157,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("HYPOTHESIS_PROFILE", "ci")
                    if os.environ.get("HYPOTHESIS_PROFILE") in PROFILES else "ci",
                    help="Hypothesis settings profile (default: ci)")
-    p.add_argument("--max-examples", type=_positive_int, metavar="N", help="cases per check")
+    p.add_argument("--max-examples", type=_examples, metavar="N",
+                   help=f"cases per check (at most {MAX_EXAMPLES:,})")
     p.add_argument("--seed", type=int, metavar="N", help="Hypothesis seed, for a reproducible run")
     p.add_argument("--report-dir", type=Path, default=Path("lstm-report"), metavar="DIR",
                    help="where report.json, index.html and the failing cases (cases/*.npz) go "
@@ -284,7 +324,7 @@ def _command_impl(args: argparse.Namespace) -> object | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lstm-harness",
         description="Cross-check LSTM implementations, forward and backward, against oracles.",
         epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -386,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write JUnit XML here (merged: default DIR/junit.xml)")
     p_report.add_argument("--force", action="store_true",
                           help="merge into a non-empty directory that holds no previous lstm-harness report")
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # for _Parser.parse_args's errors
     return parser
 
 

@@ -270,13 +270,18 @@ def dtypes_as_written(subject: Any, dtypes: Sequence[str], *,
     return (list(dtypes) if requested is not None else works), notes
 
 
+#: The most cases per check accepted: at a few milliseconds a case, hours for one check. More is a typo.
+MAX_EXAMPLES = 1_000_000
+
+
 def check_settings(profile: str, max_examples: Any, seed: Any, jobs: Any) -> None:
     """``ValueError`` naming the first of these arguments that is bad."""
     if profile not in PROFILES:
         raise ValueError(f"profile: expected one of {sorted(PROFILES)}, got {profile!r}")
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 1):
-        raise ValueError(f"max_examples: expected a positive int or None, got {max_examples!r}")
+                                     or not 1 <= max_examples <= MAX_EXAMPLES):
+        raise ValueError(f"max_examples: expected a positive int of at most {MAX_EXAMPLES:,} or None, got "
+                         f"{max_examples!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed: expected an int or None, got {seed!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:

@@ -31,11 +31,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Structure", "FEATURES", "DIRECTION_NAMES", "parse_prefix"]
+__all__ = ["Structure", "FEATURES", "DIRECTION_NAMES", "parse_prefix", "MAX_NUM_LAYERS", "MAX_PROJ_SIZE"]
 
 #: The names of a structure's features, as oracles declare what they compute (``Oracle.structures``)
 #: and as messages name them.
 FEATURES: tuple[str, ...] = ("layers", "bidirectional", "lengths", "proj", "cifg", "clip")
+
+#: The largest structure an implementation may declare. A certification runs every case through the
+#: whole declared structure and draws cells of more than ``proj_size`` units, so beyond these a single
+#: case takes minutes or gigabytes: a number this large is a typo (``layers=20000`` for 2).
+MAX_NUM_LAYERS = 64
+MAX_PROJ_SIZE = 4096
 
 #: Direction index -> name, in the order of the states' leading axis and of y's features.
 DIRECTION_NAMES: tuple[str, ...] = ("forward", "reverse")
@@ -201,13 +207,16 @@ class Structure:
             return f"{word}={_text_value(getattr(self, field_name))}" if word in _VALUE_WORDS else word
 
         out = []
-        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
-            out.append(f"{name('num_layers')}: expected an int >= 1, got {self.num_layers!r}")
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) \
+                or not 1 <= self.num_layers <= MAX_NUM_LAYERS:
+            out.append(f"{name('num_layers')}: expected an int from 1 to {MAX_NUM_LAYERS}, got {self.num_layers!r}")
         for flag in ("bidirectional", "coupled_input_forget", "lengths"):
             if not isinstance(getattr(self, flag), bool):
                 out.append(f"{name(flag)}: expected True or False, got {getattr(self, flag)!r}")
-        if not isinstance(self.proj_size, int) or isinstance(self.proj_size, bool) or self.proj_size < 0:
-            out.append(f"{name('proj_size')}: expected an int >= 0 (0: no projection), got {self.proj_size!r}")
+        if not isinstance(self.proj_size, int) or isinstance(self.proj_size, bool) \
+                or not 0 <= self.proj_size <= MAX_PROJ_SIZE:
+            out.append(f"{name('proj_size')}: expected an int from 0 (no projection) to {MAX_PROJ_SIZE}, got "
+                       f"{self.proj_size!r}")
         clip = self.cell_clip
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not math.isfinite(clip) or clip <= 0):

@@ -112,6 +112,27 @@ def test_usage_errors_exit_2(args, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, error", [
+    (["certfy", "loop"], "lstm-harness: error: argument COMMAND: invalid choice: 'certfy' (choose from 'list', 'run', "
+                         "'certify', 'diagnose', 'replay', 'report') (did you mean 'certify'?)"),
+    (["certify", "loop", "--max-examples", "0"],
+     "lstm-harness certify: error: argument --max-examples: expected a positive integer, got 0"),
+    (["certify", "loop", "--max-examples", "10000000"],
+     "lstm-harness certify: error: argument --max-examples: expected at most 1,000,000 cases per check, got 10000000"),
+    (["certify", "loop", "--profle", "dev"],
+     "lstm-harness certify: error: unrecognized arguments: --profle dev (did you mean '--profile'?)"),
+    (["list", "--jsn"], "lstm-harness list: error: unrecognized arguments: --jsn (did you mean '--json'?)"),
+    (["certify", "loop", "--dtype", "float16"],  # not a misspelling of float64: no guess
+     "lstm-harness certify: error: argument --dtype: invalid choice: 'float16' (choose from 'float64', 'float32')"),
+])
+def test_argument_errors_are_two_lines_with_the_nearest_spelling(args, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    command = " ".join(["lstm-harness", *(a for a in args[:1] if a != "certfy")])
+    assert capsys.readouterr().err.splitlines() == [error, f"(`{command} --help` describes every option)"]
+
+
 def test_report_rerenders(tmp_path, capsys):
     pytest.importorskip("jinja2", reason="the HTML report needs the report extra")
     pytest.importorskip("matplotlib", reason="the HTML report needs the report extra")

@@ -158,7 +158,8 @@ def test_with_structure_configures_a_copy_and_refuses_what_it_does_not_compute()
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"structure": "layers=0"}, "structure: layers=0: expected an int >= 1, got 0"),
+    ({"structure": "layers=0"}, "structure: layers=0: expected an int from 1 to 64, got 0"),
+    ({"structure": "layers=20000"}, "structure: layers=20000: expected an int from 1 to 64, got 20000"),
     ({"structure": "layers=2 sideways"}, "structure: 'sideways': expected words among layers=L"),
     ({"structure": 2}, "structure: expected a harness.structure.Structure or its text"),
     ({"structures": "layers,sideways"}, "structures: expected structure features among"),

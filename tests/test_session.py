@@ -30,7 +30,8 @@ def _prepare(impl, **kw):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(profile="fast"), "profile: expected one of"),
-    (dict(max_examples=0), "max_examples: expected a positive int"),
+    (dict(max_examples=0), "max_examples: expected a positive int of at most 1,000,000 or None, got 0"),
+    (dict(max_examples=10**7), "max_examples: expected a positive int of at most 1,000,000 or None, got 10000000"),
     (dict(seed="1"), "seed: expected an int or None"),
     (dict(jobs=0), "jobs: expected an int >= 1"),
 ])

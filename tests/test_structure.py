@@ -55,10 +55,12 @@ def test_an_implementation_with_with_structure_is_configurable():
 
 
 @pytest.mark.parametrize("attribute, value, start", [
-    ("num_layers", 0, "num_layers: expected an int >= 1"),
+    ("num_layers", 0, "num_layers: expected an int from 1 to 64, got 0"),
+    ("num_layers", 10**6, "num_layers: expected an int from 1 to 64, got 1000000"),
     ("bidirectional", "yes", "bidirectional: expected True or False"),
     ("accepts_lengths", 1, "accepts_lengths: expected True or False"),
-    ("proj_size", -1, "proj_size: expected an int >= 0"),
+    ("proj_size", -1, "proj_size: expected an int from 0 (no projection) to 4096, got -1"),
+    ("proj_size", 10**6, "proj_size: expected an int from 0 (no projection) to 4096, got 1000000"),
     ("cell_clip", 0.0, "cell_clip: expected a positive finite float or None"),
     ("with_structure", 3, "with_structure: expected a method"),
 ])
