@@ -93,7 +93,8 @@ _SCREEN_SLACK = 1e3
 @dataclass
 class Departure:
     """Where a trial first departs (see the module docstring for the order): the quantity, its
-    timestep (None for a parameter gradient), the coordinates of the largest error at that step."""
+    timestep (None for a parameter gradient), the coordinates of the largest error at that step, and
+    the number of steps T of the trial's case (a certification's findings come from other cases)."""
 
     quantity: str
     t: int | None
@@ -102,10 +103,13 @@ class Departure:
     expected: float | None
     mismatched: int
     total: int
+    T: int | None = None
 
     def where(self) -> str:
-        """``"y, t=2"`` or ``"dW"``: the short form a headline uses."""
-        return self.quantity + (f", t={self.t}" if self.t is not None else "")
+        """``"y, t=2 of T=3"`` or ``"dW"``: the short form a headline uses."""
+        if self.t is None:
+            return self.quantity
+        return f"{self.quantity}, t={self.t}" + (f" of T={self.T}" if self.T is not None else "")
 
     def text(self) -> str:
         coords = dict(self.coords)
@@ -421,7 +425,7 @@ def _first_departure(records: Sequence[Record], actual: Mapping[str, np.ndarray]
         reverse = coords.get("direction") == "reverse"
         t = (0 if reverse else T - 1) if q in ("h_T", "c_T") else 0 if q in ("dh0", "dc0") else None
     return Departure(quantity=q, t=t, coords=coords, actual=a, expected=e, mismatched=first.mismatched,
-                     total=first.total)
+                     total=first.total, T=T)
 
 
 def _forward_arrays(execution: Any, reference: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

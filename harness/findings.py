@@ -92,7 +92,8 @@ class Finding:
                        f"{w['oracle']}) at {where}: actual {actual}, expected {expected}"
                        + (f" [{on}]" if on else ""))
         if self.first_bad_t is not None:
-            out.append(f"  First timestep over tolerance: t={self.first_bad_t}")
+            of = f" of T={self.case['T']}, on the minimal case" if self.case.get("T") else ""
+            out.append(f"  First timestep over tolerance: t={self.first_bad_t}{of}")
         if w.get("first_bad_by_direction"):
             out.append(f"  First step over tolerance by direction: "
                        f"{format_direction_steps(w['first_bad_by_direction'])}")
@@ -307,7 +308,7 @@ def _discrepancy(impl: str, real: Sequence[Record], lead: str, recs: Sequence[Re
         kind="discrepancy", implementation=impl, title=title, dtypes=dtypes,
         directions=_ordered((r.direction for r in real), DIRECTIONS), quantities=quantities, gates=gates,
         disagreeing=disagreeing, agreeing=agreeing, evidence=evidence, worst=head,
-        first_bad_t=_first_bad_t(leading), reason="",
+        first_bad_t=_first_bad_t(leading, minimal), reason="",
         case=minimal.case if minimal else {}, case_file=minimal.case_file if minimal else "",
         replay=minimal.replay if minimal else "", records=len(real), notes=notes,
     )
@@ -338,8 +339,11 @@ def _gates_note(records: Sequence[Record], headline: Sequence[str]) -> list[str]
     return [f"by gate, the largest error over tolerance: {shown}"]
 
 
-def _first_bad_t(records: Sequence[Record]) -> int | None:
-    ts = [r.first_bad_t for r in records if r.first_bad_t is not None]
+def _first_bad_t(records: Sequence[Record], minimal: Record | None) -> int | None:
+    """The first timestep over tolerance on the minimal case (the one the finding shows and replays);
+    without a saved case, over every record."""
+    on_minimal = [r for r in records if minimal is not None and r.case_file == minimal.case_file]
+    ts = [r.first_bad_t for r in on_minimal or records if r.first_bad_t is not None]
     return min(ts) if ts else None
 
 

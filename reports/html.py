@@ -635,6 +635,7 @@ def _finding_views(report: Mapping[str, Any], sections: Sequence[Section],
             "case_rows": _case_rows(f.get("case") or {})[0],
             "case_href": _case_href(str(f.get("case_file", "")), base_dir),
             "case_path": _shown_path(str(f.get("case_file", "")), base_dir), "replay": str(f.get("replay", "")),
+            "case_T": (f.get("case") or {}).get("T"), "largest_T": None,
             "largest_case": "", "largest_first_bad_t": w.get("first_bad_t"), "largest_href": None,
             "largest_path": "", "largest_replay": "", "section": "",
         }
@@ -648,6 +649,7 @@ def _finding_views(report: Mapping[str, Any], sections: Sequence[Section],
                 view["values"] = f"actual {actual}, expected {expected}"
             if w.get("case_file") and w.get("case_file") != f.get("case_file"):
                 view["largest_case"] = _case_words(w.get("case") or {})
+                view["largest_T"] = (w.get("case") or {}).get("T")
                 view["largest_href"] = _case_href(str(w["case_file"]), base_dir)
                 view["largest_path"] = _shown_path(str(w["case_file"]), base_dir)
                 view["largest_replay"] = str(w.get("replay", ""))

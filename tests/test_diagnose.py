@@ -250,7 +250,7 @@ def test_first_departure_is_the_earliest_in_time_not_the_worst():
     assert departure.coords == {"t": 2, "batch": 1, "unit": 2}
     assert "It first departs at y at t=2, batch=1, unit=2" in result.text()
     assert result.headline() == ("no convention explains it; closest: the convention it declares, first departs "
-                                 "at y, t=2")
+                                 "at y, t=2 of T=3")
 
 
 class _RaisesByConvention:
@@ -316,7 +316,7 @@ def test_diagnose_subject_refuses_what_is_not_an_opened_subject():
 
 @pytest.mark.parametrize("target, headline", [
     (f"{FOREIGN}:ifog", "it matches if its gate blocks are read as i, f, o, g"),
-    (f"{FOREIGN}:tanh_bug", "forward matches; its backward departs first at dx, t=2"),
+    (f"{FOREIGN}:tanh_bug", "forward matches; its backward departs first at dx, t=2 of T=3"),
     ("loop", "loop matches the standard LSTM as declared; its backward matches too"),
 ])
 def test_headline(target, headline):

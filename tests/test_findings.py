@@ -32,6 +32,21 @@ def test_a_forward_bug_folds_the_gradients_that_follow_from_it():
     assert any("its gradients (dW) depart too" in n for n in f.notes)
 
 
+def test_the_first_bad_timestep_is_the_minimal_cases_and_says_so():
+    # float64 shrank to a T=2 case that departs at t=1; float32's larger case departs at t=0. The finding
+    # shows and replays the smallest saved case, so its first timestep is that case's, and it says so.
+    small = {"T": 2, "B": 1, "D": 1, "H": 1}
+    records = [_rec("fail", "y", ratio=50.0, t=1, case=small, case_file="small.npz"),
+               _rec("fail", "y", dtype="float32", ratio=60.0, t=0, case={"T": 5, "B": 2, "D": 3, "H": 4},
+                    case_file="large.npz")]
+    (f,) = findings(records)
+    assert f.case_file == "small.npz" and f.first_bad_t == 1
+    assert "  First timestep over tolerance: t=1 of T=2, on the minimal case" in f.lines()
+    # Without saved cases, the earliest over every record.
+    (g,) = findings([_rec("fail", "y", ratio=50.0, t=1), _rec("fail", "y", dtype="float32", ratio=6.0, t=0)])
+    assert g.first_bad_t == 0 and "  First timestep over tolerance: t=0" in g.lines()
+
+
 def test_a_backward_bug_names_its_gate_and_says_the_forward_matches():
     records = [_rec("pass", "y", ratio=0.01), _rec("fail", "dW", "backward", ratio=40.0, gate="f"),
                _rec("fail", "db", "backward", ratio=30.0, gate="f")]

@@ -557,7 +557,7 @@ def test_findings_come_first_with_the_largest_error_where_it_is_and_how_to_repla
     assert w["coords"]["unit"] == 2 and w["coords"]["t"] >= 5  # where the planted error is
     where = ", ".join(f"{k}={v}" for k, v in w["coords"].items())
     assert f"y at {where} (forward, float64, vs finite-differences)" in first
-    assert "First timestep over tolerance t=0 on the minimal case; t=5 on the largest-error case" in first
+    assert "First timestep over tolerance t=0 of T=1 on the minimal case; t=5 of T=8 on the largest-error case" in first
     assert f["evidence"] in first
     assert f["replay"] in first and "from the folder where certify ran" in first
     hrefs = [a["href"] for a in doc.find("a", download="")]
