@@ -96,6 +96,7 @@ under their own names, so that the harness reports them as unexpected keys.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -466,6 +467,10 @@ class Adapted:
             self.num_layers, self.bidirectional, self.proj_size = s.num_layers, s.bidirectional, s.proj_size
             self.coupled_input_forget, self.cell_clip, self.accepts_lengths = (s.coupled_input_forget, s.cell_clip,
                                                                                s.lengths)
+        #: What :func:`adapt` wrapped and the keywords it was given beyond their defaults (None when it was
+        #: given functions, or another adapter): how a replay command loads the same adapter again.
+        self.wrapped: Any = None
+        self.given: dict[str, Any] | None = None
         if backward is not None or torch_module is not None or engine is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
@@ -1285,6 +1290,30 @@ def _torch_layer_structure(module: Any, lengths: str | None) -> Structure:
     return structure
 
 
+def _remembers_what_it_adapted(adapt_fn: Callable[..., Adapted]) -> Callable[..., Adapted]:
+    """Keep on the adapter what it wraps (``wrapped``) and the keywords given that differ from their
+    defaults (``given``), so that a replay command can name the object and the options that adapt it
+    the same way (``TARGET --gate-order ifco``) when the object can be loaded by a TARGET."""
+    defaults = {name: p.default for name, p in inspect.signature(adapt_fn).parameters.items()}
+
+    def differs(name: str, value: Any) -> bool:
+        try:
+            return not bool(value == defaults[name])
+        except Exception:  # noqa: BLE001 - a value whose == is not a bool (an array) is a given value
+            return True
+
+    @functools.wraps(adapt_fn)
+    def adapt(impl: Any = None, **keywords: Any) -> Adapted:
+        adapted = adapt_fn(impl, **keywords)
+        if impl is not None and not isinstance(impl, Adapted):
+            adapted.wrapped = impl
+            adapted.given = {k: v for k, v in keywords.items() if differs(k, v)}
+        return adapted
+
+    return adapt
+
+
+@_remembers_what_it_adapted
 def adapt(
     impl: Any = None,
     *,

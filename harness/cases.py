@@ -216,7 +216,11 @@ def replay_command(case_file: str, target: str | None, oracle: str) -> str:
     if not case_file:
         return ""
     command = f"lstm-harness replay {shlex.quote(case_file)} {target or NO_TARGET} --oracle {shlex.quote(oracle)}"
-    return command if target else f"save your implementation in a module to replay: {command}"
+    if not target:
+        return f"save your implementation in a module to replay: {command}"
+    if target.startswith(NO_TARGET + " "):  # an adapted object no TARGET loads, with the options that adapt it
+        return f"save the object you gave harness.adapt in a module to replay: {command}"
+    return command
 
 
 @dataclass

@@ -32,7 +32,7 @@ from harness.subject import ExitCalled, InProcessSubject, exits_raise
 __all__ = ["InvalidArgument", "Job", "Unit", "Plan", "open_subject", "guess_target", "select_oracles",
            "check_settings", "check_limits", "prepare", "plan_units", "oracle_family", "replay_target",
            "oracle_portable", "portable_form", "oracle_payload", "oracle_settings", "oracle_from_payload",
-           "select_units", "parse_shard"]
+           "select_units", "parse_shard", "adapted_arguments"]
 
 
 class InvalidArgument(ValueError):
@@ -216,7 +216,8 @@ def prepare(impl: Any, *, variant: str | None, dtypes: Sequence[str] | None, ora
                 else Path(tempfile.gettempdir()) / f"lstm-harness-cases-{os.getpid()}-{time.time_ns():x}")
     settings = RunSettings(profile=profile, max_examples=max_examples, seed=seed, case_dir=case_dir,
                            replay_target=replay_target(target, variant, isolate, timeout,
-                                                       arguments=getattr(impl, "replay_arguments", None)))
+                                                       arguments=getattr(impl, "replay_arguments", None)
+                                                       or adapted_arguments(impl)))
     portable = portable_form(impl, target)
     opening = {"impl": portable, "variant": variant, "isolate": isolate, "timeout": timeout,
                "memory_limit": memory_limit}
@@ -304,6 +305,23 @@ def check_limits(timeout: Any, memory_limit: Any) -> None:
     if memory_limit is not None:
         if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0:
             raise ValueError(f"memory_limit: expected a positive number of bytes (an int), got {memory_limit!r}")
+
+
+def adapted_arguments(impl: Any) -> str | None:
+    """For ``harness.adapt(obj, gate_order="ifco", ...)``: obj's TARGET and the options that adapt it the same
+    way (``pkg.mod:MyLSTM --gate-order ifco``), so that the replay command needs nothing saved. When no TARGET
+    loads obj, :data:`~harness.cases.NO_TARGET` stands for it, with the options. None when the keywords
+    given have no command-line options (functions, ``call=``, ``final_cell=False``): the adapter itself
+    must then be saved in a module."""
+    from harness.cases import NO_TARGET
+    from harness.command_protocol import CONVENTION_KEYWORDS, convention_arguments
+
+    wrapped, given = getattr(impl, "wrapped", None), getattr(impl, "given", None)
+    if wrapped is None or not isinstance(given, dict) or not set(given) <= {*CONVENTION_KEYWORDS, "variant", "step",
+                                                                            "lengths"}:
+        return None
+    target = guess_target(wrapped)
+    return " ".join([shlex.quote(target) if target else NO_TARGET, *convention_arguments(given)])
 
 
 def replay_target(target: str | None, variant: str | None, isolate: bool, timeout: float | None,

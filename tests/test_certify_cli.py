@@ -195,6 +195,38 @@ def test_every_failure_has_a_saved_case_without_a_report_dir():
     assert all(shlex.split(r.replay)[:2] == ["lstm-harness", "replay"] for r in bad)
 
 
+def test_an_adapted_object_replays_with_the_options_that_adapt_it(tmp_path, capsys):
+    from harness import adapt
+    from harness.api import certify
+    from tests.plugins import foreign
+
+    settings = dict(max_examples=3, oracles=["finite-differences"], dtypes=["float64"])
+    result = certify(adapt(foreign.ifog_tanh_bug, gate_order="ifog"), report_dir=tmp_path / "a", **settings)
+    (bad, *_) = result.failures
+    assert bad.direction == "backward"  # read in its own gate order, its forward matches
+    assert bad.replay == (f"lstm-harness replay {shlex.quote(bad.case_file)} tests.plugins.foreign:ifog_tanh_bug "
+                          f"--gate-order ifog --in-process --oracle finite-differences")  # objects run here
+    # The command as printed replays the same failure: without --gate-order the forward would fail first.
+    assert main(shlex.split(bad.replay)[1:]) == 1
+    out = capsys.readouterr().out
+    assert "Reproduced: the case still fails." in out and "backward" in out and "forward: y" not in out
+
+    # An object no TARGET loads: the placeholder, and the options all the same.
+    local = foreign.ForeignLSTM(order="ifog", bug="tanh_derivative", name="local")
+    (bad, *_) = certify(adapt(local, gate_order="ifog"), report_dir=tmp_path / "b", **settings).failures
+    assert bad.replay == (f"save the object you gave harness.adapt in a module to replay: lstm-harness replay "
+                          f"{shlex.quote(bad.case_file)} MODULE:ATTRIBUTE --gate-order ifog --in-process "
+                          f"--oracle finite-differences")
+
+    # Functions have no command-line form: the adapter itself is what must be saved.
+    wrong = foreign.ForeignLSTM(bug="output_tanh")
+    functions = adapt(forward_fn=lambda x, h0, c0, W, R, b: wrong.forward(x, h0, c0, {"W": W, "R": R, "b": b}),
+                      name="functions")
+    (bad, *_) = certify(functions, report_dir=tmp_path / "c", **settings).failures
+    assert bad.replay.startswith("save your implementation in a module to replay: lstm-harness replay ")
+    assert "MODULE:ATTRIBUTE --oracle" in bad.replay
+
+
 def test_an_object_no_target_loads_says_how_to_replay(tmp_path):
     from harness.api import certify, replay
     from impls.loop import LoopLSTM

@@ -113,6 +113,7 @@ batch_major = ForeignLSTM(batch_major=True)
 keras_like = ForeignLSTM(transposed=True, batch_major=True, name="keras-like")  # i, f, c (= g), o
 onnx_order_transposed = ForeignLSTM(order="iofg", transposed=True, name="onnx-order-transposed")
 tanh_bug = ForeignLSTM(bug="tanh_derivative", name="tanh-bug")
+ifog_tanh_bug = ForeignLSTM(order="ifog", bug="tanh_derivative", name="ifog-tanh-bug")  # adapted by a test
 nonsense = ForeignLSTM(bug="output_tanh", name="output-tanh")
 ignores_c0 = ForeignLSTM(bug="ignores_c0", name="ignores-c0")
 ignores_h0_transposed = ForeignLSTM(bug="ignores_h0", transposed=True, name="ignores-h0-transposed")
