@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import cpu, gpu
@@ -81,6 +82,7 @@ def test_speed_and_loop_tables_give_ratios_against_torch(quick_run):
     (speed,) = found[TITLES["speed"]]
     assert speed["shape"] == "T=3 B=2 D=H=4" and speed["dtype"] == "float32"
     assert RATIO.match(speed["stacked/torch fwd"]) and RATIO.match(speed["stacked/torch fwd+bwd"])
+    assert RATIO.match(speed["its GEMMs alone/torch fwd"]) and RATIO.match(speed["its GEMMs alone/torch fwd+bwd"])
     assert speed["of matmul"].endswith("%")
     # stacked against torch is judged at every shape; the matmul-fraction goal only at the stated one
     assert speed["goal"] == "<= 1.0x both"
@@ -89,6 +91,42 @@ def test_speed_and_loop_tables_give_ratios_against_torch(quick_run):
         assert speed["goal met"] == ("met" if max(shown) <= 1.0 else "NOT met")
     (loop,) = found[TITLES["loop"]]
     assert RATIO.match(loop["loop/torch fwd"]) and RATIO.match(loop["loop/torch fwd+bwd"])
+
+
+class _RecordingNumPy:
+    """NumPy, with the shapes of every ``matmul`` recorded."""
+
+    def __init__(self):
+        self.products = []
+
+    def matmul(self, a, b, *args, **kwargs):
+        self.products.append((a.shape, b.shape))
+        return np.matmul(a, b, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def test_the_gemm_floor_makes_exactly_the_products_stacked_makes(monkeypatch):
+    """The speed table's floor (its GEMMs alone) is only a floor if it makes the very products ``stacked``
+    makes, in the same shapes and number, forward and backward."""
+    from impls.stacked import StackedLSTM
+    from impls.workspace import Pooled, Workspace
+
+    case = cpu._case(5, 3, 4, "float64")
+    in_stacked = _RecordingNumPy()
+    impl = StackedLSTM()
+    impl.xp = Pooled(Workspace(), module=in_stacked)
+    forward, forward_backward = cpu.impl_calls(impl, case)
+    in_floor = _RecordingNumPy()
+    monkeypatch.setattr(cpu, "np", in_floor)
+    floor_forward, floor_forward_backward = cpu.stacked_gemms(case)
+    for stacked_call, floor_call in ((forward, floor_forward), (forward_backward, floor_forward_backward)):
+        in_stacked.products.clear()
+        in_floor.products.clear()
+        stacked_call()
+        floor_call()
+        assert in_stacked.products and sorted(in_floor.products) == sorted(in_stacked.products)
 
 
 def test_variant_ratios_are_judged_against_their_goal(quick_run):
