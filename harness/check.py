@@ -99,9 +99,11 @@ def records_for(
 
 
 def _shape_dtype_problem(name: str, value: np.ndarray, shape: tuple[int, ...], dtype: str) -> str | None:
+    """The contract's shape and dtype; the byte order is not part of it (a big-endian float64 array
+    holds float64 values, and a program's .npy files are read in either order too)."""
     if value.shape != shape:
         return f"{name}: expected shape {shape}, got {value.shape}"
-    if value.dtype != np.dtype(dtype):
+    if value.dtype.newbyteorder("=") != np.dtype(dtype):
         return f"{name}: expected dtype {dtype} (the dtype of the inputs), got {value.dtype}"
     return None
 

@@ -244,7 +244,7 @@ def dtypes_as_written(subject: Any, dtypes: Sequence[str], *,
         execution = subject.execute(case, backward=False)
         if execution.forward is not None:
             wrong = [f"{q} in {np.asarray(a).dtype}" for q, a in zip(FORWARD_QUANTITIES, execution.forward)
-                     if np.asarray(a).dtype != np.dtype(dtype)]
+                     if np.asarray(a).dtype.newbyteorder("=") != np.dtype(dtype)]  # either byte order
             if wrong:
                 failing[dtype] = f"given {dtype} inputs it returns {', '.join(wrong)}"
         elif execution.forward_error or execution.forward_contract:

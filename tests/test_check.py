@@ -63,6 +63,29 @@ def test_wrong_output_dtype_is_a_contract_violation():
     assert "y: expected dtype float32 (the dtype of the inputs), got float64" in fwd[0].reason
 
 
+class BigEndian(LoopLSTM):
+    """Correct, with every output and gradient in big-endian byte order (what a file read from another
+    machine holds): the same float64 values, so it is certified, as a program's .npy files would be."""
+
+    name = "big-endian"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return tuple(a.astype(a.dtype.newbyteorder(">")) for a in (y, h, c)) + (cache,)
+
+    def backward(self, dy, dh_T, dc_T, cache):
+        return {k: g.astype(g.dtype.newbyteorder(">")) for k, g in super().backward(dy, dh_T, dc_T, cache).items()}
+
+
+def test_the_byte_order_is_not_the_dtype():
+    for dtype in ("float64", "float32"):
+        records = _check(BigEndian(), case=CASE.astype(dtype))
+        assert records and {r.status for r in records} == {"pass"}, [r.reason for r in records if r.reason]
+    # A big-endian array of the other precision is still the wrong dtype.
+    records = _check(WrongDtype(), case=CASE.astype("float32"))
+    assert {r.status for r in records if r.direction == "forward"} == {"contract"}
+
+
 class WrongShapeAndKeys(LoopLSTM):
     name = "wrong-keys"
 

@@ -56,6 +56,22 @@ def test_undeclared_dtypes_are_certified_as_written_and_the_note_says_how_to_fix
     assert "x.dtype" in note and "dtypes = ('float64',)" in note
 
 
+class BigEndianZeros(ZerosLSTM):
+    """The np.zeros course code (float64 whatever it is given), its outputs handed back big-endian."""
+
+    def forward(self, x, h0, c0, p):
+        *outputs, cache = super().forward(x, h0, c0, p)
+        return (*(a.astype(">f8") for a in outputs), cache)
+
+
+def test_the_byte_order_of_what_it_returns_is_not_its_dtype():
+    # Big-endian float64 is float64: certified in float64 as written, float32 left out with the note.
+    result = _certify(BigEndianZeros(), max_examples=3)
+    assert result.verdict == "certified", result.details()
+    assert result.settings["dtypes"] == ["float64"]
+    assert any("given float32 inputs it returns y in >f8" in n for n in result.notes)
+
+
 def test_a_planted_bug_is_still_caught_in_the_dtype_it_computes_in():
     result = _certify(ZerosLSTM("one_minus_f"))
     assert result.verdict == "discrepancies"
