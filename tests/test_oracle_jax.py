@@ -3,10 +3,12 @@
 The bucketed path zero-pads each case up to a shape bucket and runs one compiled function per
 (variant, bucket) (see :mod:`oracles.jax_oracle`). Padding must change nothing but the order of
 floating-point summation, so the bucketed results are compared with the eager path on the exact
-shapes (``bucketed=False``) at 1e-12 of the largest element: the worst measured difference was
-5e-15 over 60 Hypothesis cases of every variant (T <= 10, B <= 4, D, H <= 16) and 3e-14 on a
-peephole case with large weights and peepholes at T=16, while a padded unit leaking into a real one,
-a misaligned gate block or a wrong LayerNorm count moves results by 1e-3 or more.
+shapes (``bucketed=False``) at 1e-12 of the largest element, times a LayerNorm case's condition number
+(:func:`harness.conditioning.condition_number`, which amplifies any change of rounding, a summation
+order's too). The worst measured difference was 5e-15 over 60 Hypothesis cases of every variant
+(T <= 10, B <= 4, D, H <= 16) and 3e-14 on a peephole case with large weights and peepholes at T=16,
+while a padded unit leaking into a real one, a misaligned gate block or a wrong LayerNorm count moves
+results by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from harness.cases import CaseSpec, build_case, cases
+from harness.conditioning import condition_number
 from oracles import jax_oracle
 from oracles.finite_diff import FiniteDifferenceOracle
 from oracles.jax_oracle import JaxCompositeOracle, bucket, bucket_sizes, compilations
@@ -56,7 +59,9 @@ def _assert_same(case, fast, eager):
         assert set(a) == set(b), part
         for k in b:
             assert a[k].shape == b[k].shape, (part, k)
-            scale = max(1.0, float(np.abs(b[k]).max()))
+            # A LayerNorm row amplifies a change of summation order by its condition number, as it does
+            # any rounding (harness.conditioning); 1 for the other variants and for well-conditioned rows.
+            scale = max(1.0, float(np.abs(b[k]).max())) * condition_number(case)
             worst = float(np.abs(a[k] - b[k]).max())
             assert worst <= EXACT * scale, (
                 f"{part} {k} of {case.spec.describe()}: bucketed vs eager differ by {worst:.3e} "
