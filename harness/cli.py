@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import registry
+from harness._version import __version__
 from harness.cases import PROFILES
 from harness.contract import DEFAULT_DTYPES, VARIANTS, ContractError, validate
 from harness.files import ReportDirError, check_apart, check_writable_file, claim_report_dir
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-check LSTM implementations, forward and backward, against oracles.",
         epilog=_EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lstm-harness {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 help="what to do (`lstm-harness COMMAND --help` describes each)")
     p_list = sub.add_parser(

@@ -133,6 +133,14 @@ def test_argument_errors_are_two_lines_with_the_nearest_spelling(args, error, ca
     assert capsys.readouterr().err.splitlines() == [error, f"(`{command} --help` describes every option)"]
 
 
+def test_version(capsys):
+    from harness import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"lstm-harness {__version__}\n"
+
+
 def test_report_rerenders(tmp_path, capsys):
     pytest.importorskip("jinja2", reason="the HTML report needs the report extra")
     pytest.importorskip("matplotlib", reason="the HTML report needs the report extra")
