@@ -121,9 +121,12 @@ def torch_calls(torch: Any, case: Any) -> tuple[Callable[[], Any], Callable[[], 
 
 
 def stacked_gemms(case: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(forward, forward+backward) of the GEMMs alone that ``stacked`` makes, in its shapes and memory
-    orders and through the same BLAS, and nothing else: the input projection and the T recurrent
-    products; then the T products of the backward loop, dx, and dW and dR over all steps at once.
+    """(forward, forward+backward) of the GEMMs alone that ``stacked`` makes (the vanilla layer of one
+    direction, no projection), through the same BLAS and nothing else: the input projection and the T
+    recurrent products; then the T products of the backward loop, dx, and dW and dR over all steps at
+    once. tests/test_bench.py checks the shapes and the number of products against ``stacked``'s; the
+    operands are laid out as ``stacked`` lays them out (R^T contiguous, W and the gate blocks as
+    transposed views).
 
     Timed beside ``torch.nn.LSTM`` they bound what any gate math could reach: where these alone take
     longer than torch's call, no arithmetic between them, however fast, brings ``stacked`` to torch.

@@ -471,6 +471,7 @@ class Adapted:
         #: given functions, or another adapter): how a replay command loads the same adapter again.
         self.wrapped: Any = None
         self.given: dict[str, Any] | None = None
+        self.given_others: tuple[str, ...] = ()
         if backward is not None or torch_module is not None or engine is not None:
             self.backward = self._run_backward
         zero, unchecked = [], {}
@@ -1292,11 +1293,18 @@ def _torch_layer_structure(module: Any, lengths: str | None) -> Structure:
 
 def _remembers_what_it_adapted(adapt_fn: Callable[..., Adapted]) -> Callable[..., Adapted]:
     """Keep on the adapter what it wraps (``wrapped``) and the keywords given that differ from their
-    defaults (``given``), so that a replay command can name the object and the options that adapt it
-    the same way (``TARGET --gate-order ifco``) when the object can be loaded by a TARGET."""
+    defaults, so that a replay command can name the object and the options that adapt it the same way
+    (``TARGET --gate-order ifco``) when a TARGET loads the object.
+
+    ``given`` holds those with plain values (text, numbers, flags, and ``names`` as a dict of text), as
+    copies: an adapter is pickled to worker processes, and a value of the caller's (a generator, a
+    mapping proxy) must not stop it. ``given_others`` names the rest (functions, ``call=``, sequences).
+    """
     defaults = {name: p.default for name, p in inspect.signature(adapt_fn).parameters.items()}
 
     def differs(name: str, value: Any) -> bool:
+        if isinstance(defaults[name], tuple) and isinstance(value, list):
+            value = tuple(value)  # backward_takes=[...] as the default says it
         try:
             return not bool(value == defaults[name])
         except Exception:  # noqa: BLE001 - a value whose == is not a bool (an array) is a given value
@@ -1306,8 +1314,19 @@ def _remembers_what_it_adapted(adapt_fn: Callable[..., Adapted]) -> Callable[...
     def adapt(impl: Any = None, **keywords: Any) -> Adapted:
         adapted = adapt_fn(impl, **keywords)
         if impl is not None and not isinstance(impl, Adapted):
-            adapted.wrapped = impl
-            adapted.given = {k: v for k, v in keywords.items() if differs(k, v)}
+            plain: dict[str, Any] = {}
+            others: list[str] = []
+            for key, value in keywords.items():
+                if not differs(key, value):
+                    continue
+                if isinstance(value, (str, bool, int, float)):
+                    plain[key] = value
+                elif key == "names" and isinstance(value, Mapping):
+                    if value:  # an empty mapping renames nothing
+                        plain[key] = {str(k): str(v) for k, v in value.items()}
+                else:
+                    others.append(key)
+            adapted.wrapped, adapted.given, adapted.given_others = impl, plain, tuple(others)
         return adapted
 
     return adapt

@@ -218,7 +218,7 @@ def replay_command(case_file: str, target: str | None, oracle: str) -> str:
     command = f"lstm-harness replay {shlex.quote(case_file)} {target or NO_TARGET} --oracle {shlex.quote(oracle)}"
     if not target:
         return f"save your implementation in a module to replay: {command}"
-    if target.startswith(NO_TARGET + " "):  # an adapted object no TARGET loads, with the options that adapt it
+    if target == NO_TARGET or target.startswith(NO_TARGET + " "):  # an adapted object no TARGET loads
         return f"save the object you gave harness.adapt in a module to replay: {command}"
     return command
 

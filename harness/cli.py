@@ -72,9 +72,13 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        parsed, extras = self.parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
         if extras:
-            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            name = getattr(parsed, "command", None)
+            # the command's own parser, unless the argument came before the command's name
+            given_to_command = name in argv and extras[0] in argv and argv.index(extras[0]) > argv.index(name)
+            command = getattr(self, "commands", {}).get(name, self) if given_to_command else self
             options = [o for action in command._actions for o in action.option_strings]
             command.error(f"unrecognized arguments: {' '.join(extras)}{_nearest(extras[0], options)}")
         return parsed

@@ -254,7 +254,7 @@ def _discrepancies(impl: str, recs: Sequence[Record], oracles: Sequence[str]) ->
             gates=_gates(group), disagreeing=[oracle], agreeing=agreeing,
             evidence=f"{', '.join(agreeing)} agree with the implementation on the same quantities: the fault is "
                      f"more likely {oracle}'s (or its tolerance) than the implementation's.",
-            worst=head, first_bad_t=head.get("first_bad_t"), reason="",
+            worst=head, first_bad_t=_first_bad_t(group, minimal), reason="",
             case=minimal.case if minimal else {}, case_file=minimal.case_file if minimal else "",
             replay=minimal.replay if minimal else "", records=len(group),
         ))

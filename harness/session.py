@@ -310,15 +310,24 @@ def check_limits(timeout: Any, memory_limit: Any) -> None:
 def adapted_arguments(impl: Any) -> str | None:
     """For ``harness.adapt(obj, gate_order="ifco", ...)``: obj's TARGET and the options that adapt it the same
     way (``pkg.mod:MyLSTM --gate-order ifco``), so that the replay command needs nothing saved. When no TARGET
-    loads obj, :data:`~harness.cases.NO_TARGET` stands for it, with the options. None when the keywords
-    given have no command-line options (functions, ``call=``, ``final_cell=False``): the adapter itself
-    must then be saved in a module."""
+    loads obj, :data:`~harness.cases.NO_TARGET` stands for it, with the options.
+
+    None when a keyword given changes the numbers and has no command-line option for a Python TARGET
+    (functions, ``call=``, ``final_cell=False``, ``ln_eps``, a ``variant`` other than obj's own, which
+    ``--variant`` only declares): the adapter itself must then be saved in a module. ``name`` changes
+    nothing a replay computes, so it is left out.
+    """
     from harness.cases import NO_TARGET
     from harness.command_protocol import CONVENTION_KEYWORDS, convention_arguments
 
     wrapped, given = getattr(impl, "wrapped", None), getattr(impl, "given", None)
-    if wrapped is None or not isinstance(given, dict) or not set(given) <= {*CONVENTION_KEYWORDS, "variant", "step",
-                                                                            "lengths"}:
+    if wrapped is None or not isinstance(given, dict) or getattr(impl, "given_others", None):
+        return None
+    given = {k: v for k, v in given.items() if k != "name"}
+    if given.get("variant", getattr(wrapped, "variant", "vanilla")) != getattr(wrapped, "variant", "vanilla"):
+        return None
+    given.pop("variant", None)
+    if not set(given) <= {*CONVENTION_KEYWORDS, "step", "lengths"}:
         return None
     target = guess_target(wrapped)
     return " ".join([shlex.quote(target) if target else NO_TARGET, *convention_arguments(given)])

@@ -82,8 +82,18 @@ def test_the_byte_order_is_not_the_dtype():
         records = _check(BigEndian(), case=CASE.astype(dtype))
         assert records and {r.status for r in records} == {"pass"}, [r.reason for r in records if r.reason]
     # A big-endian array of the other precision is still the wrong dtype.
-    records = _check(WrongDtype(), case=CASE.astype("float32"))
-    assert {r.status for r in records if r.direction == "forward"} == {"contract"}
+    records = _check(BigEndianWrongDtype(), case=CASE.astype("float32"))
+    forward = [r for r in records if r.direction == "forward"]
+    assert {r.status for r in forward} == {"contract"}
+    assert "y: expected dtype float32 (the dtype of the inputs), got >f8" in forward[0].reason
+
+
+class BigEndianWrongDtype(LoopLSTM):
+    name = "big-endian-float64"
+
+    def forward(self, x, h0, c0, params):
+        y, h, c, cache = super().forward(x, h0, c0, params)
+        return y.astype(">f8"), h, c, cache
 
 
 class WrongShapeAndKeys(LoopLSTM):

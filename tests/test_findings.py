@@ -47,6 +47,27 @@ def test_the_first_bad_timestep_is_the_minimal_cases_and_says_so():
     assert g.first_bad_t == 0 and "  First timestep over tolerance: t=0" in g.lines()
 
 
+def test_an_oracle_disagreements_first_timestep_is_its_minimal_cases_too():
+    small, large = {"T": 2, "B": 1, "D": 1, "H": 1}, {"T": 9, "B": 2, "D": 3, "H": 4}
+    records = [_rec("pass", "y", oracle=o, dtype=dt, ratio=0.1)
+               for o in ("fd", "torch") for dt in ("float64", "float32")]
+    records += [_rec("fail", "y", oracle="tf", ratio=4.0, t=1, case=small, case_file="small.npz"),
+               _rec("fail", "y", oracle="tf", dtype="float32", ratio=9.0, t=7, case=large, case_file="large.npz")]
+    (f,) = findings(records, ["fd", "torch", "tf"])
+    assert f.kind == "oracle disagreement" and f.case_file == "small.npz" and f.worst["ratio"] == 9.0
+    assert f.first_bad_t == 1 and "  First timestep over tolerance: t=1 of T=2, on the minimal case" in f.lines()
+
+
+def test_replay_lines_that_need_the_implementation_saved_say_so():
+    from harness.cases import NO_TARGET, replay_command
+
+    assert replay_command("c.npz", None, "fd").startswith("save your implementation in a module to replay: ")
+    for target in (NO_TARGET, f"{NO_TARGET} --gate-order ifog"):  # an adapter's object that no TARGET loads
+        assert replay_command("c.npz", target, "fd").startswith("save the object you gave harness.adapt in a module")
+    assert replay_command("c.npz", "pkg.mod:obj --gate-order ifog", "fd") == \
+        "lstm-harness replay c.npz pkg.mod:obj --gate-order ifog --oracle fd"
+
+
 def test_a_backward_bug_names_its_gate_and_says_the_forward_matches():
     records = [_rec("pass", "y", ratio=0.01), _rec("fail", "dW", "backward", ratio=40.0, gate="f"),
                _rec("fail", "db", "backward", ratio=30.0, gate="f")]

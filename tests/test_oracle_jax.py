@@ -54,14 +54,16 @@ def small_floors(monkeypatch):
 
 
 def _assert_same(case, fast, eager):
+    # A LayerNorm row amplifies a change of summation order by its condition number, as it does any
+    # rounding (harness.conditioning); 1 for the other variants and for well-conditioned rows. Capped, so
+    # that even a degenerate row leaves a padding leak (1e-3 and more) far outside the bound.
+    kappa = min(condition_number(case), 1e6)
     for part in ("outputs", "gradients"):
         a, b = getattr(fast, part), getattr(eager, part)
         assert set(a) == set(b), part
         for k in b:
             assert a[k].shape == b[k].shape, (part, k)
-            # A LayerNorm row amplifies a change of summation order by its condition number, as it does
-            # any rounding (harness.conditioning); 1 for the other variants and for well-conditioned rows.
-            scale = max(1.0, float(np.abs(b[k]).max())) * condition_number(case)
+            scale = max(1.0, float(np.abs(b[k]).max())) * kappa
             worst = float(np.abs(a[k] - b[k]).max())
             assert worst <= EXACT * scale, (
                 f"{part} {k} of {case.spec.describe()}: bucketed vs eager differ by {worst:.3e} "

@@ -510,6 +510,18 @@ def test_settings_show_the_memory_limit_in_gib_and_the_timeout_in_seconds():
     assert "memory limit</dt><dd>none" in page and "timeout</dt><dd>none" in page
 
 
+def test_a_first_timestep_without_a_saved_case_is_not_said_to_be_on_one():
+    y = np.random.default_rng(3).standard_normal((6, 2, 4))
+    bad = y.copy()
+    bad[2:, :, 1] += 0.5
+    record = _compare(bad, y, "buggy", "forward", "y", 4)  # no case file: nothing was saved
+    record.case = {}
+    (finding,) = make_report([record])["findings"]
+    assert finding["first_bad_t"] == 2 and not finding["case_file"]
+    text = Elements(render_html(make_report([record]))).text("f1")
+    assert "First timestep over tolerance t=2" in text and "minimal case" not in text
+
+
 def _seen(record: Record, larger: Record, case: dict, case_file: str = "") -> Record:
     """``record`` with ``larger`` as the largest error the search saw, the way the runner attaches it."""
     record.worst_seen = {"ratio": larger.ratio, "max_abs_error": larger.max_abs_error, "worst": larger.worst,

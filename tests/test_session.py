@@ -150,3 +150,30 @@ def test_replay_targets_and_guessed_targets():
     assert replay_target("m:A", "peephole", isolate=True, timeout=5.0) == "m:A --variant peephole --timeout 5"
     assert replay_target(None, None, isolate=True, timeout=None) is None
     assert guess_target(LoopLSTM()) == "impls.loop:LoopLSTM"
+
+
+def test_an_adapters_replay_arguments_are_its_objects_target_and_the_options_that_adapt_it():
+    import pickle
+    from types import MappingProxyType
+
+    from harness import adapt
+    from harness.session import adapted_arguments
+    from tests.plugins import foreign
+
+    bug = foreign.ifog_tanh_bug
+    line = "tests.plugins.foreign:ifog_tanh_bug --gate-order ifog"
+    assert adapted_arguments(adapt(bug, gate_order="ifog")) == line
+    # What changes nothing a replay computes is left out: a name, an empty renaming, the defaults spelt out.
+    assert adapted_arguments(adapt(bug, gate_order="ifog", name="mine", names={}, variant="vanilla",
+                                   backward_takes=["dy", "dh_T", "dc_T", "cache"])) == line
+    # What the command line cannot say for a Python TARGET: the adapter itself must be saved.
+    assert adapted_arguments(adapt(bug, variant="peephole")) is None  # --variant would only declare it
+    assert adapted_arguments(adapt(bug, ln_eps=1e-3)) is None
+    assert adapted_arguments(adapt(bug, backward_takes=("dy", "cache"))) is None
+    assert adapted_arguments(adapt(forward_fn=lambda x, h0, c0, W, R, b: None)) is None
+    assert adapted_arguments(bug) is None  # not an adapter
+    # The caller's values are not kept as they are: a generator or a mapping proxy would not pickle.
+    adapted = adapt(bug, dtypes=(d for d in ["float64"]), names=MappingProxyType({"W": "W"}))
+    assert adapted.given == {"names": {"W": "W"}} and adapted.given_others == ("dtypes",)
+    assert pickle.loads(pickle.dumps(adapted)).given == adapted.given
+
