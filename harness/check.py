@@ -21,7 +21,15 @@ import numpy as np
 from harness.cases import Case
 from harness.compare import FLOAT32_ORACLE, Tolerance, compare_arrays, compare_projections, effective_dtype, tolerance
 from harness.conditioning import AMPLIFICATION, condition_number, rounding_amplification
-from harness.contract import DIRECTIONS, FORWARD_QUANTITIES, ArraySpec, gradient_keys, quantities, quantity_specs
+from harness.contract import (
+    DIRECTIONS,
+    FORWARD_QUANTITIES,
+    ArraySpec,
+    gradient_keys,
+    is_dtype,
+    quantities,
+    quantity_specs,
+)
 from harness.records import Record
 from harness.structure import parse_prefix
 from harness.subject import Execution, Subject
@@ -99,11 +107,9 @@ def records_for(
 
 
 def _shape_dtype_problem(name: str, value: np.ndarray, shape: tuple[int, ...], dtype: str) -> str | None:
-    """The contract's shape and dtype; the byte order is not part of it (a big-endian float64 array
-    holds float64 values, and a program's .npy files are read in either order too)."""
     if value.shape != shape:
         return f"{name}: expected shape {shape}, got {value.shape}"
-    if value.dtype.newbyteorder("=") != np.dtype(dtype):
+    if not is_dtype(value.dtype, dtype):
         return f"{name}: expected dtype {dtype} (the dtype of the inputs), got {value.dtype}"
     return None
 

@@ -256,17 +256,13 @@ def _add_command_options(p: argparse.ArgumentParser) -> None:
                         "files are THEIRS.npy and grad_THEIRS.npy)")
 
 
-_CONVENTION_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
-                       "column_bias", "state_order", "y_directions", "initial_hidden", "initial_cell", "step", "names",
-                       "lengths")
-
-
 def _convention(args: argparse.Namespace) -> dict[str, Any]:
     """The convention options given, as keywords of harness.adapt (checked: a bad one is a UsageError)."""
     from harness.adapt import adapt_keywords
+    from harness.command_protocol import TARGET_OPTIONS
 
     given: dict[str, Any] = {}
-    for key in _CONVENTION_OPTIONS:
+    for key in TARGET_OPTIONS:
         value = getattr(args, key, None)
         if key in ("initial_hidden", "initial_cell"):
             if value is False:
@@ -546,7 +542,7 @@ def _run_selection(args: argparse.Namespace) -> dict[str, bool]:
 def _run_command(args: argparse.Namespace) -> object | None:
     """The --command program ``run`` checks besides the --impl TARGETs (the convention options are its)."""
     if args.command_line is None:
-        given = [k for k in _CONVENTION_OPTIONS if k in _convention(args)]
+        given = list(_convention(args))  # in the order the options are read
         given += [k for k in ("structure", "structures") if getattr(args, k, None) is not None]
         if given or args.forward_only or args.variant:
             first = given[0] if given else "forward_only" if args.forward_only else "variant"

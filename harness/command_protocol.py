@@ -58,12 +58,18 @@ from harness.contract import DEFAULT_DTYPES, DEFAULT_LN_EPS, VARIANTS, ContractE
 from harness.structure import FEATURES, Structure
 
 __all__ = ["CommandLSTM", "CommandError", "command", "convention_arguments", "structure_argument", "features_argument",
-           "STDERR_LIMIT", "CONVENTION_KEYWORDS"]
+           "STDERR_LIMIT", "CONVENTION_KEYWORDS", "TARGET_OPTIONS"]
 
 #: The :func:`harness.adapt` keywords that describe how a program (or a Python TARGET on the command line)
 #: lays out its arrays; each is a command-line option of the same name (``--gate-order``, ...).
 CONVENTION_KEYWORDS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
                        "column_bias", "initial_hidden", "initial_cell", "names", "state_order", "y_directions")
+
+#: The :func:`harness.adapt` keywords that are command-line options for a Python TARGET too: the convention
+#: keywords, ``step`` (``--step``) and ``lengths`` (``--lengths packed``), in the order the options are read.
+TARGET_OPTIONS = ("gate_order", "transposed", "bias", "forget_bias", "batch_major", "layout", "per_gate",
+                  "column_bias", "state_order", "y_directions", "initial_hidden", "initial_cell", "step", "names",
+                  "lengths")
 
 #: Characters of a failing command's stderr kept in its error (the start and the end, if longer).
 STDERR_LIMIT = 4000

@@ -36,6 +36,7 @@ __all__ = [
     "validate",
     "check_inputs",
     "check_dtype",
+    "is_dtype",
     "check_upstream",
     "input_specs",
     "output_specs",
@@ -583,6 +584,12 @@ def to_numpy(value: Any) -> np.ndarray:
         f"expected a NumPy array or something convertible to one (__array__, __dlpack__, .get()), "
         f"got {type(value).__module__}.{type(value).__name__}"
     )
+
+
+def is_dtype(actual: Any, dtype: Any) -> bool:
+    """Whether an array's dtype ``actual`` is the contract's ``dtype``: the byte order is not part of it
+    (a big-endian float64 array holds float64 values, and a program's .npy files are read in either order)."""
+    return np.dtype(actual).newbyteorder("=") == np.dtype(dtype)
 
 
 def check_dtype(impl: Any, x: Any) -> np.dtype:

@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from harness.cases import PROFILES
-from harness.contract import DEFAULT_DTYPES, FORWARD_QUANTITIES, VARIANTS, ContractError, ImplementationInfo, validate
+from harness.contract import (
+    DEFAULT_DTYPES,
+    FORWARD_QUANTITIES,
+    VARIANTS,
+    ContractError,
+    ImplementationInfo,
+    is_dtype,
+    validate,
+)
 from harness.records import printable
 from harness.runner import RunSettings
 from harness.subject import ExitCalled, InProcessSubject, exits_raise
@@ -244,7 +252,7 @@ def dtypes_as_written(subject: Any, dtypes: Sequence[str], *,
         execution = subject.execute(case, backward=False)
         if execution.forward is not None:
             wrong = [f"{q} in {np.asarray(a).dtype}" for q, a in zip(FORWARD_QUANTITIES, execution.forward)
-                     if np.asarray(a).dtype.newbyteorder("=") != np.dtype(dtype)]  # either byte order
+                     if not is_dtype(np.asarray(a).dtype, dtype)]
             if wrong:
                 failing[dtype] = f"given {dtype} inputs it returns {', '.join(wrong)}"
         elif execution.forward_error or execution.forward_contract:
@@ -318,7 +326,7 @@ def adapted_arguments(impl: Any) -> str | None:
     nothing a replay computes, so it is left out.
     """
     from harness.cases import NO_TARGET
-    from harness.command_protocol import CONVENTION_KEYWORDS, convention_arguments
+    from harness.command_protocol import TARGET_OPTIONS, convention_arguments
 
     wrapped, given = getattr(impl, "wrapped", None), getattr(impl, "given", None)
     if wrapped is None or not isinstance(given, dict) or getattr(impl, "given_others", None):
@@ -327,7 +335,7 @@ def adapted_arguments(impl: Any) -> str | None:
     if given.get("variant", getattr(wrapped, "variant", "vanilla")) != getattr(wrapped, "variant", "vanilla"):
         return None
     given.pop("variant", None)
-    if not set(given) <= {*CONVENTION_KEYWORDS, "step", "lengths"}:
+    if not set(given) <= set(TARGET_OPTIONS):
         return None
     target = guess_target(wrapped)
     return " ".join([shlex.quote(target) if target else NO_TARGET, *convention_arguments(given)])
